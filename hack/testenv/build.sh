@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the test-bed binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok,
+# helm) from their Go modules at the versions pinned in versions.env, into $KATA_TESTENV_CACHE/bin.
+# Idempotent: a component whose pinned version is already built is skipped, and the script says so.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+command -v go >/dev/null || die "go is not installed; install Go 1.24 or newer and re-run"
+mkdir -p "$TESTENV_BIN" "$TESTENV_CACHE/src"
+export GOFLAGS="${GOFLAGS:--trimpath}" CGO_ENABLED=0
+
+# stamp NAME VERSION: a component is up to date when its stamp records the pinned version.
+is_built() { [ "$(cat "$TESTENV_BIN/.$1.version" 2>/dev/null)" = "$2" ]; }
+mark_built() { echo "$2" >"$TESTENV_BIN/.$1.version"; }
+
+# new_module NAME: an empty throwaway Go module in the cache, from which a pinned dependency is built.
+new_module() {
+  local dir="$TESTENV_CACHE/src/$1"
+  rm -rf "$dir" && mkdir -p "$dir"
+  printf 'module kata-deploy.test/testenv/%s\n\ngo 1.24.0\n' "$1" >"$dir/go.mod"
+  echo "$dir"
+}
+
+build_kubernetes() {
+  local v="$K8S_VERSION" minor="v0.${K8S_VERSION#v1.}"
+  if is_built kubernetes "$v"; then log "kubernetes $v already built, nothing to do"; return; fi
+  log "kubernetes $v: resolving modules (k8s.io/kubernetes needs one replace per staging module)"
+  local dir; dir=$(new_module k8s)
+  local gomod; gomod=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$v from the Go module proxy"
+  # Every "k8s.io/x => ./staging/src/k8s.io/x" line becomes "k8s.io/x => k8s.io/x v0.Y.Z".
+  sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#replace \1 => \1 '"$minor"'#p' "$gomod" >>"$dir/go.mod"
+  local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler)
+  (cd "$dir" && go get "${pkgs[0]}@$v" "${pkgs[@]:1}" >/dev/null)
+  log "kubernetes $v: compiling kube-apiserver, kube-controller-manager, kube-scheduler (the long step: ~15-25 min cold on 2 cores)"
+  (cd "$dir" && go build -o "$TESTENV_BIN/" "${pkgs[@]}")
+  mark_built kubernetes "$v"
+}
+
+# build_simple NAME MODULE PACKAGE VERSION: go build PACKAGE from MODULE@VERSION into bin/NAME.
+build_simple() {
+  local name=$1 mod=$2 pkg=$3 v=$4
+  if is_built "$name" "$v"; then log "$name $v already built, nothing to do"; return; fi
+  log "$name $v: resolving and compiling $pkg"
+  local dir; dir=$(new_module "$name")
+  (cd "$dir" && go get "$pkg@$v" >/dev/null && go build -o "$TESTENV_BIN/$name" "$pkg")
+  mark_built "$name" "$v"
+}
+
+start=$(date +%s)
+build_simple etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+build_simple kwok sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
+build_simple helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+build_kubernetes
+log "test bed ready in $TESTENV_BIN ($(( $(date +%s) - start ))s)"
