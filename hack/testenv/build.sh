@@ -31,7 +31,7 @@ build_kubernetes() {
   # Every "k8s.io/x => ./staging/src/k8s.io/x" line becomes "k8s.io/x => k8s.io/x v0.Y.Z".
   sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#replace \1 => \1 '"$minor"'#p' "$gomod" >>"$dir/go.mod"
   local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler)
-  (cd "$dir" && go get "${pkgs[0]}@$v" "${pkgs[@]:1}" >/dev/null)
+  (cd "$dir" && go get "${pkgs[@]/%/@$v}" >/dev/null)
   log "kubernetes $v: compiling kube-apiserver, kube-controller-manager, kube-scheduler (the long step: ~15-25 min cold on 2 cores)"
   (cd "$dir" && go build -o "$TESTENV_BIN/" "${pkgs[@]}")
   mark_built kubernetes "$v"
