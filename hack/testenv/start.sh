@@ -38,9 +38,11 @@ openssl_quiet() { openssl "$@" >/dev/null 2>&1 || die "openssl $1 failed (args: 
 openssl_quiet req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=kata-testbed-ca -keyout "$pki/ca.key" -out "$pki/ca.crt"
 client_cert() { # name CN O
   openssl_quiet req -newkey rsa:2048 -nodes -subj "/O=$3/CN=$2" -keyout "$pki/$1.key" -out "$pki/$1.csr"
-  openssl_quiet x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 -out "$pki/$1.crt"
+  # Extensions make it an X.509 v3 certificate: rustls (the Rust clients) rejects v1 ones.
+  openssl_quiet x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 -extfile "$pki/client.ext" -out "$pki/$1.crt"
 }
-printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n' >"$pki/san.ext"
+printf 'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$pki/client.ext"
+printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >"$pki/san.ext"
 openssl_quiet req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr"
 openssl_quiet x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 -extfile "$pki/san.ext" -out "$pki/apiserver.crt"
 client_cert admin kata-testbed-admin system:masters
@@ -118,7 +120,7 @@ start kube-apiserver "$TESTENV_BIN/kube-apiserver" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
   --audit-policy-file="$state/audit-policy.yaml" --audit-log-path="$state/audit.log" \
-  --audit-log-format=json --audit-log-maxsize=0 --audit-log-mode=batch \
+  --audit-log-format=json --audit-log-maxsize=0 --audit-log-mode=blocking \
   --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 \
   --cert-dir="$pki/apiserver-generated"
 wait_for kube-apiserver 60 curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" "$server/readyz"

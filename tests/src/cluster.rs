@@ -1,0 +1,245 @@
+//! `TestCluster`: a real control plane for tests, started by `hack/testenv/start.sh` or reused
+//! from `KATA_TESTBED_STATE`, with helpers to make simulated nodes, per-test namespaces,
+//! ServiceAccount identities with real tokens, and audit-log request counts.
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The repository root (tests run from their crate directory).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A built binary of this workspace (`cargo build --workspace --bins` must have run).
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+    let profile = std::env::var("KATA_TEST_PROFILE").unwrap_or_else(|_| "debug".into());
+    let path = target.join(profile).join(name);
+    if !path.is_file() {
+        bail!("{} is missing: run `cargo build --workspace --bins` first (hack/test.sh does)", path.display());
+    }
+    Ok(path)
+}
+
+/// A running control plane.
+pub struct TestCluster {
+    state: PathBuf,
+    owned: bool,
+    /// Admin client.
+    pub client: Client,
+    /// API server URL.
+    pub server: String,
+}
+
+/// Whether missing test-bed pieces must fail the test (CI) rather than skip it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+static NAMESPACE_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+impl TestCluster {
+    /// Connects to the cluster in `KATA_TESTBED_STATE`, or starts a private one (stopped on drop,
+    /// and by a watchdog if this process dies).
+    pub async fn get() -> Result<Self> {
+        if let Ok(state) = std::env::var("KATA_TESTBED_STATE") {
+            return Self::connect(PathBuf::from(state), false).await;
+        }
+        let script = repo_root().join("hack/testenv/start.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args(["--owner-pid", &std::process::id().to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!("{} failed ({}); build the test bed with hack/testenv/build.sh", script.display(), out.status);
+        }
+        let state = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().trim().to_owned();
+        Self::connect(PathBuf::from(state), true).await
+    }
+
+    async fn connect(state: PathBuf, owned: bool) -> Result<Self> {
+        let kubeconfig = state.join("kubeconfig");
+        let client = client_from_kubeconfig(&kubeconfig).await?;
+        let server = std::fs::read_to_string(&kubeconfig)?
+            .lines()
+            .find_map(|l| l.split("server: \"").nth(1).map(|s| s.trim_end_matches(['"', ',', '}', ' ']).to_owned()))
+            .context("kubeconfig has no server")?;
+        Ok(Self { state, owned, client, server })
+    }
+
+    /// The state directory (kubeconfig, pki, audit.log, logs).
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
+    /// Path of the admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.state.join("kubeconfig")
+    }
+
+    /// A fresh namespace for one test (tests run in parallel).
+    pub async fn namespace(&self, prefix: &str) -> Result<String> {
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NAMESPACE_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}}))?).await?;
+        // The token controller needs the default ServiceAccount before pods can be created.
+        let sa: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &name);
+        wait_until(Duration::from_secs(30), "default ServiceAccount", || async { Ok(sa.get_opt("default").await?.is_some()) }).await?;
+        Ok(name)
+    }
+
+    /// Creates simulated (kwok) nodes named `<prefix>-<i>` with realistic status; returns names.
+    pub async fn sim_nodes(&self, prefix: &str, count: usize, spec: &SimNode) -> Result<Vec<String>> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let names: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+        let chunks: Vec<Vec<String>> = names.chunks(50).map(<[String]>::to_vec).collect();
+        for chunk in chunks {
+            let futs = chunk.iter().map(|name| create_sim_node(&api, name, spec));
+            for r in futures::future::join_all(futs).await {
+                r?;
+            }
+        }
+        Ok(names)
+    }
+
+    /// A client that acts as `namespace/sa` with a real token (RBAC really applies).
+    pub async fn sa_client(&self, namespace: &str, sa: &str) -> Result<Client> {
+        client_from_kubeconfig(&self.sa_kubeconfig(namespace, sa).await?).await
+    }
+
+    /// Writes a kubeconfig for `namespace/sa` (for binaries under test) and returns its path.
+    pub async fn sa_kubeconfig(&self, namespace: &str, sa: &str) -> Result<PathBuf> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        if api.get_opt(sa).await?.is_none() {
+            api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": sa}}))?).await?;
+        }
+        let req = TokenRequest {
+            spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
+            ..Default::default()
+        };
+        let token: TokenRequest = api.create_subresource("token", sa, &PostParams::default(), serde_json::to_vec(&req)?).await?;
+        let token = token.status.context("token request returned no status")?.token;
+        let path = self.state.join(format!("sa-{namespace}-{sa}.kubeconfig"));
+        let ca = self.state.join("pki/ca.crt");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: u\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: t\n  context: {{cluster: t, user: u, namespace: {namespace}}}\ncurrent-context: t\n",
+                self.server,
+                ca.display()
+            ),
+        )?;
+        Ok(path)
+    }
+
+    /// Requests by `user` recorded in the audit log, by verb (`create`, `list`, `watch`, ...).
+    pub fn audit_requests(&self, user: &str) -> Result<BTreeMap<String, usize>> {
+        let text = std::fs::read_to_string(self.state.join("audit.log")).context("reading audit.log")?;
+        let mut counts = BTreeMap::new();
+        for line in text.lines() {
+            let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            if ev["user"]["username"] == user && ev["stage"] == "ResponseComplete" {
+                *counts.entry(ev["verb"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::process::Command::new("bash")
+                .arg(repo_root().join("hack/testenv/stop.sh"))
+                .arg(&self.state)
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// How simulated nodes look.
+#[derive(Debug, Clone)]
+pub struct SimNode {
+    /// Extra labels.
+    pub labels: BTreeMap<String, String>,
+    /// Taints as (key, value, effect).
+    pub taints: Vec<(String, String, String)>,
+    /// e.g. `containerd://2.0.5`.
+    pub container_runtime_version: String,
+}
+
+impl Default for SimNode {
+    fn default() -> Self {
+        Self { labels: BTreeMap::new(), taints: vec![], container_runtime_version: "containerd://2.0.5".into() }
+    }
+}
+
+async fn create_sim_node(api: &Api<Node>, name: &str, spec: &SimNode) -> Result<()> {
+    let mut labels = spec.labels.clone();
+    labels.insert("kubernetes.io/hostname".into(), name.into());
+    labels.insert("kubernetes.io/os".into(), "linux".into());
+    labels.insert("kubernetes.io/arch".into(), "amd64".into());
+    labels.insert("type".into(), "kwok".into());
+    let mut taints: Vec<serde_json::Value> =
+        spec.taints.iter().map(|(k, v, e)| json!({"key": k, "value": v, "effect": e})).collect();
+    // Keeps the scheduler from placing unpinned pods (a dispatcher) on a node that runs nothing.
+    taints.push(json!({"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}));
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels, "annotations": {"kwok.x-k8s.io/node": "fake"}},
+        "spec": {"taints": taints},
+    }))?;
+    api.create(&PostParams::default(), &node).await.with_context(|| format!("creating node {name}"))?;
+    let machine_id = format!("{:032x}", fxhash(name));
+    let status = json!({"status": {"nodeInfo": {
+        "machineID": machine_id, "systemUUID": machine_id, "bootID": "", "kernelVersion": "6.1.0",
+        "osImage": "Debian GNU/Linux 12", "containerRuntimeVersion": spec.container_runtime_version,
+        "kubeletVersion": "v1.34.4", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.with_context(|| format!("setting status of node {name}"))?;
+    Ok(())
+}
+
+/// A stable non-cryptographic hash (machine IDs of simulated nodes).
+fn fxhash(s: &str) -> u128 {
+    s.bytes().fold(0xcbf29ce484222325u128, |h, b| (h ^ u128::from(b)).wrapping_mul(0x100000001b3))
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Polls `check` until it returns true, failing after `timeout` with `what` in the message.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
