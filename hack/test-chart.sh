@@ -1,0 +1,584 @@
+#!/usr/bin/env bash
+# Chart tests for chart/kata-deploy (job mode): helm lint, helm template of the example values files
+# and a matrix of values, with assertions on the rendered objects, and the schema's rejections.
+#
+#   hack/test-chart.sh            # helm from $HELM, else .cache/testenv/bin/helm
+#
+# Needs python3 with PyYAML. Prints one line per check; the last line is "N passed, M failed" and
+# the exit status is non-zero when anything failed (a missing tool is a failure, never a skip).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+HELM="${HELM:-$PWD/.cache/testenv/bin/helm}"
+CHART="${CHART:-$PWD/chart/kata-deploy}"
+export HELM CHART
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  echo "FAIL python3 with PyYAML is required (pip install pyyaml)"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+exec python3 - "$@" <<'PY'
+import json, os, re, subprocess, sys, tempfile
+import yaml
+
+HELM = os.environ["HELM"]
+CHART = os.environ["CHART"]
+KUBE = "1.34.0"
+VAP = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+passed = failed = 0
+TMP = tempfile.mkdtemp(prefix="kata-chart-test.")
+
+
+def check(name, cond, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+        print(f"PASS {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
+    return cond
+
+
+def helm(*args):
+    p = subprocess.run([HELM, *args], capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def values_file(values):
+    fd, path = tempfile.mkstemp(suffix=".yaml", dir=TMP)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(values, f)
+    return path
+
+
+def render(values=None, files=(), extra=(), release="kata-deploy", ns="kata-system", api_vap=False):
+    args = ["template", release, CHART, "-n", ns, "--kube-version", KUBE]
+    for f in files:
+        args += ["-f", f]
+    if values is not None:
+        args += ["-f", values_file(values)]
+    if api_vap:
+        args += ["--api-versions", VAP]
+    args += list(extra)
+    rc, out, err = helm(*args)
+    if rc != 0:
+        raise RuntimeError(err.strip() or out)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def render_err(values=None, extra=()):
+    """Render expected to fail; returns the error text ('' if it unexpectedly rendered)."""
+    args = ["template", "x", CHART, "--kube-version", KUBE]
+    if values is not None:
+        args += ["-f", values_file(values)]
+    args += list(extra)
+    rc, out, err = helm(*args)
+    return "" if rc == 0 else err
+
+
+def find(objs, kind, name=None):
+    return [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objs, kind, name=None):
+    found = find(objs, kind, name)
+    if len(found) != 1:
+        raise AssertionError(f"expected one {kind} {name or ''}, found {len(found)}")
+    return found[0]
+
+
+def dispatcher(objs, role):
+    jobs = [o for o in find(objs, "Job") if o["metadata"]["labels"].get("katacontainers.io/dispatcher-role") == role]
+    if len(jobs) != 1:
+        raise AssertionError(f"expected one {role} dispatcher Job, found {len(jobs)}")
+    return jobs[0]
+
+
+def args_of(job):
+    return job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def flag_values(args, flag):
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def templates(objs):
+    cm = [o for o in find(objs, "ConfigMap") if "install-job.yaml" in o["data"]]
+    assert len(cm) == 1, f"expected one job-templates ConfigMap, found {len(cm)}"
+    return yaml.safe_load(cm[0]["data"]["install-job.yaml"]), yaml.safe_load(cm[0]["data"]["cleanup-job.yaml"]), cm[0]
+
+
+def stage_config(objs):
+    cm = [o for o in find(objs, "ConfigMap") if "config.yaml" in o.get("data", {})]
+    assert len(cm) == 1, f"expected one stage-config ConfigMap, found {len(cm)}"
+    return yaml.safe_load(cm[0]["data"]["config.yaml"]), cm[0]
+
+
+def rcs(objs):
+    return {o["metadata"]["name"]: o for o in find(objs, "RuntimeClass")}
+
+
+def guarded(name, fn):
+    """Runs a group of checks; an exception (render error, missing object) is one failure."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - report and continue with the next group
+        check(name, False, f"{type(e).__name__}: {e}")
+
+
+ALL_SHIMS = ["clh", "cloud-hypervisor", "dragonball", "fc", "qemu", "qemu-runtime-rs", "qemu-coco-dev",
+             "qemu-coco-dev-runtime-rs", "qemu-nvidia-gpu", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-tdx",
+             "qemu-snp", "qemu-tdx", "qemu-se", "qemu-se-runtime-rs", "stratovirt"]
+STAGE_KEYS = {"multiInstallSuffix", "debug", "installPrefix", "imagePullTimeoutSeconds", "cri", "restart",
+              "runtimeReadyTimeoutSeconds", "labelReadyTimeoutSeconds", "shims"}
+SHIM_KEYS = {"name", "baseConfig", "supportedArches", "dropIn", "allowedHypervisorAnnotations",
+             "containerdSnapshotter", "crioPullType"}
+
+# ---------------------------------------------------------------------------------------- lint
+def t_lint():
+    rc, out, err = helm("lint", CHART, "--kube-version", KUBE)
+    check("helm lint (default values)", rc == 0, err or out)
+    for f in ["try-kata-nvidia-gpu.values.yaml", "try-kata-tee.values.yaml"]:
+        rc, out, err = helm("lint", CHART, "--kube-version", KUBE, "-f", os.path.join(CHART, f))
+        check(f"helm lint -f {f}", rc == 0, err or out)
+guarded("lint", t_lint)
+
+# ------------------------------------------------------------------------------ default render
+def t_default():
+    objs = render()
+    kinds = sorted(o["kind"] for o in objs)
+    check("default: no DaemonSet/Deployment (job mode only)", not any(k in ("DaemonSet", "Deployment") for k in kinds), kinds)
+    check("default: one RuntimeClass per built-in shim", sorted(rcs(objs)) == sorted(f"kata-{s}" for s in ALL_SHIMS), sorted(rcs(objs)))
+    check("default: no ValidatingAdmissionPolicy without the API (helm template default)", not find(objs, "ValidatingAdmissionPolicy"))
+
+    # Hooks: exactly the two dispatcher Jobs; everything the cleanup needs is a regular resource.
+    hooks = [o for o in objs if "helm.sh/hook" in o["metadata"].get("annotations", {})]
+    check("default: only the two dispatcher Jobs are hooks", sorted((o["kind"], o["metadata"]["name"]) for o in hooks)
+          == [("Job", "kata-deploy-dispatch-cleanup"), ("Job", "kata-deploy-dispatch-install")], hooks)
+    for kind in ["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ConfigMap"]:
+        check(f"default: {kind}s exist and are regular resources (alive during pre-delete)",
+              find(objs, kind) and all("helm.sh/hook" not in o["metadata"].get("annotations", {}) for o in find(objs, kind)))
+    inst, clean = dispatcher(objs, "install"), dispatcher(objs, "cleanup")
+    a = inst["metadata"]["annotations"]
+    check("install dispatcher: post-install,post-upgrade hook", a.get("helm.sh/hook") == "post-install,post-upgrade", a)
+    check("install dispatcher: before-hook-creation only (kept for logs, replaced by the next upgrade)",
+          a.get("helm.sh/hook-delete-policy") == "before-hook-creation", a)
+    a = clean["metadata"]["annotations"]
+    check("cleanup dispatcher: pre-delete hook", a.get("helm.sh/hook") == "pre-delete", a)
+    check("cleanup dispatcher: before-hook-creation,hook-succeeded",
+          a.get("helm.sh/hook-delete-policy") == "before-hook-creation,hook-succeeded", a)
+    for role, job in [("install", inst), ("cleanup", clean)]:
+        spec, pod = job["spec"], job["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        check(f"{role} dispatcher: backoffLimit 0, restartPolicy Never", spec["backoffLimit"] == 0 and pod["restartPolicy"] == "Never")
+        check(f"{role} dispatcher: bounded (activeDeadlineSeconds > --deadline, ttlSecondsAfterFinished)",
+              spec["activeDeadlineSeconds"] > 1800 and spec["ttlSecondsAfterFinished"] > 0, spec)
+        psc, sc = pod["securityContext"], c["securityContext"]
+        check(f"{role} dispatcher: pod runAsNonRoot/65532/RuntimeDefault",
+              psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 65532 and psc["seccompProfile"]["type"] == "RuntimeDefault", psc)
+        check(f"{role} dispatcher: container locked down",
+              sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 65532 and sc.get("allowPrivilegeEscalation") is False
+              and sc.get("readOnlyRootFilesystem") is True and sc["capabilities"]["drop"] == ["ALL"]
+              and sc.get("privileged") is False and "add" not in sc["capabilities"]
+              and sc["seccompProfile"]["type"] == "RuntimeDefault", sc)
+        r = c.get("resources", {})
+        check(f"{role} dispatcher: resource requests and limits", {"cpu", "memory"} <= set(r.get("requests", {})) and {"cpu", "memory"} <= set(r.get("limits", {})), r)
+        check(f"{role} dispatcher: no host access, no tolerations",
+              not pod.get("hostPID") and not pod.get("hostNetwork") and not pod.get("tolerations")
+              and all("hostPath" not in v for v in pod.get("volumes", [])), pod)
+        check(f"{role} dispatcher: uses the dispatcher ServiceAccount", pod["serviceAccountName"] == "kata-deploy-dispatcher")
+        env = {e["name"]: e for e in c["env"]}
+        check(f"{role} dispatcher: POD_NAMESPACE from the downward API",
+              env.get("POD_NAMESPACE", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace", env)
+        check(f"{role} dispatcher: image is the dispatcher image",
+              c["image"] == "quay.io/kata-containers/kata-deploy-job-dispatcher:0.1.0", c["image"])
+        args = args_of(job)
+        check(f"{role} dispatcher: --owner-job is its own name", flag_values(args, "--owner-job") == [job["metadata"]["name"]], args)
+        check(f"{role} dispatcher: --template under the mounted ConfigMap",
+              flag_values(args, "--template") == [f"/etc/kata-deploy-dispatcher/{role if role == 'cleanup' else 'install'}-job.yaml"]
+              and c["volumeMounts"][0]["mountPath"] == "/etc/kata-deploy-dispatcher", args)
+        check(f"{role} dispatcher: --parallelism/--deadline/--max-failures",
+              flag_values(args, "--parallelism") == ["10"] and flag_values(args, "--deadline") == ["1800s"]
+              and flag_values(args, "--max-failures") == ["5"], args)
+        prefix = flag_values(args, "--name-prefix")
+        check(f"{role} dispatcher: --name-prefix valid for the dispatcher (<=30, starts with a letter)",
+              len(prefix) == 1 and re.fullmatch(r"[a-z][-a-z0-9]{0,28}[a-z0-9]", prefix[0]) is not None, prefix)
+    check("install dispatcher: default selector excludes control-plane nodes",
+          flag_values(args_of(inst), "--selector") == ["!node-role.kubernetes.io/control-plane"] and "--nodes" not in args_of(inst), args_of(inst))
+    check("cleanup dispatcher: default selector is kata-runtime OR claimed (two --selector = union)",
+          flag_values(args_of(clean), "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], args_of(clean))
+
+    # RBAC: exact verbs.
+    def rules_of(kind, name):
+        return [(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"])), tuple(r.get("resourceNames", [])))
+                for r in one(objs, kind, name)["rules"]]
+    check("RBAC: dispatcher ClusterRole = nodes list/watch only",
+          rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher") == [(("",), ("nodes",), ("list", "watch"), ())],
+          rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher"))
+    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete in the namespace only",
+          rules_of("Role", "kata-deploy-dispatcher") == [(("batch",), ("jobs",), ("create", "delete", "get", "list", "watch"), ())]
+          and one(objs, "Role", "kata-deploy-dispatcher")["metadata"]["namespace"] == "kata-system",
+          rules_of("Role", "kata-deploy-dispatcher"))
+    check("RBAC: node ClusterRole = nodes get/patch only",
+          rules_of("ClusterRole", "kata-system-kata-deploy-node") == [(("",), ("nodes",), ("get", "patch"), ())],
+          rules_of("ClusterRole", "kata-system-kata-deploy-node"))
+    for kind, name, sa in [("ClusterRoleBinding", "kata-system-kata-deploy-dispatcher", "kata-deploy-dispatcher"),
+                           ("RoleBinding", "kata-deploy-dispatcher", "kata-deploy-dispatcher"),
+                           ("ClusterRoleBinding", "kata-system-kata-deploy-node", "kata-deploy-node")]:
+        b = one(objs, kind, name)
+        check(f"RBAC: {kind} {name} binds only {sa}",
+              b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "kata-system"}] and b["roleRef"]["name"] == name, b)
+    check("RBAC: exactly 2 ClusterRoles, 1 Role, 2 ServiceAccounts",
+          len(find(objs, "ClusterRole")) == 2 and len(find(objs, "Role")) == 1 and len(find(objs, "ServiceAccount")) == 2)
+
+    # Per-node Job templates.
+    ij, cj, cm = templates(objs)
+    check("templates: one ConfigMap with install-job.yaml and cleanup-job.yaml", set(cm["data"]) == {"install-job.yaml", "cleanup-job.yaml"}, set(cm["data"]))
+    vol = [v for v in inst["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    check("templates: the dispatcher mounts that ConfigMap", vol and vol[0]["configMap"]["name"] == cm["metadata"]["name"], vol)
+    for role, job, inits, main in [("install", ij, ["host-check", "artifacts", "cri"], "label"),
+                                   ("cleanup", cj, ["unlabel", "revert-cri"], "remove-artifacts")]:
+        pod = job["spec"]["template"]["spec"]
+        check(f"{role} template: batch/v1 Job", job["apiVersion"] == "batch/v1" and job["kind"] == "Job")
+        check(f"{role} template: no nodeName (the dispatcher pins it)", "nodeName" not in pod and "nodeSelector" not in pod and "affinity" not in pod, pod.keys())
+        check(f"{role} template: no name (the dispatcher names it)", "name" not in job.get("metadata", {}) and "generateName" not in job.get("metadata", {}))
+        check(f"{role} template: stage order {inits} -> {main}",
+              [c["name"] for c in pod["initContainers"]] == inits and [c["name"] for c in pod["containers"]] == [main],
+              ([c["name"] for c in pod["initContainers"]], [c["name"] for c in pod["containers"]]))
+        check(f"{role} template: restartPolicy Never, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished",
+              pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 3 and job["spec"]["activeDeadlineSeconds"] == 900
+              and job["spec"]["ttlSecondsAfterFinished"] == 86400, job["spec"])
+        check(f"{role} template: no parallelism/completions other than 1",
+              job["spec"].get("parallelism", 1) == 1 and job["spec"].get("completions", 1) == 1)
+        check(f"{role} template: node ServiceAccount", pod["serviceAccountName"] == "kata-deploy-node")
+        check(f"{role} template: tolerates every taint (pinned Jobs must reach tainted nodes)", {"operator": "Exists"} in pod.get("tolerations", []), pod.get("tolerations"))
+        check(f"{role} template: hostPID (restart: systemd)", pod.get("hostPID") is True)
+        check(f"{role} template: stage-config ConfigMap volume + hostPath / volume",
+              any(v.get("configMap", {}).get("name") == "kata-deploy-stage-config" for v in pod["volumes"])
+              and any(v.get("hostPath", {}).get("path") == "/" for v in pod["volumes"]), pod["volumes"])
+        for c in pod["initContainers"] + pod["containers"]:
+            n = c["name"]
+            check(f"{role}/{n}: stage image and command line",
+                  c["image"] == "quay.io/kata-containers/kata-deploy-stage:0.1.0"
+                  and c["args"] == ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", n]
+                  and "command" not in c, (c["image"], c.get("command"), c["args"]))
+            mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+            check(f"{role}/{n}: stage config at /etc/kata-deploy (read-only)", mounts.get("/etc/kata-deploy", {}).get("readOnly") is True, mounts)
+            sc = c["securityContext"]
+            if n in ("label", "unlabel"):
+                check(f"{role}/{n}: no host access, non-root, locked down",
+                      "/host" not in mounts and sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 65532
+                      and sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False
+                      and sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+                      and sc.get("readOnlyRootFilesystem") is True, (mounts, sc))
+            elif n == "host-check":
+                check(f"{role}/{n}: host root read-only, not privileged",
+                      mounts.get("/host", {}).get("readOnly") is True and sc.get("privileged") is False
+                      and sc.get("allowPrivilegeEscalation") is False, (mounts, sc))
+            elif n in ("cri", "revert-cri"):
+                check(f"{role}/{n}: privileged with host root (restarts the CRI)",
+                      "/host" in mounts and not mounts["/host"].get("readOnly") and sc.get("privileged") is True, (mounts, sc))
+            else:  # artifacts, remove-artifacts
+                check(f"{role}/{n}: host root read-write, NOT privileged",
+                      "/host" in mounts and not mounts["/host"].get("readOnly") and sc.get("privileged") is False
+                      and sc.get("allowPrivilegeEscalation") is False and sc["capabilities"]["drop"] == ["ALL"], (mounts, sc))
+            check(f"{role}/{n}: resources set", "limits" in c.get("resources", {}) and "requests" in c.get("resources", {}))
+
+    # Stage configuration.
+    cfg, _ = stage_config(objs)
+    check("stage config: exactly the documented keys", set(cfg) == STAGE_KEYS, set(cfg) ^ STAGE_KEYS)
+    check("stage config: defaults", cfg["multiInstallSuffix"] == "" and cfg["debug"] is False and cfg["installPrefix"] == "/opt/kata"
+          and cfg["imagePullTimeoutSeconds"] == 1200 and cfg["cri"] == "auto" and cfg["restart"] == "systemd"
+          and cfg["runtimeReadyTimeoutSeconds"] == 60 and cfg["labelReadyTimeoutSeconds"] == 120, cfg)
+    check("stage config: every shim enabled by default", sorted(s["name"] for s in cfg["shims"]) == sorted(ALL_SHIMS))
+    check("stage config: shim entries have exactly the documented keys", all(set(s) == SHIM_KEYS for s in cfg["shims"]),
+          [set(s) ^ SHIM_KEYS for s in cfg["shims"]])
+    q = next(s for s in cfg["shims"] if s["name"] == "qemu-nvidia-gpu")
+    check("stage config: qemu-nvidia-gpu entry", q == {"name": "qemu-nvidia-gpu", "baseConfig": "qemu-nvidia-gpu", "supportedArches": ["amd64", "arm64"],
+          "dropIn": "", "allowedHypervisorAnnotations": [], "containerdSnapshotter": "", "crioPullType": ""}, q)
+    ihash = ij["spec"]["template"]["metadata"]["annotations"]["katacontainers.io/config-hash"]
+    other = templates(render({"imagePullTimeoutSeconds": 1800}))[0]["spec"]["template"]["metadata"]["annotations"]["katacontainers.io/config-hash"]
+    check("templates: a stage-config change changes the template (so upgrades re-run nodes)", ihash != other)
+
+    # RuntimeClasses.
+    for name, rc in rcs(objs).items():
+        ok = (rc["handler"] == name and rc["scheduling"]["nodeSelector"] == {"katacontainers.io/kata-runtime": "true"}
+              and set(rc["overhead"]["podFixed"]) == {"cpu", "memory"})
+        if not check(f"RuntimeClass {name}: handler, overhead, kata-runtime nodeSelector", ok, rc):
+            break
+    g = rcs(objs)["kata-qemu-nvidia-gpu"]["overhead"]["podFixed"]
+    check("RuntimeClass kata-qemu-nvidia-gpu overhead 10240Mi/1", g == {"memory": "10240Mi", "cpu": "1"}, g)
+guarded("default render", t_default)
+
+# ------------------------------------------------------------------------ selector compilation
+def t_selectors():
+    cases = [
+        ("In", {"nodeSelectorExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux", "plan9"]}]},
+         ["kubernetes.io/os in (linux,plan9)"]),
+        ("NotIn", {"nodeSelectorExpressions": [{"key": "tier", "operator": "NotIn", "values": ["gpu"]}]}, ["tier notin (gpu)"]),
+        ("Exists", {"nodeSelectorExpressions": [{"key": "kata", "operator": "Exists"}]}, ["kata"]),
+        ("DoesNotExist", {"nodeSelectorExpressions": [{"key": "node-role.kubernetes.io/master", "operator": "DoesNotExist"}]},
+         ["!node-role.kubernetes.io/master"]),
+        ("nodeSelector AND expressions (one string)",
+         {"nodeSelector": {"kata-containers": "enabled", "a.b/c": "d"},
+          "nodeSelectorExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+                                      {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"}]},
+         ["a.b/c=d,kata-containers=enabled,kubernetes.io/os in (linux),!node-role.kubernetes.io/control-plane"]),
+        ("nodeSelector only (expressions cleared)", {"nodeSelector": {"kata-containers": "enabled"}, "nodeSelectorExpressions": []},
+         ["kata-containers=enabled"]),
+        ("all empty = every node (no --selector)", {"nodeSelectorExpressions": []}, []),
+    ]
+    for name, job, want in cases:
+        a = args_of(dispatcher(render({"job": job}), "install"))
+        check(f"install selector: {name}", flag_values(a, "--selector") == want and "--nodes" not in a, a)
+    a = args_of(dispatcher(render({"job": {"nodes": ["worker-1", "worker-2"], "nodeSelector": {"x": "y"}}}), "install"))
+    check("install selector: job.nodes wins, passed verbatim", flag_values(a, "--nodes") == ["worker-1,worker-2"] and "--selector" not in a, a)
+    # Cleanup.
+    a = args_of(dispatcher(render({"job": {"cleanup": {"nodeSelectorExpressions": [
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"}]}}}), "cleanup"))
+    check("cleanup selector: explicit expressions replace the default union",
+          flag_values(a, "--selector") == ["!node-role.kubernetes.io/control-plane"], a)
+    a = args_of(dispatcher(render({"job": {"cleanup": {"nodeSelector": {"pool": "kata"}}}}), "cleanup"))
+    check("cleanup selector: nodeSelector", flag_values(a, "--selector") == ["pool=kata"], a)
+    a = args_of(dispatcher(render({"job": {"cleanup": {"nodes": ["worker-1"]}}}), "cleanup"))
+    check("cleanup selector: cleanup.nodes", flag_values(a, "--nodes") == ["worker-1"] and "--selector" not in a, a)
+    a = args_of(dispatcher(render({"job": {"nodes": ["w1"], "nodeSelector": {"x": "y"}}}), "cleanup"))
+    check("cleanup selector: independent of the install selection (still the union)",
+          flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], a)
+    a = args_of(dispatcher(render({"job": {"settle": "30s", "requireNodes": True, "parallelism": 3, "logFormat": "json"}}), "install"))
+    check("install dispatcher: --settle/--require-nodes/--parallelism/--log-format from values",
+          flag_values(a, "--settle") == ["30s"] and "--require-nodes" in a and flag_values(a, "--parallelism") == ["3"]
+          and flag_values(a, "--log-format") == ["json"], a)
+guarded("selectors", t_selectors)
+
+# ------------------------------------------------------------------- suffix, shims, stage knobs
+def t_values():
+    objs = render({"env": {"multiInstallSuffix": "cicd", "debug": True}})
+    names = sorted(rcs(objs))
+    check("multiInstallSuffix: RuntimeClasses named kata-<shim>-<suffix>", names == sorted(f"kata-{s}-cicd" for s in ALL_SHIMS), names)
+    check("multiInstallSuffix: handler equals the suffixed name", all(r["handler"] == n for n, r in rcs(objs).items()))
+    cfg, _ = stage_config(objs)
+    check("multiInstallSuffix/debug: in the stage config", cfg["multiInstallSuffix"] == "cicd" and cfg["debug"] is True, cfg)
+
+    objs = render({"shims": {"disableAll": True, "qemu": {"enabled": True}, "fc": {"enabled": False}}})
+    check("shims.disableAll + one enabled: only that shim", sorted(rcs(objs)) == ["kata-qemu"]
+          and [s["name"] for s in stage_config(objs)[0]["shims"]] == ["qemu"], sorted(rcs(objs)))
+    objs = render({"shims": {"fc": {"enabled": False}}})
+    check("shims.<s>.enabled: false removes the shim", "kata-fc" not in rcs(objs)
+          and "fc" not in [s["name"] for s in stage_config(objs)[0]["shims"]])
+    objs = render({"runtimeClasses": {"enabled": False}})
+    check("runtimeClasses.enabled=false: no RuntimeClass, shims still installed",
+          not rcs(objs) and len(stage_config(objs)[0]["shims"]) == len(ALL_SHIMS))
+
+    objs = render({"imagePullTimeoutSeconds": 2400, "stage": {"cri": "k3s", "restart": "none", "installPrefix": "/opt/kata-test"},
+                   "shims": {"qemu": {"dropIn": "[agent.kata]\ndial_timeout = 999\n", "allowedHypervisorAnnotations": ["kernel_params"],
+                                      "containerd": {"snapshotter": "nydus"}, "crio": {"pullType": "guest-pull"}}}})
+    cfg, _ = stage_config(objs)
+    check("imagePullTimeoutSeconds wired to the stage config", cfg["imagePullTimeoutSeconds"] == 2400, cfg)
+    check("stage.cri / stage.restart / stage.installPrefix wired", cfg["cri"] == "k3s" and cfg["restart"] == "none"
+          and cfg["installPrefix"] == "/opt/kata-test", cfg)
+    q = next(s for s in cfg["shims"] if s["name"] == "qemu")
+    check("shim options wired (dropIn, annotations, snapshotter, pullType)",
+          q["dropIn"] == "[agent.kata]\ndial_timeout = 999\n" and q["allowedHypervisorAnnotations"] == ["kernel_params"]
+          and q["containerdSnapshotter"] == "nydus" and q["crioPullType"] == "guest-pull", q)
+    ij, cj, _ = templates(objs)
+    check("stage.restart=none: per-node pods get no hostPID", not ij["spec"]["template"]["spec"].get("hostPID")
+          and not cj["spec"]["template"]["spec"].get("hostPID"))
+
+    objs = render({"shims": {"qemu": {"allowedHypervisorAnnotations": ["path", "kernel_params"], "allowRestrictedAnnotations": True}}})
+    q = next(s for s in stage_config(objs)[0]["shims"] if s["name"] == "qemu")
+    check("restricted annotation accepted with allowRestrictedAnnotations: true", q["allowedHypervisorAnnotations"] == ["path", "kernel_params"], q)
+
+    objs = render({"image": {"reference": "registry.local/kata-deploy-stage", "tag": "t1"},
+                   "job": {"dispatcherImage": {"reference": "registry.local/kata-deploy-job-dispatcher", "tag": "t2"}}})
+    check("image overrides", args_of(dispatcher(objs, "install")) and
+          dispatcher(objs, "install")["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/kata-deploy-job-dispatcher:t2"
+          and templates(objs)[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/kata-deploy-stage:t1")
+
+    # Custom runtimes.
+    rc_text = ("kind: RuntimeClass\napiVersion: node.k8s.io/v1\nmetadata:\n  name: kata-my-gpu-runtime\nhandler: kata-my-gpu-runtime\n"
+               "overhead:\n  podFixed:\n    memory: \"640Mi\"\n    cpu: \"500m\"\nscheduling:\n  nodeSelector:\n    katacontainers.io/kata-runtime: \"true\"\n")
+    objs = render({"customRuntimes": {"enabled": True, "runtimes": {"my-gpu-runtime": {
+        "baseConfig": "qemu-nvidia-gpu", "dropIn": "[hypervisor.qemu]\ndefault_memory = 1024\n", "runtimeClass": rc_text,
+        "containerd": {"snapshotter": "nydus"}, "crio": {"pullType": "guest-pull"}}}}})
+    r = rcs(objs).get("kata-my-gpu-runtime")
+    check("customRuntimes: RuntimeClass rendered from the given manifest",
+          r is not None and r["handler"] == "kata-my-gpu-runtime" and r["overhead"]["podFixed"]["memory"] == "640Mi", r)
+    c = next((s for s in stage_config(objs)[0]["shims"] if s["name"] == "my-gpu-runtime"), None)
+    check("customRuntimes: stage config entry with baseConfig and CRI options",
+          c == {"name": "my-gpu-runtime", "baseConfig": "qemu-nvidia-gpu", "supportedArches": ["amd64", "arm64"],
+                "dropIn": "[hypervisor.qemu]\ndefault_memory = 1024\n", "allowedHypervisorAnnotations": [],
+                "containerdSnapshotter": "nydus", "crioPullType": "guest-pull"}, c)
+    objs = render({"customRuntimes": {"enabled": False, "runtimes": {"x": {"baseConfig": "qemu"}}}})
+    check("customRuntimes.enabled=false: ignored", "kata-x" not in rcs(objs))
+    objs = render({"customRuntimes": {"enabled": True, "runtimes": {"small": {"baseConfig": "qemu"}}}, "env": {"multiInstallSuffix": "b"}})
+    check("customRuntimes without runtimeClass: generated kata-<name>-<suffix>", "kata-small-b" in rcs(objs)
+          and rcs(objs)["kata-small-b"]["handler"] == "kata-small-b", sorted(rcs(objs)))
+    err = render_err({"customRuntimes": {"enabled": True, "runtimes": {"bad": {"baseConfig": "qemu",
+          "runtimeClass": "kind: RuntimeClass\napiVersion: node.k8s.io/v1\nmetadata: {name: kata-bad}\nhandler: something-else\n"}}}})
+    check("customRuntimes: a RuntimeClass handler the stages do not register is rejected", 'handler is "kata-bad"' in err, err)
+    err = render_err({"customRuntimes": {"enabled": True, "runtimes": {"bad": {"baseConfig": "qemu-nope"}}}})
+    check("customRuntimes: unknown baseConfig rejected", "/customRuntimes/runtimes/bad/baseConfig" in err and "value must be one of" in err, err)
+
+    # Release name handling.
+    long = "a-very-long-release-name-that-goes-on-and-on"
+    objs = render(release=long)
+    p = flag_values(args_of(dispatcher(objs, "install")), "--name-prefix")[0]
+    p2 = flag_values(args_of(dispatcher(render(release=long + "x"), "install")), "--name-prefix")[0]
+    check("long release name: prefix shortened to <=30 with a hash, distinct per release",
+          len(p) <= 30 and re.fullmatch(r"[a-z][-a-z0-9]*[a-z0-9]", p) is not None and p != p2, (p, p2))
+    objs = render(release="1st")
+    p = flag_values(args_of(dispatcher(objs, "install")), "--name-prefix")[0]
+    check("release name starting with a digit: prefix starts with a letter", p[0].isalpha(), p)
+    names = [o["metadata"]["name"] for o in render(release=long, ns="a-namespace-that-is-also-quite-long-really")]
+    check("all object names are <=63 characters", all(len(n) <= 63 for n in names), [n for n in names if len(n) > 63])
+guarded("values", t_values)
+
+# ------------------------------------------------------------------------ NFD and node selectors
+def t_nfd():
+    objs = render({"shims": {"disableAll": True, "qemu-snp": {"enabled": True}, "qemu-tdx": {"enabled": True},
+                             "qemu-se": {"enabled": True}, "qemu-nvidia-gpu-snp": {"enabled": True}}})
+    check("NFD: helm template (no cluster, nfd.enabled=false) injects nothing",
+          all(r["scheduling"]["nodeSelector"] == {"katacontainers.io/kata-runtime": "true"} for r in rcs(objs).values()))
+    objs = render({"nfd": {"enabled": True}, "shims": {
+        "disableAll": True, "qemu-snp": {"enabled": True}, "qemu-tdx": {"enabled": True}, "qemu-se": {"enabled": True},
+        "qemu-se-runtime-rs": {"enabled": True}, "qemu-nvidia-gpu-snp": {"enabled": True}, "qemu-coco-dev": {"enabled": True}}})
+    sel = {n: r["scheduling"]["nodeSelector"] for n, r in rcs(objs).items()}
+    k = {"katacontainers.io/kata-runtime": "true"}
+    check("NFD: SNP selector", sel["kata-qemu-snp"] == {**k, "amd.feature.node.kubernetes.io/snp": "true"}, sel)
+    check("NFD: TDX selector", sel["kata-qemu-tdx"] == {**k, "intel.feature.node.kubernetes.io/tdx": "true"}, sel)
+    check("NFD: SE selectors", sel["kata-qemu-se"] == sel["kata-qemu-se-runtime-rs"] == {**k, "feature.node.kubernetes.io/cpu-security.se.enabled": "true"}, sel)
+    check("NFD: GPU and non-TEE shims untouched", sel["kata-qemu-nvidia-gpu-snp"] == k and sel["kata-qemu-coco-dev"] == k, sel)
+    objs = render({"nfd": {"enabled": True}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True, "runtimeClass": {"nodeSelector": {"pool": "snp"}}}}})
+    check("NFD: a manual runtimeClass.nodeSelector wins over auto-inject",
+          rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == {**k, "pool": "snp"}, rcs(objs)["kata-qemu-snp"])
+    objs = render({"nfd": {"enabled": True, "autoInjectNodeSelectors": False}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True}}})
+    check("NFD: autoInjectNodeSelectors=false", rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == k)
+    objs = render({"shims": {"disableAll": True, "qemu-nvidia-gpu": {"enabled": True, "runtimeClass": {"nodeSelector": {"nvidia.com/cc.ready.state": "false"}}}}})
+    check("manual runtimeClass.nodeSelector applied without NFD",
+          rcs(objs)["kata-qemu-nvidia-gpu"]["scheduling"]["nodeSelector"] == {**k, "nvidia.com/cc.ready.state": "false"})
+guarded("nfd", t_nfd)
+
+# --------------------------------------------------------------------- ValidatingAdmissionPolicy
+def t_vap():
+    objs = render(api_vap=True)
+    vap = one(objs, "ValidatingAdmissionPolicy")
+    b = one(objs, "ValidatingAdmissionPolicyBinding")
+    check("VAP: rendered when the API serves admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy", True)
+    check("VAP: binding denies", b["spec"]["policyName"] == vap["metadata"]["name"] and b["spec"]["validationActions"] == ["Deny"], b)
+    check("VAP: matches node updates", vap["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["nodes"]
+          and vap["spec"]["failurePolicy"] == "Fail", vap["spec"])
+    mc = " ".join(m["expression"] for m in vap["spec"]["matchConditions"])
+    check("VAP: applies to the per-node Jobs' ServiceAccount only", "system:serviceaccount:kata-system:kata-deploy-node" in mc, mc)
+    text = json.dumps(vap["spec"])
+    check("VAP: node-name from request.userInfo.extra must equal the Node's name",
+          "authentication.kubernetes.io/node-name" in text and "object.metadata.name" in text and "request.userInfo.extra" in text, text)
+    check("VAP: only katacontainers.io/* labels may change", "katacontainers.io/" in text and "oldObject" in text, text)
+    check("VAP: not rendered with nodeScopePolicy.enabled=false",
+          not find(render({"nodeScopePolicy": {"enabled": False}}, api_vap=True), "ValidatingAdmissionPolicy"))
+guarded("vap", t_vap)
+
+# ------------------------------------------------------------------------------ example values
+def t_examples():
+    objs = render(files=[os.path.join(CHART, "try-kata-nvidia-gpu.values.yaml")])
+    check("try-kata-nvidia-gpu: RuntimeClasses kata-qemu-nvidia-gpu[-snp,-tdx]",
+          sorted(rcs(objs)) == ["kata-qemu-nvidia-gpu", "kata-qemu-nvidia-gpu-snp", "kata-qemu-nvidia-gpu-tdx"], sorted(rcs(objs)))
+    check("try-kata-nvidia-gpu: job mode dispatcher + stage config for the 3 shims",
+          dispatcher(objs, "install") is not None
+          and sorted(s["name"] for s in stage_config(objs)[0]["shims"]) == ["qemu-nvidia-gpu", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-tdx"])
+    objs = render(files=[os.path.join(CHART, "try-kata-tee.values.yaml")])
+    tee = ["qemu-coco-dev", "qemu-coco-dev-runtime-rs", "qemu-se", "qemu-se-runtime-rs", "qemu-snp", "qemu-tdx"]
+    check("try-kata-tee: the six TEE RuntimeClasses", sorted(rcs(objs)) == [f"kata-{s}" for s in tee], sorted(rcs(objs)))
+    cfg = {s["name"]: s for s in stage_config(objs)[0]["shims"]}
+    check("try-kata-tee: guest pull (nydus / guest-pull) and arches",
+          sorted(cfg) == tee and all(s["containerdSnapshotter"] == "nydus" and s["crioPullType"] == "guest-pull" for s in cfg.values())
+          and cfg["qemu-se"]["supportedArches"] == ["s390x"] and cfg["qemu-snp"]["supportedArches"] == ["amd64"], cfg)
+    # What the CI does for single-node clusters: clear the expressions -> every node.
+    objs = render({"job": {"nodeSelectorExpressions": []}}, files=[os.path.join(CHART, "try-kata-nvidia-gpu.values.yaml")])
+    check("try-kata-nvidia-gpu + nodeSelectorExpressions: [] targets every node", "--selector" not in args_of(dispatcher(objs, "install")))
+guarded("examples", t_examples)
+
+# ------------------------------------------------------------------------- release size is O(1)
+def t_size():
+    # The release must not grow with the fleet: per-node Jobs are created by the dispatcher at run
+    # time, never rendered by Helm. job.nodes is data (one --nodes argument), so rendering with 1
+    # and with 5,000 explicit node names must give the same objects (same kinds and names, same
+    # count); only that one argument grows. The same holds for selector-based installs, which do not
+    # depend on the node count at all.
+    many = [f"worker-{i:05d}.example.internal" for i in range(5000)]
+    a = render({"job": {"nodes": ["worker-00000.example.internal"], "cleanup": {"nodes": ["worker-00000.example.internal"]}}})
+    b = render({"job": {"nodes": many, "cleanup": {"nodes": many}}})
+    key = lambda objs: sorted((o["kind"], o["metadata"]["name"]) for o in objs)
+    check("release size: 1 vs 5,000 nodes render the same number of objects", len(a) == len(b), (len(a), len(b)))
+    check("release size: ... and the same objects", key(a) == key(b))
+    check("release size: no per-node Job rendered (only the 2 dispatcher Jobs)", len(find(b, "Job")) == 2)
+    check("release size: the 5,000 names reach the dispatcher as one --nodes argument",
+          flag_values(args_of(dispatcher(b, "install")), "--nodes") == [",".join(many)])
+    check("release size: job templates ConfigMap identical for 1 and 5,000 nodes", templates(a)[2]["data"] == templates(b)[2]["data"])
+guarded("size", t_size)
+
+# ------------------------------------------------------------------------------ schema rejections
+def t_schema():
+    cases = [
+        ("unknown selector operator", {"job": {"nodeSelectorExpressions": [{"key": "a", "operator": "Equals", "values": ["x"]}]}},
+         ["/job/nodeSelectorExpressions/0/operator", "value must be one of 'In', 'NotIn', 'Exists', 'DoesNotExist'"]),
+        ("In with empty values", {"job": {"nodeSelectorExpressions": [{"key": "a", "operator": "In", "values": []}]}},
+         ["/job/nodeSelectorExpressions/0/values", "minItems: got 0, want 1"]),
+        ("NotIn without values", {"job": {"nodeSelectorExpressions": [{"key": "a", "operator": "NotIn"}]}},
+         ["/job/nodeSelectorExpressions/0", "missing property 'values'"]),
+        ("Exists with values", {"job": {"nodeSelectorExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}},
+         ["/job/nodeSelectorExpressions/0/values", "maxItems: got 1, want 0"]),
+        ("cleanup: unknown operator", {"job": {"cleanup": {"nodeSelectorExpressions": [{"key": "a", "operator": "in", "values": ["x"]}]}}},
+         ["/job/cleanup/nodeSelectorExpressions/0/operator", "value must be one of"]),
+        ("cleanup: In with empty values", {"job": {"cleanup": {"nodeSelectorExpressions": [{"key": "a", "operator": "In", "values": []}]}}},
+         ["/job/cleanup/nodeSelectorExpressions/0/values", "minItems: got 0, want 1"]),
+        ("suffix that is not a DNS label", {"env": {"multiInstallSuffix": "CI_run"}},
+         ["/env/multiInstallSuffix", "'CI_run' does not match pattern"]),
+        ("suffix ending with '-'", {"env": {"multiInstallSuffix": "ci-"}}, ["/env/multiInstallSuffix", "does not match pattern"]),
+        ("suffix too long", {"env": {"multiInstallSuffix": "a" * 40}}, ["/env/multiInstallSuffix", "maxLength"]),
+        ("parallelism 0", {"job": {"parallelism": 0}}, ["/job/parallelism", "minimum: got 0, want 1"]),
+        ("parallelism negative", {"job": {"parallelism": -2}}, ["/job/parallelism", "minimum: got -2, want 1"]),
+        ("restricted annotation without opt-in", {"shims": {"qemu": {"allowedHypervisorAnnotations": ["kernel_params", "path"]}}},
+         ["/shims/qemu", "missing property 'allowRestrictedAnnotations'"]),
+        ("restricted annotation (full name) without opt-in",
+         {"shims": {"clh": {"allowedHypervisorAnnotations": ["io.katacontainers.config.hypervisor.virtio_fs_daemon"]}}},
+         ["/shims/clh", "missing property 'allowRestrictedAnnotations'"]),
+        ("restricted annotation with opt-in false",
+         {"shims": {"fc": {"allowedHypervisorAnnotations": ["jailer_path"], "allowRestrictedAnnotations": False}}},
+         ["/shims/fc/allowRestrictedAnnotations", "value must be true"]),
+        ("restricted annotation in a custom runtime",
+         {"customRuntimes": {"enabled": True, "runtimes": {"c": {"baseConfig": "qemu", "allowedHypervisorAnnotations": ["entropy_source"]}}}},
+         ["/customRuntimes/runtimes/c", "missing property 'allowRestrictedAnnotations'"]),
+        ("unknown shim name (typo)", {"shims": {"qemu-nvidia-gpus": {"enabled": True}}}, ["/shims", "qemu-nvidia-gpus"]),
+        ("bad snapshotter", {"shims": {"qemu": {"containerd": {"snapshotter": "overlay"}}}}, ["/shims/qemu/containerd/snapshotter", "value must be one of"]),
+        ("bad pullType", {"shims": {"qemu": {"crio": {"pullType": "host"}}}}, ["/shims/qemu/crio/pullType", "value must be one of"]),
+        ("bad cri", {"stage": {"cri": "docker"}}, ["/stage/cri", "value must be one of"]),
+        ("bad restart", {"stage": {"restart": "reboot"}}, ["/stage/restart", "value must be one of"]),
+        ("unknown top-level value", {"deploymentMod": "job"}, ["additional properties 'deploymentMod' not allowed"]),
+    ]
+    for name, values, want in cases:
+        err = render_err(values)
+        check(f"schema rejects {name}", err != "" and all(w in err for w in want), err.strip().splitlines()[-3:] if err else "rendered!")
+    err = render_err({"deploymentMode": "daemonset"})
+    check("deploymentMode=daemonset rejected: 'this chart implements job mode'", "this chart implements job mode" in err, err)
+    # The template checks hold even when the schema is skipped.
+    skip = ["--skip-schema-validation"]
+    for name, values, want in [
+        ("unknown operator", {"job": {"nodeSelectorExpressions": [{"key": "a", "operator": "Equals"}]}}, 'unknown operator "Equals"'),
+        ("empty In values", {"job": {"nodeSelectorExpressions": [{"key": "a", "operator": "In", "values": []}]}}, "needs a non-empty 'values'"),
+        ("bad suffix", {"env": {"multiInstallSuffix": "CI_run"}}, "is not a DNS label"),
+        ("parallelism 0", {"job": {"parallelism": 0}}, "must be at least 1"),
+        ("restricted annotation", {"shims": {"qemu": {"allowedHypervisorAnnotations": ["path"]}}}, "allowRestrictedAnnotations: true"),
+    ]:
+        err = render_err(values, extra=skip)
+        check(f"template check (schema skipped) rejects {name}", want in err, err)
+    for name, values in [("opt-in accepted", {"shims": {"qemu": {"allowedHypervisorAnnotations": ["path"], "allowRestrictedAnnotations": True}}}),
+                         ("upstream string booleans accepted", {"env": {"debug": "true"}, "shims": {"qemu": {"enabled": "false"}}}),
+                         ("In with values accepted", {"job": {"nodeSelectorExpressions": [{"key": "a", "operator": "In", "values": ["b"]}]}})]:
+        err = render_err(values)
+        check(f"schema: {name}", err == "", err)
+guarded("schema", t_schema)
+
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
+PY
