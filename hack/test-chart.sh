@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 HELM="${HELM:-$PWD/.cache/testenv/bin/helm}"
 CHART="${CHART:-$PWD/chart/kata-deploy}"
-export HELM CHART
+export HELM CHART REPO="$PWD"
 if ! python3 -c 'import yaml' 2>/dev/null; then
   echo "FAIL python3 with PyYAML is required (pip install pyyaml)"
   echo "0 passed, 1 failed"
@@ -578,6 +578,65 @@ def t_schema():
         err = render_err(values)
         check(f"schema: {name}", err == "", err)
 guarded("schema", t_schema)
+
+# --------------------------------------------------------------------------------------- NOTES
+def t_notes():
+    # helm template does not render NOTES.txt: render it through tpl from a scratch copy of the chart.
+    import shutil
+    copy = os.path.join(TMP, "notes-chart")
+    shutil.copytree(CHART, copy)
+    shutil.copy(os.path.join(CHART, "templates", "NOTES.txt"), os.path.join(copy, "notes.txt"))
+    with open(os.path.join(copy, "templates", "zz-notes.yaml"), "w") as f:
+        f.write('apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    rc, out, err = helm("template", "kata-deploy", copy, "-n", "kata-system", "--kube-version", KUBE)
+    notes = next((d["data"]["notes"] for d in yaml.safe_load_all(out) if d and d["metadata"]["name"] == "notes"), "") if rc == 0 else ""
+    check("NOTES: how to follow the dispatcher logs", "kubectl -n kata-system logs -f job/kata-deploy-dispatch-install" in notes, err or notes)
+    check("NOTES: how to list the per-node Jobs", "kubectl -n kata-system get jobs -l katacontainers.io/dispatcher=kata-deploy-install" in notes, notes)
+    check("NOTES: how to re-run (adding nodes / failed dispatcher)", "helm upgrade kata-deploy" in notes and "--reuse-values" in notes, notes)
+guarded("notes", t_notes)
+
+# ------------------------------------------------------- hack/wait-for-kata.sh (curl mode, fake API)
+def t_wait():
+    # A tiny fake API server: nodes (labelled or not), one failed Job, one pod with logs; token auth.
+    import http.server, threading
+    state = {"labelled": False}
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.headers.get("Authorization") != "Bearer tok":
+                self.send_response(401); self.end_headers(); return
+            p = self.path
+            if p.startswith("/api/v1/nodes?labelSelector=katacontainers.io/kata-runtime%3Dtrue"):
+                body = {"items": [{"metadata": {"name": "n1"}}] if state["labelled"] else []}
+            elif p == "/apis/batch/v1/namespaces/ns1/jobs":
+                body = {"items": [{"metadata": {"name": "kd-install-n1", "annotations": {"katacontainers.io/node-name": "n1"}},
+                                   "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}]}
+            elif p == "/api/v1/namespaces/ns1/pods":
+                body = {"items": [{"metadata": {"name": "kd-install-n1-x"}, "spec": {"initContainers": [{"name": "host-check"}],
+                                   "containers": [{"name": "label"}]}, "status": {"phase": "Failed"}}]}
+            elif p.startswith("/api/v1/namespaces/ns1/pods/kd-install-n1-x/log?container="):
+                self.send_response(200); self.end_headers(); self.wfile.write(b"LOG " + p.split("container=")[1].split("&")[0].encode() + b"\n"); return
+            else:
+                self.send_response(404); self.end_headers(); return
+            self.send_response(200); self.end_headers(); self.wfile.write(json.dumps(body).encode())
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    kc = values_file({"apiVersion": "v1", "kind": "Config", "current-context": "x",
+                      "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{srv.server_port}"}}],
+                      "users": [{"name": "u", "user": {"token": "tok"}}], "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}]})
+    script = os.path.join(os.environ["REPO"], "hack", "wait-for-kata.sh")
+    env = dict(os.environ, KUBECTL="none", KUBECONFIG=kc)
+    run = lambda: subprocess.run([script, "-n", "ns1", "--timeout", "2", "--interval", "1"], capture_output=True, text=True, env=env)
+    p = run()
+    check("wait-for-kata: times out (exit 1) when no node is labelled", p.returncode == 1, p.returncode)
+    check("wait-for-kata: dumps the Jobs, pods and every container's logs on timeout",
+          "kd-install-n1: active=0 succeeded=0 failed=1 node=n1" in p.stdout and "LOG host-check" in p.stdout and "LOG label" in p.stdout, p.stdout)
+    state["labelled"] = True
+    p = run()
+    check("wait-for-kata: exit 0 once a node carries katacontainers.io/kata-runtime=true", p.returncode == 0 and "n1" in p.stdout, p.stdout + p.stderr)
+    srv.shutdown()
+guarded("wait-for-kata", t_wait)
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
