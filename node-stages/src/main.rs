@@ -1,1 +1,189 @@
-fn main() {}
+//! kata-deploy-stage: one binary, a subcommand per stage. Exit codes: 0 done, 1 failed
+//! (host as it was, or a state a re-run converges from), 2 bad configuration/input.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use kata_deploy_stage::config::{load_config, NodeFacts, RestartMode, ValidConfig};
+use kata_deploy_stage::error::StageError;
+use kata_deploy_stage::hostcheck;
+use kata_deploy_stage::hostfs::HostFs;
+use kata_deploy_stage::label::NodeLabeler;
+use kata_deploy_stage::restart::{ExecRestarter, NoRestarter, Restarter, SystemdRestarter};
+use kata_deploy_stage::stages::{self, Claims, StageEnv, StageReport};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Stage {
+    HostCheck,
+    Artifacts,
+    Cri,
+    Label,
+    Unlabel,
+    RevertCri,
+    RemoveArtifacts,
+    Install,
+    Uninstall,
+    Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// Privileged per-node install/uninstall stages for Kata Containers (kata-deploy job mode).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The stage configuration (rendered by the chart into a ConfigMap).
+    #[arg(long, env = "KATA_STAGE_CONFIG", default_value = "/etc/kata-deploy/config.yaml")]
+    config: PathBuf,
+    /// Prefix of every host path.
+    #[arg(long, env = "KATA_HOST_ROOT", default_value = "/host")]
+    host_root: PathBuf,
+    /// The payload shipped in the stage image (a directory with SHA256SUMS).
+    #[arg(long, env = "KATA_PAYLOAD_DIR", default_value = "/opt/kata-payload")]
+    payload: PathBuf,
+    /// Print what would change (file diffs, restart or not) and change nothing.
+    #[arg(long, env = "KATA_STAGE_DRY_RUN")]
+    dry_run: bool,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text", env = "KATA_STAGE_OUTPUT")]
+    output: Output,
+    /// How long to wait for the host lock held by another stage or install.
+    #[arg(long, env = "KATA_STAGE_LOCK_TIMEOUT_SECONDS", default_value_t = 300)]
+    lock_timeout_seconds: u64,
+    /// Seconds between labelling and re-checking that the labels stuck (k3s/rke2 re-registration).
+    #[arg(long, env = "KATA_STAGE_LABEL_RECHECK_SECONDS", default_value_t = 10)]
+    label_recheck_seconds: u64,
+    /// The stage to run.
+    #[arg(value_enum)]
+    stage: Stage,
+}
+
+/// Claims through the Kubernetes API when the dispatcher gave us a node; skipped (with a
+/// warning) in standalone runs without KATA_NODE_NAME.
+struct KubeClaims<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    facts: &'a NodeFacts,
+    cfg: &'a ValidConfig,
+}
+
+impl KubeClaims<'_> {
+    fn run(&self, claim: bool) -> Result<(), StageError> {
+        if self.facts.name.is_none() {
+            tracing::warn!("KATA_NODE_NAME not set (standalone run): the node is not marked claimed");
+            return Ok(());
+        }
+        let install = self.cfg.install();
+        self.rt.block_on(async {
+            let l = NodeLabeler::connect(self.facts).await?;
+            if claim { l.claim(&install).await } else { l.unclaim(&install).await }.map(drop)
+        })
+    }
+}
+
+impl Claims for KubeClaims<'_> {
+    fn claim(&self) -> Result<(), StageError> {
+        self.run(true)
+    }
+    fn unclaim(&self) -> Result<(), StageError> {
+        self.run(false)
+    }
+}
+
+fn print(report: &StageReport, output: Output) {
+    match output {
+        Output::Text => print!("{}", report.text()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(report).unwrap_or_default()),
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), StageError> {
+    let cfg = load_config(&cli.config)?;
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    let facts = NodeFacts::from_env();
+    let fs = HostFs::new(&cli.host_root, cli.dry_run);
+    let restarter: Box<dyn Restarter> = match &cfg.restart {
+        RestartMode::Systemd => Box::new(SystemdRestarter::new(&cli.host_root)),
+        RestartMode::None => Box::new(NoRestarter),
+        RestartMode::Exec(p) => Box::new(ExecRestarter { script: p.clone() }),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let claims = KubeClaims { rt: &rt, facts: &facts, cfg: &cfg };
+    let env = StageEnv {
+        cfg: &cfg,
+        facts: &facts,
+        fs: &fs,
+        payload_dir: &cli.payload,
+        restarter: restarter.as_ref(),
+        claims: &claims,
+        lock_wait: Duration::from_secs(cli.lock_timeout_seconds),
+    };
+    let label = |install: bool| -> Result<(), StageError> {
+        if cli.dry_run {
+            println!("{}: dry run, labels not changed", if install { "label" } else { "unlabel" });
+            return Ok(());
+        }
+        rt.block_on(async {
+            let l = NodeLabeler::connect(&facts).await?;
+            let i = cfg.install();
+            if install {
+                let handlers: Vec<String> = cfg.cfg.shims.iter().map(|s| i.handler(&s.name)).collect();
+                l.label_installed(&i, &handlers, Duration::from_secs(cfg.cfg.label_ready_timeout_seconds), Duration::from_secs(cli.label_recheck_seconds)).await
+            } else {
+                l.unlabel(&i).await.map(drop)
+            }
+        })
+    };
+    let host_check = || -> Result<(), StageError> {
+        let r = stages::host_check(&env);
+        match cli.output {
+            Output::Text => print!("{}", hostcheck::render_text(&r.node, &r.findings)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+        }
+        r.into_result()
+    };
+    match cli.stage {
+        Stage::HostCheck => host_check(),
+        Stage::Artifacts => stages::run_artifacts(&env).map(|r| print(&r, cli.output)),
+        Stage::Cri => stages::run_cri(&env).map(|r| print(&r, cli.output)),
+        Stage::Label => label(true),
+        Stage::Unlabel => label(false),
+        Stage::RevertCri => stages::run_revert_cri(&env).map(|r| print(&r, cli.output)),
+        Stage::RemoveArtifacts => stages::run_remove_artifacts(&env).map(|r| print(&r, cli.output)),
+        Stage::Status => stages::status(&env).map(|r| print(&r, cli.output)),
+        Stage::Install => {
+            host_check()?;
+            print(&stages::run_artifacts(&env)?, cli.output);
+            print(&stages::run_cri(&env)?, cli.output);
+            if facts.name.is_some() { label(true) } else { Ok(tracing::warn!("KATA_NODE_NAME not set: skipping the label stage")) }
+        }
+        Stage::Uninstall => {
+            if facts.name.is_some() {
+                label(false)?;
+            }
+            print(&stages::run_revert_cri(&env)?, cli.output);
+            print(&stages::run_remove_artifacts(&env)?, cli.output);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KATA_STAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.output == Output::Json { sub.json().init() } else { sub.init() }
+    if let Err(e) = run(&cli) {
+        let code = e.exit_code();
+        tracing::error!(stage = ?cli.stage, error = %e, "stage failed");
+        eprintln!("error: {e}");
+        std::process::exit(code);
+    }
+    Ok(())
+}

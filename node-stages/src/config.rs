@@ -1,0 +1,549 @@
+//! The one stage configuration (rendered by the chart into a ConfigMap) plus the node facts the
+//! dispatcher passes as environment, validated up front so bad input never reaches the host.
+//!
+//! File format (see `examples/config.yaml`; unknown fields are rejected by name):
+//! ```yaml
+//! multiInstallSuffix: ""          # "" or a DNS label; appended to every host path, handler, label marker
+//! debug: false
+//! installPrefix: /opt/kata         # host path; becomes /opt/kata-<suffix> in multi-install
+//! imagePullTimeoutSeconds: 1200    # create_container_timeout + agent.image_pull_timeout
+//! cri: auto                        # auto | containerd | k3s | k3s-agent | rke2 | k0s | microk8s | crio
+//! restart: systemd                 # systemd | none | exec:/path/to/script (tests, custom hosts)
+//! runtimeReadyTimeoutSeconds: 60
+//! labelReadyTimeoutSeconds: 120
+//! shims:
+//!   - name: qemu-nvidia-gpu        # handler = kata-<name>[-<suffix>]
+//!     baseConfig: qemu-nvidia-gpu  # = name for built-in shims; the base shim for custom runtimes
+//!     supportedArches: [amd64]
+//!     dropIn: ""
+//!     allowedHypervisorAnnotations: []
+//!     containerdSnapshotter: ""    # "" | nydus
+//!     crioPullType: ""             # "" | guest-pull
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StageError};
+use crate::shims::{self, ShimInfo};
+
+/// The stage configuration file, exactly as the chart renders it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StageConfig {
+    /// "" or a DNS label appended to every host path, handler and label of this install.
+    #[serde(default)]
+    pub multi_install_suffix: String,
+    /// Enable debug logging in the runtime, agent and hypervisor.
+    #[serde(default)]
+    pub debug: bool,
+    /// Host directory of the install (suffixed in multi-install).
+    #[serde(default = "default_prefix")]
+    pub install_prefix: String,
+    /// One knob for create_container_timeout and agent.image_pull_timeout.
+    #[serde(default = "default_pull_timeout")]
+    pub image_pull_timeout_seconds: u64,
+    /// Which CRI/distribution to configure; `auto` detects it.
+    #[serde(default = "default_cri")]
+    pub cri: String,
+    /// How the runtime is restarted: `systemd`, `none`, or `exec:<path>`.
+    #[serde(default = "default_restart")]
+    pub restart: String,
+    /// How long the runtime may take to come back after a restart.
+    #[serde(default = "default_runtime_ready")]
+    pub runtime_ready_timeout_seconds: u64,
+    /// How long the label stage waits for the node to report Ready and our handlers.
+    #[serde(default = "default_label_ready")]
+    pub label_ready_timeout_seconds: u64,
+    /// The enabled shims (built-in and custom runtimes).
+    #[serde(default)]
+    pub shims: Vec<ShimConfig>,
+}
+
+/// One enabled shim or custom runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShimConfig {
+    /// Shim name; the handler is `kata-<name>[-<suffix>]`.
+    pub name: String,
+    /// The built-in shim whose configuration this one starts from (= name for built-ins).
+    #[serde(default)]
+    pub base_config: String,
+    /// Architectures (Kubernetes names: amd64, arm64, s390x, ppc64le) the shim may run on.
+    #[serde(default)]
+    pub supported_arches: Vec<String>,
+    /// A Kata configuration drop-in written as config.d/50-user-overrides.toml.
+    #[serde(default)]
+    pub drop_in: String,
+    /// Hypervisor annotations added to enable_annotations.
+    #[serde(default)]
+    pub allowed_hypervisor_annotations: Vec<String>,
+    /// Runtime-specific containerd snapshotter: "" or "nydus" (guest pull).
+    #[serde(default)]
+    pub containerd_snapshotter: String,
+    /// CRI-O pull type: "" or "guest-pull".
+    #[serde(default)]
+    pub crio_pull_type: String,
+}
+
+fn default_prefix() -> String {
+    "/opt/kata".into()
+}
+fn default_pull_timeout() -> u64 {
+    1200
+}
+fn default_cri() -> String {
+    "auto".into()
+}
+fn default_restart() -> String {
+    "systemd".into()
+}
+fn default_runtime_ready() -> u64 {
+    60
+}
+fn default_label_ready() -> u64 {
+    120
+}
+
+/// Which CRI (and distribution flavour) a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CriKind {
+    /// Plain containerd (/etc/containerd).
+    Containerd,
+    /// k3s server (embedded containerd, config template).
+    K3s,
+    /// k3s agent.
+    K3sAgent,
+    /// rke2 (embedded containerd, config template).
+    Rke2,
+    /// k0s (containerd.d drop-ins).
+    K0s,
+    /// microk8s (snap, containerd-template.toml).
+    Microk8s,
+    /// CRI-O.
+    Crio,
+}
+
+impl CriKind {
+    /// Parses the `cri` config value; `auto` yields None.
+    pub fn parse(s: &str) -> Option<Option<CriKind>> {
+        Some(Some(match s {
+            "auto" => return Some(None),
+            "containerd" => CriKind::Containerd,
+            "k3s" => CriKind::K3s,
+            "k3s-agent" => CriKind::K3sAgent,
+            "rke2" => CriKind::Rke2,
+            "k0s" => CriKind::K0s,
+            "microk8s" => CriKind::Microk8s,
+            "crio" => CriKind::Crio,
+            _ => return None,
+        }))
+    }
+
+    /// The config-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CriKind::Containerd => "containerd",
+            CriKind::K3s => "k3s",
+            CriKind::K3sAgent => "k3s-agent",
+            CriKind::Rke2 => "rke2",
+            CriKind::K0s => "k0s",
+            CriKind::Microk8s => "microk8s",
+            CriKind::Crio => "crio",
+        }
+    }
+
+    /// Whether the runtime is (some flavour of) containerd.
+    pub fn is_containerd(self) -> bool {
+        !matches!(self, CriKind::Crio)
+    }
+}
+
+/// How the runtime gets restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestartMode {
+    /// systemctl (through nsenter into the host when the host root is not `/`).
+    Systemd,
+    /// Never restart; the operator does it.
+    None,
+    /// Run `<path> restart|status|start|stop <unit>` (tests, unusual hosts).
+    Exec(PathBuf),
+}
+
+/// Hypervisor annotations Kata marks restricted (R): they let a pod choose host binaries/paths.
+pub const RESTRICTED_ANNOTATIONS: &[&str] =
+    &["entropy_source", "file_mem_backend", "jailer_path", "path", "vhost_user_store_path", "virtio_fs_daemon", "ctlpath"];
+
+/// A configuration that passed validation, with warnings worth showing.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    /// The parsed file.
+    pub cfg: StageConfig,
+    /// Where it was read from (for messages).
+    pub file: PathBuf,
+    /// The CRI forced by the config, or None for auto-detection.
+    pub cri: Option<CriKind>,
+    /// Parsed restart mode.
+    pub restart: RestartMode,
+    /// Non-fatal findings (e.g. restricted annotations allowed).
+    pub warnings: Vec<String>,
+}
+
+impl ValidConfig {
+    /// Names of this install (paths, handlers, labels).
+    pub fn install(&self) -> Install {
+        Install::new(&self.cfg.multi_install_suffix, &self.cfg.install_prefix)
+    }
+
+    /// Whether any shim pulls images in the guest via nydus (containerd).
+    pub fn uses_nydus(&self) -> bool {
+        self.cfg.shims.iter().any(|s| s.containerd_snapshotter == "nydus")
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load_config(path: &Path) -> Result<ValidConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StageError::config(path, "<file>", format!("cannot read: {e} (mount the kata-deploy stage ConfigMap or pass --config)"))
+    })?;
+    parse_config(&text, path)
+}
+
+/// Parses and validates configuration text; `file` is only used in messages.
+pub fn parse_config(text: &str, file: &Path) -> Result<ValidConfig> {
+    let cfg: StageConfig = serde_yaml::from_str(text).map_err(|e| {
+        // serde names the unknown/mistyped field in its message; keep it verbatim.
+        StageError::config(file, field_from_serde(&e.to_string()), e.to_string())
+    })?;
+    validate(cfg, file)
+}
+
+fn field_from_serde(msg: &str) -> String {
+    // "unknown field `foo`, expected one of ..." -> foo
+    msg.split('`').nth(1).unwrap_or("<document>").to_string()
+}
+
+/// Whether `s` is an RFC 1123 DNS label.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
+    let err = |field: &str, msg: String| StageError::config(file, field, msg);
+    let mut warnings = Vec::new();
+    let suffix = &cfg.multi_install_suffix;
+    if !suffix.is_empty() {
+        if !is_dns_label(suffix) {
+            return Err(err("multiInstallSuffix", format!("{suffix:?} is not a DNS label (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit)")));
+        }
+        // The longest name derived from the suffix is the claim label's name part.
+        if suffix.len() > 63 - "kata-deploy-claimed-".len() {
+            return Err(err("multiInstallSuffix", format!("{suffix:?} is too long: labels like katacontainers.io/kata-deploy-claimed-<suffix> must stay within 63 characters; use at most 43")));
+        }
+    }
+    if !cfg.install_prefix.starts_with('/') || cfg.install_prefix.contains("..") || cfg.install_prefix.trim_end_matches('/').is_empty() {
+        return Err(err("installPrefix", format!("{:?} must be an absolute host path like /opt/kata", cfg.install_prefix)));
+    }
+    if cfg.image_pull_timeout_seconds == 0 {
+        return Err(err("imagePullTimeoutSeconds", "must be greater than 0 (default 1200)".into()));
+    }
+    if cfg.runtime_ready_timeout_seconds == 0 {
+        return Err(err("runtimeReadyTimeoutSeconds", "must be greater than 0 (default 60)".into()));
+    }
+    let cri = CriKind::parse(&cfg.cri).ok_or_else(|| {
+        err("cri", format!("{:?} is not one of auto, containerd, k3s, k3s-agent, rke2, k0s, microk8s, crio", cfg.cri))
+    })?;
+    let restart = match cfg.restart.as_str() {
+        "systemd" => RestartMode::Systemd,
+        "none" => RestartMode::None,
+        s if s.starts_with("exec:") && s.len() > 5 => RestartMode::Exec(PathBuf::from(&s[5..])),
+        s => return Err(err("restart", format!("{s:?} is not one of systemd, none, exec:<path>"))),
+    };
+    if cfg.shims.is_empty() {
+        return Err(err("shims", "no shim is enabled; enable at least one shim in the chart values".into()));
+    }
+    let install = Install::new(suffix, &cfg.install_prefix);
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, shim) in cfg.shims.iter().enumerate() {
+        let f = |name: &str| format!("shims[{i}].{name}");
+        if !is_dns_label(&shim.name) {
+            return Err(err(&f("name"), format!("{:?} is not a DNS label", shim.name)));
+        }
+        if !seen.insert(shim.name.clone()) {
+            return Err(err(&f("name"), format!("{:?} is listed twice", shim.name)));
+        }
+        let handler = install.handler(&shim.name);
+        if !is_dns_label(&handler) {
+            return Err(err(&f("name"), format!("handler {handler:?} would exceed 63 characters; shorten the shim name or the suffix")));
+        }
+        let base = shim.base();
+        let Some(info) = shims::lookup(base) else {
+            return Err(err(&f("baseConfig"), format!("unknown shim {base:?}; known shims: {}", shims::names().join(", "))));
+        };
+        if shims::lookup(&shim.name).is_some() && base != shim.name {
+            return Err(err(&f("baseConfig"), format!("built-in shim {:?} must use baseConfig {:?} (or be left empty); use a different name for a custom runtime", shim.name, shim.name)));
+        }
+        for arch in &shim.supported_arches {
+            if !["amd64", "arm64", "s390x", "ppc64le"].contains(&arch.as_str()) {
+                return Err(err(&f("supportedArches"), format!("{arch:?} is not one of amd64, arm64, s390x, ppc64le")));
+            }
+        }
+        if !shim.drop_in.trim().is_empty() {
+            if let Err(e) = shim.drop_in.parse::<toml_edit::DocumentMut>() {
+                return Err(err(&f("dropIn"), format!("is not valid TOML: {}", e.to_string().trim())));
+            }
+        }
+        for a in &shim.allowed_hypervisor_annotations {
+            if a.is_empty() || !a.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+                return Err(err(&f("allowedHypervisorAnnotations"), format!("{a:?} is not a hypervisor annotation name (e.g. default_memory, kernel_params)")));
+            }
+            if RESTRICTED_ANNOTATIONS.contains(&a.as_str()) {
+                warnings.push(format!(
+                    "shim {}: allowing restricted annotation {a:?} lets pods choose host paths; its values are still limited by the valid_* list in the base configuration",
+                    shim.name
+                ));
+            }
+        }
+        match shim.containerd_snapshotter.as_str() {
+            "" | "nydus" => {}
+            s => return Err(err(&f("containerdSnapshotter"), format!("{s:?} is not supported; use \"\" or \"nydus\""))),
+        }
+        match shim.crio_pull_type.as_str() {
+            "" | "guest-pull" => {}
+            s => return Err(err(&f("crioPullType"), format!("{s:?} is not supported; use \"\" or \"guest-pull\""))),
+        }
+        let _: &ShimInfo = info;
+    }
+    Ok(ValidConfig { cfg, file: file.to_path_buf(), cri, restart, warnings })
+}
+
+impl ShimConfig {
+    /// The built-in shim this one is based on.
+    pub fn base(&self) -> &str {
+        if self.base_config.is_empty() { &self.name } else { &self.base_config }
+    }
+
+    /// Static facts about the base shim (validated to exist).
+    pub fn info(&self) -> &'static ShimInfo {
+        shims::lookup(self.base()).expect("validated shim")
+    }
+
+    /// Whether the shim passes GPUs through with VFIO (needs IOMMU, no host driver).
+    pub fn is_gpu_passthrough(&self) -> bool {
+        self.info().gpu_passthrough
+    }
+
+    /// Whether the shim pulls images inside the guest.
+    pub fn uses_guest_pull(&self) -> bool {
+        self.containerd_snapshotter == "nydus" || self.crio_pull_type == "guest-pull"
+    }
+}
+
+/// Every name of one install: host paths, handlers, label keys. Nothing is shared between installs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Install {
+    /// "" or the multi-install suffix.
+    pub suffix: String,
+    /// The install prefix on the host (already suffixed).
+    pub prefix: PathBuf,
+}
+
+impl Install {
+    /// Derives the names from the suffix and the configured prefix.
+    pub fn new(suffix: &str, install_prefix: &str) -> Self {
+        let base = install_prefix.trim_end_matches('/');
+        let prefix = if suffix.is_empty() { PathBuf::from(base) } else { PathBuf::from(format!("{base}-{suffix}")) };
+        Install { suffix: suffix.to_string(), prefix }
+    }
+
+    /// `base` or `base-<suffix>`.
+    pub fn suffixed(&self, base: &str) -> String {
+        if self.suffix.is_empty() { base.to_string() } else { format!("{base}-{}", self.suffix) }
+    }
+
+    /// The CRI handler / RuntimeClass handler of a shim.
+    pub fn handler(&self, shim: &str) -> String {
+        self.suffixed(&format!("kata-{shim}"))
+    }
+
+    /// containerd runtime_type for a shim.
+    pub fn runtime_type(&self, shim: &str) -> String {
+        format!("io.containerd.{}.v2", self.handler(shim))
+    }
+
+    /// Host path of the shim binary (go runtime or runtime-rs).
+    pub fn shim_binary(&self, shim: &ShimConfig) -> PathBuf {
+        if shim.info().runtime_rs {
+            self.prefix.join("runtime-rs/bin/containerd-shim-kata-v2")
+        } else {
+            self.prefix.join("bin/containerd-shim-kata-v2")
+        }
+    }
+
+    /// Directory holding a shim's own configuration and its config.d drop-ins.
+    pub fn shim_config_dir(&self, shim: &str) -> PathBuf {
+        self.prefix.join("share/defaults/kata-containers/runtimes").join(shim)
+    }
+
+    /// The ConfigPath given to the shim.
+    pub fn shim_config_path(&self, shim: &str) -> PathBuf {
+        self.shim_config_dir(shim).join(format!("configuration-{shim}.toml"))
+    }
+
+    /// Per-install state directory (installed-file manifest, CRI backups).
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(self.suffixed("/var/lib/kata-deploy"))
+    }
+
+    /// File name of our CRI drop-ins.
+    pub fn dropin_file_name(&self) -> String {
+        format!("{}.toml", self.suffixed("kata-deploy"))
+    }
+
+    /// containerd proxy snapshotter name for nydus.
+    pub fn nydus_snapshotter(&self) -> String {
+        self.suffixed("nydus")
+    }
+
+    /// nydus snapshotter gRPC socket.
+    pub fn nydus_socket(&self) -> String {
+        format!("{}/containerd-nydus-grpc.sock", self.suffixed("/run/containerd-nydus"))
+    }
+
+    /// systemd unit running the nydus snapshotter of this install.
+    pub fn nydus_unit(&self) -> String {
+        format!("{}.service", self.suffixed("kata-nydus-snapshotter"))
+    }
+
+    /// Label marking a node whose host this install may have touched (set before any change).
+    pub fn claimed_label(&self) -> String {
+        format!("katacontainers.io/{}", self.suffixed("kata-deploy-claimed"))
+    }
+
+    /// Per-install marker label (tells whether another install still serves the node).
+    pub fn marker_label(&self) -> String {
+        format!("katacontainers.io/{}", self.suffixed("kata-deploy-installed"))
+    }
+}
+
+/// The shared label every install sets once its handlers are served.
+pub const RUNTIME_LABEL: &str = "katacontainers.io/kata-runtime";
+/// Prefix shared by every install's marker label.
+pub const MARKER_LABEL_PREFIX: &str = "katacontainers.io/kata-deploy-installed";
+
+/// Node facts from the dispatcher (environment of the per-node Job).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeFacts {
+    /// KATA_NODE_NAME.
+    pub name: Option<String>,
+    /// KATA_NODE_UID.
+    pub uid: Option<String>,
+    /// KATA_NODE_MACHINE_ID.
+    pub machine_id: Option<String>,
+    /// KATA_NODE_CONTAINER_RUNTIME_VERSION, e.g. containerd://2.0.5.
+    pub container_runtime_version: Option<String>,
+    /// KATA_NODE_KUBELET_VERSION.
+    pub kubelet_version: Option<String>,
+    /// KATA_NODE_ARCH.
+    pub arch: Option<String>,
+}
+
+impl NodeFacts {
+    /// Reads the KATA_NODE_* environment; empty values count as unset.
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        NodeFacts {
+            name: get("KATA_NODE_NAME"),
+            uid: get("KATA_NODE_UID"),
+            machine_id: get("KATA_NODE_MACHINE_ID"),
+            container_runtime_version: get("KATA_NODE_CONTAINER_RUNTIME_VERSION"),
+            kubelet_version: get("KATA_NODE_KUBELET_VERSION"),
+            arch: get("KATA_NODE_ARCH"),
+        }
+    }
+
+    /// Node name for messages.
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| "<this host>".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/config.yaml");
+
+    fn parse(s: &str) -> Result<ValidConfig> {
+        parse_config(s, Path::new("cfg.yaml"))
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let v = parse(EXAMPLE).unwrap();
+        assert_eq!(v.cfg.shims[0].name, "qemu-nvidia-gpu");
+        assert_eq!(v.restart, RestartMode::Systemd);
+        assert_eq!(v.cri, None);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let e = parse("shims: []\nbogusField: 1\n").unwrap_err().to_string();
+        assert!(e.contains("bogusField"), "{e}");
+        let e = parse("shims:\n- name: qemu\n  snapshoter: nydus\n").unwrap_err().to_string();
+        assert!(e.contains("snapshoter"), "{e}");
+    }
+
+    #[test]
+    fn suffix_must_be_dns_label() {
+        for bad in ["Foo", "-a", "a_b", "a.b"] {
+            let e = parse(&format!("multiInstallSuffix: {bad:?}\nshims: [{{name: qemu}}]\n")).unwrap_err().to_string();
+            assert!(e.contains("multiInstallSuffix"), "{e}");
+        }
+        assert!(parse("multiInstallSuffix: cicd\nshims: [{name: qemu}]\n").is_ok());
+    }
+
+    #[test]
+    fn unknown_shim_and_bad_dropin_are_named() {
+        let e = parse("shims: [{name: qemoo}]\n").unwrap_err().to_string();
+        assert!(e.contains("shims[0].baseConfig") && e.contains("qemoo"), "{e}");
+        let e = parse("shims: [{name: qemu, dropIn: \"[hypervisor\"}]\n").unwrap_err().to_string();
+        assert!(e.contains("shims[0].dropIn"), "{e}");
+        let e = parse("shims: [{name: qemu}, {name: qemu}]\n").unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn custom_runtime_needs_known_base() {
+        let v = parse("shims: [{name: my-gpu, baseConfig: qemu-nvidia-gpu}]\n").unwrap();
+        assert!(v.cfg.shims[0].is_gpu_passthrough());
+        assert!(parse("shims: [{name: qemu, baseConfig: clh}]\n").is_err());
+    }
+
+    #[test]
+    fn restricted_annotations_warn() {
+        let v = parse("shims: [{name: qemu, allowedHypervisorAnnotations: [default_memory, path]}]\n").unwrap();
+        assert_eq!(v.warnings.len(), 1);
+        assert!(v.warnings[0].contains("\"path\""));
+    }
+
+    #[test]
+    fn install_names_are_suffixed() {
+        let i = Install::new("cicd", "/opt/kata/");
+        assert_eq!(i.prefix, PathBuf::from("/opt/kata-cicd"));
+        assert_eq!(i.handler("qemu"), "kata-qemu-cicd");
+        assert_eq!(i.runtime_type("qemu"), "io.containerd.kata-qemu-cicd.v2");
+        assert_eq!(i.state_dir(), PathBuf::from("/var/lib/kata-deploy-cicd"));
+        assert_eq!(i.claimed_label(), "katacontainers.io/kata-deploy-claimed-cicd");
+        let d = Install::new("", "/opt/kata");
+        assert_eq!(d.handler("qemu"), "kata-qemu");
+        assert_eq!(d.nydus_socket(), "/run/containerd-nydus/containerd-nydus-grpc.sock");
+        assert_eq!(d.marker_label(), "katacontainers.io/kata-deploy-installed");
+    }
+}

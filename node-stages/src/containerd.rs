@@ -1,0 +1,446 @@
+//! Rendering and editing containerd configuration (versions 1, 2 and 3) for Kata handlers.
+//! Pure functions over text: the cri stage decides where the result goes.
+
+use toml_edit::{value, Array, DocumentMut, Item, Table};
+
+/// containerd configuration schema version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConfigVersion {
+    /// No `version` key (or 1): `plugins.cri`.
+    V1,
+    /// `version = 2` (containerd 1.x): `plugins."io.containerd.grpc.v1.cri"`.
+    V2,
+    /// `version = 3` (containerd 2.x): `plugins."io.containerd.cri.v1.runtime"` / `.images`.
+    V3,
+}
+
+impl ConfigVersion {
+    /// The version for a containerd major release (used when no file exists yet).
+    pub fn for_containerd_major(major: u64) -> Self {
+        if major >= 2 { ConfigVersion::V3 } else { ConfigVersion::V2 }
+    }
+
+    /// Table path of the runtimes map.
+    pub fn runtimes_path(self) -> &'static [&'static str] {
+        match self {
+            ConfigVersion::V1 => &["plugins", "cri", "containerd", "runtimes"],
+            ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes"],
+            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"],
+        }
+    }
+
+    /// Table holding disable_snapshot_annotations / discard_unpacked_layers.
+    pub fn snapshot_flags_path(self) -> &'static [&'static str] {
+        match self {
+            ConfigVersion::V1 => &["plugins", "cri", "containerd"],
+            ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
+            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.images"],
+        }
+    }
+
+    /// The number written in `version = N` (None for V1).
+    pub fn number(self) -> Option<i64> {
+        match self {
+            ConfigVersion::V1 => None,
+            ConfigVersion::V2 => Some(2),
+            ConfigVersion::V3 => Some(3),
+        }
+    }
+}
+
+/// One Kata runtime handler as containerd sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KataHandler {
+    /// Handler name (RuntimeClass handler).
+    pub name: String,
+    /// `io.containerd.<handler>.v2`.
+    pub runtime_type: String,
+    /// Shim binary.
+    pub runtime_path: String,
+    /// Kata configuration file (options.ConfigPath).
+    pub config_path: String,
+    /// Runtime-specific snapshotter (guest pull), if any.
+    pub snapshotter: Option<String>,
+}
+
+/// The nydus proxy snapshotter plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySnapshotter {
+    /// Plugin name (`nydus[-suffix]`).
+    pub name: String,
+    /// gRPC socket.
+    pub address: String,
+}
+
+/// Everything Kata adds to a containerd configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KataContainerd {
+    /// Handlers in configuration order.
+    pub handlers: Vec<KataHandler>,
+    /// The proxy snapshotter, when a handler uses guest pull.
+    pub proxy: Option<ProxySnapshotter>,
+}
+
+/// Prefix of the marker comment we use for Go template lines while editing templates as TOML.
+const TEMPLATE_MASK: &str = "#kata-deploy-template-line:";
+
+/// Error parsing an existing configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+/// Parses a containerd config (or k3s/rke2 template: Go template lines are masked as comments).
+pub fn parse(text: &str) -> Result<DocumentMut, ParseError> {
+    mask_template(text).parse::<DocumentMut>().map_err(|e| ParseError(e.to_string().trim().to_string()))
+}
+
+/// Serializes a document parsed by [`parse`], restoring masked Go template lines.
+pub fn serialize(doc: &DocumentMut) -> String {
+    unmask_template(&doc.to_string())
+}
+
+fn mask_template(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        // Whole lines only: a Go template action anywhere in a line makes it non-TOML.
+        if line.contains("{{") {
+            out.push_str(TEMPLATE_MASK);
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+fn unmask_template(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        out.push_str(line.strip_prefix(TEMPLATE_MASK).unwrap_or(line));
+    }
+    out
+}
+
+/// The schema version of a parsed configuration.
+pub fn detect_version(doc: &DocumentMut) -> ConfigVersion {
+    match doc.get("version").and_then(Item::as_integer) {
+        Some(3) => ConfigVersion::V3,
+        Some(2) => ConfigVersion::V2,
+        _ => ConfigVersion::V1,
+    }
+}
+
+/// `imports` entries of a configuration.
+pub fn imports(doc: &DocumentMut) -> Vec<String> {
+    doc.get("imports")
+        .and_then(Item::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// Whether an `imports` entry (a path or a glob with `*`) covers `path`.
+pub fn import_covers(entry: &str, path: &str) -> bool {
+    match entry.rsplit_once('/') {
+        Some((dir, pat)) if pat.contains('*') => {
+            let Some((pdir, pname)) = path.rsplit_once('/') else { return false };
+            if dir != pdir {
+                return false;
+            }
+            let (pre, post) = pat.split_once('*').unwrap();
+            !post.contains('*') && pname.len() >= pre.len() + post.len() && pname.starts_with(pre) && pname.ends_with(post)
+        }
+        _ => entry == path,
+    }
+}
+
+/// Adds `path` to `imports` (creating the key at the top) unless an entry already covers it.
+/// Returns whether the document changed.
+pub fn add_import(doc: &mut DocumentMut, path: &str) -> bool {
+    if imports(doc).iter().any(|e| import_covers(e, path)) {
+        return false;
+    }
+    match doc.get_mut("imports").and_then(Item::as_array_mut) {
+        Some(arr) => arr.push(path),
+        None => {
+            let mut arr = Array::new();
+            arr.push(path);
+            doc.insert("imports", value(arr));
+        }
+    }
+    true
+}
+
+/// Removes exactly `path` from `imports` (removing the key if we emptied it).
+pub fn remove_import(doc: &mut DocumentMut, path: &str) -> bool {
+    let Some(arr) = doc.get_mut("imports").and_then(Item::as_array_mut) else { return false };
+    let before = arr.len();
+    arr.retain(|v| v.as_str() != Some(path));
+    let changed = arr.len() != before;
+    if changed && arr.is_empty() {
+        doc.remove("imports");
+    }
+    changed
+}
+
+/// Walks (creating implicit tables as needed) to the table at `path`.
+fn table_at<'a>(doc: &'a mut DocumentMut, path: &[&str]) -> &'a mut Table {
+    let mut t = doc.as_table_mut();
+    for key in path {
+        let entry = t.entry(key).or_insert_with(|| {
+            let mut nt = Table::new();
+            nt.set_implicit(true);
+            Item::Table(nt)
+        });
+        if !entry.is_table() {
+            // A dotted inline form (e.g. `cri = {}`) cannot hold sub-tables; normalize it.
+            let converted = entry.clone().into_table().unwrap_or_default();
+            *entry = Item::Table(converted);
+        }
+        t = entry.as_table_mut().expect("table");
+    }
+    t
+}
+
+fn handler_table(h: &KataHandler) -> Table {
+    let mut t = Table::new();
+    t.insert("runtime_type", value(&h.runtime_type));
+    t.insert("runtime_path", value(&h.runtime_path));
+    t.insert("privileged_without_host_devices", value(true));
+    let mut ann = Array::new();
+    ann.push("io.katacontainers.*");
+    t.insert("pod_annotations", value(ann));
+    if let Some(s) = &h.snapshotter {
+        t.insert("snapshotter", value(s));
+    }
+    let mut opts = Table::new();
+    opts.insert("ConfigPath", value(&h.config_path));
+    t.insert("options", Item::Table(opts));
+    t
+}
+
+/// Adds our handlers, proxy snapshotter and guest-pull flags to a parsed configuration.
+/// `set_global_flags` is false when a base template already defines those tables.
+pub fn apply_kata(doc: &mut DocumentMut, version: ConfigVersion, kata: &KataContainerd, set_global_flags: bool) {
+    let runtimes = table_at(doc, version.runtimes_path());
+    for h in &kata.handlers {
+        runtimes.insert(&h.name, Item::Table(handler_table(h)));
+    }
+    if let Some(proxy) = &kata.proxy {
+        if set_global_flags {
+            let flags = table_at(doc, version.snapshot_flags_path());
+            flags.insert("disable_snapshot_annotations", value(false));
+            flags.insert("discard_unpacked_layers", value(false));
+        }
+        let plugins = table_at(doc, &["proxy_plugins"]);
+        let mut p = Table::new();
+        p.insert("type", value("snapshot"));
+        p.insert("address", value(&proxy.address));
+        plugins.insert(&proxy.name, Item::Table(p));
+    }
+}
+
+/// Removes the named handlers and proxy plugin (surgical revert of a shared file that changed
+/// since we wrote it). Guest-pull flags are left: other users of the file may rely on them.
+pub fn strip_kata(doc: &mut DocumentMut, handlers: &[String], proxy: Option<&str>) -> bool {
+    let mut changed = false;
+    for version in [ConfigVersion::V1, ConfigVersion::V2, ConfigVersion::V3] {
+        let mut t: Option<&mut Table> = Some(doc.as_table_mut());
+        for key in version.runtimes_path() {
+            t = t.and_then(|t| t.get_mut(key)).and_then(Item::as_table_mut);
+        }
+        if let Some(runtimes) = t {
+            for h in handlers {
+                changed |= runtimes.remove(h).is_some();
+            }
+        }
+    }
+    if let Some(name) = proxy {
+        if let Some(pp) = doc.get_mut("proxy_plugins").and_then(Item::as_table_mut) {
+            changed |= pp.remove(name).is_some();
+            if pp.is_empty() {
+                doc.remove("proxy_plugins");
+            }
+        }
+    }
+    changed
+}
+
+/// Renders a whole containerd drop-in (its own file, imported or merged by the distribution).
+pub fn render_containerd_dropin(version: ConfigVersion, kata: &KataContainerd, with_version_line: bool) -> String {
+    let mut doc = DocumentMut::new();
+    doc.decor_mut().set_prefix("# Generated by kata-deploy-stage; rewritten whole on every install, do not edit.\n");
+    if with_version_line {
+        if let Some(n) = version.number() {
+            doc.insert("version", value(n));
+        }
+    }
+    apply_kata(&mut doc, version, kata, true);
+    doc.to_string()
+}
+
+/// Renders a k3s/rke2 `config[-v3].toml.tmpl` that extends the distribution's base template.
+/// The base template already defines the CRI tables, so only new tables are appended.
+pub fn render_k3s_template(version: ConfigVersion, kata: &KataContainerd) -> String {
+    let mut doc = DocumentMut::new();
+    apply_kata(&mut doc, version, kata, false);
+    format!(
+        "{{{{ template \"base\" . }}}}\n\n# Kata handlers added by kata-deploy-stage; this file is rewritten whole on every install.\n{}",
+        doc
+    )
+}
+
+/// Parses a containerd version string (`containerd://1.7.27-k3s1`, `2.0.5`) into (major, minor).
+pub fn parse_runtime_version(s: &str) -> Option<(u64, u64)> {
+    let v = s.rsplit("://").next().unwrap_or(s).trim_start_matches('v');
+    let mut it = v.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn kata(nydus: bool) -> KataContainerd {
+        KataContainerd {
+            handlers: vec![
+                KataHandler {
+                    name: "kata-qemu".into(),
+                    runtime_type: "io.containerd.kata-qemu.v2".into(),
+                    runtime_path: "/opt/kata/bin/containerd-shim-kata-v2".into(),
+                    config_path: "/opt/kata/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml".into(),
+                    snapshotter: nydus.then(|| "nydus".to_string()),
+                },
+            ],
+            proxy: nydus.then(|| ProxySnapshotter { name: "nydus".into(), address: "/run/containerd-nydus/containerd-nydus-grpc.sock".into() }),
+        }
+    }
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    fn get<'a>(doc: &'a DocumentMut, path: &[&str]) -> Option<&'a Item> {
+        let mut it = doc.as_item();
+        for k in path {
+            it = it.get(k)?;
+        }
+        Some(it)
+    }
+
+    fn check_handler(doc: &DocumentMut, version: ConfigVersion) {
+        let mut p: Vec<&str> = version.runtimes_path().to_vec();
+        p.push("kata-qemu");
+        let h = get(doc, &p).unwrap_or_else(|| panic!("no handler at {p:?}:\n{doc}"));
+        assert_eq!(h["runtime_type"].as_str(), Some("io.containerd.kata-qemu.v2"));
+        assert_eq!(h["privileged_without_host_devices"].as_bool(), Some(true));
+        assert_eq!(h["pod_annotations"].as_array().unwrap().get(0).unwrap().as_str(), Some("io.katacontainers.*"));
+        assert!(h["options"]["ConfigPath"].as_str().unwrap().ends_with("configuration-qemu.toml"));
+    }
+
+    #[test]
+    fn versions_are_detected_from_real_defaults() {
+        for (f, v) in [
+            ("containerd-1.6-default.toml", ConfigVersion::V2),
+            ("containerd-1.7-default.toml", ConfigVersion::V2),
+            ("containerd-2.0-default.toml", ConfigVersion::V3),
+            ("containerd-noversion.toml", ConfigVersion::V1),
+            ("microk8s-containerd-template.toml", ConfigVersion::V2),
+        ] {
+            assert_eq!(detect_version(&parse(&fixture(f)).unwrap()), v, "{f}");
+        }
+    }
+
+    #[test]
+    fn in_place_edit_keeps_every_original_byte_and_adds_handlers() {
+        for f in ["containerd-1.6-default.toml", "containerd-1.7-default.toml", "containerd-2.0-default.toml", "containerd-noversion.toml", "microk8s-containerd-template.toml", "k3s-config.toml.tmpl"] {
+            let text = fixture(f);
+            let mut doc = parse(&text).unwrap();
+            let version = detect_version(&doc);
+            apply_kata(&mut doc, version, &kata(true), true);
+            let out = serialize(&doc);
+            let reparsed = parse(&out).unwrap();
+            check_handler(&reparsed, version);
+            // Unchanged lines stay byte-identical: every original line is still present in order.
+            let mut rest = out.as_str();
+            for line in text.lines().filter(|l| !l.contains("disable_snapshot_annotations") && !l.contains("discard_unpacked_layers")) {
+                let pos = rest.find(line).unwrap_or_else(|| panic!("{f}: lost line {line:?}\n{out}"));
+                rest = &rest[pos + line.len()..];
+            }
+            let flags = get(&reparsed, version.snapshot_flags_path()).unwrap();
+            assert_eq!(flags["disable_snapshot_annotations"].as_bool(), Some(false), "{f}");
+            assert_eq!(flags["discard_unpacked_layers"].as_bool(), Some(false), "{f}");
+            assert_eq!(get(&reparsed, &["proxy_plugins", "nydus", "address"]).unwrap().as_str(), Some("/run/containerd-nydus/containerd-nydus-grpc.sock"));
+        }
+    }
+
+    #[test]
+    fn edit_is_idempotent_and_strip_removes_ours() {
+        let text = fixture("containerd-1.6-default.toml");
+        let mut doc = parse(&text).unwrap();
+        apply_kata(&mut doc, ConfigVersion::V2, &kata(false), true);
+        let once = serialize(&doc);
+        let mut doc2 = parse(&once).unwrap();
+        apply_kata(&mut doc2, ConfigVersion::V2, &kata(false), true);
+        assert_eq!(serialize(&doc2), once);
+        assert!(strip_kata(&mut doc2, &["kata-qemu".into()], None));
+        assert_eq!(serialize(&doc2).trim_end(), text.trim_end());
+    }
+
+    #[test]
+    fn v3_dropin_uses_v3_plugin_ids() {
+        let out = render_containerd_dropin(ConfigVersion::V3, &kata(true), true);
+        assert!(out.contains("version = 3"));
+        assert!(out.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata-qemu]"), "{out}");
+        assert!(out.contains("[plugins.\"io.containerd.cri.v1.images\"]"), "{out}");
+        assert!(!out.contains("io.containerd.grpc.v1.cri"));
+        let doc = parse(&out).unwrap();
+        check_handler(&doc, ConfigVersion::V3);
+    }
+
+    #[test]
+    fn k3s_template_extends_base() {
+        let out = render_k3s_template(ConfigVersion::V2, &kata(true));
+        assert!(out.starts_with("{{ template \"base\" . }}\n"));
+        let doc = parse(&out).unwrap();
+        check_handler(&doc, ConfigVersion::V2);
+        // The base template defines the containerd table: redefining it would break k3s.
+        assert!(!out.contains("disable_snapshot_annotations"));
+        assert_eq!(serialize(&doc), out);
+    }
+
+    #[test]
+    fn template_lines_survive_in_place_edit() {
+        let text = fixture("k3s-config.toml.tmpl");
+        let mut doc = parse(&text).unwrap();
+        apply_kata(&mut doc, ConfigVersion::V2, &kata(false), false);
+        let out = serialize(&doc);
+        assert!(out.starts_with("{{ template \"base\" . }}"), "{out}");
+        assert!(!out.contains(TEMPLATE_MASK));
+    }
+
+    #[test]
+    fn imports_are_added_once_and_removed_exactly() {
+        let text = "version = 3\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n";
+        let mut doc = parse(text).unwrap();
+        assert!(!add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy.toml"));
+        let mut doc = parse("version = 3\n").unwrap();
+        assert!(add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
+        assert!(!add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
+        assert!(remove_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
+        assert_eq!(doc.to_string(), "version = 3\n");
+        assert!(import_covers("/a/*.toml", "/a/x.toml") && !import_covers("/a/*.toml", "/b/x.toml"));
+    }
+
+    #[test]
+    fn malformed_config_is_an_error() {
+        assert!(parse("[plugins\nversion = 2").is_err());
+    }
+
+    #[test]
+    fn runtime_versions_parse() {
+        assert_eq!(parse_runtime_version("containerd://1.7.27-k3s1"), Some((1, 7)));
+        assert_eq!(parse_runtime_version("containerd://2.0.5"), Some((2, 0)));
+        assert_eq!(parse_runtime_version("cri-o://1.31.2"), Some((1, 31)));
+        assert_eq!(parse_runtime_version("v1.6.20"), Some((1, 6)));
+        assert_eq!(parse_runtime_version("garbage"), None);
+    }
+}

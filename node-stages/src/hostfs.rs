@@ -1,0 +1,409 @@
+//! The host filesystem shell: every host path goes through `--host-root`, every write is atomic
+//! (temp file beside the target, fsync, rename, fsync the directory), dry-run records instead
+//! of writing, and tests can inject a crash after any number of mutating operations.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, StageError};
+
+/// Suffix of temp files written beside their target before the rename.
+pub const TEMP_SUFFIX: &str = ".kata-deploy-new";
+
+#[derive(Debug, Default)]
+struct Faults {
+    /// Fail the mutating operation with this index (0-based) and every one after it.
+    fail_at: Option<usize>,
+    done: usize,
+}
+
+/// Host filesystem rooted at `--host-root`.
+#[derive(Debug)]
+pub struct HostFs {
+    root: PathBuf,
+    dry_run: bool,
+    faults: Mutex<Faults>,
+    planned: Mutex<Vec<String>>,
+}
+
+/// Hex sha256 of bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl HostFs {
+    /// A host filesystem under `root`; with `dry_run` nothing is written, changes are recorded.
+    pub fn new(root: impl Into<PathBuf>, dry_run: bool) -> Self {
+        HostFs { root: root.into(), dry_run, faults: Mutex::new(Faults::default()), planned: Mutex::new(Vec::new()) }
+    }
+
+    /// Test hook: the `n`-th mutating operation (0-based) and all later ones fail, like a crash.
+    pub fn fail_at_op(&self, n: Option<usize>) {
+        let mut f = self.faults.lock().unwrap();
+        f.fail_at = n;
+        f.done = 0;
+    }
+
+    /// Number of mutating operations performed so far (tests enumerate crash points with it).
+    pub fn ops_done(&self) -> usize {
+        self.faults.lock().unwrap().done
+    }
+
+    /// Whether this is a dry run.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    /// The host root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Changes a dry run would have made, in order.
+    pub fn planned(&self) -> Vec<String> {
+        self.planned.lock().unwrap().clone()
+    }
+
+    /// Records a planned change (dry run) or an informational line.
+    pub fn plan(&self, line: String) {
+        self.planned.lock().unwrap().push(line);
+    }
+
+    /// Maps a host path (absolute, as seen on the node) to the path under the host root.
+    pub fn host(&self, p: &Path) -> PathBuf {
+        let rel: PathBuf = p.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+        self.root.join(rel)
+    }
+
+    fn fault_point(&self) -> Result<()> {
+        let mut f = self.faults.lock().unwrap();
+        if let Some(n) = f.fail_at {
+            if f.done >= n {
+                return Err(StageError::InjectedFault { after: n });
+            }
+        }
+        f.done += 1;
+        Ok(())
+    }
+
+    /// Reads a host file; a missing file is `None`.
+    pub fn read(&self, p: &Path) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.host(p)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StageError::io("read", p, e)),
+        }
+    }
+
+    /// Whether a host path exists (any file type).
+    pub fn exists(&self, p: &Path) -> bool {
+        fs::symlink_metadata(self.host(p)).is_ok()
+    }
+
+    /// Entries of a host directory (names), empty when missing.
+    pub fn list_dir(&self, p: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.host(p))
+            .map(|it| it.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// sha256 of a host file, streaming; `None` when missing.
+    pub fn sha256_file(&self, p: &Path) -> Result<Option<String>> {
+        let mut f = match File::open(self.host(p)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StageError::io("open", p, e)),
+        };
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| StageError::io("read", p, e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(Some(hex::encode(h.finalize())))
+    }
+
+    /// Creates a directory and its missing parents; returns the host paths it created.
+    pub fn create_dir_all(&self, p: &Path) -> Result<Vec<PathBuf>> {
+        let mut missing = Vec::new();
+        let mut cur = Some(p);
+        while let Some(c) = cur {
+            if c.as_os_str().is_empty() || c == Path::new("/") || self.exists(c) {
+                break;
+            }
+            missing.push(c.to_path_buf());
+            cur = c.parent();
+        }
+        missing.reverse();
+        for d in &missing {
+            if self.dry_run {
+                continue;
+            }
+            self.fault_point()?;
+            match fs::create_dir(self.host(d)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StageError::io("create directory", d, e)),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Temp path beside a target: `.<name>.kata-deploy-new`.
+    pub fn temp_for(p: &Path) -> PathBuf {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        p.with_file_name(format!(".{name}{TEMP_SUFFIX}"))
+    }
+
+    /// Writes a file atomically (temp beside it, fsync, rename, fsync the directory).
+    /// In a dry run, records a diff instead. Parent directories must exist.
+    pub fn write_atomic(&self, p: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+        if self.dry_run {
+            let old = self.read(p)?;
+            self.plan(describe_change(p, old.as_deref(), Some(bytes)));
+            return Ok(());
+        }
+        let tmp = Self::temp_for(p);
+        self.fault_point()?;
+        let res = (|| -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
+            f.write_all(bytes)?;
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+            f.sync_all()
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(self.host(&tmp));
+            return Err(StageError::io("write", p, e));
+        }
+        self.rename_into_place(&tmp, p)
+    }
+
+    /// Copies `src` (a path in the stage container) to a temp file beside the host path `dest`,
+    /// hashing while copying; fails (removing the temp) if the hash is not `expected_sha`.
+    pub fn stage_copy(&self, src: &Path, dest: &Path, expected_sha: &str, mode: u32) -> Result<PathBuf> {
+        let tmp = Self::temp_for(dest);
+        if self.dry_run {
+            return Ok(tmp);
+        }
+        self.fault_point()?;
+        let mut input = File::open(src).map_err(|e| {
+            StageError::bad_input(src, format!("payload file cannot be opened: {e}"), "The stage image is incomplete: rebuild or re-pull it")
+        })?;
+        let res = (|| -> std::io::Result<String> {
+            let mut out = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+            out.set_permissions(fs::Permissions::from_mode(mode))?;
+            out.sync_all()?;
+            Ok(hex::encode(h.finalize()))
+        })();
+        match res {
+            Ok(got) if got == expected_sha => Ok(tmp),
+            Ok(got) => {
+                let _ = fs::remove_file(self.host(&tmp));
+                Err(StageError::bad_input(
+                    src,
+                    format!("payload file is corrupt: sha256 {got} but SHA256SUMS says {expected_sha}"),
+                    "The stage image is damaged: re-pull it (nothing on the host was changed)",
+                ))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(self.host(&tmp));
+                Err(StageError::io("write", dest, e))
+            }
+        }
+    }
+
+    /// Writes bytes to a temp file beside the host path `dest` (renamed into place later).
+    pub fn stage_bytes(&self, dest: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
+        let tmp = Self::temp_for(dest);
+        if self.dry_run {
+            return Ok(tmp);
+        }
+        self.fault_point()?;
+        let res = (|| -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
+            f.write_all(bytes)?;
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+            f.sync_all()
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(self.host(&tmp));
+            return Err(StageError::io("write", dest, e));
+        }
+        Ok(tmp)
+    }
+
+    /// Best-effort removal of a temp file on an error path (never fails, never counts as an op
+    /// unless it really removes something).
+    pub fn discard_temp(&self, tmp: &Path) {
+        if !self.dry_run && self.exists(tmp) && self.fault_point().is_ok() {
+            let _ = fs::remove_file(self.host(tmp));
+        }
+    }
+
+    /// Renames a temp file over its target and fsyncs the directory (never writes in place,
+    /// so a running binary is replaced, not modified: no "Text file busy").
+    pub fn rename_into_place(&self, tmp: &Path, dest: &Path) -> Result<()> {
+        if self.dry_run {
+            return Ok(());
+        }
+        self.fault_point()?;
+        fs::rename(self.host(tmp), self.host(dest)).map_err(|e| StageError::io("rename into place", dest, e))?;
+        self.sync_parent(dest)
+    }
+
+    fn sync_parent(&self, p: &Path) -> Result<()> {
+        if let Some(parent) = self.host(p).parent() {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a host file; a missing file is not an error. Returns whether it existed.
+    pub fn remove_file(&self, p: &Path) -> Result<bool> {
+        if !self.exists(p) {
+            return Ok(false);
+        }
+        if self.dry_run {
+            let old = self.read(p).ok().flatten();
+            self.plan(describe_change(p, old.as_deref(), None));
+            return Ok(true);
+        }
+        self.fault_point()?;
+        match fs::remove_file(self.host(p)) {
+            Ok(()) => {
+                self.sync_parent(p)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StageError::io("remove", p, e)),
+        }
+    }
+
+    /// Removes a directory if it exists and is empty.
+    pub fn remove_dir_if_empty(&self, p: &Path) -> Result<()> {
+        let h = self.host(p);
+        let empty = fs::read_dir(&h).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty {
+            return Ok(());
+        }
+        if self.dry_run {
+            self.plan(format!("remove empty directory {}", p.display()));
+            return Ok(());
+        }
+        self.fault_point()?;
+        match fs::remove_dir(&h) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StageError::io("remove directory", p, e)),
+        }
+    }
+
+    /// Free bytes on the filesystem holding `p` (or its nearest existing ancestor).
+    pub fn free_bytes(&self, p: &Path) -> Option<u64> {
+        let mut cur = Some(self.host(p));
+        while let Some(c) = cur {
+            if let Ok(st) = rustix::fs::statvfs(&c) {
+                return Some(st.f_bavail * st.f_frsize);
+            }
+            cur = c.parent().map(Path::to_path_buf);
+        }
+        None
+    }
+}
+
+/// Human description of a file change: a unified diff for text, sizes for binaries.
+pub fn describe_change(p: &Path, old: Option<&[u8]>, new: Option<&[u8]>) -> String {
+    match (old, new) {
+        (Some(o), Some(n)) if o == n => format!("unchanged {}", p.display()),
+        (None, None) => format!("absent {}", p.display()),
+        (_, None) => format!("remove {}", p.display()),
+        (o, Some(n)) => {
+            let verb = if o.is_some() { "modify" } else { "create" };
+            let old_text = o.map(std::str::from_utf8);
+            match (old_text, std::str::from_utf8(n)) {
+                (Some(Ok(ot)), Ok(nt)) => {
+                    let diff = similar::TextDiff::from_lines(ot, nt);
+                    format!("{verb} {}\n{}", p.display(), diff.unified_diff().context_radius(2).header("current", "new"))
+                }
+                (None, Ok(nt)) if nt.len() < 8192 => {
+                    let diff = similar::TextDiff::from_lines("", nt);
+                    format!("{verb} {}\n{}", p.display(), diff.unified_diff().header("/dev/null", "new"))
+                }
+                _ => format!("{verb} {} ({} bytes)", p.display(), n.len()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let fs_ = HostFs::new(d.path(), false);
+        fs_.create_dir_all(Path::new("/etc/x")).unwrap();
+        fs_.write_atomic(Path::new("/etc/x/a.toml"), b"one", 0o644).unwrap();
+        fs_.write_atomic(Path::new("/etc/x/a.toml"), b"two", 0o644).unwrap();
+        assert_eq!(fs::read(d.path().join("etc/x/a.toml")).unwrap(), b"two");
+        assert_eq!(fs_.list_dir(Path::new("/etc/x")), vec!["a.toml".to_string()]);
+    }
+
+    #[test]
+    fn dry_run_changes_nothing_and_reports_diff() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("a"), "x = 1\n").unwrap();
+        let fs_ = HostFs::new(d.path(), true);
+        fs_.write_atomic(Path::new("/a"), b"x = 2\n", 0o644).unwrap();
+        fs_.remove_file(Path::new("/a")).unwrap();
+        assert_eq!(fs::read(d.path().join("a")).unwrap(), b"x = 1\n");
+        let p = fs_.planned();
+        assert!(p[0].contains("-x = 1") && p[0].contains("+x = 2"), "{p:?}");
+        assert!(p[1].starts_with("remove"));
+    }
+
+    #[test]
+    fn injected_fault_fails_that_op_and_all_later() {
+        let d = tempfile::tempdir().unwrap();
+        let fs_ = HostFs::new(d.path(), false);
+        fs_.fail_at_op(Some(1));
+        fs_.write_atomic(Path::new("/a"), b"1", 0o644).unwrap_err(); // op0 temp ok, op1 rename fails
+        assert!(!d.path().join("a").exists());
+        assert!(matches!(fs_.remove_file(Path::new("/.a.kata-deploy-new")), Err(StageError::InjectedFault { .. })));
+    }
+
+    #[test]
+    fn corrupt_payload_is_rejected_without_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::write(&src, "payload").unwrap();
+        let fs_ = HostFs::new(d.path(), false);
+        let e = fs_.stage_copy(&src, Path::new("/dest"), "00", 0o755).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("corrupt"));
+        assert_eq!(fs_.list_dir(Path::new("/")), vec!["src".to_string()]);
+    }
+}

@@ -1,0 +1,233 @@
+//! Node labels: the claim label (set before the first host change, so an install that dies
+//! half-way is still found by uninstall), the shared `katacontainers.io/kata-runtime` label and
+//! the per-install marker. Patches are JSON patches that touch only our labels and start with a
+//! `test` op on /metadata/uid, so a node name reused by another machine is never labelled.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{json, Value};
+
+use crate::config::{Install, NodeFacts, MARKER_LABEL_PREFIX, RUNTIME_LABEL};
+use crate::error::{Result, StageError};
+
+/// Escapes a label key for a JSON pointer (RFC 6901).
+pub fn json_pointer_escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Builds the JSON patch that sets `set` and removes `remove`, guarded by the node UID.
+/// Returns None when the labels are already as wanted (no API write at all).
+pub fn build_label_patch(uid: &str, current: Option<&BTreeMap<String, String>>, set: &[(String, String)], remove: &[String]) -> Option<Value> {
+    let empty = BTreeMap::new();
+    let labels = current.unwrap_or(&empty);
+    let mut ops = vec![json!({"op": "test", "path": "/metadata/uid", "value": uid})];
+    if current.is_none() && !set.is_empty() {
+        ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {}}));
+    }
+    for (k, v) in set {
+        if labels.get(k) != Some(v) {
+            ops.push(json!({"op": "add", "path": format!("/metadata/labels/{}", json_pointer_escape(k)), "value": v}));
+        }
+    }
+    for k in remove {
+        if let Some(v) = labels.get(k) {
+            // test-then-remove: if someone changed it meanwhile the patch fails and we re-read.
+            let path = format!("/metadata/labels/{}", json_pointer_escape(k));
+            ops.push(json!({"op": "test", "path": path, "value": v}));
+            ops.push(json!({"op": "remove", "path": path}));
+        }
+    }
+    (ops.len() > 1).then(|| Value::Array(ops))
+}
+
+/// Labels the install sets once its handlers are served.
+pub fn install_labels(install: &Install) -> Vec<(String, String)> {
+    vec![(RUNTIME_LABEL.to_string(), "true".to_string()), (install.marker_label(), "true".to_string())]
+}
+
+/// Labels unlabel removes: our marker, and the shared runtime label only when no other
+/// install's marker remains on the node.
+pub fn uninstall_removals(install: &Install, labels: &BTreeMap<String, String>) -> Vec<String> {
+    let ours = install.marker_label();
+    let others = labels.keys().any(|k| k.starts_with(MARKER_LABEL_PREFIX) && *k != ours);
+    let mut v = vec![ours];
+    if !others {
+        v.push(RUNTIME_LABEL.to_string());
+    }
+    v
+}
+
+/// A kube client bound to one node.
+pub struct NodeLabeler {
+    api: Api<Node>,
+    name: String,
+    uid: String,
+}
+
+fn kube_err(node: &str, e: impl std::fmt::Display, hint: &str) -> StageError {
+    StageError::Kube { node: node.into(), message: e.to_string(), hint: hint.into() }
+}
+
+impl NodeLabeler {
+    /// Connects (in-cluster or KUBECONFIG) for the node named in the facts.
+    pub async fn connect(facts: &NodeFacts) -> Result<NodeLabeler> {
+        let name = facts.name.clone().ok_or_else(|| kube_err("<unknown>", "KATA_NODE_NAME is not set", "The dispatcher sets it; for a standalone run export KATA_NODE_NAME and KATA_NODE_UID"))?;
+        let uid = facts.uid.clone().ok_or_else(|| kube_err(&name, "KATA_NODE_UID is not set", "The dispatcher sets it; export KATA_NODE_UID (kubectl get node <name> -o jsonpath='{.metadata.uid}')"))?;
+        let client = kube::Client::try_default().await.map_err(|e| kube_err(&name, e, "Run in the cluster with the kata-deploy ServiceAccount, or set KUBECONFIG"))?;
+        Ok(NodeLabeler { api: Api::all(client), name, uid })
+    }
+
+    /// For tests against a test-bed: a labeler from an existing client.
+    pub fn with_client(client: kube::Client, name: String, uid: String) -> NodeLabeler {
+        NodeLabeler { api: Api::all(client), name, uid }
+    }
+
+    async fn get(&self) -> Result<Node> {
+        let node = self.api.get(&self.name).await.map_err(|e| kube_err(&self.name, e, "Check RBAC (nodes get/patch) and API reachability, then re-run"))?;
+        let uid = node.metadata.uid.clone().unwrap_or_default();
+        if uid != self.uid {
+            return Err(kube_err(&self.name, format!("node UID is now {uid}, the dispatcher targeted {}", self.uid), "The node name was reused by another machine: nothing was changed; re-run the install"));
+        }
+        Ok(node)
+    }
+
+    /// Applies a label change (retrying a few times when a concurrent change fails the tests).
+    pub async fn change(&self, set: &[(String, String)], remove_fn: &dyn Fn(&BTreeMap<String, String>) -> Vec<String>) -> Result<bool> {
+        let mut last = String::new();
+        for attempt in 0..5 {
+            let node = self.get().await?;
+            let labels = node.metadata.labels.clone();
+            let remove = remove_fn(labels.as_ref().unwrap_or(&BTreeMap::new()));
+            let Some(patch) = build_label_patch(&self.uid, labels.as_ref(), set, &remove) else { return Ok(false) };
+            let patch: json_patch::Patch = serde_json::from_value(patch).expect("valid JSON patch");
+            match self.api.patch(&self.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+                Ok(_) => {
+                    tracing::info!(stage = "label", node = %self.name, ?set, "labels updated");
+                    return Ok(true);
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    tracing::warn!(stage = "label", node = %self.name, attempt, error = %e, "label patch failed; re-reading the node");
+                    tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
+                }
+            }
+        }
+        Err(kube_err(&self.name, format!("label patch kept failing: {last}"), "Check RBAC (nodes patch) and whether another controller fights over these labels"))
+    }
+
+    /// Marks the node claimed by this install (before the first host change).
+    pub async fn claim(&self, install: &Install) -> Result<bool> {
+        self.change(&[(install.claimed_label(), "true".into())], &|_| vec![]).await
+    }
+
+    /// Drops the claim (after the last host cleanup).
+    pub async fn unclaim(&self, install: &Install) -> Result<bool> {
+        let k = install.claimed_label();
+        self.change(&[], &move |_| vec![k.clone()]).await
+    }
+
+    /// Waits (bounded) until the node is Ready and, when it reports runtime handlers at all,
+    /// lists ours; then labels it and re-checks after a delay that the labels stuck.
+    pub async fn label_installed(&self, install: &Install, handlers: &[String], wait: Duration, recheck: Duration) -> Result<()> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let node = self.get().await?;
+            let st = node.status.clone().unwrap_or_default();
+            let ready = st.conditions.as_deref().unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            let reported: Option<Vec<String>> = st.runtime_handlers.as_ref().filter(|v| !v.is_empty()).map(|v| v.iter().filter_map(|h| h.name.clone()).collect());
+            let missing: Vec<&String> = match &reported {
+                Some(r) => handlers.iter().filter(|h| !r.contains(h)).collect(),
+                None => vec![],
+            };
+            if ready && missing.is_empty() {
+                if reported.is_none() {
+                    tracing::info!(stage = "label", node = %self.name, "node reports no runtimeHandlers (kubelet < 1.30 or simulated node); not waiting for them");
+                }
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(kube_err(
+                    &self.name,
+                    format!("not labelled: after {}s ready={ready}, handlers missing from status.runtimeHandlers: {missing:?}", wait.as_secs()),
+                    "Check the runtime loaded the configuration (kata-deploy-stage status, runtime logs) and the kubelet is healthy, then re-run",
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let labels = install_labels(install);
+        self.change(&labels, &|_| vec![]).await?;
+        // k3s/rke2 re-register the node with cached labels after a runtime restart: re-check.
+        for _ in 0..3 {
+            tokio::time::sleep(recheck).await;
+            if !self.change(&labels, &|_| vec![]).await? {
+                return Ok(());
+            }
+            tracing::warn!(stage = "label", node = %self.name, "labels were wiped (kubelet re-registration?); re-applied");
+        }
+        Ok(())
+    }
+
+    /// Removes our marker and, when no other install serves the node, the shared runtime label.
+    pub async fn unlabel(&self, install: &Install) -> Result<bool> {
+        let i = install.clone();
+        self.change(&[], &move |labels| uninstall_removals(&i, labels)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn patch_is_guarded_by_uid_and_touches_only_our_labels() {
+        let install = Install::new("", "/opt/kata");
+        let cur = labels(&[("kubernetes.io/hostname", "n1")]);
+        let p = build_label_patch("uid-1", Some(&cur), &install_labels(&install), &[]).unwrap();
+        assert_eq!(
+            p,
+            json!([
+                {"op": "test", "path": "/metadata/uid", "value": "uid-1"},
+                {"op": "add", "path": "/metadata/labels/katacontainers.io~1kata-runtime", "value": "true"},
+                {"op": "add", "path": "/metadata/labels/katacontainers.io~1kata-deploy-installed", "value": "true"},
+            ])
+        );
+        // Parses as a JSON patch kube can send.
+        let _: json_patch::Patch = serde_json::from_value(p).unwrap();
+    }
+
+    #[test]
+    fn no_patch_when_already_labelled_and_labels_map_created_when_missing() {
+        let install = Install::new("", "/opt/kata");
+        let cur = labels(&[("katacontainers.io/kata-runtime", "true"), ("katacontainers.io/kata-deploy-installed", "true")]);
+        assert!(build_label_patch("u", Some(&cur), &install_labels(&install), &[]).is_none());
+        let p = build_label_patch("u", None, &install_labels(&install), &[]).unwrap();
+        assert_eq!(p[1], json!({"op": "add", "path": "/metadata/labels", "value": {}}));
+    }
+
+    #[test]
+    fn shared_label_stays_while_another_install_serves_the_node() {
+        let a = Install::new("", "/opt/kata");
+        let b = Install::new("cicd", "/opt/kata");
+        let both = labels(&[("katacontainers.io/kata-runtime", "true"), ("katacontainers.io/kata-deploy-installed", "true"), ("katacontainers.io/kata-deploy-installed-cicd", "true")]);
+        assert_eq!(uninstall_removals(&a, &both), vec!["katacontainers.io/kata-deploy-installed".to_string()]);
+        let only_b = labels(&[("katacontainers.io/kata-runtime", "true"), ("katacontainers.io/kata-deploy-installed-cicd", "true")]);
+        assert_eq!(uninstall_removals(&b, &only_b), vec!["katacontainers.io/kata-deploy-installed-cicd".to_string(), RUNTIME_LABEL.to_string()]);
+        let p = build_label_patch("u", Some(&only_b), &[], &uninstall_removals(&b, &only_b)).unwrap();
+        assert_eq!(p.as_array().unwrap().len(), 5); // uid test + (test, remove) x2
+        assert_eq!(p[2], json!({"op": "remove", "path": "/metadata/labels/katacontainers.io~1kata-deploy-installed-cicd"}));
+    }
+
+    #[test]
+    fn unlabel_on_clean_node_is_a_noop() {
+        let a = Install::new("", "/opt/kata");
+        let none = BTreeMap::new();
+        assert!(build_label_patch("u", Some(&none), &[], &uninstall_removals(&a, &none)).is_none());
+    }
+}

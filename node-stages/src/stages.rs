@@ -1,0 +1,264 @@
+//! Stage orchestration: each stage validates input, checks identity, takes the host lock,
+//! marks the node claimed before its first host change, then does its work.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::artifacts;
+use crate::config::{NodeFacts, ValidConfig};
+use crate::cri::{self, CriContext};
+use crate::error::{Result, StageError};
+use crate::hostcheck::{self, Finding, Severity};
+use crate::hostfs::HostFs;
+use crate::lock::{HostLock, LOCK_PATH};
+use crate::payload::Payload;
+use crate::restart::Restarter;
+use crate::state::{read_json, ArtifactsManifest, CriState, ARTIFACTS_MANIFEST, CRI_STATE};
+
+/// Marks/unmarks the node as claimed by this install (a kube client in production).
+pub trait Claims {
+    /// Set the claim label (idempotent).
+    fn claim(&self) -> Result<()>;
+    /// Remove the claim label (idempotent).
+    fn unclaim(&self) -> Result<()>;
+}
+
+/// No claims (standalone runs without a cluster, tests).
+pub struct NoClaims;
+
+impl Claims for NoClaims {
+    fn claim(&self) -> Result<()> {
+        Ok(())
+    }
+    fn unclaim(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Everything a host stage needs.
+pub struct StageEnv<'a> {
+    /// Validated configuration.
+    pub cfg: &'a ValidConfig,
+    /// Node facts from the dispatcher.
+    pub facts: &'a NodeFacts,
+    /// Host filesystem (dry-run aware).
+    pub fs: &'a HostFs,
+    /// Payload directory in the stage image.
+    pub payload_dir: &'a Path,
+    /// Service restarter.
+    pub restarter: &'a dyn Restarter,
+    /// Claim label.
+    pub claims: &'a dyn Claims,
+    /// How long to wait for the host lock.
+    pub lock_wait: Duration,
+}
+
+/// What a stage reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    /// Stage name.
+    pub stage: String,
+    /// Human summary.
+    pub summary: String,
+    /// Details for JSON output.
+    pub details: Value,
+    /// Dry run: the changes that would have been made.
+    pub planned: Vec<String>,
+}
+
+impl StageReport {
+    /// Text for humans.
+    pub fn text(&self) -> String {
+        let mut s = format!("{}: {}\n", self.stage, self.summary);
+        for p in &self.planned {
+            s.push_str(p);
+            if !p.ends_with('\n') {
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+impl StageEnv<'_> {
+    fn lock(&self) -> Result<Option<HostLock>> {
+        if self.fs.dry_run() {
+            return Ok(None);
+        }
+        HostLock::acquire(&self.fs.host(Path::new(LOCK_PATH)), self.lock_wait).map(Some)
+    }
+
+    /// Refuses to touch a host that is not the machine the dispatcher targeted.
+    pub fn check_identity(&self) -> Result<()> {
+        let Some(expected) = &self.facts.machine_id else { return Ok(()) };
+        let host = self.fs.read(Path::new("/etc/machine-id"))?.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+        if &host != expected {
+            return Err(StageError::IdentityMismatch { node: self.facts.display_name(), host, expected: expected.clone() });
+        }
+        Ok(())
+    }
+
+    fn claim(&self) -> Result<()> {
+        if self.fs.dry_run() {
+            return Ok(());
+        }
+        self.claims.claim()
+    }
+
+    fn report(&self, stage: &str, summary: String, details: Value) -> StageReport {
+        StageReport { stage: stage.into(), summary, details, planned: self.fs.planned() }
+    }
+}
+
+/// Result of host-check.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostCheckReport {
+    /// Node name.
+    pub node: String,
+    /// Findings, errors first.
+    pub findings: Vec<Finding>,
+    /// Collected facts.
+    pub facts: hostcheck::HostFacts,
+}
+
+impl HostCheckReport {
+    /// Blocking problems.
+    pub fn errors(&self) -> Vec<&Finding> {
+        self.findings.iter().filter(|f| f.severity == Severity::Error).collect()
+    }
+
+    /// The error to exit with, if any.
+    pub fn into_result(&self) -> Result<()> {
+        let errs = self.errors();
+        if errs.is_empty() {
+            return Ok(());
+        }
+        Err(StageError::HostCheck { node: self.node.clone(), count: errs.len(), summary: errs.iter().map(|f| f.check).collect::<Vec<_>>().join(", ") })
+    }
+}
+
+/// host-check: read-only, lists every problem.
+pub fn host_check(env: &StageEnv) -> HostCheckReport {
+    let payload = Payload::open(env.payload_dir);
+    let facts = hostcheck::collect_facts(env.fs, env.cfg, env.facts, payload.as_ref().ok());
+    let mut findings = hostcheck::evaluate(env.cfg, &facts);
+    if let Err(e) = &payload {
+        findings.insert(0, Finding { severity: Severity::Error, check: "payload", message: e.to_string(), hint: "Use a complete stage image".into() });
+    }
+    HostCheckReport { node: env.facts.display_name(), findings, facts }
+}
+
+/// artifacts stage.
+pub fn run_artifacts(env: &StageEnv) -> Result<StageReport> {
+    let payload = Payload::open(env.payload_dir)?;
+    artifacts::desired_files(env.cfg, &payload)?; // bad input fails before the lock/claim
+    env.check_identity()?;
+    let _lock = env.lock()?;
+    env.claim()?;
+    let out = artifacts::apply_artifacts(env.fs, env.cfg, &payload, env.restarter)?;
+    let summary = format!("{} written, {} removed, {} unchanged", out.written.len(), out.removed.len(), out.kept);
+    Ok(env.report("artifacts", summary, json!({"written": out.written, "removed": out.removed, "unchanged": out.kept})))
+}
+
+fn cri_ctx<'a>(env: &'a StageEnv<'a>) -> CriContext<'a> {
+    CriContext { fs: env.fs, cfg: env.cfg, facts: env.facts, restarter: env.restarter }
+}
+
+/// cri stage.
+pub fn run_cri(env: &StageEnv) -> Result<StageReport> {
+    env.check_identity()?;
+    let _lock = env.lock()?;
+    env.claim()?;
+    let out = cri::apply_cri(&cri_ctx(env))?;
+    let summary = format!("{} file(s) changed, runtime {} {}", out.changed.len(), out.unit, if out.restarted { "restarted" } else { "not restarted" });
+    Ok(env.report("cri", summary, json!({"changed": out.changed, "restarted": out.restarted, "unit": out.unit, "notes": out.notes})))
+}
+
+/// revert-cri stage.
+pub fn run_revert_cri(env: &StageEnv) -> Result<StageReport> {
+    let _lock = env.lock()?;
+    let out = cri::revert_cri(&cri_ctx(env))?;
+    let summary = if out.unit.is_empty() {
+        "nothing to revert".to_string()
+    } else {
+        format!("{} file(s) restored, runtime {} {}", out.changed.len(), out.unit, if out.restarted { "restarted" } else { "not restarted" })
+    };
+    Ok(env.report("revert-cri", summary, json!({"changed": out.changed, "restarted": out.restarted, "unit": out.unit})))
+}
+
+/// remove-artifacts stage; drops the claim once nothing of this install remains on the host.
+pub fn run_remove_artifacts(env: &StageEnv) -> Result<StageReport> {
+    let _lock = env.lock()?;
+    let out = artifacts::remove_artifacts(env.fs, env.cfg, env.restarter)?;
+    if !env.fs.dry_run() && !env.fs.exists(&env.cfg.install().state_dir()) {
+        env.claims.unclaim()?;
+    }
+    Ok(env.report("remove-artifacts", format!("{} file(s) removed", out.removed.len()), json!({"removed": out.removed})))
+}
+
+/// status: what this install has on the host, stage by stage.
+pub fn status(env: &StageEnv) -> Result<StageReport> {
+    let install = env.cfg.install();
+    let dir = install.state_dir();
+    let mut lines = Vec::new();
+    let manifest: Option<ArtifactsManifest> = read_json(env.fs, &dir.join(ARTIFACTS_MANIFEST))?;
+    let artifacts = match &manifest {
+        None => {
+            lines.push(format!("artifacts: not installed ({} absent)", dir.join(ARTIFACTS_MANIFEST).display()));
+            json!({"installed": false})
+        }
+        Some(m) => {
+            let (mut missing, mut modified) = (Vec::new(), Vec::new());
+            for (p, f) in &m.files {
+                match env.fs.sha256_file(p)? {
+                    None => missing.push(p.clone()),
+                    Some(h) if Some(&h) != f.sha256.as_ref() => modified.push(p.clone()),
+                    _ => {}
+                }
+            }
+            lines.push(format!(
+                "artifacts: {} files in {}{}; {} missing, {} modified",
+                m.files.len(),
+                install.prefix.display(),
+                if m.pending { " (install interrupted: re-run artifacts)" } else { "" },
+                missing.len(),
+                modified.len()
+            ));
+            for p in missing.iter().chain(&modified).take(10) {
+                lines.push(format!("  ! {}", p.display()));
+            }
+            json!({"installed": true, "files": m.files.len(), "pending": m.pending, "missing": missing, "modified": modified, "units": m.units})
+        }
+    };
+    let cri_state: Option<CriState> = read_json(env.fs, &dir.join(CRI_STATE))?;
+    let cri = match &cri_state {
+        None => {
+            lines.push("cri: not configured".into());
+            json!({"configured": false})
+        }
+        Some(s) => {
+            lines.push(format!(
+                "cri: {} via {}; handlers {}; runtime {}",
+                s.cri,
+                s.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", "),
+                s.handlers.join(", "),
+                match (&s.loaded, &s.pending) {
+                    (_, Some(_)) => "restart requested, not yet verified (re-run cri)",
+                    (Some(_), None) => "loaded the current configuration",
+                    (None, None) => "not yet restarted",
+                }
+            ));
+            serde_json::to_value(s).unwrap_or(Value::Null)
+        }
+    };
+    lines.push(format!("label: marker {} (query the node: kubectl get node {} --show-labels)", install.marker_label(), env.facts.display_name()));
+    Ok(StageReport { stage: "status".into(), summary: lines.join("\n"), details: json!({"artifacts": artifacts, "cri": cri, "stateDir": dir}), planned: vec![] })
+}
+
+/// Default payload location in the stage image.
+pub fn default_payload_dir() -> PathBuf {
+    PathBuf::from("/opt/kata-payload")
+}
