@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::node::{ensure_machine_id, lease_body, node_status_patch};
+use super::node::{ensure_machine_id, lease_body, node_status_patch, taints_without_not_ready};
 use super::pod::{finalize_deletion, run_pod, StopRequest};
 use super::Shared;
 
@@ -289,7 +289,8 @@ pub async fn heartbeat(shared: &Shared, node: &str) -> super::error::Result<()> 
     let machine_id =
         ensure_machine_id(&root, &uid).map_err(|e| Error::io("writing machine-id", &root, e))?;
     let now = Timestamp::now();
-    nodes
+    // The returned object carries the resourceVersion the taint update below must match.
+    let n = nodes
         .patch_status(
             node,
             &PatchParams::default(),
@@ -297,12 +298,25 @@ pub async fn heartbeat(shared: &Shared, node: &str) -> super::error::Result<()> 
         )
         .await
         .map_err(|e| Error::kube(format!("patch node status {node}"), e))?;
+    if let Some(taints) = taints_without_not_ready(&n) {
+        // resourceVersion makes this a compare-and-swap: a concurrent taint change wins and
+        // the next heartbeat retries.
+        let patch = json!({
+            "metadata": {"resourceVersion": n.metadata.resource_version},
+            "spec": {"taints": taints},
+        });
+        nodes
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| Error::kube(format!("lift not-ready taint of {node}"), e))?;
+        info!(node = %node, "lifted not-ready taint");
+    }
     let leases: Api<Lease> = Api::namespaced(shared.client.clone(), "kube-node-lease");
     leases
         .patch(
             node,
             &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(lease_body(node, &now)),
+            &Patch::Apply(lease_body(node, &uid, &now)),
         )
         .await
         .map_err(|e| Error::kube(format!("renew lease {node}"), e))?;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Taint};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 
@@ -133,16 +133,36 @@ pub fn node_status_patch(node: &Node, machine_id: &str, now: &Timestamp) -> Valu
 }
 
 /// Server-side-apply body for the node's Lease in `kube-node-lease` (the lifecycle
-/// controller's primary liveness signal).
-pub fn lease_body(node: &str, now: &Timestamp) -> Value {
+/// controller's primary liveness signal). Owned by the Node, so it goes away with it.
+pub fn lease_body(node: &str, node_uid: &str, now: &Timestamp) -> Value {
     // MicroTime: RFC 3339 with microseconds.
     let renew = now.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
     json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {"name": node, "namespace": "kube-node-lease"},
+        "metadata": {
+            "name": node, "namespace": "kube-node-lease",
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid}],
+        },
         "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": renew},
     })
+}
+
+/// Taints the node lifecycle controller would lift from a Ready node.
+pub const NOT_READY_TAINTS: &[&str] = &["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"];
+
+/// The node's taints without the not-ready/unreachable ones, or `None` when it has none of
+/// them. The NodeRestriction/TaintNodesByCondition admission adds `not-ready` to every new node,
+/// and the test bed runs no node lifecycle controller to lift it once the node is Ready, so the
+/// stand-in does (otherwise nothing would ever be scheduled onto a local node).
+pub fn taints_without_not_ready(node: &Node) -> Option<Vec<Taint>> {
+    let taints = node.spec.as_ref()?.taints.as_ref()?;
+    let kept: Vec<Taint> = taints
+        .iter()
+        .filter(|t| !NOT_READY_TAINTS.contains(&t.key.as_str()))
+        .cloned()
+        .collect();
+    (kept.len() != taints.len()).then_some(kept)
 }
 
 #[cfg(test)]
@@ -203,7 +223,26 @@ mod tests {
         assert_eq!(s["nodeInfo"]["containerRuntimeVersion"], "containerd://2.0.5");
         assert_eq!(s["nodeInfo"]["kubeletVersion"], DEFAULT_KUBELET_VERSION);
         assert_eq!(s["allocatable"]["pods"], NODE_PODS);
-        let l = lease_body("n1", &now);
+        let l = lease_body("n1", "uid-1", &now);
         assert_eq!(l["spec"]["renewTime"], "2023-11-14T22:13:20.000000Z");
+        assert_eq!(l["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    }
+
+    #[test]
+    fn not_ready_taints_are_lifted() {
+        let taint = |k: &str| Taint {
+            key: k.into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        };
+        let mut n = local_node("n1");
+        assert_eq!(taints_without_not_ready(&n), None);
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![taint("node.kubernetes.io/not-ready"), taint("keep")]),
+            ..Default::default()
+        });
+        assert_eq!(taints_without_not_ready(&n), Some(vec![taint("keep")]));
+        n.spec.as_mut().unwrap().taints = Some(vec![taint("keep")]);
+        assert_eq!(taints_without_not_ready(&n), None);
     }
 }
