@@ -73,7 +73,7 @@ impl TestCluster {
         let client = client_from_kubeconfig(&kubeconfig).await?;
         let server = std::fs::read_to_string(&kubeconfig)?
             .lines()
-            .find_map(|l| l.split("server: \"").nth(1).map(|s| s.trim_end_matches(['"', ',', '}', ' ']).to_owned()))
+            .find_map(|l| l.split("server: \"").nth(1).and_then(|rest| rest.split('"').next()).map(str::to_owned))
             .context("kubeconfig has no server")?;
         Ok(Self { state, owned, client, server })
     }
@@ -132,7 +132,7 @@ impl TestCluster {
             spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
             ..Default::default()
         };
-        let token: TokenRequest = api.create_subresource("token", sa, &PostParams::default(), serde_json::to_vec(&req)?).await?;
+        let token: TokenRequest = api.create_subresource("token", sa, &PostParams::default(), &req).await?;
         let token = token.status.context("token request returned no status")?.token;
         let path = self.state.join(format!("sa-{namespace}-{sa}.kubeconfig"));
         let ca = self.state.join("pki/ca.crt");

@@ -1,2 +1,6 @@
+//! Test bed for kata-deploy job mode: a real control plane ([`cluster`]), the dispatcher fixture
+//! ([`rollout`]) and the kubelet stand-in for local nodes ([`local_kubelet`]).
 
+pub mod cluster;
+pub mod rollout;
 pub mod local_kubelet;
