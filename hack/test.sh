@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a real control plane: builds the test bed (once), the
+# workspace, starts one cluster for the whole run, then runs the Rust tests (unit and
+# integration), the chart tests and the image tests. Exits non-zero if any suite failed.
+#
+#   hack/test.sh            all suites
+#   hack/test.sh rust       only the Rust tests (also: chart, images)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. hack/testenv/lib.sh
+only=${1:-all}
+
+bash hack/testenv/build.sh || die "building the test bed failed"
+log "building the workspace (binaries and tests)"
+cargo build --workspace --bins --tests --locked || die "cargo build failed"
+
+state=$(bash hack/testenv/start.sh --owner-pid $$) || die "starting the test cluster failed"
+trap 'bash hack/testenv/stop.sh "$state" >/dev/null 2>&1' EXIT
+export KATA_TESTBED_STATE="$state"
+# shellcheck disable=SC1091
+. "$state/env"
+
+failed=()
+suite() { # name command...
+  local name=$1; shift
+  log "=== suite: $name"
+  if "$@"; then log "=== suite $name: passed"; else log "=== suite $name: FAILED"; failed+=("$name"); fi
+}
+if [ "$only" = all ] || [ "$only" = rust ]; then
+  suite rust cargo test --workspace --locked --no-fail-fast
+fi
+if [ "$only" = all ] || [ "$only" = chart ]; then
+  suite chart bash hack/test-chart.sh
+fi
+if [ "$only" = all ] || [ "$only" = images ]; then
+  suite images bash hack/test-images.sh
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  log "failed suites: ${failed[*]}"
+  exit 1
+fi
+log "all suites passed"
