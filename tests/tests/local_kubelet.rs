@@ -4,9 +4,9 @@
 //! `hack/testenv/start.sh`). Without it the tests fail under `CI=true` and are skipped (with a
 //! printed reason) otherwise. Needs root (mount namespaces).
 //!
-//! Each test creates its own namespace and local node, labelled with a per-test tag that its
-//! own in-process stand-in selects on, so tests (and other stand-ins on the same cluster) do not
-//! serve each other's nodes.
+//! Each test creates its own namespace and local node, whose `kata-testbed/local` label value is
+//! a per-test id that only its own in-process stand-in selects on, so tests (and other stand-ins
+//! on the same cluster) do not serve each other's nodes.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use kata_testbed::local_kubelet::{local_node, Config, ImageMap, LocalKubelet, LocalKubeletHandle};
+use kata_testbed::local_kubelet::{
+    local_node, Config, ImageMap, LocalKubelet, LocalKubeletHandle, LOCAL_LABEL,
+};
 use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
@@ -70,12 +72,14 @@ impl Bed {
         let mut n = Namespace::default();
         n.metadata.name = Some(ns.clone());
         nss.create(&PostParams::default(), &n).await.expect("create namespace");
+        // The local label carries this test's id instead of "true", so that neither another
+        // test's stand-in nor a default-selector stand-in running on the same cluster serves it.
         let mut local = local_node(&node);
         local
             .metadata
             .labels
             .get_or_insert_with(Default::default)
-            .insert("lk-test".into(), id.clone());
+            .insert(LOCAL_LABEL.into(), id.clone());
         let nodes: Api<Node> = Api::all(client.clone());
         nodes.create(&PostParams::default(), &local).await.expect("create node");
 
@@ -83,7 +87,7 @@ impl Bed {
         let work = tempfile::tempdir().unwrap();
         let mut config = Config::new(kubeconfig, hosts.path().into(), work.path().into());
         config.images = ImageMap::new([("lk-sh", "/bin/sh")]);
-        config.node_selector = format!("kata-testbed/local=true,lk-test={id}");
+        config.node_selector = format!("{LOCAL_LABEL}={id}");
         config.heartbeat = Duration::from_secs(5);
         let kubelet = LocalKubelet::spawn(config).await.expect("start stand-in");
         Some(Bed {

@@ -305,11 +305,14 @@ pub async fn heartbeat(shared: &Shared, node: &str) -> super::error::Result<()> 
             "metadata": {"resourceVersion": n.metadata.resource_version},
             "spec": {"taints": taints},
         });
-        nodes
+        match nodes
             .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|e| Error::kube(format!("lift not-ready taint of {node}"), e))?;
-        info!(node = %node, "lifted not-ready taint");
+        {
+            Ok(_) => info!(node = %node, "lifted not-ready taint"),
+            // Not fatal: the Lease below still gets renewed.
+            Err(e) => warn!(node = %node, error = %e, "lifting not-ready taint (will retry)"),
+        }
     }
     let leases: Api<Lease> = Api::namespaced(shared.client.clone(), "kube-node-lease");
     leases
