@@ -280,7 +280,9 @@ async fn fallback_to_logs_and_unmapped_image() {
         "spec": {
             "restartPolicy": "Never",
             "containers": [
+                // Requests make the pod Burstable: status updates must leave qosClass alone.
                 {"name": "a", "image": SH_IMAGE, "terminationMessagePolicy": "FallbackToLogsOnError",
+                 "resources": {"requests": {"cpu": "10m"}},
                  "args": ["-c", "echo first; echo last line >&2; exit 1"]},
                 {"name": "b", "image": "example.org/not-mapped:1"}
             ]

@@ -288,7 +288,7 @@ pub fn build_status(rec: &PodRecord, now: &Timestamp) -> PodStatus {
             ip: rec.ip.clone(),
         }]),
         start_time: Some(Time(rec.start_time)),
-        qos_class: Some("BestEffort".into()),
+        // qosClass is left alone: the API server computes it at creation and rejects changes.
         init_container_statuses: (!rec.init.is_empty()).then(|| {
             rec.init
                 .iter()
@@ -384,6 +384,7 @@ mod tests {
             .unwrap();
         assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("False", Some("PodCompleted")));
         assert_eq!(s.pod_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(s.qos_class, None);
     }
 
     #[test]
