@@ -95,16 +95,21 @@ impl DispatcherEnv {
             .env("KUBECONFIG", &self.kubeconfig)
             .env("POD_NAMESPACE", &self.namespace)
             .env("RUST_LOG", "info")
-            .args(["--progress-interval", "5s", "--termination-log", "/nonexistent/termination-log"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // Defaults only where the caller did not give its own (clap refuses repeats).
-        if !extra.contains(&"--template") {
-            cmd.args(["--template", self.template.to_str().expect("utf-8 path")]);
-        }
-        if !extra.contains(&"--owner-job") {
-            cmd.args(["--owner-job", OWNER_JOB]);
+        let template = self.template.to_str().expect("utf-8 path");
+        let defaults = [
+            ("--template", template),
+            ("--owner-job", OWNER_JOB),
+            ("--progress-interval", "5s"),
+            ("--termination-log", "/nonexistent/termination-log"),
+        ];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
         }
         Ok(cmd)
     }
@@ -183,6 +188,8 @@ struct ObserverState {
     active: HashSet<String>,
     max_active: usize,
     created: HashSet<String>,
+    first_seen: HashMap<String, std::time::Instant>,
+    durations: Vec<Duration>,
 }
 
 impl ActiveObserver {
@@ -201,11 +208,15 @@ impl ActiveObserver {
                     Event::Apply(job) | Event::InitApply(job) => {
                         let name = job.metadata.uid.clone().unwrap_or_default();
                         s.created.insert(name.clone());
+                        s.first_seen.entry(name.clone()).or_insert_with(std::time::Instant::now);
                         let finished = job.status.as_ref().and_then(|st| st.conditions.as_ref()).is_some_and(|cs| {
                             cs.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
                         });
                         if finished {
-                            s.active.remove(&name);
+                            if s.active.remove(&name) {
+                                let took = s.first_seen[&name].elapsed();
+                                s.durations.push(took);
+                            }
                         } else {
                             s.active.insert(name);
                         }
@@ -224,6 +235,13 @@ impl ActiveObserver {
     /// The most Jobs observed unfinished at the same time.
     pub fn max_active(&self) -> usize {
         self.inner.lock().expect("observer lock").max_active
+    }
+
+    /// Mean time from a Job's first appearance to its end, as this watcher saw them.
+    pub fn mean_job_duration(&self) -> Option<Duration> {
+        let s = self.inner.lock().expect("observer lock");
+        let n = u32::try_from(s.durations.len()).ok().filter(|n| *n > 0)?;
+        Some(s.durations.iter().sum::<Duration>() / n)
     }
 
     /// Distinct Job objects (by UID) observed.

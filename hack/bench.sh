@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Rollout benchmarks on the test bed (release build of the dispatcher), printed as a Markdown
+# table. Each size runs in a fresh cluster so audit counts and node counts do not mix.
+#
+#   hack/bench.sh                      the BENCHMARKS.md matrix (N = 100, 1000, 5000; P = 10, 100)
+#   hack/bench.sh 50:10:2 500:50:3     custom N:P:D triples (D in seconds)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. hack/testenv/lib.sh
+runs=("$@")
+[ ${#runs[@]} -gt 0 ] || runs=(100:10:3 100:100:3 1000:10:3 1000:100:3 5000:100:3)
+bash hack/testenv/build.sh
+cargo build --release --locked -p kata-deploy-job-dispatcher -p kata-testbed --bins
+export KATA_TEST_PROFILE=release
+header=--header
+for run in "${runs[@]}"; do
+  IFS=: read -r n p d <<<"$run"
+  state=$(bash hack/testenv/start.sh --owner-pid $$)
+  KATA_TESTBED_STATE="$state" target/release/kata-bench --nodes "$n" --parallelism "$p" --duration "$d" $header \
+    || { bash hack/testenv/stop.sh "$state"; die "benchmark N=$n P=$p D=$d failed"; }
+  header=
+  bash hack/testenv/stop.sh "$state" >/dev/null 2>&1
+done
