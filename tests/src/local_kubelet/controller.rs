@@ -25,13 +25,36 @@ use super::Shared;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const FIELD_MANAGER: &str = "kata-local-kubelet";
 
+/// A task handle that aborts its task when dropped, so dropping (aborting) the stand-in's main
+/// task tears down every node and pod task below it, unless detached first.
+struct Owned(Option<JoinHandle<()>>);
+
+impl Owned {
+    fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Owned(Some(tokio::spawn(f)))
+    }
+
+    /// Lets the task run on its own (e.g. a pod runner that still has to kill processes).
+    fn detach(mut self) -> Option<JoinHandle<()>> {
+        self.0.take()
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
 /// Watches local nodes and serves each one until `shutdown` flips to true.
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let nodes: Api<Node> = Api::all(shared.client.clone());
     let cfg = watcher::Config::default().labels(&shared.config.node_selector);
     let stream = watcher(nodes, cfg).default_backoff();
     pin_mut!(stream);
-    let mut served: BTreeMap<String, (watch::Sender<bool>, JoinHandle<()>)> = BTreeMap::new();
+    let mut served: BTreeMap<String, (watch::Sender<bool>, Owned)> = BTreeMap::new();
     let mut seen = BTreeSet::new();
     loop {
         let ev = tokio::select! {
@@ -55,7 +78,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 served.entry(name.clone()).or_insert_with(|| {
                     info!(node = %name, "serving local node");
                     let (tx, rx) = watch::channel(false);
-                    (tx, tokio::spawn(serve_node(shared.clone(), name, rx)))
+                    (tx, Owned::spawn(serve_node(shared.clone(), name, rx)))
                 });
             }
             watcher::Event::InitDone => {
@@ -71,7 +94,9 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             if let Some((tx, h)) = served.remove(&name) {
                 info!(node = %name, "node gone (or no longer local): stopping its pods");
                 let _ = tx.send(true);
-                let _ = h.await;
+                if let Some(h) = h.detach() {
+                    let _ = h.await;
+                }
             }
         }
     }
@@ -79,7 +104,9 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         let _ = tx.send(true);
     }
     for (_, (_, h)) in served {
-        let _ = h.await;
+        if let Some(h) = h.detach() {
+            let _ = h.await;
+        }
     }
 }
 
@@ -88,6 +115,17 @@ struct PodEntry {
     stop: watch::Sender<Option<StopRequest>>,
     /// Flips to true when the runner is done (it never ran for pods found finished).
     done: watch::Receiver<bool>,
+    /// The runner, if the pod runs here.
+    runner: Option<Owned>,
+}
+
+impl PodEntry {
+    /// Forgets the pod but lets its runner finish stopping it.
+    fn release(mut self) {
+        if let Some(r) = self.runner.take() {
+            r.detach();
+        }
+    }
 }
 
 /// Grace period for stopping a pod: the deletion's, else the spec's, else 30s.
@@ -112,7 +150,7 @@ fn is_terminal(pod: &Pod) -> bool {
 }
 
 async fn serve_node(shared: Arc<Shared>, node: String, mut shutdown: watch::Receiver<bool>) {
-    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), node.clone()));
+    let heartbeat = Owned::spawn(heartbeat_loop(shared.clone(), node.clone()));
     let pods: Api<Pod> = Api::all(shared.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let stream = watcher(pods, cfg).default_backoff();
@@ -149,6 +187,7 @@ async fn serve_node(shared: Arc<Shared>, node: String, mut shutdown: watch::Rece
                 for uid in gone {
                     if let Some(e) = table.remove(&uid) {
                         stop_once(&e, Duration::ZERO, false);
+                        e.release();
                     }
                 }
             }
@@ -156,11 +195,12 @@ async fn serve_node(shared: Arc<Shared>, node: String, mut shutdown: watch::Rece
                 let uid = p.metadata.uid.clone().unwrap_or_default();
                 if let Some(e) = table.remove(&uid) {
                     stop_once(&e, grace_of(&p), false);
+                    e.release();
                 }
             }
         }
     }
-    heartbeat.abort();
+    drop(heartbeat);
     // Shutdown: stop every pod's processes and wait for the runners to record it.
     let mut waits = vec![];
     for e in table.values() {
@@ -250,19 +290,21 @@ fn on_pod(shared: &Arc<Shared>, node: &str, table: &mut BTreeMap<String, PodEntr
                 warn!(pod = %format!("{ns}/{name}"), error = %e, "failing orphaned pod");
             }
         });
-    } else {
+    }
+    let runner = (!deleting && !is_terminal(&pod) && !started_before).then(|| {
         let shared = shared.clone();
         let node = node.to_string();
-        tokio::spawn(async move {
+        Owned::spawn(async move {
             run_pod(shared, pod, node, stop_rx).await;
             let _ = done_tx.send(true);
-        });
-    }
+        })
+    });
     table.insert(
         uid,
         PodEntry {
             stop: stop_tx,
             done: done_rx,
+            runner,
         },
     );
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Pod, PodCondition, Secret, ServiceAccount,
+};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client};
@@ -24,7 +26,7 @@ use super::image::resolve_argv;
 use super::node::LOCAL_IP;
 use super::process::{self, ProcessSpec};
 use super::status::{
-    build_status, exit_reason, termination_message, CState, ContainerRecord, PodRecord,
+    build_status, carry_transition_times, exit_reason, termination_message, CState, ContainerRecord, PodRecord,
 };
 use super::volumes::{
     container_mounts, plan_volume, prepare_host_path, service_account_files, wants_sa_mount,
@@ -73,6 +75,8 @@ struct PodRun {
     dir: PathBuf,
     ctx: PodContext,
     record: Mutex<PodRecord>,
+    /// Conditions last written, to keep their transition times.
+    last_conditions: std::sync::Mutex<Vec<PodCondition>>,
     stop: watch::Receiver<Option<StopRequest>>,
 }
 
@@ -164,6 +168,7 @@ impl PodRun {
             dir,
             ctx,
             record: Mutex::new(record),
+            last_conditions: Default::default(),
             stop,
         })
     }
@@ -184,7 +189,14 @@ impl PodRun {
     /// older state never overwrites a newer one). The UID in the patch makes it a precondition.
     async fn publish(&self) {
         let rec = self.record.lock().await;
-        let status = build_status(&rec, &Timestamp::now());
+        let mut status = build_status(&rec, &Timestamp::now());
+        {
+            let mut last = self.last_conditions.lock().unwrap();
+            if let Some(new) = status.conditions.as_mut() {
+                carry_transition_times(new, &last);
+                *last = new.clone();
+            }
+        }
         let patch = json!({"metadata": {"uid": self.uid}, "status": status});
         for attempt in 0..3 {
             match self

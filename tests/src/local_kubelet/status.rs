@@ -243,6 +243,18 @@ fn condition(type_: &str, ok: bool, reason: Option<&str>, now: &Timestamp) -> Po
     }
 }
 
+/// Keeps `lastTransitionTime` of conditions whose status did not change since `prev`.
+pub fn carry_transition_times(new: &mut [PodCondition], prev: &[PodCondition]) {
+    for c in new.iter_mut() {
+        if let Some(p) = prev
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+        {
+            c.last_transition_time = p.last_transition_time.clone();
+        }
+    }
+}
+
 /// Full pod status for the `pods/status` subresource.
 pub fn build_status(rec: &PodRecord, now: &Timestamp) -> PodStatus {
     let phase = phase(rec);
@@ -395,6 +407,23 @@ mod tests {
         assert!(s.init_container_statuses.is_none());
         let ready = s.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.status, "True");
+    }
+
+    #[test]
+    fn transition_times_carry_over() {
+        let later = Timestamp::from_second(1_800_000_000).unwrap();
+        let first = build_status(&rec(vec![], vec![running("m")]), &now());
+        let mut second = build_status(&rec(vec![], vec![term("m", 0)]), &later);
+        carry_transition_times(
+            second.conditions.as_mut().unwrap(),
+            first.conditions.as_ref().unwrap(),
+        );
+        let time = |s: &PodStatus, t: &str| {
+            s.conditions.as_ref().unwrap().iter().find(|c| c.type_ == t).unwrap()
+                .last_transition_time.clone().unwrap().0
+        };
+        assert_eq!(time(&second, "PodScheduled"), now());
+        assert_eq!(time(&second, "Ready"), later);
     }
 
     #[test]
