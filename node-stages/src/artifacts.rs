@@ -328,6 +328,9 @@ pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarte
     let mpath = manifest_path(&install);
     let Some(manifest) = read_json::<ArtifactsManifest>(fs, &mpath)? else {
         tracing::info!(stage = "remove-artifacts", "nothing recorded: no artifacts installed by this install");
+        // A crash before the first manifest write can leave its temp file and the state dir.
+        fs.remove_file(&HostFs::temp_for(&mpath))?;
+        fs.remove_dir_if_empty(&install.state_dir())?;
         return Ok(ArtifactsOutcome::default());
     };
     for unit in &manifest.units {
@@ -348,6 +351,7 @@ pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarte
         fs.remove_dir_if_empty(d)?;
     }
     fs.remove_file(&mpath)?;
+    fs.remove_file(&HostFs::temp_for(&mpath))?;
     fs.remove_dir_if_empty(&install.state_dir())?;
     tracing::info!(stage = "remove-artifacts", removed = removed.len(), "artifacts removed");
     Ok(ArtifactsOutcome { removed, ..Default::default() })

@@ -167,16 +167,14 @@ pub fn add_import(doc: &mut DocumentMut, path: &str) -> bool {
     true
 }
 
-/// Removes exactly `path` from `imports` (removing the key if we emptied it).
+/// Removes exactly `path` from `imports`. An emptied list stays as `imports = []` (what
+/// containerd's own default config has); byte-exact restores use the backup instead.
 pub fn remove_import(doc: &mut DocumentMut, path: &str) -> bool {
     let Some(arr) = doc.get_mut("imports").and_then(Item::as_array_mut) else { return false };
     let before = arr.len();
     arr.retain(|v| v.as_str() != Some(path));
-    let changed = arr.len() != before;
-    if changed && arr.is_empty() {
-        doc.remove("imports");
-    }
-    changed
+    arr.fmt();
+    arr.len() != before
 }
 
 /// Walks (creating implicit tables as needed) to the table at `path`.
@@ -196,6 +194,20 @@ fn table_at<'a>(doc: &'a mut DocumentMut, path: &[&str]) -> &'a mut Table {
         t = entry.as_table_mut().expect("table");
     }
     t
+}
+
+/// Sets a boolean, keeping an existing key's position and formatting (indentation, comments).
+fn set_keeping_decor(t: &mut Table, key: &str, v: bool) {
+    match t.get_mut(key).and_then(Item::as_value_mut) {
+        Some(old) => {
+            let decor = old.decor().clone();
+            *old = v.into();
+            *old.decor_mut() = decor;
+        }
+        None => {
+            t.insert(key, value(v));
+        }
+    }
 }
 
 fn handler_table(h: &KataHandler) -> Table {
@@ -225,8 +237,9 @@ pub fn apply_kata(doc: &mut DocumentMut, version: ConfigVersion, kata: &KataCont
     if let Some(proxy) = &kata.proxy {
         if set_global_flags {
             let flags = table_at(doc, version.snapshot_flags_path());
-            flags.insert("disable_snapshot_annotations", value(false));
-            flags.insert("discard_unpacked_layers", value(false));
+            for key in ["disable_snapshot_annotations", "discard_unpacked_layers"] {
+                set_keeping_decor(flags, key, false);
+            }
         }
         let plugins = table_at(doc, &["proxy_plugins"]);
         let mut p = Table::new();
@@ -426,7 +439,7 @@ mod tests {
         assert!(add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
         assert!(!add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
         assert!(remove_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
-        assert_eq!(doc.to_string(), "version = 3\n");
+        assert_eq!(doc.to_string(), "version = 3\nimports = []\n");
         assert!(import_covers("/a/*.toml", "/a/x.toml") && !import_covers("/a/*.toml", "/b/x.toml"));
     }
 

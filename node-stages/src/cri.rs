@@ -433,6 +433,19 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     state.unit = target.unit.clone();
     state.handlers = union(&prev_state.handlers, &target.handlers);
     state.files = changes.iter().filter_map(|c| c.entry.clone()).collect();
+    // Record the directories we are about to create before creating them (crash safety).
+    for c in changes.iter().filter(|c| c.new.is_some() && c.current != c.new) {
+        let mut cur = c.path.parent();
+        while let Some(d) = cur {
+            if d == Path::new("/") || fs.exists(d) {
+                break;
+            }
+            if !state.created_dirs.iter().any(|x| x == d) {
+                state.created_dirs.push(d.to_path_buf());
+            }
+            cur = d.parent();
+        }
+    }
     let result = write_changes(ctx, &mut state, &state_path, &changes, &install);
     let changed = result?;
     state.handlers = target.handlers.clone();
@@ -465,6 +478,7 @@ fn restore_change(fs: &HostFs, state: &CriState, f: &CriFile, imports: &[String]
                 Some(strip_ours(&f.path, current.as_deref().unwrap(), state, imports, Some(proxy))?)
             }
         }
+        Original::Backup { sha256, .. } if cur_sha.as_deref() == Some(sha256.as_str()) => current.clone(),
         Original::Backup { backup, sha256 } => {
             if f.whole_file || cur_sha == f.written_sha256 || cur_sha.as_deref() == Some(sha256.as_str()) || current.is_none() {
                 Some(fs.read(backup)?.ok_or_else(|| {
@@ -578,6 +592,8 @@ fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, u
             write_state(fs, state_path, state)?;
             Ok(true)
         }
+        // A simulated crash (tests) means this process is gone: nothing else runs.
+        Err(e @ StageError::InjectedFault { .. }) => Err(e),
         Err(e) => {
             tracing::error!(stage = "cri", unit, error = %e, "runtime did not come back with the new configuration; restoring the previous one");
             let restored = rollback(ctx, unit, changes);
@@ -612,7 +628,7 @@ fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expec
             Err(e) => last = e.to_string(),
         }
         if Instant::now() >= deadline {
-            return Err(StageError::Runtime { unit: unit.into(), message: last, hint: String::new() });
+            return Err(StageError::Runtime { unit: unit.into(), message: format!("not back: {last}"), hint: "see the runtime's logs".into() });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -635,6 +651,19 @@ fn rollback(ctx: &CriContext, unit: &str, changes: &[Change]) -> Result<()> {
     wait_until_loaded(ctx, unit, since, &Expect::Lacks(vec![]))
 }
 
+/// Removes what a crashed cri/revert-cri run may have left in the state directory: backups no
+/// longer referenced by a state file and temp files of the state file.
+fn cleanup_state_leftovers(fs: &HostFs, install: &Install) -> Result<()> {
+    let dir = install.state_dir();
+    fs.remove_file(&HostFs::temp_for(&dir.join(CRI_STATE)))?;
+    let backups = dir.join("backups");
+    for name in fs.list_dir(&backups) {
+        fs.remove_file(&backups.join(name))?;
+    }
+    fs.remove_dir_if_empty(&backups)?;
+    fs.remove_dir_if_empty(&dir)
+}
+
 /// The revert-cri stage: restore every file we touched byte-for-byte (or remove our drop-ins),
 /// restart the runtime and verify it no longer serves our handlers. A no-op on a clean node.
 pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
@@ -643,6 +672,7 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let state_path = ctx.state_path();
     let Some(mut state) = read_json::<CriState>(fs, &state_path)? else {
         tracing::info!(stage = "revert-cri", "nothing recorded: the runtime configuration was never changed by this install");
+        cleanup_state_leftovers(fs, &install)?;
         return Ok(CriOutcome::default());
     };
     let imports = whole_paths_imported(&state);
@@ -653,6 +683,8 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     }
     let mut changed = Vec::new();
     for c in &changes {
+        // A crash between writing a temp file and renaming it leaves the temp beside the file.
+        fs.remove_file(&HostFs::temp_for(&c.path))?;
         if c.current == c.new {
             continue;
         }
@@ -672,14 +704,15 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
         Ok(r) => r,
         Err(e) => return Err(e),
     };
-    // Done: forget the state and backups.
-    for f in &state.files {
-        if let Original::Backup { backup, .. } = &f.original {
-            fs.remove_file(backup)?;
-        }
+    // Done. Order matters for crash safety: directories we created (now empty), then the state
+    // file, then the backups (a re-run without state cleans leftover backups).
+    let mut dirs = state.created_dirs.clone();
+    dirs.sort();
+    for d in dirs.iter().rev() {
+        fs.remove_dir_if_empty(d)?;
     }
-    fs.remove_dir_if_empty(&install.state_dir().join("backups"))?;
     fs.remove_file(&state_path)?;
+    cleanup_state_leftovers(fs, &install)?;
     Ok(CriOutcome { changed, restarted, unit, notes: vec![] })
 }
 

@@ -72,7 +72,7 @@ pub struct StageReport {
 impl StageReport {
     /// Text for humans.
     pub fn text(&self) -> String {
-        let mut s = format!("{}: {}\n", self.stage, self.summary);
+        let mut s = format!("{}: {}\n", self.stage, self.summary.trim_end());
         for p in &self.planned {
             s.push_str(p);
             if !p.ends_with('\n') {
@@ -255,7 +255,7 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
         }
     };
     lines.push(format!("label: marker {} (query the node: kubectl get node {} --show-labels)", install.marker_label(), env.facts.display_name()));
-    Ok(StageReport { stage: "status".into(), summary: lines.join("\n"), details: json!({"artifacts": artifacts, "cri": cri, "stateDir": dir}), planned: vec![] })
+    Ok(StageReport { stage: "status".into(), summary: lines.join("\n") + "\n", details: json!({"artifacts": artifacts, "cri": cri, "stateDir": dir}), planned: vec![] })
 }
 
 /// Default payload location in the stage image.

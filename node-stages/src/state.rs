@@ -83,6 +83,9 @@ pub struct CriState {
     pub loaded: Option<String>,
     /// A restart requested but not yet verified.
     pub pending: Option<PendingRestart>,
+    /// Directories we created for our files (removed on revert when empty).
+    #[serde(default)]
+    pub created_dirs: Vec<PathBuf>,
 }
 
 /// File names in the state directory.
