@@ -275,13 +275,9 @@ def t_default():
                 check(f"{role}/{n}: host root read-only, not privileged",
                       mounts.get("/host", {}).get("readOnly") is True and sc.get("privileged") is False
                       and sc.get("allowPrivilegeEscalation") is False, (mounts, sc))
-            elif n in ("cri", "revert-cri"):
-                check(f"{role}/{n}: privileged with host root (restarts the CRI)",
+            else:  # cri, revert-cri restart the CRI; artifacts, remove-artifacts manage the nydus unit (systemd)
+                check(f"{role}/{n}: privileged with host root read-write (restart: systemd)",
                       "/host" in mounts and not mounts["/host"].get("readOnly") and sc.get("privileged") is True, (mounts, sc))
-            else:  # artifacts, remove-artifacts
-                check(f"{role}/{n}: host root read-write, NOT privileged",
-                      "/host" in mounts and not mounts["/host"].get("readOnly") and sc.get("privileged") is False
-                      and sc.get("allowPrivilegeEscalation") is False and sc["capabilities"]["drop"] == ["ALL"], (mounts, sc))
             check(f"{role}/{n}: resources set", "limits" in c.get("resources", {}) and "requests" in c.get("resources", {}))
 
     # Stage configuration.
@@ -359,6 +355,9 @@ def t_values():
     check("multiInstallSuffix: handler equals the suffixed name", all(r["handler"] == n for n, r in rcs(objs).items()))
     cfg, _ = stage_config(objs)
     check("multiInstallSuffix/debug: in the stage config", cfg["multiInstallSuffix"] == "cicd" and cfg["debug"] is True, cfg)
+    a = args_of(dispatcher(objs, "cleanup"))
+    check("multiInstallSuffix: cleanup default = kata-runtime OR this install's claimed-<suffix> marker",
+          flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed-cicd"], a)
 
     objs = render({"shims": {"disableAll": True, "qemu": {"enabled": True}, "fc": {"enabled": False}}})
     check("shims.disableAll + one enabled: only that shim", sorted(rcs(objs)) == ["kata-qemu"]
@@ -384,6 +383,14 @@ def t_values():
     ij, cj, _ = templates(objs)
     check("stage.restart=none: per-node pods get no hostPID", not ij["spec"]["template"]["spec"].get("hostPID")
           and not cj["spec"]["template"]["spec"].get("hostPID"))
+    ctrs = {c["name"]: c for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
+    for n in ("artifacts", "remove-artifacts"):
+        sc = ctrs[n]["securityContext"]
+        check(f"stage.restart=none: {n} is root with host root read-write but NOT privileged",
+              sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False and sc["capabilities"]["drop"] == ["ALL"]
+              and any(m["mountPath"] == "/host" and not m.get("readOnly") for m in ctrs[n]["volumeMounts"]), sc)
+    check("stage.restart=none: cri/revert-cri stay privileged", ctrs["cri"]["securityContext"]["privileged"] is True
+          and ctrs["revert-cri"]["securityContext"]["privileged"] is True)
 
     objs = render({"shims": {"qemu": {"allowedHypervisorAnnotations": ["path", "kernel_params"], "allowRestrictedAnnotations": True}}})
     q = next(s for s in stage_config(objs)[0]["shims"] if s["name"] == "qemu")
@@ -559,6 +566,8 @@ def t_schema():
     for name, values, want in cases:
         err = render_err(values)
         check(f"schema rejects {name}", err != "" and all(w in err for w in want), err.strip().splitlines()[-3:] if err else "rendered!")
+    err = render_err({"shims": {"disableAll": True}})
+    check("no shim enabled is rejected (the stages refuse an empty shim list)", "no shim is enabled" in err, err)
     err = render_err({"deploymentMode": "daemonset"})
     check("deploymentMode=daemonset rejected: 'this chart implements job mode'", "this chart implements job mode" in err, err)
     # The template checks hold even when the schema is skipped.
@@ -578,6 +587,31 @@ def t_schema():
         err = render_err(values)
         check(f"schema: {name}", err == "", err)
 guarded("schema", t_schema)
+
+# ----------------------------------------------- the real stage binary parses the rendered config
+def t_stage_parses():
+    # The stage parses config.yaml with deny_unknown_fields: feed it what the chart renders.
+    cands = [os.environ.get("KATA_STAGE_BIN", ""), os.path.join(os.environ["REPO"], "target/debug/kata-deploy-stage"),
+             os.path.join(os.environ["REPO"], "target/x86_64-unknown-linux-musl/release/kata-deploy-stage")]
+    stage = next((c for c in cands if c and os.access(c, os.X_OK)), None)
+    if not check("a kata-deploy-stage binary to parse the rendered config (KATA_STAGE_BIN, or cargo build -p kata-deploy-stage)", stage, cands):
+        return
+    host, payload = tempfile.mkdtemp(dir=TMP), tempfile.mkdtemp(dir=TMP)
+    matrix = [("default", None, []), ("try-kata-nvidia-gpu", None, [os.path.join(CHART, "try-kata-nvidia-gpu.values.yaml")]),
+              ("try-kata-tee", None, [os.path.join(CHART, "try-kata-tee.values.yaml")]),
+              ("suffix+custom runtime+restart none", {"env": {"multiInstallSuffix": "cicd", "debug": True}, "stage": {"restart": "none", "cri": "k3s"},
+               "customRuntimes": {"enabled": True, "runtimes": {"my-gpu": {"baseConfig": "qemu-nvidia-gpu", "dropIn": "[hypervisor.qemu]\ndefault_memory = 1024\n"}}},
+               "shims": {"qemu": {"allowedHypervisorAnnotations": ["kernel_params"], "dropIn": "[agent.kata]\ndial_timeout = 999\n"}}}, []),
+              ("disableAll with a custom runtime only", {"shims": {"disableAll": True},
+               "customRuntimes": {"enabled": True, "runtimes": {"solo": {"baseConfig": "qemu"}}}}, [])]
+    for name, values, files in matrix:
+        cfg = stage_config(render(values, files=files))[1]["data"]["config.yaml"]
+        path = os.path.join(TMP, "config.yaml")
+        with open(path, "w") as f:
+            f.write(cfg)
+        p = subprocess.run([stage, "--config", path, "--host-root", host, "--payload", payload, "status"], capture_output=True, text=True)
+        check(f"stage parses the rendered config ({name})", p.returncode == 0, (p.stdout + p.stderr)[-400:])
+guarded("stage parses config", t_stage_parses)
 
 # --------------------------------------------------------------------------------------- NOTES
 def t_notes():

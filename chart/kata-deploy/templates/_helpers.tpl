@@ -110,7 +110,8 @@ Params: dict "eq" <map> "exprs" <list> "what" <value path for error messages>.
 
 {{/*
 The cleanup selectors as a JSON list of strings; each becomes one --selector (a union).
-Default (nothing configured): nodes with the kata-runtime label OR the claimed marker.
+Default (nothing configured): nodes with the kata-runtime label OR this install's claimed marker
+(katacontainers.io/kata-deploy-claimed[-<suffix>], set by the stages before the host is touched).
 */}}
 {{- define "kata-deploy.cleanupSelectors" -}}
 {{- $c := .Values.job.cleanup | default dict -}}
@@ -118,7 +119,9 @@ Default (nothing configured): nodes with the kata-runtime label OR the claimed m
 {{- if $sel -}}
 {{- list $sel | toJson -}}
 {{- else -}}
-{{- list "katacontainers.io/kata-runtime" "katacontainers.io/kata-deploy-claimed" | toJson -}}
+{{- $claimed := "katacontainers.io/kata-deploy-claimed" -}}
+{{- with .Values.env.multiInstallSuffix -}}{{- $claimed = printf "%s-%s" $claimed . -}}{{- end -}}
+{{- list "katacontainers.io/kata-runtime" $claimed | toJson -}}
 {{- end -}}
 {{- end -}}
 
