@@ -41,6 +41,9 @@ fn state_dir() -> Option<PathBuf> {
 /// One test's world: namespace, local node, stand-in, scratch dirs.
 struct Bed {
     client: Client,
+    /// Per-test id: the value of the node's `kata-testbed/local` label.
+    id: String,
+    kubeconfig: PathBuf,
     ns: String,
     node: String,
     hosts: tempfile::TempDir,
@@ -49,7 +52,23 @@ struct Bed {
 }
 
 impl Bed {
+    /// A bed served by an in-process stand-in.
     async fn new(tag: &str) -> Option<Bed> {
+        let mut bed = Bed::without_kubelet(tag).await?;
+        let mut config = Config::new(
+            bed.kubeconfig.clone(),
+            bed.hosts.path().into(),
+            bed.work.path().into(),
+        );
+        config.images = ImageMap::new([("lk-sh", "/bin/sh")]);
+        config.node_selector = format!("{LOCAL_LABEL}={}", bed.id);
+        config.heartbeat = Duration::from_secs(5);
+        bed.kubelet = Some(LocalKubelet::spawn(config).await.expect("start stand-in"));
+        Some(bed)
+    }
+
+    /// Namespace, node and scratch dirs only.
+    async fn without_kubelet(tag: &str) -> Option<Bed> {
         let state = state_dir()?;
         let kubeconfig = state.join("kubeconfig");
         let kc = Kubeconfig::read_from(&kubeconfig).expect("reading kubeconfig");
@@ -83,20 +102,15 @@ impl Bed {
         let nodes: Api<Node> = Api::all(client.clone());
         nodes.create(&PostParams::default(), &local).await.expect("create node");
 
-        let hosts = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        let mut config = Config::new(kubeconfig, hosts.path().into(), work.path().into());
-        config.images = ImageMap::new([("lk-sh", "/bin/sh")]);
-        config.node_selector = format!("{LOCAL_LABEL}={id}");
-        config.heartbeat = Duration::from_secs(5);
-        let kubelet = LocalKubelet::spawn(config).await.expect("start stand-in");
         Some(Bed {
             client,
+            id,
+            kubeconfig,
             ns,
             node,
-            hosts,
-            work,
-            kubelet: Some(kubelet),
+            hosts: tempfile::tempdir().unwrap(),
+            work: tempfile::tempdir().unwrap(),
+            kubelet: None,
         })
     }
 
@@ -488,5 +502,79 @@ async fn deleting_a_running_pod_kills_it_and_removes_the_object() {
     }
     assert_eq!(bed.kubelet.as_ref().unwrap().running_containers(), 0);
     assert!(bed.logs("sleeper").contains("got TERM"), "{}", bed.logs("sleeper"));
+    bed.teardown().await;
+}
+
+/// The binary: flags, serving a node, and SIGTERM killing the containers (status written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_pods_and_stops_them_on_sigterm() {
+    let Some(bed) = Bed::without_kubelet("bin").await else { return };
+    let log = bed.work.path().join("kubelet.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kata-local-kubelet"))
+        .arg("--kubeconfig")
+        .arg(&bed.kubeconfig)
+        .arg("--hosts-dir")
+        .arg(bed.hosts.path())
+        .arg("--work-dir")
+        .arg(bed.work.path())
+        .args(["--image", "quay.io/x/lk-sh=/bin/sh"])
+        .args(["--bind", "/etc/hostname=/opt/lk-extra/hostname:ro"])
+        .args(["--node-selector", &format!("{LOCAL_LABEL}={}", bed.id)])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start kata-local-kubelet");
+    // On a failed assertion, SIGTERM (not SIGKILL) so the stand-in still kills its containers.
+    struct TermOnDrop(u32);
+    impl Drop for TermOnDrop {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        }
+    }
+    let _guard = TermOnDrop(child.id().unwrap());
+    bed.create_pod(json!({
+        "metadata": {"name": "long"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": SH_IMAGE,
+                            // `$$$$`: Kubernetes turns `$$` into `$`, the shell gets `$$`.
+                            "args": ["-c", "cat /opt/lk-extra/hostname; echo $$$$ > /tmp/lk-pid-$POD; sleep 600"],
+                            "env": [{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}]}]
+        }
+    }))
+    .await;
+    let p = bed
+        .wait_pod("long", Duration::from_secs(60), |p| phase(p) == "Running")
+        .await;
+    let pid_file = format!("/tmp/lk-pid-{}", p.metadata.uid.clone().unwrap());
+    let start = Instant::now();
+    let pid: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no pid file; logs: {}", bed.logs("long"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    assert!(bed.logs("long").contains(&hostname), "--bind not applied: {}", bed.logs("long"));
+
+    // SIGTERM: the stand-in stops the container, reports it, and exits 0.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("kata-local-kubelet did not exit on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit {status:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        unsafe { libc::kill(pid, 0) } != 0,
+        "container process {pid} survived the stand-in"
+    );
+    let p = bed.wait_finished("long").await;
+    assert_eq!(phase(&p), "Failed");
+    let t = terminated(&p, false, 0);
+    assert_eq!((t.exit_code, t.signal), (143, Some(15)));
     bed.teardown().await;
 }
