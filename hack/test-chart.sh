@@ -459,6 +459,9 @@ def t_nfd():
     objs = render({"nfd": {"enabled": True}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True, "runtimeClass": {"nodeSelector": {"pool": "snp"}}}}})
     check("NFD: a manual runtimeClass.nodeSelector wins over auto-inject",
           rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == {**k, "pool": "snp"}, rcs(objs)["kata-qemu-snp"])
+    objs = render({"node-feature-discovery": {"enabled": True}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True}}})
+    check("NFD: upstream spelling node-feature-discovery.enabled=true works too",
+          rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == {**k, "amd.feature.node.kubernetes.io/snp": "true"})
     objs = render({"nfd": {"enabled": True, "autoInjectNodeSelectors": False}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True}}})
     check("NFD: autoInjectNodeSelectors=false", rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == k)
     objs = render({"shims": {"disableAll": True, "qemu-nvidia-gpu": {"enabled": True, "runtimeClass": {"nodeSelector": {"nvidia.com/cc.ready.state": "false"}}}}})
@@ -566,6 +569,8 @@ def t_schema():
     for name, values, want in cases:
         err = render_err(values)
         check(f"schema rejects {name}", err != "" and all(w in err for w in want), err.strip().splitlines()[-3:] if err else "rendered!")
+    err = render_err({"nodeSelector": {"kata-containers": "enabled"}})
+    check("DaemonSet-mode nodeSelector rejected with a pointer to job.nodeSelector", "job.nodeSelector" in err and "DaemonSet-mode" in err, err)
     err = render_err({"shims": {"disableAll": True}})
     check("no shim enabled is rejected (the stages refuse an empty shim list)", "no shim is enabled" in err, err)
     err = render_err({"deploymentMode": "daemonset"})

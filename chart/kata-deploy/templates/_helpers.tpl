@@ -204,7 +204,8 @@ Whether NFD is present: declared with nfd.enabled, or found by lookup of a
 node-feature-discovery-worker DaemonSet (lookup returns nothing during helm template).
 */}}
 {{- define "kata-deploy.nfdPresent" -}}
-{{- if eq (include "kata-deploy.bool" .Values.nfd.enabled) "true" -}}
+{{- $upstream := index .Values "node-feature-discovery" | default dict -}}
+{{- if or (eq (include "kata-deploy.bool" .Values.nfd.enabled) "true") (eq (include "kata-deploy.bool" ($upstream.enabled | default false)) "true") -}}
 true
 {{- else -}}
 {{- $found := false -}}
