@@ -16,8 +16,25 @@
 //! * no probes, no resource limits, no securityContext: processes run as the stand-in's user
 //!   (root) with the host's root filesystem plus the bind mounts; missing mount targets are
 //!   created on the real filesystem (empty directories/files);
-//! * a pod found already started by an earlier instance is failed, not re-run.
+//! * a pod found already started by an earlier instance is failed, not re-run;
+//! * container processes live in their own process groups: SIGTERM/SIGINT (or
+//!   [`LocalKubeletHandle::shutdown`] / drop) kills them, a SIGKILLed stand-in leaves them behind;
+//! * the test bed runs no node lifecycle controller, so the stand-in itself lifts the
+//!   `node.kubernetes.io/not-ready` taint that admission puts on every new node once it reports
+//!   the node Ready (and renews the node's Lease);
+//! * `$(VAR)` references in command/args/env are expanded like Kubernetes does (`$$` → `$`).
 //!
+//! Running it (as root):
+//!
+//! ```text
+//! kata-local-kubelet --kubeconfig $KATA_TESTBED_STATE/kubeconfig \
+//!     --hosts-dir /tmp/hosts --work-dir /tmp/kubelet-work \
+//!     --image kata-deploy-job-dispatcher=target/debug/kata-deploy-job-dispatcher \
+//!     --image kata-deploy-stage=target/debug/kata-deploy-stage \
+//!     --bind /tmp/payload=/opt/kata-payload:ro
+//! ```
+//!
+//! then create nodes with [`local_node`] (label `kata-testbed/local=true`).
 //! In-process use: [`LocalKubelet::spawn`] returns a handle whose [`LocalKubeletHandle::shutdown`]
 //! (or drop) stops everything and kills the containers.
 

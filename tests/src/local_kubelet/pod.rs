@@ -292,7 +292,8 @@ impl PodRun {
         } else {
             None
         };
-        let refresher = self.spawn_token_refresher(tokens, sa_name.clone());
+        // Aborted when this function returns or is cancelled.
+        let _refresher = AbortOnDrop(self.spawn_token_refresher(tokens, sa_name.clone()));
 
         let spec = self.pod.spec.clone().unwrap_or_default();
         let rc = RunContext {
@@ -314,7 +315,6 @@ impl PodRun {
             });
             join_all(runs).await;
         }
-        refresher.abort();
         Ok(())
     }
 
@@ -705,6 +705,15 @@ impl PodRun {
             mounts,
             log: self.dir.join(format!("{}.log", c.name)),
         })
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
