@@ -29,6 +29,7 @@ pub struct HostFs {
     dry_run: bool,
     faults: Mutex<Faults>,
     planned: Mutex<Vec<String>>,
+    durable: std::sync::atomic::AtomicBool,
 }
 
 /// Hex sha256 of bytes.
@@ -39,7 +40,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 impl HostFs {
     /// A host filesystem under `root`; with `dry_run` nothing is written, changes are recorded.
     pub fn new(root: impl Into<PathBuf>, dry_run: bool) -> Self {
-        HostFs { root: root.into(), dry_run, faults: Mutex::new(Faults::default()), planned: Mutex::new(Vec::new()) }
+        HostFs { root: root.into(), dry_run, faults: Mutex::new(Faults::default()), planned: Mutex::new(Vec::new()), durable: true.into() }
+    }
+
+    /// Test hook: skip fsync (tests simulate crashes, not power loss, and fsync dominates their
+    /// run time). Production always syncs.
+    pub fn set_durable(&self, durable: bool) {
+        self.durable.store(durable, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn durable(&self) -> bool {
+        self.durable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Test hook: the `n`-th mutating operation (0-based) and all later ones fail, like a crash.
@@ -179,7 +190,7 @@ impl HostFs {
             let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
             f.write_all(bytes)?;
             f.set_permissions(fs::Permissions::from_mode(mode))?;
-            f.sync_all()
+            if self.durable() { f.sync_all() } else { Ok(()) }
         })();
         if let Err(e) = res {
             let _ = fs::remove_file(self.host(&tmp));
@@ -212,7 +223,9 @@ impl HostFs {
                 out.write_all(&buf[..n])?;
             }
             out.set_permissions(fs::Permissions::from_mode(mode))?;
-            out.sync_all()?;
+            if self.durable() {
+                out.sync_all()?;
+            }
             Ok(hex::encode(h.finalize()))
         })();
         match res {
@@ -243,7 +256,7 @@ impl HostFs {
             let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
             f.write_all(bytes)?;
             f.set_permissions(fs::Permissions::from_mode(mode))?;
-            f.sync_all()
+            if self.durable() { f.sync_all() } else { Ok(()) }
         })();
         if let Err(e) = res {
             let _ = fs::remove_file(self.host(&tmp));
@@ -272,6 +285,9 @@ impl HostFs {
     }
 
     fn sync_parent(&self, p: &Path) -> Result<()> {
+        if !self.durable() {
+            return Ok(());
+        }
         if let Some(parent) = self.host(p).parent() {
             if let Ok(d) = File::open(parent) {
                 let _ = d.sync_all();

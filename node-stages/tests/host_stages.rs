@@ -10,6 +10,13 @@ use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::hostfs::HostFs;
 use kata_deploy_stage::restart::Restarter;
 
+/// A host filesystem without fsync (tests simulate crashes, not power loss).
+fn hfs(root: &Path, dry_run: bool) -> HostFs {
+    let fs = HostFs::new(root, dry_run);
+    fs.set_durable(false);
+    fs
+}
+
 fn handler_in(root: &Path, file: &str, handler: &str) -> bool {
     let text = std::fs::read_to_string(root.join(file.trim_start_matches('/'))).unwrap_or_default();
     text.contains(&format!(".{handler}]")) || text.contains(&format!(".\"{handler}\"]"))
@@ -23,7 +30,7 @@ fn install_twice_then_revert_restores_every_byte_on_every_flavour() {
         let cfg = config(TWO_SHIMS);
         let facts = facts(&f);
         let rt = FakeRuntime::default();
-        let fs = HostFs::new(host.path(), false);
+        let fs = hfs(host.path(), false);
         install(&fs, &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{}: {e}", f.name));
         for h in ["kata-qemu", "kata-qemu-coco-dev"] {
             assert!(handler_in(host.path(), f.handler_file, h), "{}: {h} missing from {}", f.name, f.handler_file);
@@ -33,7 +40,7 @@ fn install_twice_then_revert_restores_every_byte_on_every_flavour() {
         let installed = snapshot(host.path());
 
         // Second run: no write at all, no restart.
-        let fs2 = HostFs::new(host.path(), false);
+        let fs2 = hfs(host.path(), false);
         let before_restarts = rt.restarts.lock().unwrap().len();
         install(&fs2, &cfg, &facts, &rt).unwrap();
         assert_eq!(fs2.ops_done(), 0, "{}: second install wrote something", f.name);
@@ -44,7 +51,7 @@ fn install_twice_then_revert_restores_every_byte_on_every_flavour() {
         uninstall(&fs, &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{}: {e}", f.name));
         let after = snapshot(host.path());
         assert!(after == before, "{}: revert left differences:\n{}", f.name, snapshot_diff(&before, &after));
-        let fs3 = HostFs::new(host.path(), false);
+        let fs3 = hfs(host.path(), false);
         uninstall(&fs3, &cfg, &facts, &rt).unwrap();
         assert_eq!(fs3.ops_done(), 0, "{}: second uninstall wrote something", f.name);
     }
@@ -56,7 +63,7 @@ fn uninstall_on_a_clean_node_is_a_noop() {
     let host = make_host(&f);
     let before = snapshot(host.path());
     let rt = FakeRuntime::default();
-    let fs = HostFs::new(host.path(), false);
+    let fs = hfs(host.path(), false);
     uninstall(&fs, &config(ONE_SHIM), &facts(&f), &rt).unwrap();
     assert_eq!(fs.ops_done(), 0);
     assert!(rt.restarts.lock().unwrap().is_empty());
@@ -71,15 +78,15 @@ fn configuration_change_removes_what_is_no_longer_wanted() {
         let before = snapshot(host.path());
         let facts = facts(&f);
         let rt = FakeRuntime::default();
-        let fs = HostFs::new(host.path(), false);
+        let fs = hfs(host.path(), false);
         install(&fs, &config(TWO_SHIMS), &facts, &rt).unwrap();
         assert!(host.path().join("opt/kata/nydus-snapshotter/containerd-nydus-grpc").exists());
         let fresh = make_host(&f);
-        install(&HostFs::new(fresh.path(), false), &config(ONE_SHIM), &facts, &FakeRuntime::default()).unwrap();
+        install(&hfs(fresh.path(), false), &config(ONE_SHIM), &facts, &FakeRuntime::default()).unwrap();
         let want = snapshot(fresh.path());
 
         let restarts = rt.restart_count(if name == "crio" { "crio.service" } else if name == "k3s" { "k3s.service" } else { "containerd.service" });
-        install(&HostFs::new(host.path(), false), &config(ONE_SHIM), &facts, &rt).unwrap();
+        install(&hfs(host.path(), false), &config(ONE_SHIM), &facts, &rt).unwrap();
         assert!(!handler_in(host.path(), f.handler_file, "kata-qemu-coco-dev"), "{name}: stale handler left");
         assert!(handler_in(host.path(), f.handler_file, "kata-qemu"));
         let got = snapshot(host.path());
@@ -92,7 +99,7 @@ fn configuration_change_removes_what_is_no_longer_wanted() {
         let unit = if name == "crio" { "crio.service" } else if name == "k3s" { "k3s.service" } else { "containerd.service" };
         assert_eq!(rt.restart_count(unit), restarts + 1, "{name}: the runtime must reload the smaller config");
 
-        uninstall(&HostFs::new(host.path(), false), &config(ONE_SHIM), &facts, &rt).unwrap();
+        uninstall(&hfs(host.path(), false), &config(ONE_SHIM), &facts, &rt).unwrap();
         let after = snapshot(host.path());
         assert!(after == before, "{name}: {}", snapshot_diff(&before, &after));
     }
@@ -108,22 +115,22 @@ fn two_installs_share_nothing_and_uninstall_independently() {
         let host = make_host(&f);
         let before = snapshot(host.path());
         let rt = FakeRuntime::default();
-        install(&HostFs::new(host.path(), false), &a, &facts, &rt).unwrap();
-        install(&HostFs::new(host.path(), false), &b, &facts, &rt).unwrap();
+        install(&hfs(host.path(), false), &a, &facts, &rt).unwrap();
+        install(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
         assert!(host.path().join("opt/kata-cicd/bin/containerd-shim-kata-v2").exists());
         assert!(handler_in(host.path(), "/etc/containerd/conf.d/kata-deploy-cicd.toml", "kata-qemu-cicd"));
         let dropin_b = std::fs::read_to_string(host.path().join("etc/containerd/conf.d/kata-deploy-cicd.toml")).unwrap();
         assert!(dropin_b.contains("/run/containerd-nydus-cicd/containerd-nydus-grpc.sock") && dropin_b.contains("/opt/kata-cicd/"));
         assert!(rt.enabled.lock().unwrap().contains(&"kata-nydus-snapshotter-cicd.service".to_string()));
         let (first, second) = if lifo { (&b, &a) } else { (&a, &b) };
-        uninstall(&HostFs::new(host.path(), false), first, &facts, &rt).unwrap();
+        uninstall(&hfs(host.path(), false), first, &facts, &rt).unwrap();
         // The other install is intact.
         let other = if lifo { "opt/kata/bin/containerd-shim-kata-v2" } else { "opt/kata-cicd/bin/containerd-shim-kata-v2" };
         assert!(host.path().join(other).exists(), "lifo={lifo}");
         let main = std::fs::read_to_string(host.path().join("etc/containerd/config.toml")).unwrap();
         let other_dropin = if lifo { "conf.d/kata-deploy.toml" } else { "conf.d/kata-deploy-cicd.toml" };
         assert!(main.contains(other_dropin), "lifo={lifo}: {main}");
-        uninstall(&HostFs::new(host.path(), false), second, &facts, &rt).unwrap();
+        uninstall(&hfs(host.path(), false), second, &facts, &rt).unwrap();
         let after = snapshot(host.path());
         if lifo {
             assert!(after == before, "{}", snapshot_diff(&before, &after));
@@ -146,20 +153,29 @@ fn two_installs_share_nothing_and_uninstall_independently() {
 /// original byte-for-byte.
 #[test]
 fn crash_at_every_step_then_rerun_converges_and_revert_restores() {
-    for name in ["containerd-1.6", "containerd-2.0", "containerd-2.0-no-config", "crio", "k3s-agent-user-template"] {
+    // One thread per flavour: hundreds of crash points each.
+    std::thread::scope(|scope| {
+        for name in ["containerd-1.6", "containerd-2.0", "containerd-2.0-no-config", "crio", "k3s-agent-user-template"] {
+            scope.spawn(move || crash_install_flavour(name));
+        }
+    });
+}
+
+fn crash_install_flavour(name: &'static str) {
+    {
         let f = flavour(name);
         let facts = facts(&f);
         let cfg = config(TWO_SHIMS);
         let reference = {
             let h = make_host(&f);
-            install(&HostFs::new(h.path(), false), &cfg, &facts, &FakeRuntime::default()).unwrap();
+            install(&hfs(h.path(), false), &cfg, &facts, &FakeRuntime::default()).unwrap();
             snapshot(h.path())
         };
         let mut crash_points = 0;
         for n in 0.. {
             let host = make_host(&f);
             let original = snapshot(host.path());
-            let fs = HostFs::new(host.path(), false);
+            let fs = hfs(host.path(), false);
             fs.fail_at_op(Some(n));
             let rt = FakeRuntime::default();
             match install(&fs, &cfg, &facts, &rt) {
@@ -170,11 +186,11 @@ fn crash_at_every_step_then_rerun_converges_and_revert_restores() {
             // Re-run converges to the exact installed state.
             let rerun = make_host(&f);
             copy_tree(host.path(), rerun.path());
-            install(&HostFs::new(rerun.path(), false), &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{name} rerun after crash at op {n}: {e}"));
+            install(&hfs(rerun.path(), false), &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{name} rerun after crash at op {n}: {e}"));
             let got = snapshot(rerun.path());
             assert!(got == reference, "{name}: crash at op {n}, re-run differs:\n{}", snapshot_diff(&reference, &got));
             // Revert after the crash restores the original.
-            uninstall(&HostFs::new(host.path(), false), &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{name} revert after crash at op {n}: {e}"));
+            uninstall(&hfs(host.path(), false), &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{name} revert after crash at op {n}: {e}"));
             let after = snapshot(host.path());
             assert!(after == original, "{name}: crash at op {n}, revert differs:\n{}", snapshot_diff(&original, &after));
         }
@@ -194,15 +210,15 @@ fn crash_during_uninstall_then_rerun_restores_original() {
             let host = make_host(&f);
             let original = snapshot(host.path());
             let rt = FakeRuntime::default();
-            install(&HostFs::new(host.path(), false), &cfg, &facts, &rt).unwrap();
-            let fs = HostFs::new(host.path(), false);
+            install(&hfs(host.path(), false), &cfg, &facts, &rt).unwrap();
+            let fs = hfs(host.path(), false);
             fs.fail_at_op(Some(n));
             match uninstall(&fs, &cfg, &facts, &rt) {
                 Ok(_) => break,
                 Err(StageError::InjectedFault { .. }) => {}
                 Err(e) => panic!("{name} crash at op {n}: unexpected error {e}"),
             }
-            uninstall(&HostFs::new(host.path(), false), &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{name} re-run after crash at {n}: {e}"));
+            uninstall(&hfs(host.path(), false), &cfg, &facts, &rt).unwrap_or_else(|e| panic!("{name} re-run after crash at {n}: {e}"));
             let after = snapshot(host.path());
             assert!(after == original, "{name}: uninstall crash at op {n}:\n{}", snapshot_diff(&original, &after));
         }
@@ -223,14 +239,14 @@ fn restart_that_kills_the_stage_is_not_repeated_on_retry() {
     let cfg = config(ONE_SHIM);
     let rt = FakeRuntime::default();
     rt.kill_stage_on_next_restart.store(true, std::sync::atomic::Ordering::SeqCst);
-    let e = install(&HostFs::new(host.path(), false), &cfg, &facts, &rt).unwrap_err();
+    let e = install(&hfs(host.path(), false), &cfg, &facts, &rt).unwrap_err();
     assert!(matches!(e, StageError::InjectedFault { .. }), "{e}");
     assert_eq!(rt.restart_count("containerd.service"), 1);
     // The Job retries: the runtime already restarted after our stamp, so no second restart.
-    let fs = HostFs::new(host.path(), false);
+    let fs = hfs(host.path(), false);
     install(&fs, &cfg, &facts, &rt).unwrap();
     assert_eq!(rt.restart_count("containerd.service"), 1, "restarted again on retry");
-    let fs = HostFs::new(host.path(), false);
+    let fs = hfs(host.path(), false);
     install(&fs, &cfg, &facts, &rt).unwrap();
     assert_eq!(fs.ops_done(), 0);
 }
@@ -244,7 +260,7 @@ fn runtime_without_our_handlers_is_rolled_back() {
     let rt = FakeRuntime::default();
     *rt.served.lock().unwrap() = Some(vec!["runc".into()]);
     let original_cfg = std::fs::read(host.path().join("etc/containerd/config.toml")).unwrap();
-    let e = install(&HostFs::new(host.path(), false), &cfg, &facts, &rt).unwrap_err();
+    let e = install(&hfs(host.path(), false), &cfg, &facts, &rt).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, StageError::Runtime { .. }), "{msg}");
     assert!(msg.contains("previous configuration was restored"), "{msg}");
@@ -252,7 +268,7 @@ fn runtime_without_our_handlers_is_rolled_back() {
     assert_eq!(rt.restart_count("containerd.service"), 2, "restart with new config, then with the restored one");
     // Uninstall still cleans everything up.
     *rt.served.lock().unwrap() = None;
-    uninstall(&HostFs::new(host.path(), false), &cfg, &facts, &rt).unwrap();
+    uninstall(&hfs(host.path(), false), &cfg, &facts, &rt).unwrap();
     assert!(!host.path().join("var/lib/kata-deploy").exists());
     assert!(!host.path().join("opt/kata").exists());
 }
@@ -264,7 +280,7 @@ fn malformed_runtime_config_is_bad_input_and_changes_nothing() {
         let host = make_host(&f);
         std::fs::write(host.path().join(path), "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"\nbroken").unwrap();
         let rt = FakeRuntime::default();
-        let fs = HostFs::new(host.path(), false);
+        let fs = hfs(host.path(), false);
         let payload = payload_dir();
         let cfg = config(ONE_SHIM);
         let facts = facts(&f);
@@ -291,7 +307,7 @@ fn corrupt_payload_is_bad_input_and_changes_nothing() {
     bytes[last] ^= 0xff;
     std::fs::write(&victim, bytes).unwrap();
     let before = snapshot(host.path());
-    let fs = HostFs::new(host.path(), false);
+    let fs = hfs(host.path(), false);
     let cfg = config(ONE_SHIM);
     let facts = facts(&f);
     let rt = FakeRuntime::default();
@@ -310,7 +326,7 @@ fn reused_node_name_is_never_mutated() {
     let before = snapshot(host.path());
     let mut facts = facts(&f);
     facts.machine_id = Some("another-machine".into());
-    let e = install(&HostFs::new(host.path(), false), &config(ONE_SHIM), &facts, &FakeRuntime::default()).unwrap_err();
+    let e = install(&hfs(host.path(), false), &config(ONE_SHIM), &facts, &FakeRuntime::default()).unwrap_err();
     assert!(matches!(e, StageError::IdentityMismatch { .. }), "{e}");
     assert_eq!(snapshot(host.path()), before);
 }
@@ -320,7 +336,7 @@ fn dry_run_prints_diffs_and_restart_decision_and_changes_nothing() {
     let f = flavour("containerd-1.7");
     let host = make_host(&f);
     let before = snapshot(host.path());
-    let fs = HostFs::new(host.path(), true);
+    let fs = hfs(host.path(), true);
     let rt = FakeRuntime::default();
     let reports = install(&fs, &config(TWO_SHIMS), &facts(&f), &rt).unwrap();
     assert_eq!(snapshot(host.path()), before);
@@ -331,8 +347,8 @@ fn dry_run_prints_diffs_and_restart_decision_and_changes_nothing() {
     assert!(text.contains("restart containerd.service: yes"), "{text}");
     assert!(text.contains("install /opt/kata/bin/containerd-shim-kata-v2"), "{text}");
     // After a real install, a dry run says nothing would change and no restart.
-    install(&HostFs::new(host.path(), false), &config(TWO_SHIMS), &facts(&f), &rt).unwrap();
-    let fs = HostFs::new(host.path(), true);
+    install(&hfs(host.path(), false), &config(TWO_SHIMS), &facts(&f), &rt).unwrap();
+    let fs = hfs(host.path(), true);
     let text: String = install(&fs, &config(TWO_SHIMS), &facts(&f), &rt).unwrap().iter().map(|r| r.text()).collect();
     assert!(text.contains("restart containerd.service: no"), "{text}");
     assert!(!text.contains("modify") && !text.contains("install /opt"), "{text}");
@@ -345,8 +361,8 @@ fn remove_artifacts_refuses_before_revert_cri() {
     let rt = FakeRuntime::default();
     let cfg = config(ONE_SHIM);
     let facts = facts(&f);
-    install(&HostFs::new(host.path(), false), &cfg, &facts, &rt).unwrap();
-    let fs = HostFs::new(host.path(), false);
+    install(&hfs(host.path(), false), &cfg, &facts, &rt).unwrap();
+    let fs = hfs(host.path(), false);
     let e = kata_deploy_stage::artifacts::remove_artifacts(&fs, &cfg, &rt as &dyn Restarter).unwrap_err();
     assert!(e.to_string().contains("revert-cri first"), "{e}");
     assert!(host.path().join("opt/kata/bin/containerd-shim-kata-v2").exists());
