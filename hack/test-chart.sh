@@ -215,8 +215,9 @@ def t_default():
     check("RBAC: dispatcher ClusterRole = nodes list/watch only",
           rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher") == [(("",), ("nodes",), ("list", "watch"), ())],
           rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher"))
-    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete in the namespace only",
-          rules_of("Role", "kata-deploy-dispatcher") == [(("batch",), ("jobs",), ("create", "delete", "get", "list", "watch"), ())]
+    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete + pods list (failure messages) in the namespace only",
+          rules_of("Role", "kata-deploy-dispatcher") == [(("batch",), ("jobs",), ("create", "delete", "get", "list", "watch"), ()),
+                                                          (("",), ("pods",), ("list",), ())]
           and one(objs, "Role", "kata-deploy-dispatcher")["metadata"]["namespace"] == "kata-system",
           rules_of("Role", "kata-deploy-dispatcher"))
     check("RBAC: node ClusterRole = nodes get/patch only",

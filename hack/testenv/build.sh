@@ -23,7 +23,9 @@ new_module() {
 
 build_kubernetes() {
   local v="$K8S_VERSION" minor="v0.${K8S_VERSION#v1.}"
-  if is_built kubernetes "$v"; then log "kubernetes $v already built, nothing to do"; return; fi
+  # The stamp includes the ldflags revision: binaries built without the version stamp are rebuilt.
+  local stamp="$v+version-ldflags"
+  if is_built kubernetes "$stamp"; then log "kubernetes $v already built, nothing to do"; return; fi
   log "kubernetes $v: resolving modules (k8s.io/kubernetes needs one replace per staging module)"
   local dir; dir=$(new_module k8s)
   local gomod; gomod=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
@@ -33,8 +35,15 @@ build_kubernetes() {
   local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler)
   (cd "$dir" && go get "${pkgs[@]/%/@$v}" >/dev/null)
   log "kubernetes $v: compiling kube-apiserver, kube-controller-manager, kube-scheduler (the long step: ~15-25 min cold on 2 cores)"
-  (cd "$dir" && go build -o "$TESTENV_BIN/" "${pkgs[@]}")
-  mark_built kubernetes "$v"
+  # Stamp the version as Kubernetes' own build does: without it the API server reports
+  # v0.0.0-master and Helm charts with a kubeVersion constraint refuse to install.
+  local mm="${v#v}" ldflags=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=${mm%%.*} -X $pkg.gitMinor=$(echo "$mm" | cut -d. -f2)"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$dir" && go build -ldflags "$ldflags" -o "$TESTENV_BIN/" "${pkgs[@]}")
+  mark_built kubernetes "$stamp"
 }
 
 # build_simple NAME MODULE PACKAGE VERSION: go build PACKAGE from MODULE@VERSION into bin/NAME.

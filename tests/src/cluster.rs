@@ -117,6 +117,26 @@ impl TestCluster {
         Ok(names)
     }
 
+    /// Creates local nodes `<prefix>-<i>` (served by `kata-local-kubelet`) with fake host roots
+    /// seeded under `hosts_dir`; returns their names.
+    pub async fn local_nodes(&self, prefix: &str, count: usize, hosts_dir: &Path, extra_labels: &BTreeMap<String, String>) -> Result<Vec<String>> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let mut names = Vec::new();
+        for i in 0..count {
+            let name = format!("{prefix}-{i}");
+            crate::hostroot::seed_containerd_node(&hosts_dir.join(&name), &format!("{:032x}", fxhash(&name)))?;
+            let mut labels = extra_labels.clone();
+            labels.insert(crate::hostroot::LOCAL_LABEL.into(), "true".into());
+            labels.insert("kubernetes.io/hostname".into(), name.clone());
+            labels.insert("kubernetes.io/os".into(), "linux".into());
+            labels.insert("kubernetes.io/arch".into(), "amd64".into());
+            let node: Node = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+            api.create(&PostParams::default(), &node).await.with_context(|| format!("creating local node {name}"))?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+
     /// A client that acts as `namespace/sa` with a real token (RBAC really applies).
     pub async fn sa_client(&self, namespace: &str, sa: &str) -> Result<Client> {
         client_from_kubeconfig(&self.sa_kubeconfig(namespace, sa).await?).await

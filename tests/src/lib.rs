@@ -2,5 +2,6 @@
 //! ([`rollout`]) and the kubelet stand-in for local nodes ([`local_kubelet`]).
 
 pub mod cluster;
+pub mod hostroot;
 pub mod rollout;
 pub mod local_kubelet;
