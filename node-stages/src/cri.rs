@@ -96,6 +96,17 @@ pub fn runtime_unit(fs: &HostFs, kind: CriKind) -> String {
     }
 }
 
+/// The CRI socket of a runtime flavour (host path).
+pub fn cri_socket(kind: CriKind) -> &'static str {
+    match kind {
+        CriKind::Containerd => "/run/containerd/containerd.sock",
+        CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 => "/run/k3s/containerd/containerd.sock",
+        CriKind::K0s => "/run/k0s/containerd.sock",
+        CriKind::Microk8s => "/var/snap/microk8s/common/run/containerd.sock",
+        CriKind::Crio => "/var/run/crio/crio.sock",
+    }
+}
+
 /// The containerd major version: from the node's reported runtime version, else guessed from
 /// the existing configuration (version 3 means containerd 2.x).
 pub fn containerd_major(facts: &NodeFacts, existing_config: Option<&str>) -> u64 {
@@ -566,7 +577,8 @@ fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, u
             // A previous run requested this restart and may have been killed by it.
             let st = ctx.restarter.status(unit)?;
             let restarted_since = p.boot_id != boot_id() || st.active_since_mono_us.is_some_and(|t| t >= p.requested_mono_us);
-            if st.active && restarted_since && matches_expect(ctx.restarter.served_handlers(unit)?, &expect) {
+            let served = ctx.restarter.served_handlers(unit);
+            if st.active && restarted_since && served.is_ok_and(|s| matches_expect(s, &expect)) {
                 tracing::info!(stage = "cri", unit, "runtime already restarted with this configuration by a previous run; not restarting again");
                 fs.plan(format!("restart {unit}: no (restarted by a previous run after the configuration was written)"));
                 state.loaded = Some(hash.to_string());

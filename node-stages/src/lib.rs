@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod config;
 pub mod containerd;
 pub mod cri;
+pub mod cri_client;
 pub mod crio;
 pub mod error;
 pub mod hostcheck;

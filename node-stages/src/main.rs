@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kata_deploy_stage::config::{load_config, NodeFacts, RestartMode, ValidConfig};
 use kata_deploy_stage::error::StageError;
+use kata_deploy_stage::cri;
 use kata_deploy_stage::hostcheck;
 use kata_deploy_stage::hostfs::HostFs;
 use kata_deploy_stage::label::NodeLabeler;
@@ -109,7 +110,10 @@ fn run(cli: &Cli) -> Result<(), StageError> {
     let facts = NodeFacts::from_env();
     let fs = HostFs::new(&cli.host_root, cli.dry_run);
     let restarter: Box<dyn Restarter> = match &cfg.restart {
-        RestartMode::Systemd => Box::new(SystemdRestarter::new(&cli.host_root)),
+        RestartMode::Systemd => {
+            let socket = cri::resolve_cri(&fs, &cfg, &facts).ok().map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
+            Box::new(SystemdRestarter::new(&cli.host_root).with_cri_socket(socket))
+        }
         RestartMode::None => Box::new(NoRestarter),
         RestartMode::Exec(p) => Box::new(ExecRestarter { script: p.clone() }),
     };

@@ -48,12 +48,20 @@ pub fn boot_id() -> String {
 #[derive(Debug, Clone)]
 pub struct SystemdRestarter {
     nsenter: bool,
+    cri_socket: Option<PathBuf>,
 }
 
 impl SystemdRestarter {
     /// When the host root is not `/`, commands run through `nsenter -t 1 -m -p` (needs hostPID).
     pub fn new(host_root: &Path) -> Self {
-        SystemdRestarter { nsenter: host_root != Path::new("/") }
+        SystemdRestarter { nsenter: host_root != Path::new("/"), cri_socket: None }
+    }
+
+    /// Also ask the runtime itself (CRI Status on this socket, a path in the stage container)
+    /// which handlers it serves.
+    pub fn with_cri_socket(mut self, socket: Option<PathBuf>) -> Self {
+        self.cri_socket = socket;
+        self
     }
 
     fn systemctl(&self, args: &[&str]) -> Result<String> {
@@ -99,11 +107,23 @@ impl Restarter for SystemdRestarter {
         self.systemctl(&["daemon-reload"])?;
         self.systemctl(&["enable", "--now", unit]).map(drop)
     }
+    fn served_handlers(&self, _unit: &str) -> Result<Option<Vec<String>>> {
+        cri_served_handlers(self.cri_socket.as_deref())
+    }
     fn disable_now(&self, unit: &str) -> Result<()> {
         // A unit that is already gone is fine (removal must be a no-op on a clean node).
         let _ = self.systemctl(&["disable", "--now", unit]);
         self.systemctl(&["daemon-reload"]).map(drop)
     }
+}
+
+/// Handlers served by the runtime at `socket`: None when there is no socket to ask (unknown),
+/// an error while the runtime does not answer (still starting, CRI plugin not loaded).
+pub fn cri_served_handlers(socket: Option<&Path>) -> Result<Option<Vec<String>>> {
+    let Some(socket) = socket.filter(|s| s.exists()) else { return Ok(None) };
+    crate::cri_client::query_status(socket, std::time::Duration::from_secs(5))
+        .map(|r| Some(r.handlers()))
+        .map_err(|message| StageError::Restarter { message })
 }
 
 /// `exec:<script>`: `<script> restart|status|enable|disable <unit>`; `status` prints

@@ -1,7 +1,7 @@
 //! The cri stage against a real containerd (Debian's 1.6 here), started by the test as a
 //! process with its own root, state and socket: containerd must load the configuration we
-//! wrote and serve our handlers (read from the CRI plugin's own "Start cri plugin with config"
-//! report of the running process, plus `ctr plugins ls`), a runtime that does not come back is
+//! wrote and serve our handlers (CRI RuntimeService/Status over the socket, the CRI plugin's own
+//! "Start cri plugin with config" log line, `ctr plugins ls`), a runtime that does not come back is
 //! rolled back, and revert restores the original byte-for-byte.
 //!
 //! Without containerd the tests skip with a message, except with CI=true, where they FAIL.
@@ -165,7 +165,8 @@ impl Restarter for RealContainerd {
         Ok(())
     }
     fn served_handlers(&self, _unit: &str) -> Result<Option<Vec<String>>> {
-        self.loaded_handlers().map(Some).ok_or_else(|| StageError::Restarter { message: "containerd has not reported its CRI config yet".into() })
+        // The production path: ask the running runtime over the CRI API.
+        kata_deploy_stage::restart::cri_served_handlers(Some(&self.sock))
     }
 }
 
@@ -221,6 +222,10 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
     served.sort();
     assert_eq!(served, ["kata-my-gpu", "kata-qemu", "runc"], "running containerd must serve our handlers");
     assert!(rt.cri_ok());
+    // The CRI API of the running containerd (what the kubelet sees) lists them too.
+    let report = kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
+    assert_eq!(report.handlers(), ["kata-my-gpu", "kata-qemu", "runc"], "{report:?}");
+    assert!(kata_deploy_stage::restart::cri_served_handlers(Some(&rt.sock)).unwrap().unwrap().contains(&"kata-qemu".to_string()));
     // What containerd itself reads from the file: our handler settings, runc kept.
     let dump = rt.config_dump(&host.join("etc/containerd/config.toml"));
     let doc: toml_edit::DocumentMut = dump.parse().unwrap();
@@ -244,6 +249,7 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
     uninstall(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
     assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original);
     assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
+    assert_eq!(kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap().handlers(), ["runc"]);
     assert_eq!(rt.restarts.load(Ordering::SeqCst), 2);
     assert!(!host.join("opt/kata").exists() && !host.join("var/lib/kata-deploy").exists());
 }
