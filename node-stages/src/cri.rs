@@ -712,10 +712,7 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let unit = if state.unit.is_empty() { runtime_unit(fs, resolve_cri(fs, ctx.cfg, ctx.facts)?) } else { state.unit.clone() };
     let handlers = state.handlers.clone();
     // A failed revert keeps the state so a re-run finishes the job.
-    let restarted = match converge_runtime(ctx, &mut state, &state_path, &unit, &hash, !changed.is_empty(), &[], Expect::Lacks(handlers)) {
-        Ok(r) => r,
-        Err(e) => return Err(e),
-    };
+    let restarted = converge_runtime(ctx, &mut state, &state_path, &unit, &hash, !changed.is_empty(), &[], Expect::Lacks(handlers))?;
     // Done. Order matters for crash safety: directories we created (now empty), then the state
     // file, then the backups (a re-run without state cleans leftover backups).
     let mut dirs = state.created_dirs.clone();

@@ -46,8 +46,11 @@ fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     None
 }
 
-/// Protobuf fields of one message: (field number, varint value or bytes).
-fn fields(buf: &[u8]) -> Option<Vec<(u64, Result<u64, &[u8]>)>> {
+/// One protobuf field value: a varint (Ok) or length-delimited bytes (Err).
+type FieldValue<'a> = Result<u64, &'a [u8]>;
+
+/// Protobuf fields of one message: (field number, value).
+fn fields(buf: &[u8]) -> Option<Vec<(u64, FieldValue<'_>)>> {
     let mut pos = 0;
     let mut out = Vec::new();
     while pos < buf.len() {
@@ -90,12 +93,10 @@ pub fn decode_status(msg: &[u8]) -> Option<RuntimeReport> {
                     }
                 }
             }
-            2 => {
-                // map<string,string> info entry { key = 1, value = 2 }
-                if string_field(b, 1).as_deref() == Some("config") {
-                    if let Some(cfg) = string_field(b, 2) {
-                        r.config_handlers = handlers_from_config_json(&cfg);
-                    }
+            // map<string,string> info entry { key = 1, value = 2 }
+            2 if string_field(b, 1).as_deref() == Some("config") => {
+                if let Some(cfg) = string_field(b, 2) {
+                    r.config_handlers = handlers_from_config_json(&cfg);
                 }
             }
             3 => {

@@ -51,7 +51,7 @@ pub fn hypervisor_table(base_text: &str, file: &Path) -> Result<String> {
 pub fn kernel_params_with_timeout(base: &str, timeout_secs: u64, debug: bool) -> String {
     let mut params: Vec<String> = base
         .split_whitespace()
-        .filter(|p| !p.starts_with("agent.image_pull_timeout=") && !(debug && p.starts_with("agent.log=")))
+        .filter(|p| !(p.starts_with("agent.image_pull_timeout=") || debug && p.starts_with("agent.log=")))
         .map(str::to_string)
         .collect();
     params.push(format!("agent.image_pull_timeout={timeout_secs}"));

@@ -40,7 +40,7 @@ pub fn build_label_patch(uid: &str, current: Option<&BTreeMap<String, String>>, 
             ops.push(json!({"op": "remove", "path": path}));
         }
     }
-    (ops.len() > 1).then(|| Value::Array(ops))
+    (ops.len() > 1).then_some(Value::Array(ops))
 }
 
 /// Labels the install sets once its handlers are served.

@@ -165,7 +165,12 @@ fn run(cli: &Cli) -> Result<(), StageError> {
             host_check()?;
             print(&stages::run_artifacts(&env)?, cli.output);
             print(&stages::run_cri(&env)?, cli.output);
-            if facts.name.is_some() { label(true) } else { Ok(tracing::warn!("KATA_NODE_NAME not set: skipping the label stage")) }
+            if facts.name.is_some() {
+                label(true)
+            } else {
+                tracing::warn!("KATA_NODE_NAME not set: skipping the label stage");
+                Ok(())
+            }
         }
         Stage::Uninstall => {
             if facts.name.is_some() {

@@ -122,7 +122,8 @@ impl Restarter for SystemdRestarter {
 pub fn cri_served_handlers(socket: Option<&Path>) -> Result<Option<Vec<String>>> {
     let Some(socket) = socket.filter(|s| s.exists()) else { return Ok(None) };
     crate::cri_client::query_status(socket, std::time::Duration::from_secs(5))
-        .map(|r| Some(r.handlers()))
+        // A runtime that reports handlers in neither form (older CRI-O) cannot tell us: unknown.
+        .map(|r| Some(r.handlers()).filter(|h| !h.is_empty()))
         .map_err(|message| StageError::Restarter { message })
 }
 
