@@ -511,7 +511,7 @@ fn write_state(fs: &HostFs, path: &Path, state: &CriState) -> Result<()> {
 /// Writes backups, the state (intent), then the files whose content changes.
 fn write_changes(ctx: &CriContext, state: &mut CriState, state_path: &Path, changes: &[Change], install: &Install) -> Result<Vec<PathBuf>> {
     let fs = ctx.fs;
-    for c in changes {
+    for c in changes.iter().filter(|_| !fs.dry_run()) {
         if let Some((bp, bytes)) = &c.backup {
             if fs.read(bp)?.as_deref() != Some(bytes.as_slice()) {
                 fs.create_dir_all(bp.parent().unwrap())?;

@@ -159,7 +159,8 @@ pub fn run_artifacts(env: &StageEnv) -> Result<StageReport> {
     let _lock = env.lock()?;
     env.claim()?;
     let out = artifacts::apply_artifacts(env.fs, env.cfg, &payload, env.restarter)?;
-    let summary = format!("{} written, {} removed, {} unchanged", out.written.len(), out.removed.len(), out.kept);
+    let (w, r) = if env.fs.dry_run() { ("would be written", "would be removed") } else { ("written", "removed") };
+    let summary = format!("{} {w}, {} {r}, {} unchanged", out.written.len(), out.removed.len(), out.kept);
     Ok(env.report("artifacts", summary, json!({"written": out.written, "removed": out.removed, "unchanged": out.kept})))
 }
 
@@ -173,7 +174,11 @@ pub fn run_cri(env: &StageEnv) -> Result<StageReport> {
     let _lock = env.lock()?;
     env.claim()?;
     let out = cri::apply_cri(&cri_ctx(env))?;
-    let summary = format!("{} file(s) changed, runtime {} {}", out.changed.len(), out.unit, if out.restarted { "restarted" } else { "not restarted" });
+    let summary = if env.fs.dry_run() {
+        format!("{} file(s) would change, runtime {} would {}be restarted", out.changed.len(), out.unit, if out.restarted { "" } else { "not " })
+    } else {
+        format!("{} file(s) changed, runtime {} {}", out.changed.len(), out.unit, if out.restarted { "restarted" } else { "not restarted" })
+    };
     Ok(env.report("cri", summary, json!({"changed": out.changed, "restarted": out.restarted, "unit": out.unit, "notes": out.notes})))
 }
 

@@ -103,8 +103,12 @@ pub fn read_json<T: DeserializeOwned>(fs: &HostFs, path: &Path) -> Result<Option
     }
 }
 
-/// Writes a JSON state file atomically (only when its content changes).
+/// Writes a JSON state file atomically (only when its content changes). Internal state is not
+/// part of a dry run's report, so a dry run skips it.
 pub fn write_json<T: Serialize>(fs: &HostFs, path: &Path, value: &T) -> Result<()> {
+    if fs.dry_run() {
+        return Ok(());
+    }
     let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
     if fs.read(path)?.as_deref() == Some(&bytes[..]) {
         return Ok(());
