@@ -65,6 +65,11 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_DRY_RUN")]
     pub dry_run: bool,
 
+    /// Jobs to delete once every targeted node succeeded (the cleanup hook removes the install
+    /// dispatcher's Job, which Helm leaves behind); their per-node Jobs are garbage-collected.
+    #[arg(long, env = "DISPATCHER_REMOVE_ON_SUCCESS", value_delimiter = ',')]
+    pub remove_on_success: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "DISPATCHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

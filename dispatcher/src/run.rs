@@ -234,7 +234,8 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
             return Err(StartError::NoNodes(d.selection.to_string()));
         }
         warn!(selection = %d.selection, "no node matches the selection; nothing to do");
-        return Ok(Summary { results: BTreeMap::new(), stopped: None, retries: d.api.stats.count() });
+        let summary = Summary { results: BTreeMap::new(), stopped: None, retries: d.api.stats.count() };
+        return Ok(remove_after_success(&d.api, &args.remove_on_success, summary).await);
     }
     if args.dry_run {
         d.print_plan();
@@ -275,7 +276,21 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     }
     let rollout = d.rollout.take().expect("rollout started");
     let stopped = rollout.stopped().map(ToString::to_string);
-    Ok(Summary { results: rollout.into_results(), stopped, retries: d.api.stats.count() })
+    let summary = Summary { results: rollout.into_results(), stopped, retries: d.api.stats.count() };
+    Ok(remove_after_success(&d.api, &args.remove_on_success, summary).await)
+}
+
+/// Deletes `jobs` when the run fully succeeded (failed runs keep them for inspection).
+async fn remove_after_success(api: &ClusterApi, jobs: &[String], summary: Summary) -> Summary {
+    if summary.all_succeeded() {
+        for job in jobs {
+            match api.delete_job(job).await {
+                Ok(()) => info!(job = %job, "removed after success, with its per-node Jobs"),
+                Err(e) => warn!(job = %job, error = %e, "could not remove the Job; delete it by hand"),
+            }
+        }
+    }
+    summary
 }
 
 fn random_run_id() -> String {

@@ -117,16 +117,16 @@ impl TestCluster {
         Ok(names)
     }
 
-    /// Creates local nodes `<prefix>-<i>` (served by `kata-local-kubelet`) with fake host roots
-    /// seeded under `hosts_dir`; returns their names.
-    pub async fn local_nodes(&self, prefix: &str, count: usize, hosts_dir: &Path, extra_labels: &BTreeMap<String, String>) -> Result<Vec<String>> {
+    /// Creates local nodes `<prefix>-<i>` with fake host roots seeded under `hosts_dir`, labelled
+    /// `kata-testbed/local=<local_value>` (a stand-in serves the nodes of one value); returns names.
+    pub async fn local_nodes(&self, prefix: &str, count: usize, hosts_dir: &Path, local_value: &str, extra_labels: &BTreeMap<String, String>) -> Result<Vec<String>> {
         let api: Api<Node> = Api::all(self.client.clone());
         let mut names = Vec::new();
         for i in 0..count {
             let name = format!("{prefix}-{i}");
             crate::hostroot::seed_containerd_node(&hosts_dir.join(&name), &format!("{:032x}", fxhash(&name)))?;
             let mut labels = extra_labels.clone();
-            labels.insert(crate::hostroot::LOCAL_LABEL.into(), "true".into());
+            labels.insert(crate::local_kubelet::LOCAL_LABEL.into(), local_value.into());
             labels.insert("kubernetes.io/hostname".into(), name.clone());
             labels.insert("kubernetes.io/os".into(), "linux".into());
             labels.insert("kubernetes.io/arch".into(), "amd64".into());
@@ -154,8 +154,14 @@ impl TestCluster {
         };
         let token: TokenRequest = api.create_subresource("token", sa, &PostParams::default(), &req).await?;
         let token = token.status.context("token request returned no status")?.token;
-        let path = self.state.join(format!("sa-{namespace}-{sa}.kubeconfig"));
+        self.token_kubeconfig(&token, &format!("sa-{namespace}-{sa}"), Some(namespace))
+    }
+
+    /// Writes a kubeconfig that authenticates with `token` and returns its path.
+    pub fn token_kubeconfig(&self, token: &str, name: &str, namespace: Option<&str>) -> Result<PathBuf> {
+        let path = self.state.join(format!("{name}.kubeconfig"));
         let ca = self.state.join("pki/ca.crt");
+        let namespace = namespace.unwrap_or("default");
         std::fs::write(
             &path,
             format!(
@@ -165,6 +171,17 @@ impl TestCluster {
             ),
         )?;
         Ok(path)
+    }
+
+    /// A `helm` command for this cluster (`$HELM`, else the test bed's build).
+    pub fn helm(&self) -> tokio::process::Command {
+        let helm = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| {
+            std::env::var_os("KATA_TESTENV_CACHE").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cache/testenv")).join("bin/helm")
+        });
+        let mut cmd = tokio::process::Command::new(helm);
+        cmd.env("KUBECONFIG", self.kubeconfig()).env("HELM_CACHE_HOME", self.state.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.state.join("helm/config")).env("HELM_DATA_HOME", self.state.join("helm/data"));
+        cmd
     }
 
     /// Requests by `user` recorded in the audit log, by verb (`create`, `list`, `watch`, ...).

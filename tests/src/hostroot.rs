@@ -6,9 +6,6 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Label that marks a node served by `kata-local-kubelet`.
-pub const LOCAL_LABEL: &str = "kata-testbed/local";
-
 /// Seeds `root` like a plain containerd 1.6 node: its default config (from the installed
 /// containerd when present), a machine ID, `/dev/kvm`, a kubelet config and the runtime socket
 /// directory. Existing files are kept, so re-seeding is harmless.

@@ -446,6 +446,12 @@ spec:
             {{- if and (eq .role "install") (eq (include "kata-deploy.bool" $v.job.requireNodes) "true") }}
             - --require-nodes
             {{- end }}
+            {{- if eq .role "cleanup" }}
+            # Helm never deletes hook resources on uninstall: once every node is clean, remove the
+            # install dispatcher Job too (its per-node Jobs follow through their ownerReference).
+            - --remove-on-success
+            - {{ include "kata-deploy.installDispatcherName" .root }}
+            {{- end }}
             - --log-format
             - {{ $v.job.logFormat }}
           env:

@@ -43,7 +43,7 @@ async fn main() -> Result<()> {
     let cluster = TestCluster::get().await?;
     match args.command {
         Command::Nodes { local, sim, hosts_dir, prefix } => {
-            let local = cluster.local_nodes(&format!("{prefix}-local"), local, &hosts_dir, &BTreeMap::new()).await?;
+            let local = cluster.local_nodes(&format!("{prefix}-local"), local, &hosts_dir, "true", &BTreeMap::new()).await?;
             let sim = cluster.sim_nodes(&format!("{prefix}-sim"), sim, &SimNode::default()).await?;
             for n in local.iter().chain(&sim) {
                 println!("{n}");
