@@ -1,0 +1,100 @@
+//! The binary end to end: standalone install/status/uninstall on a fake host root with an
+//! `exec:` restarter, exit codes, JSON output.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn stage(host: &Path, config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
+        .arg("--config")
+        .arg(config)
+        .arg("--host-root")
+        .arg(host)
+        .arg("--payload")
+        .arg(payload_dir())
+        .args(args)
+        .env_remove("KATA_NODE_NAME")
+        .env("KATA_NODE_MACHINE_ID", "0123456789abcdef")
+        .env("KATA_NODE_CONTAINER_RUNTIME_VERSION", "containerd://2.0.5")
+        .env("KATA_NODE_ARCH", "amd64")
+        .env("KATA_STAGE_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn standalone_install_status_uninstall() {
+    let work = tempfile::tempdir().unwrap();
+    let host = make_host(&flavour("containerd-2.0"));
+    std::fs::write(host.path().join("dev/kvm"), "").unwrap();
+    let before = snapshot(host.path());
+    let log = work.path().join("restarts.log");
+    let script = work.path().join("restarter.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\ncase \"$1\" in\n  status) awk '{{printf \"active %.0f\\n\", $1*1000000}}' /proc/uptime ;;\n  *) echo \"$1 $2\" >> {} ;;\nesac\n", log.display()),
+    )
+    .unwrap();
+    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    let cfg = work.path().join("config.yaml");
+    std::fs::write(&cfg, format!("restart: exec:{}\nruntimeReadyTimeoutSeconds: 5\nshims:\n  - name: qemu\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n", script.display())).unwrap();
+
+    let out = stage(host.path(), &cfg, &["install"]);
+    assert!(out.status.success(), "install failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(host.path().join("etc/containerd/conf.d/kata-deploy.toml").exists());
+    let restarts = std::fs::read_to_string(&log).unwrap();
+    assert!(restarts.contains("restart containerd.service") && restarts.contains("enable kata-nydus-snapshotter.service"), "{restarts}");
+
+    let out = stage(host.path(), &cfg, &["--output", "json", "status"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["details"]["artifacts"]["installed"], true);
+    assert_eq!(v["details"]["artifacts"]["missing"].as_array().unwrap().len(), 0);
+    assert_eq!(v["details"]["cri"]["cri"], "containerd");
+
+    // Re-running the install restarts nothing.
+    let out = stage(host.path(), &cfg, &["cri"]);
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&log).unwrap().matches("restart containerd.service").count(), 1);
+
+    let out = stage(host.path(), &cfg, &["uninstall"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = snapshot(host.path());
+    assert!(after == before, "{}", snapshot_diff(&before, &after));
+}
+
+#[test]
+fn exit_codes_and_json_host_check() {
+    let work = tempfile::tempdir().unwrap();
+    let host = make_host(&flavour("containerd-2.0"));
+    let bad = work.path().join("bad.yaml");
+    std::fs::write(&bad, "shims: [{name: qemu}]\nsnapshotter: nydus\n").unwrap();
+    let out = stage(host.path(), &bad, &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("snapshotter"));
+
+    // No /dev/kvm and a GPU shim without IOMMU: host-check fails (1) and lists both.
+    let cfg = work.path().join("config.yaml");
+    std::fs::write(&cfg, "shims: [{name: qemu-nvidia-gpu}]\n").unwrap();
+    let out = stage(host.path(), &cfg, &["--output", "json", "host-check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errors: Vec<&str> = v["findings"].as_array().unwrap().iter().filter(|f| f["severity"] == "error").map(|f| f["check"].as_str().unwrap()).collect();
+    assert_eq!(errors, ["kvm", "iommu"]);
+    // Mutating stages on the bad host still work (host-check is advisory per stage); a wrong
+    // machine is refused with exit 1 and nothing changed.
+    let before = snapshot(host.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
+        .args(["--config", cfg.to_str().unwrap(), "--host-root", host.path().to_str().unwrap(), "--payload", payload_dir().to_str().unwrap(), "artifacts"])
+        .env_remove("KATA_NODE_NAME")
+        .env("KATA_NODE_MACHINE_ID", "someone-else")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reused"));
+    assert_eq!(snapshot(host.path()), before);
+}
