@@ -23,7 +23,7 @@ pub enum StageError {
     LockTimeout { path: PathBuf, waited_secs: u64 },
 
     /// host-check found blocking problems.
-    #[error("host-check found {count} blocking problem(s) on node {node}: {summary}")]
+    #[error("host-check found {count} blocking problem(s) on node {node}: {summary}. Each problem is listed above with what to do; fix them and re-run (nothing was changed)")]
     HostCheck { node: String, count: usize, summary: String },
 
     /// This host is not the machine the dispatcher targeted (reused node name).
