@@ -181,11 +181,17 @@ fn setup(bin: &Path, work: &Path) -> PathBuf {
     std::fs::write(host.join("etc/machine-id"), "0123456789abcdef\n").unwrap();
     let out = Command::new(bin).args(["config", "default"]).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    let text = text
-        .replace("root = \"/var/lib/containerd\"", &format!("root = \"{}\"", work.join("root").display()))
-        .replace("state = \"/run/containerd\"", &format!("state = \"{}\"", work.join("state").display()))
-        .replace("address = \"/run/containerd/containerd.sock\"", &format!("address = \"{}\"", work.join("containerd.sock").display()));
-    assert!(text.contains(&work.join("containerd.sock").display().to_string()), "unexpected default config layout");
+    // Point root, state and the socket at the work dir, keeping everything else byte-stable.
+    let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
+    let set = |item: &mut toml_edit::Item, v: &Path| {
+        let decor = item.as_value().map(|x| x.decor().clone()).unwrap_or_default();
+        *item = toml_edit::value(v.display().to_string());
+        *item.as_value_mut().unwrap().decor_mut() = decor;
+    };
+    set(&mut doc["root"], &work.join("root"));
+    set(&mut doc["state"], &work.join("state"));
+    set(&mut doc["grpc"]["address"], &work.join("containerd.sock"));
+    let text = doc.to_string();
     std::fs::write(host.join("etc/containerd/config.toml"), text).unwrap();
     host
 }
@@ -321,4 +327,51 @@ fn containerd_1_x_imports_replace_whole_plugin_sections() {
     if version.starts_with("containerd://1.") {
         assert!(runtimes.get("runc").is_none(), "containerd {version} merged plugin sections deeply; drop-ins would be safe");
     }
+}
+
+/// containerd 2.x (config version 3): our drop-in in conf.d plus an `imports` entry. Runs when
+/// KATA_TEST_CONTAINERD2 points at a containerd 2.x binary (e.g. built from the Go module proxy:
+/// `go build -tags "no_btrfs no_devmapper no_zfs no_aufs" ./cmd/containerd` in containerd v2.0.5).
+#[test]
+fn real_containerd_2_merges_our_v3_dropin() {
+    let Some(bin) = std::env::var_os("KATA_TEST_CONTAINERD2").map(PathBuf::from) else {
+        eprintln!("SKIPPED: set KATA_TEST_CONTAINERD2=<containerd 2.x binary> to run");
+        return;
+    };
+    let Some((_, ctr)) = containerd_bins() else { return };
+    let work = tempfile::Builder::new().prefix("kata-ctd2").tempdir().unwrap();
+    let host = setup(&bin, work.path());
+    let original = std::fs::read(host.join("etc/containerd/config.toml")).unwrap();
+    let rt = RealContainerd::new(bin.clone(), ctr, &host, work.path());
+    rt.start();
+    rt.wait_ready();
+    let facts = node(&real_version(&bin));
+    assert!(facts.container_runtime_version.as_deref().unwrap().starts_with("containerd://2."), "{:?}", facts.container_runtime_version);
+    let cfg = config(&format!("{SHIMS}  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n"));
+    install(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
+    assert!(host.join("etc/containerd/conf.d/kata-deploy.toml").exists());
+    let report = kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
+    let handlers = report.handlers();
+    for h in ["kata-qemu", "kata-my-gpu", "kata-qemu-coco-dev", "runc"] {
+        assert!(handlers.contains(&h.to_string()), "{h} not served: {report:?}");
+    }
+    // The merged config keeps the main file's settings (deep merge of plugin sections in 2.x).
+    let dump = rt.config_dump(&host.join("etc/containerd/config.toml"));
+    let doc: toml_edit::DocumentMut = dump.parse().unwrap();
+    let runtimes = &doc["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"];
+    assert_eq!(runtimes["kata-qemu-coco-dev"]["snapshotter"].as_str(), Some("nydus"));
+    assert!(runtimes.get("runc").is_some());
+    let images = &doc["plugins"]["io.containerd.cri.v1.images"];
+    assert_eq!(images["disable_snapshot_annotations"].as_bool(), Some(false));
+    assert!(images.get("pinned_images").is_some(), "main file's image settings lost: {dump}");
+    assert_eq!(doc["proxy_plugins"]["nydus"]["address"].as_str(), Some("/run/containerd-nydus/containerd-nydus-grpc.sock"));
+    // No-op re-run, then revert byte-for-byte.
+    let pid = rt.pid();
+    install(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
+    assert_eq!(rt.pid(), pid);
+    uninstall(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
+    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original);
+    assert!(!host.join("etc/containerd/conf.d").exists());
+    let report = kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
+    assert!(!report.handlers().iter().any(|h| h.starts_with("kata-")), "{report:?}");
 }
