@@ -38,6 +38,8 @@ fn containerd_bins() -> Option<(PathBuf, PathBuf)> {
 
 /// A containerd process managed like a systemd unit.
 struct RealContainerd {
+    host: PathBuf,
+    work: PathBuf,
     bin: PathBuf,
     ctr: PathBuf,
     config: PathBuf,
@@ -53,6 +55,8 @@ struct RealContainerd {
 impl RealContainerd {
     fn new(bin: PathBuf, ctr: PathBuf, host: &Path, work: &Path) -> Self {
         RealContainerd {
+            host: host.to_path_buf(),
+            work: work.to_path_buf(),
             bin,
             ctr,
             config: host.join("etc/containerd/config.toml"),
@@ -65,9 +69,26 @@ impl RealContainerd {
         }
     }
 
+    /// The host's config as containerd on that host sees it: `imports` are host paths, which
+    /// live under the fake host root here (what a chroot would do).
+    fn effective(&self, config: &Path) -> PathBuf {
+        let text = std::fs::read_to_string(config).unwrap_or_default();
+        let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else { return config.to_path_buf() };
+        if let Some(arr) = doc.get_mut("imports").and_then(|i| i.as_array_mut()) {
+            let mapped: Vec<String> = arr.iter().filter_map(|v| v.as_str()).map(|p| self.host.join(p.trim_start_matches('/')).display().to_string()).collect();
+            arr.clear();
+            for m in mapped {
+                arr.push(m);
+            }
+        }
+        let out = self.work.join("effective-config.toml");
+        std::fs::write(&out, doc.to_string()).unwrap();
+        out
+    }
+
     fn start(&self) {
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(&self.bin).arg("--config").arg(&self.config).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap();
+        let child = Command::new(&self.bin).arg("--config").arg(self.effective(&self.config)).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap();
         self.started_us.store(monotonic_now_us(), Ordering::SeqCst);
         *self.child.lock().unwrap() = Some(child);
     }
@@ -132,7 +153,7 @@ impl RealContainerd {
 
     /// `containerd config dump`: the merged configuration containerd would load (imports too).
     fn config_dump(&self, config: &Path) -> String {
-        let out = Command::new(&self.bin).arg("--config").arg(config).args(["config", "dump"]).output().unwrap();
+        let out = Command::new(&self.bin).arg("--config").arg(self.effective(config)).args(["config", "dump"]).output().unwrap();
         assert!(out.status.success(), "config dump failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
@@ -315,9 +336,9 @@ fn containerd_1_x_imports_replace_whole_plugin_sections() {
     let host = setup(&bin, work.path());
     let rt = RealContainerd::new(bin.clone(), ctr, &host, work.path());
     let main = host.join("etc/containerd/config.toml");
-    let dropin = work.path().join("kata.toml");
+    let dropin = host.join("etc/containerd/kata.toml");
     std::fs::write(&dropin, "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]\n  runtime_type = \"io.containerd.kata-qemu.v2\"\n").unwrap();
-    let text = std::fs::read_to_string(&main).unwrap().replacen("imports = []", &format!("imports = [\"{}\"]", dropin.display()), 1);
+    let text = std::fs::read_to_string(&main).unwrap().replacen("imports = []", "imports = [\"/etc/containerd/kata.toml\"]", 1);
     std::fs::write(&main, text).unwrap();
     let dump = rt.config_dump(&main);
     let doc: toml_edit::DocumentMut = dump.parse().unwrap();
