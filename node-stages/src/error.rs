@@ -30,6 +30,10 @@ pub enum StageError {
     #[error("node {node}: host machine ID {host} differs from the node's reported machine ID {expected}: the node name was reused by another machine. Nothing was changed; re-run the install (helm upgrade) so the dispatcher targets the current node")]
     IdentityMismatch { node: String, host: String, expected: String },
 
+    /// The Node object now has another UID than the one the dispatcher targeted.
+    #[error("node {node}: UID is now {uid}, the dispatcher targeted {expected}: the node name was reused by another machine. Nothing was changed; re-run the install (helm upgrade) so the dispatcher targets the current node")]
+    NodeReplaced { node: String, uid: String, expected: String },
+
     /// The container runtime did not come back (or came back without our handlers).
     #[error("runtime {unit}: {message}. {hint}")]
     Runtime { unit: String, message: String, hint: String },

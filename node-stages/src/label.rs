@@ -89,16 +89,34 @@ impl NodeLabeler {
         let node = self.api.get(&self.name).await.map_err(|e| kube_err(&self.name, e, "Check RBAC (nodes get/patch) and API reachability, then re-run"))?;
         let uid = node.metadata.uid.clone().unwrap_or_default();
         if uid != self.uid {
-            return Err(kube_err(&self.name, format!("node UID is now {uid}, the dispatcher targeted {}", self.uid), "The node name was reused by another machine: nothing was changed; re-run the install"));
+            return Err(StageError::NodeReplaced { node: self.name.clone(), uid, expected: self.uid.clone() });
         }
         Ok(node)
+    }
+
+    /// `get` with retries on transient API errors (bounded; a replaced node fails at once).
+    async fn get_retrying(&self) -> Result<Node> {
+        let mut delay = Duration::from_millis(200);
+        for attempt in 0.. {
+            match self.get().await {
+                Ok(n) => return Ok(n),
+                Err(e @ StageError::NodeReplaced { .. }) => return Err(e),
+                Err(e) if attempt >= 5 => return Err(e),
+                Err(e) => {
+                    tracing::warn!(stage = "label", node = %self.name, attempt, error = %e, "reading the node failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        unreachable!()
     }
 
     /// Applies a label change (retrying a few times when a concurrent change fails the tests).
     pub async fn change(&self, set: &[(String, String)], remove_fn: &dyn Fn(&BTreeMap<String, String>) -> Vec<String>) -> Result<bool> {
         let mut last = String::new();
         for attempt in 0..5 {
-            let node = self.get().await?;
+            let node = self.get_retrying().await?;
             let labels = node.metadata.labels.clone();
             let remove = remove_fn(labels.as_ref().unwrap_or(&BTreeMap::new()));
             let Some(patch) = build_label_patch(&self.uid, labels.as_ref(), set, &remove) else { return Ok(false) };
@@ -134,7 +152,7 @@ impl NodeLabeler {
     pub async fn label_installed(&self, install: &Install, handlers: &[String], wait: Duration, recheck: Duration) -> Result<()> {
         let deadline = Instant::now() + wait;
         loop {
-            let node = self.get().await?;
+            let node = self.get_retrying().await?;
             let st = node.status.clone().unwrap_or_default();
             let ready = st.conditions.as_deref().unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
             let reported: Option<Vec<String>> = st.runtime_handlers.as_ref().filter(|v| !v.is_empty()).map(|v| v.iter().filter_map(|h| h.name.clone()).collect());
