@@ -259,8 +259,28 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
             serde_json::to_value(s).unwrap_or(Value::Null)
         }
     };
+    // Ask the running runtime itself which handlers it serves (the proof the config is loaded).
+    let served = cri::resolve_cri(env.fs, env.cfg, env.facts).ok().map(|k| env.fs.host(Path::new(cri::cri_socket(k)))).filter(|s| s.exists()).map(|sock| {
+        crate::cri_client::query_status(&sock, Duration::from_secs(3)).map(|r| r.handlers())
+    });
+    let runtime = match &served {
+        None => {
+            lines.push("runtime: CRI socket not found; cannot ask which handlers it serves".into());
+            Value::Null
+        }
+        Some(Err(e)) => {
+            lines.push(format!("runtime: {e}"));
+            json!({"error": e})
+        }
+        Some(Ok(h)) => {
+            let expected: Vec<String> = env.cfg.cfg.shims.iter().map(|s| install.handler(&s.name)).collect();
+            let missing: Vec<&String> = expected.iter().filter(|x| !h.contains(x)).collect();
+            lines.push(format!("runtime: serves {}; configured handlers missing: {:?}", h.join(", "), missing));
+            json!({"handlers": h, "missing": missing})
+        }
+    };
     lines.push(format!("label: marker {} (query the node: kubectl get node {} --show-labels)", install.marker_label(), env.facts.display_name()));
-    Ok(StageReport { stage: "status".into(), summary: lines.join("\n") + "\n", details: json!({"artifacts": artifacts, "cri": cri, "stateDir": dir}), planned: vec![] })
+    Ok(StageReport { stage: "status".into(), summary: lines.join("\n") + "\n", details: json!({"artifacts": artifacts, "cri": cri, "runtime": runtime, "stateDir": dir}), planned: vec![] })
 }
 
 /// Default payload location in the stage image.
