@@ -164,7 +164,7 @@ impl CriKind {
 /// How the runtime gets restarted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RestartMode {
-    /// systemctl (through nsenter into the host when the host root is not `/`).
+    /// systemctl (in the host's mount namespace when the host root is not `/`).
     Systemd,
     /// Never restart; the operator does it.
     None,
@@ -192,6 +192,26 @@ pub struct ValidConfig {
 }
 
 impl ValidConfig {
+    /// The configuration as it applies to a node of `arch`: shims not supported there are left
+    /// out (that is what `supportedArches` means), and their names returned. A node on which no
+    /// enabled shim can run is a configuration error.
+    pub fn for_arch(mut self, arch: &str) -> Result<(Self, Vec<String>)> {
+        let (kept, skipped): (Vec<ShimConfig>, Vec<ShimConfig>) =
+            std::mem::take(&mut self.cfg.shims).into_iter().partition(|s| s.allowed_arches().contains(&arch));
+        if kept.is_empty() {
+            return Err(StageError::Config {
+                file: self.file.clone(),
+                field: "shims".into(),
+                message: format!(
+                    "none of the enabled shims ({}) supports this node's architecture {arch}: enable a shim for {arch}, or exclude {arch} nodes with job.nodeSelectorExpressions on kubernetes.io/arch",
+                    skipped.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        self.cfg.shims = kept;
+        Ok((self, skipped.into_iter().map(|s| s.name).collect()))
+    }
+
     /// Names of this install (paths, handlers, labels).
     pub fn install(&self) -> Install {
         Install::new(&self.cfg.multi_install_suffix, &self.cfg.install_prefix)
@@ -324,6 +344,15 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
 }
 
 impl ShimConfig {
+    /// Architectures this shim is installed on: its `supportedArches`, else the shim's own list.
+    pub fn allowed_arches(&self) -> Vec<&str> {
+        if self.supported_arches.is_empty() {
+            self.info().arches.to_vec()
+        } else {
+            self.supported_arches.iter().map(String::as_str).collect()
+        }
+    }
+
     /// The built-in shim this one is based on.
     pub fn base(&self) -> &str {
         if self.base_config.is_empty() { &self.name } else { &self.base_config }
@@ -482,6 +511,17 @@ mod tests {
 
     fn parse(s: &str) -> Result<ValidConfig> {
         parse_config(s, Path::new("cfg.yaml"))
+    }
+
+    #[test]
+    fn shims_not_supported_on_the_node_arch_are_left_out() {
+        let c = |y: &str| parse_config(y, Path::new("cfg.yaml")).unwrap();
+        let (cfg, skipped) = c("shims: [{name: qemu}, {name: qemu-se}, {name: qemu-tdx, supportedArches: [amd64]}]\n").for_arch("amd64").unwrap();
+        assert_eq!(cfg.cfg.shims.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["qemu", "qemu-tdx"]);
+        assert_eq!(skipped, ["qemu-se"]);
+        let e = c("shims: [{name: qemu-se}]\n").for_arch("amd64").unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("none of the enabled shims (qemu-se) supports this node's architecture amd64"), "{e}");
     }
 
     #[test]

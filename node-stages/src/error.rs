@@ -39,7 +39,7 @@ pub enum StageError {
     Runtime { unit: String, message: String, hint: String },
 
     /// Restarting or querying a systemd unit failed.
-    #[error("restarter: {message}. Check that the stage runs privileged with hostPID (systemctl via nsenter) or set restart: none and restart the runtime yourself")]
+    #[error("restarter: {message}. Check that the stage runs privileged with hostPID (systemctl runs in the host's mount namespace) or set restart: none and restart the runtime yourself")]
     Restarter { message: String },
 
     /// A Kubernetes API call failed.
@@ -55,7 +55,9 @@ impl StageError {
     /// Process exit code per ARCHITECTURE.md: 2 for bad configuration or input, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StageError::Config { .. } | StageError::BadInput { .. } => 2,
+            // Deterministic: the same pod would fail the same way (the chart's podFailurePolicy
+            // fails the Job at once on 2 instead of retrying).
+            StageError::Config { .. } | StageError::BadInput { .. } | StageError::HostCheck { .. } => 2,
             _ => 1,
         }
     }

@@ -210,14 +210,14 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
         out.push(finding(Error, "kvm", "/dev/kvm is missing: Kata VMs cannot start".into(), "Enable virtualization in the BIOS / use a VM size with nested virtualization, and load kvm_intel or kvm_amd"));
     }
     for s in shims {
-        let info = s.info();
-        let allowed: Vec<&str> = if s.supported_arches.is_empty() { info.arches.to_vec() } else { s.supported_arches.iter().map(String::as_str).collect() };
+        let allowed = s.allowed_arches();
         if !allowed.contains(&h.arch.as_str()) {
+            // supportedArches means "install it on those": elsewhere the shim is skipped.
             out.push(finding(
-                Error,
+                Info,
                 "arch",
-                format!("shim {} supports {:?}, not this node's {}", s.name, allowed, h.arch),
-                format!("Restrict the install to {allowed:?} nodes (job.nodeSelectorExpressions on kubernetes.io/arch) or disable the shim"),
+                format!("shim {} supports {:?}, skipped on this node's {}", s.name, allowed, h.arch),
+                String::new(),
             ));
         }
     }
@@ -225,10 +225,11 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
     let gpu: Vec<&str> = shims.iter().filter(|s| s.is_gpu_passthrough()).map(|s| s.name.as_str()).collect();
     if !gpu.is_empty() {
         if h.iommu_groups == 0 {
-            out.push(finding(Error, "iommu", format!("/sys/kernel/iommu_groups is empty: GPU passthrough ({}) needs IOMMU", gpu.join(", ")), "Enable VT-d/AMD-Vi and ACS in the BIOS and add intel_iommu=on or amd_iommu=on to the kernel command line"));
+            // Warnings: the shims install fine; only GPU passthrough pods cannot start here.
+            out.push(finding(Warning, "iommu", format!("/sys/kernel/iommu_groups is empty: GPU passthrough ({}) needs IOMMU", gpu.join(", ")), "Enable VT-d/AMD-Vi and ACS in the BIOS and add intel_iommu=on or amd_iommu=on to the kernel command line"));
         }
         if !h.nvidia_modules.is_empty() {
-            out.push(finding(Error, "nvidia-driver", format!("host NVIDIA driver loaded ({}): VFIO passthrough needs the GPU unbound from it", h.nvidia_modules.join(", ")), "Remove the host NVIDIA driver (and blacklist nouveau) so the GPU Operator's VFIO manager can bind the GPU"));
+            out.push(finding(Warning, "nvidia-driver", format!("host NVIDIA driver loaded ({}): VFIO passthrough needs the GPU unbound from it", h.nvidia_modules.join(", ")), "Remove the host NVIDIA driver (and blacklist nouveau) so the GPU Operator's VFIO manager can bind the GPU"));
         }
     }
     // Kubelet timeouts and feature gates (warnings: the install still works).
@@ -335,10 +336,16 @@ mod tests {
         h.host_machine_id = Some("other".into());
         h.runtime_version = Some("containerd://1.6.20".into());
         h.free_bytes = Some(1 << 20);
-        let e = errors(&evaluate(&c, &h));
-        for want in ["machine-id", "cri-version", "kvm", "arch", "iommu", "nvidia-driver", "disk-space"] {
+        let f = evaluate(&c, &h);
+        let e = errors(&f);
+        for want in ["machine-id", "cri-version", "kvm", "disk-space"] {
             assert!(e.contains(&want), "missing {want} in {e:?}");
         }
+        let of = |sev: Severity| f.iter().filter(|x| x.severity == sev).map(|x| x.check).collect::<Vec<_>>();
+        for want in ["iommu", "nvidia-driver"] {
+            assert!(of(Severity::Warning).contains(&want), "GPU prerequisites warn: {f:?}");
+        }
+        assert!(of(Severity::Info).contains(&"arch"), "an unsupported shim is reported as skipped: {f:?}");
     }
 
     #[test]

@@ -103,11 +103,15 @@ fn print(report: &StageReport, output: Output) {
 }
 
 fn run(cli: &Cli) -> Result<(), StageError> {
-    let cfg = load_config(&cli.config)?;
+    let facts = NodeFacts::from_env();
+    let arch = facts.arch.clone().unwrap_or_else(|| kata_deploy_stage::shims::kube_arch(std::env::consts::ARCH).to_string());
+    let (cfg, skipped) = load_config(&cli.config)?.for_arch(&arch)?;
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
-    let facts = NodeFacts::from_env();
+    if !skipped.is_empty() {
+        tracing::info!(arch = %arch, shims = %skipped.join(","), "shims not supported on this architecture are skipped");
+    }
     let fs = HostFs::new(&cli.host_root, cli.dry_run);
     let restarter: Box<dyn Restarter> = match &cfg.restart {
         RestartMode::Systemd => {
@@ -186,12 +190,20 @@ fn run(cli: &Cli) -> Result<(), StageError> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("KATA_STAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if cli.output == Output::Json { sub.json().init() } else { sub.init() }
     if let Err(e) = run(&cli) {
         let code = e.exit_code();
         tracing::error!(stage = ?cli.stage, error = %e, "stage failed");
         eprintln!("error: {e}");
+        // In a pod, the kubelet puts this file in the container status: the dispatcher's report
+        // and `kubectl describe` then say why the stage failed. Bounded by the kubelet's 4 KiB.
+        let msg: String = format!("{e}").chars().take(4000).collect();
+        let termination_log = std::path::Path::new("/dev/termination-log");
+        if termination_log.exists() {
+            let _ = std::fs::write(termination_log, msg);
+        }
         std::process::exit(code);
     }
     Ok(())

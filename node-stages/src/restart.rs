@@ -47,14 +47,16 @@ pub fn boot_id() -> String {
 /// systemctl, optionally entered into PID 1's namespaces (the stage runs in a container).
 #[derive(Debug, Clone)]
 pub struct SystemdRestarter {
-    nsenter: bool,
+    enter_host_mount_ns: bool,
+    /// Whose mount namespace is the host's: PID 1 (with hostPID); tests use another process.
+    host_pid: u32,
     cri_socket: Option<PathBuf>,
 }
 
 impl SystemdRestarter {
-    /// When the host root is not `/`, commands run through `nsenter -t 1 -m -p` (needs hostPID).
+    /// When the host root is not `/`, systemctl runs in PID 1's mount namespace (needs hostPID).
     pub fn new(host_root: &Path) -> Self {
-        SystemdRestarter { nsenter: host_root != Path::new("/"), cri_socket: None }
+        SystemdRestarter { enter_host_mount_ns: host_root != Path::new("/"), host_pid: 1, cri_socket: None }
     }
 
     /// Also ask the runtime itself (CRI Status on this socket, a path in the stage container)
@@ -64,15 +66,33 @@ impl SystemdRestarter {
         self
     }
 
-    fn systemctl(&self, args: &[&str]) -> Result<String> {
-        let mut cmd = if self.nsenter {
-            let mut c = Command::new("nsenter");
-            c.args(["-t", "1", "-m", "-p", "--", "systemctl"]);
-            c
-        } else {
-            Command::new("systemctl")
-        };
+    /// `program args` to run on the host: in PID 1's mount namespace when the stage runs in a
+    /// container, so the host's systemctl talks to the host's systemd.
+    fn host_command(&self, program: &str, args: &[&str]) -> Result<Command> {
+        let mut cmd = Command::new(program);
         cmd.args(args);
+        if self.enter_host_mount_ns {
+            // setns in the child before exec rather than nsenter(1): the stage image holds no
+            // tools besides our binary.
+            let ns = format!("/proc/{}/ns/mnt", self.host_pid);
+            let host_mnt = std::fs::File::open(&ns).map_err(|e| StageError::Restarter {
+                message: format!("cannot open {ns} ({e}): the stage pod needs hostPID: true and privileges to restart the runtime"),
+            })?;
+            use std::os::unix::process::CommandExt;
+            // SAFETY: pre_exec runs in the forked, single-threaded child; setns is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    use std::os::fd::AsFd;
+                    rustix::thread::move_into_link_name_space(host_mnt.as_fd(), Some(rustix::thread::LinkNameSpaceType::Mount))
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        Ok(cmd)
+    }
+
+    fn systemctl(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.host_command("systemctl", args)?;
         let out = cmd.output().map_err(|e| StageError::Restarter { message: format!("cannot run systemctl {}: {e}", args.join(" ")) })?;
         if !out.status.success() {
             return Err(StageError::Restarter {
@@ -191,6 +211,31 @@ impl Restarter for NoRestarter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_commands_run_in_the_hosts_mount_namespace() {
+        // Stand-in for the host: a process in a mount namespace of its own (needs root).
+        let mut other = std::process::Command::new("unshare").args(["-m", "--propagation", "private", "sleep", "30"]).spawn().expect("unshare");
+        let ns_of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).map(|p| p.display().to_string());
+        let mine = ns_of("self").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let theirs = loop {
+            let ns = ns_of(&other.id().to_string()).unwrap();
+            if ns != mine || std::time::Instant::now() > deadline {
+                break ns;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_ne!(theirs, mine, "unshare -m did not create a mount namespace (run the tests as root)");
+        let mut r = SystemdRestarter::new(Path::new("/host"));
+        assert!(r.enter_host_mount_ns, "a container host root enters the host namespace");
+        r.host_pid = other.id();
+        let out = r.host_command("readlink", &["/proc/self/ns/mnt"]).unwrap().output().unwrap();
+        let _ = other.kill();
+        assert!(out.status.success(), "setns failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), theirs);
+        assert!(!SystemdRestarter::new(Path::new("/")).enter_host_mount_ns, "on the host itself nothing is entered");
+    }
 
     #[test]
     fn parses_systemctl_show() {

@@ -136,7 +136,7 @@ impl HostCheckReport {
         if errs.is_empty() {
             return Ok(());
         }
-        Err(StageError::HostCheck { node: self.node.clone(), count: errs.len(), summary: errs.iter().map(|f| f.check).collect::<Vec<_>>().join(", ") })
+        Err(StageError::HostCheck { node: self.node.clone(), count: errs.len(), summary: errs.iter().map(|f| format!("[{}] {}", f.check, f.message)).collect::<Vec<_>>().join("; ") })
     }
 }
 
