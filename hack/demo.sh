@@ -51,19 +51,20 @@ start=$(date +%s)
 if ! "$HELM" install kata-deploy chart/kata-deploy --namespace kata-system --create-namespace \
     --set stage.restart=none --set job.parallelism=5 --wait --timeout 5m; then
   log "helm install failed; the dispatcher's report and the per-node logs are in $demo/work"
-  tail -n 40 "$demo"/work/kata-system_kata-deploy-*dispatcher*/*.log 2>/dev/null || true
+  tail -n 40 "$demo"/work/kata-system_*dispatch-install*/*.log 2>/dev/null || true
   exit 1
 fi
 log "installed in $(( $(date +%s) - start ))s"
 echo
 echo "Dispatcher report:"
-cat "$demo"/work/kata-system_*install*dispatcher*/*.log 2>/dev/null | grep -v '^{' | tail -n $(( local_nodes + sim_nodes + 4 )) || true
+sed -n '/^NODE /,$p' "$demo"/work/kata-system_*dispatch-install*/*.log 2>/dev/null | head -n $(( local_nodes + sim_nodes + 3 )) || true
 echo
 echo "Local nodes' hosts now carry Kata:"
 for h in "$demo"/hosts/*/; do
   n=$(basename "$h")
-  printf '  %-16s %s files under opt/kata, containerd drop-in: %s\n' "$n" \
-    "$(find "$h/opt" -type f 2>/dev/null | wc -l)" "$(ls "$h"/etc/containerd/*.d/ 2>/dev/null | tr '\n' ' ')"
+  printf '  %-16s %s files under opt/kata; containerd runtime handlers: %s\n' "$n" \
+    "$(find "$h/opt" -type f 2>/dev/null | wc -l)" \
+    "$(grep -rhoE 'runtimes\.(\"|)kata-[a-z0-9-]+' "$h/etc/containerd" 2>/dev/null | sed 's/.*runtimes\.\"\{0,1\}//' | sort -u | tr '\n' ' ')"
 done
 cat <<EOF
 

@@ -81,6 +81,16 @@ config qemu-coco-dev qemu "agent.guest_components_procs=none" 60
 config qemu-nvidia-gpu qemu "nvrc.smi.srs=1" 1200
 config qemu-nvidia-gpu-snp qemu "nvrc.smi.srs=1" 1200
 config qemu-nvidia-gpu-tdx qemu "nvrc.smi.srs=1" 1200
+# The rest of the shims a Kata release ships, so the chart's default values install as-is.
+config cloud-hypervisor clh "" 60
+config stratovirt stratovirt "" 60
+config qemu-cca qemu "" 60
+config qemu-se qemu "" 60
+config qemu-coco-dev-runtime-rs qemu "agent.guest_components_procs=none" 60
+config qemu-snp-runtime-rs qemu "" 60
+config qemu-tdx-runtime-rs qemu "" 60
+config qemu-se-runtime-rs qemu "" 60
+config remote remote "" 60
 
 # Guest kernel and image placeholders; --size-mib pads them so the payload totals about N MiB.
 pad_kib=$(( size_mib * 1024 ))
