@@ -4,7 +4,7 @@
 # integration), the chart tests and the image tests. Exits non-zero if any suite failed.
 #
 #   hack/test.sh            all suites
-#   hack/test.sh rust       only the Rust tests (also: chart, images)
+#   hack/test.sh rust       only the Rust tests (also: bench, chart, images)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . hack/testenv/lib.sh
@@ -28,6 +28,10 @@ suite() { # name command...
 }
 if [ "$only" = all ] || [ "$only" = rust ]; then
   suite rust cargo test --workspace --locked --no-fail-fast
+fi
+if [ "$only" = all ] || [ "$only" = bench ]; then
+  # A small size, so the benchmark harness keeps working (figures: hack/bench.sh, BENCHMARKS.md).
+  suite bench target/debug/kata-bench --nodes 50 --parallelism 10 --duration 1 --header
 fi
 if [ "$only" = all ] || [ "$only" = chart ]; then
   suite chart bash hack/test-chart.sh

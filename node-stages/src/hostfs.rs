@@ -184,18 +184,7 @@ impl HostFs {
             self.plan(describe_change(p, old.as_deref(), Some(bytes)));
             return Ok(());
         }
-        let tmp = Self::temp_for(p);
-        self.fault_point()?;
-        let res = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
-            f.write_all(bytes)?;
-            f.set_permissions(fs::Permissions::from_mode(mode))?;
-            if self.durable() { f.sync_all() } else { Ok(()) }
-        })();
-        if let Err(e) = res {
-            let _ = fs::remove_file(self.host(&tmp));
-            return Err(StageError::io("write", p, e));
-        }
+        let tmp = self.stage_bytes(p, bytes, mode)?;
         self.rename_into_place(&tmp, p)
     }
 

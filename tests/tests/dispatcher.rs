@@ -317,3 +317,39 @@ async fn bad_input_is_refused_and_creates_nothing() -> Result<()> {
     assert!(jobs_by_node(&c.cluster, &c.env.namespace).await?.is_empty(), "bad input created nothing");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_owned_by_someone_else_is_never_touched() -> Result<()> {
+    let c = case("foreign", 2, EnvOptions::default()).await?;
+    // A Job with exactly the name the dispatcher would use, but not created by it.
+    let name = format!("kata-deploy-{}", c.nodes[0]);
+    let api: Api<Job> = Api::namespaced(c.cluster.client.clone(), &c.env.namespace);
+    let foreign: Job = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"suspend": true, "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}}
+    }))?;
+    let uid = api.create(&kube::api::PostParams::default(), &foreign).await?.metadata.uid;
+    let out = c.env.run(&["--selector", &c.selector]).await?;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("is not managed by this dispatcher") && t.contains("left untouched"), "{t}");
+    assert!(t.contains("2 nodes: 1 succeeded, 1 failed"), "{t}");
+    assert_eq!(api.get(&name).await?.metadata.uid, uid, "the foreign Job was not replaced");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_picks_up_a_node_labelled_late() -> Result<()> {
+    let c = case("settle", 2, EnvOptions::default()).await?;
+    let nodes: Api<Node> = Api::all(c.cluster.client.clone());
+    // Only node 0 matches at start; node 1 gets the label (as NFD would) a second later.
+    let sel = format!("{},feature=yes", c.selector);
+    nodes.patch(&c.nodes[0], &PatchParams::default(), &Patch::Merge(serde_json::json!({"metadata": {"labels": {"feature": "yes"}}}))).await?;
+    let child = tokio::process::Command::from(c.env.command(&["--selector", &sel, "--settle", "3s"])?).spawn()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nodes.patch(&c.nodes[1], &PatchParams::default(), &Patch::Merge(serde_json::json!({"metadata": {"labels": {"feature": "yes"}}}))).await?;
+    let out = child.wait_with_output().await?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(jobs_by_node(&c.cluster, &c.env.namespace).await?.len(), 2, "the late node got its Job: {}", text(&out));
+    Ok(())
+}

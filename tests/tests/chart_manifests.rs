@@ -1,0 +1,71 @@
+//! Every manifest the chart renders, for the default values and each example values file, is
+//! accepted by the real API server (server-side dry run), and so are the per-node Job templates
+//! once the dispatcher has pinned them to a node.
+
+use anyhow::{bail, Context, Result};
+use kata_testbed::cluster::{repo_root, TestCluster};
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+
+const CLUSTER_SCOPED: &[&str] = &["ClusterRole", "ClusterRoleBinding", "RuntimeClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "Namespace"];
+
+async fn dry_run_create(cluster: &TestCluster, ns: &str, obj: &serde_json::Value) -> Result<()> {
+    let api_version = obj["apiVersion"].as_str().context("apiVersion")?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let kind = obj["kind"].as_str().context("kind")?;
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let api: Api<DynamicObject> =
+        if CLUSTER_SCOPED.contains(&kind) { Api::all_with(cluster.client.clone(), &ar) } else { Api::namespaced_with(cluster.client.clone(), ns, &ar) };
+    let pp = PostParams { dry_run: true, ..Default::default() };
+    api.create(&pp, &serde_json::from_value(obj.clone())?)
+        .await
+        .with_context(|| format!("the API server rejected {kind} {}", obj["metadata"]["name"]))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
+    let cluster = TestCluster::get().await?;
+    let ns = cluster.namespace("manifests").await?;
+    let chart = repo_root().join("chart/kata-deploy");
+    let variants: Vec<Vec<String>> = vec![
+        vec![],
+        vec!["-f".into(), chart.join("try-kata-nvidia-gpu.values.yaml").display().to_string()],
+        vec!["-f".into(), chart.join("try-kata-tee.values.yaml").display().to_string()],
+        vec!["--set".into(), "env.multiInstallSuffix=cicd".into(), "--set".into(), "shims.qemu.containerd.snapshotter=nydus".into()],
+    ];
+    let mut checked = 0;
+    for extra in variants {
+        let out = cluster
+            .helm()
+            .args(["template", "kata-deploy", chart.to_str().unwrap(), "--namespace", &ns, "--kube-version", "1.34.4"])
+            .args(["--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"])
+            .args(&extra)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("helm template {extra:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8(out.stdout)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let obj: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+            if obj.is_null() {
+                continue;
+            }
+            dry_run_create(&cluster, &ns, &obj).await.with_context(|| format!("values {extra:?}"))?;
+            checked += 1;
+            // The per-node Job templates, pinned as the dispatcher pins them.
+            if obj["kind"] == "ConfigMap" && obj["data"]["install-job.yaml"].is_string() {
+                for key in ["install-job.yaml", "cleanup-job.yaml"] {
+                    let mut job: serde_json::Value = serde_yaml::from_str(obj["data"][key].as_str().unwrap())?;
+                    job["metadata"]["name"] = format!("probe-{}", key.trim_end_matches(".yaml")).into();
+                    job["spec"]["template"]["spec"]["nodeName"] = "some-node".into();
+                    dry_run_create(&cluster, &ns, &job).await.with_context(|| format!("{key} with values {extra:?}"))?;
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 40, "expected every object of four renderings, checked {checked}");
+    Ok(())
+}
