@@ -12,7 +12,7 @@ use crate::hostfs::{sha256_hex, HostFs};
 use crate::katacfg::{self, base_config_rel};
 use crate::payload::Payload;
 use crate::restart::Restarter;
-use crate::state::{read_json, write_json, ArtifactsManifest, InstalledFile, CriState, ARTIFACTS_MANIFEST, CRI_STATE};
+use crate::state::{read_json, write_json, ArtifactsManifest, CriState, InstalledFile, StampCache, ARTIFACTS_MANIFEST, CRI_STATE, STAMP_CACHE};
 
 /// Where an installed file's content comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +143,39 @@ fn manifest_path(install: &Install) -> PathBuf {
     install.state_dir().join(ARTIFACTS_MANIFEST)
 }
 
+fn stamp_cache_path(install: &Install) -> PathBuf {
+    install.state_dir().join(STAMP_CACHE)
+}
+
+/// The sha256 of a host file, from the stamp cache when `stat` shows it untouched since the
+/// hash was recorded, else by reading it. Adds what it learnt to `fresh`.
+fn hash_installed(fs: &HostFs, cache: &StampCache, fresh: &mut StampCache, path: &Path) -> Result<Option<String>> {
+    // Stat before hashing: a change during the read moves ctime, so the entry cannot match later.
+    let Some(stamp) = fs.stamp(path)? else {
+        return fs.sha256_file(path);
+    };
+    let sha = match cache.files.get(path) {
+        Some((sha, cached)) if *cached == stamp => sha.clone(),
+        _ => match fs.sha256_file(path)? {
+            Some(sha) => sha,
+            None => return Ok(None),
+        },
+    };
+    fresh.files.insert(path.to_path_buf(), (sha.clone(), stamp));
+    Ok(Some(sha))
+}
+
+/// Records the stamps of the files just installed (their content is the desired one).
+fn record_stamps(fs: &HostFs, install: &Install, desired: &[DesiredFile]) -> Result<()> {
+    let mut cache = StampCache::default();
+    for d in desired {
+        if let Some(stamp) = fs.stamp(&d.path)? {
+            cache.files.insert(d.path.clone(), (d.sha256.clone(), stamp));
+        }
+    }
+    write_json(fs, &stamp_cache_path(install), &cache)
+}
+
 /// Directories (ancestors of the desired files, up to but excluding existing ones) to create.
 fn missing_dirs(fs: &HostFs, desired: &[DesiredFile]) -> Vec<PathBuf> {
     let mut set = BTreeSet::new();
@@ -166,9 +199,12 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
     let mpath = manifest_path(&install);
     let old_manifest_bytes = fs.read(&mpath)?;
     let old: ArtifactsManifest = read_json(fs, &mpath)?.unwrap_or_default();
+    // A corrupt cache is only a slower run: hash everything again.
+    let cache: StampCache = read_json(fs, &stamp_cache_path(&install)).ok().flatten().unwrap_or_default();
+    let mut fresh = StampCache::default();
     let mut on_host = BTreeMap::new();
     for d in &desired {
-        on_host.insert(d.path.clone(), fs.sha256_file(&d.path)?);
+        on_host.insert(d.path.clone(), hash_installed(fs, &cache, &mut fresh, &d.path)?);
     }
     let actions = plan_artifacts(&desired, &old, &on_host);
     let writes: Vec<&DesiredFile> = desired.iter().filter(|d| actions.contains(&Action::Write(d.path.clone()))).collect();
@@ -191,6 +227,7 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
 
     if writes.is_empty() && removes.is_empty() && old == final_manifest {
         tracing::info!(stage = "artifacts", files = kept, "all files already installed; nothing to do");
+        write_json(fs, &stamp_cache_path(&install), &fresh)?;
         if want_unit {
             ensure_unit_running(fs, restarter, &unit, false)?;
         }
@@ -272,6 +309,7 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
         fs.remove_dir_if_empty(d)?;
     }
     write_json(fs, &mpath, &final_manifest)?;
+    record_stamps(fs, &install, &desired)?;
     if want_unit {
         let unit_written = written.iter().any(|p| p.ends_with(&unit));
         ensure_unit_running(fs, restarter, &unit, unit_written)?;
@@ -330,6 +368,7 @@ pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarte
         tracing::info!(stage = "remove-artifacts", "nothing recorded: no artifacts installed by this install");
         // A crash before the first manifest write can leave its temp file and the state dir.
         fs.remove_file(&HostFs::temp_for(&mpath))?;
+        remove_stamp_cache(fs, &install)?;
         fs.remove_dir_if_empty(&install.state_dir())?;
         return Ok(ArtifactsOutcome::default());
     };
@@ -338,6 +377,8 @@ pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarte
             restarter.disable_now(unit)?;
         }
     }
+    // The cache goes before the manifest: a cache never outlives the record it speeds up.
+    remove_stamp_cache(fs, &install)?;
     let mut removed = Vec::new();
     for p in manifest.files.keys() {
         if fs.remove_file(p)? {
@@ -355,6 +396,13 @@ pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarte
     fs.remove_dir_if_empty(&install.state_dir())?;
     tracing::info!(stage = "remove-artifacts", removed = removed.len(), "artifacts removed");
     Ok(ArtifactsOutcome { removed, ..Default::default() })
+}
+
+fn remove_stamp_cache(fs: &HostFs, install: &Install) -> Result<()> {
+    let cpath = stamp_cache_path(install);
+    fs.remove_file(&cpath)?;
+    fs.remove_file(&HostFs::temp_for(&cpath))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -379,6 +427,29 @@ mod tests {
             plan,
             vec![Action::Keep("/opt/kata/a".into()), Action::Write("/opt/kata/b".into()), Action::Write("/opt/kata/c".into()), Action::Remove("/opt/kata/old".into())]
         );
+    }
+
+    #[test]
+    fn untouched_files_are_not_rehashed_and_any_change_is_noticed() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = HostFs::new(d.path(), false);
+        let p = Path::new("/opt/kata/bin/x");
+        std::fs::create_dir_all(d.path().join("opt/kata/bin")).unwrap();
+        std::fs::write(d.path().join("opt/kata/bin/x"), b"one").unwrap();
+        let mut cache = StampCache::default();
+        let mut fresh = StampCache::default();
+        assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap(), Some(sha256_hex(b"one")));
+        // A cache entry whose stamp matches is trusted without reading (proved by a fake hash).
+        let stamp = fs.stamp(p).unwrap().unwrap();
+        cache.files.insert(p.into(), ("cached".into(), stamp));
+        assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap().as_deref(), Some("cached"));
+        // Same size, new content: ctime/mtime move, so the file is read again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(d.path().join("opt/kata/bin/x"), b"two").unwrap();
+        assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap(), Some(sha256_hex(b"two")));
+        assert_eq!(fresh.files[p].0, sha256_hex(b"two"));
+        std::fs::remove_file(d.path().join("opt/kata/bin/x")).unwrap();
+        assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap(), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, StageError};
+use crate::state::FileStamp;
 
 /// Suffix of temp files written beside their target before the rename.
 pub const TEMP_SUFFIX: &str = ".kata-deploy-new";
@@ -142,6 +143,23 @@ impl HostFs {
             h.update(&buf[..n]);
         }
         Ok(Some(hex::encode(h.finalize())))
+    }
+
+    /// The stamp of a regular host file (None if missing or not a regular file).
+    pub fn stamp(&self, p: &Path) -> Result<Option<FileStamp>> {
+        use std::os::unix::fs::MetadataExt;
+        match fs::symlink_metadata(self.host(p)) {
+            Ok(md) if md.is_file() => Ok(Some(FileStamp {
+                dev: md.dev(),
+                ino: md.ino(),
+                size: md.size(),
+                mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+                ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StageError::io("stat", p, e)),
+        }
     }
 
     /// Creates a directory and its missing parents; returns the host paths it created.

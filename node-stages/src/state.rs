@@ -88,8 +88,35 @@ pub struct CriState {
     pub created_dirs: Vec<PathBuf>,
 }
 
+/// What `stat` says about an installed file: if all of it is unchanged since we recorded it,
+/// so is the content (any write or chmod moves `ctime`, which user space cannot set back), and a
+/// no-op re-run need not re-hash hundreds of MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// Device id.
+    pub dev: u64,
+    /// Inode number (a rename-into-place gives a new one).
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i128,
+    /// Status-change time, ns since the epoch.
+    pub ctime_ns: i128,
+}
+
+/// A cache of `(sha256, stamp)` per installed file, beside the manifest. Only a cache: missing,
+/// stale or corrupt means "hash the file again", never "trust it".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StampCache {
+    /// Host path → content hash and the stamp it had when that hash was true.
+    pub files: BTreeMap<PathBuf, (String, FileStamp)>,
+}
+
 /// File names in the state directory.
 pub const ARTIFACTS_MANIFEST: &str = "installed-files.json";
+/// Stamp cache file name (see [`StampCache`]).
+pub const STAMP_CACHE: &str = "installed-stamps.json";
 /// CRI state file name.
 pub const CRI_STATE: &str = "cri.json";
 
