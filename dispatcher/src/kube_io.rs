@@ -41,7 +41,7 @@ pub enum SetupError {
     },
 }
 
-/// Shared retry counter, reported at the end of a run.
+/// Shared counter of retried calls and resumed watches, reported at the end of a run.
 #[derive(Debug, Clone, Default)]
 pub struct RetryStats(Arc<AtomicUsize>);
 
@@ -49,6 +49,11 @@ impl RetryStats {
     /// Retries so far.
     pub fn count(&self) -> usize {
         self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one retried call or one resumed watch.
+    pub fn record(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -90,7 +95,7 @@ where
         async {
             fut.await.map_err(|e| {
                 if is_transient(&e) {
-                    stats.0.fetch_add(1, Ordering::Relaxed);
+                    stats.record();
                     tracing::warn!(call = what, error = %e, "transient API error, retrying");
                     match retry_after(&e) {
                         Some(after) => backoff::Error::retry_after(e, after),

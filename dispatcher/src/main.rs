@@ -27,13 +27,22 @@ fn write_termination_log(args: &Args, text: &str) {
     }
 }
 
+/// The API client, with kube's own silent retry of 429/503/504 turned off: `kube_io::with_retry`
+/// is the one retry layer (it honours Retry-After, bounds the time spent and counts every retry
+/// for the report), so attempts do not multiply across two layers.
+async fn api_client() -> Result<kube::Client, Box<dyn std::error::Error>> {
+    let mut config = kube::Config::infer().await?;
+    config.default_retry = false;
+    Ok(kube::Client::try_from(config)?)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
     // Two worker threads: the work is I/O bound and the hook pod has a small CPU limit.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let outcome = runtime.block_on(async {
-        let client = match kube::Client::try_default().await {
+        let client = match api_client().await {
             Ok(c) => c,
             Err(e) => return Err(anyhow::anyhow!("cannot build a Kubernetes client: {e}. Run in a pod with a ServiceAccount, or set KUBECONFIG")),
         };
@@ -47,7 +56,7 @@ fn main() -> ExitCode {
             let text = report::termination_summary(&summary.results, summary.stopped.as_deref());
             println!("{text}");
             if summary.retries > 0 {
-                println!("transient API errors retried: {}", summary.retries);
+                println!("API retries: {} (transient errors retried and watches resumed)", summary.retries);
             }
             write_termination_log(&args, &text);
             if summary.all_succeeded() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }

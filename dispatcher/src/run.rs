@@ -59,7 +59,7 @@ pub struct Summary {
     pub results: BTreeMap<String, (Outcome, Option<Duration>)>,
     /// Why dispatching stopped early, if it did.
     pub stopped: Option<String>,
-    /// Transient API errors retried.
+    /// Transient API errors retried and watches resumed.
     pub retries: usize,
 }
 
@@ -108,6 +108,8 @@ enum OpDone {
     Deleted { node: String, result: Result<(), kube::Error> },
     Conflict { node: String, existing: Result<Option<Job>, kube::Error> },
     Detail { node: String, reason: String },
+    /// The Job of a node that is gone was deleted (or could not be; logged).
+    Abandoned,
 }
 
 /// Reads the namespace the Jobs go to.
@@ -207,12 +209,12 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
             Some(ev) = node_events.next() => match ev {
                 Ok(Event::InitDone) => nodes_ready = true,
                 Ok(ev) => { d.on_node_event(ev); }
-                Err(e) => warn!(error = %e, "node watch error; retrying"),
+                Err(e) => { d.api.stats.record(); warn!(error = %e, "node watch error; retrying"); }
             },
             Some(ev) = job_events.next() => match ev {
                 Ok(Event::InitDone) => jobs_ready = true,
                 Ok(ev) => d.on_job_event(ev),
-                Err(e) => warn!(error = %e, "job watch error; retrying"),
+                Err(e) => { d.api.stats.record(); warn!(error = %e, "job watch error; retrying"); }
             },
         }
     }
@@ -259,11 +261,11 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
             Some(op) = d.ops.next(), if !d.ops.is_empty() => d.on_op_done(op),
             Some(ev) = job_events.next() => match ev {
                 Ok(ev) => d.on_job_event(ev),
-                Err(e) => warn!(error = %e, "job watch error; the watch resumes by itself"),
+                Err(e) => { d.api.stats.record(); warn!(error = %e, "job watch error; the watch resumes by itself"); }
             },
             Some(ev) = node_events.next() => match ev {
                 Ok(ev) => { d.on_node_event(ev); }
-                Err(e) => warn!(error = %e, "node watch error; the watch resumes by itself"),
+                Err(e) => { d.api.stats.record(); warn!(error = %e, "node watch error; the watch resumes by itself"); }
             },
             _ = progress.tick() => {
                 if let Some(r) = &d.rollout { info!("{}", report::progress_line(&r.progress(), rollout_started.elapsed())); }
@@ -338,14 +340,7 @@ impl Dispatcher {
                         "node was re-created under the same name (UID {old_uid} -> {}) while its Job ran; the Job was deleted so the new machine is not touched. Re-run (helm upgrade) to install it",
                         facts.uid
                     );
-                    self.finish(&name, Outcome::Failed(reason));
-                    let job = self.names.assign(&name);
-                    let api = self.api.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = api.delete_job(&job).await {
-                            warn!(job = %job, error = %e, "could not delete the Job of a re-created node");
-                        }
-                    });
+                    self.abandon(&name, reason);
                 }
                 true
             }
@@ -361,7 +356,7 @@ impl Dispatcher {
             return false;
         }
         if self.tracks.contains_key(name) {
-            self.finish(name, Outcome::Failed("node was deleted while its Job ran".into()));
+            self.abandon(name, "node was deleted while its Job ran; the Job was deleted so a machine that later takes this name is not touched by it".into());
         } else if let Some(r) = self.rollout.as_mut() {
             if r.drop_queued(name) {
                 info!(node = %name, "node deleted before dispatch; no longer a target");
@@ -547,6 +542,7 @@ impl Dispatcher {
                 self.finish(&node, Outcome::Failed(format!("could not delete the stale Job of an earlier run: {e}")));
             }
             OpDone::Detail { node, reason } => self.finish(&node, Outcome::Failed(reason)),
+            OpDone::Abandoned => {}
         }
     }
 
@@ -583,6 +579,20 @@ impl Dispatcher {
             }
             Err(e) => self.finish(node, Outcome::Failed(format!("Job {job_name} exists but cannot be read: {e}"))),
         }
+    }
+
+    /// Fails a node whose machine is gone and deletes its Job: the Job is pinned by name, and
+    /// a new machine under that name must not run a Job made from the old machine's facts.
+    fn abandon(&mut self, node: &str, reason: String) {
+        self.finish(node, Outcome::Failed(reason));
+        let job = self.names.assign(node);
+        let api = self.api.clone();
+        self.ops.push(Box::pin(async move {
+            if let Err(e) = api.delete_job(&job).await {
+                warn!(job = %job, error = %e, "could not delete the Job of a node that is gone; delete it by hand");
+            }
+            OpDone::Abandoned
+        }));
     }
 
     fn finish(&mut self, node: &str, outcome: Outcome) {

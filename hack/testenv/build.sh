@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the test-bed binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok,
-# helm) from their Go modules at the versions pinned in versions.env, into $KATA_TESTENV_CACHE/bin.
+# helm) from their Go modules at the versions pinned in versions.env, and our fault-injecting API
+# proxy (faultproxy/, standard library only), into $KATA_TESTENV_CACHE/bin.
 # Idempotent: a component whose pinned version is already built is skipped, and the script says so.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -56,7 +57,18 @@ build_simple() {
   mark_built "$name" "$v"
 }
 
+# build_local NAME DIR: go build our own standard-library-only tool in DIR (stamped by its sources).
+build_local() {
+  local name=$1 dir=$2
+  local v; v=$(cat "$dir"/go.mod "$dir"/*.go | sha256sum | cut -c1-16)
+  if is_built "$name" "$v"; then log "$name (sources $v) already built, nothing to do"; return; fi
+  log "$name: compiling from $dir"
+  (cd "$dir" && go build -o "$TESTENV_BIN/$name" .)
+  mark_built "$name" "$v"
+}
+
 start=$(date +%s)
+build_local kata-faultproxy "$TESTENV_HERE/faultproxy"
 build_simple etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 build_simple kwok sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 build_simple helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "$HELM_VERSION"

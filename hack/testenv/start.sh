@@ -112,7 +112,7 @@ start etcd "$TESTENV_BIN/etcd" --name testbed --data-dir "$state/etcd" \
 wait_for etcd 20 curl -sf "http://127.0.0.1:$etcd_port/health"
 
 log "starting kube-apiserver on $server"
-start kube-apiserver "$TESTENV_BIN/kube-apiserver" \
+api_cmd=("$TESTENV_BIN/kube-apiserver" \
   --etcd-servers="http://127.0.0.1:$etcd_port" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
   --secure-port="$api_port" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
   --client-ca-file="$pki/ca.crt" --authorization-mode=RBAC --allow-privileged=true \
@@ -122,7 +122,10 @@ start kube-apiserver "$TESTENV_BIN/kube-apiserver" \
   --audit-policy-file="$state/audit-policy.yaml" --audit-log-path="$state/audit.log" \
   --audit-log-format=json --audit-log-maxsize=0 --audit-log-mode=blocking \
   --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 \
-  --cert-dir="$pki/apiserver-generated"
+  --cert-dir="$pki/apiserver-generated")
+# Kept so restart-apiserver.sh can bring the same API server back (fault-tolerance tests).
+printf '%q ' "${api_cmd[@]}" >"$state/apiserver.cmd"
+start kube-apiserver "${api_cmd[@]}"
 wait_for kube-apiserver 60 curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" "$server/readyz"
 
 log "starting kube-controller-manager, kube-scheduler, kwok"

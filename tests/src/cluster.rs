@@ -30,6 +30,11 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A binary built by `hack/testenv/build.sh` (in `$KATA_TESTENV_CACHE/bin`).
+pub fn testenv_bin(name: &str) -> PathBuf {
+    std::env::var_os("KATA_TESTENV_CACHE").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cache/testenv")).join("bin").join(name)
+}
+
 /// A running control plane.
 pub struct TestCluster {
     state: PathBuf,
@@ -54,6 +59,12 @@ impl TestCluster {
         if let Ok(state) = std::env::var("KATA_TESTBED_STATE") {
             return Self::connect(PathBuf::from(state), false).await;
         }
+        Self::private().await
+    }
+
+    /// Always starts a cluster of this test's own (for faults that would disturb other tests,
+    /// such as restarting the API server). Stopped on drop.
+    pub async fn private() -> Result<Self> {
         let script = repo_root().join("hack/testenv/start.sh");
         let out = std::process::Command::new("bash")
             .arg(&script)
@@ -175,13 +186,29 @@ impl TestCluster {
 
     /// A `helm` command for this cluster (`$HELM`, else the test bed's build).
     pub fn helm(&self) -> tokio::process::Command {
-        let helm = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| {
-            std::env::var_os("KATA_TESTENV_CACHE").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cache/testenv")).join("bin/helm")
-        });
+        let helm = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| testenv_bin("helm"));
         let mut cmd = tokio::process::Command::new(helm);
         cmd.env("KUBECONFIG", self.kubeconfig()).env("HELM_CACHE_HOME", self.state.join("helm/cache"))
             .env("HELM_CONFIG_HOME", self.state.join("helm/config")).env("HELM_DATA_HOME", self.state.join("helm/data"));
         cmd
+    }
+
+    /// Kills the API server, keeps it down for `down`, starts it again and waits until it is
+    /// ready (`hack/testenv/restart-apiserver.sh`). Only on a [`TestCluster::private`] cluster.
+    pub async fn restart_apiserver(&self, down: Duration) -> Result<()> {
+        if !self.owned {
+            bail!("restart_apiserver would disturb every other test: use TestCluster::private()");
+        }
+        let st = tokio::process::Command::new("bash")
+            .arg(repo_root().join("hack/testenv/restart-apiserver.sh"))
+            .arg(&self.state)
+            .arg(down.as_secs().max(1).to_string())
+            .status()
+            .await?;
+        if !st.success() {
+            bail!("restart-apiserver.sh failed ({st})");
+        }
+        Ok(())
     }
 
     /// Requests by `user` recorded in the audit log, by verb (`create`, `list`, `watch`, ...).

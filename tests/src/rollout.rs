@@ -2,7 +2,7 @@
 //! ServiceAccount, an owner Job, a per-node Job template, an independent observer of active Jobs,
 //! and a helper that makes chosen nodes' pods fail.
 
-use crate::cluster::{wait_until, workspace_bin, TestCluster};
+use crate::cluster::{wait_until, workspace_bin, SimNode, TestCluster};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -48,6 +48,38 @@ pub struct DispatcherEnv {
     pub template: PathBuf,
     /// The audit-log user name of the dispatcher.
     pub user: String,
+}
+
+/// A test case: a cluster, a namespace ready for the dispatcher, and simulated nodes labelled
+/// `kata-test/group=<namespace>` (so a selector picks exactly this case's nodes).
+pub struct SimCase {
+    /// The cluster.
+    pub cluster: TestCluster,
+    /// Namespace, identity and template.
+    pub env: DispatcherEnv,
+    /// Names of this case's nodes.
+    pub nodes: Vec<String>,
+    /// The selector matching exactly these nodes.
+    pub selector: String,
+    /// How the nodes were made (to re-create one under the same name).
+    pub spec: SimNode,
+}
+
+impl SimCase {
+    /// A namespace `name-<n>` with `nodes` simulated nodes on `cluster`.
+    pub async fn new(cluster: TestCluster, name: &str, nodes: usize, opts: &EnvOptions) -> Result<Self> {
+        let namespace = cluster.namespace(name).await?;
+        let mut spec = SimNode::default();
+        spec.labels.insert("kata-test/group".into(), namespace.clone());
+        let nodes = cluster.sim_nodes(&namespace, nodes, &spec).await?;
+        let env = DispatcherEnv::setup(&cluster, &namespace, opts).await?;
+        Ok(Self { selector: format!("kata-test/group={namespace}"), cluster, env, nodes, spec })
+    }
+}
+
+/// stdout and stderr of a finished process, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// The least-privilege rights of the dispatcher: exactly what the chart grants.

@@ -4,31 +4,18 @@
 use anyhow::Result;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kata_testbed::cluster::{wait_until, SimNode, TestCluster};
-use kata_testbed::rollout::{jobs_by_node, wait_jobs_gone, ActiveObserver, DispatcherEnv, EnvOptions, OWNER_JOB};
+use kata_testbed::cluster::{wait_until, TestCluster};
+use kata_testbed::rollout::{jobs_by_node, output_text, wait_jobs_gone, ActiveObserver, EnvOptions, SimCase as Case, OWNER_JOB};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-struct Case {
-    cluster: TestCluster,
-    env: DispatcherEnv,
-    nodes: Vec<String>,
-    selector: String,
-}
-
 async fn case(name: &str, nodes: usize, opts: EnvOptions) -> Result<Case> {
-    let cluster = TestCluster::get().await?;
-    let namespace = cluster.namespace(name).await?;
-    let mut spec = SimNode::default();
-    spec.labels.insert("kata-test/group".into(), namespace.clone());
-    let nodes = cluster.sim_nodes(&namespace, nodes, &spec).await?;
-    let env = DispatcherEnv::setup(&cluster, &namespace, &opts).await?;
-    Ok(Case { selector: format!("kata-test/group={namespace}"), cluster, env, nodes })
+    Case::new(TestCluster::get().await?, name, nodes, &opts).await
 }
 
 fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    output_text(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,6 +210,40 @@ async fn node_deleted_mid_run_fails_only_that_node() -> Result<()> {
     let line = String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with(&c.nodes[0])).unwrap_or_default().to_owned();
     assert!(line.contains("failed") && line.contains("node was deleted"), "{t}");
     assert!(t.contains("3 nodes: 2 succeeded, 1 failed"), "{t}");
+    // Its Job is gone too (foreground deletion: once its pods are): a machine that later takes
+    // the name never runs it.
+    job_of_node_deleted(&c, &c.nodes[0]).await?;
+    Ok(())
+}
+
+async fn job_of_node_deleted(c: &Case, node: &str) -> Result<()> {
+    wait_until(Duration::from_secs(60), &format!("the Job pinned to {node} to be deleted"), || async {
+        Ok(!jobs_by_node(&c.cluster, &c.env.namespace).await?.iter().any(|(_, n)| n == node))
+    })
+    .await
+}
+
+/// A node deleted and re-created under the same name while its Job runs: reported, its Job
+/// deleted (the new machine is not touched by a Job made from the old one's facts), no hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_recreated_under_the_same_name_is_reported_and_not_touched() -> Result<()> {
+    let c = case("noderecreate", 3, EnvOptions { duration: "8s".into(), ..Default::default() }).await?;
+    let child = tokio::process::Command::from(c.env.command(&["--selector", &c.selector, "--parallelism", "3"])?).spawn()?;
+    wait_until(Duration::from_secs(30), "Jobs created", || async { Ok(jobs_by_node(&c.cluster, &c.env.namespace).await?.len() == 3) }).await?;
+    let nodes: Api<Node> = Api::all(c.cluster.client.clone());
+    let old_uid = nodes.get(&c.nodes[0]).await?.metadata.uid;
+    nodes.delete(&c.nodes[0], &DeleteParams::default()).await?;
+    wait_until(Duration::from_secs(10), "node deleted", || async { Ok(nodes.get_opt(&c.nodes[0]).await?.is_none()) }).await?;
+    let again = c.cluster.sim_nodes(&c.env.namespace, 1, &c.spec).await?;
+    assert_eq!(again[0], c.nodes[0]);
+    assert_ne!(nodes.get(&c.nodes[0]).await?.metadata.uid, old_uid, "a new node object under the same name");
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output()).await??;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let line = String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with(&c.nodes[0])).unwrap_or_default().to_owned();
+    assert!(line.contains("failed") && (line.contains("node was deleted") || line.contains("re-created")), "{t}");
+    assert!(t.contains("3 nodes: 2 succeeded, 1 failed"), "{t}");
+    job_of_node_deleted(&c, &c.nodes[0]).await?;
     Ok(())
 }
 

@@ -1,0 +1,3 @@
+module kata-deploy.test/faultproxy
+
+go 1.24.0
