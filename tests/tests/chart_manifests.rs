@@ -69,3 +69,55 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
     assert!(checked > 40, "expected every object of four renderings, checked {checked}");
     Ok(())
 }
+
+/// `helm install` with bad values on the real cluster: refused with an error naming the value,
+/// and nothing is left behind (no release, no object in the namespace or cluster-wide).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_are_refused_and_install_nothing() -> Result<()> {
+    let cluster = TestCluster::get().await?;
+    let ns = cluster.namespace("badvalues").await?;
+    let chart = repo_root().join("chart/kata-deploy");
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("parallelism 0", &["--set", "job.parallelism=0"], "/job/parallelism"),
+        ("suffix not a DNS label", &["--set", "env.multiInstallSuffix=CI_run"], "/env/multiInstallSuffix"),
+        ("DaemonSet mode", &["--set", "deploymentMode=daemonset"], "this chart implements job mode"),
+        ("no shim enabled", &["--set", "shims.disableAll=true"], "no shim is enabled"),
+        ("unknown selector operator", &["--set-json", r#"job.nodeSelectorExpressions=[{"key":"a","operator":"Equals","values":["x"]}]"#], "operator"),
+        ("restricted annotation without opt-in", &["--set-json", r#"shims.qemu.allowedHypervisorAnnotations=["path"]"#], "allowRestrictedAnnotations"),
+    ];
+    for (i, (name, values, want)) in cases.iter().enumerate() {
+        let release = format!("bad-{i}");
+        let out = cluster
+            .helm()
+            .args(["install", &release, chart.to_str().unwrap(), "--namespace", &ns, "--wait", "--timeout", "60s"])
+            .args(*values)
+            .output()
+            .await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: helm install succeeded");
+        assert!(err.contains(want), "{name}: the error should name {want:?}: {err}");
+        let selector = format!("app.kubernetes.io/instance={release}");
+        for (group, version, kind) in [
+            ("batch", "v1", "Job"),
+            ("", "v1", "ConfigMap"),
+            ("", "v1", "ServiceAccount"),
+            ("", "v1", "Secret"),
+            ("rbac.authorization.k8s.io", "v1", "Role"),
+            ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+            ("rbac.authorization.k8s.io", "v1", "ClusterRole"),
+            ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding"),
+            ("node.k8s.io", "v1", "RuntimeClass"),
+        ] {
+            let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+            let api: Api<DynamicObject> =
+                if CLUSTER_SCOPED.contains(&kind) { Api::all_with(cluster.client.clone(), &ar) } else { Api::namespaced_with(cluster.client.clone(), &ns, &ar) };
+            let left = api.list(&kube::api::ListParams::default().labels(&selector)).await?;
+            assert!(left.items.is_empty(), "{name}: {kind} left behind: {:?}", left.items.iter().map(|o| o.metadata.name.clone()).collect::<Vec<_>>());
+        }
+        // Helm keeps release records as Secrets labelled owner=helm,name=<release>.
+        let secrets: Api<DynamicObject> = Api::namespaced_with(cluster.client.clone(), &ns, &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Secret")));
+        let records = secrets.list(&kube::api::ListParams::default().labels(&format!("owner=helm,name={release}"))).await?;
+        assert!(records.items.is_empty(), "{name}: a Helm release record was left");
+    }
+    Ok(())
+}
