@@ -5,6 +5,7 @@
 #
 #   hack/test.sh            all suites
 #   hack/test.sh rust       only the Rust tests (also: bench, chart, images)
+#   hack/test.sh reliability  the fault-tolerance and bad-input suite (RELIABILITY.md)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . hack/testenv/lib.sh
@@ -28,6 +29,14 @@ suite() { # name command...
 }
 if [ "$only" = all ] || [ "$only" = rust ]; then
   suite rust cargo test --workspace --locked --no-fail-fast
+fi
+if [ "$only" = reliability ]; then
+  # The fault-tolerance and bad-input suite alone (RELIABILITY.md); "all" runs it within "rust".
+  reliability() {
+    cargo test --locked -p kata-testbed --test faults --test dispatcher --test chart_manifests -- --nocapture &&
+      cargo test --locked -p kata-deploy-stage --test host_stages --test host_failures --test bad_input --test real_containerd --test cli -- --nocapture
+  }
+  suite reliability reliability
 fi
 if [ "$only" = all ] || [ "$only" = bench ]; then
   # A small size, so the benchmark harness keeps working (figures: hack/bench.sh, BENCHMARKS.md).
