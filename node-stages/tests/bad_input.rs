@@ -35,29 +35,12 @@ const CONFIG_CASES: &[(&str, &str, &[&str])] = &[
     ("custom runtime on an unknown base", "shims:\n  - name: mine\n    baseConfig: qemu-nope\n", &["baseConfig", "qemu-nope"]),
 ];
 
-fn run_install(host: &Path, config: &Path, payload: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
-        .arg("--config")
-        .arg(config)
-        .arg("--host-root")
-        .arg(host)
-        .arg("--payload")
-        .arg(payload)
-        .args(["install"])
-        .env_remove("KATA_NODE_NAME")
-        .env("KATA_NODE_ARCH", "amd64")
-        .env("KATA_NODE_CONTAINER_RUNTIME_VERSION", "containerd://2.0.5")
-        .env("KATA_STAGE_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
 /// Runs `install` and asserts: exit 2, every word in the error, host unchanged.
 fn assert_refused(name: &str, config: &Path, payload: &Path, words: &[&str]) {
     let host = make_host(&flavour("containerd-2.0"));
     std::fs::write(host.path().join("dev/kvm"), "").unwrap();
     let before = snapshot(host.path());
-    let out = run_install(host.path(), config, payload);
+    let out = run_stage_binary(host.path(), config, payload, &["install"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "{name}: expected exit 2\n{err}");
     for w in words {

@@ -9,21 +9,7 @@ use std::process::Command;
 use common::*;
 
 fn stage(host: &Path, config: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
-        .arg("--config")
-        .arg(config)
-        .arg("--host-root")
-        .arg(host)
-        .arg("--payload")
-        .arg(payload_dir())
-        .args(args)
-        .env_remove("KATA_NODE_NAME")
-        .env("KATA_NODE_MACHINE_ID", "0123456789abcdef")
-        .env("KATA_NODE_CONTAINER_RUNTIME_VERSION", "containerd://2.0.5")
-        .env("KATA_NODE_ARCH", "amd64")
-        .env("KATA_STAGE_LOG", "warn")
-        .output()
-        .unwrap()
+    run_stage_binary(host, config, &payload_dir(), args)
 }
 
 #[test]

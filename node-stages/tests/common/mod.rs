@@ -216,3 +216,24 @@ pub fn uninstall(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, rt: &dyn Res
     let env = StageEnv { cfg, facts, fs, payload_dir: &payload, restarter: rt, claims: &NoClaims, lock_wait: Duration::from_secs(5) };
     Ok(vec![stages::run_revert_cri(&env)?, stages::run_remove_artifacts(&env)?])
 }
+
+/// Runs the real stage binary standalone (no node name, so no claim) on `host` with `config`
+/// and `payload`, as an amd64 containerd 2.0.5 node.
+#[allow(dead_code)]
+pub fn run_stage_binary(host: &Path, config: &Path, payload: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
+        .arg("--config")
+        .arg(config)
+        .arg("--host-root")
+        .arg(host)
+        .arg("--payload")
+        .arg(payload)
+        .args(args)
+        .env_remove("KATA_NODE_NAME")
+        .env("KATA_NODE_MACHINE_ID", "0123456789abcdef")
+        .env("KATA_NODE_CONTAINER_RUNTIME_VERSION", "containerd://2.0.5")
+        .env("KATA_NODE_ARCH", "amd64")
+        .env("KATA_STAGE_LOG", "warn")
+        .output()
+        .unwrap()
+}
