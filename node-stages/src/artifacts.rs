@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Install, ValidConfig};
 use crate::error::{Result, StageError};
 use crate::hostfs::{sha256_hex, HostFs};
-use crate::katacfg::{self, base_config_rel};
+use crate::katacfg;
 use crate::payload::Payload;
 use crate::restart::Restarter;
 use crate::state::{read_json, write_json, ArtifactsManifest, CriState, InstalledFile, StampCache, ARTIFACTS_MANIFEST, CRI_STATE, STAMP_CACHE};
@@ -105,7 +105,6 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
             out.push(DesiredFile { path, sha256: sha256_hex(content.as_bytes()), mode: 0o644, source: Source::Inline(content.into_bytes()) });
         }
     }
-    let _ = base_config_rel;
     Ok(out)
 }
 

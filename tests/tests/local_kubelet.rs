@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kata_testbed::cluster::in_ci;
 use kata_testbed::local_kubelet::{
     local_node, Config, ImageMap, LocalKubelet, LocalKubeletHandle, LOCAL_LABEL,
 };
@@ -28,7 +29,7 @@ const SH_IMAGE: &str = "example.org/testbed/lk-sh:1";
 fn state_dir() -> Option<PathBuf> {
     match std::env::var_os("KATA_TESTBED_STATE") {
         Some(s) => Some(PathBuf::from(s)),
-        None if std::env::var("CI").as_deref() == Ok("true") => {
+        None if in_ci() => {
             panic!("KATA_TESTBED_STATE is not set (CI=true): start a cluster with hack/testenv/start.sh")
         }
         None => {
@@ -344,7 +345,7 @@ fn curl_available() -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !found && std::env::var("CI").as_deref() == Ok("true") {
+    if !found && in_ci() {
         panic!("curl is needed by the ServiceAccount token test");
     }
     found

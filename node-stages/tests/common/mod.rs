@@ -237,3 +237,18 @@ pub fn run_stage_binary(host: &Path, config: &Path, payload: &Path, args: &[&str
         .output()
         .unwrap()
 }
+
+/// Whether missing prerequisites must fail a test (CI) rather than skip it; the same rule as
+/// the test bed's `in_ci` (any value but empty, "false" or "0").
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Skips a test whose prerequisite (`what`) is missing, loudly; in CI, fails it instead.
+#[allow(dead_code)]
+pub fn skip_or_fail(what: &str) {
+    if in_ci() {
+        panic!("{what}, and CI is set: install or permit it (hack/install-deps.sh), a CI run never skips");
+    }
+    eprintln!("SKIPPED: {what} (set CI=true to make this a failure)");
+}

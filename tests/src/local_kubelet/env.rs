@@ -34,6 +34,14 @@ pub struct PodContext {
     pub api_port: u16,
 }
 
+#[cfg(test)]
+impl PodContext {
+    /// Node `n1` on loopback, API on port 6443 (unit tests of this module and `volumes`).
+    pub(crate) fn for_tests() -> Self {
+        Self { node_name: "n1".into(), pod_ip: "127.0.0.1".into(), host_ip: "127.0.0.1".into(), api_host: "127.0.0.1".into(), api_port: 6443 }
+    }
+}
+
 /// Names of the ConfigMaps and Secrets a pod refers to (env, envFrom, volumes, projections).
 pub fn referenced_objects(pod: &Pod) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut cms = BTreeSet::new();
@@ -395,13 +403,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn ctx() -> PodContext {
-        PodContext {
-            node_name: "n1".into(),
-            pod_ip: "127.0.0.1".into(),
-            host_ip: "127.0.0.1".into(),
-            api_host: "127.0.0.1".into(),
-            api_port: 6443,
-        }
+        PodContext::for_tests()
     }
 
     fn pod(c: Container) -> Pod {

@@ -477,13 +477,7 @@ mod tests {
     };
 
     fn ctx() -> PodContext {
-        PodContext {
-            node_name: "n1".into(),
-            pod_ip: "127.0.0.1".into(),
-            host_ip: "127.0.0.1".into(),
-            api_host: "127.0.0.1".into(),
-            api_port: 6443,
-        }
+        PodContext::for_tests()
     }
 
     fn pod() -> Pod {
