@@ -22,6 +22,17 @@ new_module() {
   echo "$dir"
 }
 
+# kube_version_ldflags VERSION: stamp the version as Kubernetes' own build does: without it a
+# component reports v0.0.0-master and Helm charts with a kubeVersion constraint refuse to install.
+kube_version_ldflags() {
+  local v=$1 mm="${1#v}" ldflags=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=${mm%%.*} -X $pkg.gitMinor=$(echo "$mm" | cut -d. -f2)"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$ldflags"
+}
+
 build_kubernetes() {
   local v="$K8S_VERSION" minor="v0.${K8S_VERSION#v1.}"
   # The stamp includes the ldflags revision: binaries built without the version stamp are rebuilt.
@@ -36,15 +47,41 @@ build_kubernetes() {
   local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler)
   (cd "$dir" && go get "${pkgs[@]/%/@$v}" >/dev/null)
   log "kubernetes $v: compiling kube-apiserver, kube-controller-manager, kube-scheduler (the long step: ~15-25 min cold on 2 cores)"
-  # Stamp the version as Kubernetes' own build does: without it the API server reports
-  # v0.0.0-master and Helm charts with a kubeVersion constraint refuse to install.
-  local mm="${v#v}" ldflags=""
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=${mm%%.*} -X $pkg.gitMinor=$(echo "$mm" | cut -d. -f2)"
-    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
-  (cd "$dir" && go build -ldflags "$ldflags" -o "$TESTENV_BIN/" "${pkgs[@]}")
+  (cd "$dir" && go build -ldflags "$(kube_version_ldflags "$v")" -o "$TESTENV_BIN/" "${pkgs[@]}")
   mark_built kubernetes "$stamp"
+}
+
+# build_kubelet: the real kubelet of the real-node flavour, from the same pinned k8s.io/kubernetes
+# module as the control plane. `go get` it first: go.sum otherwise lacks kubelet-only dependencies.
+build_kubelet() {
+  local v="$K8S_VERSION" minor="v0.${K8S_VERSION#v1.}" stamp="$K8S_VERSION+version-ldflags"
+  if is_built kubelet "$stamp"; then log "kubelet $v already built, nothing to do"; return; fi
+  log "kubelet $v: resolving and compiling k8s.io/kubernetes/cmd/kubelet"
+  local dir; dir=$(new_module kubelet)
+  local gomod; gomod=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$v from the Go module proxy"
+  sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#replace \1 => \1 '"$minor"'#p' "$gomod" >>"$dir/go.mod"
+  (cd "$dir" && go get "k8s.io/kubernetes/cmd/kubelet@$v" >/dev/null)
+  (cd "$dir" && go build -ldflags "$(kube_version_ldflags "$v")" -o "$TESTENV_BIN/kubelet" k8s.io/kubernetes/cmd/kubelet)
+  mark_built kubelet "$stamp"
+}
+
+# build_containerd VERSION: containerd, its runc v2 shim and ctr, static, from the Go module proxy,
+# into $TESTENV_BIN/containerd-VERSION/ (the runtime matrix and the real nodes use these).
+build_containerd() {
+  local v=$1 out="$TESTENV_BIN/containerd-$1" mod=github.com/containerd/containerd
+  if is_built "containerd-$v" "$v"; then log "containerd $v already built, nothing to do"; return; fi
+  case "$v" in v2.*) mod=$mod/v2 ;; esac
+  log "containerd $v: resolving and compiling $mod (containerd, containerd-shim-runc-v2, ctr)"
+  local dir; dir=$(new_module "containerd-$v")
+  local pkgs=("$mod/cmd/containerd" "$mod/cmd/containerd-shim-runc-v2" "$mod/cmd/ctr")
+  (cd "$dir" && go get "${pkgs[@]/%/@$v}" >/dev/null)
+  mkdir -p "$out"
+  # The version is stamped like containerd's own Makefile does: `containerd --version` and the CRI
+  # runtime version (node.status.nodeInfo.containerRuntimeVersion) report it.
+  (cd "$dir" && go build -tags no_btrfs,no_devmapper,no_zfs \
+    -ldflags "-X $mod/version.Version=$v -X $mod/version.Revision=go-proxy" -o "$out/" "${pkgs[@]}")
+  mark_built "containerd-$v" "$v"
 }
 
 # build_simple NAME MODULE PACKAGE VERSION: go build PACKAGE from MODULE@VERSION into bin/NAME.
@@ -73,4 +110,6 @@ build_simple etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "$ETCD_VER
 build_simple kwok sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 build_simple helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 build_kubernetes
+build_kubelet
+for v in $CONTAINERD_VERSIONS; do build_containerd "$v"; done
 log "test bed ready in $TESTENV_BIN ($(( $(date +%s) - start ))s)"
