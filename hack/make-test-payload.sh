@@ -29,8 +29,10 @@ case "$size_mib" in ''|*[!0-9]*) echo "--size-mib must be a non-negative integer
 mkdir -p "$out"/bin "$out"/runtime-rs/bin "$out"/share/defaults/kata-containers \
          "$out"/share/kata-containers "$out"/nydus-snapshotter
 
-exe() { # <path> <name>: a tiny executable that reports what it stands for
-  printf '#!/bin/sh\necho "%s (kata-deploy test payload)"\n' "$2" >"$1"
+exe() { # <path> <name>: a tiny executable that reports what it stands for, and records each run
+  # (its path and arguments) in /run/kata-deploy-test-payload.log of the host that ran it: how the
+  # real-node tests see containerd start the shim the artifacts stage installed.
+  printf '#!/bin/sh\necho "$0 $*" >>/run/kata-deploy-test-payload.log 2>/dev/null\necho "%s (kata-deploy test payload)"\n' "$2" >"$1"
   chmod 0755 "$1"
 }
 exe "$out/bin/containerd-shim-kata-v2" "containerd-shim-kata-v2 (go runtime)"

@@ -122,6 +122,7 @@ api_cmd=("$TESTENV_BIN/kube-apiserver" \
   --audit-policy-file="$state/audit-policy.yaml" --audit-log-path="$state/audit.log" \
   --audit-log-format=json --audit-log-maxsize=0 --audit-log-mode=blocking \
   --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 \
+  --kubelet-preferred-address-types=InternalIP,Hostname \
   --cert-dir="$pki/apiserver-generated")
 # Kept so restart-apiserver.sh can bring the same API server back (fault-tolerance tests).
 printf '%q ' "${api_cmd[@]}" >"$state/apiserver.cmd"

@@ -10,6 +10,11 @@ state=${1:-}
 [ -n "$state" ] || die "usage: stop.sh STATE [--keep]"
 keep=${2:-}
 [ -d "$state" ] || { log "$state does not exist: nothing to stop"; exit 0; }
+# Real nodes first (hack/testenv/realnode/node.sh): their kubelets talk to this control plane, and
+# their mounts live under the state directory.
+if [ -s "$state/realnodes" ]; then
+  for node in $(cat "$state/realnodes"); do bash "$TESTENV_HERE/realnode/node.sh" stop "$state" "$node" || true; done
+fi
 if [ -s "$state/pids" ]; then
   pids=$(tac "$state/pids" | awk '{print $1}')
   for pid in $pids; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done

@@ -39,7 +39,7 @@ pub enum StageError {
     Runtime { unit: String, message: String, hint: String },
 
     /// Restarting or querying a systemd unit failed.
-    #[error("restarter: {message}. Check that the stage runs privileged with hostPID (systemctl runs in the host's mount namespace) or set restart: none and restart the runtime yourself")]
+    #[error("restarter: {message}. Check that the host's /run/systemd (or /run/dbus) is mounted under the host root and the stage runs as root, or set restart: none and restart the runtime yourself")]
     Restarter { message: String },
 
     /// A Kubernetes API call failed.

@@ -1,9 +1,10 @@
 //! Restarting and querying host services (the container runtime, the nydus snapshotter).
-//! systemd through `systemctl` (entered into the host's namespaces when the host root is not
-//! `/`), an `exec:` script for unusual hosts and tests, or any [`Restarter`] trait object.
+//! systemd over D-Bus (its sockets under the host root), an `exec:` script for unusual hosts and
+//! tests, or any [`Restarter`] trait object.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use crate::error::{Result, StageError};
 
@@ -44,19 +45,27 @@ pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-/// systemctl, optionally entered into PID 1's namespaces (the stage runs in a container).
+/// systemd's manager, reached over D-Bus through the host's sockets under the host root: its
+/// private socket (`/run/systemd/private`, no bus daemon needed) or the system bus. Needs only
+/// the socket mounted: no `hostPID`, no `privileged`, no systemctl in the image.
 #[derive(Debug, Clone)]
 pub struct SystemdRestarter {
-    enter_host_mount_ns: bool,
-    /// Whose mount namespace is the host's: PID 1 (with hostPID); tests use another process.
-    host_pid: u32,
+    host_root: PathBuf,
     cri_socket: Option<PathBuf>,
+    /// Bound on every D-Bus call and on waiting for a restart job to finish.
+    deadline: Duration,
 }
 
+/// How long a single systemd call (or a restart job) may take before the stage gives up.
+pub const SYSTEMD_CALL_DEADLINE: Duration = Duration::from_secs(90);
+
+const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
+const MANAGER: &str = "org.freedesktop.systemd1.Manager";
+
 impl SystemdRestarter {
-    /// When the host root is not `/`, systemctl runs in PID 1's mount namespace (needs hostPID).
+    /// systemd of the host whose root is mounted at `host_root`.
     pub fn new(host_root: &Path) -> Self {
-        SystemdRestarter { enter_host_mount_ns: host_root != Path::new("/"), host_pid: 1, cri_socket: None }
+        SystemdRestarter { host_root: host_root.to_path_buf(), cri_socket: None, deadline: SYSTEMD_CALL_DEADLINE }
     }
 
     /// Also ask the runtime itself (CRI Status on this socket, a path in the stage container)
@@ -66,74 +75,133 @@ impl SystemdRestarter {
         self
     }
 
-    /// `program args` to run on the host: in PID 1's mount namespace when the stage runs in a
-    /// container, so the host's systemctl talks to the host's systemd.
-    fn host_command(&self, program: &str, args: &[&str]) -> Result<Command> {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        if self.enter_host_mount_ns {
-            // setns in the child before exec rather than nsenter(1): the stage image holds no
-            // tools besides our binary.
-            let ns = format!("/proc/{}/ns/mnt", self.host_pid);
-            let host_mnt = std::fs::File::open(&ns).map_err(|e| StageError::Restarter {
-                message: format!("cannot open {ns} ({e}): the stage pod needs hostPID: true and privileges to restart the runtime"),
-            })?;
-            use std::os::unix::process::CommandExt;
-            // SAFETY: pre_exec runs in the forked, single-threaded child; setns is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    use std::os::fd::AsFd;
-                    rustix::thread::move_into_link_name_space(host_mnt.as_fd(), Some(rustix::thread::LinkNameSpaceType::Mount))
-                        .map_err(std::io::Error::from)
-                });
-            }
-        }
-        Ok(cmd)
+    /// Bounds every call and restart job by `deadline` instead of [`SYSTEMD_CALL_DEADLINE`].
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
-    fn systemctl(&self, args: &[&str]) -> Result<String> {
-        let mut cmd = self.host_command("systemctl", args)?;
-        let out = cmd.output().map_err(|e| StageError::Restarter { message: format!("cannot run systemctl {}: {e}", args.join(" ")) })?;
-        if !out.status.success() {
-            return Err(StageError::Restarter {
-                message: format!("systemctl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    /// Runs `f` against systemd on a connection of its own (a few calls per stage: no pooling).
+    fn with_systemd<T>(&self, what: &str, f: impl AsyncFnOnce(&Systemd) -> std::result::Result<T, String>) -> Result<T> {
+        let fail = |m: String| StageError::Restarter { message: format!("{what}: {m}") };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(e.to_string()))?;
+        rt.block_on(async {
+            let systemd = tokio::time::timeout(self.deadline, Systemd::connect(&self.host_root, self.deadline))
+                .await
+                .map_err(|_| format!("no answer from systemd within {:?}", self.deadline))??;
+            tokio::time::timeout(self.deadline, f(&systemd)).await.map_err(|_| format!("systemd did not finish within {:?}", self.deadline))?
+        })
+        .map_err(fail)
     }
 }
 
-/// Parses `systemctl show -p ActiveState -p ActiveEnterTimestampMonotonic` output.
-pub fn parse_systemctl_show(out: &str) -> UnitStatus {
-    let mut st = UnitStatus { active: false, active_since_mono_us: None };
-    for line in out.lines() {
-        if let Some(v) = line.strip_prefix("ActiveState=") {
-            st.active = v.trim() == "active";
-        } else if let Some(v) = line.strip_prefix("ActiveEnterTimestampMonotonic=") {
-            st.active_since_mono_us = v.trim().parse().ok().filter(|v| *v > 0);
+/// One D-Bus connection to systemd's manager.
+struct Systemd {
+    conn: zbus::Connection,
+    /// None on the private socket (peer to peer); the bus name on the system bus.
+    destination: Option<&'static str>,
+}
+
+impl Systemd {
+    async fn connect(host_root: &Path, timeout: Duration) -> std::result::Result<Self, String> {
+        let private = host_root.join("run/systemd/private");
+        let bus = host_root.join("run/dbus/system_bus_socket");
+        let (path, destination) = if private.exists() {
+            (private, None)
+        } else if bus.exists() {
+            (bus, Some("org.freedesktop.systemd1"))
+        } else {
+            return Err(format!(
+                "neither {} nor {} exists: mount the host's /run/systemd (or /run/dbus) into the stage, or set restart: none and restart the runtime yourself",
+                private.display(),
+                bus.display()
+            ));
+        };
+        let address = format!("unix:path={}", path.display());
+        let mut builder = zbus::connection::Builder::address(address.as_str()).map_err(|e| format!("{address}: {e}"))?.method_timeout(timeout);
+        if destination.is_none() {
+            builder = builder.p2p();
+        }
+        let conn = builder.build().await.map_err(|e| format!("connecting to systemd at {}: {e}", path.display()))?;
+        Ok(Systemd { conn, destination })
+    }
+
+    async fn call<B>(&self, path: &str, iface: &str, method: &str, body: &B) -> std::result::Result<zbus::Message, zbus::Error>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        self.conn.call_method(self.destination, path, Some(iface), method, body).await
+    }
+
+    async fn manager<B>(&self, method: &str, body: &B) -> std::result::Result<zbus::Message, String>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        self.call(SYSTEMD_PATH, MANAGER, method, body).await.map_err(|e| format!("{method}: {e}"))
+    }
+
+    async fn property(&self, path: &str, iface: &str, name: &str) -> std::result::Result<zbus::zvariant::OwnedValue, String> {
+        let reply = self.call(path, "org.freedesktop.DBus.Properties", "Get", &(iface, name)).await.map_err(|e| format!("reading {name}: {e}"))?;
+        reply.body().deserialize::<zbus::zvariant::OwnedValue>().map_err(|e| format!("reading {name}: {e}"))
+    }
+
+    async fn unit_status(&self, unit: &str) -> std::result::Result<UnitStatus, String> {
+        // LoadUnit (not GetUnit): a unit that is not loaded yet is reported inactive, not missing.
+        let reply = self.manager("LoadUnit", &(unit,)).await?;
+        let path: zbus::zvariant::OwnedObjectPath = reply.body().deserialize().map_err(|e| e.to_string())?;
+        let iface = "org.freedesktop.systemd1.Unit";
+        let state = String::try_from(self.property(&path, iface, "ActiveState").await?).map_err(|e| e.to_string())?;
+        let since = u64::try_from(self.property(&path, iface, "ActiveEnterTimestampMonotonic").await?).map_err(|e| e.to_string())?;
+        Ok(parse_unit_state(&state, since))
+    }
+
+    /// Waits until a job systemd queued is done (its object is gone), as `systemctl` does.
+    async fn wait_job(&self, job: &zbus::zvariant::OwnedObjectPath) -> std::result::Result<(), String> {
+        loop {
+            match self.call(job, "org.freedesktop.DBus.Properties", "Get", &("org.freedesktop.systemd1.Job", "State")).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                // The job object disappears when the job finished (done, failed or canceled).
+                Err(_) => return Ok(()),
+            }
         }
     }
-    st
+
+    async fn run_job(&self, method: &str, unit: &str) -> std::result::Result<(), String> {
+        let reply = self.manager(method, &(unit, "replace")).await?;
+        let job: zbus::zvariant::OwnedObjectPath = reply.body().deserialize().map_err(|e| e.to_string())?;
+        self.wait_job(&job).await
+    }
+}
+
+/// A unit's status from its `ActiveState` and `ActiveEnterTimestampMonotonic` properties.
+pub fn parse_unit_state(active_state: &str, active_enter_mono_us: u64) -> UnitStatus {
+    UnitStatus { active: active_state == "active", active_since_mono_us: Some(active_enter_mono_us).filter(|v| *v > 0) }
 }
 
 impl Restarter for SystemdRestarter {
     fn restart(&self, unit: &str) -> Result<()> {
-        self.systemctl(&["restart", unit]).map(drop)
+        self.with_systemd(&format!("restarting {unit}"), async |s| s.run_job("RestartUnit", unit).await)
     }
     fn status(&self, unit: &str) -> Result<UnitStatus> {
-        self.systemctl(&["show", "-p", "ActiveState", "-p", "ActiveEnterTimestampMonotonic", unit]).map(|o| parse_systemctl_show(&o))
+        self.with_systemd(&format!("reading the status of {unit}"), async |s| s.unit_status(unit).await)
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
-        self.systemctl(&["daemon-reload"])?;
-        self.systemctl(&["enable", "--now", unit]).map(drop)
+        self.with_systemd(&format!("enabling {unit}"), async |s| {
+            s.manager("Reload", &()).await?;
+            s.manager("EnableUnitFiles", &(vec![unit], false, true)).await?;
+            s.run_job("StartUnit", unit).await
+        })
     }
     fn served_handlers(&self, _unit: &str) -> Result<Option<Vec<String>>> {
         cri_served_handlers(self.cri_socket.as_deref())
     }
     fn disable_now(&self, unit: &str) -> Result<()> {
-        // A unit that is already gone is fine (removal must be a no-op on a clean node).
-        let _ = self.systemctl(&["disable", "--now", unit]);
-        self.systemctl(&["daemon-reload"]).map(drop)
+        self.with_systemd(&format!("disabling {unit}"), async |s| {
+            // A unit that is already gone is fine (removal must be a no-op on a clean node).
+            let _ = s.run_job("StopUnit", unit).await;
+            let _ = s.manager("DisableUnitFiles", &(vec![unit], false)).await;
+            s.manager("Reload", &()).await.map(drop)
+        })
     }
 }
 
@@ -213,36 +281,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_commands_run_in_the_hosts_mount_namespace() {
-        // Stand-in for the host: a process in a mount namespace of its own (needs root).
-        let mut other = std::process::Command::new("unshare").args(["-m", "--propagation", "private", "sleep", "30"]).spawn().expect("unshare");
-        let ns_of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).map(|p| p.display().to_string());
-        let mine = ns_of("self").unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let theirs = loop {
-            let ns = ns_of(&other.id().to_string()).unwrap();
-            if ns != mine || std::time::Instant::now() > deadline {
-                break ns;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        assert_ne!(theirs, mine, "unshare -m did not create a mount namespace (run the tests as root)");
-        let mut r = SystemdRestarter::new(Path::new("/host"));
-        assert!(r.enter_host_mount_ns, "a container host root enters the host namespace");
-        r.host_pid = other.id();
-        let out = r.host_command("readlink", &["/proc/self/ns/mnt"]).unwrap().output().unwrap();
-        let _ = other.kill();
-        assert!(out.status.success(), "setns failed: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), theirs);
-        assert!(!SystemdRestarter::new(Path::new("/")).enter_host_mount_ns, "on the host itself nothing is entered");
+    fn parses_unit_state() {
+        assert_eq!(parse_unit_state("active", 123456), UnitStatus { active: true, active_since_mono_us: Some(123456) });
+        assert_eq!(parse_unit_state("failed", 0), UnitStatus { active: false, active_since_mono_us: None });
+        assert_eq!(parse_unit_state("activating", 5), UnitStatus { active: false, active_since_mono_us: Some(5) });
     }
 
     #[test]
-    fn parses_systemctl_show() {
-        let st = parse_systemctl_show("ActiveState=active\nActiveEnterTimestampMonotonic=123456\n");
-        assert_eq!(st, UnitStatus { active: true, active_since_mono_us: Some(123456) });
-        let st = parse_systemctl_show("ActiveState=failed\nActiveEnterTimestampMonotonic=0\n");
-        assert_eq!(st, UnitStatus { active: false, active_since_mono_us: None });
+    fn missing_systemd_sockets_name_what_to_mount() {
+        let root = tempfile::tempdir().unwrap();
+        let r = SystemdRestarter::new(root.path()).with_deadline(Duration::from_secs(2));
+        let err = r.restart("containerd").unwrap_err().to_string();
+        assert!(err.contains("run/systemd/private") && err.contains("restart: none"), "{err}");
+    }
+
+    #[test]
+    fn an_unresponsive_systemd_hits_the_deadline() {
+        // A socket that accepts and never answers (a hung systemd): the call must not hang.
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("run/systemd")).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(root.path().join("run/systemd/private")).unwrap();
+        let r = SystemdRestarter::new(root.path()).with_deadline(Duration::from_millis(500));
+        let t0 = std::time::Instant::now();
+        let err = r.status("containerd").unwrap_err().to_string();
+        drop(listener);
+        assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+        assert!(err.contains("within"), "{err}");
     }
 
     #[test]

@@ -114,17 +114,21 @@ impl TestCluster {
         Ok(name)
     }
 
-    /// Creates simulated (kwok) nodes named `<prefix>-<i>` with realistic status; returns names.
+    /// Creates simulated (kwok) nodes named `<prefix>-<i>` with realistic status; returns names
+    /// once kwok has initialised every one (Ready) and each reports exactly the requested
+    /// `nodeInfo` (runtime version, machine ID), so no test sees a half-made node.
     pub async fn sim_nodes(&self, prefix: &str, count: usize, spec: &SimNode) -> Result<Vec<String>> {
         let api: Api<Node> = Api::all(self.client.clone());
         let names: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+        let batch = format!("{:016x}", fxhash(prefix) as u64);
         let chunks: Vec<Vec<String>> = names.chunks(50).map(<[String]>::to_vec).collect();
         for chunk in chunks {
-            let futs = chunk.iter().map(|name| create_sim_node(&api, name, spec));
+            let futs = chunk.iter().map(|name| create_sim_node(&api, name, spec, &batch));
             for r in futures::future::join_all(futs).await {
                 r?;
             }
         }
+        await_sim_nodes_initialised(&api, &names, spec, &batch).await?;
         Ok(names)
     }
 
@@ -135,7 +139,7 @@ impl TestCluster {
         let mut names = Vec::new();
         for i in 0..count {
             let name = format!("{prefix}-{i}");
-            crate::hostroot::seed_containerd_node(&hosts_dir.join(&name), &format!("{:032x}", fxhash(&name)))?;
+            crate::hostroot::seed_containerd_node(&hosts_dir.join(&name), &test_machine_id(&name))?;
             let mut labels = extra_labels.clone();
             labels.insert(crate::local_kubelet::LOCAL_LABEL.into(), local_value.into());
             labels.insert("kubernetes.io/hostname".into(), name.clone());
@@ -254,8 +258,12 @@ impl Default for SimNode {
     }
 }
 
-async fn create_sim_node(api: &Api<Node>, name: &str, spec: &SimNode) -> Result<()> {
+/// Label grouping the simulated nodes of one `sim_nodes` call (waited on as a batch).
+const SIM_BATCH_LABEL: &str = "kata-testbed/sim-batch";
+
+async fn create_sim_node(api: &Api<Node>, name: &str, spec: &SimNode, batch: &str) -> Result<()> {
     let mut labels = spec.labels.clone();
+    labels.insert(SIM_BATCH_LABEL.into(), batch.into());
     labels.insert("kubernetes.io/hostname".into(), name.into());
     labels.insert("kubernetes.io/os".into(), "linux".into());
     labels.insert("kubernetes.io/arch".into(), "amd64".into());
@@ -269,13 +277,60 @@ async fn create_sim_node(api: &Api<Node>, name: &str, spec: &SimNode) -> Result<
         "spec": {"taints": taints},
     }))?;
     api.create(&PostParams::default(), &node).await.with_context(|| format!("creating node {name}"))?;
-    let machine_id = format!("{:032x}", fxhash(name));
+    let machine_id = test_machine_id(name);
     let status = json!({"status": {"nodeInfo": {
         "machineID": machine_id, "systemUUID": machine_id, "bootID": "", "kernelVersion": "6.1.0",
         "osImage": "Debian GNU/Linux 12", "containerRuntimeVersion": spec.container_runtime_version,
         "kubeletVersion": "v1.34.4", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.with_context(|| format!("setting status of node {name}"))?;
     Ok(())
+}
+
+/// The machine ID a simulated or local test node is given (stable per name).
+pub fn test_machine_id(name: &str) -> String {
+    format!("{:032x}", fxhash(name))
+}
+
+/// Waits until kwok has initialised every node of a batch (Ready) and checks that each reports
+/// the `nodeInfo` the test set. kwok's node stages (hack/testenv/kwok-stages.yaml) never write
+/// nodeInfo, so a mismatch here means that guarantee broke: fail loudly rather than let a test
+/// read kwok's own values.
+async fn await_sim_nodes_initialised(api: &Api<Node>, names: &[String], spec: &SimNode, batch: &str) -> Result<()> {
+    let wanted: std::collections::BTreeSet<&str> = names.iter().map(String::as_str).collect();
+    let params = kube::api::ListParams::default().labels(&format!("{SIM_BATCH_LABEL}={batch}"));
+    let deadline = Duration::from_secs(60 + names.len() as u64 / 50);
+    let start = Instant::now();
+    loop {
+        let mut ready = 0;
+        for node in api.list(&params).await?.items {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            if !wanted.contains(name.as_str()) {
+                continue;
+            }
+            let status = node.status.unwrap_or_default();
+            let is_ready = status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            if !is_ready {
+                continue;
+            }
+            let info = status.node_info.unwrap_or_default();
+            if info.container_runtime_version != spec.container_runtime_version || info.machine_id != test_machine_id(&name) {
+                bail!(
+                    "simulated node {name} reports runtime {:?} and machine ID {:?}, not the {:?} and {:?} the test set: \
+                     something other than the test wrote status.nodeInfo (check the node stages in hack/testenv/kwok-stages.yaml)",
+                    info.container_runtime_version, info.machine_id, spec.container_runtime_version, test_machine_id(&name)
+                );
+            }
+            ready += 1;
+        }
+        let missing = names.len() - ready;
+        if missing == 0 {
+            return Ok(());
+        }
+        if start.elapsed() > deadline {
+            bail!("{missing} of {} simulated nodes not Ready after {deadline:?}: is kwok running (hack/testenv/start.sh)?", names.len());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// A stable non-cryptographic hash (machine IDs of simulated nodes).

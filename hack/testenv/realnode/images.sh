@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Images for the real nodes, without a registry:
+#
+#   images.sh build             the pause image (scratch + static busybox sleeping forever) and the
+#                               project's images (hack/build-images.sh, if not built yet), each
+#                               saved as an OCI archive under $TESTENV_CACHE/realnode/images
+#   images.sh import STATE NODE imports them into NODE's containerd (namespace k8s.io) under the
+#                               names the chart and containerd ask for, so `IfNotPresent` resolves
+#
+# The pause image is imported as registry.k8s.io/pause:3.6 (containerd 1.6's default sandbox
+# image) and :3.10 (2.x), so the nodes' containerd configs keep their defaults.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$HERE/../lib.sh"
+export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
+bud() { buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
+out="$TESTENV_CACHE/realnode/images"
+app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$REPO_ROOT/chart/kata-deploy/Chart.yaml")
+project_images=("quay.io/kata-containers/kata-deploy-job-dispatcher:$app_version" "quay.io/kata-containers/kata-deploy-stage:$app_version")
+PAUSE_NAMES=(registry.k8s.io/pause:3.6 registry.k8s.io/pause:3.10)
+
+archive_of() { echo "$out/$(echo "$1" | tr '/:' '__').oci.tar"; }
+
+build() {
+  command -v buildah >/dev/null || die "buildah is missing: run hack/install-deps.sh"
+  [ -x /bin/busybox ] && file_is_static /bin/busybox || die "/bin/busybox (busybox-static) is missing: run hack/install-deps.sh"
+  mkdir -p "$out"
+  local pause=kata-testbed/pause:1
+  if [ ! -s "$(archive_of "$pause")" ]; then
+    log "building the pause image (scratch + static busybox)"
+    local ctx; ctx=$(mktemp -d)
+    cp /bin/busybox "$ctx/busybox"
+    printf 'FROM scratch\nCOPY busybox /busybox\nENTRYPOINT ["/busybox", "sleep", "2147483647"]\n' >"$ctx/Containerfile"
+    bud bud --isolation chroot --layers=false -f "$ctx/Containerfile" -t "$pause" "$ctx" >/dev/null
+    rm -rf "$ctx"
+    save "$pause"
+  fi
+  local img missing=false
+  for img in "${project_images[@]}"; do bud inspect --type image "$img" >/dev/null 2>&1 || missing=true; done
+  if $missing; then
+    log "building the project's images (hack/build-images.sh)"
+    bash "$REPO_ROOT/hack/build-images.sh" >&2
+  fi
+  # Always re-saved: the project's images change with the code.
+  for img in "${project_images[@]}"; do save "$img"; done
+}
+
+file_is_static() { ! readelf -l "$1" 2>/dev/null | grep -q 'Requesting program interpreter'; }
+
+save() { # IMAGE: OCI archive of a local buildah image (temp + rename: never half-written)
+  local dest; dest=$(archive_of "$1")
+  rm -f "$dest.tmp"
+  bud push -q "$1" "oci-archive:$dest.tmp:$1" >/dev/null || die "saving $1 as an OCI archive failed"
+  mv -f "$dest.tmp" "$dest"
+}
+
+import() {
+  local state=$1 node=$2
+  local pause; pause=$(archive_of kata-testbed/pause:1)
+  [ -s "$pause" ] || die "no images built: run $0 build first"
+  local name
+  for name in "${PAUSE_NAMES[@]}"; do bash "$HERE/node.sh" import "$state" "$node" "$pause" "$name"; done
+  for name in "${project_images[@]}"; do
+    [ -s "$(archive_of "$name")" ] || die "$name has no archive: run $0 build"
+    bash "$HERE/node.sh" import "$state" "$node" "$(archive_of "$name")" "$name"
+  done
+}
+
+case "${1:-}" in
+  build) build ;;
+  import) [ $# -eq 3 ] || die "usage: images.sh import STATE NODE"; import "$2" "$3" ;;
+  *) die "usage: images.sh build | images.sh import STATE NODE" ;;
+esac

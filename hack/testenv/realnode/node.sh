@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# A real Kubernetes node on this machine: systemd as PID 1 (systemd-nspawn, booted on the base
+# rootfs of build-rootfs.sh under an overlay of its own) running containerd + runc and a real
+# kubelet registered to the test-bed API server of STATE.
+#
+#   node.sh start STATE NAME INDEX FLAVOUR   FLAVOUR: debian (containerd 1.6, config version 2)
+#                                            or a pinned Go-proxy build such as v2.4.2 (version 3)
+#   node.sh stop STATE NAME                  stops the node and removes everything it made
+#   node.sh exec STATE NAME CMD...           runs CMD inside the node (its namespaces)
+#   node.sh import STATE NAME ARCHIVE NAME.. imports an OCI archive into the node's containerd
+#                                            (namespace k8s.io) under each image NAME
+#
+# Each node has its own hostname, machine-id, /etc/containerd/config.toml, kubelet port, pod
+# subnet (10.244.INDEX.0/24 on bridge kbrINDEX) and cgroup subtree (/kata-node-NAME in every v1
+# hierarchy). The network is the machine's (the loopback API server must be reachable); pods reach
+# the API server through the `kubernetes` Service IP, which net.sh maps to it (no kube-proxy).
+# Everything lives under STATE/nodes/NAME; `stop` leaves no mount, cgroup, bridge or process.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$HERE/../lib.sh"
+
+cmd=${1:-} state=${2:-} name=${3:-}
+[ -n "$cmd" ] && [ -n "$state" ] && [ -n "$name" ] || die "usage: node.sh start|stop|exec|import STATE NAME ... (see the header of $0)"
+dir="$state/nodes/$name"
+rootfs="$TESTENV_CACHE/realnode/rootfs"
+cgname="kata-node-$name"
+v1_hierarchies() { find /sys/fs/cgroup -mindepth 1 -maxdepth 1 -type d ! -name unified | sort; }
+
+leader_pid() { # the node's systemd (PID 1 inside), from nspawn's child
+  local npid; npid=$(cat "$dir/nspawn.pid" 2>/dev/null) || return 1
+  kill -0 "$npid" 2>/dev/null || return 1
+  local child; child=$(pgrep -P "$npid" | head -1) || return 1
+  [ -n "$child" ] && echo "$child"
+}
+
+in_node() { # CMD...: run inside the node's namespaces
+  local pid; pid=$(leader_pid) || die "node $name is not running"
+  nsenter -t "$pid" -m -u -i -p -- "$@"
+}
+
+write() { # PATH-IN-NODE CONTENT: a file in the node's overlay upper layer
+  local path="$dir/upper$1"
+  mkdir -p "$(dirname "$path")"
+  printf '%s\n' "$2" >"$path"
+}
+
+containerd_config() { # FLAVOUR
+  case "$1" in
+    debian)
+      # containerd 1.6 (Debian): config version 2. restrict_oom_score_adj: this VM's bounding set
+      # lacks CAP_SYS_RESOURCE (runc cannot raise oom_score_adj). Pause image: see import.
+      cat <<'EOF'
+version = 2
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  sandbox_image = "registry.k8s.io/pause:3.6"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+EOF
+      ;;
+    *)
+      cat <<'EOF'
+version = 3
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "registry.k8s.io/pause:3.10"
+EOF
+      ;;
+  esac
+}
+
+start_node() {
+  local index=${4:-} flavour=${5:-}
+  [[ "$index" =~ ^[0-9]+$ ]] && [ "$index" -ge 1 ] && [ "$index" -le 200 ] || die "INDEX must be 1..200 (got '$index')"
+  [ -n "$flavour" ] || die "FLAVOUR missing: debian or a containerd version of CONTAINERD_VERSIONS ($CONTAINERD_VERSIONS)"
+  [ -x "$rootfs/lib/systemd/systemd" ] || die "the real-node rootfs is missing: run hack/testenv/realnode/build-rootfs.sh"
+  [ -x "$TESTENV_BIN/kubelet" ] || die "$TESTENV_BIN/kubelet is missing: run hack/testenv/build.sh"
+  [ -s "$state/pki/ca.key" ] || die "$state is not a running test bed (no pki/ca.key): start one with hack/testenv/start.sh"
+  local cbin=""
+  if [ "$flavour" != debian ]; then
+    cbin="$TESTENV_BIN/containerd-$flavour"
+    [ -x "$cbin/containerd" ] || die "containerd $flavour is not built ($cbin): add it to CONTAINERD_VERSIONS and run hack/testenv/build.sh"
+  fi
+  leader_pid >/dev/null 2>&1 && die "node $name already runs (stop it first: node.sh stop $state $name)"
+  local t0; t0=$(date +%s.%N)
+  rm -rf "$dir" && mkdir -p "$dir"/{upper,work,merged,containerd,kubelet,pods-log,run-containerd}
+  echo "$index $flavour" >"$dir/meta"
+
+  # --- identity and the node's own configuration, written into its overlay upper layer ---
+  local machine_id; machine_id=$(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  local node_ip; node_ip=$(ip -4 -o addr show scope global | awk '{split($4,a,"/"); print a[1]; exit}')
+  [ -n "$node_ip" ] || die "no non-loopback IPv4 address on this machine (the kubelet refuses a loopback node IP)"
+  local port=$((10250 + index * 2)) server; server=$(sed -n 's/.*server: "\(.*\)".*/\1/p' "$state/kubeconfig" | head -1)
+  write /etc/hostname "$name"
+  write /etc/machine-id "$machine_id"
+  write /etc/hosts "127.0.0.1 localhost
+$node_ip $name"
+  write /etc/containerd/config.toml "$(containerd_config "$flavour")"
+  if [ -n "$cbin" ]; then
+    write /etc/systemd/system/containerd.service.d/10-testbed-flavour.conf "[Service]
+Environment=PATH=/opt/containerd/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ExecStart=
+ExecStart=/opt/containerd/bin/containerd"
+  fi
+  # nspawn mounts the cgroup v1 controllers read-only; containerd and the kubelet create cgroups.
+  write /etc/systemd/system/kata-testbed-cgroups.service "[Unit]
+Description=Make the cgroup v1 controllers writable (systemd-nspawn mounts them read-only)
+DefaultDependencies=no
+Before=containerd.service kubelet.service
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'for d in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \$d; done'
+[Install]
+WantedBy=multi-user.target"
+  write /etc/systemd/system/kubelet.service "[Unit]
+Description=kubelet (test bed)
+After=containerd.service kata-testbed-cgroups.service
+Wants=containerd.service
+[Service]
+ExecStart=/usr/local/bin/kubelet --config=/etc/kubernetes/kubelet.yaml --kubeconfig=/etc/kubernetes/kubelet.kubeconfig --hostname-override=$name --node-ip=$node_ip --node-labels=kata-testbed/real=true,kata-testbed/containerd=$flavour
+Restart=always
+RestartSec=1
+[Install]
+WantedBy=multi-user.target"
+  mkdir -p "$dir/upper/etc/systemd/system/multi-user.target.wants"
+  for u in containerd.service kubelet.service kata-testbed-cgroups.service; do
+    local src=/etc/systemd/system/$u
+    [ "$u" = containerd.service ] && src=/lib/systemd/system/containerd.service
+    ln -sf "$src" "$dir/upper/etc/systemd/system/multi-user.target.wants/$u"
+  done
+  write /etc/kubernetes/kubelet.yaml "apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+port: $port
+healthzPort: 0
+readOnlyPort: 0
+failSwapOn: false
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+serializeImagePulls: false
+evictionHard: {memory.available: 1Mi, nodefs.available: 1%, imagefs.available: 1%}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+podPidsLimit: -1
+resolvConf: /etc/resolv.conf
+fileCheckFrequency: 5s
+syncFrequency: 5s"
+  # The kubelet's identity: a client certificate of the test-bed CA (system:masters: a test bed,
+  # not a hardened node; the per-node Jobs' own identity is what the chart confines).
+  mkdir -p "$dir/upper/etc/kubernetes/pki"
+  local pki="$dir/upper/etc/kubernetes/pki"
+  openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=system:node:$name" -keyout "$pki/kubelet.key" -out "$pki/kubelet.csr" >/dev/null 2>&1
+  openssl x509 -req -in "$pki/kubelet.csr" -CA "$state/pki/ca.crt" -CAkey "$state/pki/ca.key" -CAcreateserial -days 2 \
+    -extfile "$state/pki/client.ext" -out "$pki/kubelet.crt" >/dev/null 2>&1 || die "signing the kubelet certificate failed"
+  cp "$state/pki/ca.crt" "$pki/ca.crt"
+  write /etc/kubernetes/kubelet.kubeconfig "apiVersion: v1
+kind: Config
+clusters: [{name: testbed, cluster: {server: \"$server\", certificate-authority: /etc/kubernetes/pki/ca.crt}}]
+users: [{name: kubelet, user: {client-certificate: /etc/kubernetes/pki/kubelet.crt, client-key: /etc/kubernetes/pki/kubelet.key}}]
+contexts: [{name: testbed, context: {cluster: testbed, user: kubelet}}]
+current-context: testbed"
+  # Pod network: a bridge per node; pods reach the API server through the Service IP (net.sh).
+  write /etc/cni/net.d/10-testbed.conflist "{\"cniVersion\": \"1.0.0\", \"name\": \"testbed\", \"plugins\": [
+  {\"type\": \"bridge\", \"bridge\": \"kbr$index\", \"isGateway\": true, \"ipMasq\": false,
+   \"ipam\": {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"10.244.$index.0/24\"}]], \"routes\": [{\"dst\": \"0.0.0.0/0\"}]}},
+  {\"type\": \"loopback\"}]}"
+  mkdir -p "$dir/upper/opt/cni" && ln -sfn /usr/lib/cni "$dir/upper/opt/cni/bin"
+  bash "$HERE/net.sh" up "$state" "$index"
+
+  # --- the root: the shared base rootfs, read-only, under this node's overlay ---
+  mount -t overlay "kata-node-$name" -o "lowerdir=$rootfs,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged" ||
+    die "mounting the overlay root of $name failed"
+  # --- a cgroup subtree of its own in every v1 hierarchy (else kubepods land in the host's) ---
+  # /dev/kvm, where the machine has one: host-check asks for it, as on a real Kata node.
+  local kvm=""; [ -c /dev/kvm ] && kvm="--bind=/dev/kvm"
+  local launcher="$dir/launch.sh"
+  cat >"$launcher" <<EOF
+#!/bin/sh
+for h in $(v1_hierarchies | tr '\n' ' '); do mkdir -p "\$h/$cgname" && echo \$\$ >"\$h/$cgname/cgroup.procs" 2>/dev/null; done
+exec env SYSTEMD_SECCOMP=0 systemd-nspawn --boot --register=no --keep-unit --console=passive \\
+  --capability=all --machine="$name" --directory="$dir/merged" --bind=/dev/kmsg $kvm \\
+  --bind="$dir/containerd:/var/lib/containerd" --bind="$dir/kubelet:/var/lib/kubelet" \\
+  --bind="$dir/pods-log:/var/log/pods" --bind="$dir/run-containerd:/run/containerd" \\
+  --bind-ro="$TESTENV_BIN/kubelet:/usr/local/bin/kubelet" ${cbin:+--bind-ro="$cbin:/opt/containerd/bin"}
+EOF
+  chmod +x "$launcher"
+  setsid "$launcher" >"$dir/console.log" 2>&1 </dev/null &
+  echo $! >"$dir/nspawn.pid"
+  echo "$name" >>"$state/realnodes"
+  # --- ready: containerd answers on its socket and the kubelet registered a Ready node ---
+  local deadline=$(( $(date +%s) + 90 ))
+  until [ -S "$dir/run-containerd/containerd.sock" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$dir/console.log" >&2; die "node $name: containerd did not start within 90s (console: $dir/console.log)"; }
+    leader_pid >/dev/null || { tail -30 "$dir/console.log" >&2; die "node $name: systemd-nspawn exited (console: $dir/console.log)"; }
+    sleep 0.2
+  done
+  log "node $name ($flavour) booted, containerd up in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s"
+}
+
+stop_node() {
+  [ -d "$dir" ] || { log "node $name: nothing to stop"; return 0; }
+  local npid; npid=$(cat "$dir/nspawn.pid" 2>/dev/null || true)
+  if [ -n "$npid" ] && kill -0 "$npid" 2>/dev/null; then
+    # SIGTERM asks nspawn to power the node off (systemd stops kubelet, containerd, pods).
+    kill -TERM "$npid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$npid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$npid" 2>/dev/null || true
+  fi
+  # Whatever is left in the node's cgroups (shims, containers) is killed, then the cgroups go.
+  local h
+  for h in $(v1_hierarchies); do
+    [ -d "$h/$cgname" ] || continue
+    for _ in 1 2 3 4 5; do
+      find "$h/$cgname" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+      find "$h/$cgname" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+      [ -d "$h/$cgname" ] || break
+      sleep 0.2
+    done
+  done
+  # Mounts under the node's directory (the overlay root; anything propagated), deepest first.
+  awk -v d="$dir/" '$5 ~ "^"d {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  local index; index=$(awk '{print $1}' "$dir/meta" 2>/dev/null || true)
+  [ -z "$index" ] || bash "$HERE/net.sh" down "$state" "$index"
+  rm -rf "$dir"
+  sed -i "/^$name\$/d" "$state/realnodes" 2>/dev/null || true
+  log "node $name stopped and removed"
+}
+
+case "$cmd" in
+  start) start_node "$@" ;;
+  stop) stop_node ;;
+  exec) shift 3; in_node "$@" ;;
+  import)
+    shift 3; archive=${1:-}; shift || true
+    [ -f "$archive" ] && [ $# -gt 0 ] || die "usage: node.sh import STATE NAME ARCHIVE IMAGE-NAME..."
+    ctr_bin=/usr/bin/ctr
+    flavour=$(awk '{print $2}' "$dir/meta")
+    [ "$flavour" = debian ] || ctr_bin="$TESTENV_BIN/containerd-$flavour/ctr"
+    sock="$dir/run-containerd/containerd.sock"
+    for image in "$@"; do
+      "$ctr_bin" --address "$sock" -n k8s.io images import --base-name "${image%:*}" --index-name "$image" "$archive" >/dev/null ||
+        die "importing $archive as $image into $name failed"
+    done
+    ;;
+  *) die "unknown command '$cmd' (start|stop|exec|import)" ;;
+esac

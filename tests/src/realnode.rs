@@ -1,0 +1,179 @@
+//! Real nodes: systemd (PID 1 in systemd-nspawn) running containerd + runc and a real kubelet,
+//! registered to a [`TestCluster`] (`hack/testenv/realnode/`). The chart's images are imported
+//! into each node's containerd, so pods run our real binaries as real containers.
+//!
+//! Only one cluster at a time may have real nodes (they share the machine's network and the
+//! `kubernetes` Service IP mapping): tests take [`real_node_lock`] first.
+
+use crate::cluster::{in_ci, repo_root, testenv_bin, wait_until, TestCluster};
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One real node of a test cluster; stopped and removed (mounts, cgroups, bridge) on drop.
+pub struct RealNode {
+    /// Node name (hostname, Node object).
+    pub name: String,
+    /// `debian` (containerd 1.6, config version 2) or a containerd version such as `v2.4.2`.
+    pub flavour: String,
+    state: PathBuf,
+}
+
+/// Serialises the tests that start real nodes (one Service IP mapping on the machine).
+pub async fn real_node_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// What is missing to run real nodes here, if anything (None: everything is there).
+pub fn missing_prerequisites(flavours: &[&str]) -> Option<String> {
+    let rootfs = testenv_bin("").parent().map(|c| c.join("realnode/rootfs/lib/systemd/systemd")).unwrap_or_default();
+    if !rootfs.exists() {
+        return Some(format!("{} is missing: run hack/testenv/realnode/build-rootfs.sh", rootfs.display()));
+    }
+    if !testenv_bin("kubelet").exists() {
+        return Some("the kubelet is not built: run hack/testenv/build.sh".into());
+    }
+    for f in flavours.iter().filter(|f| **f != "debian") {
+        if !testenv_bin(&format!("containerd-{f}/containerd")).exists() {
+            return Some(format!("containerd {f} is not built: add it to CONTAINERD_VERSIONS and run hack/testenv/build.sh"));
+        }
+    }
+    for tool in ["systemd-nspawn", "iptables", "buildah"] {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+            return Some(format!("{tool} is missing: run hack/install-deps.sh"));
+        }
+    }
+    None
+}
+
+/// Skips (outside CI) or fails (in CI) when real nodes cannot run here; true means "go on".
+pub fn require_real_nodes(flavours: &[&str]) -> bool {
+    match missing_prerequisites(flavours) {
+        None => true,
+        Some(why) if in_ci() => panic!("real nodes are required in CI: {why}"),
+        Some(why) => {
+            eprintln!("SKIPPED (not in CI): {why}");
+            false
+        }
+    }
+}
+
+fn script(name: &str) -> PathBuf {
+    repo_root().join("hack/testenv/realnode").join(name)
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({}):\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Builds the pause image and the project's images as OCI archives (once per test run).
+pub fn build_images() -> Result<()> {
+    run(Command::new("bash").arg(script("images.sh")).arg("build"), "hack/testenv/realnode/images.sh build").map(drop)
+}
+
+impl RealNode {
+    /// Boots node `name` (unique `index` 1..200 per machine) into `cluster`, imports the images and
+    /// waits until the kubelet reports it Ready.
+    pub async fn start(cluster: &TestCluster, name: &str, index: u32, flavour: &str) -> Result<Self> {
+        let t0 = Instant::now();
+        let state = cluster.state().to_path_buf();
+        let node = RealNode { name: name.to_string(), flavour: flavour.to_string(), state };
+        run(
+            Command::new("bash").arg(script("node.sh")).args(["start"]).arg(&node.state).args([name, &index.to_string(), flavour]),
+            &format!("starting real node {name} ({flavour})"),
+        )?;
+        run(Command::new("bash").arg(script("images.sh")).arg("import").arg(&node.state).arg(name), &format!("importing images into {name}"))?;
+        let nodes: Api<Node> = Api::all(cluster.client.clone());
+        wait_until(Duration::from_secs(120), &format!("real node {name} Ready"), || async {
+            let ready = nodes.get_opt(name).await?.and_then(|n| n.status).and_then(|s| s.conditions).unwrap_or_default();
+            Ok(ready.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .await
+        .with_context(|| format!("kubelet log of {name}:\n{}", node.journal("kubelet").unwrap_or_default()))?;
+        eprintln!("real node {name} ({flavour}) Ready in {:.1}s", t0.elapsed().as_secs_f64());
+        Ok(node)
+    }
+
+    /// Runs a command inside the node (its mount, PID, UTS and IPC namespaces); its stdout.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        run(
+            Command::new("bash").arg(script("node.sh")).arg("exec").arg(&self.state).arg(&self.name).args(args),
+            &format!("{} on node {}", args.join(" "), self.name),
+        )
+    }
+
+    /// A path of the node's filesystem as seen from this machine (its overlay root).
+    pub fn path(&self, in_node: &str) -> PathBuf {
+        self.state.join("nodes").join(&self.name).join("merged").join(in_node.trim_start_matches('/'))
+    }
+
+    /// The journal of one unit of the node (for failure messages).
+    pub fn journal(&self, unit: &str) -> Result<String> {
+        self.exec(&["journalctl", "--no-pager", "-n", "80", "-u", unit])
+    }
+
+    /// systemd's `ActiveEnterTimestampMonotonic` of a unit: changes exactly when it (re)started.
+    pub fn unit_active_since(&self, unit: &str) -> Result<u64> {
+        let out = self.exec(&["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "--value", unit])?;
+        out.trim().parse().with_context(|| format!("ActiveEnterTimestampMonotonic of {unit} on {}: {out:?}", self.name))
+    }
+
+    /// `ctr` of the node's containerd flavour, talking to its socket.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        let ctr = if self.flavour == "debian" { PathBuf::from("/usr/bin/ctr") } else { testenv_bin(&format!("containerd-{}/ctr", self.flavour)) };
+        let sock = self.state.join("nodes").join(&self.name).join("run-containerd/containerd.sock");
+        run(Command::new(ctr).arg("--address").arg(sock).args(["-n", "k8s.io"]).args(args), &format!("ctr {} on {}", args.join(" "), self.name))
+    }
+
+    fn stop(&self) -> Result<()> {
+        run(Command::new("bash").arg(script("node.sh")).arg("stop").arg(&self.state).arg(&self.name), &format!("stopping real node {}", self.name)).map(drop)
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("{e:#}");
+        }
+    }
+}
+
+/// Whether the machine has no leftovers of real nodes: no node mounts, cgroups, bridges or
+/// test-bed firewall rules (checked after teardown).
+pub fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") {
+        found.extend(m.lines().filter(|l| l.contains("kata-node-")).map(str::to_owned));
+    }
+    if let Ok(dirs) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in dirs.flatten() {
+            if let Ok(sub) = std::fs::read_dir(h.path()) {
+                found.extend(sub.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("kata-node-")).map(|e| e.path().display().to_string()));
+            }
+        }
+    }
+    if let Ok(links) = std::fs::read_dir("/sys/class/net") {
+        found.extend(links.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("kbr")));
+    }
+    for table in ["filter", "nat"] {
+        if let Ok(out) = Command::new("iptables").args(["-w", "-t", table, "-S"]).output() {
+            found.extend(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("kata-testbed")).map(str::to_owned));
+        }
+    }
+    found
+}
+
+/// A file's bytes, mode and owner (what "restored exactly" compares).
+pub fn file_identity(path: &Path) -> Result<(Vec<u8>, u32, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    Ok((std::fs::read(path)?, meta.mode(), meta.uid(), meta.gid()))
+}
