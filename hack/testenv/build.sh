@@ -51,19 +51,20 @@ build_kubernetes() {
   mark_built kubernetes "$stamp"
 }
 
-# build_kubelet: the real kubelet of the real-node flavour, from the same pinned k8s.io/kubernetes
-# module as the control plane. `go get` it first: go.sum otherwise lacks kubelet-only dependencies.
-build_kubelet() {
-  local v="$K8S_VERSION" minor="v0.${K8S_VERSION#v1.}" stamp="$K8S_VERSION+version-ldflags"
-  if is_built kubelet "$stamp"; then log "kubelet $v already built, nothing to do"; return; fi
-  log "kubelet $v: resolving and compiling k8s.io/kubernetes/cmd/kubelet"
-  local dir; dir=$(new_module kubelet)
+# build_kube_command NAME: a further command of the same pinned k8s.io/kubernetes module as the
+# control plane (the real nodes' kubelet; kubectl for the demo and NOTES.txt). `go get` it first:
+# go.sum otherwise lacks the command's own dependencies.
+build_kube_command() {
+  local name=$1 v="$K8S_VERSION" minor="v0.${K8S_VERSION#v1.}" stamp="$K8S_VERSION+version-ldflags"
+  if is_built "$name" "$stamp"; then log "$name $v already built, nothing to do"; return; fi
+  log "$name $v: resolving and compiling k8s.io/kubernetes/cmd/$name"
+  local dir; dir=$(new_module "$name")
   local gomod; gomod=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
   [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$v from the Go module proxy"
   sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#replace \1 => \1 '"$minor"'#p' "$gomod" >>"$dir/go.mod"
-  (cd "$dir" && go get "k8s.io/kubernetes/cmd/kubelet@$v" >/dev/null)
-  (cd "$dir" && go build -ldflags "$(kube_version_ldflags "$v")" -o "$TESTENV_BIN/kubelet" k8s.io/kubernetes/cmd/kubelet)
-  mark_built kubelet "$stamp"
+  (cd "$dir" && go get "k8s.io/kubernetes/cmd/$name@$v" >/dev/null)
+  (cd "$dir" && go build -ldflags "$(kube_version_ldflags "$v")" -o "$TESTENV_BIN/$name" "k8s.io/kubernetes/cmd/$name")
+  mark_built "$name" "$stamp"
 }
 
 # build_containerd VERSION: containerd, its runc v2 shim and ctr, static, from the Go module proxy,
@@ -110,6 +111,7 @@ build_simple etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "$ETCD_VER
 build_simple kwok sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 build_simple helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 build_kubernetes
-build_kubelet
+build_kube_command kubelet
+build_kube_command kubectl
 for v in $CONTAINERD_VERSIONS; do build_containerd "$v"; done
 log "test bed ready in $TESTENV_BIN ($(( $(date +%s) - start ))s)"

@@ -102,12 +102,16 @@ impl RealNode {
         Ok(node)
     }
 
-    /// Runs a command inside the node (its mount, PID, UTS and IPC namespaces); its stdout.
+    /// A command that runs `args` inside the node (its mount, PID, UTS and IPC namespaces).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(script("node.sh")).arg("exec").arg(&self.state).arg(&self.name).args(args);
+        c
+    }
+
+    /// Runs a command inside the node; its stdout.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
-        run(
-            Command::new("bash").arg(script("node.sh")).arg("exec").arg(&self.state).arg(&self.name).args(args),
-            &format!("{} on node {}", args.join(" "), self.name),
-        )
+        run(&mut self.command(args), &format!("{} on node {}", args.join(" "), self.name))
     }
 
     /// A path of the node's filesystem as seen from this machine (its overlay root).

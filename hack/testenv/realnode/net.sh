@@ -42,6 +42,9 @@ service_rules() { # add|del
 
 case "$cmd" in
   up)
+    # One Service IP mapping per machine: real nodes of another test bed would reach the wrong API.
+    other=$(iptables -w -t nat -S OUTPUT | grep -- "--comment $tag" | grep -o 'to-destination 127.0.0.1:[0-9]*' | grep -v ":$api_port\$" || true)
+    [ -z "$other" ] || die "real nodes of another test bed are running here ($other): stop them first (hack/testenv/stop.sh <its state>, or hack/demo.sh --down)"
     ip link show "$bridge" >/dev/null 2>&1 || ip link add "$bridge" type bridge
     ip link set "$bridge" up
     # A DNAT to 127.0.0.1 from a pod is only routed with route_localnet on the pod's bridge.

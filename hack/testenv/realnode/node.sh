@@ -114,14 +114,29 @@ ExecStart=
 ExecStart=/opt/containerd/bin/containerd"
   fi
   # nspawn mounts the cgroup v1 controllers read-only; containerd and the kubelet create cgroups.
+  # The kubelet also insists on a few kernel settings (it writes them when they differ, and /proc/sys
+  # is read-only here): they are global to the machine, so rather than change this machine's kernel
+  # the node sees files holding the values the kubelet wants, bound over those /proc/sys entries.
+  # Likewise ip_forward, which the CNI bridge plugin turns on: pods here only reach addresses of
+  # this machine (the API server through the Service IP), so nothing needs forwarding.
+  write /usr/local/sbin/kata-testbed-prepare "#!/bin/sh
+set -e
+for d in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \$d; done
+mkdir -p /run/kata-testbed-sysctl
+for kv in vm/overcommit_memory=1 vm/panic_on_oom=0 kernel/panic=10 kernel/panic_on_oops=1 net/ipv4/ip_forward=1; do
+  k=\${kv%=*}; f=/run/kata-testbed-sysctl/\$(echo \$k | tr / _)
+  echo \${kv#*=} >\$f
+  mount --bind \$f /proc/sys/\$k
+done"
+  chmod +x "$dir/upper/usr/local/sbin/kata-testbed-prepare"
   write /etc/systemd/system/kata-testbed-cgroups.service "[Unit]
-Description=Make the cgroup v1 controllers writable (systemd-nspawn mounts them read-only)
+Description=Test-bed node preparation: writable cgroup v1 controllers, the kubelet's kernel settings
 DefaultDependencies=no
 Before=containerd.service kubelet.service
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'for d in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \$d; done'
+ExecStart=/usr/local/sbin/kata-testbed-prepare
 [Install]
 WantedBy=multi-user.target"
   write /etc/systemd/system/kubelet.service "[Unit]
@@ -207,7 +222,7 @@ EOF
   local deadline=$(( $(date +%s) + 90 ))
   until [ -S "$dir/run-containerd/containerd.sock" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$dir/console.log" >&2; die "node $name: containerd did not start within 90s (console: $dir/console.log)"; }
-    leader_pid >/dev/null || { tail -30 "$dir/console.log" >&2; die "node $name: systemd-nspawn exited (console: $dir/console.log)"; }
+    kill -0 "$(cat "$dir/nspawn.pid")" 2>/dev/null || { tail -30 "$dir/console.log" >&2; die "node $name: systemd-nspawn exited (console: $dir/console.log)"; }
     sleep 0.2
   done
   log "node $name ($flavour) booted, containerd up in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s"
