@@ -53,7 +53,6 @@ for i in $(seq 1 "$real_nodes"); do
   name="demo-real-$i"
   log "starting real node $name (containerd: $flavour)"
   bash hack/testenv/realnode/node.sh start "$demo/cluster" "$name" "$i" "$flavour"
-  bash hack/testenv/realnode/images.sh import "$demo/cluster" "$name"
   real_names+=("$name")
 done
 log "creating $sim_nodes simulated and $local_nodes local nodes"

@@ -25,7 +25,8 @@ build() {
   command -v buildah >/dev/null || die "buildah is missing: run hack/install-deps.sh"
   [ -x /bin/busybox ] && file_is_static /bin/busybox || die "/bin/busybox (busybox-static) is missing: run hack/install-deps.sh"
   mkdir -p "$out"
-  local pause=kata-testbed/pause:1
+  # A fully qualified name: the CRI normalises references, and "kata-testbed/pause:1" would not match.
+  local pause=localhost/kata-testbed/pause:1
   if [ ! -s "$(archive_of "$pause")" ]; then
     log "building the pause image (scratch + static busybox)"
     local ctx; ctx=$(mktemp -d)
@@ -56,10 +57,10 @@ save() { # IMAGE: OCI archive of a local buildah image (temp + rename: never hal
 
 import() {
   local state=$1 node=$2
-  local pause; pause=$(archive_of kata-testbed/pause:1)
+  local pause; pause=$(archive_of localhost/kata-testbed/pause:1)
   [ -s "$pause" ] || die "no images built: run $0 build first"
   local name
-  for name in "${PAUSE_NAMES[@]}"; do bash "$HERE/node.sh" import "$state" "$node" "$pause" "$name"; done
+  bash "$HERE/node.sh" import "$state" "$node" "$pause" "${PAUSE_NAMES[@]}"
   for name in "${project_images[@]}"; do
     [ -s "$(archive_of "$name")" ] || die "$name has no archive: run $0 build"
     bash "$HERE/node.sh" import "$state" "$node" "$(archive_of "$name")" "$name"

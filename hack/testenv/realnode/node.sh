@@ -4,7 +4,9 @@
 # kubelet registered to the test-bed API server of STATE.
 #
 #   node.sh start STATE NAME INDEX FLAVOUR   FLAVOUR: debian (containerd 1.6, config version 2)
-#                                            or a pinned Go-proxy build such as v2.4.2 (version 3)
+#                                            or a pinned Go-proxy build such as v2.4.2 (version 3);
+#                                            imports the images of images.sh build, returns once
+#                                            the node is Ready and schedulable
 #   node.sh stop STATE NAME                  stops the node and removes everything it made
 #   node.sh exec STATE NAME CMD...           runs CMD inside the node (its namespaces)
 #   node.sh import STATE NAME ARCHIVE NAME.. imports an OCI archive into the node's containerd
@@ -101,7 +103,7 @@ start_node() {
   local machine_id; machine_id=$(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   local node_ip; node_ip=$(ip -4 -o addr show scope global | awk '{split($4,a,"/"); print a[1]; exit}')
   [ -n "$node_ip" ] || die "no non-loopback IPv4 address on this machine (the kubelet refuses a loopback node IP)"
-  local port=$((10250 + index * 2)) server; server=$(sed -n 's/.*server: "\(.*\)".*/\1/p' "$state/kubeconfig" | head -1)
+  local port=$((10250 + index * 2)) server; server=$(sed -n 's/.*server: "\([^"]*\)".*/\1/p' "$state/kubeconfig" | head -1)
   write /etc/hostname "$name"
   write /etc/machine-id "$machine_id"
   write /etc/hosts "127.0.0.1 localhost
@@ -226,6 +228,32 @@ EOF
     sleep 0.2
   done
   log "node $name ($flavour) booted, containerd up in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s"
+  # Images before the node is schedulable, so `IfNotPresent` finds them on the first try.
+  if [ -s "$TESTENV_CACHE/realnode/images/localhost_kata-testbed_pause_1.oci.tar" ]; then
+    bash "$HERE/images.sh" import "$state" "$name"
+  else
+    log "node $name: no image archives yet (hack/testenv/realnode/images.sh build): pods need their images imported"
+  fi
+  # Ready, then schedulable: the kubelet registers with the not-ready taint, which the node
+  # lifecycle controller lifts in a real cluster; the test bed does not run that controller (it
+  # would taint and evict the simulated nodes), so the taint is lifted here once Ready.
+  local api=(curl -sf --cacert "$state/pki/ca.crt" --cert "$state/pki/admin.crt" --key "$state/pki/admin.key")
+  deadline=$(( $(date +%s) + 120 ))
+  until "${api[@]}" "$server/api/v1/nodes/$name" 2>/dev/null | python3 -c '
+import json, sys
+n = json.load(sys.stdin)
+sys.exit(0 if any(c["type"] == "Ready" and c["status"] == "True" for c in n.get("status", {}).get("conditions", [])) else 1)' 2>/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || { in_node journalctl -u kubelet --no-pager -n 30 >&2 || true; die "node $name: the kubelet did not report Ready within 120s"; }
+    sleep 0.5
+  done
+  local taints; taints=$("${api[@]}" "$server/api/v1/nodes/$name" | python3 -c '
+import json, sys
+n = json.load(sys.stdin)
+keep = [t for t in n["spec"].get("taints", []) if t["key"] != "node.kubernetes.io/not-ready"]
+print(json.dumps({"spec": {"taints": keep or None}}))')
+  "${api[@]}" -X PATCH -H 'Content-Type: application/merge-patch+json' "$server/api/v1/nodes/$name" -d "$taints" >/dev/null ||
+    die "node $name: lifting the not-ready taint failed"
+  log "node $name Ready and schedulable in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s"
 }
 
 stop_node() {
@@ -268,9 +296,14 @@ case "$cmd" in
     flavour=$(awk '{print $2}' "$dir/meta")
     [ "$flavour" = debian ] || ctr_bin="$TESTENV_BIN/containerd-$flavour/ctr"
     sock="$dir/run-containerd/containerd.sock"
+    # ctr names an imported image after the archive's org.opencontainers.image.ref.name; every
+    # other NAME asked for is a tag of it.
+    source=$(tar -xOf "$archive" index.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"])') ||
+      die "$archive has no image name (org.opencontainers.image.ref.name): save it with images.sh build"
+    "$ctr_bin" --address "$sock" -n k8s.io images import "$archive" >/dev/null 2>&1 || die "importing $archive into $name failed"
     for image in "$@"; do
-      "$ctr_bin" --address "$sock" -n k8s.io images import --base-name "${image%:*}" --index-name "$image" "$archive" >/dev/null ||
-        die "importing $archive as $image into $name failed"
+      [ "$image" = "$source" ] && continue
+      "$ctr_bin" --address "$sock" -n k8s.io images tag --force "$source" "$image" >/dev/null 2>&1 || die "tagging $source as $image in $name failed"
     done
     ;;
   *) die "unknown command '$cmd' (start|stop|exec|import)" ;;
