@@ -12,6 +12,9 @@ pub enum ConfigVersion {
     V2,
     /// `version = 3` (containerd 2.x): `plugins."io.containerd.cri.v1.runtime"` / `.images`.
     V3,
+    /// `version = 4` (containerd 2.3+): the CRI tables of version 3; server settings (grpc,
+    /// debug, ...) moved into plugins.
+    V4,
 }
 
 impl ConfigVersion {
@@ -25,7 +28,7 @@ impl ConfigVersion {
         match self {
             ConfigVersion::V1 => &["plugins", "cri", "containerd", "runtimes"],
             ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes"],
-            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"],
+            ConfigVersion::V3 | ConfigVersion::V4 => &["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"],
         }
     }
 
@@ -34,7 +37,7 @@ impl ConfigVersion {
         match self {
             ConfigVersion::V1 => &["plugins", "cri", "containerd"],
             ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
-            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.images"],
+            ConfigVersion::V3 | ConfigVersion::V4 => &["plugins", "io.containerd.cri.v1.images"],
         }
     }
 
@@ -44,7 +47,32 @@ impl ConfigVersion {
             ConfigVersion::V1 => None,
             ConfigVersion::V2 => Some(2),
             ConfigVersion::V3 => Some(3),
+            ConfigVersion::V4 => Some(4),
         }
+    }
+
+    /// Whether this schema uses containerd 2.x's split CRI plugins (`io.containerd.cri.v1.*`).
+    pub fn split_cri_plugins(self) -> bool {
+        self >= ConfigVersion::V3
+    }
+}
+
+/// The schema of our drop-in for containerd 2.x, given the schema of the root config it is
+/// imported from (None: no root config yet).
+///
+/// containerd 2.0-2.2 merge every imported file into the root *before* migrating, and the merged
+/// document takes the version of the last file merged: a version-3 drop-in under a version-2
+/// root makes containerd skip the 2→3 migration of the root's own `io.containerd.grpc.v1.cri`
+/// table (runc options, sandbox image, registry are silently dropped). A drop-in in the root's
+/// own schema keeps the merged version equal to the root's, so containerd migrates (or not) the
+/// whole merged document exactly as it would have migrated the root alone. containerd 2.3+
+/// migrates each file before merging, where the same choice is equally correct. A root without
+/// a version (1) is migrated by 2.x without its CRI settings whatever we do; our handlers are
+/// then written in containerd 2's native schema (version 3), which every 2.x reads.
+pub fn dropin_version_for_root(root: Option<ConfigVersion>) -> ConfigVersion {
+    match root {
+        Some(v @ (ConfigVersion::V2 | ConfigVersion::V3 | ConfigVersion::V4)) => v,
+        Some(ConfigVersion::V1) | None => ConfigVersion::V3,
     }
 }
 
@@ -121,6 +149,7 @@ fn unmask_template(text: &str) -> String {
 /// The schema version of a parsed configuration.
 pub fn detect_version(doc: &DocumentMut) -> ConfigVersion {
     match doc.get("version").and_then(Item::as_integer) {
+        Some(4) => ConfigVersion::V4,
         Some(3) => ConfigVersion::V3,
         Some(2) => ConfigVersion::V2,
         _ => ConfigVersion::V1,
@@ -249,11 +278,51 @@ pub fn apply_kata(doc: &mut DocumentMut, version: ConfigVersion, kata: &KataCont
     }
 }
 
+/// containerd replaces its default `runtimes` map (runc) with whatever map a config defines: a
+/// config that had no runtimes of its own (a missing file, a minimal one) would lose runc when we
+/// add ours, and the CRI plugin then refuses to load ("no corresponding runtime configured in
+/// `containerd.runtimes` for `containerd` `default_runtime_name`", proven on containerd 1.6).
+/// Adds containerd's default runc entry in that case. Returns whether it did.
+pub fn keep_default_runtime(doc: &mut DocumentMut, version: ConfigVersion) -> bool {
+    let containerd_path = &version.runtimes_path()[..version.runtimes_path().len() - 1];
+    let mut t: Option<&Table> = Some(doc.as_table());
+    for key in containerd_path {
+        t = t.and_then(|t| t.get(key)).and_then(Item::as_table);
+    }
+    let default_name = t.and_then(|t| t.get("default_runtime_name")).and_then(Item::as_str).unwrap_or("runc").to_string();
+    let has_runtimes = t.and_then(|t| t.get("runtimes")).and_then(Item::as_table).is_some_and(|r| !r.is_empty());
+    if has_runtimes || default_name != "runc" {
+        return false;
+    }
+    let runtimes = table_at(doc, version.runtimes_path());
+    let mut runc = Table::new();
+    runc.insert("runtime_type", value("io.containerd.runc.v2"));
+    // 1.7's default (1.6 has no such key and ignores it).
+    runc.insert("sandbox_mode", value("podsandbox"));
+    // containerd 1.x's own default runc options (zero values), so the effective configuration
+    // is exactly the default one (compared key by key against `config dump` in the matrix).
+    let mut opts = Table::new();
+    for k in ["BinaryName", "CriuImagePath", "CriuPath", "CriuWorkPath", "Root", "ShimCgroup"] {
+        opts.insert(k, value(""));
+    }
+    for k in ["IoGid", "IoUid"] {
+        opts.insert(k, value(0));
+    }
+    for k in ["NoNewKeyring", "NoPivotRoot", "SystemdCgroup"] {
+        opts.insert(k, value(false));
+    }
+    opts.sort_values();
+    runc.insert("options", Item::Table(opts));
+    runtimes.insert("runc", Item::Table(runc));
+    true
+}
+
 /// Removes the named handlers and proxy plugin (surgical revert of a shared file that changed
 /// since we wrote it). Guest-pull flags are left: other users of the file may rely on them.
 pub fn strip_kata(doc: &mut DocumentMut, handlers: &[String], proxy: Option<&str>) -> bool {
     let mut changed = false;
     for version in [ConfigVersion::V1, ConfigVersion::V2, ConfigVersion::V3] {
+        // (V4 shares V3's table paths.)
         let mut t: Option<&mut Table> = Some(doc.as_table_mut());
         for key in version.runtimes_path() {
             t = t.and_then(|t| t.get_mut(key)).and_then(Item::as_table_mut);

@@ -114,7 +114,7 @@ pub fn containerd_major(facts: &NodeFacts, existing_config: Option<&str>) -> u64
         return major;
     }
     match existing_config.and_then(|t| containerd::parse(t).ok()).map(|d| containerd::detect_version(&d)) {
-        Some(ConfigVersion::V3) => 2,
+        Some(v) if v.split_cri_plugins() => 2,
         _ => 1,
     }
 }
@@ -192,8 +192,10 @@ pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: 
             let major = containerd_major(facts, existing.as_deref());
             if major >= 2 {
                 let path = Path::new(CONTAINERD_CONF_D).join(&dropin);
+                let root_version = existing.as_deref().and_then(|t| containerd::parse(t).ok()).map(|d| containerd::detect_version(&d));
+                let version = containerd::dropin_version_for_root(root_version);
                 vec![
-                    (path.clone(), Desired::Whole(containerd::render_containerd_dropin(ConfigVersion::V3, &kata, true).into_bytes())),
+                    (path.clone(), Desired::Whole(containerd::render_containerd_dropin(version, &kata, true).into_bytes())),
                     (main, Desired::AddImport { import: path.display().to_string(), new_version: ConfigVersion::V3 }),
                 ]
             } else {
@@ -272,6 +274,11 @@ pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata:
                 }
             };
             let version = if base.is_some() { containerd::detect_version(&doc) } else { *new_version };
+            // A template extending a distribution's base already has the base's runtimes.
+            let is_template = base.is_some_and(|b| b.windows(2).any(|w| w == b"{{"));
+            if !version.split_cri_plugins() && !is_template {
+                containerd::keep_default_runtime(&mut doc, version);
+            }
             containerd::apply_kata(&mut doc, version, kata, *set_flags);
             Ok(containerd::serialize(&doc).into_bytes())
         }
@@ -532,7 +539,7 @@ fn write_changes(ctx: &CriContext, state: &mut CriState, state_path: &Path, chan
                 if !created.is_empty() {
                     tracing::debug!(stage = "cri", dirs = ?created, "created directories");
                 }
-                fs.write_atomic(&c.path, bytes, 0o644)?;
+                fs.write_preserving(&c.path, bytes, 0o644)?;
             }
             None => {
                 fs.remove_file(&c.path)?;
@@ -652,7 +659,7 @@ fn rollback(ctx: &CriContext, unit: &str, changes: &[Change]) -> Result<()> {
             continue;
         }
         match &c.current {
-            Some(b) => ctx.fs.write_atomic(&c.path, b, 0o644)?,
+            Some(b) => ctx.fs.write_preserving(&c.path, b, 0o644)?,
             None => {
                 ctx.fs.remove_file(&c.path)?;
             }
@@ -701,7 +708,7 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
             continue;
         }
         match &c.new {
-            Some(b) => fs.write_atomic(&c.path, b, 0o644)?,
+            Some(b) => fs.write_preserving(&c.path, b, 0o644)?,
             None => {
                 fs.remove_file(&c.path)?;
             }

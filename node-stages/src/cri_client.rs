@@ -17,6 +17,8 @@ pub struct RuntimeReport {
     pub config_handlers: Vec<String>,
     /// RuntimeReady condition.
     pub runtime_ready: bool,
+    /// The CRI plugin's effective configuration as it reports it (verbose Status `config`, JSON).
+    pub config_json: Option<String>,
 }
 
 impl RuntimeReport {
@@ -97,6 +99,7 @@ pub fn decode_status(msg: &[u8]) -> Option<RuntimeReport> {
             2 if string_field(b, 1).as_deref() == Some("config") => {
                 if let Some(cfg) = string_field(b, 2) {
                     r.config_handlers = handlers_from_config_json(&cfg);
+                    r.config_json = Some(cfg);
                 }
             }
             3 => {

@@ -103,8 +103,64 @@ impl HostFs {
         Ok(())
     }
 
-    /// Reads a host file; a missing file is `None`.
+    /// Follows symbolic links of a host path's last component inside the host root (an
+    /// absolute link target is a host path, as on the node). Returns the host path of the final
+    /// target, which may not exist; `p` itself when it is not a link.
+    pub fn resolve(&self, p: &Path) -> Result<PathBuf> {
+        let mut cur = p.to_path_buf();
+        for _ in 0..40 {
+            match fs::symlink_metadata(self.host(&cur)) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    let target = fs::read_link(self.host(&cur)).map_err(|e| StageError::io("read link", &cur, e))?;
+                    let joined = if target.is_absolute() { target } else { cur.parent().unwrap_or(Path::new("/")).join(target) };
+                    cur = normalize(&joined);
+                }
+                _ => return Ok(cur),
+            }
+        }
+        Err(StageError::bad_input(p, "too many levels of symbolic links", "Fix the link chain on the host and re-run; nothing was changed"))
+    }
+
+    /// Mode bits, owner and group of a host file (after following links), None when missing.
+    pub fn file_meta(&self, p: &Path) -> Result<Option<(u32, u32, u32)>> {
+        use std::os::unix::fs::MetadataExt;
+        let target = self.resolve(p)?;
+        match fs::metadata(self.host(&target)) {
+            Ok(md) => Ok(Some((md.mode() & 0o7777, md.uid(), md.gid()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StageError::io("stat", p, e)),
+        }
+    }
+
+    /// Rewrites a configuration file someone else owns the way an editor that cares would:
+    /// through a symbolic link to its target (the link stays), keeping the target's mode, owner
+    /// and group; a new file gets `new_mode` (owner: us). Atomic like [`Self::write_atomic`].
+    pub fn write_preserving(&self, p: &Path, bytes: &[u8], new_mode: u32) -> Result<()> {
+        let target = self.resolve(p)?;
+        let meta = self.file_meta(&target)?;
+        let mode = meta.map_or(new_mode, |m| m.0);
+        if self.dry_run {
+            return self.write_atomic(&target, bytes, mode);
+        }
+        let tmp = self.stage_bytes(&target, bytes, mode)?;
+        if let Some((_, uid, gid)) = meta {
+            use std::os::unix::fs::MetadataExt;
+            let mine = fs::metadata(self.host(&tmp)).map_err(|e| StageError::io("stat", &tmp, e))?;
+            if mine.uid() != uid || mine.gid() != gid {
+                if let Err(e) = std::os::unix::fs::chown(self.host(&tmp), Some(uid), Some(gid)) {
+                    self.discard_temp(&tmp);
+                    return Err(StageError::io("chown", &target, e));
+                }
+                // chown clears set-id bits: put the mode back.
+                fs::set_permissions(self.host(&tmp), fs::Permissions::from_mode(mode)).map_err(|e| StageError::io("chmod", &target, e))?;
+            }
+        }
+        self.rename_into_place(&tmp, &target)
+    }
+
+    /// Reads a host file (following links inside the host root); a missing file is `None`.
     pub fn read(&self, p: &Path) -> Result<Option<Vec<u8>>> {
+        let p = &self.resolve(p)?;
         match fs::read(self.host(p)) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -354,6 +410,21 @@ impl HostFs {
         }
         None
     }
+}
+
+/// `a/./b/../c` → `a/c` (lexically, as the kernel resolves a link target relative to its directory).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Human description of a file change: a unified diff for text, sizes for binaries.

@@ -2,6 +2,8 @@
 //! default configs, a synthetic payload, tree snapshots and a fake runtime restarter.
 #![allow(dead_code)]
 
+pub mod ctd;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

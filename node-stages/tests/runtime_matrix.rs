@@ -1,0 +1,383 @@
+//! The runtime matrix: the cri stage against every real containerd of the test bed (Debian's
+//! 1.6 and the pinned builds of hack/testenv/versions.env), for every shape a node's root config
+//! can have. Each case: install (artifacts + cri) → that containerd restarts with it → through
+//! `containerd config dump` (the daemon's own loader and migration) and the CRI API of the
+//! running process: every kata handler is served with its options AND every setting the root
+//! config had is still in effect; re-run is a no-op; revert → bytes, mode, owner and link of
+//! the root config restored, and the effective configuration equal to before.
+//!
+//! A missing containerd is a failure in CI (never a skip). Run alone:
+//! `cargo test -p kata-deploy-stage --test runtime_matrix -- --nocapture` (prints the table).
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use common::ctd::*;
+use common::*;
+use kata_deploy_stage::config::NodeFacts;
+use kata_deploy_stage::containerd::{detect_version, parse, ConfigVersion};
+use kata_deploy_stage::hostfs::HostFs;
+use serde_json::Value;
+
+/// Root-config shapes a node can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `containerd config default` of the running binary, untouched.
+    Default,
+    /// containerd 2.x still running the `version = 2` config written for 1.x (with the usual
+    /// kubeadm settings: systemd cgroups, a private sandbox image, a registry dir).
+    V2Kept,
+    /// No `version` key (schema 1), with settings.
+    NoVersion,
+    /// The binary's default plus settings, mode 0600 and owned by another user.
+    Mode0600,
+    /// The binary's default plus settings, reached through an absolute symlink.
+    Symlink,
+    /// No config.toml at all (/etc/containerd exists).
+    Missing,
+}
+
+const SHAPES: [Shape; 6] = [Shape::Default, Shape::V2Kept, Shape::NoVersion, Shape::Mode0600, Shape::Symlink, Shape::Missing];
+
+const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  - name: qemu-runtime-rs\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n";
+const HANDLERS: [(&str, &str, &str); 3] = [
+    ("kata-qemu", "/opt/kata/bin/containerd-shim-kata-v2", "qemu"),
+    ("kata-qemu-runtime-rs", "/opt/kata/runtime-rs/bin/containerd-shim-kata-v2", "qemu-runtime-rs"),
+    ("kata-qemu-coco-dev", "/opt/kata/bin/containerd-shim-kata-v2", "qemu-coco-dev"),
+];
+const NYDUS: &str = "nydus";
+const SANDBOX: &str = "registry.example.com/pause:3.10-kata-matrix";
+const CERTS_D: &str = "/etc/containerd/certs.d";
+const LINK_TARGET: &str = "/etc/containerd-managed/config.toml";
+const OWNER: u32 = 4242;
+
+fn set(doc: &mut toml_edit::DocumentMut, path: &[&str], v: impl Into<toml_edit::Value>) {
+    let mut t = doc.as_table_mut();
+    for k in &path[..path.len() - 1] {
+        let e = t.entry(k).or_insert_with(|| {
+            let mut nt = toml_edit::Table::new();
+            nt.set_implicit(true);
+            toml_edit::Item::Table(nt)
+        });
+        t = e.as_table_mut().unwrap_or_else(|| panic!("{k} is not a table"));
+    }
+    t.insert(path[path.len() - 1], toml_edit::value(v));
+}
+
+/// The settings real nodes put in their root config (kubeadm's systemd cgroups, a mirrored
+/// sandbox image, a registry hosts dir, the native snapshotter, a GC tuning), in its schema.
+fn customize(text: &str) -> String {
+    let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
+    match detect_version(&doc) {
+        v @ (ConfigVersion::V1 | ConfigVersion::V2) => {
+            let cri = if v == ConfigVersion::V1 { "cri" } else { "io.containerd.grpc.v1.cri" };
+            set(&mut doc, &["plugins", cri, "containerd", "runtimes", "runc", "runtime_type"], "io.containerd.runc.v2");
+            set(&mut doc, &["plugins", cri, "containerd", "runtimes", "runc", "options", "SystemdCgroup"], true);
+            set(&mut doc, &["plugins", cri, "sandbox_image"], SANDBOX);
+            set(&mut doc, &["plugins", cri, "registry", "config_path"], CERTS_D);
+            set(&mut doc, &["plugins", cri, "containerd", "snapshotter"], "native");
+            if v == ConfigVersion::V2 {
+                set(&mut doc, &["plugins", "io.containerd.gc.v1.scheduler", "deletion_threshold"], 7);
+            }
+        }
+        ConfigVersion::V3 | ConfigVersion::V4 => {
+            let rt = "io.containerd.cri.v1.runtime";
+            let im = "io.containerd.cri.v1.images";
+            set(&mut doc, &["plugins", rt, "containerd", "runtimes", "runc", "runtime_type"], "io.containerd.runc.v2");
+            set(&mut doc, &["plugins", rt, "containerd", "runtimes", "runc", "options", "SystemdCgroup"], true);
+            set(&mut doc, &["plugins", im, "pinned_images", "sandbox"], SANDBOX);
+            set(&mut doc, &["plugins", im, "registry", "config_path"], CERTS_D);
+            set(&mut doc, &["plugins", im, "snapshotter"], "native");
+            set(&mut doc, &["plugins", "io.containerd.gc.v1.scheduler", "deletion_threshold"], 7);
+        }
+    }
+    doc.to_string()
+}
+
+/// A `version = 2` root as containerd 1.7 writes it (the real 1.7 binary when the matrix has
+/// one, else the committed 1.7 default), with the usual settings.
+fn v2_root(bins: &[CtdBin]) -> String {
+    let text = bins.iter().find(|b| b.major_minor() == (1, 7)).map(CtdBin::config_default).unwrap_or_else(|| String::from_utf8(fixture("containerd-1.7-default.toml")).unwrap());
+    customize(&text)
+}
+
+fn root_text(bin: &CtdBin, shape: Shape, v2: &str) -> Option<String> {
+    match shape {
+        Shape::Default => Some(bin.config_default()),
+        Shape::V2Kept => Some(v2.to_string()),
+        Shape::NoVersion => Some(customize(&String::from_utf8(fixture("containerd-noversion.toml")).unwrap())),
+        Shape::Mode0600 | Shape::Symlink => Some(customize(&bin.config_default())),
+        Shape::Missing => None,
+    }
+}
+
+/// Removes what the install adds (our handlers, their image platforms, our proxy plugin and the
+/// guest-pull flags, compared separately) from a dump or a CRI config report.
+fn strip_ours(v: &mut Value) {
+    if let Value::Object(m) = v {
+        for (k, child) in m.iter_mut() {
+            if matches!(k.as_str(), "runtimes" | "runtime_platforms" | "runtimePlatforms") {
+                if let Value::Object(r) = child {
+                    for (h, _, _) in HANDLERS {
+                        r.remove(h);
+                    }
+                }
+            }
+            if k == "proxy_plugins" {
+                if let Value::Object(p) = child {
+                    p.remove(NYDUS);
+                }
+            }
+        }
+        for k in ["disable_snapshot_annotations", "discard_unpacked_layers", "disableSnapshotAnnotations", "discardUnpackedLayers"] {
+            m.remove(k);
+        }
+        for child in m.values_mut() {
+            strip_ours(child);
+        }
+    }
+}
+
+fn find_key<'a>(v: &'a Value, key: &str, out: &mut Vec<&'a Value>) {
+    if let Value::Object(m) = v {
+        for (k, c) in m {
+            if k == key {
+                out.push(c);
+            }
+            find_key(c, key, out);
+        }
+    }
+}
+
+/// The CRI runtimes table containerd actually uses (after its own migration).
+fn dump_runtimes(dump: &Value, major: u64) -> Value {
+    let plugin = if major >= 2 { "io.containerd.cri.v1.runtime" } else { "io.containerd.grpc.v1.cri" };
+    dump["plugins"][plugin]["containerd"]["runtimes"].clone()
+}
+
+/// What we remember of the root config to check it is restored exactly.
+#[derive(Debug, PartialEq, Eq)]
+struct RootFile {
+    link: Option<PathBuf>,
+    bytes: Option<Vec<u8>>,
+    mode_uid_gid: Option<(u32, u32, u32)>,
+}
+
+fn root_file(host: &Path) -> RootFile {
+    let p = host.join("etc/containerd/config.toml");
+    let link = std::fs::read_link(&p).ok();
+    let real = match &link {
+        Some(t) => host.join(t.strip_prefix("/").unwrap()),
+        None => p,
+    };
+    let bytes = std::fs::read(&real).ok();
+    let mode_uid_gid = std::fs::metadata(&real).ok().map(|m| (m.permissions().mode() & 0o7777, m.uid(), m.gid()));
+    RootFile { link, bytes, mode_uid_gid }
+}
+
+struct Outcome {
+    failures: Vec<String>,
+    notes: Vec<String>,
+    secs: f64,
+}
+
+fn node(bin: &CtdBin) -> NodeFacts {
+    NodeFacts { name: Some("n".into()), uid: Some("u".into()), machine_id: Some("0123456789abcdef".into()), container_runtime_version: Some(bin.runtime_version.clone()), ..Default::default() }
+}
+
+fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
+    let t0 = Instant::now();
+    let mut failures = Vec::new();
+    let mut notes = Vec::new();
+    let (major, _) = bin.major_minor();
+    let work = tempfile::Builder::new().prefix("kata-matrix").tempdir().unwrap();
+    let host = bare_host(work.path());
+    if let Some(text) = root_text(bin, shape, v2) {
+        let main = host.join("etc/containerd/config.toml");
+        match shape {
+            Shape::Symlink => {
+                let target = host.join(LINK_TARGET.trim_start_matches('/'));
+                std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+                std::fs::write(&target, text).unwrap();
+                std::os::unix::fs::symlink(LINK_TARGET, &main).unwrap();
+            }
+            Shape::Mode0600 => {
+                std::fs::write(&main, text).unwrap();
+                std::fs::set_permissions(&main, std::fs::Permissions::from_mode(0o600)).unwrap();
+                std::os::unix::fs::chown(&main, Some(OWNER), Some(OWNER)).unwrap();
+            }
+            _ => std::fs::write(&main, text).unwrap(),
+        }
+    }
+    let original = root_file(&host);
+    let rt = RealContainerd::new(bin.clone(), &host, work.path());
+    macro_rules! check {
+        ($cond:expr, $($msg:tt)*) => { if !$cond { failures.push(format!($($msg)*)); } };
+    }
+    macro_rules! bail {
+        () => { return Outcome { failures, notes, secs: t0.elapsed().as_secs_f64() } };
+    }
+
+    // Before: what containerd loads from the root config, and what its CRI plugin reports.
+    let before_dump = match rt.dump() {
+        Ok(d) => toml_to_json(&d),
+        Err(e) => {
+            failures.push(format!("the root config itself does not load: {e}"));
+            bail!();
+        }
+    };
+    rt.start();
+    rt.wait_ready();
+    let before_cri: Value = serde_json::from_str(&rt.cri().unwrap().config_json.unwrap_or_default()).unwrap_or_default();
+    let mut systemd = Vec::new();
+    find_key(&before_dump, "SystemdCgroup", &mut systemd);
+    if shape != Shape::Default && shape != Shape::Missing && !systemd.iter().any(|v| v.as_bool() == Some(true)) {
+        notes.push("containerd itself ignores this root's CRI settings (before any install)".into());
+    }
+
+    // Install.
+    let cfg = config(SHIMS);
+    let facts = node(bin);
+    if let Err(e) = install(&HostFs::new(&host, false), &cfg, &facts, &rt) {
+        failures.push(format!("install failed: {e}"));
+        bail!();
+    }
+    let after_dump = match rt.dump() {
+        Ok(d) => toml_to_json(&d),
+        Err(e) => {
+            failures.push(format!("config dump after install: {e}"));
+            bail!();
+        }
+    };
+    let runtimes = dump_runtimes(&after_dump, major);
+    for (h, path, shim) in HANDLERS {
+        let r = &runtimes[h];
+        check!(r["runtime_type"] == format!("io.containerd.{h}.v2").as_str(), "dump: {h}.runtime_type = {}", r["runtime_type"]);
+        check!(r["runtime_path"] == path, "dump: {h}.runtime_path = {}", r["runtime_path"]);
+        check!(r["privileged_without_host_devices"] == true, "dump: {h}.privileged_without_host_devices = {}", r["privileged_without_host_devices"]);
+        check!(r["pod_annotations"] == serde_json::json!(["io.katacontainers.*"]), "dump: {h}.pod_annotations = {}", r["pod_annotations"]);
+        let cp = format!("/opt/kata/share/defaults/kata-containers/runtimes/{shim}/configuration-{shim}.toml");
+        check!(r["options"]["ConfigPath"] == cp.as_str(), "dump: {h}.options.ConfigPath = {}", r["options"]["ConfigPath"]);
+    }
+    if bin.major_minor() < (1, 7) {
+        // containerd 1.6 has no per-runtime snapshotter: its loader drops the key.
+        check!(runtimes["kata-qemu-coco-dev"]["snapshotter"].is_null(), "dump: 1.6 now keeps a per-runtime snapshotter");
+        notes.push("no per-runtime snapshotter in 1.6 (guest pull impossible)".into());
+    } else {
+        check!(runtimes["kata-qemu-coco-dev"]["snapshotter"] == NYDUS, "dump: kata-qemu-coco-dev.snapshotter = {}", runtimes["kata-qemu-coco-dev"]["snapshotter"]);
+    }
+    check!(after_dump["proxy_plugins"][NYDUS]["address"].as_str().is_some_and(|a| a.ends_with(".sock")), "dump: proxy_plugins.nydus = {}", after_dump["proxy_plugins"][NYDUS]);
+    let mut a = after_dump.clone();
+    let mut b = before_dump.clone();
+    strip_ours(&mut a);
+    strip_ours(&mut b);
+    let diff = json_diff(&b, &a);
+    check!(diff.is_empty(), "root settings changed by the install (config dump, before -> after):\n    {}", diff.join("\n    "));
+
+    // The running process, over the CRI API (what the kubelet sees).
+    match rt.cri() {
+        Ok(report) => {
+            let served = report.handlers();
+            for (h, _, shim) in HANDLERS {
+                check!(served.iter().any(|s| s == h), "CRI: {h} not served ({served:?})");
+                let cfgj: Value = serde_json::from_str(report.config_json.as_deref().unwrap_or("{}")).unwrap_or_default();
+                let opts = &cfgj["containerd"]["runtimes"][h]["options"]["ConfigPath"];
+                check!(opts.as_str().is_some_and(|p| p.ends_with(&format!("configuration-{shim}.toml"))), "CRI: {h} options.ConfigPath = {opts}");
+            }
+            check!(served.iter().any(|s| s == "runc"), "CRI: runc not served ({served:?})");
+            let mut a: Value = serde_json::from_str(report.config_json.as_deref().unwrap_or("{}")).unwrap_or_default();
+            let mut b = before_cri.clone();
+            strip_ours(&mut a);
+            strip_ours(&mut b);
+            let diff = json_diff(&b, &a);
+            check!(diff.is_empty(), "root settings changed by the install (CRI status config, before -> after):\n    {}", diff.join("\n    "));
+        }
+        Err(e) => failures.push(format!("CRI after install: {e}")),
+    }
+    let now = root_file(&host);
+    check!(now.link == original.link, "link of config.toml changed: {:?} -> {:?}", original.link, now.link);
+    if original.mode_uid_gid.is_some() {
+        check!(now.mode_uid_gid == original.mode_uid_gid, "mode/owner of config.toml changed: {:?} -> {:?}", original.mode_uid_gid, now.mode_uid_gid);
+    }
+
+    // Re-run: nothing to do, no restart.
+    let restarts = rt.restarts.load(Ordering::SeqCst);
+    let fs = HostFs::new(&host, false);
+    match install(&fs, &cfg, &facts, &rt) {
+        Ok(_) => check!(rt.restarts.load(Ordering::SeqCst) == restarts, "re-run restarted containerd"),
+        Err(e) => failures.push(format!("re-run failed: {e}")),
+    }
+
+    // Revert.
+    if let Err(e) = uninstall(&HostFs::new(&host, false), &cfg, &facts, &rt) {
+        failures.push(format!("uninstall failed: {e}"));
+        bail!();
+    }
+    let restored = root_file(&host);
+    check!(restored == original, "root config not restored: link {:?} -> {:?}, mode/owner {:?} -> {:?}, bytes equal: {}", original.link, restored.link, original.mode_uid_gid, restored.mode_uid_gid, original.bytes == restored.bytes);
+    check!(!host.join("etc/containerd/conf.d").exists(), "conf.d left behind");
+    match rt.dump() {
+        Ok(d) => {
+            let diff = json_diff(&before_dump, &toml_to_json(&d));
+            check!(diff.is_empty(), "effective config after revert differs from before:\n    {}", diff.join("\n    "));
+        }
+        Err(e) => failures.push(format!("config dump after revert: {e}")),
+    }
+    match rt.cri() {
+        Ok(report) => {
+            check!(!report.handlers().iter().any(|h| h.starts_with("kata-")), "CRI after revert still serves {:?}", report.handlers());
+            let after: Value = serde_json::from_str(report.config_json.as_deref().unwrap_or("{}")).unwrap_or_default();
+            let diff = json_diff(&before_cri, &after);
+            check!(diff.is_empty(), "CRI config after revert differs from before:\n    {}", diff.join("\n    "));
+        }
+        Err(e) => failures.push(format!("CRI after revert: {e}")),
+    }
+    Outcome { failures, notes, secs: t0.elapsed().as_secs_f64() }
+}
+
+#[test]
+fn cri_stage_on_every_containerd_and_root_config_shape() {
+    let bins = matrix_bins();
+    if bins.is_empty() {
+        return;
+    }
+    let v2 = v2_root(&bins);
+    assert_eq!(detect_version(&parse(&v2).unwrap()), ConfigVersion::V2);
+    let t0 = Instant::now();
+    // One thread per containerd version (each case has its own root, state and socket).
+    let results: Vec<(String, Shape, Outcome)> = std::thread::scope(|s| {
+        let handles: Vec<_> = bins
+            .iter()
+            .map(|bin| {
+                let v2 = v2.clone();
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for shape in SHAPES {
+                        if shape == Shape::V2Kept && bin.major_minor().0 < 2 {
+                            continue; // the default of 1.x is already version 2
+                        }
+                        out.push((bin.label.clone(), shape, run_case(bin, shape, &v2)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut table = String::from("\ncontainerd | root config | result | seconds | notes\n");
+    let mut failed = Vec::new();
+    for (label, shape, o) in &results {
+        let res = if o.failures.is_empty() { "ok" } else { "FAIL" };
+        table.push_str(&format!("{label} | {shape:?} | {res} | {:.1} | {}\n", o.secs, o.notes.join("; ")));
+        for f in &o.failures {
+            failed.push(format!("containerd {label}, {shape:?}: {f}"));
+        }
+    }
+    table.push_str(&format!("wall time: {:.1}s for {} cases\n", t0.elapsed().as_secs_f64(), results.len()));
+    eprintln!("{table}");
+    assert!(failed.is_empty(), "{table}\n{}", failed.join("\n"));
+}
