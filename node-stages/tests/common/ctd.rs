@@ -40,10 +40,13 @@ impl CtdBin {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// `containerd --config <config> config dump`: the merged, migrated configuration containerd
-    /// loads from that file and its imports (the same loader the daemon uses).
+    /// The merged, migrated configuration the daemon runs with for that file and its imports:
+    /// `config dump`, except on containerd 2.0-2.2, whose `config dump` prints a version-2
+    /// document without the daemon's 2→3 plugin migration (the runtimes vanish from it) while
+    /// `config migrate` runs the same loader and the same plugin migrations as the daemon.
     pub fn config_dump(&self, config: &Path) -> std::result::Result<String, String> {
-        let out = Command::new(&self.containerd).arg("--config").arg(config).args(["config", "dump"]).output().unwrap();
+        let verb = if self.major_minor().0 == 2 && self.major_minor().1 < 3 { "migrate" } else { "dump" };
+        let out = Command::new(&self.containerd).arg("--config").arg(config).args(["config", verb]).output().unwrap();
         if !out.status.success() {
             return Err(format!("containerd {} config dump failed: {}", self.label, String::from_utf8_lossy(&out.stderr)));
         }
