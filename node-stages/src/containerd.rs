@@ -513,6 +513,41 @@ mod tests {
     }
 
     #[test]
+    fn version_4_is_read_as_version_4_with_v3_tables() {
+        let doc = parse("version = 4\n").unwrap();
+        assert_eq!(detect_version(&doc), ConfigVersion::V4);
+        assert_eq!(ConfigVersion::V4.runtimes_path(), ConfigVersion::V3.runtimes_path());
+        let out = render_containerd_dropin(ConfigVersion::V4, &kata(true), true);
+        assert!(out.contains("version = 4"), "{out}");
+        check_handler(&parse(&out).unwrap(), ConfigVersion::V4);
+    }
+
+    #[test]
+    fn dropin_takes_the_roots_schema() {
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V2)), ConfigVersion::V2);
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V3)), ConfigVersion::V3);
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V4)), ConfigVersion::V4);
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V1)), ConfigVersion::V3);
+        assert_eq!(dropin_version_for_root(None), ConfigVersion::V3);
+        // A v2 drop-in for containerd 2.x uses the grpc.v1.cri tables containerd migrates.
+        let out = render_containerd_dropin(ConfigVersion::V2, &kata(false), true);
+        assert!(out.contains("version = 2") && out.contains("io.containerd.grpc.v1.cri"), "{out}");
+    }
+
+    #[test]
+    fn a_config_without_runtimes_keeps_runc() {
+        let mut doc = parse("version = 2\n").unwrap();
+        assert!(keep_default_runtime(&mut doc, ConfigVersion::V2));
+        let out = doc.to_string();
+        assert!(out.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]"), "{out}");
+        // Existing runtimes, or another default runtime: nothing added.
+        let mut doc = parse(&fixture("containerd-1.6-default.toml")).unwrap();
+        assert!(!keep_default_runtime(&mut doc, ConfigVersion::V2));
+        let mut doc = parse("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\ndefault_runtime_name = \"crun\"\n").unwrap();
+        assert!(!keep_default_runtime(&mut doc, ConfigVersion::V2));
+    }
+
+    #[test]
     fn malformed_config_is_an_error() {
         assert!(parse("[plugins\nversion = 2").is_err());
     }

@@ -456,6 +456,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn preserving_write_goes_through_links_and_keeps_mode_and_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let fs = HostFs::new(d.path(), false);
+        std::fs::create_dir_all(d.path().join("etc/real")).unwrap();
+        std::fs::create_dir_all(d.path().join("etc/containerd")).unwrap();
+        let target = d.path().join("etc/real/config.toml");
+        std::fs::write(&target, "a").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&target, Some(4242), Some(4343)).unwrap();
+        // An absolute link target is a host path: resolved under the host root.
+        std::os::unix::fs::symlink("/etc/real/config.toml", d.path().join("etc/containerd/config.toml")).unwrap();
+        let p = Path::new("/etc/containerd/config.toml");
+        assert_eq!(fs.read(p).unwrap().as_deref(), Some(&b"a"[..]));
+        fs.write_preserving(p, b"b", 0o644).unwrap();
+        assert_eq!(std::fs::read_link(d.path().join("etc/containerd/config.toml")).unwrap(), Path::new("/etc/real/config.toml"));
+        let md = std::fs::metadata(&target).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o600, 4242, 4343));
+        assert_eq!(std::fs::read(&target).unwrap(), b"b");
+        // A new file gets the default mode.
+        fs.write_preserving(Path::new("/etc/containerd/new.toml"), b"c", 0o644).unwrap();
+        assert_eq!(std::fs::metadata(d.path().join("etc/containerd/new.toml")).unwrap().mode() & 0o7777, 0o644);
+        // A link loop is an error naming the file, not a hang.
+        std::os::unix::fs::symlink("/etc/loop", d.path().join("etc/loop")).unwrap();
+        assert!(fs.write_preserving(Path::new("/etc/loop"), b"x", 0o644).unwrap_err().to_string().contains("symbolic links"));
+    }
+
+    #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
         let d = tempfile::tempdir().unwrap();
         let fs_ = HostFs::new(d.path(), false);

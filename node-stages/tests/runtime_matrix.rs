@@ -397,3 +397,39 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
     eprintln!("{table}");
     assert!(failed.is_empty(), "{table}\n{}", failed.join("\n"));
 }
+
+/// containerd's own merge semantics, which the drop-in schema choice relies on: under a
+/// `version = 2` root, a version-3 drop-in makes containerd 2.0-2.2 drop the root's CRI settings
+/// (2.3+ migrates each file before merging and keeps them); a version-2 drop-in keeps them on
+/// every 2.x. If a containerd release changes this, this test says so.
+#[test]
+fn containerd_2_merge_semantics_of_v2_root_with_v2_or_v3_dropin() {
+    let bins: Vec<CtdBin> = matrix_bins().into_iter().filter(|b| b.major_minor().0 >= 2).collect();
+    let v2 = v2_root(&matrix_bins());
+    for bin in &bins {
+        for (dropin_version, expect_kept) in [(ConfigVersion::V3, bin.major_minor() >= (2, 3)), (ConfigVersion::V2, true)] {
+            let work = tempfile::Builder::new().prefix("kata-merge").tempdir().unwrap();
+            let kata = kata_deploy_stage::containerd::KataContainerd {
+                handlers: vec![kata_deploy_stage::containerd::KataHandler {
+                    name: "kata-qemu".into(),
+                    runtime_type: "io.containerd.kata-qemu.v2".into(),
+                    runtime_path: "/opt/kata/bin/containerd-shim-kata-v2".into(),
+                    config_path: "/opt/kata/x.toml".into(),
+                    snapshotter: None,
+                }],
+                proxy: None,
+            };
+            let dropin = work.path().join("kata.toml");
+            std::fs::write(&dropin, kata_deploy_stage::containerd::render_containerd_dropin(dropin_version, &kata, true)).unwrap();
+            let mut doc = parse(&v2).unwrap();
+            kata_deploy_stage::containerd::add_import(&mut doc, &dropin.display().to_string());
+            let root = work.path().join("config.toml");
+            std::fs::write(&root, doc.to_string()).unwrap();
+            let eff = toml_to_json(&bin.config_dump(&root).unwrap());
+            let rt = &eff["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"];
+            assert_eq!(rt["kata-qemu"]["runtime_type"], "io.containerd.kata-qemu.v2", "{} {dropin_version:?}: handler not loaded", bin.label);
+            let kept = rt["runc"]["options"]["SystemdCgroup"] == true && eff["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == SANDBOX;
+            assert_eq!(kept, expect_kept, "containerd {} with a v2 root and a {dropin_version:?} drop-in: root settings kept = {kept}", bin.label);
+        }
+    }
+}
