@@ -22,7 +22,7 @@ use crate::crio::{render_crio_dropin, CrioHandler};
 use crate::error::{Result, StageError};
 use crate::hostfs::{sha256_hex, HostFs};
 use crate::restart::{boot_id, monotonic_now_us, Restarter};
-use crate::state::{read_json, write_json, CriFile, CriState, Original, PendingRestart, CRI_STATE};
+use crate::state::{read_json, write_json, CriFile, CriState, Original, PendingRestart, PreviousFile, CRI_STATE};
 
 /// Plain containerd's main configuration file.
 pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
@@ -464,15 +464,33 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
             cur = d.parent();
         }
     }
+    // The runtime has not loaded what we are about to write: record, in the same state write as
+    // the intent (before any file changes), what to go back to if it does not come back with it.
+    // A previous unverified write keeps its record (its "previous" is the last known good).
+    let hash = content_hash(&changes);
+    if changes.iter().any(|c| c.current != c.new) {
+        state.pending = Some(pending_restart(state.pending.as_ref(), &hash, &changes));
+    }
     let result = write_changes(ctx, &mut state, &state_path, &changes, &install);
     let changed = result?;
     state.handlers = target.handlers.clone();
     write_state(fs, &state_path, &state)?;
 
     // 3. Make the runtime load it (or verify it already has).
-    let hash = content_hash(&changes);
-    let restarted = converge_runtime(ctx, &mut state, &state_path, &target.unit, &hash, !changed.is_empty(), &changes, Expect::Serves(target.handlers.clone()))?;
+    let restarted = converge_runtime(ctx, &mut state, &state_path, &target.unit, &hash, !changed.is_empty(), Expect::Serves(target.handlers.clone()))?;
     Ok(CriOutcome { changed, restarted, unit: target.unit, notes: target.notes })
+}
+
+/// The pending-restart record for writing `changes`: the files as they were before, unless an
+/// earlier unverified write already recorded them (then those are the last known good).
+fn pending_restart(earlier: Option<&PendingRestart>, hash: &str, changes: &[Change]) -> PendingRestart {
+    let mut previous = earlier.map(|p| p.previous.clone()).unwrap_or_default();
+    for c in changes.iter().filter(|c| c.current != c.new) {
+        if !previous.iter().any(|p| p.path == c.path) {
+            previous.push(PreviousFile { path: c.path.clone(), content: c.current.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()) });
+        }
+    }
+    PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous }
 }
 
 fn union(a: &[String], b: &[String]) -> Vec<String> {
@@ -563,7 +581,7 @@ enum Expect {
 /// Restarts the runtime unless it already loaded `hash`, then verifies it is back. On failure,
 /// restores the files to what they were before this run and restarts again.
 #[allow(clippy::too_many_arguments)]
-fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, unit: &str, hash: &str, wrote: bool, changes: &[Change], expect: Expect) -> Result<bool> {
+fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, unit: &str, hash: &str, wrote: bool, expect: Expect) -> Result<bool> {
     let fs = ctx.fs;
     if ctx.cfg.restart == RestartMode::None {
         if state.loaded.as_deref() != Some(hash) {
@@ -599,7 +617,8 @@ fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, u
         fs.plan(format!("restart {unit}: yes (the running runtime has not loaded this configuration)"));
         return Ok(true);
     }
-    let stamp = PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us() };
+    let previous = state.pending.as_ref().map(|p| p.previous.clone()).unwrap_or_default();
+    let stamp = PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous };
     state.pending = Some(stamp.clone());
     write_state(fs, state_path, state)?;
     tracing::info!(stage = "cri", unit, "restarting the runtime to load the new configuration");
@@ -615,9 +634,13 @@ fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, u
         Err(e @ StageError::InjectedFault { .. }) => Err(e),
         Err(e) => {
             tracing::error!(stage = "cri", unit, error = %e, "runtime did not come back with the new configuration; restoring the previous one");
-            let restored = rollback(ctx, unit, changes);
+            let restored = rollback(ctx, unit, &stamp.previous);
             let hint = match restored {
-                Ok(()) => "The previous configuration was restored and the runtime restarted with it. Check the runtime logs (journalctl -u <unit>) for why it rejected the new configuration".to_string(),
+                Ok(()) => {
+                    state.pending = None;
+                    write_state(fs, state_path, state)?;
+                    "The previous configuration was restored and the runtime restarted with it. Check the runtime logs (journalctl -u <unit>) for why it rejected the new configuration".to_string()
+                }
                 Err(re) => format!("Restoring the previous configuration ALSO failed ({re}); restore it by hand from the backups in {}", ctx.cfg.install().state_dir().display()),
             };
             Err(StageError::Runtime { unit: unit.to_string(), message: format!("did not come back with the new configuration within {}s: {e}", ctx.cfg.cfg.runtime_ready_timeout_seconds), hint })
@@ -653,15 +676,12 @@ fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expec
     }
 }
 
-fn rollback(ctx: &CriContext, unit: &str, changes: &[Change]) -> Result<()> {
-    for c in changes {
-        if c.current == c.new {
-            continue;
-        }
-        match &c.current {
-            Some(b) => ctx.fs.write_preserving(&c.path, b, 0o644)?,
+fn rollback(ctx: &CriContext, unit: &str, previous: &[PreviousFile]) -> Result<()> {
+    for p in previous {
+        match &p.content {
+            Some(b) => ctx.fs.write_preserving(&p.path, b.as_bytes(), 0o644)?,
             None => {
-                ctx.fs.remove_file(&c.path)?;
+                ctx.fs.remove_file(&p.path)?;
             }
         }
     }
@@ -719,7 +739,11 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let unit = if state.unit.is_empty() { runtime_unit(fs, resolve_cri(fs, ctx.cfg, ctx.facts)?) } else { state.unit.clone() };
     let handlers = state.handlers.clone();
     // A failed revert keeps the state so a re-run finishes the job.
-    let restarted = converge_runtime(ctx, &mut state, &state_path, &unit, &hash, !changed.is_empty(), &[], Expect::Lacks(handlers))?;
+    // Reverting has nothing to roll back to: an install's unverified record does not apply.
+    if state.pending.as_ref().is_some_and(|p| p.content != hash) {
+        state.pending = None;
+    }
+    let restarted = converge_runtime(ctx, &mut state, &state_path, &unit, &hash, !changed.is_empty(), Expect::Lacks(handlers))?;
     // Done. Order matters for crash safety: directories we created (now empty), then the state
     // file, then the backups (a re-run without state cleans leftover backups).
     let mut dirs = state.created_dirs.clone();

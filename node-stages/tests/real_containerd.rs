@@ -176,3 +176,46 @@ fn containerd_1_x_imports_replace_whole_plugin_sections() {
         assert!(runtimes.get("runc").is_none(), "containerd {version} merged plugin sections deeply; drop-ins would be safe");
     }
 }
+
+#[test]
+fn stage_killed_by_the_restart_is_verified_by_the_retry_without_a_second_restart() {
+    let Some(c) = running_containerd() else { return };
+    let (rt, host) = (&c.rt, c.host.clone());
+    let facts = node(&c.rt.bin.runtime_version);
+    let cfg = config(SHIMS);
+    rt.kill_stage_on_next_restart.store(true, Ordering::SeqCst);
+    let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
+    assert!(matches!(e, StageError::InjectedFault { .. }), "{e}");
+    assert_eq!(rt.restarts.load(Ordering::SeqCst), 1);
+    // The pending restart (with the previous files) was on disk before the restart.
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap()).unwrap();
+    assert!(state["pending"]["previous"].as_array().is_some_and(|p| !p.is_empty()), "{state}");
+    rt.wait_ready();
+    install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap();
+    assert_eq!(rt.restarts.load(Ordering::SeqCst), 1, "the retry verified the running containerd instead of restarting it");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap()).unwrap();
+    assert!(state["pending"].is_null() && state["loaded"].is_string(), "{state}");
+}
+
+#[test]
+fn stage_killed_by_a_restart_that_fails_is_rolled_back_by_the_retry() {
+    // containerd refuses the new configuration AND the restart kills the stage: the only copy
+    // of "what to go back to" is the pending record on disk.
+    let Some(c) = running_containerd() else { return };
+    let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
+    let facts = node(&c.rt.bin.runtime_version);
+    let cfg = config(&SHIMS.replace("runtimeReadyTimeoutSeconds: 30", "runtimeReadyTimeoutSeconds: 3"));
+    *rt.refuse_config_containing.lock().unwrap() = Some("kata-qemu".into());
+    rt.kill_stage_on_next_restart.store(true, Ordering::SeqCst);
+    let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
+    assert!(matches!(e, StageError::InjectedFault { .. }), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!rt.alive(), "containerd must have refused the new configuration");
+    // The retry: containerd is down with the unverified configuration -> restart, not back ->
+    // restore the previous files from the pending record and bring containerd back with them.
+    let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
+    assert!(e.to_string().contains("previous configuration was restored"), "{e}");
+    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original, "previous config restored");
+    assert!(rt.alive() && rt.cri_ok(), "containerd must be running again");
+    assert_eq!(rt.cri().unwrap().handlers(), ["runc"]);
+}

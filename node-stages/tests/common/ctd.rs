@@ -110,6 +110,12 @@ pub struct RealContainerd {
     pub restarts: AtomicU64,
     /// Run just before the next restart (simulates a config containerd refuses).
     pub before_restart: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// The next restart restarts containerd, then "kills the stage" (returns an injected fault),
+    /// as when the stage runs inside the runtime it restarts.
+    pub kill_stage_on_next_restart: std::sync::atomic::AtomicBool,
+    /// containerd refuses to start (exits with an error: an unknown command line flag) while
+    /// the host's config or a file it imports contains this text.
+    pub refuse_config_containing: Mutex<Option<String>>,
 }
 
 pub const MAIN_CONFIG: &str = "/etc/containerd/config.toml";
@@ -126,6 +132,8 @@ impl RealContainerd {
             started_us: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             before_restart: Mutex::new(None),
+            kill_stage_on_next_restart: false.into(),
+            refuse_config_containing: Mutex::new(None),
         }
     }
 
@@ -163,9 +171,25 @@ impl RealContainerd {
         self.bin.config_dump(&self.effective())
     }
 
+    fn refuses(&self) -> bool {
+        let Some(needle) = self.refuse_config_containing.lock().unwrap().clone() else { return false };
+        let eff = std::fs::read_to_string(self.effective()).unwrap_or_default();
+        let mut texts = vec![eff.clone()];
+        if let Ok(doc) = eff.parse::<toml_edit::DocumentMut>() {
+            for i in doc.get("imports").and_then(|i| i.as_array()).into_iter().flatten().filter_map(|v| v.as_str()) {
+                texts.push(std::fs::read_to_string(i).unwrap_or_default());
+            }
+        }
+        texts.iter().any(|t| t.contains(&needle))
+    }
+
     pub fn start(&self) {
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(&self.bin.containerd)
+        let mut cmd = Command::new(&self.bin.containerd);
+        if self.refuses() {
+            cmd.arg("--refused-by-test");
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.effective())
             .arg("--root")
@@ -265,6 +289,9 @@ impl Restarter for RealContainerd {
         self.stop();
         self.restarts.fetch_add(1, Ordering::SeqCst);
         self.start();
+        if self.kill_stage_on_next_restart.swap(false, Ordering::SeqCst) {
+            return Err(kata_deploy_stage::error::StageError::InjectedFault { after: 0 });
+        }
         Ok(())
     }
     fn status(&self, _unit: &str) -> Result<UnitStatus> {
