@@ -207,20 +207,34 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
     }
     let actions = plan_artifacts(&desired, &old, &on_host);
     let writes: Vec<&DesiredFile> = desired.iter().filter(|d| actions.contains(&Action::Write(d.path.clone()))).collect();
-    let removes: Vec<PathBuf> = actions.iter().filter_map(|a| if let Action::Remove(p) = a { Some(p.clone()) } else { None }).collect();
+    let mut removes: Vec<PathBuf> = actions.iter().filter_map(|a| if let Action::Remove(p) = a { Some(p.clone()) } else { None }).collect();
     let kept = actions.iter().filter(|a| matches!(a, Action::Keep(_))).count();
     let unit = install.nydus_unit();
     let want_unit = cfg.uses_nydus();
 
+    // Upgrade order: while the runtime may still serve handlers this configuration dropped (the
+    // cri stage removes them next), their shims, configs and the nydus unit stay; the cri stage
+    // runs this stage again once it has dropped them.
+    let stale_handlers = registered_but_unconfigured_handlers(fs, cfg)?;
+    let mut deferred = Vec::new();
+    if !stale_handlers.is_empty() && !removes.is_empty() {
+        tracing::info!(stage = "artifacts", files = removes.len(), handlers = ?stale_handlers, "keeping the files of removed shims until the cri stage has dropped their handlers");
+        deferred = std::mem::take(&mut removes);
+    }
+    let defer_unit = !stale_handlers.is_empty() && !want_unit && old.units.contains(&unit);
+
     let mut final_manifest = ArtifactsManifest {
         files: desired.iter().map(|d| (d.path.clone(), InstalledFile { sha256: Some(d.sha256.clone()) })).collect(),
         dirs: Vec::new(),
-        units: if want_unit { vec![unit.clone()] } else { vec![] },
+        units: if want_unit || defer_unit { vec![unit.clone()] } else { vec![] },
         pending: false,
     };
+    for p in &deferred {
+        final_manifest.files.insert(p.clone(), old.files[p].clone());
+    }
     let new_dirs = missing_dirs(fs, &desired);
-    // Keep recorded dirs still needed (ancestors of a desired file); others go when empty.
-    let needed = |d: &PathBuf| desired.iter().any(|f| f.path.starts_with(d));
+    // Keep recorded dirs still needed (ancestors of a desired or deferred file); others go when empty.
+    let needed = |d: &PathBuf| desired.iter().any(|f| f.path.starts_with(d)) || deferred.iter().any(|f| f.starts_with(d));
     final_manifest.dirs = old.dirs.iter().filter(|d| needed(d)).cloned().chain(new_dirs.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
     let stale_dirs: Vec<PathBuf> = old.dirs.iter().filter(|d| !needed(d)).cloned().collect();
 
@@ -296,7 +310,7 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
         tracing::debug!(stage = "artifacts", file = %dest.display(), "installed");
         written.push(dest.clone());
     }
-    if !want_unit && old.units.contains(&unit) {
+    if !want_unit && !defer_unit && old.units.contains(&unit) {
         restarter.disable_now(&unit)?;
     }
     for r in &removes {
@@ -315,6 +329,14 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
     }
     tracing::info!(stage = "artifacts", written = written.len(), removed = removes.len(), kept, "artifacts installed");
     Ok(ArtifactsOutcome { written, removed: removes, kept })
+}
+
+/// Handlers the cri stage registered with the runtime that this configuration no longer has.
+pub fn registered_but_unconfigured_handlers(fs: &HostFs, cfg: &ValidConfig) -> Result<Vec<String>> {
+    let install = cfg.install();
+    let state: Option<CriState> = read_json(fs, &install.state_dir().join(CRI_STATE))?;
+    let configured: Vec<String> = cfg.cfg.shims.iter().map(|s| install.handler(&s.name)).collect();
+    Ok(state.map(|s| s.handlers).unwrap_or_default().into_iter().filter(|h| !configured.contains(h)).collect())
 }
 
 fn ensure_unit_running(fs: &HostFs, restarter: &dyn Restarter, unit: &str, changed: bool) -> Result<()> {

@@ -367,3 +367,37 @@ fn remove_artifacts_refuses_before_revert_cri() {
     assert!(e.to_string().contains("revert-cri first"), "{e}");
     assert!(host.path().join("opt/kata/bin/containerd-shim-kata-v2").exists());
 }
+
+#[test]
+fn upgrade_drops_a_removed_shims_handler_before_its_files() {
+    use kata_deploy_stage::stages::{self, NoClaims, StageEnv};
+    for name in ["containerd-1.7", "containerd-2.0", "crio", "k3s"] {
+        let f = flavour(name);
+        let host = make_host(&f);
+        let facts = facts(&f);
+        let rt = FakeRuntime::default();
+        install(&hfs(host.path(), false), &config(TWO_SHIMS), &facts, &rt).unwrap();
+        let coco = host.path().join("opt/kata/share/defaults/kata-containers/runtimes/qemu-coco-dev/configuration-qemu-coco-dev.toml");
+        assert!(coco.exists(), "{name}");
+        let payload = payload_dir();
+        let one = config(ONE_SHIM);
+        let fs = hfs(host.path(), false);
+        let env = StageEnv { cfg: &one, facts: &facts, fs: &fs, payload_dir: &payload, restarter: &rt, claims: &NoClaims, lock_wait: std::time::Duration::from_secs(5) };
+        // The artifacts stage of the upgrade runs first: the runtime still has the handler, so
+        // its shim configuration and the nydus snapshotter must still be there.
+        stages::run_artifacts(&env).unwrap();
+        assert!(handler_in(host.path(), f.handler_file, "kata-qemu-coco-dev"), "{name}: the handler is dropped by cri, not artifacts");
+        assert!(coco.exists(), "{name}: files of a shim whose handler the runtime still serves were removed");
+        assert!(host.path().join("opt/kata/nydus-snapshotter/containerd-nydus-grpc").exists(), "{name}: nydus removed while a handler uses it");
+        assert!(rt.enabled.lock().unwrap().iter().any(|u| u.contains("nydus")), "{name}: nydus unit disabled while a handler uses it");
+        // cri drops the handler (runtime restarted without it), then the files go.
+        stages::run_cri(&env).unwrap();
+        assert!(!handler_in(host.path(), f.handler_file, "kata-qemu-coco-dev"), "{name}");
+        assert!(!coco.exists(), "{name}: files of the dropped shim left behind");
+        assert!(!host.path().join("opt/kata/nydus-snapshotter").exists(), "{name}: nydus left behind");
+        assert!(!rt.enabled.lock().unwrap().iter().any(|u| u.contains("nydus")), "{name}: nydus unit still enabled");
+        // Uninstall still removes everything.
+        uninstall(&hfs(host.path(), false), &one, &facts, &rt).unwrap();
+        assert!(!host.path().join("opt/kata").exists(), "{name}");
+    }
+}
