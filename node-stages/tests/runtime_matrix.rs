@@ -41,13 +41,28 @@ enum Shape {
     Missing,
 }
 
-const SHAPES: [Shape; 6] = [Shape::Default, Shape::V2Kept, Shape::NoVersion, Shape::Mode0600, Shape::Symlink, Shape::Missing];
+const SHAPES: [Shape; 6] = [
+    Shape::Default,
+    Shape::V2Kept,
+    Shape::NoVersion,
+    Shape::Mode0600,
+    Shape::Symlink,
+    Shape::Missing,
+];
 
 const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  - name: qemu-runtime-rs\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n";
 const HANDLERS: [(&str, &str, &str); 3] = [
     ("kata-qemu", "/opt/kata/bin/containerd-shim-kata-v2", "qemu"),
-    ("kata-qemu-runtime-rs", "/opt/kata/runtime-rs/bin/containerd-shim-kata-v2", "qemu-runtime-rs"),
-    ("kata-qemu-coco-dev", "/opt/kata/bin/containerd-shim-kata-v2", "qemu-coco-dev"),
+    (
+        "kata-qemu-runtime-rs",
+        "/opt/kata/runtime-rs/bin/containerd-shim-kata-v2",
+        "qemu-runtime-rs",
+    ),
+    (
+        "kata-qemu-coco-dev",
+        "/opt/kata/bin/containerd-shim-kata-v2",
+        "qemu-coco-dev",
+    ),
 ];
 const NYDUS: &str = "nydus";
 const SANDBOX: &str = "registry.example.com/pause:3.10-kata-matrix";
@@ -63,7 +78,9 @@ fn set(doc: &mut toml_edit::DocumentMut, path: &[&str], v: impl Into<toml_edit::
             nt.set_implicit(true);
             toml_edit::Item::Table(nt)
         });
-        t = e.as_table_mut().unwrap_or_else(|| panic!("{k} is not a table"));
+        t = e
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("{k} is not a table"));
     }
     t.insert(path[path.len() - 1], toml_edit::value(v));
 }
@@ -74,25 +91,107 @@ fn customize(text: &str) -> String {
     let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
     match detect_version(&doc) {
         v @ (ConfigVersion::V1 | ConfigVersion::V2) => {
-            let cri = if v == ConfigVersion::V1 { "cri" } else { "io.containerd.grpc.v1.cri" };
-            set(&mut doc, &["plugins", cri, "containerd", "runtimes", "runc", "runtime_type"], "io.containerd.runc.v2");
-            set(&mut doc, &["plugins", cri, "containerd", "runtimes", "runc", "options", "SystemdCgroup"], true);
+            let cri = if v == ConfigVersion::V1 {
+                "cri"
+            } else {
+                "io.containerd.grpc.v1.cri"
+            };
+            set(
+                &mut doc,
+                &[
+                    "plugins",
+                    cri,
+                    "containerd",
+                    "runtimes",
+                    "runc",
+                    "runtime_type",
+                ],
+                "io.containerd.runc.v2",
+            );
+            set(
+                &mut doc,
+                &[
+                    "plugins",
+                    cri,
+                    "containerd",
+                    "runtimes",
+                    "runc",
+                    "options",
+                    "SystemdCgroup",
+                ],
+                true,
+            );
             set(&mut doc, &["plugins", cri, "sandbox_image"], SANDBOX);
-            set(&mut doc, &["plugins", cri, "registry", "config_path"], CERTS_D);
-            set(&mut doc, &["plugins", cri, "containerd", "snapshotter"], "native");
+            set(
+                &mut doc,
+                &["plugins", cri, "registry", "config_path"],
+                CERTS_D,
+            );
+            set(
+                &mut doc,
+                &["plugins", cri, "containerd", "snapshotter"],
+                "native",
+            );
             if v == ConfigVersion::V2 {
-                set(&mut doc, &["plugins", "io.containerd.gc.v1.scheduler", "deletion_threshold"], 7);
+                set(
+                    &mut doc,
+                    &[
+                        "plugins",
+                        "io.containerd.gc.v1.scheduler",
+                        "deletion_threshold",
+                    ],
+                    7,
+                );
             }
         }
         ConfigVersion::V3 | ConfigVersion::V4 => {
             let rt = "io.containerd.cri.v1.runtime";
             let im = "io.containerd.cri.v1.images";
-            set(&mut doc, &["plugins", rt, "containerd", "runtimes", "runc", "runtime_type"], "io.containerd.runc.v2");
-            set(&mut doc, &["plugins", rt, "containerd", "runtimes", "runc", "options", "SystemdCgroup"], true);
-            set(&mut doc, &["plugins", im, "pinned_images", "sandbox"], SANDBOX);
-            set(&mut doc, &["plugins", im, "registry", "config_path"], CERTS_D);
+            set(
+                &mut doc,
+                &[
+                    "plugins",
+                    rt,
+                    "containerd",
+                    "runtimes",
+                    "runc",
+                    "runtime_type",
+                ],
+                "io.containerd.runc.v2",
+            );
+            set(
+                &mut doc,
+                &[
+                    "plugins",
+                    rt,
+                    "containerd",
+                    "runtimes",
+                    "runc",
+                    "options",
+                    "SystemdCgroup",
+                ],
+                true,
+            );
+            set(
+                &mut doc,
+                &["plugins", im, "pinned_images", "sandbox"],
+                SANDBOX,
+            );
+            set(
+                &mut doc,
+                &["plugins", im, "registry", "config_path"],
+                CERTS_D,
+            );
             set(&mut doc, &["plugins", im, "snapshotter"], "native");
-            set(&mut doc, &["plugins", "io.containerd.gc.v1.scheduler", "deletion_threshold"], 7);
+            set(
+                &mut doc,
+                &[
+                    "plugins",
+                    "io.containerd.gc.v1.scheduler",
+                    "deletion_threshold",
+                ],
+                7,
+            );
         }
     }
     doc.to_string()
@@ -101,7 +200,11 @@ fn customize(text: &str) -> String {
 /// A `version = 2` root as containerd 1.7 writes it (the real 1.7 binary when the matrix has
 /// one, else the committed 1.7 default), with the usual settings.
 fn v2_root(bins: &[CtdBin]) -> String {
-    let text = bins.iter().find(|b| b.major_minor() == (1, 7)).map(CtdBin::config_default).unwrap_or_else(|| String::from_utf8(fixture("containerd-1.7-default.toml")).unwrap());
+    let text = bins
+        .iter()
+        .find(|b| b.major_minor() == (1, 7))
+        .map(CtdBin::config_default)
+        .unwrap_or_else(|| String::from_utf8(fixture("containerd-1.7-default.toml")).unwrap());
     customize(&text)
 }
 
@@ -109,7 +212,9 @@ fn root_text(bin: &CtdBin, shape: Shape, v2: &str) -> Option<String> {
     match shape {
         Shape::Default => Some(bin.config_default()),
         Shape::V2Kept => Some(v2.to_string()),
-        Shape::NoVersion => Some(customize(&String::from_utf8(fixture("containerd-noversion.toml")).unwrap())),
+        Shape::NoVersion => Some(customize(
+            &String::from_utf8(fixture("containerd-noversion.toml")).unwrap(),
+        )),
         Shape::Mode0600 | Shape::Symlink => Some(customize(&bin.config_default())),
         Shape::Missing => None,
     }
@@ -120,7 +225,10 @@ fn root_text(bin: &CtdBin, shape: Shape, v2: &str) -> Option<String> {
 fn strip_ours(v: &mut Value) {
     if let Value::Object(m) = v {
         for (k, child) in m.iter_mut() {
-            if matches!(k.as_str(), "runtimes" | "runtime_platforms" | "runtimePlatforms") {
+            if matches!(
+                k.as_str(),
+                "runtimes" | "runtime_platforms" | "runtimePlatforms"
+            ) {
                 if let Value::Object(r) = child {
                     for (h, _, _) in HANDLERS {
                         r.remove(h);
@@ -133,15 +241,27 @@ fn strip_ours(v: &mut Value) {
                 }
             }
         }
-        for k in ["disable_snapshot_annotations", "discard_unpacked_layers", "disableSnapshotAnnotations", "discardUnpackedLayers"] {
+        for k in [
+            "disable_snapshot_annotations",
+            "discard_unpacked_layers",
+            "disableSnapshotAnnotations",
+            "discardUnpackedLayers",
+        ] {
             m.remove(k);
         }
         if let Some(Value::Array(imports)) = m.get_mut("imports") {
-            imports.retain(|i| !i.as_str().is_some_and(|i| i.ends_with("/etc/containerd/conf.d/kata-deploy.toml")));
+            imports.retain(|i| {
+                !i.as_str()
+                    .is_some_and(|i| i.ends_with("/etc/containerd/conf.d/kata-deploy.toml"))
+            });
         }
         // An emptied table is what containerd prints for an absent one.
-        if m.get("proxy_plugins").is_some_and(|p| p.as_object().is_some_and(|o| o.is_empty())) {
-            m.remove("proxy_plugins");
+        for k in ["proxy_plugins", "runtime_platforms"] {
+            if m.get(k)
+                .is_some_and(|p| p.as_object().is_some_and(|o| o.is_empty()))
+            {
+                m.remove(k);
+            }
         }
         for child in m.values_mut() {
             strip_ours(child);
@@ -162,7 +282,11 @@ fn find_key<'a>(v: &'a Value, key: &str, out: &mut Vec<&'a Value>) {
 
 /// The CRI runtimes table in an effective configuration.
 fn dump_runtimes(dump: &Value, major: u64) -> Value {
-    let plugin = if major >= 2 { "io.containerd.cri.v1.runtime" } else { "io.containerd.grpc.v1.cri" };
+    let plugin = if major >= 2 {
+        "io.containerd.cri.v1.runtime"
+    } else {
+        "io.containerd.grpc.v1.cri"
+    };
     dump["plugins"][plugin]["containerd"]["runtimes"].clone()
 }
 
@@ -182,8 +306,14 @@ fn root_file(host: &Path) -> RootFile {
         None => p,
     };
     let bytes = std::fs::read(&real).ok();
-    let mode_uid_gid = std::fs::metadata(&real).ok().map(|m| (m.permissions().mode() & 0o7777, m.uid(), m.gid()));
-    RootFile { link, bytes, mode_uid_gid }
+    let mode_uid_gid = std::fs::metadata(&real)
+        .ok()
+        .map(|m| (m.permissions().mode() & 0o7777, m.uid(), m.gid()));
+    RootFile {
+        link,
+        bytes,
+        mode_uid_gid,
+    }
 }
 
 struct Outcome {
@@ -193,7 +323,13 @@ struct Outcome {
 }
 
 fn node(bin: &CtdBin) -> NodeFacts {
-    NodeFacts { name: Some("n".into()), uid: Some("u".into()), machine_id: Some("0123456789abcdef".into()), container_runtime_version: Some(bin.runtime_version.clone()), ..Default::default() }
+    NodeFacts {
+        name: Some("n".into()),
+        uid: Some("u".into()),
+        machine_id: Some("0123456789abcdef".into()),
+        container_runtime_version: Some(bin.runtime_version.clone()),
+        ..Default::default()
+    }
 }
 
 fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
@@ -201,7 +337,10 @@ fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
     let mut failures = Vec::new();
     let mut notes = Vec::new();
     let (major, _) = bin.major_minor();
-    let work = tempfile::Builder::new().prefix("kata-matrix").tempdir().unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("kata-matrix")
+        .tempdir()
+        .unwrap();
     let host = bare_host(work.path());
     if let Some(text) = root_text(bin, shape, v2) {
         let main = host.join("etc/containerd/config.toml");
@@ -226,7 +365,13 @@ fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
         ($cond:expr, $($msg:tt)*) => { if !$cond { failures.push(format!($($msg)*)); } };
     }
     macro_rules! bail {
-        () => { return Outcome { failures, notes, secs: t0.elapsed().as_secs_f64() } };
+        () => {
+            return Outcome {
+                failures,
+                notes,
+                secs: t0.elapsed().as_secs_f64(),
+            }
+        };
     }
 
     // Before: what containerd loads from the root config, and what its CRI plugin reports.
@@ -239,18 +384,34 @@ fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
     };
     rt.start();
     rt.wait_ready();
-    let before_cri: Value = serde_json::from_str(&rt.cri().unwrap().config_json.unwrap_or_default()).unwrap_or_default();
+    let before_cri: Value =
+        serde_json::from_str(&rt.cri().unwrap().config_json.unwrap_or_default())
+            .unwrap_or_default();
     let mut systemd = Vec::new();
     find_key(&before_dump, "SystemdCgroup", &mut systemd);
-    if shape != Shape::Default && shape != Shape::Missing && !systemd.iter().any(|v| v.as_bool() == Some(true)) {
-        notes.push("containerd itself ignores this root's CRI settings (before any install)".into());
+    if shape != Shape::Default
+        && shape != Shape::Missing
+        && !systemd.iter().any(|v| v.as_bool() == Some(true))
+    {
+        notes
+            .push("containerd itself ignores this root's CRI settings (before any install)".into());
     }
 
     // Install.
     let cfg = config(SHIMS);
     let facts = node(bin);
     if let Err(e) = install(&HostFs::new(&host, false), &cfg, &facts, &rt) {
-        failures.push(format!("install failed: {e}"));
+        let log = std::fs::read_to_string(&rt.log).unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("level=error") || l.contains("level=fatal") || l.contains("level=warn")
+            })
+            .collect();
+        failures.push(format!(
+            "install failed: {e}\n    containerd log (warnings/errors):\n    {}",
+            tail.join("\n    ")
+        ));
         bail!();
     }
     let after_dump = match rt.dump() {
@@ -264,48 +425,129 @@ fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
     // as `config dump` shows them (containerd 2.0-2.2 print a version-2 document unmigrated:
     // there the dump shows the grpc.v1.cri table the daemon migrates at start).
     let report = rt.cri();
-    let cri_cfg: Value = report.as_ref().ok().and_then(|r| r.config_json.as_deref()).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
+    let cri_cfg: Value = report
+        .as_ref()
+        .ok()
+        .and_then(|r| r.config_json.as_deref())
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default();
     let dump_rts = dump_runtimes(&after_dump, major);
     let runc_only_16 = bin.major_minor() < (1, 7);
-    for (src, runtimes) in [("CRI", &cri_cfg["containerd"]["runtimes"]), ("dump", &dump_rts)] {
+    for (src, runtimes) in [
+        ("CRI", &cri_cfg["containerd"]["runtimes"]),
+        ("dump", &dump_rts),
+    ] {
         for (h, path, shim) in HANDLERS {
             let r = &runtimes[h];
-            let f = |keys: &[&str]| keys.iter().map(|k| &r[*k]).find(|v| !v.is_null()).cloned().unwrap_or(Value::Null);
+            let f = |keys: &[&str]| {
+                keys.iter()
+                    .map(|k| &r[*k])
+                    .find(|v| !v.is_null())
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
             let cp = format!("/opt/kata/share/defaults/kata-containers/runtimes/{shim}/configuration-{shim}.toml");
-            check!(f(&["runtime_type", "runtimeType"]) == format!("io.containerd.{h}.v2").as_str(), "{src}: {h}.runtime_type = {}", f(&["runtime_type", "runtimeType"]));
-            check!(f(&["runtime_path", "runtimePath"]) == path, "{src}: {h}.runtime_path = {}", f(&["runtime_path", "runtimePath"]));
-            check!(f(&["privileged_without_host_devices", "privilegedWithoutHostDevices"]) == true, "{src}: {h}.privileged_without_host_devices = {}", r);
-            check!(f(&["pod_annotations", "PodAnnotations", "podAnnotations"]) == serde_json::json!(["io.katacontainers.*"]), "{src}: {h}.pod_annotations = {r}");
-            check!(r["options"]["ConfigPath"] == cp.as_str(), "{src}: {h}.options.ConfigPath = {}", r["options"]["ConfigPath"]);
+            check!(
+                f(&["runtime_type", "runtimeType"]) == format!("io.containerd.{h}.v2").as_str(),
+                "{src}: {h}.runtime_type = {}",
+                f(&["runtime_type", "runtimeType"])
+            );
+            check!(
+                f(&["runtime_path", "runtimePath"]) == path,
+                "{src}: {h}.runtime_path = {}",
+                f(&["runtime_path", "runtimePath"])
+            );
+            check!(
+                f(&[
+                    "privileged_without_host_devices",
+                    "privilegedWithoutHostDevices"
+                ]) == true,
+                "{src}: {h}.privileged_without_host_devices = {}",
+                r
+            );
+            check!(
+                f(&["pod_annotations", "PodAnnotations", "podAnnotations"])
+                    == serde_json::json!(["io.katacontainers.*"]),
+                "{src}: {h}.pod_annotations = {r}"
+            );
+            check!(
+                r["options"]["ConfigPath"] == cp.as_str(),
+                "{src}: {h}.options.ConfigPath = {}",
+                r["options"]["ConfigPath"]
+            );
         }
         let snap = &runtimes["kata-qemu-coco-dev"]["snapshotter"];
         if runc_only_16 {
             // containerd 1.6 has no per-runtime snapshotter: its loader drops the key.
-            check!(snap.is_null() || snap == "", "{src}: 1.6 now keeps a per-runtime snapshotter ({snap})");
+            check!(
+                snap.is_null() || snap == "",
+                "{src}: 1.6 now keeps a per-runtime snapshotter ({snap})"
+            );
         } else {
-            check!(snap == NYDUS, "{src}: kata-qemu-coco-dev.snapshotter = {snap}");
+            check!(
+                snap == NYDUS,
+                "{src}: kata-qemu-coco-dev.snapshotter = {snap}"
+            );
         }
     }
     if runc_only_16 {
         notes.push("no per-runtime snapshotter in 1.6 (guest pull impossible)".into());
     }
-    check!(after_dump["proxy_plugins"][NYDUS]["address"].as_str().is_some_and(|a| a.ends_with(".sock")), "dump: proxy_plugins.nydus = {}", after_dump["proxy_plugins"][NYDUS]);
+    if major >= 2 {
+        // containerd 2.x pulls with the snapshotter of runtime_platforms.<handler>.
+        let rp = &after_dump["plugins"]["io.containerd.cri.v1.images"]["runtime_platforms"];
+        check!(
+            rp["kata-qemu-coco-dev"]["snapshotter"] == NYDUS,
+            "dump: runtime_platforms.kata-qemu-coco-dev = {}",
+            rp["kata-qemu-coco-dev"]
+        );
+        check!(
+            rp["kata-qemu-coco-dev"]["platform"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("linux/")),
+            "dump: runtime_platforms.kata-qemu-coco-dev = {}",
+            rp["kata-qemu-coco-dev"]
+        );
+        check!(
+            rp["kata-qemu"].is_null(),
+            "dump: a handler without guest pull got an image platform: {}",
+            rp["kata-qemu"]
+        );
+    }
+    check!(
+        after_dump["proxy_plugins"][NYDUS]["address"]
+            .as_str()
+            .is_some_and(|a| a.ends_with(".sock")),
+        "dump: proxy_plugins.nydus = {}",
+        after_dump["proxy_plugins"][NYDUS]
+    );
     let mut a = after_dump.clone();
     let mut b = before_dump.clone();
     strip_ours(&mut a);
     strip_ours(&mut b);
     let diff = json_diff(&b, &a);
-    check!(diff.is_empty(), "root settings changed by the install (config dump, before -> after):\n    {}", diff.join("\n    "));
+    check!(
+        diff.is_empty(),
+        "root settings changed by the install (config dump, before -> after):\n    {}",
+        diff.join("\n    ")
+    );
 
     // The running process, over the CRI API (what the kubelet sees).
     match report {
         Ok(report) => {
             let served = report.handlers();
             for (h, _, _) in HANDLERS {
-                check!(served.iter().any(|s| s == h), "CRI: {h} not served ({served:?})");
+                check!(
+                    served.iter().any(|s| s == h),
+                    "CRI: {h} not served ({served:?})"
+                );
             }
-            check!(served.iter().any(|s| s == "runc"), "CRI: runc not served ({served:?})");
-            let mut a: Value = serde_json::from_str(report.config_json.as_deref().unwrap_or("{}")).unwrap_or_default();
+            check!(
+                served.iter().any(|s| s == "runc"),
+                "CRI: runc not served ({served:?})"
+            );
+            let mut a: Value = serde_json::from_str(report.config_json.as_deref().unwrap_or("{}"))
+                .unwrap_or_default();
             let mut b = before_cri.clone();
             strip_ours(&mut a);
             strip_ours(&mut b);
@@ -315,44 +557,95 @@ fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
         Err(e) => failures.push(format!("CRI after install: {e}")),
     }
     let now = root_file(&host);
-    check!(now.link == original.link, "link of config.toml changed: {:?} -> {:?}", original.link, now.link);
+    check!(
+        now.link == original.link,
+        "link of config.toml changed: {:?} -> {:?}",
+        original.link,
+        now.link
+    );
     if original.mode_uid_gid.is_some() {
-        check!(now.mode_uid_gid == original.mode_uid_gid, "mode/owner of config.toml changed: {:?} -> {:?}", original.mode_uid_gid, now.mode_uid_gid);
+        check!(
+            now.mode_uid_gid == original.mode_uid_gid,
+            "mode/owner of config.toml changed: {:?} -> {:?}",
+            original.mode_uid_gid,
+            now.mode_uid_gid
+        );
     }
 
     // Re-run: nothing to do, no restart.
     let restarts = rt.restarts.load(Ordering::SeqCst);
     let fs = HostFs::new(&host, false);
     match install(&fs, &cfg, &facts, &rt) {
-        Ok(_) => check!(rt.restarts.load(Ordering::SeqCst) == restarts, "re-run restarted containerd"),
+        Ok(_) => check!(
+            rt.restarts.load(Ordering::SeqCst) == restarts,
+            "re-run restarted containerd"
+        ),
         Err(e) => failures.push(format!("re-run failed: {e}")),
     }
 
     // Revert.
     if let Err(e) = uninstall(&HostFs::new(&host, false), &cfg, &facts, &rt) {
-        failures.push(format!("uninstall failed: {e}"));
+        let log = std::fs::read_to_string(&rt.log).unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("level=error") || l.contains("level=fatal") || l.contains("level=warn")
+            })
+            .collect();
+        failures.push(format!(
+            "uninstall failed: {e}\n    containerd log (warnings/errors):\n    {}",
+            tail.join("\n    ")
+        ));
         bail!();
     }
     let restored = root_file(&host);
-    check!(restored == original, "root config not restored: link {:?} -> {:?}, mode/owner {:?} -> {:?}, bytes equal: {}", original.link, restored.link, original.mode_uid_gid, restored.mode_uid_gid, original.bytes == restored.bytes);
-    check!(!host.join("etc/containerd/conf.d").exists(), "conf.d left behind");
+    check!(
+        restored == original,
+        "root config not restored: link {:?} -> {:?}, mode/owner {:?} -> {:?}, bytes equal: {}",
+        original.link,
+        restored.link,
+        original.mode_uid_gid,
+        restored.mode_uid_gid,
+        original.bytes == restored.bytes
+    );
+    check!(
+        !host.join("etc/containerd/conf.d").exists(),
+        "conf.d left behind"
+    );
     match rt.dump() {
         Ok(d) => {
             let diff = json_diff(&before_dump, &toml_to_json(&d));
-            check!(diff.is_empty(), "effective config after revert differs from before:\n    {}", diff.join("\n    "));
+            check!(
+                diff.is_empty(),
+                "effective config after revert differs from before:\n    {}",
+                diff.join("\n    ")
+            );
         }
         Err(e) => failures.push(format!("config dump after revert: {e}")),
     }
     match rt.cri() {
         Ok(report) => {
-            check!(!report.handlers().iter().any(|h| h.starts_with("kata-")), "CRI after revert still serves {:?}", report.handlers());
-            let after: Value = serde_json::from_str(report.config_json.as_deref().unwrap_or("{}")).unwrap_or_default();
+            check!(
+                !report.handlers().iter().any(|h| h.starts_with("kata-")),
+                "CRI after revert still serves {:?}",
+                report.handlers()
+            );
+            let after: Value = serde_json::from_str(report.config_json.as_deref().unwrap_or("{}"))
+                .unwrap_or_default();
             let diff = json_diff(&before_cri, &after);
-            check!(diff.is_empty(), "CRI config after revert differs from before:\n    {}", diff.join("\n    "));
+            check!(
+                diff.is_empty(),
+                "CRI config after revert differs from before:\n    {}",
+                diff.join("\n    ")
+            );
         }
         Err(e) => failures.push(format!("CRI after revert: {e}")),
     }
-    Outcome { failures, notes, secs: t0.elapsed().as_secs_f64() }
+    Outcome {
+        failures,
+        notes,
+        secs: t0.elapsed().as_secs_f64(),
+    }
 }
 
 #[test]
@@ -382,18 +675,29 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     let mut table = String::from("\ncontainerd | root config | result | seconds | notes\n");
     let mut failed = Vec::new();
     for (label, shape, o) in &results {
         let res = if o.failures.is_empty() { "ok" } else { "FAIL" };
-        table.push_str(&format!("{label} | {shape:?} | {res} | {:.1} | {}\n", o.secs, o.notes.join("; ")));
+        table.push_str(&format!(
+            "{label} | {shape:?} | {res} | {:.1} | {}\n",
+            o.secs,
+            o.notes.join("; ")
+        ));
         for f in &o.failures {
             failed.push(format!("containerd {label}, {shape:?}: {f}"));
         }
     }
-    table.push_str(&format!("wall time: {:.1}s for {} cases\n", t0.elapsed().as_secs_f64(), results.len()));
+    table.push_str(&format!(
+        "wall time: {:.1}s for {} cases\n",
+        t0.elapsed().as_secs_f64(),
+        results.len()
+    ));
     eprintln!("{table}");
     assert!(failed.is_empty(), "{table}\n{}", failed.join("\n"));
 }
@@ -404,11 +708,20 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
 /// every 2.x. If a containerd release changes this, this test says so.
 #[test]
 fn containerd_2_merge_semantics_of_v2_root_with_v2_or_v3_dropin() {
-    let bins: Vec<CtdBin> = matrix_bins().into_iter().filter(|b| b.major_minor().0 >= 2).collect();
+    let bins: Vec<CtdBin> = matrix_bins()
+        .into_iter()
+        .filter(|b| b.major_minor().0 >= 2)
+        .collect();
     let v2 = v2_root(&matrix_bins());
     for bin in &bins {
-        for (dropin_version, expect_kept) in [(ConfigVersion::V3, bin.major_minor() >= (2, 3)), (ConfigVersion::V2, true)] {
-            let work = tempfile::Builder::new().prefix("kata-merge").tempdir().unwrap();
+        for (dropin_version, expect_kept) in [
+            (ConfigVersion::V3, bin.major_minor() >= (2, 3)),
+            (ConfigVersion::V2, true),
+        ] {
+            let work = tempfile::Builder::new()
+                .prefix("kata-merge")
+                .tempdir()
+                .unwrap();
             let kata = kata_deploy_stage::containerd::KataContainerd {
                 handlers: vec![kata_deploy_stage::containerd::KataHandler {
                     name: "kata-qemu".into(),
@@ -418,17 +731,32 @@ fn containerd_2_merge_semantics_of_v2_root_with_v2_or_v3_dropin() {
                     snapshotter: None,
                 }],
                 proxy: None,
+                image_platform: None,
             };
             let dropin = work.path().join("kata.toml");
-            std::fs::write(&dropin, kata_deploy_stage::containerd::render_containerd_dropin(dropin_version, &kata, true)).unwrap();
+            std::fs::write(
+                &dropin,
+                kata_deploy_stage::containerd::render_containerd_dropin(
+                    dropin_version,
+                    &kata,
+                    true,
+                ),
+            )
+            .unwrap();
             let mut doc = parse(&v2).unwrap();
             kata_deploy_stage::containerd::add_import(&mut doc, &dropin.display().to_string());
             let root = work.path().join("config.toml");
             std::fs::write(&root, doc.to_string()).unwrap();
             let eff = toml_to_json(&bin.config_dump(&root).unwrap());
             let rt = &eff["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"];
-            assert_eq!(rt["kata-qemu"]["runtime_type"], "io.containerd.kata-qemu.v2", "{} {dropin_version:?}: handler not loaded", bin.label);
-            let kept = rt["runc"]["options"]["SystemdCgroup"] == true && eff["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == SANDBOX;
+            assert_eq!(
+                rt["kata-qemu"]["runtime_type"], "io.containerd.kata-qemu.v2",
+                "{} {dropin_version:?}: handler not loaded",
+                bin.label
+            );
+            let kept = rt["runc"]["options"]["SystemdCgroup"] == true
+                && eff["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"]
+                    == SANDBOX;
             assert_eq!(kept, expect_kept, "containerd {} with a v2 root and a {dropin_version:?} drop-in: root settings kept = {kept}", bin.label);
         }
     }
