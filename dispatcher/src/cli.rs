@@ -79,11 +79,7 @@ pub struct Args {
     pub progress_interval: Duration,
 
     /// Where the summary goes for `kubectl describe` (skipped when its directory does not exist).
-    #[arg(
-        long,
-        env = "DISPATCHER_TERMINATION_LOG",
-        default_value = "/dev/termination-log"
-    )]
+    #[arg(long, env = "DISPATCHER_TERMINATION_LOG", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 }
 
@@ -99,23 +95,15 @@ pub enum LogFormat {
 /// Parses `500ms`, `90s`, `30m`, `2h`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 90s, 30m or 2h"))?;
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 90s, 30m or 2h"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
-            ))
-        }
+        _ => return Err(format!("invalid duration unit {unit:?} in {s:?}: use ms, s, m or h")),
     };
     Ok(Duration::from_secs_f64(secs))
 }
@@ -142,18 +130,7 @@ mod tests {
 
     #[test]
     fn selectors_repeat_and_names_split() {
-        let a = Args::try_parse_from([
-            "d",
-            "--template",
-            "t",
-            "--selector",
-            "a in (x,y)",
-            "--selector",
-            "b",
-            "--nodes",
-            "n1,n2",
-        ])
-        .unwrap();
+        let a = Args::try_parse_from(["d", "--template", "t", "--selector", "a in (x,y)", "--selector", "b", "--nodes", "n1,n2"]).unwrap();
         assert_eq!(a.selectors, vec!["a in (x,y)", "b"]);
         assert_eq!(a.nodes, vec!["n1", "n2"]);
     }

@@ -1,8 +1,6 @@
 //! Thin API shell: every call the dispatcher makes, with bounded retries of transient errors.
 
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
@@ -62,11 +60,7 @@ impl RetryStats {
 /// Whether an error is worth retrying: throttling, server errors, timeouts, broken connections.
 pub fn is_transient(e: &kube::Error) -> bool {
     match e {
-        kube::Error::Api(s) => {
-            matches!(s.code, 429 | 500 | 502 | 503 | 504)
-                || s.reason == "ServerTimeout"
-                || s.reason == "Timeout"
-        }
+        kube::Error::Api(s) => matches!(s.code, 429 | 500 | 502 | 503 | 504) || s.reason == "ServerTimeout" || s.reason == "Timeout",
         kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
         _ => false,
     }
@@ -85,12 +79,7 @@ fn retry_after(e: &kube::Error) -> Option<Duration> {
 }
 
 /// Runs `op` with exponential backoff on transient errors, for at most `budget`.
-pub async fn with_retry<T, F, Fut>(
-    what: &str,
-    stats: &RetryStats,
-    budget: Duration,
-    mut op: F,
-) -> Result<T, kube::Error>
+pub async fn with_retry<T, F, Fut>(what: &str, stats: &RetryStats, budget: Duration, mut op: F) -> Result<T, kube::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, kube::Error>>,
@@ -171,11 +160,7 @@ impl ClusterApi {
                     resource_attributes: Some(ResourceAttributes {
                         verb: Some(verb.into()),
                         resource: Some(resource.into()),
-                        group: Some(if resource == "jobs" {
-                            "batch".into()
-                        } else {
-                            String::new()
-                        }),
+                        group: Some(if resource == "jobs" { "batch".into() } else { String::new() }),
                         namespace: ns.map(str::to_owned),
                         ..Default::default()
                     }),
@@ -184,14 +169,9 @@ impl ClusterApi {
                 ..Default::default()
             };
             let pp = PostParams::default();
-            let answer = with_retry("selfsubjectaccessreview", &self.stats, CALL_BUDGET, || {
-                ssar.create(&pp, &review)
-            })
-            .await
-            .map_err(|source| SetupError::Api {
-                what: format!("access review ({verb} {resource})"),
-                source,
-            })?;
+            let answer = with_retry("selfsubjectaccessreview", &self.stats, CALL_BUDGET, || ssar.create(&pp, &review))
+                .await
+                .map_err(|source| SetupError::Api { what: format!("access review ({verb} {resource})"), source })?;
             if !answer.status.is_some_and(|s| s.allowed) {
                 return Err(SetupError::Forbidden {
                     verb: verb.into(),
@@ -205,48 +185,33 @@ impl ClusterApi {
 
     /// The owner Job's UID.
     pub async fn owner_uid(&self, name: &str) -> Result<String, SetupError> {
-        match with_retry("get owner job", &self.stats, CALL_BUDGET, || {
-            self.jobs.get(name)
-        })
-        .await
-        {
+        match with_retry("get owner job", &self.stats, CALL_BUDGET, || self.jobs.get(name)).await {
             Ok(job) => Ok(job.metadata.uid.unwrap_or_default()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Err(SetupError::OwnerNotFound {
-                name: name.into(),
-                namespace: self.namespace.clone(),
-            }),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                Err(SetupError::OwnerNotFound { name: name.into(), namespace: self.namespace.clone() })
+            }
             Err(kube::Error::Api(s)) if s.code == 403 => Err(SetupError::Forbidden {
                 verb: "get".into(),
                 resource: format!("jobs/{name} (the owner Job)"),
                 scope: format!("namespace {}", self.namespace),
             }),
-            Err(source) => Err(SetupError::Api {
-                what: format!("get owner Job {name}"),
-                source,
-            }),
+            Err(source) => Err(SetupError::Api { what: format!("get owner Job {name}"), source }),
         }
     }
 
     /// Creates one per-node Job from its specialised JSON.
     pub async fn create_job(&self, job: &serde_json::Value) -> Result<(), kube::Error> {
-        let obj: DynamicObject =
-            serde_json::from_value(job.clone()).map_err(kube::Error::SerdeError)?;
+        let obj: DynamicObject = serde_json::from_value(job.clone()).map_err(kube::Error::SerdeError)?;
         let pp = PostParams::default();
-        with_retry("create job", &self.stats, CALL_BUDGET, || {
-            self.raw_jobs.create(&pp, &obj)
-        })
-        .await
-        .map(|_| ())
+        with_retry("create job", &self.stats, CALL_BUDGET, || self.raw_jobs.create(&pp, &obj))
+            .await
+            .map(|_| ())
     }
 
     /// Deletes a Job and (foreground) its pods; a Job already gone is fine.
     pub async fn delete_job(&self, name: &str) -> Result<(), kube::Error> {
         let dp = DeleteParams::foreground();
-        match with_retry("delete job", &self.stats, CALL_BUDGET, || {
-            self.jobs.delete(name, &dp)
-        })
-        .await
-        {
+        match with_retry("delete job", &self.stats, CALL_BUDGET, || self.jobs.delete(name, &dp)).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(e),
@@ -255,20 +220,13 @@ impl ClusterApi {
 
     /// Reads one Job (after a create conflict).
     pub async fn get_job(&self, name: &str) -> Result<Option<Job>, kube::Error> {
-        with_retry("get job", &self.stats, CALL_BUDGET, || {
-            self.jobs.get_opt(name)
-        })
-        .await
+        with_retry("get job", &self.stats, CALL_BUDGET, || self.jobs.get_opt(name)).await
     }
 
     /// Why a failed Job's pod failed; `None` when unknown or not permitted (pods list is optional).
     pub async fn failure_detail(&self, job_name: &str) -> Option<String> {
         let lp = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}"));
-        match with_retry("list pods", &self.stats, Duration::from_secs(15), || {
-            self.pods.list(&lp)
-        })
-        .await
-        {
+        match with_retry("list pods", &self.stats, Duration::from_secs(15), || self.pods.list(&lp)).await {
             Ok(list) => crate::status::pod_failure_detail(&list.items),
             Err(e) => {
                 tracing::debug!(job = job_name, error = %e, "cannot read the failed Job's pods; reporting the Job condition only");

@@ -47,18 +47,9 @@ pub enum StopReason {
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::FailureBudget(n) => write!(
-                f,
-                "failure budget spent ({n} nodes failed); fix the cause and re-run (helm upgrade)"
-            ),
-            Self::Deadline => write!(
-                f,
-                "run deadline reached; re-run (helm upgrade) to continue, or raise --deadline"
-            ),
-            Self::Interrupted => write!(
-                f,
-                "dispatcher interrupted; re-run (helm upgrade) to continue"
-            ),
+            Self::FailureBudget(n) => write!(f, "failure budget spent ({n} nodes failed); fix the cause and re-run (helm upgrade)"),
+            Self::Deadline => write!(f, "run deadline reached; re-run (helm upgrade) to continue, or raise --deadline"),
+            Self::Interrupted => write!(f, "dispatcher interrupted; re-run (helm upgrade) to continue"),
         }
     }
 }
@@ -124,10 +115,7 @@ impl Rollout {
 
     /// A node that started matching the selection during the run joins the queue.
     pub fn enqueue(&mut self, node: &str) {
-        if !self.in_flight.contains(node)
-            && !self.results.contains_key(node)
-            && !self.queue.iter().any(|n| n == node)
-        {
+        if !self.in_flight.contains(node) && !self.results.contains_key(node) && !self.queue.iter().any(|n| n == node) {
             self.queue.push_back(node.to_owned());
             self.total += 1;
         }
@@ -217,20 +205,13 @@ impl Rollout {
     }
 
     fn failed(&self) -> usize {
-        self.results
-            .values()
-            .filter(|(o, _)| matches!(o, Outcome::Failed(_)))
-            .count()
+        self.results.values().filter(|(o, _)| matches!(o, Outcome::Failed(_))).count()
     }
 
     /// Counters for a progress line.
     pub fn progress(&self) -> Progress {
         Progress {
-            succeeded: self
-                .results
-                .values()
-                .filter(|(o, _)| *o == Outcome::Succeeded)
-                .count(),
+            succeeded: self.results.values().filter(|(o, _)| *o == Outcome::Succeeded).count(),
             failed: self.failed(),
             running: self.in_flight.len(),
             queued: self.queue.len(),
@@ -240,23 +221,12 @@ impl Rollout {
 
     /// Final per-node results: still-queued nodes are not-started, in-flight ones still running.
     pub fn into_results(mut self) -> BTreeMap<String, (Outcome, Option<Duration>)> {
-        let why = self
-            .stopped
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_else(|| "not dispatched".into());
+        let why = self.stopped.as_ref().map(ToString::to_string).unwrap_or_else(|| "not dispatched".into());
         for node in std::mem::take(&mut self.queue) {
-            self.results
-                .insert(node, (Outcome::NotStarted(why.clone()), None));
+            self.results.insert(node, (Outcome::NotStarted(why.clone()), None));
         }
         for node in std::mem::take(&mut self.in_flight) {
-            self.results.insert(
-                node,
-                (
-                    Outcome::StillRunning(format!("{why}; its Job keeps running")),
-                    None,
-                ),
-            );
+            self.results.insert(node, (Outcome::StillRunning(format!("{why}; its Job keeps running")), None));
         }
         self.results
     }
@@ -310,20 +280,8 @@ mod tests {
         assert!(!r.is_done());
         r.finish(&d[2], Outcome::Succeeded, None);
         let results = r.into_results();
-        assert_eq!(
-            results
-                .values()
-                .filter(|(o, _)| matches!(o, Outcome::NotStarted(_)))
-                .count(),
-            6
-        );
-        assert_eq!(
-            results
-                .values()
-                .filter(|(o, _)| matches!(o, Outcome::StillRunning(_)))
-                .count(),
-            1
-        );
+        assert_eq!(results.values().filter(|(o, _)| matches!(o, Outcome::NotStarted(_))).count(), 6);
+        assert_eq!(results.values().filter(|(o, _)| matches!(o, Outcome::StillRunning(_))).count(), 1);
     }
 
     #[test]

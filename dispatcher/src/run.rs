@@ -80,27 +80,9 @@ struct SeenJob {
 
 impl SeenJob {
     fn from(job: &Job) -> Self {
-        let label = |k: &str| {
-            job.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(k))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let annotation = |k: &str| {
-            job.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(k))
-                .cloned()
-                .unwrap_or_default()
-        };
-        Self {
-            run: label(template::LABEL_RUN),
-            template_hash: annotation(template::ANNOTATION_TEMPLATE_HASH),
-            phase: job_phase(job),
-        }
+        let label = |k: &str| job.metadata.labels.as_ref().and_then(|l| l.get(k)).cloned().unwrap_or_default();
+        let annotation = |k: &str| job.metadata.annotations.as_ref().and_then(|a| a.get(k)).cloned().unwrap_or_default();
+        Self { run: label(template::LABEL_RUN), template_hash: annotation(template::ANNOTATION_TEMPLATE_HASH), phase: job_phase(job) }
     }
 }
 
@@ -122,22 +104,10 @@ struct Track {
 }
 
 enum OpDone {
-    Created {
-        node: String,
-        result: Result<(), kube::Error>,
-    },
-    Deleted {
-        node: String,
-        result: Result<(), kube::Error>,
-    },
-    Conflict {
-        node: String,
-        existing: Result<Option<Job>, kube::Error>,
-    },
-    Detail {
-        node: String,
-        reason: String,
-    },
+    Created { node: String, result: Result<(), kube::Error> },
+    Deleted { node: String, result: Result<(), kube::Error> },
+    Conflict { node: String, existing: Result<Option<Job>, kube::Error> },
+    Detail { node: String, reason: String },
     /// The Job of a node that is gone was deleted (or could not be; logged).
     Abandoned,
 }
@@ -156,9 +126,7 @@ pub fn resolve_namespace(flag: Option<&str>) -> Result<String, StartError> {
 
 fn node_facts(node: &Node) -> NodeFacts {
     let info = node.status.as_ref().and_then(|s| s.node_info.as_ref());
-    let get = |f: fn(&k8s_openapi::api::core::v1::NodeSystemInfo) -> &String| {
-        info.map(f).cloned().unwrap_or_default()
-    };
+    let get = |f: fn(&k8s_openapi::api::core::v1::NodeSystemInfo) -> &String| info.map(f).cloned().unwrap_or_default();
     NodeFacts {
         name: node.metadata.name.clone().unwrap_or_default(),
         uid: node.metadata.uid.clone().unwrap_or_default(),
@@ -190,11 +158,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let started = Instant::now();
     validate_prefix(&args.name_prefix)?;
     let path = args.template.display().to_string();
-    let text =
-        std::fs::read_to_string(&args.template).map_err(|source| StartError::ReadTemplate {
-            path: path.clone(),
-            source,
-        })?;
+    let text = std::fs::read_to_string(&args.template).map_err(|source| StartError::ReadTemplate { path: path.clone(), source })?;
     let template = JobTemplate::parse(&path, &text)?;
     let selection = NodeSelection::from_inputs(&args.nodes, &args.selectors)?;
     let namespace = resolve_namespace(args.namespace.as_deref())?;
@@ -211,12 +175,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         .clone()
         .or_else(|| owner.as_ref().map(|(_, uid)| uid.clone()))
         .unwrap_or_else(random_run_id);
-    let run = RunIdentity {
-        prefix: args.name_prefix.clone(),
-        run_id,
-        owner,
-        namespace,
-    };
+    let run = RunIdentity { prefix: args.name_prefix.clone(), run_id, owner, namespace };
     info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, "dispatcher starting");
 
     let mut d = Dispatcher {
@@ -238,18 +197,10 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     // One watch on nodes (selection, late nodes, deleted or re-created nodes) and one on this
     // dispatcher's Jobs (adoption and tracking). Both re-list by themselves when a watch expires.
     let node_api = d.api.nodes.clone();
-    let mut node_events = watcher::watcher(node_api, watcher::Config::default().page_size(500))
-        .default_backoff()
-        .boxed();
+    let mut node_events = watcher::watcher(node_api, watcher::Config::default().page_size(500)).default_backoff().boxed();
     let job_selector = format!("{}={}", template::LABEL_DISPATCHER, d.run.prefix);
-    let mut job_events = watcher::watcher(
-        d.api.jobs.clone(),
-        watcher::Config::default()
-            .labels(&job_selector)
-            .page_size(500),
-    )
-    .default_backoff()
-    .boxed();
+    let mut job_events =
+        watcher::watcher(d.api.jobs.clone(), watcher::Config::default().labels(&job_selector).page_size(500)).default_backoff().boxed();
 
     // --- discovery: both initial lists, then optional settling ---
     let (mut nodes_ready, mut jobs_ready) = (false, false);
@@ -285,20 +236,12 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
             return Err(StartError::NoNodes(d.selection.to_string()));
         }
         warn!(selection = %d.selection, "no node matches the selection; nothing to do");
-        let summary = Summary {
-            results: BTreeMap::new(),
-            stopped: None,
-            retries: d.api.stats.count(),
-        };
+        let summary = Summary { results: BTreeMap::new(), stopped: None, retries: d.api.stats.count() };
         return Ok(remove_after_success(&d.api, &args.remove_on_success, summary).await);
     }
     if args.dry_run {
         d.print_plan();
-        return Ok(Summary {
-            results: BTreeMap::new(),
-            stopped: None,
-            retries: d.api.stats.count(),
-        });
+        return Ok(Summary { results: BTreeMap::new(), stopped: None, retries: d.api.stats.count() });
     }
     d.start_rollout();
 
@@ -306,8 +249,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let deadline = tokio::time::Instant::from_std(started + args.deadline);
     let mut progress = tokio::time::interval(args.progress_interval);
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     let rollout_started = Instant::now();
     d.fill_slots();
     loop {
@@ -336,11 +278,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     }
     let rollout = d.rollout.take().expect("rollout started");
     let stopped = rollout.stopped().map(ToString::to_string);
-    let summary = Summary {
-        results: rollout.into_results(),
-        stopped,
-        retries: d.api.stats.count(),
-    };
+    let summary = Summary { results: rollout.into_results(), stopped, retries: d.api.stats.count() };
     Ok(remove_after_success(&d.api, &args.remove_on_success, summary).await)
 }
 
@@ -350,9 +288,7 @@ async fn remove_after_success(api: &ClusterApi, jobs: &[String], summary: Summar
         for job in jobs {
             match api.delete_job(job).await {
                 Ok(()) => info!(job = %job, "removed after success, with its per-node Jobs"),
-                Err(e) => {
-                    warn!(job = %job, error = %e, "could not remove the Job; delete it by hand")
-                }
+                Err(e) => warn!(job = %job, error = %e, "could not remove the Job; delete it by hand"),
             }
         }
     }
@@ -374,9 +310,7 @@ impl Dispatcher {
     fn on_node_event(&mut self, ev: Event<Node>) -> bool {
         match ev {
             Event::Apply(node) | Event::InitApply(node) => self.on_node_applied(&node),
-            Event::Delete(node) => {
-                self.on_node_deleted(node.metadata.name.as_deref().unwrap_or_default())
-            }
+            Event::Delete(node) => self.on_node_deleted(node.metadata.name.as_deref().unwrap_or_default()),
             Event::Init | Event::InitDone => false,
         }
     }
@@ -443,28 +377,19 @@ impl Dispatcher {
             Event::InitDone => {
                 // After a re-list, Jobs that vanished while the watch was down get no Delete event.
                 if let Some(listed) = self.relist.take() {
-                    let gone: Vec<String> = self
-                        .seen
-                        .keys()
-                        .filter(|n| !listed.contains(*n))
-                        .cloned()
-                        .collect();
+                    let gone: Vec<String> = self.seen.keys().filter(|n| !listed.contains(*n)).cloned().collect();
                     for name in gone {
                         self.on_job_deleted(&name);
                     }
                 }
             }
             Event::Apply(job) => self.on_job_applied(&job),
-            Event::Delete(job) => {
-                self.on_job_deleted(job.metadata.name.as_deref().unwrap_or_default())
-            }
+            Event::Delete(job) => self.on_job_deleted(job.metadata.name.as_deref().unwrap_or_default()),
         }
     }
 
     fn on_job_applied(&mut self, job: &Job) {
-        let Some(name) = job.metadata.name.clone() else {
-            return;
-        };
+        let Some(name) = job.metadata.name.clone() else { return };
         let seen = SeenJob::from(job);
         let ours = seen.run == self.run.run_id && seen.template_hash == self.template.hash();
         let phase = seen.phase.clone();
@@ -474,12 +399,8 @@ impl Dispatcher {
                 r.foreign_gone(&name);
             }
         }
-        let Some(node) = self.names.node_of(&name).map(str::to_owned) else {
-            return;
-        };
-        let Some(track) = self.tracks.get(&node) else {
-            return;
-        };
+        let Some(node) = self.names.node_of(&name).map(str::to_owned) else { return };
+        let Some(track) = self.tracks.get(&node) else { return };
         if !ours || !matches!(track.stage, Stage::Creating | Stage::Running) {
             return;
         }
@@ -505,9 +426,7 @@ impl Dispatcher {
         if let Some(r) = self.rollout.as_mut() {
             r.foreign_gone(name);
         }
-        let Some(node) = self.names.node_of(name).map(str::to_owned) else {
-            return;
-        };
+        let Some(node) = self.names.node_of(name).map(str::to_owned) else { return };
         match self.tracks.get(&node).map(|t| t.stage) {
             Some(Stage::Replacing) => self.create(&node),
             Some(Stage::Running) => self.finish(
@@ -522,17 +441,11 @@ impl Dispatcher {
     fn start_rollout(&mut self) {
         let nodes: Vec<String> = self.facts.keys().cloned().collect();
         let mut rollout = Rollout::new(nodes.clone(), self.parallelism, self.max_failures);
-        info!(
-            nodes = nodes.len(),
-            parallelism = rollout.parallelism(),
-            "rollout planned"
-        );
+        info!(nodes = nodes.len(), parallelism = rollout.parallelism(), "rollout planned");
         let mut adopted = HashSet::new();
         for node in &nodes {
             let job = self.names.assign(node);
-            let Some(seen) = self.seen.get(&job) else {
-                continue;
-            };
+            let Some(seen) = self.seen.get(&job) else { continue };
             if seen.run != self.run.run_id || seen.template_hash != self.template.hash() {
                 continue;
             }
@@ -541,18 +454,10 @@ impl Dispatcher {
                 JobPhase::Running => {
                     info!(node = %node, job = %job, "adopting this run's running Job");
                     rollout.adopt_running(node);
-                    self.tracks.insert(
-                        node.clone(),
-                        Track {
-                            stage: Stage::Running,
-                            started: Instant::now(),
-                        },
-                    );
+                    self.tracks.insert(node.clone(), Track { stage: Stage::Running, started: Instant::now() });
                 }
                 JobPhase::Succeeded => rollout.record_without_dispatch(node, Outcome::Succeeded),
-                JobPhase::Failed(r) => {
-                    rollout.record_without_dispatch(node, Outcome::Failed(r.clone()))
-                }
+                JobPhase::Failed(r) => rollout.record_without_dispatch(node, Outcome::Failed(r.clone())),
             }
         }
         for (job, seen) in &self.seen {
@@ -567,13 +472,7 @@ impl Dispatcher {
         while let Some(node) = self.rollout.as_mut().and_then(Rollout::next_to_dispatch) {
             let job = self.names.assign(&node);
             let stale = self.seen.contains_key(&job);
-            self.tracks.insert(
-                node.clone(),
-                Track {
-                    stage: Stage::Replacing,
-                    started: Instant::now(),
-                },
-            );
+            self.tracks.insert(node.clone(), Track { stage: Stage::Replacing, started: Instant::now() });
             if stale {
                 info!(node = %node, job = %job, "replacing the Job of an earlier run or template");
                 self.delete_then_create(&node, job);
@@ -586,18 +485,11 @@ impl Dispatcher {
     fn delete_then_create(&mut self, node: &str, job: String) {
         let api = self.api.clone();
         let node = node.to_owned();
-        self.ops.push(Box::pin(async move {
-            OpDone::Deleted {
-                result: api.delete_job(&job).await,
-                node,
-            }
-        }));
+        self.ops.push(Box::pin(async move { OpDone::Deleted { result: api.delete_job(&job).await, node } }));
     }
 
     fn create(&mut self, node: &str) {
-        let Some(track) = self.tracks.get_mut(node) else {
-            return;
-        };
+        let Some(track) = self.tracks.get_mut(node) else { return };
         if track.stage != Stage::Replacing {
             return;
         }
@@ -605,30 +497,19 @@ impl Dispatcher {
         track.started = Instant::now();
         let job_name = self.names.assign(node);
         let Some(facts) = self.facts.get(node) else {
-            self.finish(
-                node,
-                Outcome::Failed("node disappeared before its Job was created".into()),
-            );
+            self.finish(node, Outcome::Failed("node disappeared before its Job was created".into()));
             return;
         };
         let job = self.template.specialise(&self.run, facts, &job_name);
         let api = self.api.clone();
         let node = node.to_owned();
         info!(node = %node, job = %job_name, "creating per-node Job");
-        self.ops.push(Box::pin(async move {
-            OpDone::Created {
-                result: api.create_job(&job).await,
-                node,
-            }
-        }));
+        self.ops.push(Box::pin(async move { OpDone::Created { result: api.create_job(&job).await, node } }));
     }
 
     fn on_op_done(&mut self, op: OpDone) {
         match op {
-            OpDone::Created {
-                node,
-                result: Ok(()),
-            } => {
+            OpDone::Created { node, result: Ok(()) } => {
                 if let Some(t) = self.tracks.get_mut(&node) {
                     if t.stage == Stage::Creating {
                         t.stage = Stage::Running;
@@ -642,48 +523,23 @@ impl Dispatcher {
                     }
                 }
             }
-            OpDone::Created {
-                node,
-                result: Err(kube::Error::Api(s)),
-            } if s.code == 409 => {
+            OpDone::Created { node, result: Err(kube::Error::Api(s)) } if s.code == 409 => {
                 let api = self.api.clone();
                 let job = self.names.assign(&node);
-                self.ops.push(Box::pin(async move {
-                    OpDone::Conflict {
-                        existing: api.get_job(&job).await,
-                        node,
-                    }
-                }));
+                self.ops.push(Box::pin(async move { OpDone::Conflict { existing: api.get_job(&job).await, node } }));
             }
-            OpDone::Created {
-                node,
-                result: Err(e),
-            } => {
-                self.finish(
-                    &node,
-                    Outcome::Failed(format!("could not create its Job: {e}")),
-                );
+            OpDone::Created { node, result: Err(e) } => {
+                self.finish(&node, Outcome::Failed(format!("could not create its Job: {e}")));
             }
             OpDone::Conflict { node, existing } => self.on_conflict(&node, existing),
-            OpDone::Deleted {
-                node,
-                result: Ok(()),
-            } => {
+            OpDone::Deleted { node, result: Ok(()) } => {
                 let job = self.names.assign(&node);
                 if !self.seen.contains_key(&job) {
                     self.create(&node);
                 }
             }
-            OpDone::Deleted {
-                node,
-                result: Err(e),
-            } => {
-                self.finish(
-                    &node,
-                    Outcome::Failed(format!(
-                        "could not delete the stale Job of an earlier run: {e}"
-                    )),
-                );
+            OpDone::Deleted { node, result: Err(e) } => {
+                self.finish(&node, Outcome::Failed(format!("could not delete the stale Job of an earlier run: {e}")));
             }
             OpDone::Detail { node, reason } => self.finish(&node, Outcome::Failed(reason)),
             OpDone::Abandoned => {}
@@ -721,10 +577,7 @@ impl Dispatcher {
                 }
                 self.create(node);
             }
-            Err(e) => self.finish(
-                node,
-                Outcome::Failed(format!("Job {job_name} exists but cannot be read: {e}")),
-            ),
+            Err(e) => self.finish(node, Outcome::Failed(format!("Job {job_name} exists but cannot be read: {e}"))),
         }
     }
 
@@ -743,9 +596,7 @@ impl Dispatcher {
     }
 
     fn finish(&mut self, node: &str, outcome: Outcome) {
-        let Some(track) = self.tracks.remove(node) else {
-            return;
-        };
+        let Some(track) = self.tracks.remove(node) else { return };
         let took = track.started.elapsed();
         let job = self.names.assign(node);
         match &outcome {
@@ -762,19 +613,13 @@ impl Dispatcher {
 
     fn print_plan(&mut self) {
         let nodes: Vec<String> = self.facts.keys().cloned().collect();
-        println!(
-            "dry run: {} nodes, parallelism {}, nothing will be created",
-            nodes.len(),
-            self.parallelism.min(nodes.len())
-        );
+        println!("dry run: {} nodes, parallelism {}, nothing will be created", nodes.len(), self.parallelism.min(nodes.len()));
         println!("{:<40}  {:<63}  ACTION", "NODE", "JOB");
         for node in nodes {
             let job = self.names.assign(&node);
             let action = match self.seen.get(&job) {
                 None => "create",
-                Some(s) if s.run == self.run.run_id && s.template_hash == self.template.hash() => {
-                    "adopt"
-                }
+                Some(s) if s.run == self.run.run_id && s.template_hash == self.template.hash() => "adopt",
                 Some(_) => "replace (earlier run or template)",
             };
             println!("{node:<40}  {job:<63}  {action}");

@@ -22,9 +22,7 @@ use crate::crio::{render_crio_dropin, CrioHandler};
 use crate::error::{Result, StageError};
 use crate::hostfs::{sha256_hex, HostFs};
 use crate::restart::{boot_id, monotonic_now_us, Restarter};
-use crate::state::{
-    read_json, write_json, CriFile, CriState, Original, PendingRestart, PreviousFile, CRI_STATE,
-};
+use crate::state::{read_json, write_json, CriFile, CriState, Original, PendingRestart, PreviousFile, CRI_STATE};
 
 /// Plain containerd's main configuration file.
 pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
@@ -40,10 +38,7 @@ pub const MICROK8S_TEMPLATE: &str = "/var/snap/microk8s/current/args/containerd-
 pub const K0S_CONTAINERD_D: &str = "/etc/k0s/containerd.d";
 
 /// Detects the CRI from the runtime version the kubelet reports and host paths.
-pub fn detect_cri_from(
-    runtime_version: Option<&str>,
-    exists: &dyn Fn(&str) -> bool,
-) -> std::result::Result<CriKind, String> {
+pub fn detect_cri_from(runtime_version: Option<&str>, exists: &dyn Fn(&str) -> bool) -> std::result::Result<CriKind, String> {
     let v = runtime_version.unwrap_or("");
     if v.starts_with("cri-o://") {
         return Ok(CriKind::Crio);
@@ -53,23 +48,9 @@ pub fn detect_cri_from(
         return Ok(CriKind::Rke2);
     }
     if exists("/var/lib/rancher/k3s/agent/etc/containerd") || exists("/etc/rancher/k3s") {
-        let agent = [
-            "/etc/systemd/system/k3s-agent.service",
-            "/usr/lib/systemd/system/k3s-agent.service",
-        ]
-        .iter()
-        .any(|p| exists(p));
-        let server = [
-            "/etc/systemd/system/k3s.service",
-            "/usr/lib/systemd/system/k3s.service",
-        ]
-        .iter()
-        .any(|p| exists(p));
-        return Ok(if agent && !server {
-            CriKind::K3sAgent
-        } else {
-            CriKind::K3s
-        });
+        let agent = ["/etc/systemd/system/k3s-agent.service", "/usr/lib/systemd/system/k3s-agent.service"].iter().any(|p| exists(p));
+        let server = ["/etc/systemd/system/k3s.service", "/usr/lib/systemd/system/k3s.service"].iter().any(|p| exists(p));
+        return Ok(if agent && !server { CriKind::K3sAgent } else { CriKind::K3s });
     }
     if exists("/var/snap/microk8s/current/args") {
         return Ok(CriKind::Microk8s);
@@ -93,40 +74,23 @@ pub fn resolve_cri(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts) -> Result<
     if let Some(k) = cfg.cri {
         return Ok(k);
     }
-    detect_cri_from(facts.container_runtime_version.as_deref(), &|p| {
-        fs.exists(Path::new(p))
-    })
-    .map_err(|m| StageError::config(&cfg.file, "cri", m))
+    detect_cri_from(facts.container_runtime_version.as_deref(), &|p| fs.exists(Path::new(p)))
+        .map_err(|m| StageError::config(&cfg.file, "cri", m))
 }
 
 /// The systemd unit that (re)loads the runtime configuration.
 pub fn runtime_unit(fs: &HostFs, kind: CriKind) -> String {
     let has_unit = |name: &str| {
-        [
-            "/etc/systemd/system",
-            "/usr/lib/systemd/system",
-            "/lib/systemd/system",
-            "/usr/local/lib/systemd/system",
-        ]
-        .iter()
-        .any(|d| fs.exists(&Path::new(d).join(name)))
+        ["/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system", "/usr/local/lib/systemd/system"]
+            .iter()
+            .any(|d| fs.exists(&Path::new(d).join(name)))
     };
     match kind {
         CriKind::Containerd => "containerd.service".into(),
         CriKind::K3s => "k3s.service".into(),
         CriKind::K3sAgent => "k3s-agent.service".into(),
-        CriKind::Rke2 => if has_unit("rke2-agent.service") && !has_unit("rke2-server.service") {
-            "rke2-agent.service"
-        } else {
-            "rke2-server.service"
-        }
-        .into(),
-        CriKind::K0s => if has_unit("k0scontroller.service") {
-            "k0scontroller.service"
-        } else {
-            "k0sworker.service"
-        }
-        .into(),
+        CriKind::Rke2 => if has_unit("rke2-agent.service") && !has_unit("rke2-server.service") { "rke2-agent.service" } else { "rke2-server.service" }.into(),
+        CriKind::K0s => if has_unit("k0scontroller.service") { "k0scontroller.service" } else { "k0sworker.service" }.into(),
         CriKind::Microk8s => "snap.microk8s.daemon-containerd.service".into(),
         CriKind::Crio => "crio.service".into(),
     }
@@ -146,33 +110,19 @@ pub fn cri_socket(kind: CriKind) -> &'static str {
 /// The containerd major version: from the node's reported runtime version, else guessed from
 /// the existing configuration (version 3 means containerd 2.x).
 pub fn containerd_major(facts: &NodeFacts, existing_config: Option<&str>) -> u64 {
-    if let Some((major, _)) = facts
-        .container_runtime_version
-        .as_deref()
-        .and_then(containerd::parse_runtime_version)
-    {
+    if let Some((major, _)) = facts.container_runtime_version.as_deref().and_then(containerd::parse_runtime_version) {
         return major;
     }
-    match existing_config
-        .and_then(|t| containerd::parse(t).ok())
-        .map(|d| containerd::detect_version(&d))
-    {
+    match existing_config.and_then(|t| containerd::parse(t).ok()).map(|d| containerd::detect_version(&d)) {
         Some(v) if v.split_cri_plugins() => 2,
         _ => 1,
     }
 }
 
 /// Kata handlers for containerd from the configuration.
-pub fn kata_containerd(
-    cfg: &ValidConfig,
-    install: &Install,
-    containerd_major: u64,
-    arch: Option<&str>,
-) -> KataContainerd {
+pub fn kata_containerd(cfg: &ValidConfig, install: &Install, containerd_major: u64, arch: Option<&str>) -> KataContainerd {
     let snapshotter = install.nydus_snapshotter();
-    let arch = arch
-        .map(str::to_string)
-        .unwrap_or_else(|| crate::shims::kube_arch(std::env::consts::ARCH).to_string());
+    let arch = arch.map(str::to_string).unwrap_or_else(|| crate::shims::kube_arch(std::env::consts::ARCH).to_string());
     KataContainerd {
         image_platform: (containerd_major >= 2).then(|| format!("linux/{arch}")),
         handlers: cfg
@@ -187,10 +137,7 @@ pub fn kata_containerd(
                 snapshotter: (s.containerd_snapshotter == "nydus").then(|| snapshotter.clone()),
             })
             .collect(),
-        proxy: cfg.uses_nydus().then(|| ProxySnapshotter {
-            name: snapshotter.clone(),
-            address: install.nydus_socket(),
-        }),
+        proxy: cfg.uses_nydus().then(|| ProxySnapshotter { name: snapshotter.clone(), address: install.nydus_socket() }),
     }
 }
 
@@ -233,21 +180,10 @@ pub struct CriTarget {
 }
 
 /// Decides which files to write for this host (pure apart from reading existing files).
-pub fn plan_cri_target(
-    fs: &HostFs,
-    cfg: &ValidConfig,
-    facts: &NodeFacts,
-    kind: CriKind,
-    state: &CriState,
-) -> Result<CriTarget> {
+pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: CriKind, state: &CriState) -> Result<CriTarget> {
     let install = cfg.install();
-    let k3s_dir =
-        |dist: &str| PathBuf::from(format!("/var/lib/rancher/{dist}/agent/etc/containerd"));
-    let read_text = |p: &Path| -> Result<Option<String>> {
-        Ok(fs
-            .read(p)?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()))
-    };
+    let k3s_dir = |dist: &str| PathBuf::from(format!("/var/lib/rancher/{dist}/agent/etc/containerd"));
+    let read_text = |p: &Path| -> Result<Option<String>> { Ok(fs.read(p)?.map(|b| String::from_utf8_lossy(&b).into_owned())) };
     // The configuration containerd runs from (tells its version when the kubelet does not).
     let existing = match kind {
         CriKind::Containerd => read_text(Path::new(CONTAINERD_CONFIG))?,
@@ -256,12 +192,7 @@ pub fn plan_cri_target(
         _ => None,
     };
     let major = containerd_major(facts, existing.as_deref());
-    let kata = kata_containerd(
-        cfg,
-        &install,
-        if kind.is_containerd() { major } else { 0 },
-        facts.arch.as_deref(),
-    );
+    let kata = kata_containerd(cfg, &install, if kind.is_containerd() { major } else { 0 }, facts.arch.as_deref());
     let handlers: Vec<String> = kata.handlers.iter().map(|h| h.name.clone()).collect();
     let dropin = install.dropin_file_name();
     let mut notes = Vec::new();
@@ -271,82 +202,38 @@ pub fn plan_cri_target(
             let main = PathBuf::from(CONTAINERD_CONFIG);
             if major >= 2 {
                 let path = Path::new(CONTAINERD_CONF_D).join(&dropin);
-                let root_version = existing
-                    .as_deref()
-                    .and_then(|t| containerd::parse(t).ok())
-                    .map(|d| containerd::detect_version(&d));
+                let root_version = existing.as_deref().and_then(|t| containerd::parse(t).ok()).map(|d| containerd::detect_version(&d));
                 let version = containerd::dropin_version_for_root(root_version);
                 vec![
-                    (
-                        path.clone(),
-                        Desired::Whole(
-                            containerd::render_containerd_dropin(version, &kata, true).into_bytes(),
-                        ),
-                    ),
-                    (
-                        main,
-                        Desired::AddImport {
-                            import: path.display().to_string(),
-                            new_version: ConfigVersion::V3,
-                        },
-                    ),
+                    (path.clone(), Desired::Whole(containerd::render_containerd_dropin(version, &kata, true).into_bytes())),
+                    (main, Desired::AddImport { import: path.display().to_string(), new_version: ConfigVersion::V3 }),
                 ]
             } else {
                 if !install.suffix.is_empty() {
                     notes.push("containerd 1.x has no usable drop-ins: the shared config.toml is edited in place (multi-install is only fully isolated on containerd >= 2.0)".into());
                 }
-                vec![(
-                    main,
-                    Desired::EditKata {
-                        set_flags: true,
-                        new_version: ConfigVersion::V2,
-                    },
-                )]
+                vec![(main, Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2 })]
             }
         }
         CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 => {
             let dist = if kind == CriKind::Rke2 { "rke2" } else { "k3s" };
             let dir = k3s_dir(dist);
             let version = ConfigVersion::for_containerd_major(major);
-            let tmpl = dir.join(if major >= 2 {
-                "config-v3.toml.tmpl"
-            } else {
-                "config.toml.tmpl"
-            });
+            let tmpl = dir.join(if major >= 2 { "config-v3.toml.tmpl" } else { "config.toml.tmpl" });
             if cfg.uses_nydus() {
                 notes.push(format!("{dist}: the base template owns the CRI image settings; disable_snapshot_annotations/discard_unpacked_layers are left to {dist}"));
             }
             if fs.exists(&tmpl) && !owned_by_us(&tmpl) {
-                vec![(
-                    tmpl,
-                    Desired::EditKata {
-                        set_flags: false,
-                        new_version: version,
-                    },
-                )]
+                vec![(tmpl, Desired::EditKata { set_flags: false, new_version: version })]
             } else {
-                vec![(
-                    tmpl,
-                    Desired::Whole(containerd::render_k3s_template(version, &kata).into_bytes()),
-                )]
+                vec![(tmpl, Desired::Whole(containerd::render_k3s_template(version, &kata).into_bytes()))]
             }
         }
         CriKind::K0s => {
             let version = ConfigVersion::for_containerd_major(major);
-            vec![(
-                Path::new(K0S_CONTAINERD_D).join(&dropin),
-                Desired::Whole(
-                    containerd::render_containerd_dropin(version, &kata, true).into_bytes(),
-                ),
-            )]
+            vec![(Path::new(K0S_CONTAINERD_D).join(&dropin), Desired::Whole(containerd::render_containerd_dropin(version, &kata, true).into_bytes()))]
         }
-        CriKind::Microk8s => vec![(
-            PathBuf::from(MICROK8S_TEMPLATE),
-            Desired::EditKata {
-                set_flags: true,
-                new_version: ConfigVersion::V2,
-            },
-        )],
+        CriKind::Microk8s => vec![(PathBuf::from(MICROK8S_TEMPLATE), Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2 })],
         CriKind::Crio => {
             // CRI-O refuses to start with a malformed main config; say so before touching anything.
             if let Some(b) = fs.read(Path::new(CRIO_CONFIG))? {
@@ -365,52 +252,24 @@ pub fn plan_cri_target(
                     guest_pull: s.crio_pull_type == "guest-pull",
                 })
                 .collect();
-            vec![(
-                Path::new(CRIO_CONF_D).join(format!("50-{dropin}")),
-                Desired::Whole(render_crio_dropin(&crio).into_bytes()),
-            )]
+            vec![(Path::new(CRIO_CONF_D).join(format!("50-{dropin}")), Desired::Whole(render_crio_dropin(&crio).into_bytes()))]
         }
     };
-    Ok(CriTarget {
-        kind,
-        unit: runtime_unit(fs, kind),
-        files,
-        handlers,
-        kata,
-        notes,
-    })
+    Ok(CriTarget { kind, unit: runtime_unit(fs, kind), files, handlers, kata, notes })
 }
 
 fn parse_existing(path: &Path, bytes: &[u8]) -> Result<toml_edit::DocumentMut> {
-    let text = std::str::from_utf8(bytes).map_err(|_| {
-        StageError::bad_input(
-            path,
-            "is not UTF-8 text",
-            "Fix or restore the file and re-run; nothing was changed",
-        )
-    })?;
+    let text = std::str::from_utf8(bytes).map_err(|_| StageError::bad_input(path, "is not UTF-8 text", "Fix or restore the file and re-run; nothing was changed"))?;
     containerd::parse(text).map_err(|e| {
-        StageError::bad_input(
-            path,
-            format!("is not valid TOML: {}", e.0),
-            "Fix the syntax (the runtime cannot load it either) and re-run; nothing was changed",
-        )
+        StageError::bad_input(path, format!("is not valid TOML: {}", e.0), "Fix the syntax (the runtime cannot load it either) and re-run; nothing was changed")
     })
 }
 
 /// Renders the desired content of one file from its base (pristine) content.
-pub fn render_desired(
-    path: &Path,
-    desired: &Desired,
-    base: Option<&[u8]>,
-    kata: &KataContainerd,
-) -> Result<Vec<u8>> {
+pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata: &KataContainerd) -> Result<Vec<u8>> {
     match desired {
         Desired::Whole(b) => Ok(b.clone()),
-        Desired::EditKata {
-            set_flags,
-            new_version,
-        } => {
+        Desired::EditKata { set_flags, new_version } => {
             let mut doc = match base {
                 Some(b) => parse_existing(path, b)?,
                 None => {
@@ -421,11 +280,7 @@ pub fn render_desired(
                     d
                 }
             };
-            let version = if base.is_some() {
-                containerd::detect_version(&doc)
-            } else {
-                *new_version
-            };
+            let version = if base.is_some() { containerd::detect_version(&doc) } else { *new_version };
             // A template extending a distribution's base already has the base's runtimes.
             let is_template = base.is_some_and(|b| b.windows(2).any(|w| w == b"{{"));
             if !version.split_cri_plugins() && !is_template {
@@ -434,18 +289,12 @@ pub fn render_desired(
             containerd::apply_kata(&mut doc, version, kata, *set_flags);
             Ok(containerd::serialize(&doc).into_bytes())
         }
-        Desired::AddImport {
-            import,
-            new_version,
-        } => {
+        Desired::AddImport { import, new_version } => {
             let mut doc = match base {
                 Some(b) => parse_existing(path, b)?,
                 None => {
                     let mut d = toml_edit::DocumentMut::new();
-                    d.insert(
-                        "version",
-                        toml_edit::value(new_version.number().unwrap_or(3)),
-                    );
+                    d.insert("version", toml_edit::value(new_version.number().unwrap_or(3)));
                     d
                 }
             };
@@ -456,13 +305,7 @@ pub fn render_desired(
 }
 
 /// Removes what we added from a file someone else changed since we wrote it.
-fn strip_ours(
-    path: &Path,
-    current: &[u8],
-    state: &CriState,
-    imports: &[String],
-    proxy: Option<&str>,
-) -> Result<Vec<u8>> {
+fn strip_ours(path: &Path, current: &[u8], state: &CriState, imports: &[String], proxy: Option<&str>) -> Result<Vec<u8>> {
     let mut doc = parse_existing(path, current)?;
     containerd::strip_kata(&mut doc, &state.handlers, proxy);
     for i in imports {
@@ -472,21 +315,12 @@ fn strip_ours(
 }
 
 fn backup_path(install: &Install, path: &Path) -> PathBuf {
-    let name = path
-        .display()
-        .to_string()
-        .trim_start_matches('/')
-        .replace('/', "%");
+    let name = path.display().to_string().trim_start_matches('/').replace('/', "%");
     install.state_dir().join("backups").join(name)
 }
 
 fn whole_paths_imported(state: &CriState) -> Vec<String> {
-    state
-        .files
-        .iter()
-        .filter(|f| f.whole_file)
-        .map(|f| f.path.display().to_string())
-        .collect()
+    state.files.iter().filter(|f| f.whole_file).map(|f| f.path.display().to_string()).collect()
 }
 
 /// One file change computed for this run.
@@ -538,10 +372,7 @@ impl CriContext<'_> {
 }
 
 fn content_hash(changes: &[Change]) -> String {
-    let mut items: Vec<(String, Option<&Vec<u8>>)> = changes
-        .iter()
-        .map(|c| (c.path.display().to_string(), c.new.as_ref()))
-        .collect();
+    let mut items: Vec<(String, Option<&Vec<u8>>)> = changes.iter().map(|c| (c.path.display().to_string(), c.new.as_ref())).collect();
     items.sort();
     let mut buf = Vec::new();
     for (p, c) in items {
@@ -581,10 +412,7 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
             None => {
                 let original = match &current {
                     None => Original::Absent,
-                    Some(b) => Original::Backup {
-                        backup: backup_path(&install, path),
-                        sha256: sha256_hex(b),
-                    },
+                    Some(b) => Original::Backup { backup: backup_path(&install, path), sha256: sha256_hex(b) },
                 };
                 let backup = current.clone().map(|b| (backup_path(&install, path), b));
                 (current.clone(), original, backup)
@@ -594,8 +422,7 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
                     Original::Absent => None,
                     Original::Backup { sha256, .. } => Some(sha256.clone()),
                 };
-                let pristine =
-                    cur_sha == orig_sha || (cur_sha.is_some() && cur_sha == e.written_sha256);
+                let pristine = cur_sha == orig_sha || (cur_sha.is_some() && cur_sha == e.written_sha256);
                 if pristine || whole {
                     let base = match &e.original {
                         Original::Absent => None,
@@ -611,35 +438,17 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
                     let stripped = strip_ours(path, &cur, &state, &old_imports, Some(&proxy_name))?;
                     tracing::warn!(stage = "cri", file = %path.display(), "file changed since kata-deploy wrote it; keeping those changes");
                     let bp = backup_path(&install, path);
-                    let original = Original::Backup {
-                        backup: bp.clone(),
-                        sha256: sha256_hex(&stripped),
-                    };
+                    let original = Original::Backup { backup: bp.clone(), sha256: sha256_hex(&stripped) };
                     (Some(stripped.clone()), original, Some((bp, stripped)))
                 }
             }
         };
         let new = render_desired(path, desired, base.as_deref(), &target.kata)?;
-        let entry = CriFile {
-            path: path.clone(),
-            original,
-            written_sha256: Some(sha256_hex(&new)),
-            whole_file: whole,
-        };
-        changes.push(Change {
-            path: path.clone(),
-            current,
-            new: Some(new),
-            entry: Some(entry),
-            backup,
-        });
+        let entry = CriFile { path: path.clone(), original, written_sha256: Some(sha256_hex(&new)), whole_file: whole };
+        changes.push(Change { path: path.clone(), current, new: Some(new), entry: Some(entry), backup });
     }
     // Files we managed before but no longer want (flavour or version changed): restore them.
-    for old in state
-        .files
-        .iter()
-        .filter(|f| !target.files.iter().any(|(p, _)| p == &f.path))
-    {
+    for old in state.files.iter().filter(|f| !target.files.iter().any(|(p, _)| p == &f.path)) {
         changes.push(restore_change(fs, &state, old, &old_imports, &proxy_name)?);
     }
 
@@ -650,10 +459,7 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     state.handlers = union(&prev_state.handlers, &target.handlers);
     state.files = changes.iter().filter_map(|c| c.entry.clone()).collect();
     // Record the directories we are about to create before creating them (crash safety).
-    for c in changes
-        .iter()
-        .filter(|c| c.new.is_some() && c.current != c.new)
-    {
+    for c in changes.iter().filter(|c| c.new.is_some() && c.current != c.new) {
         let mut cur = c.path.parent();
         while let Some(d) = cur {
             if d == Path::new("/") || fs.exists(d) {
@@ -678,48 +484,20 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     write_state(fs, &state_path, &state)?;
 
     // 3. Make the runtime load it (or verify it already has).
-    let restarted = converge_runtime(
-        ctx,
-        &mut state,
-        &state_path,
-        &target.unit,
-        &hash,
-        !changed.is_empty(),
-        Expect::Serves(target.handlers.clone()),
-    )?;
-    Ok(CriOutcome {
-        changed,
-        restarted,
-        unit: target.unit,
-        notes: target.notes,
-    })
+    let restarted = converge_runtime(ctx, &mut state, &state_path, &target.unit, &hash, !changed.is_empty(), Expect::Serves(target.handlers.clone()))?;
+    Ok(CriOutcome { changed, restarted, unit: target.unit, notes: target.notes })
 }
 
 /// The pending-restart record for writing `changes`: the files as they were before, unless an
 /// earlier unverified write already recorded them (then those are the last known good).
-fn pending_restart(
-    earlier: Option<&PendingRestart>,
-    hash: &str,
-    changes: &[Change],
-) -> PendingRestart {
+fn pending_restart(earlier: Option<&PendingRestart>, hash: &str, changes: &[Change]) -> PendingRestart {
     let mut previous = earlier.map(|p| p.previous.clone()).unwrap_or_default();
     for c in changes.iter().filter(|c| c.current != c.new) {
         if !previous.iter().any(|p| p.path == c.path) {
-            previous.push(PreviousFile {
-                path: c.path.clone(),
-                content: c
-                    .current
-                    .as_deref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned()),
-            });
+            previous.push(PreviousFile { path: c.path.clone(), content: c.current.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()) });
         }
     }
-    PendingRestart {
-        content: hash.to_string(),
-        boot_id: boot_id(),
-        requested_mono_us: monotonic_now_us(),
-        previous,
-    }
+    PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous }
 }
 
 fn union(a: &[String], b: &[String]) -> Vec<String> {
@@ -732,13 +510,7 @@ fn union(a: &[String], b: &[String]) -> Vec<String> {
     v
 }
 
-fn restore_change(
-    fs: &HostFs,
-    state: &CriState,
-    f: &CriFile,
-    imports: &[String],
-    proxy: &str,
-) -> Result<Change> {
+fn restore_change(fs: &HostFs, state: &CriState, f: &CriFile, imports: &[String], proxy: &str) -> Result<Change> {
     let current = fs.read(&f.path)?;
     let cur_sha = current.as_deref().map(sha256_hex);
     let new = match &f.original {
@@ -746,46 +518,22 @@ fn restore_change(
             if f.whole_file || current.is_none() || cur_sha == f.written_sha256 {
                 None
             } else {
-                Some(strip_ours(
-                    &f.path,
-                    current.as_deref().unwrap(),
-                    state,
-                    imports,
-                    Some(proxy),
-                )?)
+                Some(strip_ours(&f.path, current.as_deref().unwrap(), state, imports, Some(proxy))?)
             }
         }
-        Original::Backup { sha256, .. } if cur_sha.as_deref() == Some(sha256.as_str()) => {
-            current.clone()
-        }
+        Original::Backup { sha256, .. } if cur_sha.as_deref() == Some(sha256.as_str()) => current.clone(),
         Original::Backup { backup, sha256 } => {
-            if f.whole_file
-                || cur_sha == f.written_sha256
-                || cur_sha.as_deref() == Some(sha256.as_str())
-                || current.is_none()
-            {
+            if f.whole_file || cur_sha == f.written_sha256 || cur_sha.as_deref() == Some(sha256.as_str()) || current.is_none() {
                 Some(fs.read(backup)?.ok_or_else(|| {
                     StageError::bad_input(backup, "backup recorded in the state but missing", "Restore the original runtime configuration by hand, then delete the state file and re-run")
                 })?)
             } else {
                 tracing::warn!(stage = "revert-cri", file = %f.path.display(), "file changed since kata-deploy wrote it; removing only our entries");
-                Some(strip_ours(
-                    &f.path,
-                    current.as_deref().unwrap(),
-                    state,
-                    imports,
-                    Some(proxy),
-                )?)
+                Some(strip_ours(&f.path, current.as_deref().unwrap(), state, imports, Some(proxy))?)
             }
         }
     };
-    Ok(Change {
-        path: f.path.clone(),
-        current,
-        new,
-        entry: None,
-        backup: None,
-    })
+    Ok(Change { path: f.path.clone(), current, new, entry: None, backup: None })
 }
 
 fn write_state(fs: &HostFs, path: &Path, state: &CriState) -> Result<()> {
@@ -793,13 +541,7 @@ fn write_state(fs: &HostFs, path: &Path, state: &CriState) -> Result<()> {
 }
 
 /// Writes backups, the state (intent), then the files whose content changes.
-fn write_changes(
-    ctx: &CriContext,
-    state: &mut CriState,
-    state_path: &Path,
-    changes: &[Change],
-    install: &Install,
-) -> Result<Vec<PathBuf>> {
+fn write_changes(ctx: &CriContext, state: &mut CriState, state_path: &Path, changes: &[Change], install: &Install) -> Result<Vec<PathBuf>> {
     let fs = ctx.fs;
     for c in changes.iter().filter(|_| !fs.dry_run()) {
         if let Some((bp, bytes)) = &c.backup {
@@ -846,15 +588,7 @@ enum Expect {
 /// Restarts the runtime unless it already loaded `hash`, then verifies it is back. On failure,
 /// restores the files to what they were before this run and restarts again.
 #[allow(clippy::too_many_arguments)]
-fn converge_runtime(
-    ctx: &CriContext,
-    state: &mut CriState,
-    state_path: &Path,
-    unit: &str,
-    hash: &str,
-    wrote: bool,
-    expect: Expect,
-) -> Result<bool> {
+fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, unit: &str, hash: &str, wrote: bool, expect: Expect) -> Result<bool> {
     let fs = ctx.fs;
     if ctx.cfg.restart == RestartMode::None {
         if state.loaded.as_deref() != Some(hash) {
@@ -867,19 +601,14 @@ fn converge_runtime(
         return Ok(false);
     }
     if !wrote && state.loaded.as_deref() == Some(hash) {
-        fs.plan(format!(
-            "restart {unit}: no (the running runtime already loaded this configuration)"
-        ));
+        fs.plan(format!("restart {unit}: no (the running runtime already loaded this configuration)"));
         return Ok(false);
     }
     if !wrote {
         if let Some(p) = state.pending.clone().filter(|p| p.content == hash) {
             // A previous run requested this restart and may have been killed by it.
             let st = ctx.restarter.status(unit)?;
-            let restarted_since = p.boot_id != boot_id()
-                || st
-                    .active_since_mono_us
-                    .is_some_and(|t| t >= p.requested_mono_us);
+            let restarted_since = p.boot_id != boot_id() || st.active_since_mono_us.is_some_and(|t| t >= p.requested_mono_us);
             let served = ctx.restarter.served_handlers(unit);
             if st.active && restarted_since && served.is_ok_and(|s| matches_expect(s, &expect)) {
                 tracing::info!(stage = "cri", unit, "runtime already restarted with this configuration by a previous run; not restarting again");
@@ -892,33 +621,15 @@ fn converge_runtime(
         }
     }
     if fs.dry_run() {
-        fs.plan(format!(
-            "restart {unit}: yes (the running runtime has not loaded this configuration)"
-        ));
+        fs.plan(format!("restart {unit}: yes (the running runtime has not loaded this configuration)"));
         return Ok(true);
     }
-    let previous = state
-        .pending
-        .as_ref()
-        .map(|p| p.previous.clone())
-        .unwrap_or_default();
-    let stamp = PendingRestart {
-        content: hash.to_string(),
-        boot_id: boot_id(),
-        requested_mono_us: monotonic_now_us(),
-        previous,
-    };
+    let previous = state.pending.as_ref().map(|p| p.previous.clone()).unwrap_or_default();
+    let stamp = PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous };
     state.pending = Some(stamp.clone());
     write_state(fs, state_path, state)?;
-    tracing::info!(
-        stage = "cri",
-        unit,
-        "restarting the runtime to load the new configuration"
-    );
-    let outcome = ctx
-        .restarter
-        .restart(unit)
-        .and_then(|()| wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect));
+    tracing::info!(stage = "cri", unit, "restarting the runtime to load the new configuration");
+    let outcome = ctx.restarter.restart(unit).and_then(|()| wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect));
     match outcome {
         Ok(()) => {
             state.loaded = Some(hash.to_string());
@@ -939,14 +650,7 @@ fn converge_runtime(
                 }
                 Err(re) => format!("Restoring the previous configuration ALSO failed ({re}); restore it by hand from the backups in {}", ctx.cfg.install().state_dir().display()),
             };
-            Err(StageError::Runtime {
-                unit: unit.to_string(),
-                message: format!(
-                    "did not come back with the new configuration within {}s: {e}",
-                    ctx.cfg.cfg.runtime_ready_timeout_seconds
-                ),
-                hint,
-            })
+            Err(StageError::Runtime { unit: unit.to_string(), message: format!("did not come back with the new configuration within {}s: {e}", ctx.cfg.cfg.runtime_ready_timeout_seconds), hint })
         }
     }
 }
@@ -964,28 +668,16 @@ fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expec
     let mut last: String;
     loop {
         match ctx.restarter.status(unit) {
-            Ok(st) if st.active && st.active_since_mono_us.is_none_or(|t| t >= since_us) => {
-                match ctx.restarter.served_handlers(unit) {
-                    Ok(served) if matches_expect(served.clone(), expect) => return Ok(()),
-                    Ok(served) => {
-                        last = format!(
-                            "active but serves {:?}, expected {:?}",
-                            served.unwrap_or_default(),
-                            expect
-                        )
-                    }
-                    Err(e) => last = e.to_string(),
-                }
-            }
+            Ok(st) if st.active && st.active_since_mono_us.is_none_or(|t| t >= since_us) => match ctx.restarter.served_handlers(unit) {
+                Ok(served) if matches_expect(served.clone(), expect) => return Ok(()),
+                Ok(served) => last = format!("active but serves {:?}, expected {:?}", served.unwrap_or_default(), expect),
+                Err(e) => last = e.to_string(),
+            },
             Ok(st) => last = format!("active={} since={:?}", st.active, st.active_since_mono_us),
             Err(e) => last = e.to_string(),
         }
         if Instant::now() >= deadline {
-            return Err(StageError::Runtime {
-                unit: unit.into(),
-                message: format!("not back: {last}"),
-                hint: "see the runtime's logs".into(),
-            });
+            return Err(StageError::Runtime { unit: unit.into(), message: format!("not back: {last}"), hint: "see the runtime's logs".into() });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -1025,10 +717,7 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let install = ctx.cfg.install();
     let state_path = ctx.state_path();
     let Some(mut state) = read_json::<CriState>(fs, &state_path)? else {
-        tracing::info!(
-            stage = "revert-cri",
-            "nothing recorded: the runtime configuration was never changed by this install"
-        );
+        tracing::info!(stage = "revert-cri", "nothing recorded: the runtime configuration was never changed by this install");
         cleanup_state_leftovers(fs, &install)?;
         return Ok(CriOutcome::default());
     };
@@ -1054,26 +743,14 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
         changed.push(c.path.clone());
     }
     let hash = content_hash(&changes);
-    let unit = if state.unit.is_empty() {
-        runtime_unit(fs, resolve_cri(fs, ctx.cfg, ctx.facts)?)
-    } else {
-        state.unit.clone()
-    };
+    let unit = if state.unit.is_empty() { runtime_unit(fs, resolve_cri(fs, ctx.cfg, ctx.facts)?) } else { state.unit.clone() };
     let handlers = state.handlers.clone();
     // A failed revert keeps the state so a re-run finishes the job.
     // Reverting has nothing to roll back to: an install's unverified record does not apply.
     if state.pending.as_ref().is_some_and(|p| p.content != hash) {
         state.pending = None;
     }
-    let restarted = converge_runtime(
-        ctx,
-        &mut state,
-        &state_path,
-        &unit,
-        &hash,
-        !changed.is_empty(),
-        Expect::Lacks(handlers),
-    )?;
+    let restarted = converge_runtime(ctx, &mut state, &state_path, &unit, &hash, !changed.is_empty(), Expect::Lacks(handlers))?;
     // Done. Order matters for crash safety: directories we created (now empty), then the state
     // file, then the backups (a re-run without state cleans leftover backups).
     let mut dirs = state.created_dirs.clone();
@@ -1083,12 +760,7 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     }
     fs.remove_file(&state_path)?;
     cleanup_state_leftovers(fs, &install)?;
-    Ok(CriOutcome {
-        changed,
-        restarted,
-        unit,
-        notes: vec![],
-    })
+    Ok(CriOutcome { changed, restarted, unit, notes: vec![] })
 }
 
 #[cfg(test)]
@@ -1101,68 +773,21 @@ mod tests {
 
     #[test]
     fn detects_distributions() {
-        assert_eq!(
-            detect_cri_from(Some("cri-o://1.31.0"), &exists_in(&[])).unwrap(),
-            CriKind::Crio
-        );
-        assert_eq!(
-            detect_cri_from(
-                Some("containerd://1.7.27-k3s1"),
-                &exists_in(&["/var/lib/rancher/rke2/agent/etc/containerd"])
-            )
-            .unwrap(),
-            CriKind::Rke2
-        );
-        assert_eq!(
-            detect_cri_from(
-                Some("containerd://1.7.27-k3s1"),
-                &exists_in(&[
-                    "/var/lib/rancher/k3s/agent/etc/containerd",
-                    "/etc/systemd/system/k3s-agent.service"
-                ])
-            )
-            .unwrap(),
-            CriKind::K3sAgent
-        );
-        assert_eq!(
-            detect_cri_from(
-                Some("containerd://1.7.27-k3s1"),
-                &exists_in(&[
-                    "/var/lib/rancher/k3s/agent/etc/containerd",
-                    "/etc/systemd/system/k3s.service"
-                ])
-            )
-            .unwrap(),
-            CriKind::K3s
-        );
-        assert_eq!(
-            detect_cri_from(None, &exists_in(&["/var/snap/microk8s/current/args"])).unwrap(),
-            CriKind::Microk8s
-        );
-        assert_eq!(
-            detect_cri_from(Some("containerd://1.7.2"), &exists_in(&["/etc/k0s"])).unwrap(),
-            CriKind::K0s
-        );
-        assert_eq!(
-            detect_cri_from(Some("containerd://2.0.5"), &exists_in(&[])).unwrap(),
-            CriKind::Containerd
-        );
-        assert!(detect_cri_from(None, &exists_in(&[]))
-            .unwrap_err()
-            .contains("cri:"));
+        assert_eq!(detect_cri_from(Some("cri-o://1.31.0"), &exists_in(&[])).unwrap(), CriKind::Crio);
+        assert_eq!(detect_cri_from(Some("containerd://1.7.27-k3s1"), &exists_in(&["/var/lib/rancher/rke2/agent/etc/containerd"])).unwrap(), CriKind::Rke2);
+        assert_eq!(detect_cri_from(Some("containerd://1.7.27-k3s1"), &exists_in(&["/var/lib/rancher/k3s/agent/etc/containerd", "/etc/systemd/system/k3s-agent.service"])).unwrap(), CriKind::K3sAgent);
+        assert_eq!(detect_cri_from(Some("containerd://1.7.27-k3s1"), &exists_in(&["/var/lib/rancher/k3s/agent/etc/containerd", "/etc/systemd/system/k3s.service"])).unwrap(), CriKind::K3s);
+        assert_eq!(detect_cri_from(None, &exists_in(&["/var/snap/microk8s/current/args"])).unwrap(), CriKind::Microk8s);
+        assert_eq!(detect_cri_from(Some("containerd://1.7.2"), &exists_in(&["/etc/k0s"])).unwrap(), CriKind::K0s);
+        assert_eq!(detect_cri_from(Some("containerd://2.0.5"), &exists_in(&[])).unwrap(), CriKind::Containerd);
+        assert!(detect_cri_from(None, &exists_in(&[])).unwrap_err().contains("cri:"));
     }
 
     #[test]
     fn containerd_major_prefers_reported_version() {
-        let facts = NodeFacts {
-            container_runtime_version: Some("containerd://2.1.0".into()),
-            ..Default::default()
-        };
+        let facts = NodeFacts { container_runtime_version: Some("containerd://2.1.0".into()), ..Default::default() };
         assert_eq!(containerd_major(&facts, Some("version = 2\n")), 2);
-        assert_eq!(
-            containerd_major(&NodeFacts::default(), Some("version = 3\n")),
-            2
-        );
+        assert_eq!(containerd_major(&NodeFacts::default(), Some("version = 3\n")), 2);
         assert_eq!(containerd_major(&NodeFacts::default(), None), 1);
     }
 }

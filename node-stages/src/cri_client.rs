@@ -74,13 +74,7 @@ fn fields(buf: &[u8]) -> Option<Vec<(u64, FieldValue<'_>)>> {
 }
 
 fn string_field(msg: &[u8], n: u64) -> Option<String> {
-    fields(msg)?.into_iter().find_map(|(f, v)| {
-        if f == n {
-            v.err().map(|b| String::from_utf8_lossy(b).into_owned())
-        } else {
-            None
-        }
-    })
+    fields(msg)?.into_iter().find_map(|(f, v)| if f == n { v.err().map(|b| String::from_utf8_lossy(b).into_owned()) } else { None })
 }
 
 /// Decodes a StatusResponse.
@@ -136,27 +130,14 @@ pub fn handlers_from_config_json(json: &str) -> Vec<String> {
 
 /// Asks the runtime at `socket` for its status (bounded by `timeout`).
 pub fn query_status(socket: &Path, timeout: Duration) -> Result<RuntimeReport, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        tokio::time::timeout(timeout, status_call(socket))
-            .await
-            .map_err(|_| format!("CRI Status on {} timed out", socket.display()))?
-    })
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async { tokio::time::timeout(timeout, status_call(socket)).await.map_err(|_| format!("CRI Status on {} timed out", socket.display()))? })
 }
 
 async fn status_call(socket: &Path) -> Result<RuntimeReport, String> {
-    let err = |what: &str, e: &dyn std::fmt::Display| {
-        format!("CRI Status on {}: {what}: {e}", socket.display())
-    };
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| err("connect", &e))?;
-    let (client, conn) = h2::client::handshake(stream)
-        .await
-        .map_err(|e| err("http2 handshake", &e))?;
+    let err = |what: &str, e: &dyn std::fmt::Display| format!("CRI Status on {}: {what}: {e}", socket.display());
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| err("connect", &e))?;
+    let (client, conn) = h2::client::handshake(stream).await.map_err(|e| err("http2 handshake", &e))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -168,18 +149,11 @@ async fn status_call(socket: &Path) -> Result<RuntimeReport, String> {
         .header("te", "trailers")
         .body(())
         .expect("request");
-    let (resp, mut send) = client
-        .send_request(req, false)
-        .map_err(|e| err("send", &e))?;
+    let (resp, mut send) = client.send_request(req, false).map_err(|e| err("send", &e))?;
     // gRPC frame: uncompressed, length 2, StatusRequest { verbose: true }.
-    send.send_data(Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01]), true)
-        .map_err(|e| err("send", &e))?;
+    send.send_data(Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01]), true).map_err(|e| err("send", &e))?;
     let resp = resp.await.map_err(|e| err("response", &e))?;
-    let header_status = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
     let mut body = resp.into_body();
     let mut buf = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -188,23 +162,10 @@ async fn status_call(socket: &Path) -> Result<RuntimeReport, String> {
         buf.extend_from_slice(&chunk);
     }
     let trailers = body.trailers().await.map_err(|e| err("trailers", &e))?;
-    let status = trailers
-        .as_ref()
-        .and_then(|t| t.get("grpc-status"))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(header_status);
+    let status = trailers.as_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_string).or(header_status);
     if status.as_deref() != Some("0") {
-        let msg = trailers
-            .as_ref()
-            .and_then(|t| t.get("grpc-message"))
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        return Err(format!(
-            "CRI Status on {}: grpc-status {:?} {msg} (is the CRI plugin loaded?)",
-            socket.display(),
-            status
-        ));
+        let msg = trailers.as_ref().and_then(|t| t.get("grpc-message")).and_then(|v| v.to_str().ok()).unwrap_or("");
+        return Err(format!("CRI Status on {}: grpc-status {:?} {msg} (is the CRI plugin loaded?)", socket.display(), status));
     }
     if buf.len() < 5 {
         return Err(err("response", &"empty message"));

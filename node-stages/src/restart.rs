@@ -41,9 +41,7 @@ pub fn monotonic_now_us() -> u64 {
 
 /// The kernel's boot id (a reboot since a requested restart also loaded the files).
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// systemctl, optionally entered into PID 1's namespaces (the stage runs in a container).
@@ -58,11 +56,7 @@ pub struct SystemdRestarter {
 impl SystemdRestarter {
     /// When the host root is not `/`, systemctl runs in PID 1's mount namespace (needs hostPID).
     pub fn new(host_root: &Path) -> Self {
-        SystemdRestarter {
-            enter_host_mount_ns: host_root != Path::new("/"),
-            host_pid: 1,
-            cri_socket: None,
-        }
+        SystemdRestarter { enter_host_mount_ns: host_root != Path::new("/"), host_pid: 1, cri_socket: None }
     }
 
     /// Also ask the runtime itself (CRI Status on this socket, a path in the stage container)
@@ -89,11 +83,8 @@ impl SystemdRestarter {
             unsafe {
                 cmd.pre_exec(move || {
                     use std::os::fd::AsFd;
-                    rustix::thread::move_into_link_name_space(
-                        host_mnt.as_fd(),
-                        Some(rustix::thread::LinkNameSpaceType::Mount),
-                    )
-                    .map_err(std::io::Error::from)
+                    rustix::thread::move_into_link_name_space(host_mnt.as_fd(), Some(rustix::thread::LinkNameSpaceType::Mount))
+                        .map_err(std::io::Error::from)
                 });
             }
         }
@@ -102,16 +93,10 @@ impl SystemdRestarter {
 
     fn systemctl(&self, args: &[&str]) -> Result<String> {
         let mut cmd = self.host_command("systemctl", args)?;
-        let out = cmd.output().map_err(|e| StageError::Restarter {
-            message: format!("cannot run systemctl {}: {e}", args.join(" ")),
-        })?;
+        let out = cmd.output().map_err(|e| StageError::Restarter { message: format!("cannot run systemctl {}: {e}", args.join(" ")) })?;
         if !out.status.success() {
             return Err(StageError::Restarter {
-                message: format!(
-                    "systemctl {} failed: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                message: format!("systemctl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -120,10 +105,7 @@ impl SystemdRestarter {
 
 /// Parses `systemctl show -p ActiveState -p ActiveEnterTimestampMonotonic` output.
 pub fn parse_systemctl_show(out: &str) -> UnitStatus {
-    let mut st = UnitStatus {
-        active: false,
-        active_since_mono_us: None,
-    };
+    let mut st = UnitStatus { active: false, active_since_mono_us: None };
     for line in out.lines() {
         if let Some(v) = line.strip_prefix("ActiveState=") {
             st.active = v.trim() == "active";
@@ -139,15 +121,7 @@ impl Restarter for SystemdRestarter {
         self.systemctl(&["restart", unit]).map(drop)
     }
     fn status(&self, unit: &str) -> Result<UnitStatus> {
-        self.systemctl(&[
-            "show",
-            "-p",
-            "ActiveState",
-            "-p",
-            "ActiveEnterTimestampMonotonic",
-            unit,
-        ])
-        .map(|o| parse_systemctl_show(&o))
+        self.systemctl(&["show", "-p", "ActiveState", "-p", "ActiveEnterTimestampMonotonic", unit]).map(|o| parse_systemctl_show(&o))
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
         self.systemctl(&["daemon-reload"])?;
@@ -166,9 +140,7 @@ impl Restarter for SystemdRestarter {
 /// Handlers served by the runtime at `socket`: None when there is no socket to ask (unknown),
 /// an error while the runtime does not answer (still starting, CRI plugin not loaded).
 pub fn cri_served_handlers(socket: Option<&Path>) -> Result<Option<Vec<String>>> {
-    let Some(socket) = socket.filter(|s| s.exists()) else {
-        return Ok(None);
-    };
+    let Some(socket) = socket.filter(|s| s.exists()) else { return Ok(None) };
     crate::cri_client::query_status(socket, std::time::Duration::from_secs(5))
         // A runtime that reports handlers in neither form (older CRI-O) cannot tell us: unknown.
         .map(|r| Some(r.handlers()).filter(|h| !h.is_empty()))
@@ -185,19 +157,12 @@ pub struct ExecRestarter {
 
 impl ExecRestarter {
     fn run(&self, verb: &str, unit: &str) -> Result<String> {
-        let out = Command::new(&self.script)
-            .args([verb, unit])
-            .output()
-            .map_err(|e| StageError::Restarter {
-                message: format!("cannot run {} {verb} {unit}: {e}", self.script.display()),
-            })?;
+        let out = Command::new(&self.script).args([verb, unit]).output().map_err(|e| StageError::Restarter {
+            message: format!("cannot run {} {verb} {unit}: {e}", self.script.display()),
+        })?;
         if !out.status.success() {
             return Err(StageError::Restarter {
-                message: format!(
-                    "{} {verb} {unit} failed: {}",
-                    self.script.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                message: format!("{} {verb} {unit} failed: {}", self.script.display(), String::from_utf8_lossy(&out.stderr).trim()),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -212,10 +177,7 @@ impl Restarter for ExecRestarter {
         let out = self.run("status", unit)?;
         let mut it = out.split_whitespace();
         let active = it.next() == Some("active");
-        Ok(UnitStatus {
-            active,
-            active_since_mono_us: it.next().and_then(|v| v.parse().ok()),
-        })
+        Ok(UnitStatus { active, active_since_mono_us: it.next().and_then(|v| v.parse().ok()) })
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
         self.run("enable", unit).map(drop)
@@ -235,16 +197,10 @@ impl Restarter for NoRestarter {
         Ok(())
     }
     fn status(&self, _unit: &str) -> Result<UnitStatus> {
-        Ok(UnitStatus {
-            active: true,
-            active_since_mono_us: None,
-        })
+        Ok(UnitStatus { active: true, active_since_mono_us: None })
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
-        tracing::warn!(
-            unit,
-            "restart: none: not starting the unit; start it yourself"
-        );
+        tracing::warn!(unit, "restart: none: not starting the unit; start it yourself");
         Ok(())
     }
     fn disable_now(&self, _unit: &str) -> Result<()> {
@@ -259,13 +215,8 @@ mod tests {
     #[test]
     fn host_commands_run_in_the_hosts_mount_namespace() {
         // Stand-in for the host: a process in a mount namespace of its own (needs root).
-        let mut other = std::process::Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sleep", "30"])
-            .spawn()
-            .expect("unshare");
-        let ns_of = |pid: &str| {
-            std::fs::read_link(format!("/proc/{pid}/ns/mnt")).map(|p| p.display().to_string())
-        };
+        let mut other = std::process::Command::new("unshare").args(["-m", "--propagation", "private", "sleep", "30"]).spawn().expect("unshare");
+        let ns_of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).map(|p| p.display().to_string());
         let mine = ns_of("self").unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let theirs = loop {
@@ -275,52 +226,23 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
-        assert_ne!(
-            theirs, mine,
-            "unshare -m did not create a mount namespace (run the tests as root)"
-        );
+        assert_ne!(theirs, mine, "unshare -m did not create a mount namespace (run the tests as root)");
         let mut r = SystemdRestarter::new(Path::new("/host"));
-        assert!(
-            r.enter_host_mount_ns,
-            "a container host root enters the host namespace"
-        );
+        assert!(r.enter_host_mount_ns, "a container host root enters the host namespace");
         r.host_pid = other.id();
-        let out = r
-            .host_command("readlink", &["/proc/self/ns/mnt"])
-            .unwrap()
-            .output()
-            .unwrap();
+        let out = r.host_command("readlink", &["/proc/self/ns/mnt"]).unwrap().output().unwrap();
         let _ = other.kill();
-        assert!(
-            out.status.success(),
-            "setns failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "setns failed: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), theirs);
-        assert!(
-            !SystemdRestarter::new(Path::new("/")).enter_host_mount_ns,
-            "on the host itself nothing is entered"
-        );
+        assert!(!SystemdRestarter::new(Path::new("/")).enter_host_mount_ns, "on the host itself nothing is entered");
     }
 
     #[test]
     fn parses_systemctl_show() {
         let st = parse_systemctl_show("ActiveState=active\nActiveEnterTimestampMonotonic=123456\n");
-        assert_eq!(
-            st,
-            UnitStatus {
-                active: true,
-                active_since_mono_us: Some(123456)
-            }
-        );
+        assert_eq!(st, UnitStatus { active: true, active_since_mono_us: Some(123456) });
         let st = parse_systemctl_show("ActiveState=failed\nActiveEnterTimestampMonotonic=0\n");
-        assert_eq!(
-            st,
-            UnitStatus {
-                active: false,
-                active_since_mono_us: None
-            }
-        );
+        assert_eq!(st, UnitStatus { active: false, active_since_mono_us: None });
     }
 
     #[test]

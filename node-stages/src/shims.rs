@@ -14,18 +14,8 @@ pub struct ShimInfo {
     pub gpu_passthrough: bool,
 }
 
-const fn shim(
-    name: &'static str,
-    runtime_rs: bool,
-    arches: &'static [&'static str],
-    gpu: bool,
-) -> ShimInfo {
-    ShimInfo {
-        name,
-        runtime_rs,
-        arches,
-        gpu_passthrough: gpu,
-    }
+const fn shim(name: &'static str, runtime_rs: bool, arches: &'static [&'static str], gpu: bool) -> ShimInfo {
+    ShimInfo { name, runtime_rs, arches, gpu_passthrough: gpu }
 }
 
 const X86: &[&str] = &["amd64"];
@@ -33,20 +23,10 @@ const X86_ARM: &[&str] = &["amd64", "arm64"];
 
 /// Every built-in shim the chart knows.
 pub const SHIMS: &[ShimInfo] = &[
-    shim(
-        "qemu",
-        false,
-        &["amd64", "arm64", "s390x", "ppc64le"],
-        false,
-    ),
+    shim("qemu", false, &["amd64", "arm64", "s390x", "ppc64le"], false),
     shim("qemu-runtime-rs", true, &["amd64", "arm64", "s390x"], false),
     shim("qemu-coco-dev", false, &["amd64", "s390x"], false),
-    shim(
-        "qemu-coco-dev-runtime-rs",
-        true,
-        &["amd64", "arm64", "s390x"],
-        false,
-    ),
+    shim("qemu-coco-dev-runtime-rs", true, &["amd64", "arm64", "s390x"], false),
     shim("qemu-snp", false, X86, false),
     shim("qemu-snp-runtime-rs", true, X86, false),
     shim("qemu-tdx", false, X86, false),

@@ -5,5 +5,5 @@
 pub mod cluster;
 pub mod faults;
 pub mod hostroot;
-pub mod local_kubelet;
 pub mod rollout;
+pub mod local_kubelet;

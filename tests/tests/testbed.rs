@@ -11,10 +11,7 @@ use std::time::Duration;
 async fn pinned_job_completes_and_ttl_deletes_it() -> Result<()> {
     let cluster = TestCluster::get().await?;
     let ns = cluster.namespace("testbed").await?;
-    let node = cluster
-        .sim_nodes(&ns, 1, &SimNode::default())
-        .await?
-        .remove(0);
+    let node = cluster.sim_nodes(&ns, 1, &SimNode::default()).await?.remove(0);
     let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), &ns);
     let job: Job = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "pinned"},
@@ -23,23 +20,10 @@ async fn pinned_job_completes_and_ttl_deletes_it() -> Result<()> {
             "spec": {"nodeName": node, "restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}}
     }))?;
     jobs.create(&PostParams::default(), &job).await?;
-    wait_until(
-        Duration::from_secs(30),
-        "the Job controller to mark the Job Complete",
-        || async {
-            let j = jobs.get_opt("pinned").await?;
-            Ok(j.and_then(|j| j.status)
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Complete" && c.status == "True"))
-        },
-    )
+    wait_until(Duration::from_secs(30), "the Job controller to mark the Job Complete", || async {
+        let j = jobs.get_opt("pinned").await?;
+        Ok(j.and_then(|j| j.status).and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Complete" && c.status == "True"))
+    })
     .await?;
-    wait_until(
-        Duration::from_secs(60),
-        "ttlSecondsAfterFinished to delete the Job",
-        || async { Ok(jobs.get_opt("pinned").await?.is_none()) },
-    )
-    .await
+    wait_until(Duration::from_secs(60), "ttlSecondsAfterFinished to delete the Job", || async { Ok(jobs.get_opt("pinned").await?.is_none()) }).await
 }

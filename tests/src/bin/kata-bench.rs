@@ -40,42 +40,17 @@ async fn main() -> Result<()> {
     spec.labels.insert("kata-test/group".into(), ns.clone());
     let t = Instant::now();
     cluster.sim_nodes(&ns, args.nodes, &spec).await?;
-    eprintln!(
-        "created {} simulated nodes in {:.1}s",
-        args.nodes,
-        t.elapsed().as_secs_f64()
-    );
-    let env = DispatcherEnv::setup(
-        &cluster,
-        &ns,
-        &EnvOptions {
-            duration: format!("{}ms", (args.duration * 1000.0) as u64),
-            grant_pods_list: false,
-        },
-    )
-    .await?;
+    eprintln!("created {} simulated nodes in {:.1}s", args.nodes, t.elapsed().as_secs_f64());
+    let env = DispatcherEnv::setup(&cluster, &ns, &EnvOptions { duration: format!("{}ms", (args.duration * 1000.0) as u64), grant_pods_list: false }).await?;
     let observer = ActiveObserver::start(&cluster, &ns, "katacontainers.io/dispatcher=kata-deploy");
     let first_job = first_job_watch(&cluster, &ns);
 
     let selector = format!("kata-test/group={ns}");
     let par = args.parallelism.to_string();
-    let mut cmd = env.command(&[
-        "--selector",
-        &selector,
-        "--parallelism",
-        &par,
-        "--progress-interval",
-        "30s",
-        "--deadline",
-        "2h",
-    ])?;
+    let mut cmd = env.command(&["--selector", &selector, "--parallelism", &par, "--progress-interval", "30s", "--deadline", "2h"])?;
     cmd.env("RUST_LOG", "warn");
     let start = Instant::now();
-    let child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .context("spawning the dispatcher")?;
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit()).spawn().context("spawning the dispatcher")?;
     let pid = child.id() as i32;
     let (status, maxrss_kib) = tokio::task::spawn_blocking(move || wait_with_rusage(pid)).await??;
     let wall = start.elapsed();
@@ -83,18 +58,12 @@ async fn main() -> Result<()> {
     if status != 0 {
         bail!("dispatcher exited {status}");
     }
-    let first = first_job
-        .lock()
-        .expect("lock")
-        .map(|t| t.duration_since(start));
+    let first = first_job.lock().expect("lock").map(|t| t.duration_since(start));
     let requests = cluster.audit_requests(&env.user)?;
     let total: usize = requests.values().sum();
     let waves = args.nodes.div_ceil(args.parallelism.min(args.nodes).max(1));
     let ideal = waves as f64 * args.duration;
-    let per_node = observer
-        .mean_job_duration()
-        .context("no finished Job observed")?
-        .as_secs_f64();
+    let per_node = observer.mean_job_duration().context("no finished Job observed")?.as_secs_f64();
     let ideal_measured = waves as f64 * per_node;
     if args.header {
         println!("| N | P | D | wall | ideal ceil(N/P)×D | ratio | measured per-node time | ratio vs measured | max active | requests/node | requests by verb | peak RSS | first Job |");
@@ -118,11 +87,7 @@ async fn main() -> Result<()> {
         first.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64())),
     );
     if observer.max_active() > args.parallelism {
-        bail!(
-            "parallelism violated: {} active > {}",
-            observer.max_active(),
-            args.parallelism
-        );
+        bail!("parallelism violated: {} active > {}", observer.max_active(), args.parallelism);
     }
     Ok(())
 }
@@ -136,11 +101,7 @@ fn wait_with_rusage(pid: i32) -> Result<(i32, i64)> {
     if r < 0 {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
     }
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
-    };
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
     Ok((code, usage.ru_maxrss))
 }
 
@@ -149,13 +110,7 @@ fn first_job_watch(cluster: &TestCluster, ns: &str) -> Arc<Mutex<Option<Instant>
     let api: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
     let out = seen.clone();
     tokio::spawn(async move {
-        let mut s = Box::pin(
-            watcher::watcher(
-                api,
-                watcher::Config::default().labels("katacontainers.io/dispatcher=kata-deploy"),
-            )
-            .default_backoff(),
-        );
+        let mut s = Box::pin(watcher::watcher(api, watcher::Config::default().labels("katacontainers.io/dispatcher=kata-deploy")).default_backoff());
         while let Some(ev) = s.next().await {
             if let Ok(Event::Apply(_)) = ev {
                 out.lock().expect("lock").get_or_insert_with(Instant::now);
@@ -165,3 +120,4 @@ fn first_job_watch(cluster: &TestCluster, ns: &str) -> Arc<Mutex<Option<Instant>
     });
     seen
 }
+
