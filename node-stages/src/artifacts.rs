@@ -21,6 +21,13 @@ pub enum Source {
     Payload(PathBuf),
     /// Generated content.
     Inline(Vec<u8>),
+    /// A symbolic link to this (relative) target.
+    Symlink(PathBuf),
+}
+
+/// What the manifest records for a symbolic link (in place of a content hash).
+pub fn symlink_digest(target: &Path) -> String {
+    format!("symlink:{}", target.display())
 }
 
 /// One file the install should have.
@@ -80,6 +87,9 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
             continue;
         }
         out.push(DesiredFile { path: install.prefix.join(&f.rel), sha256: f.sha256.clone(), mode: f.mode, source: Source::Payload(payload.dir.join(&f.rel)) });
+    }
+    for (rel, target) in &payload.symlinks {
+        out.push(DesiredFile { path: install.prefix.join(rel), sha256: symlink_digest(target), mode: 0o777, source: Source::Symlink(target.clone()) });
     }
     let read_base = |rel: &Path| -> Result<String> {
         if !payload.files.contains_key(rel) {
@@ -149,6 +159,9 @@ fn stamp_cache_path(install: &Install) -> PathBuf {
 /// The sha256 of a host file, from the stamp cache when `stat` shows it untouched since the
 /// hash was recorded, else by reading it. Adds what it learnt to `fresh`.
 fn hash_installed(fs: &HostFs, cache: &StampCache, fresh: &mut StampCache, path: &Path) -> Result<Option<String>> {
+    if let Some(target) = fs.read_link(path)? {
+        return Ok(Some(symlink_digest(&target)));
+    }
     // Stat before hashing: a change during the read moves ctime, so the entry cannot match later.
     let Some(stamp) = fs.stamp(path)? else {
         return fs.sha256_file(path);
@@ -252,6 +265,10 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
             let new_bytes = match &w.source {
                 Source::Inline(b) => b.clone(),
                 Source::Payload(p) if w.path.extension().is_some_and(|e| e == "toml") => std::fs::read(p).unwrap_or_default(),
+                Source::Symlink(target) => {
+                    fs.plan(format!("link {} -> {}", w.path.display(), target.display()));
+                    continue;
+                }
                 Source::Payload(_) => {
                     fs.plan(format!("{} {} (from payload, sha256 {})", if old_bytes.is_some() { "replace" } else { "install" }, w.path.display(), &w.sha256[..12]));
                     continue;
@@ -290,6 +307,7 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
             let tmp = match &w.source {
                 Source::Payload(src) => fs.stage_copy(src, &w.path, &w.sha256, w.mode)?,
                 Source::Inline(bytes) => fs.stage_bytes(&w.path, bytes, w.mode)?,
+                Source::Symlink(target) => fs.stage_symlink(&w.path, target)?,
             };
             staged.push((tmp, w.path.clone()));
         }

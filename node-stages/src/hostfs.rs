@@ -328,6 +328,27 @@ impl HostFs {
         Ok(tmp)
     }
 
+    /// The target of a host path that is a symbolic link (None: not a link, or missing).
+    pub fn read_link(&self, p: &Path) -> Result<Option<PathBuf>> {
+        match fs::symlink_metadata(self.host(p)) {
+            Ok(md) if md.file_type().is_symlink() => fs::read_link(self.host(p)).map(Some).map_err(|e| StageError::io("read link", p, e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates a symbolic link beside the host path `dest` (renamed into place later, replacing
+    /// whatever is there atomically).
+    pub fn stage_symlink(&self, dest: &Path, target: &Path) -> Result<PathBuf> {
+        let tmp = Self::temp_for(dest);
+        if self.dry_run {
+            return Ok(tmp);
+        }
+        self.fault_point()?;
+        let _ = fs::remove_file(self.host(&tmp));
+        std::os::unix::fs::symlink(target, self.host(&tmp)).map_err(|e| StageError::io("create link", dest, e))?;
+        Ok(tmp)
+    }
+
     /// Best-effort removal of a temp file on an error path (never fails, never counts as an op
     /// unless it really removes something).
     pub fn discard_temp(&self, tmp: &Path) {

@@ -300,8 +300,9 @@ fn corrupt_payload_is_bad_input_and_changes_nothing() {
     let host = make_host(&f);
     let payload = tempfile::tempdir().unwrap();
     copy_tree(&payload_dir(), payload.path());
-    // Flip one byte of a listed file: detected while copying, after other files were staged.
-    let victim = payload.path().join("share/kata-containers/kata-containers.img");
+    // Flip one byte of a listed file (the image behind the kata-containers.img link): detected
+    // while copying, after other files were staged.
+    let victim = payload.path().join("share/kata-containers/kata-containers-6.12.47-kata-test.img");
     let mut bytes = std::fs::read(&victim).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
@@ -314,7 +315,7 @@ fn corrupt_payload_is_bad_input_and_changes_nothing() {
     let env = kata_deploy_stage::stages::StageEnv { cfg: &cfg, facts: &facts, fs: &fs, payload_dir: payload.path(), restarter: &rt, claims: &kata_deploy_stage::stages::NoClaims, lock_wait: std::time::Duration::from_secs(1) };
     let e = kata_deploy_stage::stages::run_artifacts(&env).unwrap_err();
     assert_eq!(e.exit_code(), 2);
-    assert!(e.to_string().contains("kata-containers.img") && e.to_string().contains("corrupt"), "{e}");
+    assert!(e.to_string().contains("kata-containers-6.12.47-kata-test.img") && e.to_string().contains("corrupt"), "{e}");
     let after = snapshot(host.path());
     assert!(after == before, "{}", snapshot_diff(&before, &after));
 }
@@ -400,4 +401,30 @@ fn upgrade_drops_a_removed_shims_handler_before_its_files() {
         uninstall(&hfs(host.path(), false), &one, &facts, &rt).unwrap();
         assert!(!host.path().join("opt/kata").exists(), "{name}");
     }
+}
+
+#[test]
+fn release_layout_installs_links_as_links_and_runtime_rs_configs_from_their_directory() {
+    let f = flavour("containerd-2.0");
+    let host = make_host(&f);
+    let rt = FakeRuntime::default();
+    let cfg = config("shims:\n  - name: qemu\n  - name: qemu-runtime-rs\n  - name: clh-runtime-rs\n");
+    install(&hfs(host.path(), false), &cfg, &facts(&f), &rt).unwrap();
+    let share = host.path().join("opt/kata/share/kata-containers");
+    for (link, target) in [("vmlinux.container", "vmlinux-6.12.47-kata-test.container"), ("kata-containers.img", "kata-containers-6.12.47-kata-test.img")] {
+        assert_eq!(std::fs::read_link(share.join(link)).unwrap(), Path::new(target), "{link} must stay a link");
+        assert!(share.join(target).is_file());
+    }
+    // runtime-rs shims start from the release's runtime-rs base configs ([agent.kata] timeout).
+    let rs = std::fs::read_to_string(host.path().join("opt/kata/share/defaults/kata-containers/runtimes/qemu-runtime-rs/configuration-qemu-runtime-rs.toml")).unwrap();
+    let base = std::fs::read_to_string(payload_dir().join("share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml")).unwrap();
+    assert_eq!(rs, base);
+    let dropin = std::fs::read_to_string(host.path().join("opt/kata/share/defaults/kata-containers/runtimes/clh-runtime-rs/config.d/10-kata-deploy.toml")).unwrap();
+    assert!(dropin.contains("[agent.kata]") && dropin.contains("create_container_timeout"), "{dropin}");
+    // Re-run: links recognised as installed (nothing rewritten); uninstall removes them.
+    let fs = hfs(host.path(), false);
+    install(&fs, &cfg, &facts(&f), &rt).unwrap();
+    assert_eq!(fs.ops_done(), 0, "a re-run rewrote something");
+    uninstall(&hfs(host.path(), false), &cfg, &facts(&f), &rt).unwrap();
+    assert!(!host.path().join("opt/kata").exists());
 }
