@@ -120,8 +120,8 @@ fn two_installs_share_nothing_and_uninstall_independently() {
         assert!(host.path().join("opt/kata-cicd/bin/containerd-shim-kata-v2").exists());
         assert!(handler_in(host.path(), "/etc/containerd/conf.d/kata-deploy-cicd.toml", "kata-qemu-cicd"));
         let dropin_b = std::fs::read_to_string(host.path().join("etc/containerd/conf.d/kata-deploy-cicd.toml")).unwrap();
-        assert!(dropin_b.contains("/run/containerd-nydus-cicd/containerd-nydus-grpc.sock") && dropin_b.contains("/opt/kata-cicd/"));
-        assert!(rt.enabled.lock().unwrap().contains(&"kata-nydus-snapshotter-cicd.service".to_string()));
+        assert!(dropin_b.contains("/run/nydus-for-kata-tee-cicd/containerd-nydus-grpc.sock") && dropin_b.contains("/opt/kata-cicd/"));
+        assert!(rt.enabled.lock().unwrap().contains(&"nydus-for-kata-tee-cicd.service".to_string()));
         let (first, second) = if lifo { (&b, &a) } else { (&a, &b) };
         uninstall(&hfs(host.path(), false), first, &facts, &rt).unwrap();
         // The other install is intact.

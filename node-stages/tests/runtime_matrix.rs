@@ -64,7 +64,7 @@ const HANDLERS: [(&str, &str, &str); 3] = [
         "qemu-coco-dev",
     ),
 ];
-const NYDUS: &str = "nydus";
+const NYDUS: &str = "nydus-for-kata-tee";
 const SANDBOX: &str = "registry.example.com/pause:3.10-kata-matrix";
 const CERTS_D: &str = "/etc/containerd/certs.d";
 const LINK_TARGET: &str = "/etc/containerd-managed/config.toml";
