@@ -50,7 +50,7 @@ const SHAPES: [Shape; 6] = [
     Shape::Missing,
 ];
 
-const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  - name: qemu-runtime-rs\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n";
+const SHIMS: &str = "runtimeReadyTimeoutSeconds: 90\nshims:\n  - name: qemu\n  - name: qemu-runtime-rs\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n";
 const HANDLERS: [(&str, &str, &str); 3] = [
     ("kata-qemu", "/opt/kata/bin/containerd-shim-kata-v2", "qemu"),
     (
@@ -657,29 +657,31 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
     let v2 = v2_root(&bins);
     assert_eq!(detect_version(&parse(&v2).unwrap()), ConfigVersion::V2);
     let t0 = Instant::now();
-    // One thread per containerd version (each case has its own root, state and socket).
-    let results: Vec<(String, Shape, Outcome)> = std::thread::scope(|s| {
-        let handles: Vec<_> = bins
-            .iter()
-            .map(|bin| {
-                let v2 = v2.clone();
-                s.spawn(move || {
+    // Two workers (CI has 2 cores; more only makes containerd starts slower), each case with its
+    // own root, state and socket.
+    let cases: Vec<(&CtdBin, Shape)> = bins
+        .iter()
+        .flat_map(|b| SHAPES.iter().filter(move |s| **s != Shape::V2Kept || b.major_minor().0 >= 2).map(move |s| (b, *s)))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, String, Shape, Outcome)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
                     let mut out = Vec::new();
-                    for shape in SHAPES {
-                        if shape == Shape::V2Kept && bin.major_minor().0 < 2 {
-                            continue; // the default of 1.x is already version 2
-                        }
-                        out.push((bin.label.clone(), shape, run_case(bin, shape, &v2)));
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some((bin, shape)) = cases.get(i) else { break };
+                        out.push((i, bin.label.clone(), *shape, run_case(bin, *shape, &v2)));
                     }
                     out
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
+    results.sort_by_key(|r| r.0);
+    let results: Vec<(String, Shape, Outcome)> = results.into_iter().map(|(_, l, s, o)| (l, s, o)).collect();
     let mut table = String::from("\ncontainerd | root config | result | seconds | notes\n");
     let mut failed = Vec::new();
     for (label, shape, o) in &results {

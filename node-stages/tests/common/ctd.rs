@@ -184,7 +184,10 @@ impl RealContainerd {
     }
 
     pub fn start(&self) {
-        let log = std::fs::File::create(&self.log).unwrap();
+        // Appended: a failed start stays readable after the rollback's start.
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        use std::io::Write;
+        let _ = writeln!(log, "---- start {} ----", self.restarts.load(Ordering::SeqCst));
         let mut cmd = Command::new(&self.bin.containerd);
         if self.refuses() {
             cmd.arg("--refused-by-test");
@@ -256,7 +259,8 @@ impl RealContainerd {
     /// line (containerd 1.x).
     pub fn loaded_handlers(&self) -> Option<Vec<String>> {
         let log = std::fs::read_to_string(&self.log).ok()?;
-        let line = log.lines().find(|l| l.contains("Start cri plugin with config"))?;
+        // The log is appended across restarts: the last start's report.
+        let line = log.lines().rev().find(|l| l.contains("Start cri plugin with config"))?;
         let start = line.find("Runtimes:map[")? + "Runtimes:map[".len();
         let mut names = Vec::new();
         let (mut depth, mut name) = (0usize, String::new());
