@@ -389,17 +389,6 @@ pub fn render_containerd_dropin(version: ConfigVersion, kata: &KataContainerd, w
     doc.to_string()
 }
 
-/// Renders a k3s/rke2 `config[-v3].toml.tmpl` that extends the distribution's base template.
-/// The base template already defines the CRI tables, so only new tables are appended.
-pub fn render_k3s_template(version: ConfigVersion, kata: &KataContainerd) -> String {
-    let mut doc = DocumentMut::new();
-    apply_kata(&mut doc, version, kata, false);
-    format!(
-        "{{{{ template \"base\" . }}}}\n\n# Kata handlers added by kata-deploy-stage; this file is rewritten whole on every install.\n{}",
-        doc
-    )
-}
-
 /// Parses a containerd version string (`containerd://1.7.27-k3s1`, `2.0.5`) into (major, minor).
 pub fn parse_runtime_version(s: &str) -> Option<(u64, u64)> {
     let v = s.rsplit("://").next().unwrap_or(s).trim_start_matches('v');
@@ -509,17 +498,6 @@ mod tests {
         assert!(!out.contains("io.containerd.grpc.v1.cri"));
         let doc = parse(&out).unwrap();
         check_handler(&doc, ConfigVersion::V3);
-    }
-
-    #[test]
-    fn k3s_template_extends_base() {
-        let out = render_k3s_template(ConfigVersion::V2, &kata(true));
-        assert!(out.starts_with("{{ template \"base\" . }}\n"));
-        let doc = parse(&out).unwrap();
-        check_handler(&doc, ConfigVersion::V2);
-        // The base template defines the containerd table: redefining it would break k3s.
-        assert!(!out.contains("disable_snapshot_annotations"));
-        assert_eq!(serialize(&doc), out);
     }
 
     #[test]

@@ -96,6 +96,24 @@ pub fn runtime_unit(fs: &HostFs, kind: CriKind) -> String {
     }
 }
 
+/// Units that may run a flavour's runtime: the one guessed from unit files first.
+pub fn unit_candidates(guess: &str, kind: CriKind) -> Vec<String> {
+    let all: &[&str] = match kind {
+        CriKind::K3s | CriKind::K3sAgent => &["k3s.service", "k3s-agent.service"],
+        CriKind::Rke2 => &["rke2-server.service", "rke2-agent.service"],
+        CriKind::K0s => &["k0scontroller.service", "k0sworker.service"],
+        _ => &[],
+    };
+    let mut out = vec![guess.to_string()];
+    out.extend(all.iter().filter(|u| **u != guess).map(|u| u.to_string()));
+    out
+}
+
+/// The first active unit among `candidates`, else the first candidate (pure).
+pub fn choose_active_unit(candidates: &[String], active: &dyn Fn(&str) -> bool) -> String {
+    candidates.iter().find(|u| active(u)).unwrap_or(&candidates[0]).clone()
+}
+
 /// The CRI socket of a runtime flavour (host path).
 pub fn cri_socket(kind: CriKind) -> &'static str {
     match kind {
@@ -152,6 +170,9 @@ pub enum Desired {
         set_flags: bool,
         /// Schema for a file that does not exist yet.
         new_version: ConfigVersion,
+        /// A k3s/rke2 config template: a new one extends the distribution's base template, and
+        /// one left with nothing but that is removed on revert (several installs share it).
+        template: bool,
     },
     /// Make a containerd config import our drop-in.
     AddImport {
@@ -180,7 +201,7 @@ pub struct CriTarget {
 }
 
 /// Decides which files to write for this host (pure apart from reading existing files).
-pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: CriKind, state: &CriState) -> Result<CriTarget> {
+pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: CriKind) -> Result<CriTarget> {
     let install = cfg.install();
     let k3s_dir = |dist: &str| PathBuf::from(format!("/var/lib/rancher/{dist}/agent/etc/containerd"));
     let read_text = |p: &Path| -> Result<Option<String>> { Ok(fs.read(p)?.map(|b| String::from_utf8_lossy(&b).into_owned())) };
@@ -196,7 +217,6 @@ pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: 
     let handlers: Vec<String> = kata.handlers.iter().map(|h| h.name.clone()).collect();
     let dropin = install.dropin_file_name();
     let mut notes = Vec::new();
-    let owned_by_us = |p: &Path| state.files.iter().any(|f| f.path == p && f.whole_file);
     let files = match kind {
         CriKind::Containerd => {
             let main = PathBuf::from(CONTAINERD_CONFIG);
@@ -212,7 +232,7 @@ pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: 
                 if !install.suffix.is_empty() {
                     notes.push("containerd 1.x has no usable drop-ins: the shared config.toml is edited in place (multi-install is only fully isolated on containerd >= 2.0)".into());
                 }
-                vec![(main, Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2 })]
+                vec![(main, Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2, template: false })]
             }
         }
         CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 => {
@@ -223,17 +243,15 @@ pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: 
             if cfg.uses_nydus() {
                 notes.push(format!("{dist}: the base template owns the CRI image settings; disable_snapshot_annotations/discard_unpacked_layers are left to {dist}"));
             }
-            if fs.exists(&tmpl) && !owned_by_us(&tmpl) {
-                vec![(tmpl, Desired::EditKata { set_flags: false, new_version: version })]
-            } else {
-                vec![(tmpl, Desired::Whole(containerd::render_k3s_template(version, &kata).into_bytes()))]
-            }
+            // Always an edit, never a file we own whole: another install (multi-install suffix)
+            // may have its handlers in the same template.
+            vec![(tmpl, Desired::EditKata { set_flags: false, new_version: version, template: true })]
         }
         CriKind::K0s => {
             let version = ConfigVersion::for_containerd_major(major);
             vec![(Path::new(K0S_CONTAINERD_D).join(&dropin), Desired::Whole(containerd::render_containerd_dropin(version, &kata, true).into_bytes()))]
         }
-        CriKind::Microk8s => vec![(PathBuf::from(MICROK8S_TEMPLATE), Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2 })],
+        CriKind::Microk8s => vec![(PathBuf::from(MICROK8S_TEMPLATE), Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2, template: false })],
         CriKind::Crio => {
             // CRI-O refuses to start with a malformed main config; say so before touching anything.
             if let Some(b) = fs.read(Path::new(CRIO_CONFIG))? {
@@ -265,13 +283,25 @@ fn parse_existing(path: &Path, bytes: &[u8]) -> Result<toml_edit::DocumentMut> {
     })
 }
 
+/// A k3s/rke2 config template that only extends the distribution's base template (what k3s
+/// renders without any template).
+pub const K3S_BASE_TEMPLATE: &str = "{{ template \"base\" . }}\n";
+
+/// Whether a k3s/rke2 template is nothing but the base template (comments and blank lines aside).
+pub fn is_bare_k3s_template(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    lines.next() == Some(K3S_BASE_TEMPLATE.trim()) && lines.next().is_none()
+}
+
 /// Renders the desired content of one file from its base (pristine) content.
 pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata: &KataContainerd) -> Result<Vec<u8>> {
     match desired {
         Desired::Whole(b) => Ok(b.clone()),
-        Desired::EditKata { set_flags, new_version } => {
+        Desired::EditKata { set_flags, new_version, template } => {
             let mut doc = match base {
                 Some(b) => parse_existing(path, b)?,
+                None if *template => parse_existing(path, K3S_BASE_TEMPLATE.as_bytes())?,
                 None => {
                     let mut d = toml_edit::DocumentMut::new();
                     if let Some(n) = new_version.number() {
@@ -282,7 +312,7 @@ pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata:
             };
             let version = if base.is_some() { containerd::detect_version(&doc) } else { *new_version };
             // A template extending a distribution's base already has the base's runtimes.
-            let is_template = base.is_some_and(|b| b.windows(2).any(|w| w == b"{{"));
+            let is_template = *template || base.is_some_and(|b| b.windows(2).any(|w| w == b"{{"));
             if !version.split_cri_plugins() && !is_template {
                 containerd::keep_default_runtime(&mut doc, version);
             }
@@ -394,7 +424,9 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let kind = resolve_cri(fs, ctx.cfg, ctx.facts)?;
     let state_path = ctx.state_path();
     let mut state: CriState = read_json(fs, &state_path)?.unwrap_or_default();
-    let target = plan_cri_target(fs, ctx.cfg, ctx.facts, kind, &state)?;
+    let mut target = plan_cri_target(fs, ctx.cfg, ctx.facts, kind)?;
+    // The unit that runs the runtime now (an rke2 agent may also have rke2-server's unit file).
+    target.unit = choose_active_unit(&unit_candidates(&target.unit, kind), &|u| ctx.restarter.status(u).is_ok_and(|s| s.active));
     for n in &target.notes {
         tracing::warn!(stage = "cri", "{n}");
     }
@@ -533,7 +565,14 @@ fn restore_change(fs: &HostFs, state: &CriState, f: &CriFile, imports: &[String]
             }
         }
     };
+    // A k3s/rke2 template left with nothing of anyone's: as if none existed (k3s renders its
+    // base), which is what the node had unless its owner kept a bare one.
+    let new = new.filter(|b| !(is_k3s_template(&f.path) && is_bare_k3s_template(b)));
     Ok(Change { path: f.path.clone(), current, new, entry: None, backup: None })
+}
+
+fn is_k3s_template(p: &Path) -> bool {
+    p.starts_with("/var/lib/rancher") && p.extension().is_some_and(|e| e == "tmpl")
 }
 
 fn write_state(fs: &HostFs, path: &Path, state: &CriState) -> Result<()> {
@@ -781,6 +820,24 @@ mod tests {
         assert_eq!(detect_cri_from(Some("containerd://1.7.2"), &exists_in(&["/etc/k0s"])).unwrap(), CriKind::K0s);
         assert_eq!(detect_cri_from(Some("containerd://2.0.5"), &exists_in(&[])).unwrap(), CriKind::Containerd);
         assert!(detect_cri_from(None, &exists_in(&[])).unwrap_err().contains("cri:"));
+    }
+
+    #[test]
+    fn the_active_unit_is_restarted() {
+        let c = unit_candidates("rke2-server.service", CriKind::Rke2);
+        assert_eq!(c, ["rke2-server.service", "rke2-agent.service"]);
+        assert_eq!(choose_active_unit(&c, &|u| u == "rke2-agent.service"), "rke2-agent.service");
+        assert_eq!(choose_active_unit(&c, &|_| true), "rke2-server.service");
+        assert_eq!(choose_active_unit(&c, &|_| false), "rke2-server.service", "nothing active: the unit-file guess");
+        assert_eq!(unit_candidates("containerd.service", CriKind::Containerd), ["containerd.service"]);
+    }
+
+    #[test]
+    fn bare_k3s_templates_are_recognised() {
+        assert!(is_bare_k3s_template(K3S_BASE_TEMPLATE.as_bytes()));
+        assert!(is_bare_k3s_template(b"{{ template \"base\" . }}\n\n# comment\n"));
+        assert!(!is_bare_k3s_template(b"{{ template \"base\" . }}\n[plugins.x]\n"));
+        assert!(!is_bare_k3s_template(b""));
     }
 
     #[test]

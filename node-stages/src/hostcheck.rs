@@ -82,8 +82,7 @@ pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload:
         Err(e) => h.cri_error = Some(e.to_string()),
     }
     if let Some(kind) = h.cri {
-        let state = Default::default();
-        if let Err(e) = cri::plan_cri_target(fs, cfg, facts, kind, &state).and_then(|t| {
+        if let Err(e) = cri::plan_cri_target(fs, cfg, facts, kind).and_then(|t| {
             for (p, d) in &t.files {
                 if let Some(b) = fs.read(p)? {
                     cri::render_desired(p, d, Some(&b), &t.kata)?;

@@ -428,3 +428,46 @@ fn release_layout_installs_links_as_links_and_runtime_rs_configs_from_their_dire
     uninstall(&hfs(host.path(), false), &cfg, &facts(&f), &rt).unwrap();
     assert!(!host.path().join("opt/kata").exists());
 }
+
+#[test]
+fn k3s_multi_install_keeps_both_installs_handlers_across_reruns_and_uninstalls() {
+    for name in ["k3s", "rke2-containerd-2", "k3s-agent-user-template"] {
+        let f = flavour(name);
+        let host = make_host(&f);
+        let before = snapshot(host.path());
+        let facts = facts(&f);
+        let rt = FakeRuntime::default();
+        let a = config("multiInstallSuffix: a\nshims:\n  - name: qemu\n");
+        let b = config("multiInstallSuffix: b\nshims:\n  - name: qemu\n");
+        let has = |h: &str| handler_in(host.path(), f.handler_file, h);
+        install(&hfs(host.path(), false), &a, &facts, &rt).unwrap();
+        install(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-a") && has("kata-qemu-b"), "{name}: after both installs");
+        install(&hfs(host.path(), false), &a, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-a") && has("kata-qemu-b"), "{name}: re-running install a wiped install b's handlers");
+        install(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-a") && has("kata-qemu-b"), "{name}: re-running install b wiped install a's handlers");
+        uninstall(&hfs(host.path(), false), &a, &facts, &rt).unwrap();
+        assert!(!has("kata-qemu-a") && has("kata-qemu-b"), "{name}: uninstalling a");
+        install(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-b"), "{name}: re-running b after a's uninstall");
+        uninstall(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        let after = snapshot(host.path());
+        assert!(after == before, "{name}: {}", snapshot_diff(&before, &after));
+    }
+}
+
+#[test]
+fn rke2_agent_with_a_server_unit_file_restarts_the_active_agent() {
+    let mut f = flavour("rke2-containerd-2");
+    f.files.push(("/etc/systemd/system/rke2-server.service", b"[Service]\n".to_vec()));
+    f.files.push(("/etc/systemd/system/rke2-agent.service", b"[Service]\n".to_vec()));
+    let host = make_host(&f);
+    let rt = FakeRuntime::default();
+    rt.inactive.lock().unwrap().push("rke2-server.service".into());
+    install(&hfs(host.path(), false), &config(ONE_SHIM), &facts(&f), &rt).unwrap();
+    assert_eq!(rt.restart_count("rke2-agent.service"), 1, "{:?}", rt.restarts.lock().unwrap());
+    assert_eq!(rt.restart_count("rke2-server.service"), 0, "the inactive server unit was restarted");
+    uninstall(&hfs(host.path(), false), &config(ONE_SHIM), &facts(&f), &rt).unwrap();
+    assert_eq!(rt.restart_count("rke2-agent.service"), 2);
+}
