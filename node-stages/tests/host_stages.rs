@@ -453,7 +453,7 @@ fn k3s_multi_install_keeps_both_installs_handlers_across_reruns_and_uninstalls()
         assert!(has("kata-qemu-b"), "{name}: re-running b after a's uninstall");
         uninstall(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
         let after = snapshot(host.path());
-        assert!(after == before, "{name}: {}", snapshot_diff(&before, &after));
+        assert!(after == before, "{name}: {}\n{}", snapshot_diff(&before, &after), std::fs::read_to_string(host.path().join(f.handler_file.trim_start_matches('/'))).unwrap_or_default());
     }
 }
 

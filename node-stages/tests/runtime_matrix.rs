@@ -763,3 +763,45 @@ fn containerd_2_merge_semantics_of_v2_root_with_v2_or_v3_dropin() {
         }
     }
 }
+
+/// k3s/rke2 render `config.toml.tmpl` with Go's text/template: `{{ template "base" . }}` becomes
+/// the config k3s generates for the node, the rest of our template is literal text. k3s's own
+/// template code cannot be built here (the Go module proxy answers 403 for github.com/k3s-io/k3s),
+/// so the base is k3s's generated config (fixture) and the rest is taken as is. Two installs
+/// (multi-install) share the template; the result loads in containerd 1.7 (what k3s 1.30-1.32
+/// ship) with both installs' handlers served and k3s's own settings (systemd cgroups, sandbox
+/// image) kept.
+#[test]
+fn k3s_template_of_two_installs_renders_and_loads_in_containerd_1_7() {
+    let Some(bin) = matrix_bins().into_iter().find(|b| b.major_minor() == (1, 7)) else {
+        skip_or_fail("containerd 1.7 build missing");
+        return;
+    };
+    let f = flavour("k3s");
+    let host = make_host(&f);
+    let rt = FakeRuntime::default();
+    let facts = facts(&f);
+    for suffix in ["a", "b"] {
+        install(&HostFs::new(host.path(), false), &config(&format!("multiInstallSuffix: {suffix}\nshims:\n  - name: qemu\n")), &facts, &rt).unwrap();
+    }
+    let tmpl = std::fs::read_to_string(host.path().join("var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl")).unwrap();
+    let base = String::from_utf8(fixture("k3s-generated-config.toml")).unwrap();
+    let work = tempfile::Builder::new().prefix("kata-k3s").tempdir().unwrap();
+    let rendered = tmpl.replacen("{{ template \"base\" . }}", &base, 1);
+    assert!(!rendered.contains("{{"), "only the base include is a template action: {tmpl}");
+    // Keep the daemon's side effects in the work dir (k3s's opt path, a fixed stream port).
+    let rendered = rendered.replace("/var/lib/rancher/k3s/agent/containerd", &work.path().join("opt").display().to_string()).replace("\"10010\"", "\"0\"");
+    let node = bare_host(work.path());
+    std::fs::write(node.join("etc/containerd/config.toml"), &rendered).unwrap();
+    let ctd = RealContainerd::new(bin.clone(), &node, work.path());
+    ctd.start();
+    ctd.wait_ready();
+    let report = ctd.cri().unwrap();
+    for h in ["kata-qemu-a", "kata-qemu-b", "runc"] {
+        assert!(report.handlers().contains(&h.to_string()), "{h} not served by containerd {}: {report:?}\n{rendered}", bin.label);
+    }
+    let cfg: serde_json::Value = serde_json::from_str(report.config_json.as_deref().unwrap()).unwrap();
+    assert_eq!(cfg["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"], true, "{cfg}");
+    assert_eq!(cfg["sandboxImage"], "rancher/mirrored-pause:3.6", "{cfg}");
+    assert_eq!(cfg["containerd"]["runtimes"]["kata-qemu-a"]["options"]["ConfigPath"], "/opt/kata-a/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml");
+}

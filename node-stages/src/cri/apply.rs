@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::plan::{is_bare_k3s_template, parse_existing};
+use super::plan::{is_bare_k3s_template, parse_existing, split_base_include};
 use super::CriContext;
 use crate::config::Install;
 use crate::containerd;
@@ -13,12 +13,20 @@ use crate::state::{write_json, CriFile, CriState, Original};
 
 /// Removes what we added from a file someone else changed since we wrote it.
 pub(super) fn strip_ours(path: &Path, current: &[u8], state: &CriState, imports: &[String], proxy: Option<&str>) -> Result<Vec<u8>> {
-    let mut doc = parse_existing(path, current)?;
+    // A template's text up to its base include stays as it is whatever is removed after it.
+    let text = String::from_utf8_lossy(current).into_owned();
+    let split = if is_k3s_template(path) { split_base_include(&text) } else { None };
+    let mut doc = parse_existing(path, split.as_ref().map_or(text.as_bytes(), |(_, rest)| rest.as_bytes()))?;
     containerd::strip_kata(&mut doc, &state.handlers, proxy);
     for i in imports {
         containerd::remove_import(&mut doc, i);
     }
-    Ok(containerd::serialize(&doc).into_bytes())
+    let out = containerd::serialize(&doc);
+    Ok(match split {
+        Some((head, _)) => head + &out,
+        None => out,
+    }
+    .into_bytes())
 }
 
 pub(super) fn backup_path(install: &Install, path: &Path) -> PathBuf {

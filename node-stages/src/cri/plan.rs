@@ -165,14 +165,41 @@ pub fn is_bare_k3s_template(bytes: &[u8]) -> bool {
     lines.next() == Some(K3S_BASE_TEMPLATE.trim()) && lines.next().is_none()
 }
 
+/// Splits a k3s/rke2 template at its base include: (the text up to and including that line,
+/// the rest). None when the template does not extend the base.
+pub(super) fn split_base_include(text: &str) -> Option<(String, String)> {
+    let include = K3S_BASE_TEMPLATE.trim();
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        at += line.len();
+        if line.trim() == include {
+            let head = if line.ends_with('\n') { text[..at].to_string() } else { format!("{}\n", &text[..at]) };
+            return Some((head, text[at..].to_string()));
+        }
+    }
+    None
+}
+
 /// Renders the desired content of one file from its base (pristine) content.
 pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata: &KataContainerd) -> Result<Vec<u8>> {
     match desired {
         Desired::Whole(b) => Ok(b.clone()),
         Desired::EditKata { set_flags, new_version, template } => {
+            // A template's text up to its base include is kept out of the TOML edit, verbatim.
+            let split = if *template {
+                match base {
+                    None => Some((K3S_BASE_TEMPLATE.to_string(), String::new())),
+                    Some(b) => split_base_include(&String::from_utf8_lossy(b)),
+                }
+            } else {
+                None
+            };
+            let base = match &split {
+                Some((_, rest)) => Some(rest.as_bytes()),
+                None => base,
+            };
             let mut doc = match base {
                 Some(b) => parse_existing(path, b)?,
-                None if *template => parse_existing(path, K3S_BASE_TEMPLATE.as_bytes())?,
                 None => {
                     let mut d = toml_edit::DocumentMut::new();
                     if let Some(n) = new_version.number() {
@@ -181,14 +208,21 @@ pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata:
                     d
                 }
             };
-            let version = if base.is_some() { containerd::detect_version(&doc) } else { *new_version };
+            // A template has no version key of its own (k3s's base carries it): its schema is the
+            // distribution's for the containerd it runs.
+            let version = if base.is_some() && !*template { containerd::detect_version(&doc) } else { *new_version };
             // A template extending a distribution's base already has the base's runtimes.
             let is_template = *template || base.is_some_and(|b| b.windows(2).any(|w| w == b"{{"));
             if !version.split_cri_plugins() && !is_template {
                 containerd::keep_default_runtime(&mut doc, version);
             }
             containerd::apply_kata(&mut doc, version, kata, *set_flags);
-            Ok(containerd::serialize(&doc).into_bytes())
+            let out = containerd::serialize(&doc);
+            Ok(match split {
+                Some((head, _)) => head + &out,
+                None => out,
+            }
+            .into_bytes())
         }
         Desired::AddImport { import, new_version } => {
             let mut doc = match base {
@@ -220,6 +254,19 @@ mod tests {
         assert!(is_bare_k3s_template(b"{{ template \"base\" . }}\n\n# comment\n"));
         assert!(!is_bare_k3s_template(b"{{ template \"base\" . }}\n[plugins.x]\n"));
         assert!(!is_bare_k3s_template(b""));
+    }
+
+    #[test]
+    fn a_new_k3s_template_starts_with_the_base_include() {
+        let cfg = parse_config("shims:\n  - name: qemu\n", Path::new("c")).unwrap();
+        let t = plan(&cfg, &NodeFacts { container_runtime_version: Some("containerd://1.7.27-k3s1".into()), ..Default::default() }, CriKind::K3s, &HostView::default()).unwrap();
+        let (p, d) = &t.files[0];
+        let first = String::from_utf8(render_desired(p, d, None, &t.kata).unwrap()).unwrap();
+        assert!(first.starts_with(K3S_BASE_TEMPLATE), "{first}");
+        // A second install edits the first one's template: still first, one include only.
+        let second = String::from_utf8(render_desired(p, d, Some(first.as_bytes()), &t.kata).unwrap()).unwrap();
+        assert!(second.starts_with(K3S_BASE_TEMPLATE) && second.matches("{{").count() == 1, "{second}");
+        assert!(second.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]"), "{second}");
     }
 
     /// Every fixture: the files planned, how, the unit, and that each renders from the fixture.
