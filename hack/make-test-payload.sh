@@ -3,13 +3,19 @@
 #
 #   hack/make-test-payload.sh <dir> [--size-mib N]
 #
-# Layout (relative to <dir>), mirroring what the stage image ships at /opt/kata-payload:
-#   bin/containerd-shim-kata-v2, bin/qemu-system-x86_64          small executables
-#   runtime-rs/bin/containerd-shim-kata-v2                       small executable
-#   share/defaults/kata-containers/configuration-<shim>.toml     minimal but realistic configs
-#   share/kata-containers/vmlinux.container, kata-containers.img placeholders (--size-mib pads them)
-#   nydus-snapshotter/containerd-nydus-grpc                      small executable
-#   SHA256SUMS                                                   "<hex>  <relative path>" (sha256sum format)
+# Layout (relative to <dir>): the layout of a Kata static release (kata-static-*.tar.zst, /opt/kata),
+# mirroring what the stage image ships at /opt/kata-payload:
+#   bin/containerd-shim-kata-v2, bin/qemu-system-x86_64          small executables (Go runtime)
+#   runtime-rs/bin/containerd-shim-kata-v2                       small executable (runtime-rs)
+#   share/defaults/kata-containers/configuration-<shim>.toml     Go-runtime shims' base configs
+#   share/defaults/kata-containers/runtime-rs/configuration-<shim>.toml   runtime-rs shims' base configs
+#   share/kata-containers/vmlinux-<ver>.container, kata-containers-<ver>.img   guest kernel and image
+#   share/kata-containers/vmlinux.container -> vmlinux-<ver>.container          relative symlinks, as
+#   share/kata-containers/kata-containers.img -> kata-containers-<ver>.img      in a release
+#   nydus-snapshotter/containerd-nydus-grpc, nydus-overlayfs     small executables
+#   SHA256SUMS        "<hex>  <relative path>" of every regular file (sha256sum format)
+#   SYMLINKS          "<relative path> -> <target>" of every symlink
+# Every shim of upstream kata-deploy's current list (chart values / RUST_SHIMS) has its base config.
 # The output is deterministic for a given size, so image layers and test fixtures are stable.
 set -euo pipefail
 
@@ -26,7 +32,7 @@ while [ $# -gt 0 ]; do
 done
 case "$size_mib" in ''|*[!0-9]*) echo "--size-mib must be a non-negative integer" >&2; exit 2 ;; esac
 
-mkdir -p "$out"/bin "$out"/runtime-rs/bin "$out"/share/defaults/kata-containers \
+mkdir -p "$out"/bin "$out"/runtime-rs/bin "$out"/share/defaults/kata-containers/runtime-rs \
          "$out"/share/kata-containers "$out"/nydus-snapshotter
 
 exe() { # <path> <name>: a tiny executable that reports what it stands for, and records each run
@@ -39,11 +45,17 @@ exe "$out/bin/containerd-shim-kata-v2" "containerd-shim-kata-v2 (go runtime)"
 exe "$out/bin/qemu-system-x86_64" "qemu-system-x86_64"
 exe "$out/runtime-rs/bin/containerd-shim-kata-v2" "containerd-shim-kata-v2 (runtime-rs)"
 exe "$out/nydus-snapshotter/containerd-nydus-grpc" "containerd-nydus-grpc"
+exe "$out/nydus-snapshotter/nydus-overlayfs" "nydus-overlayfs"
 
 # config <shim> <hypervisor table> <kernel_params> <create_container_timeout>
+# runtime-rs shims (-runtime-rs, dragonball, openvmm) go to runtime-rs/ and carry the timeout in
+# [agent.kata], as runtime-rs reads it there; the Go runtime reads it from [runtime].
 config() {
-  local shim="$1" hv="$2" kp="$3" cct="$4"
-  cat >"$out/share/defaults/kata-containers/configuration-$shim.toml" <<TOML
+  local shim="$1" hv="$2" kp="$3" cct="$4" dir="$out/share/defaults/kata-containers" rs=false
+  case "$shim" in *-runtime-rs|dragonball) dir="$dir/runtime-rs"; rs=true ;; esac
+  local agent_cct="" runtime_cct="create_container_timeout = $cct"
+  if $rs; then agent_cct="create_container_timeout = $cct"; runtime_cct=""; fi
+  cat >"$dir/configuration-$shim.toml" <<TOML
 # Synthetic Kata Containers configuration for shim "$shim" (test payload).
 [hypervisor.$hv]
 path = "/opt/kata/bin/qemu-system-x86_64"
@@ -63,48 +75,46 @@ enable_debug = false
 [agent.kata]
 dial_timeout = 45
 enable_debug = false
+$agent_cct
 
 [runtime]
 enable_debug = false
 internetworking_model = "tcfilter"
 disable_guest_seccomp = true
 sandbox_cgroup_only = false
-create_container_timeout = $cct
+$runtime_cct
 TOML
 }
-config qemu qemu "" 60
-config qemu-runtime-rs qemu "" 60
-config clh clh "" 60
-config fc firecracker "" 60
+for shim in clh clh-azure clh-runtime-rs clh-azure-runtime-rs; do config "$shim" clh "" 60; done
 config dragonball dragonball "" 60
-config qemu-snp qemu "" 60
-config qemu-tdx qemu "" 60
-config qemu-coco-dev qemu "agent.guest_components_procs=none" 60
-config qemu-nvidia-gpu qemu "nvrc.smi.srs=1" 1200
-config qemu-nvidia-gpu-snp qemu "nvrc.smi.srs=1" 1200
-config qemu-nvidia-gpu-tdx qemu "nvrc.smi.srs=1" 1200
-# The rest of the shims a Kata release ships, so the chart's default values install as-is.
-config cloud-hypervisor clh "" 60
-config stratovirt stratovirt "" 60
-config qemu-cca qemu "" 60
-config qemu-se qemu "" 60
-config qemu-coco-dev-runtime-rs qemu "agent.guest_components_procs=none" 60
-config qemu-snp-runtime-rs qemu "" 60
-config qemu-tdx-runtime-rs qemu "" 60
-config qemu-se-runtime-rs qemu "" 60
+config fc firecracker "" 60
+for shim in qemu qemu-runtime-rs qemu-snp qemu-snp-runtime-rs qemu-tdx qemu-tdx-runtime-rs qemu-se qemu-se-runtime-rs; do
+  config "$shim" qemu "" 60
+done
+for shim in qemu-coco-dev qemu-coco-dev-runtime-rs; do config "$shim" qemu "agent.guest_components_procs=none" 60; done
+for shim in qemu-nvidia-cpu qemu-nvidia-cpu-runtime-rs qemu-nvidia-gpu qemu-nvidia-gpu-runtime-rs qemu-nvidia-gpu-snp \
+            qemu-nvidia-gpu-snp-runtime-rs qemu-nvidia-gpu-tdx qemu-nvidia-gpu-tdx-runtime-rs; do
+  config "$shim" qemu "nvrc.smi.srs=1" 1200
+done
 config remote remote "" 60
+config openvmm-azure-runtime-rs openvmm "" 60
 
 # Guest kernel and image placeholders; --size-mib pads them so the payload totals about N MiB.
 pad_kib=$(( size_mib * 1024 ))
 kernel_kib=$(( pad_kib / 4 )); image_kib=$(( pad_kib - kernel_kib ))
-printf 'vmlinux.container placeholder\n' >"$out/share/kata-containers/vmlinux.container"
-printf 'kata-containers.img placeholder\n' >"$out/share/kata-containers/kata-containers.img"
+ver=6.12.47-kata-test
+kernel="$out/share/kata-containers/vmlinux-$ver.container"; image="$out/share/kata-containers/kata-containers-$ver.img"
+printf 'vmlinux.container placeholder\n' >"$kernel"
+printf 'kata-containers.img placeholder\n' >"$image"
 if [ "$kernel_kib" -gt 0 ]; then
-  head -c "$(( kernel_kib * 1024 ))" /dev/zero | tr '\0' 'k' >>"$out/share/kata-containers/vmlinux.container"
+  head -c "$(( kernel_kib * 1024 ))" /dev/zero | tr '\0' 'k' >>"$kernel"
 fi
 if [ "$image_kib" -gt 0 ]; then
-  head -c "$(( image_kib * 1024 ))" /dev/zero >>"$out/share/kata-containers/kata-containers.img"
+  head -c "$(( image_kib * 1024 ))" /dev/zero >>"$image"
 fi
+ln -sfn "vmlinux-$ver.container" "$out/share/kata-containers/vmlinux.container"
+ln -sfn "kata-containers-$ver.img" "$out/share/kata-containers/kata-containers.img"
 
-( cd "$out" && find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort | xargs sha256sum >SHA256SUMS )
+( cd "$out" && find . -type l | sed 's|^\./||' | LC_ALL=C sort | while read -r l; do printf '%s -> %s\n' "$l" "$(readlink "$l")"; done >SYMLINKS )
+( cd "$out" && find . -type f ! -name SHA256SUMS ! -name SYMLINKS | sed 's|^\./||' | LC_ALL=C sort | xargs sha256sum >SHA256SUMS )
 echo "payload written to $out ($(du -sk "$out" | cut -f1) KiB, $(wc -l <"$out/SHA256SUMS") files)"

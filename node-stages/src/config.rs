@@ -61,6 +61,11 @@ pub struct StageConfig {
     pub shims: Vec<ShimConfig>,
 }
 
+/// Name of our nydus snapshotter everywhere (containerd proxy plugin, socket and state
+/// directories, systemd unit), as upstream kata-deploy names it: distinct from a standalone
+/// nydus-snapshotter (`nydus`, /run/containerd-nydus, nydus-snapshotter.service) on the node.
+pub const NYDUS_FOR_KATA: &str = "nydus-for-kata-tee";
+
 /// One enabled shim or custom runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -437,17 +442,17 @@ impl Install {
 
     /// containerd proxy snapshotter name for nydus.
     pub fn nydus_snapshotter(&self) -> String {
-        self.suffixed("nydus")
+        self.suffixed(NYDUS_FOR_KATA)
     }
 
     /// nydus snapshotter gRPC socket.
     pub fn nydus_socket(&self) -> String {
-        format!("{}/containerd-nydus-grpc.sock", self.suffixed("/run/containerd-nydus"))
+        format!("/run/{}/containerd-nydus-grpc.sock", self.suffixed(NYDUS_FOR_KATA))
     }
 
     /// systemd unit running the nydus snapshotter of this install.
     pub fn nydus_unit(&self) -> String {
-        format!("{}.service", self.suffixed("kata-nydus-snapshotter"))
+        format!("{}.service", self.suffixed(NYDUS_FOR_KATA))
     }
 
     /// Label marking a node whose host this install may have touched (set before any change).
@@ -583,7 +588,9 @@ mod tests {
         assert_eq!(i.claimed_label(), "katacontainers.io/kata-deploy-claimed-cicd");
         let d = Install::new("", "/opt/kata");
         assert_eq!(d.handler("qemu"), "kata-qemu");
-        assert_eq!(d.nydus_socket(), "/run/containerd-nydus/containerd-nydus-grpc.sock");
+        assert_eq!(d.nydus_socket(), "/run/nydus-for-kata-tee/containerd-nydus-grpc.sock");
+        assert_eq!(d.nydus_unit(), "nydus-for-kata-tee.service");
+        assert_eq!(d.nydus_snapshotter(), "nydus-for-kata-tee");
         assert_eq!(d.marker_label(), "katacontainers.io/kata-deploy-installed");
     }
 }

@@ -12,6 +12,9 @@ pub enum ConfigVersion {
     V2,
     /// `version = 3` (containerd 2.x): `plugins."io.containerd.cri.v1.runtime"` / `.images`.
     V3,
+    /// `version = 4` (containerd 2.3+): the CRI tables of version 3; server settings (grpc,
+    /// debug, ...) moved into plugins.
+    V4,
 }
 
 impl ConfigVersion {
@@ -25,7 +28,7 @@ impl ConfigVersion {
         match self {
             ConfigVersion::V1 => &["plugins", "cri", "containerd", "runtimes"],
             ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes"],
-            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"],
+            ConfigVersion::V3 | ConfigVersion::V4 => &["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"],
         }
     }
 
@@ -34,7 +37,7 @@ impl ConfigVersion {
         match self {
             ConfigVersion::V1 => &["plugins", "cri", "containerd"],
             ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
-            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.images"],
+            ConfigVersion::V3 | ConfigVersion::V4 => &["plugins", "io.containerd.cri.v1.images"],
         }
     }
 
@@ -44,7 +47,32 @@ impl ConfigVersion {
             ConfigVersion::V1 => None,
             ConfigVersion::V2 => Some(2),
             ConfigVersion::V3 => Some(3),
+            ConfigVersion::V4 => Some(4),
         }
+    }
+
+    /// Whether this schema uses containerd 2.x's split CRI plugins (`io.containerd.cri.v1.*`).
+    pub fn split_cri_plugins(self) -> bool {
+        self >= ConfigVersion::V3
+    }
+}
+
+/// The schema of our drop-in for containerd 2.x, given the schema of the root config it is
+/// imported from (None: no root config yet).
+///
+/// containerd 2.0-2.2 merge every imported file into the root *before* migrating, and the merged
+/// document takes the version of the last file merged: a version-3 drop-in under a version-2
+/// root makes containerd skip the 2→3 migration of the root's own `io.containerd.grpc.v1.cri`
+/// table (runc options, sandbox image, registry are silently dropped). A drop-in in the root's
+/// own schema keeps the merged version equal to the root's, so containerd migrates (or not) the
+/// whole merged document exactly as it would have migrated the root alone. containerd 2.3+
+/// migrates each file before merging, where the same choice is equally correct. A root without
+/// a version (1) is migrated by 2.x without its CRI settings whatever we do; our handlers are
+/// then written in containerd 2's native schema (version 3), which every 2.x reads.
+pub fn dropin_version_for_root(root: Option<ConfigVersion>) -> ConfigVersion {
+    match root {
+        Some(v @ (ConfigVersion::V2 | ConfigVersion::V3 | ConfigVersion::V4)) => v,
+        Some(ConfigVersion::V1) | None => ConfigVersion::V3,
     }
 }
 
@@ -79,6 +107,11 @@ pub struct KataContainerd {
     pub handlers: Vec<KataHandler>,
     /// The proxy snapshotter, when a handler uses guest pull.
     pub proxy: Option<ProxySnapshotter>,
+    /// containerd 2.x pulls an image with the snapshotter of `runtime_platforms.<handler>` in
+    /// `io.containerd.cri.v1.images` (a runtime's own `snapshotter` only mounts): the image
+    /// platform (`linux/amd64`) to write there for guest-pull handlers; None on containerd 1.x,
+    /// which has no such table.
+    pub image_platform: Option<String>,
 }
 
 /// Prefix of the marker comment we use for Go template lines while editing templates as TOML.
@@ -121,6 +154,7 @@ fn unmask_template(text: &str) -> String {
 /// The schema version of a parsed configuration.
 pub fn detect_version(doc: &DocumentMut) -> ConfigVersion {
     match doc.get("version").and_then(Item::as_integer) {
+        Some(4) => ConfigVersion::V4,
         Some(3) => ConfigVersion::V3,
         Some(2) => ConfigVersion::V2,
         _ => ConfigVersion::V1,
@@ -234,6 +268,15 @@ pub fn apply_kata(doc: &mut DocumentMut, version: ConfigVersion, kata: &KataCont
     for h in &kata.handlers {
         runtimes.insert(&h.name, Item::Table(handler_table(h)));
     }
+    if let Some(platform) = &kata.image_platform {
+        for h in kata.handlers.iter().filter(|h| h.snapshotter.is_some()) {
+            let platforms = table_at(doc, &["plugins", IMAGES_PLUGIN, "runtime_platforms"]);
+            let mut p = Table::new();
+            p.insert("platform", value(platform));
+            p.insert("snapshotter", value(h.snapshotter.as_deref().unwrap_or_default()));
+            platforms.insert(&h.name, Item::Table(p));
+        }
+    }
     if let Some(proxy) = &kata.proxy {
         if set_global_flags {
             let flags = table_at(doc, version.snapshot_flags_path());
@@ -249,11 +292,55 @@ pub fn apply_kata(doc: &mut DocumentMut, version: ConfigVersion, kata: &KataCont
     }
 }
 
+/// containerd replaces its default `runtimes` map (runc) with whatever map a config defines: a
+/// config that had no runtimes of its own (a missing file, a minimal one) would lose runc when we
+/// add ours, and the CRI plugin then refuses to load ("no corresponding runtime configured in
+/// `containerd.runtimes` for `containerd` `default_runtime_name`", proven on containerd 1.6).
+/// Adds containerd's default runc entry in that case. Returns whether it did.
+pub fn keep_default_runtime(doc: &mut DocumentMut, version: ConfigVersion) -> bool {
+    let containerd_path = &version.runtimes_path()[..version.runtimes_path().len() - 1];
+    let mut t: Option<&Table> = Some(doc.as_table());
+    for key in containerd_path {
+        t = t.and_then(|t| t.get(key)).and_then(Item::as_table);
+    }
+    let default_name = t.and_then(|t| t.get("default_runtime_name")).and_then(Item::as_str).unwrap_or("runc").to_string();
+    let has_runtimes = t.and_then(|t| t.get("runtimes")).and_then(Item::as_table).is_some_and(|r| !r.is_empty());
+    if has_runtimes || default_name != "runc" {
+        return false;
+    }
+    let runtimes = table_at(doc, version.runtimes_path());
+    let mut runc = Table::new();
+    runc.insert("runtime_type", value("io.containerd.runc.v2"));
+    // 1.7's default (1.6 has no such key and ignores it).
+    runc.insert("sandbox_mode", value("podsandbox"));
+    // containerd 1.x's own default runc options (zero values), so the effective configuration
+    // is exactly the default one (compared key by key against `config dump` in the matrix).
+    let mut opts = Table::new();
+    for k in ["BinaryName", "CriuImagePath", "CriuPath", "CriuWorkPath", "Root", "ShimCgroup"] {
+        opts.insert(k, value(""));
+    }
+    for k in ["IoGid", "IoUid"] {
+        opts.insert(k, value(0));
+    }
+    for k in ["NoNewKeyring", "NoPivotRoot", "SystemdCgroup"] {
+        opts.insert(k, value(false));
+    }
+    opts.sort_values();
+    runc.insert("options", Item::Table(opts));
+    runtimes.insert("runc", Item::Table(runc));
+    true
+}
+
+/// containerd 2.x's CRI image plugin (also read from a version-2 document: its 2→3 migration
+/// keeps an existing `io.containerd.cri.v1.images` table and adds to it).
+pub const IMAGES_PLUGIN: &str = "io.containerd.cri.v1.images";
+
 /// Removes the named handlers and proxy plugin (surgical revert of a shared file that changed
 /// since we wrote it). Guest-pull flags are left: other users of the file may rely on them.
 pub fn strip_kata(doc: &mut DocumentMut, handlers: &[String], proxy: Option<&str>) -> bool {
     let mut changed = false;
     for version in [ConfigVersion::V1, ConfigVersion::V2, ConfigVersion::V3] {
+        // (V4 shares V3's table paths.)
         let mut t: Option<&mut Table> = Some(doc.as_table_mut());
         for key in version.runtimes_path() {
             t = t.and_then(|t| t.get_mut(key)).and_then(Item::as_table_mut);
@@ -262,6 +349,20 @@ pub fn strip_kata(doc: &mut DocumentMut, handlers: &[String], proxy: Option<&str
             for h in handlers {
                 changed |= runtimes.remove(h).is_some();
             }
+        }
+    }
+    // (Item::get_mut would insert missing keys: walk table-likes.)
+    let rp = doc
+        .as_table_mut()
+        .get_mut("plugins")
+        .and_then(Item::as_table_like_mut)
+        .and_then(|p| p.get_mut(IMAGES_PLUGIN))
+        .and_then(Item::as_table_like_mut)
+        .and_then(|i| i.get_mut("runtime_platforms"))
+        .and_then(Item::as_table_like_mut);
+    if let Some(rp) = rp {
+        for h in handlers {
+            changed |= rp.remove(h).is_some();
         }
     }
     if let Some(name) = proxy {
@@ -286,17 +387,6 @@ pub fn render_containerd_dropin(version: ConfigVersion, kata: &KataContainerd, w
     }
     apply_kata(&mut doc, version, kata, true);
     doc.to_string()
-}
-
-/// Renders a k3s/rke2 `config[-v3].toml.tmpl` that extends the distribution's base template.
-/// The base template already defines the CRI tables, so only new tables are appended.
-pub fn render_k3s_template(version: ConfigVersion, kata: &KataContainerd) -> String {
-    let mut doc = DocumentMut::new();
-    apply_kata(&mut doc, version, kata, false);
-    format!(
-        "{{{{ template \"base\" . }}}}\n\n# Kata handlers added by kata-deploy-stage; this file is rewritten whole on every install.\n{}",
-        doc
-    )
 }
 
 /// Parses a containerd version string (`containerd://1.7.27-k3s1`, `2.0.5`) into (major, minor).
@@ -324,6 +414,7 @@ mod tests {
                 },
             ],
             proxy: nydus.then(|| ProxySnapshotter { name: "nydus".into(), address: "/run/containerd-nydus/containerd-nydus-grpc.sock".into() }),
+            image_platform: None,
         }
     }
 
@@ -410,17 +501,6 @@ mod tests {
     }
 
     #[test]
-    fn k3s_template_extends_base() {
-        let out = render_k3s_template(ConfigVersion::V2, &kata(true));
-        assert!(out.starts_with("{{ template \"base\" . }}\n"));
-        let doc = parse(&out).unwrap();
-        check_handler(&doc, ConfigVersion::V2);
-        // The base template defines the containerd table: redefining it would break k3s.
-        assert!(!out.contains("disable_snapshot_annotations"));
-        assert_eq!(serialize(&doc), out);
-    }
-
-    #[test]
     fn template_lines_survive_in_place_edit() {
         let text = fixture("k3s-config.toml.tmpl");
         let mut doc = parse(&text).unwrap();
@@ -441,6 +521,62 @@ mod tests {
         assert!(remove_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
         assert_eq!(doc.to_string(), "version = 3\nimports = []\n");
         assert!(import_covers("/a/*.toml", "/a/x.toml") && !import_covers("/a/*.toml", "/b/x.toml"));
+    }
+
+    #[test]
+    fn version_4_is_read_as_version_4_with_v3_tables() {
+        let doc = parse("version = 4\n").unwrap();
+        assert_eq!(detect_version(&doc), ConfigVersion::V4);
+        assert_eq!(ConfigVersion::V4.runtimes_path(), ConfigVersion::V3.runtimes_path());
+        let out = render_containerd_dropin(ConfigVersion::V4, &kata(true), true);
+        assert!(out.contains("version = 4"), "{out}");
+        check_handler(&parse(&out).unwrap(), ConfigVersion::V4);
+    }
+
+    #[test]
+    fn dropin_takes_the_roots_schema() {
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V2)), ConfigVersion::V2);
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V3)), ConfigVersion::V3);
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V4)), ConfigVersion::V4);
+        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V1)), ConfigVersion::V3);
+        assert_eq!(dropin_version_for_root(None), ConfigVersion::V3);
+        // A v2 drop-in for containerd 2.x uses the grpc.v1.cri tables containerd migrates.
+        let out = render_containerd_dropin(ConfigVersion::V2, &kata(false), true);
+        assert!(out.contains("version = 2") && out.contains("io.containerd.grpc.v1.cri"), "{out}");
+    }
+
+    #[test]
+    fn a_config_without_runtimes_keeps_runc() {
+        let mut doc = parse("version = 2\n").unwrap();
+        assert!(keep_default_runtime(&mut doc, ConfigVersion::V2));
+        let out = doc.to_string();
+        assert!(out.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]"), "{out}");
+        // Existing runtimes, or another default runtime: nothing added.
+        let mut doc = parse(&fixture("containerd-1.6-default.toml")).unwrap();
+        assert!(!keep_default_runtime(&mut doc, ConfigVersion::V2));
+        let mut doc = parse("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\ndefault_runtime_name = \"crun\"\n").unwrap();
+        assert!(!keep_default_runtime(&mut doc, ConfigVersion::V2));
+    }
+
+    #[test]
+    fn guest_pull_handlers_get_an_image_platform_on_containerd_2() {
+        for version in [ConfigVersion::V2, ConfigVersion::V3, ConfigVersion::V4] {
+            let mut k = kata(true);
+            k.handlers.push(KataHandler { name: "kata-clh".into(), runtime_type: "io.containerd.kata-clh.v2".into(), runtime_path: "/x".into(), config_path: "/y".into(), snapshotter: None });
+            k.image_platform = Some("linux/amd64".into());
+            let out = render_containerd_dropin(version, &k, true);
+            let doc = parse(&out).unwrap();
+            let rp = get(&doc, &["plugins", IMAGES_PLUGIN, "runtime_platforms"]).unwrap_or_else(|| panic!("{out}"));
+            assert_eq!(rp["kata-qemu"]["snapshotter"].as_str(), Some("nydus"));
+            assert_eq!(rp["kata-qemu"]["platform"].as_str(), Some("linux/amd64"));
+            assert!(rp.get("kata-clh").is_none(), "only guest-pull handlers are routed: {out}");
+            let mut doc = parse(&out).unwrap();
+            strip_kata(&mut doc, &["kata-qemu".into(), "kata-clh".into()], Some("nydus"));
+            assert!(get(&doc, &["plugins", IMAGES_PLUGIN, "runtime_platforms", "kata-qemu"]).is_none());
+        }
+        // containerd 1.x: no such table.
+        let out = render_containerd_dropin(ConfigVersion::V2, &kata(true), true);
+        assert!(!out.contains("runtime_platforms"), "{out}");
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct RuntimeReport {
     pub config_handlers: Vec<String>,
     /// RuntimeReady condition.
     pub runtime_ready: bool,
+    /// The CRI plugin's effective configuration as it reports it (verbose Status `config`, JSON).
+    pub config_json: Option<String>,
 }
 
 impl RuntimeReport {
@@ -97,6 +99,7 @@ pub fn decode_status(msg: &[u8]) -> Option<RuntimeReport> {
             2 if string_field(b, 1).as_deref() == Some("config") => {
                 if let Some(cfg) = string_field(b, 2) {
                     r.config_handlers = handlers_from_config_json(&cfg);
+                    r.config_json = Some(cfg);
                 }
             }
             3 => {
@@ -132,7 +135,16 @@ pub fn query_status(socket: &Path, timeout: Duration) -> Result<RuntimeReport, S
 }
 
 async fn status_call(socket: &Path) -> Result<RuntimeReport, String> {
-    let err = |what: &str, e: &dyn std::fmt::Display| format!("CRI Status on {}: {what}: {e}", socket.display());
+    // StatusRequest { verbose: true }.
+    let msg = unary_call(socket, "/runtime.v1.RuntimeService/Status", &[0x08, 0x01]).await?;
+    decode_status(&msg).ok_or_else(|| format!("CRI Status on {}: decode: malformed StatusResponse", socket.display()))
+}
+
+/// One unary gRPC call over a unix socket: the encoded request message in, the encoded response
+/// message out (a non-zero grpc-status is an error naming the method and socket).
+pub async fn unary_call(socket: &Path, method: &str, request: &[u8]) -> Result<Vec<u8>, String> {
+    let name = method.rsplit('/').next().unwrap_or(method);
+    let err = |what: &str, e: &dyn std::fmt::Display| format!("CRI {name} on {}: {what}: {e}", socket.display());
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| err("connect", &e))?;
     let (client, conn) = h2::client::handshake(stream).await.map_err(|e| err("http2 handshake", &e))?;
     tokio::spawn(async move {
@@ -141,16 +153,20 @@ async fn status_call(socket: &Path) -> Result<RuntimeReport, String> {
     let mut client = client.ready().await.map_err(|e| err("http2", &e))?;
     let req = http::Request::builder()
         .method("POST")
-        .uri("http://localhost/runtime.v1.RuntimeService/Status")
+        .uri(format!("http://localhost{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .expect("request");
     let (resp, mut send) = client.send_request(req, false).map_err(|e| err("send", &e))?;
-    // gRPC frame: uncompressed, length 2, StatusRequest { verbose: true }.
-    send.send_data(Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01]), true).map_err(|e| err("send", &e))?;
+    // gRPC frame: uncompressed flag, big-endian length, message.
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    frame.extend_from_slice(request);
+    send.send_data(Bytes::from(frame), true).map_err(|e| err("send", &e))?;
     let resp = resp.await.map_err(|e| err("response", &e))?;
     let header_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header_msg = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).map(str::to_string);
     let mut body = resp.into_body();
     let mut buf = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -161,13 +177,13 @@ async fn status_call(socket: &Path) -> Result<RuntimeReport, String> {
     let trailers = body.trailers().await.map_err(|e| err("trailers", &e))?;
     let status = trailers.as_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_string).or(header_status);
     if status.as_deref() != Some("0") {
-        let msg = trailers.as_ref().and_then(|t| t.get("grpc-message")).and_then(|v| v.to_str().ok()).unwrap_or("");
-        return Err(format!("CRI Status on {}: grpc-status {:?} {msg} (is the CRI plugin loaded?)", socket.display(), status));
+        let msg = trailers.as_ref().and_then(|t| t.get("grpc-message")).and_then(|v| v.to_str().ok()).map(str::to_string).or(header_msg).unwrap_or_default();
+        return Err(format!("CRI {name} on {}: grpc-status {:?} {msg} (is the CRI plugin loaded?)", socket.display(), status));
     }
     if buf.len() < 5 {
         return Err(err("response", &"empty message"));
     }
-    decode_status(&buf[5..]).ok_or_else(|| err("decode", &"malformed StatusResponse"))
+    Ok(buf[5..].to_vec())
 }
 
 #[cfg(test)]

@@ -69,6 +69,9 @@ pub struct HostFacts {
     pub host_machine_id: Option<String>,
     /// Machine ID the dispatcher saw on the Node object.
     pub expected_machine_id: Option<String>,
+    /// k3s/rke2: `disable_snapshot_annotations` in the containerd config k3s rendered (None:
+    /// not rendered yet). containerd's default when the key is absent is true.
+    pub k3s_snapshot_annotations_disabled: Option<bool>,
 }
 
 /// Collects host facts (read-only).
@@ -79,8 +82,7 @@ pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload:
         Err(e) => h.cri_error = Some(e.to_string()),
     }
     if let Some(kind) = h.cri {
-        let state = Default::default();
-        if let Err(e) = cri::plan_cri_target(fs, cfg, facts, kind, &state).and_then(|t| {
+        if let Err(e) = cri::plan_cri_target(fs, cfg, facts, kind).and_then(|t| {
             for (p, d) in &t.files {
                 if let Some(b) = fs.read(p)? {
                     cri::render_desired(p, d, Some(&b), &t.kata)?;
@@ -107,7 +109,28 @@ pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload:
     h.payload_bytes = payload.map(Payload::total_size);
     h.host_machine_id = fs.read(Path::new("/etc/machine-id")).ok().flatten().map(|b| String::from_utf8_lossy(&b).trim().to_string());
     h.expected_machine_id = facts.machine_id.clone();
+    let k3s_dist = match h.cri {
+        Some(CriKind::K3s | CriKind::K3sAgent) => Some("k3s"),
+        Some(CriKind::Rke2) => Some("rke2"),
+        _ => None,
+    };
+    if let Some(dist) = k3s_dist {
+        let rendered = fs.read(&Path::new("/var/lib/rancher").join(dist).join("agent/etc/containerd/config.toml")).ok().flatten();
+        h.k3s_snapshot_annotations_disabled = rendered.map(|b| snapshot_annotations_disabled(&String::from_utf8_lossy(&b)));
+    }
     h
+}
+
+/// Whether a containerd config leaves `disable_snapshot_annotations` true (its default), in
+/// either schema's table.
+pub fn snapshot_annotations_disabled(text: &str) -> bool {
+    let Ok(doc) = crate::containerd::parse(text) else { return true };
+    let v = crate::containerd::detect_version(&doc);
+    let mut t = Some(doc.as_item());
+    for k in v.snapshot_flags_path() {
+        t = t.and_then(|t| t.get(k));
+    }
+    t.and_then(|t| t.get("disable_snapshot_annotations")).and_then(|i| i.as_bool()).unwrap_or(true)
 }
 
 /// Parses a Go duration ("2m", "20m0s", "1h30m", "90s") into seconds.
@@ -184,7 +207,18 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
                     }
                 }
                 if matches!(kind, CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2) && cfg.uses_nydus() {
-                    out.push(finding(Warning, "guest-pull", "the k3s/rke2 base template owns disable_snapshot_annotations/discard_unpacked_layers; guest pull needs both false".into(), "Set them in your own config template if image pulls do not reach the guest"));
+                    // Our template extends k3s's base, which defines the table holding the flag:
+                    // we cannot change it (a repeated key is a TOML error that stops k3s).
+                    match h.k3s_snapshot_annotations_disabled {
+                        Some(true) => out.push(finding(Error, "guest-pull", "k3s/rke2 renders containerd with disable_snapshot_annotations = true (its base template's value): images of guest-pull handlers would be pulled on the host, not in the guest".into(), "Provide your own config.toml.tmpl / config-v3.toml.tmpl (not extending {{ template \"base\" . }}) that sets disable_snapshot_annotations = false, or drop containerdSnapshotter: nydus")),
+                        Some(false) => {}
+                        None => out.push(finding(Warning, "guest-pull", "k3s/rke2 has not rendered its containerd config yet: cannot tell whether disable_snapshot_annotations is false, which guest pull needs".into(), "Re-run host-check once k3s/rke2 has started")),
+                    }
+                }
+                if let Some((2, min)) = version {
+                    if min < 2 && cfg.uses_nydus() {
+                        out.push(finding(Warning, "guest-pull", format!("containerd 2.{min} routes a pull to a handler's snapshotter only when the pod carries the annotation io.containerd.cri.runtime-handler (it ignores the CRI field the kubelet sets; proven on 2.0.5, 2.2.9 honours it)"), "Annotate guest-pull pods with io.containerd.cri.runtime-handler: <handler>, or upgrade containerd to >= 2.2"));
+                    }
                 }
                 if shims.iter().any(|s| s.crio_pull_type == "guest-pull" && s.containerd_snapshotter.is_empty()) {
                     out.push(finding(Info, "guest-pull", "crioPullType is ignored on containerd".into(), "Use containerdSnapshotter: nydus for guest pull on containerd"));
@@ -300,7 +334,7 @@ mod tests {
     fn healthy() -> HostFacts {
         HostFacts {
             cri: Some(CriKind::Containerd),
-            runtime_version: Some("containerd://2.0.5".into()),
+            runtime_version: Some("containerd://2.2.9".into()),
             dev_kvm: true,
             arch: "amd64".into(),
             iommu_groups: 12,
@@ -346,6 +380,19 @@ mod tests {
             assert!(of(Severity::Warning).contains(&want), "GPU prerequisites warn: {f:?}");
         }
         assert!(of(Severity::Info).contains(&"arch"), "an unsupported shim is reported as skipped: {f:?}");
+    }
+
+    #[test]
+    fn k3s_guest_pull_needs_snapshot_annotations_enabled() {
+        assert!(snapshot_annotations_disabled(&String::from_utf8(std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/k3s-generated-config.toml")).unwrap()).unwrap()));
+        assert!(!snapshot_annotations_disabled("version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\ndisable_snapshot_annotations = false\n"));
+        assert!(snapshot_annotations_disabled("version = 3\n"), "containerd's default is true");
+        let c = cfg("cri: k3s\nshims: [{name: qemu-coco-dev, containerdSnapshotter: nydus}]\n");
+        let mut h = HostFacts { cri: Some(CriKind::K3s), runtime_version: Some("containerd://1.7.27-k3s1".into()), dev_kvm: true, arch: "amd64".into(), k3s_snapshot_annotations_disabled: Some(true), ..Default::default() };
+        let f = evaluate(&c, &h);
+        assert!(f.iter().any(|x| x.severity == Severity::Error && x.check == "guest-pull" && x.message.contains("disable_snapshot_annotations = true")), "{f:?}");
+        h.k3s_snapshot_annotations_disabled = Some(false);
+        assert!(!evaluate(&c, &h).iter().any(|x| x.check == "guest-pull" && x.severity != Severity::Info), "{:?}", evaluate(&c, &h));
     }
 
     #[test]

@@ -103,8 +103,64 @@ impl HostFs {
         Ok(())
     }
 
-    /// Reads a host file; a missing file is `None`.
+    /// Follows symbolic links of a host path's last component inside the host root (an
+    /// absolute link target is a host path, as on the node). Returns the host path of the final
+    /// target, which may not exist; `p` itself when it is not a link.
+    pub fn resolve(&self, p: &Path) -> Result<PathBuf> {
+        let mut cur = p.to_path_buf();
+        for _ in 0..40 {
+            match fs::symlink_metadata(self.host(&cur)) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    let target = fs::read_link(self.host(&cur)).map_err(|e| StageError::io("read link", &cur, e))?;
+                    let joined = if target.is_absolute() { target } else { cur.parent().unwrap_or(Path::new("/")).join(target) };
+                    cur = normalize(&joined);
+                }
+                _ => return Ok(cur),
+            }
+        }
+        Err(StageError::bad_input(p, "too many levels of symbolic links", "Fix the link chain on the host and re-run; nothing was changed"))
+    }
+
+    /// Mode bits, owner and group of a host file (after following links), None when missing.
+    pub fn file_meta(&self, p: &Path) -> Result<Option<(u32, u32, u32)>> {
+        use std::os::unix::fs::MetadataExt;
+        let target = self.resolve(p)?;
+        match fs::metadata(self.host(&target)) {
+            Ok(md) => Ok(Some((md.mode() & 0o7777, md.uid(), md.gid()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StageError::io("stat", p, e)),
+        }
+    }
+
+    /// Rewrites a configuration file someone else owns the way an editor that cares would:
+    /// through a symbolic link to its target (the link stays), keeping the target's mode, owner
+    /// and group; a new file gets `new_mode` (owner: us). Atomic like [`Self::write_atomic`].
+    pub fn write_preserving(&self, p: &Path, bytes: &[u8], new_mode: u32) -> Result<()> {
+        let target = self.resolve(p)?;
+        let meta = self.file_meta(&target)?;
+        let mode = meta.map_or(new_mode, |m| m.0);
+        if self.dry_run {
+            return self.write_atomic(&target, bytes, mode);
+        }
+        let tmp = self.stage_bytes(&target, bytes, mode)?;
+        if let Some((_, uid, gid)) = meta {
+            use std::os::unix::fs::MetadataExt;
+            let mine = fs::metadata(self.host(&tmp)).map_err(|e| StageError::io("stat", &tmp, e))?;
+            if mine.uid() != uid || mine.gid() != gid {
+                if let Err(e) = std::os::unix::fs::chown(self.host(&tmp), Some(uid), Some(gid)) {
+                    self.discard_temp(&tmp);
+                    return Err(StageError::io("chown", &target, e));
+                }
+                // chown clears set-id bits: put the mode back.
+                fs::set_permissions(self.host(&tmp), fs::Permissions::from_mode(mode)).map_err(|e| StageError::io("chmod", &target, e))?;
+            }
+        }
+        self.rename_into_place(&tmp, &target)
+    }
+
+    /// Reads a host file (following links inside the host root); a missing file is `None`.
     pub fn read(&self, p: &Path) -> Result<Option<Vec<u8>>> {
+        let p = &self.resolve(p)?;
         match fs::read(self.host(p)) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -272,6 +328,27 @@ impl HostFs {
         Ok(tmp)
     }
 
+    /// The target of a host path that is a symbolic link (None: not a link, or missing).
+    pub fn read_link(&self, p: &Path) -> Result<Option<PathBuf>> {
+        match fs::symlink_metadata(self.host(p)) {
+            Ok(md) if md.file_type().is_symlink() => fs::read_link(self.host(p)).map(Some).map_err(|e| StageError::io("read link", p, e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates a symbolic link beside the host path `dest` (renamed into place later, replacing
+    /// whatever is there atomically).
+    pub fn stage_symlink(&self, dest: &Path, target: &Path) -> Result<PathBuf> {
+        let tmp = Self::temp_for(dest);
+        if self.dry_run {
+            return Ok(tmp);
+        }
+        self.fault_point()?;
+        let _ = fs::remove_file(self.host(&tmp));
+        std::os::unix::fs::symlink(target, self.host(&tmp)).map_err(|e| StageError::io("create link", dest, e))?;
+        Ok(tmp)
+    }
+
     /// Best-effort removal of a temp file on an error path (never fails, never counts as an op
     /// unless it really removes something).
     pub fn discard_temp(&self, tmp: &Path) {
@@ -356,6 +433,21 @@ impl HostFs {
     }
 }
 
+/// `a/./b/../c` → `a/c` (lexically, as the kernel resolves a link target relative to its directory).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Human description of a file change: a unified diff for text, sizes for binaries.
 pub fn describe_change(p: &Path, old: Option<&[u8]>, new: Option<&[u8]>) -> String {
     match (old, new) {
@@ -383,6 +475,34 @@ pub fn describe_change(p: &Path, old: Option<&[u8]>, new: Option<&[u8]>) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preserving_write_goes_through_links_and_keeps_mode_and_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let fs = HostFs::new(d.path(), false);
+        std::fs::create_dir_all(d.path().join("etc/real")).unwrap();
+        std::fs::create_dir_all(d.path().join("etc/containerd")).unwrap();
+        let target = d.path().join("etc/real/config.toml");
+        std::fs::write(&target, "a").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&target, Some(4242), Some(4343)).unwrap();
+        // An absolute link target is a host path: resolved under the host root.
+        std::os::unix::fs::symlink("/etc/real/config.toml", d.path().join("etc/containerd/config.toml")).unwrap();
+        let p = Path::new("/etc/containerd/config.toml");
+        assert_eq!(fs.read(p).unwrap().as_deref(), Some(&b"a"[..]));
+        fs.write_preserving(p, b"b", 0o644).unwrap();
+        assert_eq!(std::fs::read_link(d.path().join("etc/containerd/config.toml")).unwrap(), Path::new("/etc/real/config.toml"));
+        let md = std::fs::metadata(&target).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o600, 4242, 4343));
+        assert_eq!(std::fs::read(&target).unwrap(), b"b");
+        // A new file gets the default mode.
+        fs.write_preserving(Path::new("/etc/containerd/new.toml"), b"c", 0o644).unwrap();
+        assert_eq!(std::fs::metadata(d.path().join("etc/containerd/new.toml")).unwrap().mode() & 0o7777, 0o644);
+        // A link loop is an error naming the file, not a hang.
+        std::os::unix::fs::symlink("/etc/loop", d.path().join("etc/loop")).unwrap();
+        assert!(fs.write_preserving(Path::new("/etc/loop"), b"x", 0o644).unwrap_err().to_string().contains("symbolic links"));
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {

@@ -22,9 +22,12 @@ pub struct GeneratedFile {
     pub mode: u32,
 }
 
-/// Payload-relative path of a built-in shim's base configuration.
+/// Payload-relative path of a built-in shim's base configuration: a Kata release keeps the
+/// runtime-rs ones in their own directory.
 pub fn base_config_rel(base: &str) -> PathBuf {
-    PathBuf::from(format!("share/defaults/kata-containers/configuration-{base}.toml"))
+    let runtime_rs = crate::shims::lookup(base).is_some_and(|s| s.runtime_rs);
+    let dir = if runtime_rs { "share/defaults/kata-containers/runtime-rs" } else { "share/defaults/kata-containers" };
+    PathBuf::from(format!("{dir}/configuration-{base}.toml"))
 }
 
 /// Rewrites payload paths (/opt/kata/...) to the install prefix (multi-install, custom prefix).
@@ -99,20 +102,32 @@ pub fn render_kata_dropin(base_text: &str, base_file: &Path, shim: &ShimConfig, 
     hypervisor.set_implicit(true);
     hypervisor.insert(&hv, Item::Table(hv_table));
     out.insert("hypervisor", Item::Table(hypervisor));
+    // The Go runtime reads create_container_timeout from [runtime], runtime-rs from [agent.kata].
+    let runtime_rs = shim.info().runtime_rs;
+    let timeout = value(cfg.image_pull_timeout_seconds as i64);
+    let mut kata = Table::new();
     if cfg.debug {
+        kata.insert("enable_debug", value(true));
+    }
+    if runtime_rs {
+        kata.insert("create_container_timeout", timeout.clone());
+    }
+    if !kata.is_empty() {
         let mut agent = Table::new();
         agent.set_implicit(true);
-        let mut kata = Table::new();
-        kata.insert("enable_debug", value(true));
         agent.insert("kata", Item::Table(kata));
         out.insert("agent", Item::Table(agent));
     }
     let mut runtime = Table::new();
-    runtime.insert("create_container_timeout", value(cfg.image_pull_timeout_seconds as i64));
+    if !runtime_rs {
+        runtime.insert("create_container_timeout", timeout);
+    }
     if cfg.debug {
         runtime.insert("enable_debug", value(true));
     }
-    out.insert("runtime", Item::Table(runtime));
+    if !runtime.is_empty() {
+        out.insert("runtime", Item::Table(runtime));
+    }
     Ok(out.to_string())
 }
 
@@ -164,6 +179,19 @@ create_container_timeout = 60
 
     fn cfg(yaml: &str) -> StageConfig {
         parse_config(yaml, Path::new("c")).unwrap().cfg
+    }
+
+    #[test]
+    fn runtime_rs_reads_the_timeout_from_agent_kata() {
+        let c = cfg("imagePullTimeoutSeconds: 1800\nshims: [{name: qemu-runtime-rs}, {name: qemu}]\n");
+        let rs: DocumentMut = render_kata_dropin(BASE, Path::new("b"), &c.shims[0], &c).unwrap().parse().unwrap();
+        assert_eq!(rs["agent"]["kata"]["create_container_timeout"].as_integer(), Some(1800), "{rs}");
+        assert!(rs.get("runtime").is_none(), "{rs}");
+        let go: DocumentMut = render_kata_dropin(BASE, Path::new("b"), &c.shims[1], &c).unwrap().parse().unwrap();
+        assert_eq!(go["runtime"]["create_container_timeout"].as_integer(), Some(1800), "{go}");
+        assert!(go.get("agent").is_none(), "{go}");
+        assert_eq!(base_config_rel("qemu-runtime-rs"), Path::new("share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml"));
+        assert_eq!(base_config_rel("qemu"), Path::new("share/defaults/kata-containers/configuration-qemu.toml"));
     }
 
     #[test]

@@ -27,6 +27,38 @@ pub struct Payload {
     pub dir: PathBuf,
     /// Files by relative path.
     pub files: BTreeMap<PathBuf, PayloadFile>,
+    /// Symbolic links (`SYMLINKS`: `<relative path> -> <relative target>`), installed as links
+    /// (a Kata release links `vmlinux.container` and `kata-containers.img` to versioned files).
+    pub symlinks: BTreeMap<PathBuf, PathBuf>,
+}
+
+/// Parses `SYMLINKS` lines (`<relative path> -> <target>`): both relative, the target resolving
+/// inside the payload (no absolute targets, no escaping with `..`).
+pub fn parse_symlinks(text: &str, file: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |why: &str| StageError::bad_input(file, format!("line {}: {why}: {line:?}", i + 1), "Regenerate SYMLINKS (hack/make-test-payload.sh does) and rebuild the stage image");
+        let (link, target) = line.split_once(" -> ").ok_or_else(|| bad("expected \"<path> -> <target>\""))?;
+        let (link, target) = (PathBuf::from(link), PathBuf::from(target));
+        if link.as_os_str().is_empty() || !link.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(bad("link path must be relative without '..'"));
+        }
+        // The target, resolved from the link's directory, must stay inside the payload.
+        let mut depth = link.components().count() as i64 - 1;
+        for c in target.components() {
+            match c {
+                Component::Normal(_) => depth += 1,
+                Component::ParentDir => depth -= 1,
+                Component::CurDir => {}
+                _ => return Err(bad("target must be relative")),
+            }
+            if depth < 0 {
+                return Err(bad("target leaves the payload"));
+            }
+        }
+        out.push((link, target));
+    }
+    Ok(out)
 }
 
 /// Parses SHA256SUMS text into (relative path, hex) pairs.
@@ -77,7 +109,19 @@ impl Payload {
             let mode = if md.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
             files.insert(rel.clone(), PayloadFile { rel, sha256, size: md.len(), mode });
         }
-        Ok(Payload { dir: dir.to_path_buf(), files })
+        let mut symlinks = BTreeMap::new();
+        let links_file = dir.join("SYMLINKS");
+        if let Ok(text) = std::fs::read_to_string(&links_file) {
+            for (link, target) in parse_symlinks(&text, &links_file)? {
+                let full = dir.join(&link);
+                match std::fs::read_link(&full) {
+                    Ok(t) if t == target => {}
+                    other => return Err(StageError::bad_input(&full, format!("listed in SYMLINKS as a link to {} but is {other:?}", target.display()), "The stage image is incomplete: rebuild or re-pull it (nothing on the host was changed)")),
+                }
+                symlinks.insert(link, target);
+            }
+        }
+        Ok(Payload { dir: dir.to_path_buf(), files, symlinks })
     }
 
     /// Total payload size in bytes.
@@ -96,6 +140,16 @@ impl Payload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn symlinks_stay_inside_the_payload() {
+        let v = parse_symlinks("share/k/vmlinux.container -> vmlinux-6.12.container\n", Path::new("L")).unwrap();
+        assert_eq!(v[0], (PathBuf::from("share/k/vmlinux.container"), PathBuf::from("vmlinux-6.12.container")));
+        assert!(parse_symlinks("a/b -> ../c\n", Path::new("L")).is_ok());
+        for bad in ["a -> /etc/shadow", "a -> ../x", "a/b -> ../../x", "../a -> b", "a b"] {
+            assert!(parse_symlinks(bad, Path::new("/p/SYMLINKS")).unwrap_err().to_string().contains("/p/SYMLINKS"), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_sha256sum_format() {

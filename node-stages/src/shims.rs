@@ -20,29 +20,38 @@ const fn shim(name: &'static str, runtime_rs: bool, arches: &'static [&'static s
 
 const X86: &[&str] = &["amd64"];
 const X86_ARM: &[&str] = &["amd64", "arm64"];
+const ALL: &[&str] = &["amd64", "arm64", "s390x", "ppc64le"];
 
-/// Every built-in shim the chart knows.
+/// Every built-in shim, with upstream kata-deploy's names (its chart values and RUST_SHIMS):
+/// `-runtime-rs` variants and dragonball/openvmm run on runtime-rs; the architectures are the
+/// chart's default `supportedArches`.
 pub const SHIMS: &[ShimInfo] = &[
-    shim("qemu", false, &["amd64", "arm64", "s390x", "ppc64le"], false),
-    shim("qemu-runtime-rs", true, &["amd64", "arm64", "s390x"], false),
-    shim("qemu-coco-dev", false, &["amd64", "s390x"], false),
-    shim("qemu-coco-dev-runtime-rs", true, &["amd64", "arm64", "s390x"], false),
+    shim("clh", false, X86, false),
+    shim("clh-azure", false, X86, false),
+    shim("clh-runtime-rs", true, X86, false),
+    shim("clh-azure-runtime-rs", true, X86, false),
+    shim("dragonball", true, X86, false),
+    shim("fc", false, X86, false),
+    shim("qemu", false, ALL, false),
+    shim("qemu-runtime-rs", true, ALL, false),
+    shim("qemu-nvidia-cpu", false, X86_ARM, false),
+    shim("qemu-nvidia-cpu-runtime-rs", true, X86_ARM, false),
+    shim("qemu-nvidia-gpu", false, X86, true),
+    shim("qemu-nvidia-gpu-runtime-rs", true, X86_ARM, true),
+    shim("qemu-nvidia-gpu-snp", false, X86, true),
+    shim("qemu-nvidia-gpu-snp-runtime-rs", true, X86, true),
+    shim("qemu-nvidia-gpu-tdx", false, X86, true),
+    shim("qemu-nvidia-gpu-tdx-runtime-rs", true, X86, true),
     shim("qemu-snp", false, X86, false),
     shim("qemu-snp-runtime-rs", true, X86, false),
     shim("qemu-tdx", false, X86, false),
     shim("qemu-tdx-runtime-rs", true, X86, false),
     shim("qemu-se", false, &["s390x"], false),
     shim("qemu-se-runtime-rs", true, &["s390x"], false),
-    shim("qemu-cca", false, &["arm64"], false),
-    shim("qemu-nvidia-gpu", false, X86_ARM, true),
-    shim("qemu-nvidia-gpu-snp", false, X86, true),
-    shim("qemu-nvidia-gpu-tdx", false, X86, true),
-    shim("clh", false, X86_ARM, false),
-    shim("cloud-hypervisor", true, X86_ARM, false),
-    shim("fc", false, X86_ARM, false),
-    shim("dragonball", true, X86_ARM, false),
-    shim("stratovirt", false, X86_ARM, false),
-    shim("remote", true, &["amd64", "s390x"], false),
+    shim("qemu-coco-dev", false, &["amd64", "s390x"], false),
+    shim("qemu-coco-dev-runtime-rs", true, &["amd64", "arm64", "s390x"], false),
+    shim("remote", false, &["amd64", "ppc64le", "s390x"], false),
+    shim("openvmm-azure-runtime-rs", true, X86, false),
 ];
 
 /// Looks a built-in shim up by name.
@@ -74,6 +83,10 @@ mod tests {
         assert!(!lookup("qemu").unwrap().runtime_rs);
         assert!(lookup("qemu-nvidia-gpu-snp").unwrap().gpu_passthrough);
         assert!(lookup("nope").is_none());
+        // Upstream's names (seed 004: kata-clh-runtime-rs); the pre-4.0 names are gone.
+        assert!(lookup("clh-runtime-rs").unwrap().runtime_rs && !lookup("remote").unwrap().runtime_rs);
+        assert!(lookup("cloud-hypervisor").is_none() && lookup("stratovirt").is_none());
+        assert_eq!(SHIMS.len(), 26);
         assert_eq!(kube_arch("x86_64"), "amd64");
     }
 }

@@ -173,7 +173,15 @@ pub fn run_cri(env: &StageEnv) -> Result<StageReport> {
     env.check_identity()?;
     let _lock = env.lock()?;
     env.claim()?;
+    let dropped = artifacts::registered_but_unconfigured_handlers(env.fs, env.cfg)?;
     let out = cri::apply_cri(&cri_ctx(env))?;
+    if !dropped.is_empty() && !env.fs.dry_run() {
+        // The runtime no longer serves the dropped handlers: the files the artifacts stage kept
+        // for them can go now.
+        let payload = Payload::open(env.payload_dir)?;
+        let pruned = artifacts::apply_artifacts(env.fs, env.cfg, &payload, env.restarter)?;
+        tracing::info!(stage = "cri", handlers = ?dropped, removed = pruned.removed.len(), "removed the files of shims whose handlers were dropped");
+    }
     let summary = if env.fs.dry_run() {
         format!("{} file(s) would change, runtime {} would {}be restarted", out.changed.len(), out.unit, if out.restarted { "" } else { "not " })
     } else {

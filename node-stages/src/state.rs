@@ -66,6 +66,19 @@ pub struct PendingRestart {
     pub boot_id: String,
     /// CLOCK_MONOTONIC (µs) just before the restart was requested.
     pub requested_mono_us: u64,
+    /// The files as they were before the unverified content was written: what a rollback
+    /// restores, also when the stage that wrote them was killed by the restart.
+    #[serde(default)]
+    pub previous: Vec<PreviousFile>,
+}
+
+/// One file as it was before an unverified write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousFile {
+    /// Host path.
+    pub path: PathBuf,
+    /// Its content (UTF-8: runtime configuration is text); None: it did not exist.
+    pub content: Option<String>,
 }
 
 /// State of the cri stage.

@@ -33,7 +33,7 @@ fn standalone_install_status_uninstall() {
     assert!(out.status.success(), "install failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(host.path().join("etc/containerd/conf.d/kata-deploy.toml").exists());
     let restarts = std::fs::read_to_string(&log).unwrap();
-    assert!(restarts.contains("restart containerd.service") && restarts.contains("enable kata-nydus-snapshotter.service"), "{restarts}");
+    assert!(restarts.contains("restart containerd.service") && restarts.contains("enable nydus-for-kata-tee.service"), "{restarts}");
 
     let out = stage(host.path(), &cfg, &["--output", "json", "status"]);
     assert!(out.status.success());

@@ -120,8 +120,8 @@ fn two_installs_share_nothing_and_uninstall_independently() {
         assert!(host.path().join("opt/kata-cicd/bin/containerd-shim-kata-v2").exists());
         assert!(handler_in(host.path(), "/etc/containerd/conf.d/kata-deploy-cicd.toml", "kata-qemu-cicd"));
         let dropin_b = std::fs::read_to_string(host.path().join("etc/containerd/conf.d/kata-deploy-cicd.toml")).unwrap();
-        assert!(dropin_b.contains("/run/containerd-nydus-cicd/containerd-nydus-grpc.sock") && dropin_b.contains("/opt/kata-cicd/"));
-        assert!(rt.enabled.lock().unwrap().contains(&"kata-nydus-snapshotter-cicd.service".to_string()));
+        assert!(dropin_b.contains("/run/nydus-for-kata-tee-cicd/containerd-nydus-grpc.sock") && dropin_b.contains("/opt/kata-cicd/"));
+        assert!(rt.enabled.lock().unwrap().contains(&"nydus-for-kata-tee-cicd.service".to_string()));
         let (first, second) = if lifo { (&b, &a) } else { (&a, &b) };
         uninstall(&hfs(host.path(), false), first, &facts, &rt).unwrap();
         // The other install is intact.
@@ -300,8 +300,9 @@ fn corrupt_payload_is_bad_input_and_changes_nothing() {
     let host = make_host(&f);
     let payload = tempfile::tempdir().unwrap();
     copy_tree(&payload_dir(), payload.path());
-    // Flip one byte of a listed file: detected while copying, after other files were staged.
-    let victim = payload.path().join("share/kata-containers/kata-containers.img");
+    // Flip one byte of a listed file (the image behind the kata-containers.img link): detected
+    // while copying, after other files were staged.
+    let victim = payload.path().join("share/kata-containers/kata-containers-6.12.47-kata-test.img");
     let mut bytes = std::fs::read(&victim).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
@@ -314,7 +315,7 @@ fn corrupt_payload_is_bad_input_and_changes_nothing() {
     let env = kata_deploy_stage::stages::StageEnv { cfg: &cfg, facts: &facts, fs: &fs, payload_dir: payload.path(), restarter: &rt, claims: &kata_deploy_stage::stages::NoClaims, lock_wait: std::time::Duration::from_secs(1) };
     let e = kata_deploy_stage::stages::run_artifacts(&env).unwrap_err();
     assert_eq!(e.exit_code(), 2);
-    assert!(e.to_string().contains("kata-containers.img") && e.to_string().contains("corrupt"), "{e}");
+    assert!(e.to_string().contains("kata-containers-6.12.47-kata-test.img") && e.to_string().contains("corrupt"), "{e}");
     let after = snapshot(host.path());
     assert!(after == before, "{}", snapshot_diff(&before, &after));
 }
@@ -366,4 +367,107 @@ fn remove_artifacts_refuses_before_revert_cri() {
     let e = kata_deploy_stage::artifacts::remove_artifacts(&fs, &cfg, &rt as &dyn Restarter).unwrap_err();
     assert!(e.to_string().contains("revert-cri first"), "{e}");
     assert!(host.path().join("opt/kata/bin/containerd-shim-kata-v2").exists());
+}
+
+#[test]
+fn upgrade_drops_a_removed_shims_handler_before_its_files() {
+    use kata_deploy_stage::stages::{self, NoClaims, StageEnv};
+    for name in ["containerd-1.7", "containerd-2.0", "crio", "k3s"] {
+        let f = flavour(name);
+        let host = make_host(&f);
+        let facts = facts(&f);
+        let rt = FakeRuntime::default();
+        install(&hfs(host.path(), false), &config(TWO_SHIMS), &facts, &rt).unwrap();
+        let coco = host.path().join("opt/kata/share/defaults/kata-containers/runtimes/qemu-coco-dev/configuration-qemu-coco-dev.toml");
+        assert!(coco.exists(), "{name}");
+        let payload = payload_dir();
+        let one = config(ONE_SHIM);
+        let fs = hfs(host.path(), false);
+        let env = StageEnv { cfg: &one, facts: &facts, fs: &fs, payload_dir: &payload, restarter: &rt, claims: &NoClaims, lock_wait: std::time::Duration::from_secs(5) };
+        // The artifacts stage of the upgrade runs first: the runtime still has the handler, so
+        // its shim configuration and the nydus snapshotter must still be there.
+        stages::run_artifacts(&env).unwrap();
+        assert!(handler_in(host.path(), f.handler_file, "kata-qemu-coco-dev"), "{name}: the handler is dropped by cri, not artifacts");
+        assert!(coco.exists(), "{name}: files of a shim whose handler the runtime still serves were removed");
+        assert!(host.path().join("opt/kata/nydus-snapshotter/containerd-nydus-grpc").exists(), "{name}: nydus removed while a handler uses it");
+        assert!(rt.enabled.lock().unwrap().iter().any(|u| u.contains("nydus")), "{name}: nydus unit disabled while a handler uses it");
+        // cri drops the handler (runtime restarted without it), then the files go.
+        stages::run_cri(&env).unwrap();
+        assert!(!handler_in(host.path(), f.handler_file, "kata-qemu-coco-dev"), "{name}");
+        assert!(!coco.exists(), "{name}: files of the dropped shim left behind");
+        assert!(!host.path().join("opt/kata/nydus-snapshotter").exists(), "{name}: nydus left behind");
+        assert!(!rt.enabled.lock().unwrap().iter().any(|u| u.contains("nydus")), "{name}: nydus unit still enabled");
+        // Uninstall still removes everything.
+        uninstall(&hfs(host.path(), false), &one, &facts, &rt).unwrap();
+        assert!(!host.path().join("opt/kata").exists(), "{name}");
+    }
+}
+
+#[test]
+fn release_layout_installs_links_as_links_and_runtime_rs_configs_from_their_directory() {
+    let f = flavour("containerd-2.0");
+    let host = make_host(&f);
+    let rt = FakeRuntime::default();
+    let cfg = config("shims:\n  - name: qemu\n  - name: qemu-runtime-rs\n  - name: clh-runtime-rs\n");
+    install(&hfs(host.path(), false), &cfg, &facts(&f), &rt).unwrap();
+    let share = host.path().join("opt/kata/share/kata-containers");
+    for (link, target) in [("vmlinux.container", "vmlinux-6.12.47-kata-test.container"), ("kata-containers.img", "kata-containers-6.12.47-kata-test.img")] {
+        assert_eq!(std::fs::read_link(share.join(link)).unwrap(), Path::new(target), "{link} must stay a link");
+        assert!(share.join(target).is_file());
+    }
+    // runtime-rs shims start from the release's runtime-rs base configs ([agent.kata] timeout).
+    let rs = std::fs::read_to_string(host.path().join("opt/kata/share/defaults/kata-containers/runtimes/qemu-runtime-rs/configuration-qemu-runtime-rs.toml")).unwrap();
+    let base = std::fs::read_to_string(payload_dir().join("share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml")).unwrap();
+    assert_eq!(rs, base);
+    let dropin = std::fs::read_to_string(host.path().join("opt/kata/share/defaults/kata-containers/runtimes/clh-runtime-rs/config.d/10-kata-deploy.toml")).unwrap();
+    assert!(dropin.contains("[agent.kata]") && dropin.contains("create_container_timeout"), "{dropin}");
+    // Re-run: links recognised as installed (nothing rewritten); uninstall removes them.
+    let fs = hfs(host.path(), false);
+    install(&fs, &cfg, &facts(&f), &rt).unwrap();
+    assert_eq!(fs.ops_done(), 0, "a re-run rewrote something");
+    uninstall(&hfs(host.path(), false), &cfg, &facts(&f), &rt).unwrap();
+    assert!(!host.path().join("opt/kata").exists());
+}
+
+#[test]
+fn k3s_multi_install_keeps_both_installs_handlers_across_reruns_and_uninstalls() {
+    for name in ["k3s", "rke2-containerd-2", "k3s-agent-user-template"] {
+        let f = flavour(name);
+        let host = make_host(&f);
+        let before = snapshot(host.path());
+        let facts = facts(&f);
+        let rt = FakeRuntime::default();
+        let a = config("multiInstallSuffix: a\nshims:\n  - name: qemu\n");
+        let b = config("multiInstallSuffix: b\nshims:\n  - name: qemu\n");
+        let has = |h: &str| handler_in(host.path(), f.handler_file, h);
+        install(&hfs(host.path(), false), &a, &facts, &rt).unwrap();
+        install(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-a") && has("kata-qemu-b"), "{name}: after both installs");
+        install(&hfs(host.path(), false), &a, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-a") && has("kata-qemu-b"), "{name}: re-running install a wiped install b's handlers");
+        install(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-a") && has("kata-qemu-b"), "{name}: re-running install b wiped install a's handlers");
+        uninstall(&hfs(host.path(), false), &a, &facts, &rt).unwrap();
+        assert!(!has("kata-qemu-a") && has("kata-qemu-b"), "{name}: uninstalling a");
+        install(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        assert!(has("kata-qemu-b"), "{name}: re-running b after a's uninstall");
+        uninstall(&hfs(host.path(), false), &b, &facts, &rt).unwrap();
+        let after = snapshot(host.path());
+        assert!(after == before, "{name}: {}\n{}", snapshot_diff(&before, &after), std::fs::read_to_string(host.path().join(f.handler_file.trim_start_matches('/'))).unwrap_or_default());
+    }
+}
+
+#[test]
+fn rke2_agent_with_a_server_unit_file_restarts_the_active_agent() {
+    let mut f = flavour("rke2-containerd-2");
+    f.files.push(("/etc/systemd/system/rke2-server.service", b"[Service]\n".to_vec()));
+    f.files.push(("/etc/systemd/system/rke2-agent.service", b"[Service]\n".to_vec()));
+    let host = make_host(&f);
+    let rt = FakeRuntime::default();
+    rt.inactive.lock().unwrap().push("rke2-server.service".into());
+    install(&hfs(host.path(), false), &config(ONE_SHIM), &facts(&f), &rt).unwrap();
+    assert_eq!(rt.restart_count("rke2-agent.service"), 1, "{:?}", rt.restarts.lock().unwrap());
+    assert_eq!(rt.restart_count("rke2-server.service"), 0, "the inactive server unit was restarted");
+    uninstall(&hfs(host.path(), false), &config(ONE_SHIM), &facts(&f), &rt).unwrap();
+    assert_eq!(rt.restart_count("rke2-agent.service"), 2);
 }

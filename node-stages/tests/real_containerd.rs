@@ -1,7 +1,7 @@
 //! The cri stage against a real containerd (Debian's 1.6 here), started by the test as a
 //! process with its own root, state and socket: containerd must load the configuration we
 //! wrote and serve our handlers (CRI RuntimeService/Status over the socket, the CRI plugin's own
-//! "Start cri plugin with config" log line, `ctr plugins ls`), a runtime that does not come back is
+//! "Start cri plugin with config" log line), a runtime that does not come back is
 //! rolled back, and revert restores the original byte-for-byte.
 //!
 //! Without containerd the tests skip with a message, except with CI=true, where they FAIL.
@@ -9,210 +9,37 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::ctd::*;
 use common::*;
 use kata_deploy_stage::config::NodeFacts;
-use kata_deploy_stage::error::{Result, StageError};
+use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::hostfs::HostFs;
-use kata_deploy_stage::restart::{monotonic_now_us, Restarter, UnitStatus};
 
 fn find_bin(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
 }
 
-/// containerd and ctr, or None (skip) outside CI; fails in CI so a missing binary is noticed.
-fn containerd_bins() -> Option<(PathBuf, PathBuf)> {
-    match (find_bin("containerd"), find_bin("ctr")) {
-        (Some(c), Some(t)) => Some((c, t)),
-        _ => {
-            skip_or_fail("containerd/ctr not found in PATH (Debian: apt-get install containerd)");
+/// Debian's containerd, or None (skip) outside CI; fails in CI so a missing binary is noticed.
+fn debian_containerd() -> Option<CtdBin> {
+    match find_bin("containerd") {
+        Some(c) => {
+            let runtime_version = real_version(&c);
+            Some(CtdBin { label: runtime_version.trim_start_matches("containerd://").into(), containerd: c, runtime_version })
+        }
+        None => {
+            skip_or_fail("containerd not found in PATH (Debian: apt-get install containerd)");
             None
         }
     }
 }
 
-/// A containerd process managed like a systemd unit.
-struct RealContainerd {
-    host: PathBuf,
-    work: PathBuf,
-    bin: PathBuf,
-    ctr: PathBuf,
-    config: PathBuf,
-    sock: PathBuf,
-    log: PathBuf,
-    child: Mutex<Option<Child>>,
-    started_us: AtomicU64,
-    restarts: AtomicU64,
-    /// Run just before the next restart (simulates a config containerd refuses).
-    before_restart: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl RealContainerd {
-    fn new(bin: PathBuf, ctr: PathBuf, host: &Path, work: &Path) -> Self {
-        RealContainerd {
-            host: host.to_path_buf(),
-            work: work.to_path_buf(),
-            bin,
-            ctr,
-            config: host.join("etc/containerd/config.toml"),
-            sock: work.join("containerd.sock"),
-            log: work.join("containerd.log"),
-            child: Mutex::new(None),
-            started_us: AtomicU64::new(0),
-            restarts: AtomicU64::new(0),
-            before_restart: Mutex::new(None),
-        }
-    }
-
-    /// The host's config as containerd on that host sees it: `imports` are host paths, which
-    /// live under the fake host root here (what a chroot would do).
-    fn effective(&self, config: &Path) -> PathBuf {
-        let text = std::fs::read_to_string(config).unwrap_or_default();
-        let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else { return config.to_path_buf() };
-        if let Some(arr) = doc.get_mut("imports").and_then(|i| i.as_array_mut()) {
-            let mapped: Vec<String> = arr.iter().filter_map(|v| v.as_str()).map(|p| self.host.join(p.trim_start_matches('/')).display().to_string()).collect();
-            arr.clear();
-            for m in mapped {
-                arr.push(m);
-            }
-        }
-        let out = self.work.join("effective-config.toml");
-        std::fs::write(&out, doc.to_string()).unwrap();
-        out
-    }
-
-    fn start(&self) {
-        let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(&self.bin).arg("--config").arg(self.effective(&self.config)).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap();
-        self.started_us.store(monotonic_now_us(), Ordering::SeqCst);
-        *self.child.lock().unwrap() = Some(child);
-    }
-
-    fn stop(&self) {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            for _ in 0..100 {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap().as_ref().map(Child::id)
-    }
-
-    fn alive(&self) -> bool {
-        self.child.lock().unwrap().as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-
-    fn cri_ok(&self) -> bool {
-        let out = Command::new(&self.ctr).arg("--address").arg(&self.sock).args(["plugins", "ls"]).output();
-        out.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.contains("io.containerd.grpc.v1") && l.contains(" cri ") && l.trim_end().ends_with("ok")))
-    }
-
-    fn wait_ready(&self) {
-        for _ in 0..200 {
-            if self.alive() && self.cri_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("containerd did not become ready:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-    }
-
-    /// Runtime handler names from the running process's own CRI config report.
-    fn loaded_handlers(&self) -> Option<Vec<String>> {
-        let log = std::fs::read_to_string(&self.log).ok()?;
-        let line = log.lines().find(|l| l.contains("Start cri plugin with config"))?;
-        let start = line.find("Runtimes:map[")? + "Runtimes:map[".len();
-        let mut names = Vec::new();
-        let (mut depth, mut name) = (0usize, String::new());
-        for c in line[start..].chars() {
-            match c {
-                '{' | '[' => depth += 1,
-                '}' if depth > 0 => depth -= 1,
-                ']' if depth == 0 => break,
-                ']' => depth -= 1,
-                ':' if depth == 0 => names.push(std::mem::take(&mut name).trim().to_string()),
-                c if depth == 0 => name.push(c),
-                _ => {}
-            }
-        }
-        Some(names)
-    }
-
-    /// `containerd config dump`: the merged configuration containerd would load (imports too).
-    fn config_dump(&self, config: &Path) -> String {
-        let out = Command::new(&self.bin).arg("--config").arg(self.effective(config)).args(["config", "dump"]).output().unwrap();
-        assert!(out.status.success(), "config dump failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for RealContainerd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-impl Restarter for RealContainerd {
-    fn restart(&self, _unit: &str) -> Result<()> {
-        if let Some(f) = self.before_restart.lock().unwrap().take() {
-            f();
-        }
-        self.stop();
-        self.restarts.fetch_add(1, Ordering::SeqCst);
-        self.start();
-        Ok(())
-    }
-    fn status(&self, _unit: &str) -> Result<UnitStatus> {
-        let active = self.alive() && self.cri_ok();
-        Ok(UnitStatus { active, active_since_mono_us: Some(self.started_us.load(Ordering::SeqCst)) })
-    }
-    fn enable_now(&self, _unit: &str) -> Result<()> {
-        Ok(())
-    }
-    fn disable_now(&self, _unit: &str) -> Result<()> {
-        Ok(())
-    }
-    fn served_handlers(&self, _unit: &str) -> Result<Option<Vec<String>>> {
-        // The production path: ask the running runtime over the CRI API.
-        kata_deploy_stage::restart::cri_served_handlers(Some(&self.sock))
-    }
-}
-
-/// A host root whose /etc/containerd/config.toml is containerd's own default, pointed at a
-/// private root, state and socket.
-fn setup(bin: &Path, work: &Path) -> PathBuf {
-    let host = work.join("host");
-    std::fs::create_dir_all(host.join("etc/containerd")).unwrap();
-    for d in ["opt", "var/lib", "run", "etc/systemd/system"] {
-        std::fs::create_dir_all(host.join(d)).unwrap();
-    }
-    std::fs::write(host.join("etc/machine-id"), "0123456789abcdef\n").unwrap();
-    let out = Command::new(bin).args(["config", "default"]).output().unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    // Point root, state and the socket at the work dir, keeping everything else byte-stable.
-    let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
-    let set = |item: &mut toml_edit::Item, v: &Path| {
-        let decor = item.as_value().map(|x| x.decor().clone()).unwrap_or_default();
-        *item = toml_edit::value(v.display().to_string());
-        *item.as_value_mut().unwrap().decor_mut() = decor;
-    };
-    set(&mut doc["root"], &work.join("root"));
-    set(&mut doc["state"], &work.join("state"));
-    set(&mut doc["grpc"]["address"], &work.join("containerd.sock"));
-    let text = doc.to_string();
-    std::fs::write(host.join("etc/containerd/config.toml"), text).unwrap();
+/// A host root whose /etc/containerd/config.toml is containerd's own default.
+fn setup(bin: &CtdBin, work: &Path) -> PathBuf {
+    let host = bare_host(work);
+    std::fs::write(host.join("etc/containerd/config.toml"), bin.config_default()).unwrap();
     host
 }
 
@@ -223,32 +50,24 @@ struct Running {
     host: PathBuf,
     /// The host's config.toml before anything touched it.
     original: Vec<u8>,
-    bin: PathBuf,
     _work: tempfile::TempDir,
 }
 
 /// Starts containerd on a host root with its default configuration; None (skip) outside CI when
 /// containerd is not installed.
 fn running_containerd() -> Option<Running> {
-    let (bin, ctr) = containerd_bins()?;
+    let bin = debian_containerd()?;
     let work = tempfile::Builder::new().prefix("kata-ctd").tempdir().unwrap();
     let host = setup(&bin, work.path());
     let original = std::fs::read(host.join("etc/containerd/config.toml")).unwrap();
-    let rt = RealContainerd::new(bin.clone(), ctr, &host, work.path());
+    let rt = RealContainerd::new(bin, &host, work.path());
     rt.start();
     rt.wait_ready();
-    Some(Running { rt, host, original, bin, _work: work })
+    Some(Running { rt, host, original, _work: work })
 }
 
 fn node(version: &str) -> NodeFacts {
     NodeFacts { name: Some("n".into()), uid: Some("u".into()), machine_id: Some("0123456789abcdef".into()), container_runtime_version: Some(version.into()), ..Default::default() }
-}
-
-fn real_version(bin: &Path) -> String {
-    let out = Command::new(bin).arg("--version").output().unwrap();
-    let s = String::from_utf8_lossy(&out.stdout).to_string();
-    let v = s.split_whitespace().nth(2).unwrap_or("1.6.0").trim_start_matches('v').split('~').next().unwrap().to_string();
-    format!("containerd://{v}")
 }
 
 const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  - name: my-gpu\n    baseConfig: qemu-nvidia-gpu\n    dropIn: |\n      [hypervisor.qemu]\n      default_memory = 4096\n";
@@ -257,9 +76,8 @@ const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  -
 fn real_containerd_loads_our_handlers_converges_and_reverts() {
     let Some(c) = running_containerd() else { return };
     let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
-    let bin = c.bin.clone();
-    assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
-    let facts = node(&real_version(&bin));
+        assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
+    let facts = node(&c.rt.bin.runtime_version);
     let cfg = config(SHIMS);
 
     install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap();
@@ -273,7 +91,7 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
     assert_eq!(report.handlers(), ["kata-my-gpu", "kata-qemu", "runc"], "{report:?}");
     assert!(kata_deploy_stage::restart::cri_served_handlers(Some(&rt.sock)).unwrap().unwrap().contains(&"kata-qemu".to_string()));
     // What containerd itself reads from the file: our handler settings, runc kept.
-    let dump = rt.config_dump(&host.join("etc/containerd/config.toml"));
+    let dump = rt.dump().unwrap();
     let doc: toml_edit::DocumentMut = dump.parse().unwrap();
     let runtimes = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
     assert_eq!(runtimes["kata-qemu"]["runtime_type"].as_str(), Some("io.containerd.kata-qemu.v2"));
@@ -304,8 +122,7 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
 fn real_containerd_that_does_not_come_back_is_rolled_back() {
     let Some(c) = running_containerd() else { return };
     let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
-    let bin = c.bin.clone();
-    let facts = node(&real_version(&bin));
+        let facts = node(&c.rt.bin.runtime_version);
     let cfg = config(&SHIMS.replace("runtimeReadyTimeoutSeconds: 30", "runtimeReadyTimeoutSeconds: 5"));
     // Something corrupts the config right before the restart: containerd refuses to start.
     let path = host.join("etc/containerd/config.toml");
@@ -341,68 +158,64 @@ fn real_containerd_ignoring_our_dropin_is_rolled_back() {
 fn containerd_1_x_imports_replace_whole_plugin_sections() {
     // Why containerd < 2.0 gets an in-place edit, not a drop-in: an imported file that defines
     // the CRI plugin replaces the main file's whole CRI section (runc disappears).
-    let Some((bin, ctr)) = containerd_bins() else { return };
+    let Some(bin) = debian_containerd() else { return };
     let work = tempfile::Builder::new().prefix("kata-ctd").tempdir().unwrap();
     let host = setup(&bin, work.path());
-    let rt = RealContainerd::new(bin.clone(), ctr, &host, work.path());
+    let rt = RealContainerd::new(bin, &host, work.path());
     let main = host.join("etc/containerd/config.toml");
     let dropin = host.join("etc/containerd/kata.toml");
     std::fs::write(&dropin, "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]\n  runtime_type = \"io.containerd.kata-qemu.v2\"\n").unwrap();
     let text = std::fs::read_to_string(&main).unwrap().replacen("imports = []", "imports = [\"/etc/containerd/kata.toml\"]", 1);
     std::fs::write(&main, text).unwrap();
-    let dump = rt.config_dump(&main);
+    let dump = rt.dump().unwrap();
     let doc: toml_edit::DocumentMut = dump.parse().unwrap();
     let runtimes = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
     assert!(runtimes.get("kata-qemu").is_some());
-    let version = real_version(&bin);
+    let version = rt.bin.runtime_version.clone();
     if version.starts_with("containerd://1.") {
         assert!(runtimes.get("runc").is_none(), "containerd {version} merged plugin sections deeply; drop-ins would be safe");
     }
 }
 
-/// containerd 2.x (config version 3): our drop-in in conf.d plus an `imports` entry. Runs when
-/// KATA_TEST_CONTAINERD2 points at a containerd 2.x binary (e.g. built from the Go module proxy:
-/// `go build -tags "no_btrfs no_devmapper no_zfs no_aufs" ./cmd/containerd` in containerd v2.0.5).
 #[test]
-fn real_containerd_2_merges_our_v3_dropin() {
-    let Some(bin) = std::env::var_os("KATA_TEST_CONTAINERD2").map(PathBuf::from) else {
-        eprintln!("SKIPPED: set KATA_TEST_CONTAINERD2=<containerd 2.x binary> to run");
-        return;
-    };
-    let Some((_, ctr)) = containerd_bins() else { return };
-    let work = tempfile::Builder::new().prefix("kata-ctd2").tempdir().unwrap();
-    let host = setup(&bin, work.path());
-    let original = std::fs::read(host.join("etc/containerd/config.toml")).unwrap();
-    let rt = RealContainerd::new(bin.clone(), ctr, &host, work.path());
-    rt.start();
+fn stage_killed_by_the_restart_is_verified_by_the_retry_without_a_second_restart() {
+    let Some(c) = running_containerd() else { return };
+    let (rt, host) = (&c.rt, c.host.clone());
+    let facts = node(&c.rt.bin.runtime_version);
+    let cfg = config(SHIMS);
+    rt.kill_stage_on_next_restart.store(true, Ordering::SeqCst);
+    let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
+    assert!(matches!(e, StageError::InjectedFault { .. }), "{e}");
+    assert_eq!(rt.restarts.load(Ordering::SeqCst), 1);
+    // The pending restart (with the previous files) was on disk before the restart.
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap()).unwrap();
+    assert!(state["pending"]["previous"].as_array().is_some_and(|p| !p.is_empty()), "{state}");
     rt.wait_ready();
-    let facts = node(&real_version(&bin));
-    assert!(facts.container_runtime_version.as_deref().unwrap().starts_with("containerd://2."), "{:?}", facts.container_runtime_version);
-    let cfg = config(&format!("{SHIMS}  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n"));
-    install(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
-    assert!(host.join("etc/containerd/conf.d/kata-deploy.toml").exists());
-    let report = kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
-    let handlers = report.handlers();
-    for h in ["kata-qemu", "kata-my-gpu", "kata-qemu-coco-dev", "runc"] {
-        assert!(handlers.contains(&h.to_string()), "{h} not served: {report:?}");
-    }
-    // The merged config keeps the main file's settings (deep merge of plugin sections in 2.x).
-    let dump = rt.config_dump(&host.join("etc/containerd/config.toml"));
-    let doc: toml_edit::DocumentMut = dump.parse().unwrap();
-    let runtimes = &doc["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"];
-    assert_eq!(runtimes["kata-qemu-coco-dev"]["snapshotter"].as_str(), Some("nydus"));
-    assert!(runtimes.get("runc").is_some());
-    let images = &doc["plugins"]["io.containerd.cri.v1.images"];
-    assert_eq!(images["disable_snapshot_annotations"].as_bool(), Some(false));
-    assert!(images.get("pinned_images").is_some(), "main file's image settings lost: {dump}");
-    assert_eq!(doc["proxy_plugins"]["nydus"]["address"].as_str(), Some("/run/containerd-nydus/containerd-nydus-grpc.sock"));
-    // No-op re-run, then revert byte-for-byte.
-    let pid = rt.pid();
-    install(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
-    assert_eq!(rt.pid(), pid);
-    uninstall(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
-    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original);
-    assert!(!host.join("etc/containerd/conf.d").exists());
-    let report = kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
-    assert!(!report.handlers().iter().any(|h| h.starts_with("kata-")), "{report:?}");
+    install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap();
+    assert_eq!(rt.restarts.load(Ordering::SeqCst), 1, "the retry verified the running containerd instead of restarting it");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap()).unwrap();
+    assert!(state["pending"].is_null() && state["loaded"].is_string(), "{state}");
+}
+
+#[test]
+fn stage_killed_by_a_restart_that_fails_is_rolled_back_by_the_retry() {
+    // containerd refuses the new configuration AND the restart kills the stage: the only copy
+    // of "what to go back to" is the pending record on disk.
+    let Some(c) = running_containerd() else { return };
+    let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
+    let facts = node(&c.rt.bin.runtime_version);
+    let cfg = config(&SHIMS.replace("runtimeReadyTimeoutSeconds: 30", "runtimeReadyTimeoutSeconds: 3"));
+    *rt.refuse_config_containing.lock().unwrap() = Some("kata-qemu".into());
+    rt.kill_stage_on_next_restart.store(true, Ordering::SeqCst);
+    let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
+    assert!(matches!(e, StageError::InjectedFault { .. }), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!rt.alive(), "containerd must have refused the new configuration");
+    // The retry: containerd is down with the unverified configuration -> restart, not back ->
+    // restore the previous files from the pending record and bring containerd back with them.
+    let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
+    assert!(e.to_string().contains("previous configuration was restored"), "{e}");
+    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original, "previous config restored");
+    assert!(rt.alive() && rt.cri_ok(), "containerd must be running again");
+    assert_eq!(rt.cri().unwrap().handlers(), ["runc"]);
 }

@@ -2,6 +2,8 @@
 //! default configs, a synthetic payload, tree snapshots and a fake runtime restarter.
 #![allow(dead_code)]
 
+pub mod ctd;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -149,6 +151,8 @@ pub struct FakeRuntime {
     pub kill_stage_on_next_restart: AtomicBool,
     pub served: Mutex<Option<Vec<String>>>,
     pub enabled: Mutex<Vec<String>>,
+    /// Units reported inactive (all others are active).
+    pub inactive: Mutex<Vec<String>>,
 }
 
 impl FakeRuntime {
@@ -168,9 +172,9 @@ impl Restarter for FakeRuntime {
         }
         Ok(())
     }
-    fn status(&self, _unit: &str) -> Result<UnitStatus> {
+    fn status(&self, unit: &str) -> Result<UnitStatus> {
         let t = self.started_at.load(Ordering::SeqCst) as u64;
-        Ok(UnitStatus { active: true, active_since_mono_us: Some(t) })
+        Ok(UnitStatus { active: !self.inactive.lock().unwrap().iter().any(|u| u == unit), active_since_mono_us: Some(t) })
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
         self.enabled.lock().unwrap().push(unit.to_string());

@@ -1,0 +1,277 @@
+//! The cri and revert-cri stages: register (or remove) our handlers with the node's runtime.
+//!
+//! * Drop-ins where the runtime merges them (containerd ≥ 2.0 `imports`, k3s/rke2 templates
+//!   extending `{{ template "base" . }}`, k0s `containerd.d`, CRI-O `crio.conf.d`); an in-place
+//!   edit with a byte-exact backup otherwise (containerd 1.x replaces whole plugin sections on
+//!   import, proven against the real containerd 1.6 in tests/real_containerd.rs).
+//! * Drop-ins are rendered whole from the current configuration; in-place edits are recomputed
+//!   from the pristine backup, so whatever is no longer configured disappears.
+//! * Files are written only when their content changes. The runtime is restarted only when it
+//!   has not loaded the current content: a pending stamp (content hash, boot id, monotonic time)
+//!   is recorded before the restart, and a retry after the restart killed this stage sees that
+//!   the runtime (re)started after the stamp and does not restart again.
+//! * If the runtime does not come back (or comes back without our handlers), the previous files
+//!   are restored and the runtime restarted again: a node is never left without a runtime.
+//!
+//! Layout: [`detect`] (which CRI, which unit, what the host has), [`plan`] (pure: what to write
+//! and restart), [`apply`] (backups, state, files), [`verify`] (restart, check, roll back).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub mod apply;
+pub mod detect;
+pub mod plan;
+pub mod verify;
+
+pub use detect::*;
+pub use plan::*;
+
+use crate::error::{Result, StageError};
+use crate::hostfs::{sha256_hex, HostFs};
+use crate::restart::{boot_id, monotonic_now_us, Restarter};
+use crate::config::{Install, NodeFacts, ValidConfig};
+use crate::state::{read_json, CriFile, CriState, Original, PendingRestart, PreviousFile, CRI_STATE};
+use apply::{backup_path, restore_change, strip_ours, whole_paths_imported, write_changes, write_state, Change};
+use verify::{converge_runtime, Expect};
+
+/// What a cri/revert-cri run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CriOutcome {
+    /// Files written or removed.
+    pub changed: Vec<PathBuf>,
+    /// Whether the runtime was restarted.
+    pub restarted: bool,
+    /// The unit.
+    pub unit: String,
+    /// Remarks for the operator.
+    pub notes: Vec<String>,
+}
+
+/// Everything the cri stages need.
+pub struct CriContext<'a> {
+    /// Host filesystem.
+    pub fs: &'a HostFs,
+    /// Validated configuration.
+    pub cfg: &'a ValidConfig,
+    /// Node facts.
+    pub facts: &'a NodeFacts,
+    /// Service restarter.
+    pub restarter: &'a dyn Restarter,
+}
+
+impl CriContext<'_> {
+    fn state_path(&self) -> PathBuf {
+        self.cfg.install().state_dir().join(CRI_STATE)
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.cfg.runtime_ready_timeout_seconds)
+    }
+}
+
+fn content_hash(changes: &[Change]) -> String {
+    let mut items: Vec<(String, Option<&Vec<u8>>)> = changes.iter().map(|c| (c.path.display().to_string(), c.new.as_ref())).collect();
+    items.sort();
+    let mut buf = Vec::new();
+    for (p, c) in items {
+        buf.extend_from_slice(p.as_bytes());
+        buf.push(0);
+        match c {
+            Some(c) => buf.extend_from_slice(&sha256_hex(c).into_bytes()),
+            None => buf.extend_from_slice(b"absent"),
+        }
+        buf.push(0);
+    }
+    sha256_hex(&buf)
+}
+
+/// The cri stage: write our runtime configuration and make the runtime load it.
+pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
+    let fs = ctx.fs;
+    let install = ctx.cfg.install();
+    let kind = resolve_cri(fs, ctx.cfg, ctx.facts)?;
+    let state_path = ctx.state_path();
+    let mut state: CriState = read_json(fs, &state_path)?.unwrap_or_default();
+    let mut target = plan_cri_target(fs, ctx.cfg, ctx.facts, kind)?;
+    // The unit that runs the runtime now (an rke2 agent may also have rke2-server's unit file).
+    target.unit = choose_active_unit(&unit_candidates(&target.unit, kind), &|u| ctx.restarter.status(u).is_ok_and(|s| s.active));
+    for n in &target.notes {
+        tracing::warn!(stage = "cri", "{n}");
+    }
+    let proxy_name = install.nydus_snapshotter();
+    let old_imports = whole_paths_imported(&state);
+
+    // 1. Compute every change first (parsing everything) so bad input changes nothing.
+    let mut changes = Vec::new();
+    for (path, desired) in &target.files {
+        let current = fs.read(path)?;
+        let cur_sha = current.as_deref().map(sha256_hex);
+        let entry = state.files.iter().find(|f| &f.path == path).cloned();
+        let whole = matches!(desired, Desired::Whole(_));
+        let (base, original, backup) = match &entry {
+            None => {
+                let original = match &current {
+                    None => Original::Absent,
+                    Some(b) => Original::Backup { backup: backup_path(&install, path), sha256: sha256_hex(b) },
+                };
+                let backup = current.clone().map(|b| (backup_path(&install, path), b));
+                (current.clone(), original, backup)
+            }
+            Some(e) => {
+                let orig_sha = match &e.original {
+                    Original::Absent => None,
+                    Original::Backup { sha256, .. } => Some(sha256.clone()),
+                };
+                let pristine = cur_sha == orig_sha || (cur_sha.is_some() && cur_sha == e.written_sha256);
+                if pristine || whole {
+                    let base = match &e.original {
+                        Original::Absent => None,
+                        Original::Backup { backup, .. } => Some(fs.read(backup)?.ok_or_else(|| {
+                            StageError::bad_input(backup, "backup recorded in the state but missing", "Restore the original runtime configuration by hand, delete the state directory and re-run")
+                        })?),
+                    };
+                    (base, e.original.clone(), None)
+                } else {
+                    // Someone changed the file since we wrote it: keep their change, drop ours,
+                    // and make that the new pristine base.
+                    let cur = current.clone().unwrap_or_default();
+                    let stripped = strip_ours(path, &cur, &state, &old_imports, Some(&proxy_name))?;
+                    tracing::warn!(stage = "cri", file = %path.display(), "file changed since kata-deploy wrote it; keeping those changes");
+                    let bp = backup_path(&install, path);
+                    let original = Original::Backup { backup: bp.clone(), sha256: sha256_hex(&stripped) };
+                    (Some(stripped.clone()), original, Some((bp, stripped)))
+                }
+            }
+        };
+        let new = render_desired(path, desired, base.as_deref(), &target.kata)?;
+        let entry = CriFile { path: path.clone(), original, written_sha256: Some(sha256_hex(&new)), whole_file: whole };
+        changes.push(Change { path: path.clone(), current, new: Some(new), entry: Some(entry), backup });
+    }
+    // Files we managed before but no longer want (flavour or version changed): restore them.
+    for old in state.files.iter().filter(|f| !target.files.iter().any(|(p, _)| p == &f.path)) {
+        changes.push(restore_change(fs, &state, old, &old_imports, &proxy_name)?);
+    }
+
+    // 2. Record originals (backups first) and what we are about to write, then write.
+    let prev_state = state.clone();
+    state.cri = kind.as_str().into();
+    state.unit = target.unit.clone();
+    state.handlers = union(&prev_state.handlers, &target.handlers);
+    state.files = changes.iter().filter_map(|c| c.entry.clone()).collect();
+    // Record the directories we are about to create before creating them (crash safety).
+    for c in changes.iter().filter(|c| c.new.is_some() && c.current != c.new) {
+        let mut cur = c.path.parent();
+        while let Some(d) = cur {
+            if d == Path::new("/") || fs.exists(d) {
+                break;
+            }
+            if !state.created_dirs.iter().any(|x| x == d) {
+                state.created_dirs.push(d.to_path_buf());
+            }
+            cur = d.parent();
+        }
+    }
+    // The runtime has not loaded what we are about to write: record, in the same state write as
+    // the intent (before any file changes), what to go back to if it does not come back with it.
+    // A previous unverified write keeps its record (its "previous" is the last known good).
+    let hash = content_hash(&changes);
+    if changes.iter().any(|c| c.current != c.new) {
+        state.pending = Some(pending_restart(state.pending.as_ref(), &hash, &changes));
+    }
+    let result = write_changes(ctx, &mut state, &state_path, &changes, &install);
+    let changed = result?;
+    state.handlers = target.handlers.clone();
+    write_state(fs, &state_path, &state)?;
+
+    // 3. Make the runtime load it (or verify it already has).
+    let restarted = converge_runtime(ctx, &mut state, &state_path, &target.unit, &hash, !changed.is_empty(), Expect::Serves(target.handlers.clone()))?;
+    Ok(CriOutcome { changed, restarted, unit: target.unit, notes: target.notes })
+}
+
+/// The pending-restart record for writing `changes`: the files as they were before, unless an
+/// earlier unverified write already recorded them (then those are the last known good).
+fn pending_restart(earlier: Option<&PendingRestart>, hash: &str, changes: &[Change]) -> PendingRestart {
+    let mut previous = earlier.map(|p| p.previous.clone()).unwrap_or_default();
+    for c in changes.iter().filter(|c| c.current != c.new) {
+        if !previous.iter().any(|p| p.path == c.path) {
+            previous.push(PreviousFile { path: c.path.clone(), content: c.current.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()) });
+        }
+    }
+    PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous }
+}
+
+fn union(a: &[String], b: &[String]) -> Vec<String> {
+    let mut v = a.to_vec();
+    for x in b {
+        if !v.contains(x) {
+            v.push(x.clone());
+        }
+    }
+    v
+}
+
+/// Removes what a crashed cri/revert-cri run may have left in the state directory: backups no
+/// longer referenced by a state file and temp files of the state file.
+fn cleanup_state_leftovers(fs: &HostFs, install: &Install) -> Result<()> {
+    let dir = install.state_dir();
+    fs.remove_file(&HostFs::temp_for(&dir.join(CRI_STATE)))?;
+    let backups = dir.join("backups");
+    for name in fs.list_dir(&backups) {
+        fs.remove_file(&backups.join(name))?;
+    }
+    fs.remove_dir_if_empty(&backups)?;
+    fs.remove_dir_if_empty(&dir)
+}
+
+/// The revert-cri stage: restore every file we touched byte-for-byte (or remove our drop-ins),
+/// restart the runtime and verify it no longer serves our handlers. A no-op on a clean node.
+pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
+    let fs = ctx.fs;
+    let install = ctx.cfg.install();
+    let state_path = ctx.state_path();
+    let Some(mut state) = read_json::<CriState>(fs, &state_path)? else {
+        tracing::info!(stage = "revert-cri", "nothing recorded: the runtime configuration was never changed by this install");
+        cleanup_state_leftovers(fs, &install)?;
+        return Ok(CriOutcome::default());
+    };
+    let imports = whole_paths_imported(&state);
+    let proxy = install.nydus_snapshotter();
+    let mut changes = Vec::new();
+    for f in &state.files {
+        changes.push(restore_change(fs, &state, f, &imports, &proxy)?);
+    }
+    let mut changed = Vec::new();
+    for c in &changes {
+        // A crash between writing a temp file and renaming it leaves the temp beside the file.
+        fs.remove_file(&HostFs::temp_for(&c.path))?;
+        if c.current == c.new {
+            continue;
+        }
+        match &c.new {
+            Some(b) => fs.write_preserving(&c.path, b, 0o644)?,
+            None => {
+                fs.remove_file(&c.path)?;
+            }
+        }
+        changed.push(c.path.clone());
+    }
+    let hash = content_hash(&changes);
+    let unit = if state.unit.is_empty() { runtime_unit(fs, resolve_cri(fs, ctx.cfg, ctx.facts)?) } else { state.unit.clone() };
+    let handlers = state.handlers.clone();
+    // A failed revert keeps the state so a re-run finishes the job.
+    // Reverting has nothing to roll back to: an install's unverified record does not apply.
+    if state.pending.as_ref().is_some_and(|p| p.content != hash) {
+        state.pending = None;
+    }
+    let restarted = converge_runtime(ctx, &mut state, &state_path, &unit, &hash, !changed.is_empty(), Expect::Lacks(handlers))?;
+    // Done. Order matters for crash safety: directories we created (now empty), then the state
+    // file, then the backups (a re-run without state cleans leftover backups).
+    let mut dirs = state.created_dirs.clone();
+    dirs.sort();
+    for d in dirs.iter().rev() {
+        fs.remove_dir_if_empty(d)?;
+    }
+    fs.remove_file(&state_path)?;
+    cleanup_state_leftovers(fs, &install)?;
+    Ok(CriOutcome { changed, restarted, unit, notes: vec![] })
+}

@@ -1,0 +1,134 @@
+//! Making the runtime load what was written and verifying it did: restart unless it already
+//! loaded this content (a pending record survives the stage's death), wait until it serves (or
+//! no longer serves) the handlers, roll back to the recorded previous files otherwise.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::apply::write_state;
+use super::CriContext;
+use crate::config::RestartMode;
+use crate::error::{Result, StageError};
+use crate::restart::{boot_id, monotonic_now_us};
+use crate::state::{CriState, PendingRestart, PreviousFile};
+
+/// What the runtime must serve once it is back.
+#[derive(Debug, Clone)]
+pub(super) enum Expect {
+    /// All of these handlers.
+    Serves(Vec<String>),
+    /// None of these handlers.
+    Lacks(Vec<String>),
+}
+
+/// Restarts the runtime unless it already loaded `hash`, then verifies it is back. On failure,
+/// restores the files to what they were before this run and restarts again.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, unit: &str, hash: &str, wrote: bool, expect: Expect) -> Result<bool> {
+    let fs = ctx.fs;
+    if ctx.cfg.restart == RestartMode::None {
+        if state.loaded.as_deref() != Some(hash) {
+            fs.plan(format!("restart {unit}: skipped (restart: none); restart it yourself to load the new configuration"));
+            tracing::warn!(stage = "cri", unit, "restart: none: not restarting; the runtime loads the new configuration on its next restart");
+        }
+        state.loaded = Some(hash.to_string());
+        state.pending = None;
+        write_state(fs, state_path, state)?;
+        return Ok(false);
+    }
+    if !wrote && state.loaded.as_deref() == Some(hash) {
+        fs.plan(format!("restart {unit}: no (the running runtime already loaded this configuration)"));
+        return Ok(false);
+    }
+    if !wrote {
+        if let Some(p) = state.pending.clone().filter(|p| p.content == hash) {
+            // A previous run requested this restart and may have been killed by it.
+            let st = ctx.restarter.status(unit)?;
+            let restarted_since = p.boot_id != boot_id() || st.active_since_mono_us.is_some_and(|t| t >= p.requested_mono_us);
+            let served = ctx.restarter.served_handlers(unit);
+            if st.active && restarted_since && served.is_ok_and(|s| matches_expect(s, &expect)) {
+                tracing::info!(stage = "cri", unit, "runtime already restarted with this configuration by a previous run; not restarting again");
+                fs.plan(format!("restart {unit}: no (restarted by a previous run after the configuration was written)"));
+                state.loaded = Some(hash.to_string());
+                state.pending = None;
+                write_state(fs, state_path, state)?;
+                return Ok(false);
+            }
+        }
+    }
+    if fs.dry_run() {
+        fs.plan(format!("restart {unit}: yes (the running runtime has not loaded this configuration)"));
+        return Ok(true);
+    }
+    let previous = state.pending.as_ref().map(|p| p.previous.clone()).unwrap_or_default();
+    let stamp = PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous };
+    state.pending = Some(stamp.clone());
+    write_state(fs, state_path, state)?;
+    tracing::info!(stage = "cri", unit, "restarting the runtime to load the new configuration");
+    let outcome = ctx.restarter.restart(unit).and_then(|()| wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect));
+    match outcome {
+        Ok(()) => {
+            state.loaded = Some(hash.to_string());
+            state.pending = None;
+            write_state(fs, state_path, state)?;
+            Ok(true)
+        }
+        // A simulated crash (tests) means this process is gone: nothing else runs.
+        Err(e @ StageError::InjectedFault { .. }) => Err(e),
+        Err(e) => {
+            tracing::error!(stage = "cri", unit, error = %e, "runtime did not come back with the new configuration; restoring the previous one");
+            let restored = rollback(ctx, unit, &stamp.previous);
+            let hint = match restored {
+                Ok(()) => {
+                    state.pending = None;
+                    write_state(fs, state_path, state)?;
+                    "The previous configuration was restored and the runtime restarted with it. Check the runtime logs (journalctl -u <unit>) for why it rejected the new configuration".to_string()
+                }
+                Err(re) => format!("Restoring the previous configuration ALSO failed ({re}); restore it by hand from the backups in {}", ctx.cfg.install().state_dir().display()),
+            };
+            Err(StageError::Runtime { unit: unit.to_string(), message: format!("did not come back with the new configuration within {}s: {e}", ctx.cfg.cfg.runtime_ready_timeout_seconds), hint })
+        }
+    }
+}
+
+fn matches_expect(served: Option<Vec<String>>, expect: &Expect) -> bool {
+    match (served, expect) {
+        (None, _) => true,
+        (Some(s), Expect::Serves(h)) => h.iter().all(|x| s.contains(x)),
+        (Some(s), Expect::Lacks(h)) => !h.iter().any(|x| s.contains(x)),
+    }
+}
+
+fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expect) -> Result<()> {
+    let deadline = Instant::now() + ctx.timeout();
+    let mut last: String;
+    loop {
+        match ctx.restarter.status(unit) {
+            Ok(st) if st.active && st.active_since_mono_us.is_none_or(|t| t >= since_us) => match ctx.restarter.served_handlers(unit) {
+                Ok(served) if matches_expect(served.clone(), expect) => return Ok(()),
+                Ok(served) => last = format!("active but serves {:?}, expected {:?}", served.unwrap_or_default(), expect),
+                Err(e) => last = e.to_string(),
+            },
+            Ok(st) => last = format!("active={} since={:?}", st.active, st.active_since_mono_us),
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            return Err(StageError::Runtime { unit: unit.into(), message: format!("not back: {last}"), hint: "see the runtime's logs".into() });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn rollback(ctx: &CriContext, unit: &str, previous: &[PreviousFile]) -> Result<()> {
+    for p in previous {
+        match &p.content {
+            Some(b) => ctx.fs.write_preserving(&p.path, b.as_bytes(), 0o644)?,
+            None => {
+                ctx.fs.remove_file(&p.path)?;
+            }
+        }
+    }
+    let since = monotonic_now_us();
+    ctx.restarter.restart(unit)?;
+    wait_until_loaded(ctx, unit, since, &Expect::Lacks(vec![]))
+}
