@@ -197,7 +197,11 @@ before the host is touched).
 {{- $c := .Values.job.cleanup | default dict -}}
 {{- $sel := include "kata-deploy.selectors" (dict "eq" ($c.nodeSelector | default dict) "exprs" ($c.nodeSelectorExpressions | default list) "what" "job.cleanup.nodeSelectorExpressions"
       "affinity" ($c.nodeAffinity | default dict) "awhat" "job.cleanup.nodeAffinity") | fromJsonArray -}}
-{{- if $sel -}}
+{{- if eq ($sel | toJson) (list "katacontainers.io/kata-runtime" | toJson) -}}
+{{- /* Upstream's default (kata-runtime Exists) means "every node an install touched": here that
+       also takes this install's claimed marker (upstream marks with kata-runtime=false instead). */ -}}
+{{- append $sel (include "kata-deploy.claimedLabel" .) | toJson -}}
+{{- else if $sel -}}
 {{- $sel | toJson -}}
 {{- else -}}
 {{- list "katacontainers.io/kata-runtime" (include "kata-deploy.claimedLabel" .) | toJson -}}
