@@ -37,39 +37,74 @@ fn labels_of(node: &Node) -> BTreeMap<String, String> {
     node.metadata.labels.clone().unwrap_or_default()
 }
 
+
+/// One test's share of the test bed: a namespace, `n` local nodes (real stage binary on fake host
+/// roots under `hosts`) labelled `kata-test/group=<ns>`, and the local kubelet running their pods.
+struct Bed {
+    cluster: TestCluster,
+    ns: String,
+    hosts: std::path::PathBuf,
+    local: Vec<String>,
+    group: BTreeMap<String, String>,
+    kubelet: LocalKubelet,
+    nodes: Api<Node>,
+    _scratch: tempfile::TempDir,
+}
+
+impl Bed {
+    async fn start(prefix: &str, n: usize) -> Result<Self> {
+        let cluster = TestCluster::get().await?;
+        let ns = cluster.namespace(prefix).await?;
+        let scratch = tempfile::tempdir()?;
+        let (hosts, work, payload) = (scratch.path().join("hosts"), scratch.path().join("work"), scratch.path().join("payload"));
+        let status = std::process::Command::new("bash").arg(repo_root().join("hack/make-test-payload.sh")).arg(&payload).status()?;
+        if !status.success() {
+            bail!("hack/make-test-payload.sh failed");
+        }
+        let group: BTreeMap<String, String> = [("kata-test/group".to_string(), ns.clone())].into();
+        let local = cluster.local_nodes(&format!("{ns}-l"), n, &hosts, &ns, &group).await?;
+        let mut config = Config::new(cluster.kubeconfig(), hosts.clone(), work.clone());
+        config.images = ImageMap::new([
+            ("kata-deploy-job-dispatcher", workspace_bin("kata-deploy-job-dispatcher")?),
+            ("kata-deploy-stage", workspace_bin("kata-deploy-stage")?),
+        ]);
+        config.binds = vec![parse_bind(&format!("{}=/opt/kata-payload:ro", payload.display())).map_err(anyhow::Error::msg)?];
+        config.node_selector = format!("{LOCAL_LABEL}={ns}");
+        config.heartbeat = Duration::from_secs(5);
+        let kubelet = LocalKubelet::spawn(config).await?;
+        let nodes: Api<Node> = Api::all(cluster.client.clone());
+        for n in &local {
+            wait_until(Duration::from_secs(30), "local node Ready", || async {
+                let node = nodes.get(n).await?;
+                Ok(node.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .await?;
+        }
+        Ok(Bed { cluster, ns, hosts, local, group, kubelet, nodes, _scratch: scratch })
+    }
+
+    /// `--set` arguments that keep a release on this test's nodes (shared cluster) and off systemd.
+    fn scope(&self) -> Vec<String> {
+        let ns = &self.ns;
+        [
+            "--namespace", ns, "--set", "stage.restart=none", "--set-string", &format!("job.nodeSelector.kata-test/group={ns}"),
+            "--set-string", &format!("job.cleanup.nodeSelector.kata-test/group={ns}"),
+            "--set-string", &format!("job.dispatcher.nodeSelector.{}={ns}", LOCAL_LABEL.replace('.', "\\.")),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result<()> {
-    let cluster = TestCluster::get().await?;
-    let ns = cluster.namespace("e2e").await?;
-    let scratch = tempfile::tempdir()?;
-    let (hosts, work, payload) = (scratch.path().join("hosts"), scratch.path().join("work"), scratch.path().join("payload"));
-    let status = std::process::Command::new("bash").arg(repo_root().join("hack/make-test-payload.sh")).arg(&payload).status()?;
-    if !status.success() {
-        bail!("hack/make-test-payload.sh failed");
-    }
-    let group: BTreeMap<String, String> = [("kata-test/group".to_string(), ns.clone())].into();
-    let local = cluster.local_nodes(&format!("{ns}-l"), 2, &hosts, &ns, &group).await?;
+    let bed = Bed::start("e2e", 2).await?;
+    let (cluster, ns, hosts, local, group, nodes) = (&bed.cluster, &bed.ns, &bed.hosts, &bed.local, &bed.group, &bed.nodes);
+    let ns = ns.clone();
     let mut sim_spec = SimNode::default();
     sim_spec.labels = group.clone();
     let sim = cluster.sim_nodes(&format!("{ns}-s"), 2, &sim_spec).await?;
-
-    let mut config = Config::new(cluster.kubeconfig(), hosts.clone(), work.clone());
-    config.images = ImageMap::new([
-        ("kata-deploy-job-dispatcher", workspace_bin("kata-deploy-job-dispatcher")?),
-        ("kata-deploy-stage", workspace_bin("kata-deploy-stage")?),
-    ]);
-    config.binds = vec![parse_bind(&format!("{}=/opt/kata-payload:ro", payload.display())).map_err(anyhow::Error::msg)?];
-    config.node_selector = format!("{LOCAL_LABEL}={ns}");
-    config.heartbeat = Duration::from_secs(5);
-    let kubelet = LocalKubelet::spawn(config).await?;
-    let nodes: Api<Node> = Api::all(cluster.client.clone());
-    for n in &local {
-        wait_until(Duration::from_secs(30), "local node Ready", || async {
-            let node = nodes.get(n).await?;
-            Ok(node.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .await?;
-    }
     let original: Vec<_> = local.iter().map(|n| snapshot(&hosts.join(n))).collect::<Result<_>>()?;
 
     let chart = repo_root().join("chart/kata-deploy");
@@ -178,6 +213,160 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
     assert!(message.contains(&local[1]) && message.contains("kvm"), "the dispatcher's termination message names the node and why: {message:?}");
     assert!(!message.contains(&format!("{}:", local[0])), "the healthy node is not reported failed: {message}");
     helm(&cluster, &["uninstall", "kata-deploy", "--namespace", &ns, "--wait", "--timeout", "4m"]).await?;
-    kubelet.shutdown().await;
+    bed.kubelet.shutdown().await;
+    Ok(())
+}
+
+/// A stand-in for an upstream kata-deploy release: a chart named kata-deploy whose values are one of
+/// our upstream-shaped fixtures (so `helm upgrade --reuse-values` to this chart sees exactly what it
+/// would see over upstream), with upstream 4.x's identity record and, in DaemonSet mode, a
+/// DaemonSet like upstream's (inert: it selects no node).
+fn upstream_chart(dir: &Path, fixture: &str) -> Result<std::path::PathBuf> {
+    let chart = dir.join("kata-deploy");
+    std::fs::create_dir_all(chart.join("templates"))?;
+    std::fs::write(chart.join("Chart.yaml"), "apiVersion: v2\nname: kata-deploy\nversion: 3.32.0\nappVersion: \"3.32.0\"\n")?;
+    std::fs::copy(repo_root().join("chart/fixtures").join(fixture), chart.join("values.yaml"))?;
+    std::fs::write(
+        chart.join("templates/state.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ printf \"%s-kata-deploy-state\" .Release.Name }}\ndata:\n  \
+         multiInstallSuffix: {{ .Values.env.multiInstallSuffix | default \"\" | quote }}\n  deploymentMode: {{ .Values.deploymentMode | quote }}\n",
+    )?;
+    std::fs::write(
+        chart.join("templates/daemonset.yaml"),
+        "{{- if eq .Values.deploymentMode \"daemonset\" }}\napiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: kata-deploy{{ with .Values.env.multiInstallSuffix }}-{{ . }}{{ end }}\n\
+         spec:\n  selector: {matchLabels: {name: kata-deploy}}\n  template:\n    metadata: {labels: {name: kata-deploy}}\n    spec:\n      \
+         nodeSelector: {kata-test/none: none}\n      containers: [{name: kata-deploy, image: quay.io/kata-containers/kata-deploy}]\n{{- end }}\n",
+    )?;
+    Ok(chart)
+}
+
+async fn release_revision(cluster: &TestCluster, ns: &str, release: &str) -> Result<String> {
+    let (ok, out) = helm(cluster, &["history", release, "--namespace", ns, "--max", "1", "-o", "json"]).await?;
+    if !ok {
+        bail!("helm history {release}: {out}");
+    }
+    let v: serde_json::Value = serde_json::from_str(out.lines().find(|l| l.starts_with('[')).context("helm history JSON")?)?;
+    Ok(format!("{}/{}", v[0]["revision"], v[0]["status"]))
+}
+
+/// Switching from upstream: an empty selection fails naming the selector; a release installed with
+/// upstream-shaped values (upstream CI's shape) is taken over with `helm upgrade --reuse-values`;
+/// the suffix cannot change on upgrade; a DaemonSet-mode release is refused with the steps, which
+/// then work. Real helm, real API server, real stage binary on local nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
+    let bed = Bed::start("upstream", 1).await?;
+    let (cluster, ns) = (&bed.cluster, bed.ns.as_str());
+    let chart = repo_root().join("chart/kata-deploy");
+    let chart = chart.to_str().expect("utf-8");
+    let scope = bed.scope();
+    let scope: Vec<&str> = scope.iter().map(String::as_str).collect();
+    let scratch = tempfile::tempdir()?;
+    let few = ["--set", "shims.disableAll=true", "--set", "shims.qemu.enabled=true", "--wait", "--timeout", "3m"];
+
+    // --- 1. an install that selects no node fails, naming the selector ---
+    let none = format!("job.nodeSelector.kata-test/absent={ns}");
+    let mut args = vec!["install", "empty", chart, "--set", "env.multiInstallSuffix=e0"];
+    args.extend(&scope);
+    args.extend(["--set-string", &none]);
+    args.extend(few);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(!ok, "an install selecting no node must fail: {out}");
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let msg: String = pods
+        .list(&ListParams::default().labels("katacontainers.io/dispatcher-role=install,app.kubernetes.io/instance=empty"))
+        .await?
+        .items
+        .iter()
+        .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
+        .collect();
+    assert!(msg.contains("kata-test/absent") && msg.contains("!node-role.kubernetes.io/control-plane"), "the failure names the selector and the control-plane default: {msg:?}");
+    helm(cluster, &["uninstall", "empty", "--namespace", ns, "--wait", "--timeout", "2m"]).await?;
+    // The explicit opt-out keeps an empty selection a successful no-op.
+    args.extend(["--set", "job.requireNodes=false"]);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(ok, "job.requireNodes=false: an empty selection is a no-op: {out}");
+    let (ok, out) = helm(cluster, &["uninstall", "empty", "--namespace", ns, "--wait", "--timeout", "2m"]).await?;
+    assert!(ok, "{out}");
+
+    // --- 2. take over a release installed with upstream-shaped values (upstream CI's base shape) ---
+    let up = upstream_chart(&scratch.path().join("job"), "upstream-4.x-job.values.yaml")?;
+    let ci = repo_root().join("chart/fixtures/upstream-ci-base.values.yaml");
+    let (ok, out) = helm(cluster, &["install", "kd", up.to_str().unwrap(), "--namespace", ns, "-f", ci.to_str().unwrap(), "--set", "env.multiInstallSuffix=up"]).await?;
+    assert!(ok, "stand-in upstream release: {out}");
+    // Upstream CI's image is upstream's kata-deploy image: point at ours (the one thing a user must change), plus the test-bed scope.
+    let mut args = vec!["upgrade", "kd", chart, "--reuse-values", "--set", "image.reference=quay.io/kata-containers/kata-deploy-stage", "--set", "image.tag="];
+    args.extend(&scope);
+    args.extend(["--wait", "--timeout", "4m"]);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(ok, "helm upgrade --reuse-values over upstream-shaped values: {out}");
+    assert!(out.contains("NO effect"), "NOTES lists what has no effect: {out}");
+    let node = bed.nodes.get(&bed.local[0]).await?;
+    let l = labels_of(&node);
+    assert_eq!(l.get("katacontainers.io/kata-deploy-installed-up").map(String::as_str), Some("true"), "installed with the recorded suffix: {l:?}");
+    let rcs: Api<RuntimeClass> = Api::all(cluster.client.clone());
+    let rc = rcs.get("kata-qemu-coco-dev-up").await?;
+    assert_eq!(rc.handler, "kata-qemu-coco-dev-up");
+    let sel = rc.scheduling.and_then(|s| s.node_selector).unwrap_or_default();
+    assert_eq!(sel.get("katacontainers.io/kata-deploy-installed-up").map(String::as_str), Some("true"), "class selects this install's marker: {sel:?}");
+    assert!(rcs.get_opt("kata").await?.is_none(), "createDefault is not applied with a suffix (NOTES says so)");
+    assert!(bed.hosts.join(&bed.local[0]).join("opt/kata-up/bin/containerd-shim-kata-v2").is_file(), "payload under the suffixed prefix");
+
+    // --- 3. the suffix cannot change on upgrade; nothing is touched ---
+    let before = release_revision(cluster, ns, "kd").await?;
+    let mut args = vec!["upgrade", "kd", chart, "--reuse-values", "--set", "env.multiInstallSuffix=other"];
+    args.extend(&scope);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(!ok && out.contains("env.multiInstallSuffix cannot change") && out.contains("\"up\"") && out.contains("\"other\""), "suffix change refused: {out}");
+    assert_eq!(release_revision(cluster, ns, "kd").await?, before, "a refused upgrade leaves the release as it was");
+    // The same upgrade without the change is fine (reuse again, idempotent).
+    let mut args = vec!["upgrade", "kd", chart, "--reuse-values"];
+    args.extend(&scope);
+    args.extend(["--wait", "--timeout", "4m"]);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(ok, "second --reuse-values upgrade: {out}");
+    let (ok, out) = helm(cluster, &["uninstall", "kd", "--namespace", ns, "--wait", "--timeout", "4m"]).await?;
+    assert!(ok, "{out}");
+    let l = labels_of(&bed.nodes.get(&bed.local[0]).await?);
+    assert!(!l.keys().any(|k| k.starts_with("katacontainers.io/")), "uninstall removed this install's labels: {l:?}");
+
+    // --- 4. an upstream DaemonSet-mode release: refused with the steps, which then work ---
+    let ds_chart = upstream_chart(&scratch.path().join("ds"), "upstream-4.x-daemonset.values.yaml")?;
+    let (ok, out) = helm(cluster, &["install", "dsrel", ds_chart.to_str().unwrap(), "--namespace", ns, "--set", "env.multiInstallSuffix=ds"]).await?;
+    assert!(ok, "stand-in upstream DaemonSet release: {out}");
+    let before = release_revision(cluster, ns, "dsrel").await?;
+    for extra in [&[][..], &["--set", "deploymentMode=job"][..]] {
+        let mut args = vec!["upgrade", "dsrel", chart, "--reuse-values"];
+        args.extend(extra);
+        args.extend(&scope);
+        let (ok, out) = helm(cluster, &args).await?;
+        assert!(!ok, "an in-place upgrade of a DaemonSet-mode release must be refused ({extra:?}): {out}");
+        for step in ["helm get values dsrel", "helm uninstall dsrel", "kubectl get nodes -l katacontainers.io/kata-runtime", "--set deploymentMode=job"] {
+            assert!(out.contains(step), "the refusal gives the step {step:?} ({extra:?}): {out}");
+        }
+    }
+    assert_eq!(release_revision(cluster, ns, "dsrel").await?, before, "refused upgrades leave the DaemonSet release as it was");
+    let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(cluster.client.clone(), ns);
+    assert!(ds.get_opt("kata-deploy-ds").await?.is_some(), "the old DaemonSet was not touched");
+    // The documented steps.
+    let saved = scratch.path().join("kata-values.yaml");
+    let (ok, out) = helm(cluster, &["get", "values", "dsrel", "--namespace", ns, "-o", "yaml"]).await?;
+    assert!(ok, "{out}");
+    std::fs::write(&saved, out.lines().skip_while(|l| l.starts_with("---")).collect::<Vec<_>>().join("\n"))?;
+    let (ok, out) = helm(cluster, &["uninstall", "dsrel", "--namespace", ns, "--wait", "--timeout", "2m"]).await?;
+    assert!(ok, "{out}");
+    let mut args = vec!["install", "dsrel", chart, "-f", saved.to_str().unwrap(), "--set", "deploymentMode=job"];
+    args.extend(&scope);
+    args.extend(few);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(ok, "install after the documented steps: {out}");
+    assert_eq!(
+        labels_of(&bed.nodes.get(&bed.local[0]).await?).get("katacontainers.io/kata-deploy-installed-ds").map(String::as_str),
+        Some("true")
+    );
+    let (ok, out) = helm(cluster, &["uninstall", "dsrel", "--namespace", ns, "--wait", "--timeout", "4m"]).await?;
+    assert!(ok, "{out}");
+    bed.kubelet.shutdown().await;
     Ok(())
 }
