@@ -812,7 +812,7 @@ def t_upstream():
         missing = [p for p in paths if table_entry(p) is None]
         check(f"{fx}: every upstream key ({len(paths)}) has a verdict (impl / noeffect / refused)", not missing, missing)
     # Every fixture with upstream's shapes renders (install), except the DaemonSet-mode one.
-    for fx in sorted(os.listdir(FIXTURES)):
+    for fx in sorted(f for f in os.listdir(FIXTURES) if f.startswith("upstream-")):
         err = render_err(None, extra=["-f", os.path.join(FIXTURES, fx)])
         if "daemonset" in fx:
             check(f"{fx}: refused with the migration steps", "this chart implements job mode" in err and "helm uninstall" in err, err)
@@ -943,7 +943,7 @@ def t_stage_parses():
                "shims": {"qemu": {"allowedHypervisorAnnotations": ["kernel_params"], "dropIn": "[agent.kata]\ndial_timeout = 999\n"}}}, []),
               ("disableAll with a custom runtime only", {"shims": {"disableAll": True},
                "customRuntimes": {"enabled": True, "runtimes": {"solo": {"baseConfig": "qemu"}}}}, [])]
-    matrix += [(f"fixture {fx}", None, [os.path.join(FIXTURES, fx)]) for fx in sorted(os.listdir(FIXTURES)) if "daemonset" not in fx]
+    matrix += [(f"fixture {fx}", None, [os.path.join(FIXTURES, fx)]) for fx in sorted(os.listdir(FIXTURES)) if fx.startswith("upstream-") and "daemonset" not in fx]
     for name, values, files in matrix:
         cfg = stage_config(render(values, files=files))[1]["data"]["config.yaml"]
         path = os.path.join(TMP, "config.yaml")

@@ -33,7 +33,19 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
         vec!["-f".into(), chart.join("try-kata-nvidia-gpu.values.yaml").display().to_string()],
         vec!["-f".into(), chart.join("try-kata-tee.values.yaml").display().to_string()],
         vec!["--set".into(), "env.multiInstallSuffix=cicd".into(), "--set".into(), "shims.qemu.containerd.snapshotter=nydus".into()],
+        vec!["--set".into(), "runtimeClasses.createDefault=true".into(), "--set-file".into(),
+             format!("verification.pod={}", repo_root().join("chart/fixtures/verification-pod.yaml").display())],
     ];
+    // Upstream-shaped values (our fixtures with upstream kata-deploy's keys and shapes) install too.
+    let fixtures = repo_root().join("chart/fixtures");
+    let mut names: Vec<String> = std::fs::read_dir(&fixtures)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("upstream-") && !n.contains("daemonset"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 7, "the upstream-shaped fixtures: {names:?}");
+    let variants: Vec<Vec<String>> =
+        variants.into_iter().chain(names.iter().map(|n| vec!["-f".into(), fixtures.join(n).display().to_string()])).collect();
     let mut checked = 0;
     for extra in variants {
         let out = cluster
@@ -66,7 +78,7 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
             }
         }
     }
-    assert!(checked > 40, "expected every object of four renderings, checked {checked}");
+    assert!(checked > 100, "expected every object of every rendering, checked {checked}");
     Ok(())
 }
 
@@ -84,6 +96,10 @@ async fn bad_values_are_refused_and_install_nothing() -> Result<()> {
         ("no shim enabled", &["--set", "shims.disableAll=true"], "no shim is enabled"),
         ("unknown selector operator", &["--set-json", r#"job.nodeSelectorExpressions=[{"key":"a","operator":"Equals","values":["x"]}]"#], "operator"),
         ("restricted annotation without opt-in", &["--set-json", r#"shims.qemu.allowedHypervisorAnnotations=["path"]"#], "allowRestrictedAnnotations"),
+        ("upstream NFD subchart", &["--set", "node-feature-discovery.enabled=true"], "helm install nfd"),
+        ("upstream startupTaints", &["--set-json", r#"startupTaints=["katacontainers.io/kata-runtime:NoSchedule"]"#], "startupTaints"),
+        ("upstream containerd.configDir", &["--set", "containerd.configDir=/etc/my-containerd"], "containerd.configDir"),
+        ("upstream forceGuestPull", &["--set", "shims.qemu-snp.containerd.forceGuestPull=true"], "shims.qemu-snp.containerd.forceGuestPull"),
     ];
     for (i, (name, values, want)) in cases.iter().enumerate() {
         let release = format!("bad-{i}");

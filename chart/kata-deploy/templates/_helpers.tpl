@@ -726,7 +726,7 @@ The upstream keys that are set but have no effect in this chart, with the reason
 {{- if and (eq (include "kata-deploy.bool" $v.runtimeClasses.createDefault) "true") $v.env.multiInstallSuffix -}}
 {{- $out = append $out "runtimeClasses.createDefault: the default RuntimeClass is not created with env.multiInstallSuffix (its name would clash between installs)" -}}
 {{- end -}}
-{{- if ne (toString (dig "create" "auto" ($v.nodeFeatureRules | default dict))) "false" -}}
+{{- if and (hasKey $v "nodeFeatureRules") (ne (toString (dig "create" "auto" ($v.nodeFeatureRules | default dict))) "false") -}}
 {{- $out = append $out "nodeFeatureRules.create=auto: no NodeFeatureRule and no TEE key requests are created by this chart" -}}
 {{- end -}}
 {{- if gt (len (keys (index $v "node-feature-discovery" | default dict))) 1 -}}
