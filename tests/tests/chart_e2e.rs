@@ -9,7 +9,7 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kata_testbed::cluster::{client_from_kubeconfig, repo_root, wait_until, workspace_bin, SimNode, TestCluster};
 use kata_testbed::hostroot::snapshot;
-use kata_testbed::local_kubelet::{parse_bind, request_pod_token, Config, ImageMap, LocalKubelet, LOCAL_LABEL};
+use kata_testbed::local_kubelet::{parse_bind, request_pod_token, Config, ImageMap, LocalKubelet, LocalKubeletHandle, LOCAL_LABEL};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,7 +46,7 @@ struct Bed {
     hosts: std::path::PathBuf,
     local: Vec<String>,
     group: BTreeMap<String, String>,
-    kubelet: LocalKubelet,
+    kubelet: LocalKubeletHandle,
     nodes: Api<Node>,
     _scratch: tempfile::TempDir,
 }

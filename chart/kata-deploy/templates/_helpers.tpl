@@ -451,7 +451,7 @@ volumes:
   # bound to this pod (and, Kubernetes >= 1.30, names its node: see node-scope-policy.yaml).
   - name: api-access
     projected:
-      defaultMode: 0444
+      defaultMode: 292   # 0444
       sources:
         - serviceAccountToken:
             path: token
