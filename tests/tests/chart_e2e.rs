@@ -240,6 +240,20 @@ fn upstream_chart(dir: &Path, fixture: &str) -> Result<std::path::PathBuf> {
     Ok(chart)
 }
 
+/// The termination messages of a release's install dispatcher pods (what failed, per node).
+async fn dispatcher_message(cluster: &TestCluster, ns: &str, release: &str) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let sel = format!("katacontainers.io/dispatcher-role=install,app.kubernetes.io/instance={release}");
+    Ok(pods
+        .list(&ListParams::default().labels(&sel))
+        .await?
+        .items
+        .iter()
+        .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
+        .collect())
+}
+
 async fn release_revision(cluster: &TestCluster, ns: &str, release: &str) -> Result<String> {
     let (ok, out) = helm(cluster, &["history", release, "--namespace", ns, "--max", "1", "-o", "json"]).await?;
     if !ok {
@@ -262,6 +276,9 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     let scope = bed.scope();
     let scope: Vec<&str> = scope.iter().map(String::as_str).collect();
     let scratch = tempfile::tempdir()?;
+    // Suffixes unique to this run: RuntimeClasses are cluster-scoped and handlers must be unique.
+    let up = ns.replace("upstream-", "u");
+    let dsx = ns.replace("upstream-", "d");
     let few = ["--set", "shims.disableAll=true", "--set", "shims.qemu.enabled=true", "--wait", "--timeout", "3m"];
 
     // --- 1. an install that selects no node fails, naming the selector ---
@@ -272,15 +289,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     args.extend(few);
     let (ok, out) = helm(cluster, &args).await?;
     assert!(!ok, "an install selecting no node must fail: {out}");
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
-    let msg: String = pods
-        .list(&ListParams::default().labels("katacontainers.io/dispatcher-role=install,app.kubernetes.io/instance=empty"))
-        .await?
-        .items
-        .iter()
-        .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
-        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
-        .collect();
+    let msg = dispatcher_message(cluster, ns, "empty").await?;
     assert!(msg.contains("kata-test/absent") && msg.contains("!node-role.kubernetes.io/control-plane"), "the failure names the selector and the control-plane default: {msg:?}");
     helm(cluster, &["uninstall", "empty", "--namespace", ns, "--wait", "--timeout", "2m"]).await?;
     // The explicit opt-out keeps an empty selection a successful no-op.
@@ -291,34 +300,37 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     assert!(ok, "{out}");
 
     // --- 2. take over a release installed with upstream-shaped values (upstream CI's base shape) ---
-    let up = upstream_chart(&scratch.path().join("job"), "upstream-4.x-job.values.yaml")?;
+    let up_chart = upstream_chart(&scratch.path().join("job"), "upstream-4.x-job.values.yaml")?;
     let ci = repo_root().join("chart/fixtures/upstream-ci-base.values.yaml");
-    let (ok, out) = helm(cluster, &["install", "kd", up.to_str().unwrap(), "--namespace", ns, "-f", ci.to_str().unwrap(), "--set", "env.multiInstallSuffix=up"]).await?;
+    let set_up = format!("env.multiInstallSuffix={up}");
+    let (ok, out) = helm(cluster, &["install", "kd", up_chart.to_str().unwrap(), "--namespace", ns, "-f", ci.to_str().unwrap(), "--set", &set_up,
+        // As upstream CI does on runtimes without per-runtime snapshotters (the local nodes report containerd 1.6).
+        "--set", "shims.qemu-coco-dev.containerd.snapshotter=", "--set", "shims.qemu-coco-dev.crio.guestPull=false"]).await?;
     assert!(ok, "stand-in upstream release: {out}");
     // Upstream CI's image is upstream's kata-deploy image: point at ours (the one thing a user must change), plus the test-bed scope.
     let mut args = vec!["upgrade", "kd", chart, "--reuse-values", "--set", "image.reference=quay.io/kata-containers/kata-deploy-stage", "--set", "image.tag="];
     args.extend(&scope);
     args.extend(["--wait", "--timeout", "4m"]);
     let (ok, out) = helm(cluster, &args).await?;
-    assert!(ok, "helm upgrade --reuse-values over upstream-shaped values: {out}");
+    assert!(ok, "helm upgrade --reuse-values over upstream-shaped values: {out}\ndispatcher: {}", dispatcher_message(cluster, ns, "kd").await?);
     assert!(out.contains("NO effect"), "NOTES lists what has no effect: {out}");
     let node = bed.nodes.get(&bed.local[0]).await?;
     let l = labels_of(&node);
-    assert_eq!(l.get("katacontainers.io/kata-deploy-installed-up").map(String::as_str), Some("true"), "installed with the recorded suffix: {l:?}");
+    assert_eq!(l.get(&format!("katacontainers.io/kata-deploy-installed-{up}")).map(String::as_str), Some("true"), "installed with the recorded suffix: {l:?}");
     let rcs: Api<RuntimeClass> = Api::all(cluster.client.clone());
-    let rc = rcs.get("kata-qemu-coco-dev-up").await?;
-    assert_eq!(rc.handler, "kata-qemu-coco-dev-up");
+    let rc = rcs.get(&format!("kata-qemu-coco-dev-{up}")).await?;
+    assert_eq!(rc.handler, format!("kata-qemu-coco-dev-{up}"));
     let sel = rc.scheduling.and_then(|s| s.node_selector).unwrap_or_default();
-    assert_eq!(sel.get("katacontainers.io/kata-deploy-installed-up").map(String::as_str), Some("true"), "class selects this install's marker: {sel:?}");
+    assert_eq!(sel.get(&format!("katacontainers.io/kata-deploy-installed-{up}")).map(String::as_str), Some("true"), "class selects this install's marker: {sel:?}");
     assert!(rcs.get_opt("kata").await?.is_none(), "createDefault is not applied with a suffix (NOTES says so)");
-    assert!(bed.hosts.join(&bed.local[0]).join("opt/kata-up/bin/containerd-shim-kata-v2").is_file(), "payload under the suffixed prefix");
+    assert!(bed.hosts.join(&bed.local[0]).join(format!("opt/kata-{up}/bin/containerd-shim-kata-v2")).is_file(), "payload under the suffixed prefix");
 
     // --- 3. the suffix cannot change on upgrade; nothing is touched ---
     let before = release_revision(cluster, ns, "kd").await?;
     let mut args = vec!["upgrade", "kd", chart, "--reuse-values", "--set", "env.multiInstallSuffix=other"];
     args.extend(&scope);
     let (ok, out) = helm(cluster, &args).await?;
-    assert!(!ok && out.contains("env.multiInstallSuffix cannot change") && out.contains("\"up\"") && out.contains("\"other\""), "suffix change refused: {out}");
+    assert!(!ok && out.contains("env.multiInstallSuffix cannot change") && out.contains(&format!("\"{up}\"")) && out.contains("\"other\""), "suffix change refused: {out}");
     assert_eq!(release_revision(cluster, ns, "kd").await?, before, "a refused upgrade leaves the release as it was");
     // The same upgrade without the change is fine (reuse again, idempotent).
     let mut args = vec!["upgrade", "kd", chart, "--reuse-values"];
@@ -333,7 +345,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
 
     // --- 4. an upstream DaemonSet-mode release: refused with the steps, which then work ---
     let ds_chart = upstream_chart(&scratch.path().join("ds"), "upstream-4.x-daemonset.values.yaml")?;
-    let (ok, out) = helm(cluster, &["install", "dsrel", ds_chart.to_str().unwrap(), "--namespace", ns, "--set", "env.multiInstallSuffix=ds"]).await?;
+    let (ok, out) = helm(cluster, &["install", "dsrel", ds_chart.to_str().unwrap(), "--namespace", ns, "--set", &format!("env.multiInstallSuffix={dsx}")]).await?;
     assert!(ok, "stand-in upstream DaemonSet release: {out}");
     let before = release_revision(cluster, ns, "dsrel").await?;
     for extra in [&[][..], &["--set", "deploymentMode=job"][..]] {
@@ -348,7 +360,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     }
     assert_eq!(release_revision(cluster, ns, "dsrel").await?, before, "refused upgrades leave the DaemonSet release as it was");
     let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(cluster.client.clone(), ns);
-    assert!(ds.get_opt("kata-deploy-ds").await?.is_some(), "the old DaemonSet was not touched");
+    assert!(ds.get_opt(&format!("kata-deploy-{dsx}")).await?.is_some(), "the old DaemonSet was not touched");
     // The documented steps.
     let saved = scratch.path().join("kata-values.yaml");
     let (ok, out) = helm(cluster, &["get", "values", "dsrel", "--namespace", ns, "-o", "yaml"]).await?;
@@ -362,7 +374,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     let (ok, out) = helm(cluster, &args).await?;
     assert!(ok, "install after the documented steps: {out}");
     assert_eq!(
-        labels_of(&bed.nodes.get(&bed.local[0]).await?).get("katacontainers.io/kata-deploy-installed-ds").map(String::as_str),
+        labels_of(&bed.nodes.get(&bed.local[0]).await?).get(&format!("katacontainers.io/kata-deploy-installed-{dsx}")).map(String::as_str),
         Some("true")
     );
     let (ok, out) = helm(cluster, &["uninstall", "dsrel", "--namespace", ns, "--wait", "--timeout", "4m"]).await?;
