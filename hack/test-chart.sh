@@ -843,6 +843,15 @@ def t_upstream():
         for k in ["updateStrategy", "health", "kubectlImage", "monitor.*", "verification.daemonsetTimeout", "image.reference=quay.io/kata-containers/kata-deploy",
                   "shims.fc.containerd.snapshotter=devmapper"]:
             check(f"reuse {ver}: NOTES lists {k} as having no effect", f"  - {k}" in notes, notes[-1500:])
+    chart = reuse_chart("chart-0.1.0.values.yaml")
+    rc, out, err = helm("template", "kata-deploy", chart, "-n", "kata-system", "--kube-version", KUBE)
+    objs = [d for d in yaml.safe_load_all(out) if d] if rc == 0 else []
+    check("--reuse-values over this chart's 0.1.0 release renders; its old shim names are not installed",
+          rc == 0 and "kata-cloud-hypervisor" not in rcs(objs) and "kata-stratovirt" not in rcs(objs) and "kata-clh-runtime-rs" in rcs(objs), err)
+    notes = notes_of(chart=chart)
+    check("reuse 0.1.0: NOTES names the old shim names and the new one",
+          "  - shims.cloud-hypervisor: not a shim of this chart (ignored); it is called clh-runtime-rs" in notes
+          and "  - shims.stratovirt: not a shim of this chart (ignored)" in notes, notes[-800:])
     err = render_err(None, extra=["-f", os.path.join(FIXTURES, "upstream-4.x-daemonset.values.yaml")])
     check("DaemonSet-mode upstream values: refused, with the exact steps", all(w in err for w in [
         "helm get values", "helm uninstall", "kubectl get nodes -l katacontainers.io/kata-runtime", "--set deploymentMode=job"]), err)
@@ -944,6 +953,16 @@ def t_stage_parses():
               ("disableAll with a custom runtime only", {"shims": {"disableAll": True},
                "customRuntimes": {"enabled": True, "runtimes": {"solo": {"baseConfig": "qemu"}}}}, [])]
     matrix += [(f"fixture {fx}", None, [os.path.join(FIXTURES, fx)]) for fx in sorted(os.listdir(FIXTURES)) if fx.startswith("upstream-") and "daemonset" not in fx]
+    unknown = []
+    for shim in ALL_SHIMS:
+        cfg = stage_config(render({"shims": {"disableAll": True, shim: {"enabled": True}}}))[1]["data"]["config.yaml"]
+        path = os.path.join(TMP, f"one-{shim}.yaml")
+        with open(path, "w") as f:
+            f.write(cfg)
+        p = subprocess.run([stage, "--config", path, "--host-root", host, "--payload", payload, "status"], capture_output=True, text=True)
+        if p.returncode != 0:
+            unknown.append(shim)
+    check("the stage binary accepts every shim name of upstream's list the chart renders", not unknown, f"refused: {unknown}")
     for name, values, files in matrix:
         cfg = stage_config(render(values, files=files))[1]["data"]["config.yaml"]
         path = os.path.join(TMP, "config.yaml")
