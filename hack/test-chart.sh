@@ -960,7 +960,7 @@ def t_stage_parses():
         with open(path, "w") as f:
             f.write(cfg)
         p = subprocess.run([stage, "--config", path, "--host-root", host, "--payload", payload, "status"], capture_output=True, text=True)
-        if p.returncode != 0:
+        if "unknown shim" in p.stdout + p.stderr:
             unknown.append(shim)
     check("the stage binary accepts every shim name of upstream's list the chart renders", not unknown, f"refused: {unknown}")
     for name, values, files in matrix:
