@@ -465,6 +465,12 @@ def t_values():
     check("stage.restart=none: cri/revert-cri stay privileged", ctrs["cri"]["securityContext"]["privileged"] is True
           and ctrs["revert-cri"]["securityContext"]["privileged"] is True)
 
+    ij, cj, _ = templates(render({"stage": {"systemdAccess": "dbus"}}))
+    ctrs = {c["name"]: c for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
+    check("stage.systemdAccess=dbus (prepared): no hostPID and no privileged container; systemd's sockets reachable under the host root",
+          not ij["spec"]["template"]["spec"].get("hostPID") and not cj["spec"]["template"]["spec"].get("hostPID")
+          and all(c["securityContext"].get("privileged") is False and c["securityContext"].get("allowPrivilegeEscalation") is False for c in ctrs.values())
+          and all(any(m["mountPath"] == "/host" and not m.get("readOnly") for m in ctrs[n]["volumeMounts"]) for n in ("cri", "revert-cri")), ctrs)
     objs = render({"shims": {"qemu": {"allowedHypervisorAnnotations": ["path", "kernel_params"], "allowRestrictedAnnotations": True}}})
     q = next(s for s in stage_config(objs)[0]["shims"] if s["name"] == "qemu")
     check("restricted annotation accepted with allowRestrictedAnnotations: true", q["allowedHypervisorAnnotations"] == ["path", "kernel_params"], q)

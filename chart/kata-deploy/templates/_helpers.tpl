@@ -424,7 +424,7 @@ serviceAccountName: {{ include "kata-deploy.nodeServiceAccount" .root }}
 automountServiceAccountToken: false
 enableServiceLinks: false
 restartPolicy: Never
-{{- if eq $v.stage.restart "systemd" }}
+{{- if eq (include "kata-deploy.systemdViaPid1" .root) "true" }}
 # The cri / revert-cri stages restart the CRI through the host's systemd (PID 1).
 hostPID: true
 {{- end }}
@@ -742,4 +742,9 @@ The upstream keys that are set but have no effect in this chart, with the reason
 {{- $out = append $out "job.waitForNodesSeconds: an install that selects no node fails at once (the dispatcher does not wait for nodes to appear; job.nodeSettleSeconds / job.settle waits for a selection to settle)" -}}
 {{- end -}}
 {{- $out | toJson -}}
+{{- end -}}
+
+{{/* Whether the stages reach systemd by entering PID 1 (hostPID + privileged), today's stage binary. */}}
+{{- define "kata-deploy.systemdViaPid1" -}}
+{{- include "kata-deploy.bool" (and (eq .Values.stage.restart "systemd") (ne (toString .Values.stage.systemdAccess) "dbus")) -}}
 {{- end -}}
