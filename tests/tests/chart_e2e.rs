@@ -664,6 +664,25 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             .is_file(),
         "payload under the suffixed prefix"
     );
+    // Handlers are unique across installs: a second release with the same suffix is refused by name.
+    let mut args = vec![
+        "install",
+        "kd2",
+        chart,
+        "--set",
+        &set_up,
+        "--set",
+        "shims.disableAll=true",
+        "--set",
+        "shims.qemu-coco-dev.enabled=true",
+    ];
+    args.extend(&scope);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(
+        !ok && out.contains("handlers must be unique across installs")
+            && out.contains(&format!("kata-qemu-coco-dev-{up}")),
+        "a second install reusing a handler must be refused: {out}"
+    );
 
     // --- 3. the suffix cannot change on upgrade; nothing is touched ---
     let before = release_revision(cluster, ns, "kd").await?;
