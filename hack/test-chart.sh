@@ -939,7 +939,11 @@ def t_upstream():
     for k in ["env.hostOS=cbl-mariner", "containerd.userDropIn: NOT applied", "devkit", "logLevel=debug", "snapshotter.setup erofs",
               "affinity.podAffinity / podAntiAffinity"]:
         check(f"NOTES lists {k.split(':')[0]} as having no effect (with the reason)", f"  - {k}" in notes, notes[-1200:])
-    check("NOTES: nothing listed for default values", "NO effect" not in notes_of())
+    n0 = notes_of()
+    check("NOTES: nothing listed for default values", "NO effect" not in n0)
+    check("NOTES: an empty selection fails; how to include a lone control-plane node; the opt-out",
+          "job.nodeSelectorExpressions=[]" in n0 and "job.requireNodes=false" in n0
+          and "job.requireNodes=false" not in notes_of({"job": {"requireNodes": False}}), n0)
 guarded("upstream", t_upstream)
 
 # ----------------------------------------------- the real stage binary parses the rendered config
