@@ -899,6 +899,11 @@ def t_upstream():
     check("env.installationPrefix / k8sDistribution=rke2 / job.waitNodeReadySeconds / debug reach the stage config",
           cfg["installPrefix"] == "/opt/kata-up" and cfg["cri"] == "rke2" and cfg["labelReadyTimeoutSeconds"] == 300 and cfg["debug"] is True, cfg)
     check("k8sDistribution=k3s leaves detection to the stage (server or agent)", stage_config(render({"k8sDistribution": "k3s"}))[0]["cri"] == "auto")
+    a = args_of(dispatcher(render({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]}), "install"))
+    check("tolerations (upstream): tolerating the control-plane taint makes control-plane nodes eligible (single-node CI)",
+          "--selector" not in a and "--require-nodes" in a, a)
+    a = args_of(dispatcher(render({"tolerations": [{"key": "other", "operator": "Exists"}]}), "install"))
+    check("tolerations: another taint keeps the control-plane exclusion", flag_values(a, "--selector") == ["!node-role.kubernetes.io/control-plane"], a)
     d = dispatcher(objs, "install")["spec"]["template"]["spec"]
     check("tolerations (upstream): the dispatcher pods' tolerations when job.dispatcher.tolerations is empty",
           d.get("tolerations") == [{"key": "t", "operator": "Exists"}], d.get("tolerations"))

@@ -181,10 +181,24 @@ rest). [] = every node. Params: dict "eq" "exprs" "affinity" (a nodeAffinity) "w
 {{- $out | toJson -}}
 {{- end -}}
 
-{{/* The install selectors: job.nodeSelector + top-level nodeSelector, job.nodeSelectorExpressions, top-level affinity. */}}
+{{/*
+The install selectors: job.nodeSelector + top-level nodeSelector, job.nodeSelectorExpressions,
+top-level affinity. As in upstream 4.x, a top-level toleration of the control-plane taint makes
+control-plane nodes eligible: the control-plane exclusions of job.nodeSelectorExpressions are
+dropped then.
+*/}}
 {{- define "kata-deploy.installSelectors" -}}
 {{- $eq := merge (dict) (.Values.job.nodeSelector | default dict) (.Values.nodeSelector | default dict) -}}
-{{- include "kata-deploy.selectors" (dict "eq" $eq "exprs" (.Values.job.nodeSelectorExpressions | default list) "what" "job.nodeSelectorExpressions"
+{{- $cp := list "node-role.kubernetes.io/control-plane" "node-role.kubernetes.io/master" -}}
+{{- $tolCP := false -}}
+{{- range $t := .Values.tolerations | default list -}}
+{{- if or (and (eq (toString $t.operator) "Exists") (not $t.key)) (has (toString $t.key) $cp) -}}{{- $tolCP = true -}}{{- end -}}
+{{- end -}}
+{{- $exprs := list -}}
+{{- range $e := .Values.job.nodeSelectorExpressions | default list -}}
+{{- if not (and $tolCP (eq (toString $e.operator) "DoesNotExist") (has (toString $e.key) $cp)) -}}{{- $exprs = append $exprs $e -}}{{- end -}}
+{{- end -}}
+{{- include "kata-deploy.selectors" (dict "eq" $eq "exprs" $exprs "what" "job.nodeSelectorExpressions"
       "affinity" (dig "nodeAffinity" dict (.Values.affinity | default dict)) "awhat" "affinity.nodeAffinity") -}}
 {{- end -}}
 
@@ -721,7 +735,7 @@ The upstream keys that are set but have no effect in this chart, with the reason
 {{- if or $aff.podAffinity $aff.podAntiAffinity (dig "nodeAffinity" "preferredDuringSchedulingIgnoredDuringExecution" list $aff) -}}
 {{- $out = append $out "affinity.podAffinity / podAntiAffinity / nodeAffinity.preferred*: per-node Jobs are pinned to their node by name" -}}
 {{- end -}}
-{{- with $v.tolerations -}}{{- $out = append $out "tolerations: used for the dispatcher pods; which nodes get Kata is decided by labels, and per-node Jobs tolerate every taint" -}}{{- end -}}
+{{- with $v.tolerations -}}{{- $out = append $out "tolerations: used for the dispatcher pods, and tolerating the control-plane taint makes control-plane nodes eligible (as upstream); other taints do not narrow the selection here: per-node Jobs tolerate every taint" -}}{{- end -}}
 {{- if hasKey ($v.verification | default dict) "daemonsetTimeout" -}}{{- $out = append $out "verification.daemonsetTimeout: there is no DaemonSet rollout to wait for" -}}{{- end -}}
 {{- if and (eq (include "kata-deploy.bool" $v.runtimeClasses.createDefault) "true") $v.env.multiInstallSuffix -}}
 {{- $out = append $out "runtimeClasses.createDefault: the default RuntimeClass is not created with env.multiInstallSuffix (its name would clash between installs)" -}}
