@@ -243,6 +243,43 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         )
         .await?;
     assert_eq!(per_node.items.len(), 4, "one Job per selected node");
+    // The per-node pods as the API server admitted them: no automatic token volume, and the token
+    // only in the containers that patch the Node (never in host-check).
+    let stage_pods = Api::<Pod>::namespaced(cluster.client.clone(), &ns)
+        .list(&ListParams::default().labels("katacontainers.io/stages=install"))
+        .await?;
+    assert!(!stage_pods.items.is_empty(), "per-node pods exist");
+    for p in &stage_pods.items {
+        let spec = p.spec.as_ref().context("pod spec")?;
+        let vols: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert!(
+            !vols.iter().any(|v| v.starts_with("kube-api-access")),
+            "no automatic token volume: {vols:?}"
+        );
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
+            let token = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount");
+            assert_eq!(
+                token,
+                c.name != "host-check",
+                "{}: token mounted only where the Node is patched",
+                c.name
+            );
+        }
+    }
 
     // --- the admission policy: a per-node token may change only its own Node's kata labels ---
     let node_sa = Api::<ServiceAccount>::namespaced(cluster.client.clone(), &ns)
