@@ -482,11 +482,21 @@ fn upstream_chart(dir: &Path, fixture: &str) -> Result<std::path::PathBuf> {
         repo_root().join("chart/fixtures").join(fixture),
         chart.join("values.yaml"),
     )?;
-    std::fs::write(
-        chart.join("templates/state.yaml"),
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ printf \"%s-kata-deploy-state\" .Release.Name }}\ndata:\n  \
-         multiInstallSuffix: {{ .Values.env.multiInstallSuffix | default \"\" | quote }}\n  deploymentMode: {{ .Values.deploymentMode | quote }}\n",
-    )?;
+    // 4.x records its identity; 3.32 has only its job-templates ConfigMap named after the suffix.
+    let (record, content) = if fixture.contains("3.32") {
+        (
+            "templates/job-templates.yaml",
+            "{{- if eq .Values.deploymentMode \"job\" }}\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  \
+             name: kata-deploy{{ with .Values.env.multiInstallSuffix }}-{{ . }}{{ end }}-job-templates\ndata: {}\n{{- end }}\n",
+        )
+    } else {
+        (
+            "templates/state.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ printf \"%s-kata-deploy-state\" .Release.Name }}\ndata:\n  \
+             multiInstallSuffix: {{ .Values.env.multiInstallSuffix | default \"\" | quote }}\n  deploymentMode: {{ .Values.deploymentMode | quote }}\n",
+        )
+    };
+    std::fs::write(chart.join(record), content)?;
     std::fs::write(
         chart.join("templates/daemonset.yaml"),
         "{{- if eq .Values.deploymentMode \"daemonset\" }}\napiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: kata-deploy{{ with .Values.env.multiInstallSuffix }}-{{ . }}{{ end }}\n\
@@ -769,6 +779,45 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         !l.keys().any(|k| k.starts_with("katacontainers.io/")),
         "uninstall removed this install's labels: {l:?}"
     );
+
+    // --- 3b. a 3.32 job-mode release records no identity: its job-templates ConfigMap says it ---
+    let old_chart = upstream_chart(&scratch.path().join("old"), "upstream-3.32-job.values.yaml")?;
+    let set_old = format!("env.multiInstallSuffix={up}o");
+    let (ok, out) = helm(
+        cluster,
+        &[
+            "install",
+            "kd3",
+            old_chart.to_str().unwrap(),
+            "--namespace",
+            ns,
+            "--set",
+            &set_old,
+        ],
+    )
+    .await?;
+    assert!(ok, "stand-in upstream 3.32 release: {out}");
+    let mut args = vec![
+        "upgrade",
+        "kd3",
+        chart,
+        "--reuse-values",
+        "--set",
+        "env.multiInstallSuffix=changed",
+    ];
+    args.extend(&scope);
+    let (ok, out) = helm(cluster, &args).await?;
+    assert!(
+        !ok && out.contains("env.multiInstallSuffix cannot change")
+            && out.contains(&format!("\"{up}o\"")),
+        "suffix change over a 3.32 release refused: {out}"
+    );
+    let (ok, out) = helm(
+        cluster,
+        &["uninstall", "kd3", "--namespace", ns, "--no-hooks"],
+    )
+    .await?;
+    assert!(ok, "{out}");
 
     // --- 4. an upstream DaemonSet-mode release: refused with the steps, which then work ---
     let ds_chart = upstream_chart(
