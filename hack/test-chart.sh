@@ -126,9 +126,19 @@ def guarded(name, fn):
         check(name, False, f"{type(e).__name__}: {e}")
 
 
-ALL_SHIMS = ["clh", "cloud-hypervisor", "dragonball", "fc", "qemu", "qemu-runtime-rs", "qemu-coco-dev",
-             "qemu-coco-dev-runtime-rs", "qemu-nvidia-gpu", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-tdx",
-             "qemu-snp", "qemu-tdx", "qemu-se", "qemu-se-runtime-rs", "stratovirt"]
+# Upstream kata-deploy's current (4.x) shim list, with upstream's names.
+ALL_SHIMS = ["clh", "clh-azure", "clh-runtime-rs", "clh-azure-runtime-rs", "dragonball", "fc", "qemu", "qemu-runtime-rs",
+             "qemu-nvidia-cpu", "qemu-nvidia-cpu-runtime-rs", "qemu-nvidia-gpu", "qemu-nvidia-gpu-runtime-rs",
+             "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-snp-runtime-rs", "qemu-nvidia-gpu-tdx", "qemu-nvidia-gpu-tdx-runtime-rs",
+             "qemu-snp", "qemu-snp-runtime-rs", "qemu-tdx", "qemu-tdx-runtime-rs", "qemu-se", "qemu-se-runtime-rs",
+             "qemu-coco-dev", "qemu-coco-dev-runtime-rs", "remote", "openvmm-azure-runtime-rs"]
+DEFAULT_ON = [s for s in ALL_SHIMS if s != "remote"]  # upstream: remote is off unless enabled
+# Guest pull by default (nydus on containerd, guest pull on CRI-O): TEE and confidential-GPU shims.
+GUEST_PULL = ["qemu-snp", "qemu-snp-runtime-rs", "qemu-tdx", "qemu-tdx-runtime-rs", "qemu-se", "qemu-se-runtime-rs",
+              "qemu-coco-dev", "qemu-coco-dev-runtime-rs", "remote", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-snp-runtime-rs",
+              "qemu-nvidia-gpu-tdx", "qemu-nvidia-gpu-tdx-runtime-rs"]
+GATE = {"katacontainers.io/kata-runtime": "true", "katacontainers.io/kata-deploy-installed": "true"}
+FIXTURES = os.path.join(os.environ["REPO"], "chart", "fixtures")
 STAGE_KEYS = {"multiInstallSuffix", "debug", "installPrefix", "imagePullTimeoutSeconds", "cri", "restart",
               "runtimeReadyTimeoutSeconds", "labelReadyTimeoutSeconds", "shims"}
 SHIM_KEYS = {"name", "baseConfig", "supportedArches", "dropIn", "allowedHypervisorAnnotations",
@@ -148,8 +158,9 @@ def t_default():
     objs = render()
     kinds = sorted(o["kind"] for o in objs)
     check("default: no DaemonSet/Deployment (job mode only)", not any(k in ("DaemonSet", "Deployment") for k in kinds), kinds)
-    check("default: one RuntimeClass per built-in shim", sorted(rcs(objs)) == sorted(f"kata-{s}" for s in ALL_SHIMS), sorted(rcs(objs)))
-    check("default: no ValidatingAdmissionPolicy without the API (helm template default)", not find(objs, "ValidatingAdmissionPolicy"))
+    check("default: one RuntimeClass per enabled built-in shim (upstream's list; remote off)",
+          sorted(rcs(objs)) == sorted(f"kata-{s}" for s in DEFAULT_ON), sorted(rcs(objs)))
+    check("default: ValidatingAdmissionPolicy rendered on Kubernetes >= 1.30", len(find(objs, "ValidatingAdmissionPolicy")) == 1)
 
     # Hooks: exactly the two dispatcher Jobs; everything the cleanup needs is a regular resource.
     hooks = [o for o in objs if "helm.sh/hook" in o["metadata"].get("annotations", {})]
@@ -229,6 +240,9 @@ def t_default():
         b = one(objs, kind, name)
         check(f"RBAC: {kind} {name} binds only {sa}",
               b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "kata-system"}] and b["roleRef"]["name"] == name, b)
+    st = one(objs, "ConfigMap", "kata-deploy-kata-deploy-state")
+    check("identity: state ConfigMap records the suffix and the mode (upstream 4.x name and keys)",
+          st["data"] == {"multiInstallSuffix": "", "deploymentMode": "job"} and "helm.sh/hook" not in st["metadata"].get("annotations", {}), st)
     check("RBAC: exactly 2 ClusterRoles, 1 Role, 2 ServiceAccounts",
           len(find(objs, "ClusterRole")) == 2 and len(find(objs, "Role")) == 1 and len(find(objs, "ServiceAccount")) == 2)
 
@@ -253,6 +267,13 @@ def t_default():
               job["spec"].get("parallelism", 1) == 1 and job["spec"].get("completions", 1) == 1)
         check(f"{role} template: node ServiceAccount", pod["serviceAccountName"] == "kata-deploy-node")
         check(f"{role} template: tolerates every taint (pinned Jobs must reach tainted nodes)", {"operator": "Exists"} in pod.get("tolerations", []), pod.get("tolerations"))
+        check(f"{role} template: no automatic ServiceAccount token (pod automountServiceAccountToken: false)",
+              pod.get("automountServiceAccountToken") is False, pod.get("automountServiceAccountToken"))
+        vol = next((v for v in pod["volumes"] if v["name"] == "api-access"), {})
+        srcs = vol.get("projected", {}).get("sources", [])
+        check(f"{role} template: the token is a projected, pod-bound, expiring serviceAccountToken",
+              any("serviceAccountToken" in x and x["serviceAccountToken"].get("expirationSeconds", 0) <= 3607 for x in srcs)
+              and any(x.get("configMap", {}).get("name") == "kube-root-ca.crt" for x in srcs), vol)
         check(f"{role} template: hostPID (restart: systemd)", pod.get("hostPID") is True)
         check(f"{role} template: stage-config ConfigMap volume + hostPath / volume",
               any(v.get("configMap", {}).get("name") == "kata-deploy-stage-config" for v in pod["volumes"])
@@ -265,6 +286,10 @@ def t_default():
                   and "command" not in c, (c["image"], c.get("command"), c["args"]))
             mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
             check(f"{role}/{n}: stage config at /etc/kata-deploy (read-only)", mounts.get("/etc/kata-deploy", {}).get("readOnly") is True, mounts)
+            api = n in ("artifacts", "cri", "label", "unlabel", "remove-artifacts")  # the stages that patch the Node
+            tok = mounts.get("/var/run/secrets/kubernetes.io/serviceaccount")
+            check(f"{role}/{n}: token mounted {'(read-only) because it patches the Node' if api else 'NOT at all (no API use)'}",
+                  (tok is not None and tok.get("readOnly") is True and tok["name"] == "api-access") if api else tok is None, mounts)
             sc = c["securityContext"]
             if n in ("label", "unlabel"):
                 check(f"{role}/{n}: no host access, non-root, locked down",
@@ -287,22 +312,32 @@ def t_default():
     check("stage config: defaults", cfg["multiInstallSuffix"] == "" and cfg["debug"] is False and cfg["installPrefix"] == "/opt/kata"
           and cfg["imagePullTimeoutSeconds"] == 1200 and cfg["cri"] == "auto" and cfg["restart"] == "systemd"
           and cfg["runtimeReadyTimeoutSeconds"] == 60 and cfg["labelReadyTimeoutSeconds"] == 120, cfg)
-    check("stage config: every shim enabled by default", sorted(s["name"] for s in cfg["shims"]) == sorted(ALL_SHIMS))
+    check("stage config: every shim but remote enabled by default", sorted(s["name"] for s in cfg["shims"]) == sorted(DEFAULT_ON))
+    gp = {s["name"]: (s["containerdSnapshotter"], s["crioPullType"]) for s in cfg["shims"]}
+    check("stage config: TEE and confidential-GPU shims pull in the guest by default (nydus / guest-pull), others on the host",
+          all(gp[n] == ("nydus", "guest-pull") for n in GUEST_PULL if n in gp)
+          and all(v == ("", "") for n, v in gp.items() if n not in GUEST_PULL), gp)
     check("stage config: shim entries have exactly the documented keys", all(set(s) == SHIM_KEYS for s in cfg["shims"]),
           [set(s) ^ SHIM_KEYS for s in cfg["shims"]])
     q = next(s for s in cfg["shims"] if s["name"] == "qemu-nvidia-gpu")
-    check("stage config: qemu-nvidia-gpu entry", q == {"name": "qemu-nvidia-gpu", "baseConfig": "qemu-nvidia-gpu", "supportedArches": ["amd64", "arm64"],
+    check("stage config: qemu-nvidia-gpu entry", q == {"name": "qemu-nvidia-gpu", "baseConfig": "qemu-nvidia-gpu", "supportedArches": ["amd64"],
           "dropIn": "", "allowedHypervisorAnnotations": [], "containerdSnapshotter": "", "crioPullType": ""}, q)
     ihash = ij["spec"]["template"]["metadata"]["annotations"]["katacontainers.io/config-hash"]
     other = templates(render({"imagePullTimeoutSeconds": 1800}))[0]["spec"]["template"]["metadata"]["annotations"]["katacontainers.io/config-hash"]
     check("templates: a stage-config change changes the template (so upgrades re-run nodes)", ihash != other)
 
     # RuntimeClasses.
+    cc = {"snp": "amd.feature.node.kubernetes.io/snp", "tdx": "intel.feature.node.kubernetes.io/tdx"}
     for name, rc in rcs(objs).items():
-        ok = (rc["handler"] == name and rc["scheduling"]["nodeSelector"] == {"katacontainers.io/kata-runtime": "true"}
-              and set(rc["overhead"]["podFixed"]) == {"cpu", "memory"})
-        if not check(f"RuntimeClass {name}: handler, overhead, kata-runtime nodeSelector", ok, rc):
+        shim = name[len("kata-"):]
+        want = dict(GATE)
+        if shim.startswith("qemu-nvidia-gpu"):
+            kind = next((k for k in cc if f"-{k}" in shim), None)
+            want.update({"nvidia.com/cc.ready.state": "true", cc[kind]: "true"} if kind else {"nvidia.com/cc.ready.state": "false"})
+        ok = (rc["handler"] == name and rc["scheduling"]["nodeSelector"] == want and set(rc["overhead"]["podFixed"]) == {"cpu", "memory"})
+        if not check(f"RuntimeClass {name}: handler, overhead, kata-runtime + this install's marker (+ upstream's GPU selectors)", ok, rc):
             break
+    check("RuntimeClasses: every one of them checked", len(rcs(objs)) == len(DEFAULT_ON))
     g = rcs(objs)["kata-qemu-nvidia-gpu"]["overhead"]["podFixed"]
     check("RuntimeClass kata-qemu-nvidia-gpu overhead 10240Mi/1", g == {"memory": "10240Mi", "cpu": "1"}, g)
 guarded("default render", t_default)
@@ -342,23 +377,60 @@ def t_selectors():
     a = args_of(dispatcher(render({"job": {"nodes": ["w1"], "nodeSelector": {"x": "y"}}}), "cleanup"))
     check("cleanup selector: independent of the install selection (still the union)",
           flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], a)
-    a = args_of(dispatcher(render({"job": {"settle": "30s", "requireNodes": True, "parallelism": 3, "logFormat": "json"}}), "install"))
-    check("install dispatcher: --settle/--require-nodes/--parallelism/--log-format from values",
-          flag_values(a, "--settle") == ["30s"] and "--require-nodes" in a and flag_values(a, "--parallelism") == ["3"]
-          and flag_values(a, "--log-format") == ["json"], a)
+    objs = render({"job": {"settle": "30s", "parallelism": 3, "logFormat": "json"}})
+    a = args_of(dispatcher(objs, "install"))
+    check("install dispatcher: --settle/--parallelism/--log-format from values",
+          flag_values(a, "--settle") == ["30s"] and flag_values(a, "--parallelism") == ["3"] and flag_values(a, "--log-format") == ["json"], a)
+    check("settle: never for the uninstall selection", "--settle" not in args_of(dispatcher(objs, "cleanup")), args_of(dispatcher(objs, "cleanup")))
+    a = args_of(dispatcher(render({"job": {"settle": "30s", "nodes": ["w1"]}}), "install"))
+    check("settle: never for named nodes (job.nodes)", "--settle" not in a, a)
+    a = args_of(dispatcher(render({"job": {"nodeSettleSeconds": 15}}), "install"))
+    check("settle: upstream job.nodeSettleSeconds=15 -> --settle 15s", flag_values(a, "--settle") == ["15s"], a)
+    check("requireNodes: on by default (an empty selection fails, naming the selector)", "--require-nodes" in args_of(dispatcher(render(), "install")))
+    check("requireNodes: never for uninstall", "--require-nodes" not in args_of(dispatcher(render(), "cleanup")))
+    check("requireNodes=false: explicit opt-out keeps an empty selection a no-op",
+          "--require-nodes" not in args_of(dispatcher(render({"job": {"requireNodes": False}}), "install")))
+    check("upstream job.waitForNodesSeconds=0: empty selection accepted; 120: required",
+          "--require-nodes" not in args_of(dispatcher(render({"job": {"waitForNodesSeconds": 0}}), "install"))
+          and "--require-nodes" in args_of(dispatcher(render({"job": {"waitForNodesSeconds": 120, "requireNodes": False}}), "install")))
+    # Upstream 4.x selection: top-level nodeSelector and affinity.nodeAffinity (terms ORed, each ANDed with the rest).
+    aff = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a", "b"]}]},
+        {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]}}, "podAntiAffinity": {"x": 1}}
+    a = args_of(dispatcher(render({"nodeSelector": {"kata": "yes"}, "affinity": aff}), "install"))
+    check("upstream nodeSelector + affinity.nodeAffinity: one --selector per term (OR), each ANDed with the rest",
+          flag_values(a, "--selector") == ["kata=yes,!node-role.kubernetes.io/control-plane,pool in (a,b)",
+                                           "kata=yes,!node-role.kubernetes.io/control-plane,gpu"], a)
+    for name, term, want in [("matchFields", {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n"]}]}, "matchFields: a node query cannot select by field"),
+                             ("Gt", {"matchExpressions": [{"key": "cpu", "operator": "Gt", "values": ["3"]}]}, "operator Gt (key cpu) cannot be expressed"),
+                             ("empty term", {}, "an empty term matches no node")]:
+        err = render_err({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}})
+        check(f"affinity.nodeAffinity {name}: refused with one message naming the field", want in err and "affinity.nodeAffinity" in err, err)
+    a = args_of(dispatcher(render({"job": {"cleanup": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["kata"]}]}]}}}}}), "cleanup"))
+    check("upstream job.cleanup.nodeAffinity compiled into the cleanup selector", flag_values(a, "--selector") == ["pool in (kata)"], a)
 guarded("selectors", t_selectors)
 
 # ------------------------------------------------------------------- suffix, shims, stage knobs
 def t_values():
     objs = render({"env": {"multiInstallSuffix": "cicd", "debug": True}})
     names = sorted(rcs(objs))
-    check("multiInstallSuffix: RuntimeClasses named kata-<shim>-<suffix>", names == sorted(f"kata-{s}-cicd" for s in ALL_SHIMS), names)
+    check("multiInstallSuffix: RuntimeClasses named kata-<shim>-<suffix>", names == sorted(f"kata-{s}-cicd" for s in DEFAULT_ON), names)
     check("multiInstallSuffix: handler equals the suffixed name", all(r["handler"] == n for n, r in rcs(objs).items()))
     cfg, _ = stage_config(objs)
     check("multiInstallSuffix/debug: in the stage config", cfg["multiInstallSuffix"] == "cicd" and cfg["debug"] is True, cfg)
     a = args_of(dispatcher(objs, "cleanup"))
     check("multiInstallSuffix: cleanup default = kata-runtime OR this install's claimed-<suffix> marker",
           flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed-cicd"], a)
+
+    check("multiInstallSuffix: RuntimeClasses select this install's own marker",
+          all(r["scheduling"]["nodeSelector"].get("katacontainers.io/kata-deploy-installed-cicd") == "true"
+              and "katacontainers.io/kata-deploy-installed" not in r["scheduling"]["nodeSelector"] for r in rcs(objs).values()))
+    check("multiInstallSuffix: state ConfigMap records it", one(objs, "ConfigMap", "kata-deploy-kata-deploy-state")["data"]["multiInstallSuffix"] == "cicd")
+    objs = render({"shims": {"qemu": {"runtimeClass": {"nodeSelector": {"katacontainers.io/kata-runtime": "false", "pool": "x",
+                                                                        "katacontainers.io/kata-deploy-installed": "false"}}}}})
+    check("a shim's nodeSelector cannot restate the ownership gate", rcs(objs)["kata-qemu"]["scheduling"]["nodeSelector"] == {**GATE, "pool": "x"},
+          rcs(objs)["kata-qemu"]["scheduling"])
 
     objs = render({"shims": {"disableAll": True, "qemu": {"enabled": True}, "fc": {"enabled": False}}})
     check("shims.disableAll + one enabled: only that shim", sorted(rcs(objs)) == ["kata-qemu"]
@@ -368,7 +440,7 @@ def t_values():
           and "fc" not in [s["name"] for s in stage_config(objs)[0]["shims"]])
     objs = render({"runtimeClasses": {"enabled": False}})
     check("runtimeClasses.enabled=false: no RuntimeClass, shims still installed",
-          not rcs(objs) and len(stage_config(objs)[0]["shims"]) == len(ALL_SHIMS))
+          not rcs(objs) and len(stage_config(objs)[0]["shims"]) == len(DEFAULT_ON))
 
     objs = render({"imagePullTimeoutSeconds": 2400, "stage": {"cri": "k3s", "restart": "none", "installPrefix": "/opt/kata-test"},
                    "shims": {"qemu": {"dropIn": "[agent.kata]\ndial_timeout = 999\n", "allowedHypervisorAnnotations": ["kernel_params"],
@@ -393,6 +465,12 @@ def t_values():
     check("stage.restart=none: cri/revert-cri stay privileged", ctrs["cri"]["securityContext"]["privileged"] is True
           and ctrs["revert-cri"]["securityContext"]["privileged"] is True)
 
+    ij, cj, _ = templates(render({"stage": {"systemdAccess": "dbus"}}))
+    ctrs = {c["name"]: c for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
+    check("stage.systemdAccess=dbus (prepared): no hostPID and no privileged container; systemd's sockets reachable under the host root",
+          not ij["spec"]["template"]["spec"].get("hostPID") and not cj["spec"]["template"]["spec"].get("hostPID")
+          and all(c["securityContext"].get("privileged") is False and c["securityContext"].get("allowPrivilegeEscalation") is False for c in ctrs.values())
+          and all(any(m["mountPath"] == "/host" and not m.get("readOnly") for m in ctrs[n]["volumeMounts"]) for n in ("cri", "revert-cri")), ctrs)
     objs = render({"shims": {"qemu": {"allowedHypervisorAnnotations": ["path", "kernel_params"], "allowRestrictedAnnotations": True}}})
     q = next(s for s in stage_config(objs)[0]["shims"] if s["name"] == "qemu")
     check("restricted annotation accepted with allowRestrictedAnnotations: true", q["allowedHypervisorAnnotations"] == ["path", "kernel_params"], q)
@@ -410,11 +488,12 @@ def t_values():
         "baseConfig": "qemu-nvidia-gpu", "dropIn": "[hypervisor.qemu]\ndefault_memory = 1024\n", "runtimeClass": rc_text,
         "containerd": {"snapshotter": "nydus"}, "crio": {"pullType": "guest-pull"}}}}})
     r = rcs(objs).get("kata-my-gpu-runtime")
-    check("customRuntimes: RuntimeClass rendered from the given manifest",
-          r is not None and r["handler"] == "kata-my-gpu-runtime" and r["overhead"]["podFixed"]["memory"] == "640Mi", r)
+    check("customRuntimes: RuntimeClass rendered from the given manifest (its overhead wins)",
+          r is not None and r["handler"] == "kata-my-gpu-runtime" and r["overhead"]["podFixed"] == {"memory": "640Mi", "cpu": "500m"}, r)
+    check("customRuntimes: the class is gated on this install's Kata nodes", r["scheduling"]["nodeSelector"] == GATE, r)
     c = next((s for s in stage_config(objs)[0]["shims"] if s["name"] == "my-gpu-runtime"), None)
     check("customRuntimes: stage config entry with baseConfig and CRI options",
-          c == {"name": "my-gpu-runtime", "baseConfig": "qemu-nvidia-gpu", "supportedArches": ["amd64", "arm64"],
+          c == {"name": "my-gpu-runtime", "baseConfig": "qemu-nvidia-gpu", "supportedArches": ["amd64"],
                 "dropIn": "[hypervisor.qemu]\ndefault_memory = 1024\n", "allowedHypervisorAnnotations": [],
                 "containerdSnapshotter": "nydus", "crioPullType": "guest-pull"}, c)
     objs = render({"customRuntimes": {"enabled": False, "runtimes": {"x": {"baseConfig": "qemu"}}}})
@@ -424,7 +503,30 @@ def t_values():
           and rcs(objs)["kata-small-b"]["handler"] == "kata-small-b", sorted(rcs(objs)))
     err = render_err({"customRuntimes": {"enabled": True, "runtimes": {"bad": {"baseConfig": "qemu",
           "runtimeClass": "kind: RuntimeClass\napiVersion: node.k8s.io/v1\nmetadata: {name: kata-bad}\nhandler: something-else\n"}}}})
-    check("customRuntimes: a RuntimeClass handler the stages do not register is rejected", 'handler is "kata-bad"' in err, err)
+    check("customRuntimes: a handler not of the form kata-<name> is refused, naming it", 'handler "something-else"' in err and "kata-<name>" in err, err)
+    # The user's handler name (seed 004's example) with a suffix: accepted when it carries the suffix.
+    own = "kind: RuntimeClass\napiVersion: node.k8s.io/v1\nmetadata:\n  name: gpu-big\nhandler: kata-gpu-big-cicd\n"
+    objs = render({"env": {"multiInstallSuffix": "cicd"}, "customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu-nvidia-gpu", "runtimeClass": own}}}})
+    r = rcs(objs).get("gpu-big")
+    check("customRuntimes: the user's handler kept; overhead inherited from the base shim; gated on this install's marker",
+          r is not None and r["handler"] == "kata-gpu-big-cicd" and r["overhead"]["podFixed"] == {"memory": "10240Mi", "cpu": "1"}
+          and r["scheduling"]["nodeSelector"] == {"katacontainers.io/kata-runtime": "true", "katacontainers.io/kata-deploy-installed-cicd": "true"}, r)
+    check("customRuntimes: the stage entry registers exactly that handler (kata-<name>-<suffix>)",
+          any(s["name"] == "gpu-big" for s in stage_config(objs)[0]["shims"]), stage_config(objs)[0]["shims"])
+    objs = render({"customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu", "inheritBaseOverhead": False,
+                                                                          "runtimeClass": "kind: RuntimeClass\nhandler: kata-x\nmetadata: {name: kata-x}\n"}}}})
+    check("customRuntimes: inheritBaseOverhead=false and no overhead: none", "overhead" not in rcs(objs)["kata-x"], rcs(objs)["kata-x"])
+    err = render_err({"env": {"multiInstallSuffix": "cicd"}, "customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu",
+          "runtimeClass": "kind: RuntimeClass\nmetadata: {name: kata-my-gpu-runtime}\nhandler: kata-my-gpu-runtime\n"}}}})
+    check("customRuntimes: with a suffix, a handler without it is refused naming the form", "kata-<name>-cicd" in err, err)
+    for name, h in [("not a DNS label", "Kata_X"), ("built-in handler", "kata-qemu")]:
+        err = render_err({"customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu",
+              "runtimeClass": f"kind: RuntimeClass\nmetadata: {{name: c}}\nhandler: {h}\n"}}}})
+        check(f"customRuntimes: handler {name} refused", f'handler "{h}"' in err, err)
+    err = render_err({"customRuntimes": {"enabled": True, "runtimes": {
+        "a": {"baseConfig": "qemu", "runtimeClass": "kind: RuntimeClass\nmetadata: {name: a}\nhandler: kata-same\n"},
+        "b": {"baseConfig": "qemu", "runtimeClass": "kind: RuntimeClass\nmetadata: {name: b}\nhandler: kata-same\n"}}}})
+    check("customRuntimes: two runtimes with one handler refused", "handlers must be unique" in err, err)
     err = render_err({"customRuntimes": {"enabled": True, "runtimes": {"bad": {"baseConfig": "qemu-nope"}}}})
     check("customRuntimes: unknown baseConfig rejected", "/customRuntimes/runtimes/bad/baseConfig" in err and "value must be one of" in err, err)
 
@@ -446,23 +548,27 @@ guarded("values", t_values)
 def t_nfd():
     objs = render({"shims": {"disableAll": True, "qemu-snp": {"enabled": True}, "qemu-tdx": {"enabled": True},
                              "qemu-se": {"enabled": True}, "qemu-nvidia-gpu-snp": {"enabled": True}}})
-    check("NFD: helm template (no cluster, nfd.enabled=false) injects nothing",
-          all(r["scheduling"]["nodeSelector"] == {"katacontainers.io/kata-runtime": "true"} for r in rcs(objs).values()))
+    check("NFD: helm template (no cluster, nfd.enabled=false) injects nothing (the CC GPU class keeps upstream's selectors)",
+          all(r["scheduling"]["nodeSelector"] == GATE for n, r in rcs(objs).items() if n != "kata-qemu-nvidia-gpu-snp")
+          and rcs(objs)["kata-qemu-nvidia-gpu-snp"]["scheduling"]["nodeSelector"]
+          == {**GATE, "nvidia.com/cc.ready.state": "true", "amd.feature.node.kubernetes.io/snp": "true"}, rcs(objs))
     objs = render({"nfd": {"enabled": True}, "shims": {
         "disableAll": True, "qemu-snp": {"enabled": True}, "qemu-tdx": {"enabled": True}, "qemu-se": {"enabled": True},
         "qemu-se-runtime-rs": {"enabled": True}, "qemu-nvidia-gpu-snp": {"enabled": True}, "qemu-coco-dev": {"enabled": True}}})
     sel = {n: r["scheduling"]["nodeSelector"] for n, r in rcs(objs).items()}
-    k = {"katacontainers.io/kata-runtime": "true"}
+    k = GATE
     check("NFD: SNP selector", sel["kata-qemu-snp"] == {**k, "amd.feature.node.kubernetes.io/snp": "true"}, sel)
     check("NFD: TDX selector", sel["kata-qemu-tdx"] == {**k, "intel.feature.node.kubernetes.io/tdx": "true"}, sel)
     check("NFD: SE selectors", sel["kata-qemu-se"] == sel["kata-qemu-se-runtime-rs"] == {**k, "feature.node.kubernetes.io/cpu-security.se.enabled": "true"}, sel)
-    check("NFD: GPU and non-TEE shims untouched", sel["kata-qemu-nvidia-gpu-snp"] == k and sel["kata-qemu-coco-dev"] == k, sel)
+    check("NFD: GPU shims keep their own selectors, non-TEE shims untouched",
+          sel["kata-qemu-nvidia-gpu-snp"] == {**k, "nvidia.com/cc.ready.state": "true", "amd.feature.node.kubernetes.io/snp": "true"}
+          and sel["kata-qemu-coco-dev"] == k, sel)
     objs = render({"nfd": {"enabled": True}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True, "runtimeClass": {"nodeSelector": {"pool": "snp"}}}}})
     check("NFD: a manual runtimeClass.nodeSelector wins over auto-inject",
           rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == {**k, "pool": "snp"}, rcs(objs)["kata-qemu-snp"])
-    objs = render({"node-feature-discovery": {"enabled": True}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True}}})
-    check("NFD: upstream spelling node-feature-discovery.enabled=true works too",
-          rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == {**k, "amd.feature.node.kubernetes.io/snp": "true"})
+    err = render_err({"node-feature-discovery": {"enabled": True}})
+    check("NFD: node-feature-discovery.enabled=true (upstream installs NFD) refused with how to install NFD",
+          "node-feature-discovery.enabled=true" in err and "helm install nfd" in err and "node-feature-discovery.enabled=false" in err, err)
     objs = render({"nfd": {"enabled": True, "autoInjectNodeSelectors": False}, "shims": {"disableAll": True, "qemu-snp": {"enabled": True}}})
     check("NFD: autoInjectNodeSelectors=false", rcs(objs)["kata-qemu-snp"]["scheduling"]["nodeSelector"] == k)
     objs = render({"shims": {"disableAll": True, "qemu-nvidia-gpu": {"enabled": True, "runtimeClass": {"nodeSelector": {"nvidia.com/cc.ready.state": "false"}}}}})
@@ -472,10 +578,14 @@ guarded("nfd", t_nfd)
 
 # --------------------------------------------------------------------- ValidatingAdmissionPolicy
 def t_vap():
-    objs = render(api_vap=True)
+    objs = render()
     vap = one(objs, "ValidatingAdmissionPolicy")
     b = one(objs, "ValidatingAdmissionPolicyBinding")
-    check("VAP: rendered when the API serves admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy", True)
+    err = render_err(extra=["--kube-version", "1.29.9"])
+    check("Kubernetes < 1.30: refused (the policy cannot confine the token), naming the opt-out",
+          "cannot confine the per-node Jobs' token" in err and "nodeScopePolicy.enabled=false" in err, err)
+    err = render_err({"nodeScopePolicy": {"enabled": False}}, extra=["--kube-version", "1.29.9"])
+    check("Kubernetes < 1.30 with nodeScopePolicy.enabled=false: explicit opt-out renders", err == "", err)
     check("VAP: binding denies", b["spec"]["policyName"] == vap["metadata"]["name"] and b["spec"]["validationActions"] == ["Deny"], b)
     check("VAP: matches node updates", vap["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["nodes"]
           and vap["spec"]["failurePolicy"] == "Fail", vap["spec"])
@@ -492,18 +602,29 @@ guarded("vap", t_vap)
 # ------------------------------------------------------------------------------ example values
 def t_examples():
     objs = render(files=[os.path.join(CHART, "try-kata-nvidia-gpu.values.yaml")])
-    check("try-kata-nvidia-gpu: RuntimeClasses kata-qemu-nvidia-gpu[-snp,-tdx]",
-          sorted(rcs(objs)) == ["kata-qemu-nvidia-gpu", "kata-qemu-nvidia-gpu-snp", "kata-qemu-nvidia-gpu-tdx"], sorted(rcs(objs)))
-    check("try-kata-nvidia-gpu: job mode dispatcher + stage config for the 3 shims",
-          dispatcher(objs, "install") is not None
-          and sorted(s["name"] for s in stage_config(objs)[0]["shims"]) == ["qemu-nvidia-gpu", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-tdx"])
+    gpu = ["qemu-nvidia-gpu", "qemu-nvidia-gpu-runtime-rs", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-tdx"]
+    check("try-kata-nvidia-gpu: its RuntimeClasses", sorted(rcs(objs)) == [f"kata-{s}" for s in gpu], sorted(rcs(objs)))
+    sel = {n: r["scheduling"]["nodeSelector"] for n, r in rcs(objs).items()}
+    check("try-kata-nvidia-gpu: confidential GPU classes pinned to cc.ready.state=true + SNP/TDX feature label",
+          sel["kata-qemu-nvidia-gpu-snp"] == {**GATE, "nvidia.com/cc.ready.state": "true", "amd.feature.node.kubernetes.io/snp": "true"}
+          and sel["kata-qemu-nvidia-gpu-tdx"] == {**GATE, "nvidia.com/cc.ready.state": "true", "intel.feature.node.kubernetes.io/tdx": "true"}
+          and sel["kata-qemu-nvidia-gpu"] == {**GATE, "nvidia.com/cc.ready.state": "false"}, sel)
+    cfg = {s["name"]: s for s in stage_config(objs)[0]["shims"]}
+    check("try-kata-nvidia-gpu: confidential GPU shims pull in the guest, the others on the host",
+          sorted(cfg) == gpu and all((cfg[n]["containerdSnapshotter"], cfg[n]["crioPullType"]) == ("nydus", "guest-pull") for n in gpu[2:])
+          and all((cfg[n]["containerdSnapshotter"], cfg[n]["crioPullType"]) == ("", "") for n in gpu[:2]), cfg)
     objs = render(files=[os.path.join(CHART, "try-kata-tee.values.yaml")])
-    tee = ["qemu-coco-dev", "qemu-coco-dev-runtime-rs", "qemu-se", "qemu-se-runtime-rs", "qemu-snp", "qemu-tdx"]
-    check("try-kata-tee: the six TEE RuntimeClasses", sorted(rcs(objs)) == [f"kata-{s}" for s in tee], sorted(rcs(objs)))
+    tee = ["qemu-coco-dev", "qemu-coco-dev-runtime-rs", "qemu-se", "qemu-se-runtime-rs", "qemu-snp", "qemu-snp-runtime-rs", "qemu-tdx", "qemu-tdx-runtime-rs"]
+    check("try-kata-tee: the eight TEE RuntimeClasses", sorted(rcs(objs)) == [f"kata-{s}" for s in tee], sorted(rcs(objs)))
     cfg = {s["name"]: s for s in stage_config(objs)[0]["shims"]}
     check("try-kata-tee: guest pull (nydus / guest-pull) and arches",
           sorted(cfg) == tee and all(s["containerdSnapshotter"] == "nydus" and s["crioPullType"] == "guest-pull" for s in cfg.values())
           and cfg["qemu-se"]["supportedArches"] == ["s390x"] and cfg["qemu-snp"]["supportedArches"] == ["amd64"], cfg)
+    objs = render({"runtimeClasses": {"createDefault": True}}, files=[os.path.join(CHART, "try-kata-tee.values.yaml")])
+    k = rcs(objs).get("kata")
+    check("try-kata-tee + createDefault: the kata class has defaultShim.amd64's handler, selectors and overhead",
+          k is not None and k["handler"] == "kata-qemu-snp" and k["overhead"] == rcs(objs)["kata-qemu-snp"]["overhead"]
+          and k["scheduling"] == rcs(objs)["kata-qemu-snp"]["scheduling"], k)
     # What the CI does for single-node clusters: clear the expressions -> every node.
     objs = render({"job": {"nodeSelectorExpressions": []}}, files=[os.path.join(CHART, "try-kata-nvidia-gpu.values.yaml")])
     check("try-kata-nvidia-gpu + nodeSelectorExpressions: [] targets every node", "--selector" not in args_of(dispatcher(objs, "install")))
@@ -570,12 +691,11 @@ def t_schema():
     for name, values, want in cases:
         err = render_err(values)
         check(f"schema rejects {name}", err != "" and all(w in err for w in want), err.strip().splitlines()[-3:] if err else "rendered!")
-    err = render_err({"nodeSelector": {"kata-containers": "enabled"}})
-    check("DaemonSet-mode nodeSelector rejected with a pointer to job.nodeSelector", "job.nodeSelector" in err and "DaemonSet-mode" in err, err)
     err = render_err({"shims": {"disableAll": True}})
     check("no shim enabled is rejected (the stages refuse an empty shim list)", "no shim is enabled" in err, err)
     err = render_err({"deploymentMode": "daemonset"})
-    check("deploymentMode=daemonset rejected: 'this chart implements job mode'", "this chart implements job mode" in err, err)
+    check("deploymentMode=daemonset rejected: 'this chart implements job mode', with the migration steps",
+          "this chart implements job mode" in err and "helm uninstall" in err and "--set deploymentMode=job" in err, err)
     # The template checks hold even when the schema is skipped.
     skip = ["--skip-schema-validation"]
     for name, values, want in [
@@ -594,6 +714,243 @@ def t_schema():
         check(f"schema: {name}", err == "", err)
 guarded("schema", t_schema)
 
+
+# ------------------------------------------------------------- upstream kata-deploy compatibility
+# Every key of upstream's values (3.32 job-mode chart and the current 4.x one) and what this chart
+# does with it: impl (implemented with upstream's meaning), noeffect (accepted, listed in NOTES.txt
+# with the reason), refused (one message naming the key and what to use instead). "shims.*" and
+# "customRuntimes.runtimes.*" stand for any shim / runtime name. README.md has the same table.
+UPSTREAM_KEYS = {
+    "deploymentMode": "impl", "job.dispatcherImage.reference": "impl", "job.dispatcherImage.tag": "impl",
+    "job.dispatcherNodeSelector": "impl", "job.dispatcherTolerations": "impl", "job.parallelism": "impl", "job.nodes": "impl",
+    "job.nodeSelector": "impl", "job.nodeSelectorExpressions": "impl", "job.waitForNodesSeconds": "impl",
+    "job.nodeSettleSeconds": "impl", "job.waitNodeReadySeconds": "impl", "job.cleanup.nodes": "impl",
+    "job.cleanup.nodeSelector": "impl", "job.cleanup.nodeSelectorExpressions": "impl", "job.cleanup.nodeAffinity": "impl",
+    "job.ttlSecondsAfterFinished": "impl", "job.activeDeadlineSeconds": "impl", "job.backoffLimit": "impl",
+    "imagePullPolicy": "impl", "imagePullSecrets": "impl", "image.reference": "impl", "image.tag": "impl",
+    "kubectlImage": "noeffect", "monitor.enabled": "refused", "monitor": "noeffect", "k8sDistribution": "impl",
+    "containerd.configDir": "refused", "containerd.runtimeSocket": "refused", "containerd.configFileName": "refused",
+    "containerd.userDropIn": "noeffect", "nodeSelector": "impl", "tolerations": "impl", "startupTaints": "refused",
+    "podLabels": "impl", "podAnnotations": "impl", "affinity.nodeAffinity": "impl", "affinity.podAffinity": "noeffect",
+    "affinity.podAntiAffinity": "noeffect", "affinity": "impl", "priorityClassName": "impl", "updateStrategy": "noeffect",
+    "resources": "impl", "debug": "impl", "devkit": "noeffect", "logLevel": "noeffect", "health": "noeffect",
+    "snapshotter.setup": "impl", "snapshotter.erofsMergeMode": "noeffect", "snapshotter.erofsSnapshotterMode": "noeffect",
+    "snapshotter.erofsDmverity": "noeffect", "shims.disableAll": "impl", "shims.*.enabled": "impl", "shims.*.supportedArches": "impl",
+    "shims.*.allowedHypervisorAnnotations": "impl", "shims.*.dropIn": "impl", "shims.*.containerd.snapshotter": "impl",
+    "shims.*.containerd.forceGuestPull": "refused", "shims.*.crio.guestPull": "impl", "shims.*.agent.httpsProxy": "refused",
+    "shims.*.agent.noProxy": "refused", "shims.*.runtimeClass.nodeSelector": "impl", "shims.*.runtimeClass.overhead": "impl",
+    "shims.*.runtimeClass.overheadEnabled": "impl", "defaultShim": "impl", "runtimeClasses.enabled": "impl",
+    "runtimeClasses.createDefault": "impl", "runtimeClasses.defaultName": "impl", "runtimeClasses.overheadEnabled": "impl",
+    "env.installationPrefix": "impl", "env.hostOS": "noeffect", "env.multiInstallSuffix": "impl",
+    "node-feature-discovery.enabled": "refused", "nodeFeatureRules.create": "noeffect", "verification.namespace": "impl",
+    "verification.timeout": "impl", "verification.daemonsetTimeout": "noeffect", "verification.pod": "impl",
+    "customRuntimes.enabled": "impl", "customRuntimes.runtimes": "impl", "customRuntimes.runtimes.*.baseConfig": "impl",
+    "customRuntimes.runtimes.*.dropIn": "impl", "customRuntimes.runtimes.*.runtimeClass": "impl",
+    "customRuntimes.runtimes.*.inheritBaseOverhead": "impl", "customRuntimes.runtimes.*.containerd.snapshotter": "impl",
+    "customRuntimes.runtimes.*.crio.pullType": "impl",
+}
+# Subtrees whose inner keys follow their parent (DaemonSet-only settings, opaque maps).
+OPAQUE = ["kubectlImage", "monitor", "updateStrategy", "health", "nodeSelector", "podLabels", "podAnnotations", "resources",
+          "job.dispatcherNodeSelector", "job.nodeSelector", "job.cleanup.nodeSelector", "job.cleanup.nodeAffinity", "defaultShim",
+          "shims.*.runtimeClass.nodeSelector", "shims.*.runtimeClass.overhead", "affinity.nodeAffinity"]
+
+
+def key_paths(v, prefix=""):
+    out = []
+    for k, val in v.items():
+        p = f"{prefix}{k}"
+        if prefix == "shims." and k != "disableAll":
+            p = "shims.*"
+        if prefix == "customRuntimes.runtimes.":
+            p = "customRuntimes.runtimes.*"
+        if isinstance(val, dict) and val and not any(p == o or p.startswith(o + ".") for o in OPAQUE):
+            out += key_paths(val, p + ".")
+        else:
+            out.append(p)
+    return out
+
+
+def table_entry(path):
+    while path:
+        if path in UPSTREAM_KEYS:
+            return UPSTREAM_KEYS[path]
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+    return None
+
+
+def notes_of(values=None, files=(), chart=CHART, release="kata-deploy"):
+    """NOTES.txt as rendered (helm template does not render it: go through tpl in a scratch copy)."""
+    import shutil
+    copy = tempfile.mkdtemp(dir=TMP)
+    copy = os.path.join(copy, "c")
+    shutil.copytree(chart, copy)
+    shutil.copy(os.path.join(chart, "templates", "NOTES.txt"), os.path.join(copy, "notes.txt"))
+    with open(os.path.join(copy, "templates", "zz-notes.yaml"), "w") as f:
+        f.write('apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    args = ["template", release, copy, "-n", "kata-system", "--kube-version", KUBE]
+    for fl in files:
+        args += ["-f", fl]
+    if values is not None:
+        args += ["-f", values_file(values)]
+    rc, out, err = helm(*args)
+    if rc != 0:
+        raise RuntimeError(err)
+    return next(d["data"]["notes"] for d in yaml.safe_load_all(out) if d and d["metadata"]["name"] == "notes")
+
+
+def reuse_chart(fixture):
+    """This chart as `helm upgrade --reuse-values` sees it over an upstream release: Helm replaces the
+    chart's default values with the previous release's values (here: an upstream-shaped fixture)."""
+    import shutil
+    d = os.path.join(tempfile.mkdtemp(dir=TMP), "kata-deploy")
+    shutil.copytree(CHART, d)
+    shutil.copy(os.path.join(FIXTURES, fixture), os.path.join(d, "values.yaml"))
+    return d
+
+
+def t_upstream():
+    with open(os.path.join(CHART, "values.yaml"), "rb") as a, open(os.path.join(CHART, "files", "values-defaults.yaml"), "rb") as b:
+        check("files/values-defaults.yaml is a byte-identical copy of values.yaml (defaults for --reuse-values)", a.read() == b.read())
+    # The table covers every key of both upstream generations.
+    for fx in ["upstream-3.32-job.values.yaml", "upstream-4.x-job.values.yaml"]:
+        with open(os.path.join(FIXTURES, fx)) as f:
+            paths = sorted(set(key_paths(yaml.safe_load(f))))
+        missing = [p for p in paths if table_entry(p) is None]
+        check(f"{fx}: every upstream key ({len(paths)}) has a verdict (impl / noeffect / refused)", not missing, missing)
+    # Every fixture with upstream's shapes renders (install), except the DaemonSet-mode one.
+    for fx in sorted(f for f in os.listdir(FIXTURES) if f.startswith("upstream-")):
+        err = render_err(None, extra=["-f", os.path.join(FIXTURES, fx)])
+        if "daemonset" in fx:
+            check(f"{fx}: refused with the migration steps", "this chart implements job mode" in err and "helm uninstall" in err, err)
+        else:
+            check(f"{fx}: renders with this chart", err == "", err)
+    # --reuse-values over an upstream release (Helm's semantics: old values replace our defaults).
+    for fx, ver in [("upstream-3.32-job.values.yaml", "3.32"), ("upstream-4.x-job.values.yaml", "4.x")]:
+        chart = reuse_chart(fx)
+        rc, out, err = helm("template", "kata-deploy", chart, "-n", "kata-system", "--kube-version", KUBE)
+        if not check(f"--reuse-values over an upstream {ver} job-mode release renders", rc == 0, err):
+            continue
+        objs = [d for d in yaml.safe_load_all(out) if d]
+        ij = templates(objs)[0]["spec"]["template"]["spec"]
+        check(f"reuse {ver}: our stage and dispatcher images, not upstream's",
+              ij["initContainers"][0]["image"] == "quay.io/kata-containers/kata-deploy-stage:0.1.0"
+              and dispatcher(objs, "install")["spec"]["template"]["spec"]["containers"][0]["image"] == "quay.io/kata-containers/kata-deploy-job-dispatcher:0.1.0")
+        check(f"reuse {ver}: upstream priorityClassName and resources reach the per-node pods",
+              ij.get("priorityClassName") == "system-node-critical" and ij["initContainers"][0]["resources"] == {"requests": {"cpu": "25m", "memory": "16Mi"}}, ij)
+        cfg, _ = stage_config(objs)
+        check(f"reuse {ver}: our stage keys filled from this chart's defaults", set(cfg) == STAGE_KEYS and cfg["restart"] == "systemd", cfg)
+        check(f"reuse {ver}: VAP and state record present (our keys filled)", find(objs, "ValidatingAdmissionPolicy")
+              and one(objs, "ConfigMap", "kata-deploy-kata-deploy-state"))
+        check(f"reuse {ver}: upstream's remote shim stays off, fc on", "kata-remote" not in rcs(objs) and "kata-fc" in rcs(objs))
+        a = args_of(dispatcher(objs, "cleanup"))
+        check(f"reuse {ver}: upstream's cleanup default (kata-runtime Exists) also takes the claimed marker",
+              flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], a)
+        notes = notes_of(chart=chart)
+        for k in ["updateStrategy", "health", "kubectlImage", "monitor.*", "verification.daemonsetTimeout", "image.reference=quay.io/kata-containers/kata-deploy",
+                  "shims.fc.containerd.snapshotter=devmapper"]:
+            check(f"reuse {ver}: NOTES lists {k} as having no effect", f"  - {k}" in notes, notes[-1500:])
+    chart = reuse_chart("chart-0.1.0.values.yaml")
+    rc, out, err = helm("template", "kata-deploy", chart, "-n", "kata-system", "--kube-version", KUBE)
+    objs = [d for d in yaml.safe_load_all(out) if d] if rc == 0 else []
+    check("--reuse-values over this chart's 0.1.0 release renders; its old shim names are not installed",
+          rc == 0 and "kata-cloud-hypervisor" not in rcs(objs) and "kata-stratovirt" not in rcs(objs) and "kata-clh-runtime-rs" in rcs(objs), err)
+    notes = notes_of(chart=chart)
+    check("reuse 0.1.0: NOTES names the old shim names and the new one",
+          "  - shims.cloud-hypervisor: not a shim of this chart (ignored); it is called clh-runtime-rs" in notes
+          and "  - shims.stratovirt: not a shim of this chart (ignored)" in notes, notes[-800:])
+    err = render_err(None, extra=["-f", os.path.join(FIXTURES, "upstream-4.x-daemonset.values.yaml")])
+    check("DaemonSet-mode upstream values: refused, with the exact steps", all(w in err for w in [
+        "helm get values", "helm uninstall", "kubectl get nodes -l katacontainers.io/kata-runtime", "--set deploymentMode=job"]), err)
+
+    # Refused keys: one message naming the key and what to use instead.
+    refused = [
+        ({"monitor": {"enabled": True}}, ["monitor.enabled=true", "monitor.enabled=false"]),
+        ({"containerd": {"configDir": "/etc/my-containerd/"}}, ["containerd.configDir", "stage.cri"]),
+        ({"containerd": {"runtimeSocket": "unix:///run/x.sock"}}, ["containerd.runtimeSocket", "stage.cri"]),
+        ({"containerd": {"configFileName": "my.toml"}}, ["containerd.configFileName", "stage.cri"]),
+        ({"startupTaints": ["katacontainers.io/kata-runtime:NoSchedule"]}, ["startupTaints", "katacontainers.io/kata-runtime=true"]),
+        ({"shims": {"qemu-snp": {"containerd": {"forceGuestPull": True}}}}, ["shims.qemu-snp.containerd.forceGuestPull", "snapshotter: nydus"]),
+        ({"shims": {"qemu-tdx": {"agent": {"httpsProxy": "http://proxy:3128"}}}}, ["shims.qemu-tdx.agent.httpsProxy", "dropIn"]),
+        ({"shims": {"qemu-tdx": {"agent": {"noProxy": "10.0.0.0/8"}}}}, ["shims.qemu-tdx.agent.noProxy", "dropIn"]),
+        ({"node-feature-discovery": {"enabled": True}}, ["node-feature-discovery.enabled=true", "helm install nfd"]),
+        ({"nodeFeatureRules": {"create": True}}, ["nodeFeatureRules.create=true", "auto or false"]),
+        ({"image": {"reference": "quay.io/kata-containers/kata-deploy", "tag": "3.32.0"}}, ["image.reference=quay.io/kata-containers/kata-deploy", "kata-deploy-stage"]),
+        ({"shims": {"cloud-hypervisor": {"enabled": True}}}, ["shims.cloud-hypervisor", "clh-runtime-rs"]),
+        ({"runtimeClasses": {"createDefault": True}, "defaultShim": {"amd64": "qemu"}, "shims": {"qemu": {"enabled": False}}},
+         ["runtimeClasses.createDefault=true", "defaultShim", "shims.qemu"]),
+    ]
+    for values, want in refused:
+        err = render_err(values)
+        check(f"refused: {want[0]} (one message with what to use instead)", err != "" and all(w in err for w in want), err)
+    # Implemented keys (beyond the groups above).
+    objs = render({"podLabels": {"team": "platform", "name": "x", "app.kubernetes.io/name": "mine"}, "podAnnotations": {"a.example/x": "1"},
+                   "priorityClassName": "system-node-critical", "resources": {"requests": {"cpu": "25m", "memory": "16Mi"}},
+                   "env": {"installationPrefix": "/opt/kata-up"}, "k8sDistribution": "rke2", "job": {"waitNodeReadySeconds": 300},
+                   "debug": True, "tolerations": [{"key": "t", "operator": "Exists"}]})
+    ij, cj, _ = templates(objs)
+    meta = ij["spec"]["template"]["metadata"]
+    check("podLabels/podAnnotations on the per-node pods (upstream's 'name' dropped, ours win)",
+          meta["labels"].get("team") == "platform" and "name" not in meta["labels"] and meta["labels"]["app.kubernetes.io/name"] == "kata-deploy"
+          and meta["annotations"].get("a.example/x") == "1" and "katacontainers.io/config-hash" in meta["annotations"], meta)
+    pod = ij["spec"]["template"]["spec"]
+    check("priorityClassName/resources on the per-node pods", pod.get("priorityClassName") == "system-node-critical"
+          and all(c["resources"] == {"requests": {"cpu": "25m", "memory": "16Mi"}} for c in pod["initContainers"]), pod)
+    cfg, _ = stage_config(objs)
+    check("env.installationPrefix / k8sDistribution=rke2 / job.waitNodeReadySeconds / debug reach the stage config",
+          cfg["installPrefix"] == "/opt/kata-up" and cfg["cri"] == "rke2" and cfg["labelReadyTimeoutSeconds"] == 300 and cfg["debug"] is True, cfg)
+    check("k8sDistribution=k3s leaves detection to the stage (server or agent)", stage_config(render({"k8sDistribution": "k3s"}))[0]["cri"] == "auto")
+    a = args_of(dispatcher(render({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]}), "install"))
+    check("tolerations (upstream): tolerating the control-plane taint makes control-plane nodes eligible (single-node CI)",
+          "--selector" not in a and "--require-nodes" in a, a)
+    a = args_of(dispatcher(render({"tolerations": [{"key": "other", "operator": "Exists"}]}), "install"))
+    check("tolerations: another taint keeps the control-plane exclusion", flag_values(a, "--selector") == ["!node-role.kubernetes.io/control-plane"], a)
+    d = dispatcher(objs, "install")["spec"]["template"]["spec"]
+    check("tolerations (upstream): the dispatcher pods' tolerations when job.dispatcher.tolerations is empty",
+          d.get("tolerations") == [{"key": "t", "operator": "Exists"}], d.get("tolerations"))
+    d = dispatcher(render({"job": {"dispatcherNodeSelector": {"node-role.kubernetes.io/control-plane": ""},
+                                   "dispatcherTolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]}}),
+                   "install")["spec"]["template"]["spec"]
+    check("job.dispatcherNodeSelector / job.dispatcherTolerations (upstream 4.x) place the dispatcher",
+          d.get("nodeSelector") == {"node-role.kubernetes.io/control-plane": ""} and d["tolerations"][0]["key"] == "node-role.kubernetes.io/control-plane", d)
+    objs = render({"job": {"nodeJobs": {"tolerations": [{"key": "only-this", "operator": "Exists"}]}}})
+    ij, cj, _ = templates(objs)
+    check("uninstall Jobs tolerate every taint even when job.nodeJobs.tolerations is narrowed",
+          cj["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
+          and ij["spec"]["template"]["spec"]["tolerations"] == [{"key": "only-this", "operator": "Exists"}])
+    objs = render({"shims": {"qemu": {"runtimeClass": {"overheadEnabled": False}}, "clh": {"crio": {"guestPull": True}, "containerd": {"snapshotter": "erofs"}}}})
+    check("shims.<s>.runtimeClass.overheadEnabled=false drops that class's overhead only",
+          "overhead" not in rcs(objs)["kata-qemu"] and "overhead" in rcs(objs)["kata-clh"])
+    c = next(x for x in stage_config(objs)[0]["shims"] if x["name"] == "clh")
+    check("crio.guestPull=true -> guest-pull; containerd.snapshotter=erofs -> no effect (host pull)",
+          c["crioPullType"] == "guest-pull" and c["containerdSnapshotter"] == "", c)
+    objs = render({"runtimeClasses": {"createDefault": True, "defaultName": "kata"}})
+    k = rcs(objs).get("kata")
+    check("runtimeClasses.createDefault: kata class with defaultShim.amd64's handler (qemu-runtime-rs)",
+          k is not None and k["handler"] == "kata-qemu-runtime-rs" and k["scheduling"]["nodeSelector"] == GATE, k)
+    check("runtimeClasses.createDefault with a suffix: not created, NOTES says why",
+          "kata" not in rcs(render({"runtimeClasses": {"createDefault": True}, "env": {"multiInstallSuffix": "b"}}))
+          and "runtimeClasses.createDefault: the default RuntimeClass is not created" in notes_of({"runtimeClasses": {"createDefault": True}, "env": {"multiInstallSuffix": "b"}}))
+    pod_yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: kata-check\nspec:\n  runtimeClassName: kata-qemu\n  containers:\n  - name: c\n    image: busybox\n"
+    objs = render({"verification": {"pod": pod_yaml, "namespace": "checks", "timeout": 240}})
+    v = find(objs, "Pod", "kata-check")
+    check("verification.pod: a post-install/post-upgrade hook Pod after the dispatcher (weight 10), in verification.namespace, bounded by verification.timeout",
+          len(v) == 1 and v[0]["metadata"]["namespace"] == "checks" and v[0]["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+          and int(v[0]["metadata"]["annotations"]["helm.sh/hook-weight"]) > 0 and v[0]["spec"]["activeDeadlineSeconds"] == 240
+          and v[0]["spec"]["restartPolicy"] == "Never", v)
+    err = render_err({"verification": {"pod": "kind: Deployment\nmetadata: {name: x}\n"}})
+    check("verification.pod that is not a Pod: refused", "verification.pod must be a Pod manifest" in err, err)
+    notes = notes_of({"env": {"hostOS": "cbl-mariner"}, "containerd": {"userDropIn": "[x]\n"}, "devkit": True, "logLevel": "debug",
+                      "snapshotter": {"setup": ["nydus", "erofs"]}, "affinity": {"podAntiAffinity": {"x": 1}}})
+    for k in ["env.hostOS=cbl-mariner", "containerd.userDropIn: NOT applied", "devkit", "logLevel=debug", "snapshotter.setup erofs",
+              "affinity.podAffinity / podAntiAffinity"]:
+        check(f"NOTES lists {k.split(':')[0]} as having no effect (with the reason)", f"  - {k}" in notes, notes[-1200:])
+    n0 = notes_of()
+    check("NOTES: nothing listed for default values", "NO effect" not in n0)
+    check("NOTES: an empty selection fails; how to include a lone control-plane node; the opt-out",
+          "job.nodeSelectorExpressions=[]" in n0 and "job.requireNodes=false" in n0
+          and "job.requireNodes=false" not in notes_of({"job": {"requireNodes": False}}), n0)
+guarded("upstream", t_upstream)
+
 # ----------------------------------------------- the real stage binary parses the rendered config
 def t_stage_parses():
     # The stage parses config.yaml with deny_unknown_fields: feed it what the chart renders.
@@ -610,6 +967,17 @@ def t_stage_parses():
                "shims": {"qemu": {"allowedHypervisorAnnotations": ["kernel_params"], "dropIn": "[agent.kata]\ndial_timeout = 999\n"}}}, []),
               ("disableAll with a custom runtime only", {"shims": {"disableAll": True},
                "customRuntimes": {"enabled": True, "runtimes": {"solo": {"baseConfig": "qemu"}}}}, [])]
+    matrix += [(f"fixture {fx}", None, [os.path.join(FIXTURES, fx)]) for fx in sorted(os.listdir(FIXTURES)) if fx.startswith("upstream-") and "daemonset" not in fx]
+    unknown = []
+    for shim in ALL_SHIMS:
+        cfg = stage_config(render({"shims": {"disableAll": True, shim: {"enabled": True}}}))[1]["data"]["config.yaml"]
+        path = os.path.join(TMP, f"one-{shim}.yaml")
+        with open(path, "w") as f:
+            f.write(cfg)
+        p = subprocess.run([stage, "--config", path, "--host-root", host, "--payload", payload, "status"], capture_output=True, text=True)
+        if "unknown shim" in p.stdout + p.stderr:
+            unknown.append(shim)
+    check("the stage binary accepts every shim name of upstream's list the chart renders", not unknown, f"refused: {unknown}")
     for name, values, files in matrix:
         cfg = stage_config(render(values, files=files))[1]["data"]["config.yaml"]
         path = os.path.join(TMP, "config.yaml")

@@ -7,16 +7,29 @@ use kata_testbed::cluster::{repo_root, TestCluster};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
-const CLUSTER_SCOPED: &[&str] = &["ClusterRole", "ClusterRoleBinding", "RuntimeClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "Namespace"];
+const CLUSTER_SCOPED: &[&str] = &[
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "RuntimeClass",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "Namespace",
+];
 
 async fn dry_run_create(cluster: &TestCluster, ns: &str, obj: &serde_json::Value) -> Result<()> {
     let api_version = obj["apiVersion"].as_str().context("apiVersion")?;
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let kind = obj["kind"].as_str().context("kind")?;
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-    let api: Api<DynamicObject> =
-        if CLUSTER_SCOPED.contains(&kind) { Api::all_with(cluster.client.clone(), &ar) } else { Api::namespaced_with(cluster.client.clone(), ns, &ar) };
-    let pp = PostParams { dry_run: true, ..Default::default() };
+    let api: Api<DynamicObject> = if CLUSTER_SCOPED.contains(&kind) {
+        Api::all_with(cluster.client.clone(), &ar)
+    } else {
+        Api::namespaced_with(cluster.client.clone(), ns, &ar)
+    };
+    let pp = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
     api.create(&pp, &serde_json::from_value(obj.clone())?)
         .await
         .with_context(|| format!("the API server rejected {kind} {}", obj["metadata"]["name"]))?;
@@ -30,21 +43,78 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
     let chart = repo_root().join("chart/kata-deploy");
     let variants: Vec<Vec<String>> = vec![
         vec![],
-        vec!["-f".into(), chart.join("try-kata-nvidia-gpu.values.yaml").display().to_string()],
-        vec!["-f".into(), chart.join("try-kata-tee.values.yaml").display().to_string()],
-        vec!["--set".into(), "env.multiInstallSuffix=cicd".into(), "--set".into(), "shims.qemu.containerd.snapshotter=nydus".into()],
+        vec![
+            "-f".into(),
+            chart
+                .join("try-kata-nvidia-gpu.values.yaml")
+                .display()
+                .to_string(),
+        ],
+        vec![
+            "-f".into(),
+            chart.join("try-kata-tee.values.yaml").display().to_string(),
+        ],
+        vec![
+            "--set".into(),
+            "env.multiInstallSuffix=cicd".into(),
+            "--set".into(),
+            "shims.qemu.containerd.snapshotter=nydus".into(),
+        ],
+        vec![
+            "--set".into(),
+            "runtimeClasses.createDefault=true".into(),
+            "--set".into(),
+            format!("verification.namespace={ns}"),
+            "--set-file".into(),
+            format!(
+                "verification.pod={}",
+                repo_root()
+                    .join("chart/fixtures/verification-pod.yaml")
+                    .display()
+            ),
+        ],
     ];
+    // Upstream-shaped values (our fixtures with upstream kata-deploy's keys and shapes) install too.
+    let fixtures = repo_root().join("chart/fixtures");
+    let mut names: Vec<String> = std::fs::read_dir(&fixtures)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("upstream-") && !n.contains("daemonset"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 7, "the upstream-shaped fixtures: {names:?}");
+    let variants: Vec<Vec<String>> = variants
+        .into_iter()
+        .chain(
+            names
+                .iter()
+                .map(|n| vec!["-f".into(), fixtures.join(n).display().to_string()]),
+        )
+        .collect();
     let mut checked = 0;
     for extra in variants {
         let out = cluster
             .helm()
-            .args(["template", "kata-deploy", chart.to_str().unwrap(), "--namespace", &ns, "--kube-version", "1.34.4"])
-            .args(["--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"])
+            .args([
+                "template",
+                "kata-deploy",
+                chart.to_str().unwrap(),
+                "--namespace",
+                &ns,
+                "--kube-version",
+                "1.34.4",
+            ])
+            .args([
+                "--api-versions",
+                "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+            ])
             .args(&extra)
             .output()
             .await?;
         if !out.status.success() {
-            bail!("helm template {extra:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "helm template {extra:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8(out.stdout)?;
         for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -52,21 +122,42 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
             if obj.is_null() {
                 continue;
             }
-            dry_run_create(&cluster, &ns, &obj).await.with_context(|| format!("values {extra:?}"))?;
+            let mut obj = obj;
+            if obj["kind"] == "Pod" {
+                // The verification hook Pod names a RuntimeClass that a dry run never created.
+                assert!(
+                    obj["spec"]["runtimeClassName"].is_string(),
+                    "the verification Pod keeps its RuntimeClass"
+                );
+                obj["spec"]
+                    .as_object_mut()
+                    .context("Pod spec")?
+                    .remove("runtimeClassName");
+            }
+            dry_run_create(&cluster, &ns, &obj)
+                .await
+                .with_context(|| format!("values {extra:?}"))?;
             checked += 1;
             // The per-node Job templates, pinned as the dispatcher pins them.
             if obj["kind"] == "ConfigMap" && obj["data"]["install-job.yaml"].is_string() {
                 for key in ["install-job.yaml", "cleanup-job.yaml"] {
-                    let mut job: serde_json::Value = serde_yaml::from_str(obj["data"][key].as_str().unwrap())?;
-                    job["metadata"]["name"] = format!("probe-{}", key.trim_end_matches(".yaml")).into();
+                    let mut job: serde_json::Value =
+                        serde_yaml::from_str(obj["data"][key].as_str().unwrap())?;
+                    job["metadata"]["name"] =
+                        format!("probe-{}", key.trim_end_matches(".yaml")).into();
                     job["spec"]["template"]["spec"]["nodeName"] = "some-node".into();
-                    dry_run_create(&cluster, &ns, &job).await.with_context(|| format!("{key} with values {extra:?}"))?;
+                    dry_run_create(&cluster, &ns, &job)
+                        .await
+                        .with_context(|| format!("{key} with values {extra:?}"))?;
                     checked += 1;
                 }
             }
         }
     }
-    assert!(checked > 40, "expected every object of four renderings, checked {checked}");
+    assert!(
+        checked > 100,
+        "expected every object of every rendering, checked {checked}"
+    );
     Ok(())
 }
 
@@ -78,24 +169,89 @@ async fn bad_values_are_refused_and_install_nothing() -> Result<()> {
     let ns = cluster.namespace("badvalues").await?;
     let chart = repo_root().join("chart/kata-deploy");
     let cases: &[(&str, &[&str], &str)] = &[
-        ("parallelism 0", &["--set", "job.parallelism=0"], "/job/parallelism"),
-        ("suffix not a DNS label", &["--set", "env.multiInstallSuffix=CI_run"], "/env/multiInstallSuffix"),
-        ("DaemonSet mode", &["--set", "deploymentMode=daemonset"], "this chart implements job mode"),
-        ("no shim enabled", &["--set", "shims.disableAll=true"], "no shim is enabled"),
-        ("unknown selector operator", &["--set-json", r#"job.nodeSelectorExpressions=[{"key":"a","operator":"Equals","values":["x"]}]"#], "operator"),
-        ("restricted annotation without opt-in", &["--set-json", r#"shims.qemu.allowedHypervisorAnnotations=["path"]"#], "allowRestrictedAnnotations"),
+        (
+            "parallelism 0",
+            &["--set", "job.parallelism=0"],
+            "/job/parallelism",
+        ),
+        (
+            "suffix not a DNS label",
+            &["--set", "env.multiInstallSuffix=CI_run"],
+            "/env/multiInstallSuffix",
+        ),
+        (
+            "DaemonSet mode",
+            &["--set", "deploymentMode=daemonset"],
+            "this chart implements job mode",
+        ),
+        (
+            "no shim enabled",
+            &["--set", "shims.disableAll=true"],
+            "no shim is enabled",
+        ),
+        (
+            "unknown selector operator",
+            &[
+                "--set-json",
+                r#"job.nodeSelectorExpressions=[{"key":"a","operator":"Equals","values":["x"]}]"#,
+            ],
+            "operator",
+        ),
+        (
+            "restricted annotation without opt-in",
+            &[
+                "--set-json",
+                r#"shims.qemu.allowedHypervisorAnnotations=["path"]"#,
+            ],
+            "allowRestrictedAnnotations",
+        ),
+        (
+            "upstream NFD subchart",
+            &["--set", "node-feature-discovery.enabled=true"],
+            "helm install nfd",
+        ),
+        (
+            "upstream startupTaints",
+            &[
+                "--set-json",
+                r#"startupTaints=["katacontainers.io/kata-runtime:NoSchedule"]"#,
+            ],
+            "startupTaints",
+        ),
+        (
+            "upstream containerd.configDir",
+            &["--set", "containerd.configDir=/etc/my-containerd"],
+            "containerd.configDir",
+        ),
+        (
+            "upstream forceGuestPull",
+            &["--set", "shims.qemu-snp.containerd.forceGuestPull=true"],
+            "shims.qemu-snp.containerd.forceGuestPull",
+        ),
     ];
     for (i, (name, values, want)) in cases.iter().enumerate() {
         let release = format!("bad-{i}");
         let out = cluster
             .helm()
-            .args(["install", &release, chart.to_str().unwrap(), "--namespace", &ns, "--wait", "--timeout", "60s"])
+            .args([
+                "install",
+                &release,
+                chart.to_str().unwrap(),
+                "--namespace",
+                &ns,
+                "--wait",
+                "--timeout",
+                "60s",
+            ])
             .args(*values)
             .output()
             .await?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: helm install succeeded");
-        assert!(err.contains(want), "{name}: the error should name {want:?}: {err}");
+        assert!(
+            err.contains(want),
+            "{name}: the error should name {want:?}: {err}"
+        );
         let selector = format!("app.kubernetes.io/instance={release}");
         for (group, version, kind) in [
             ("batch", "v1", "Job"),
@@ -109,15 +265,36 @@ async fn bad_values_are_refused_and_install_nothing() -> Result<()> {
             ("node.k8s.io", "v1", "RuntimeClass"),
         ] {
             let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-            let api: Api<DynamicObject> =
-                if CLUSTER_SCOPED.contains(&kind) { Api::all_with(cluster.client.clone(), &ar) } else { Api::namespaced_with(cluster.client.clone(), &ns, &ar) };
-            let left = api.list(&kube::api::ListParams::default().labels(&selector)).await?;
-            assert!(left.items.is_empty(), "{name}: {kind} left behind: {:?}", left.items.iter().map(|o| o.metadata.name.clone()).collect::<Vec<_>>());
+            let api: Api<DynamicObject> = if CLUSTER_SCOPED.contains(&kind) {
+                Api::all_with(cluster.client.clone(), &ar)
+            } else {
+                Api::namespaced_with(cluster.client.clone(), &ns, &ar)
+            };
+            let left = api
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await?;
+            assert!(
+                left.items.is_empty(),
+                "{name}: {kind} left behind: {:?}",
+                left.items
+                    .iter()
+                    .map(|o| o.metadata.name.clone())
+                    .collect::<Vec<_>>()
+            );
         }
         // Helm keeps release records as Secrets labelled owner=helm,name=<release>.
-        let secrets: Api<DynamicObject> = Api::namespaced_with(cluster.client.clone(), &ns, &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Secret")));
-        let records = secrets.list(&kube::api::ListParams::default().labels(&format!("owner=helm,name={release}"))).await?;
-        assert!(records.items.is_empty(), "{name}: a Helm release record was left");
+        let secrets: Api<DynamicObject> = Api::namespaced_with(
+            cluster.client.clone(),
+            &ns,
+            &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Secret")),
+        );
+        let records = secrets
+            .list(&kube::api::ListParams::default().labels(&format!("owner=helm,name={release}")))
+            .await?;
+        assert!(
+            records.items.is_empty(),
+            "{name}: a Helm release record was left"
+        );
     }
     Ok(())
 }

@@ -8,6 +8,32 @@ shims and the stage configuration are all computed here so every template agrees
 entropy_source file_mem_backend jailer_path path vhost_user_store_path virtio_fs_daemon
 {{- end -}}
 
+{{/* This chart's own defaults (a byte-identical copy of values.yaml; hack/test-chart.sh checks it). */}}
+{{- define "kata-deploy.defaults" -}}
+{{- .Files.Get "files/values-defaults.yaml" -}}
+{{- end -}}
+
+{{/*
+Fills every key of this chart's defaults that .Values lacks, in place (user keys always win,
+also when false or empty). Needed because `helm upgrade --reuse-values` replaces the chart's
+defaults with the previous release's values: over a release of upstream kata-deploy, or of an
+older version of this chart, keys this chart added would otherwise be missing. Every template
+calls it first; it is idempotent.
+*/}}
+{{- define "kata-deploy.init" -}}
+{{- include "kata-deploy.fill" (dict "dst" .Values "src" (include "kata-deploy.defaults" . | fromYaml)) -}}
+{{- end -}}
+{{- define "kata-deploy.fill" -}}
+{{- $dst := .dst -}}
+{{- range $k, $d := .src -}}
+{{- if not (hasKey $dst $k) -}}
+{{- $_ := set $dst $k $d -}}
+{{- else if and (kindIs "map" $d) (kindIs "map" (index $dst $k)) -}}
+{{- include "kata-deploy.fill" (dict "dst" (index $dst $k) "src" $d) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Chart name. */}}
 {{- define "kata-deploy.name" -}}
 {{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
@@ -57,12 +83,32 @@ app.kubernetes.io/name: {{ include "kata-deploy.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end -}}
 
-{{/* Images. */}}
+{{/*
+The record of this install's identity (upstream 4.x uses the same name and keys, so an upgrade
+over an upstream release is checked against what that release recorded).
+*/}}
+{{- define "kata-deploy.stateName" -}}
+{{- printf "%s-kata-deploy-state" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Upstream's images: they do not contain this chart's binaries. */}}
+{{- define "kata-deploy.upstreamStageImage" -}}quay.io/kata-containers/kata-deploy{{- end -}}
+{{- define "kata-deploy.upstreamDispatcherImage" -}}ghcr.io/kata-containers/k8s-job-dispatcher{{- end -}}
+
+{{/* Images. Upstream's own references are read as this chart's defaults (validate.yaml refuses a tagged one). */}}
 {{- define "kata-deploy.stageImage" -}}
-{{- printf "%s:%s" .Values.image.reference (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- $ref := .Values.image.reference -}}
+{{- if eq (toString $ref) (include "kata-deploy.upstreamStageImage" .) -}}
+{{- $ref = (include "kata-deploy.defaults" . | fromYaml).image.reference -}}
+{{- end -}}
+{{- printf "%s:%s" $ref (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 {{- define "kata-deploy.dispatcherImage" -}}
-{{- printf "%s:%s" .Values.job.dispatcherImage.reference (.Values.job.dispatcherImage.tag | default .Chart.AppVersion) -}}
+{{- $img := .Values.job.dispatcherImage -}}
+{{- if eq (toString $img.reference) (include "kata-deploy.upstreamDispatcherImage" .) -}}
+{{- $img = (include "kata-deploy.defaults" . | fromYaml).job.dispatcherImage -}}
+{{- end -}}
+{{- printf "%s:%s" $img.reference ($img.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
 {{/* true/false from a boolean or a "true"/"false" string (upstream values used strings). */}}
@@ -103,34 +149,106 @@ Params: dict "eq" <map> "exprs" <list> "what" <value path for error messages>.
 {{- join "," $parts -}}
 {{- end -}}
 
-{{/* The install selector string ("" = every node). */}}
-{{- define "kata-deploy.installSelector" -}}
-{{- include "kata-deploy.compileSelector" (dict "eq" (.Values.job.nodeSelector | default dict) "exprs" (.Values.job.nodeSelectorExpressions | default list) "what" "job.nodeSelectorExpressions") -}}
+{{/*
+Label selectors (JSON list of strings, a union: one --selector each) from an equality map, a
+list of requirements and upstream's nodeAffinity (required terms, ORed; each term ANDed with the
+rest). [] = every node. Params: dict "eq" "exprs" "affinity" (a nodeAffinity) "what".
+*/}}
+{{- define "kata-deploy.selectors" -}}
+{{- $terms := dig "requiredDuringSchedulingIgnoredDuringExecution" "nodeSelectorTerms" list (.affinity | default dict) -}}
+{{- $out := list -}}
+{{- if $terms -}}
+{{- range $i, $t := $terms -}}
+{{- $where := printf "%s.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[%d]" $.awhat $i -}}
+{{- if $t.matchFields -}}
+{{- fail (printf "%s.matchFields: a node query cannot select by field; name the nodes with job.nodes (or job.cleanup.nodes) instead" $where) -}}
+{{- end -}}
+{{- if not $t.matchExpressions -}}
+{{- fail (printf "%s: an empty term matches no node in Kubernetes; give it matchExpressions or remove it" $where) -}}
+{{- end -}}
+{{- range $j, $e := $t.matchExpressions -}}
+{{- if has (toString $e.operator) (list "Gt" "Lt") -}}
+{{- fail (printf "%s.matchExpressions[%d]: operator %s (key %s) cannot be expressed as a label selector; use In/NotIn/Exists/DoesNotExist, or job.nodes" $where $j $e.operator $e.key) -}}
+{{- end -}}
+{{- end -}}
+{{- $s := include "kata-deploy.compileSelector" (dict "eq" $.eq "exprs" (concat ($.exprs | default list) $t.matchExpressions) "what" (printf "%s (with %s)" $where $.what)) -}}
+{{- $out = append $out $s -}}
+{{- end -}}
+{{- else -}}
+{{- $s := include "kata-deploy.compileSelector" (dict "eq" .eq "exprs" (.exprs | default list) "what" .what) -}}
+{{- if $s -}}{{- $out = append $out $s -}}{{- end -}}
+{{- end -}}
+{{- $out | toJson -}}
 {{- end -}}
 
 {{/*
-The cleanup selectors as a JSON list of strings; each becomes one --selector (a union).
-Default (nothing configured): nodes with the kata-runtime label OR this install's claimed marker
-(katacontainers.io/kata-deploy-claimed[-<suffix>], set by the stages before the host is touched).
+The install selectors: job.nodeSelector + top-level nodeSelector, job.nodeSelectorExpressions,
+top-level affinity. As in upstream 4.x, a top-level toleration of the control-plane taint makes
+control-plane nodes eligible: the control-plane exclusions of job.nodeSelectorExpressions are
+dropped then.
+*/}}
+{{- define "kata-deploy.installSelectors" -}}
+{{- $eq := merge (dict) (.Values.job.nodeSelector | default dict) (.Values.nodeSelector | default dict) -}}
+{{- $cp := list "node-role.kubernetes.io/control-plane" "node-role.kubernetes.io/master" -}}
+{{- $tolCP := false -}}
+{{- range $t := .Values.tolerations | default list -}}
+{{- if or (and (eq (toString $t.operator) "Exists") (not $t.key)) (has (toString $t.key) $cp) -}}{{- $tolCP = true -}}{{- end -}}
+{{- end -}}
+{{- $exprs := list -}}
+{{- range $e := .Values.job.nodeSelectorExpressions | default list -}}
+{{- if not (and $tolCP (eq (toString $e.operator) "DoesNotExist") (has (toString $e.key) $cp)) -}}{{- $exprs = append $exprs $e -}}{{- end -}}
+{{- end -}}
+{{- include "kata-deploy.selectors" (dict "eq" $eq "exprs" $exprs "what" "job.nodeSelectorExpressions"
+      "affinity" (dig "nodeAffinity" dict (.Values.affinity | default dict)) "awhat" "affinity.nodeAffinity") -}}
+{{- end -}}
+
+{{/*
+The cleanup selectors. Default (nothing configured): nodes with the kata-runtime label OR this
+install's claimed marker (katacontainers.io/kata-deploy-claimed[-<suffix>], set by the stages
+before the host is touched).
 */}}
 {{- define "kata-deploy.cleanupSelectors" -}}
 {{- $c := .Values.job.cleanup | default dict -}}
-{{- $sel := include "kata-deploy.compileSelector" (dict "eq" ($c.nodeSelector | default dict) "exprs" ($c.nodeSelectorExpressions | default list) "what" "job.cleanup.nodeSelectorExpressions") -}}
-{{- if $sel -}}
-{{- list $sel | toJson -}}
+{{- $sel := include "kata-deploy.selectors" (dict "eq" ($c.nodeSelector | default dict) "exprs" ($c.nodeSelectorExpressions | default list) "what" "job.cleanup.nodeSelectorExpressions"
+      "affinity" ($c.nodeAffinity | default dict) "awhat" "job.cleanup.nodeAffinity") | fromJsonArray -}}
+{{- if eq ($sel | toJson) (list "katacontainers.io/kata-runtime" | toJson) -}}
+{{- /* Upstream's default (kata-runtime Exists) means "every node an install touched": here that
+       also takes this install's claimed marker (upstream marks with kata-runtime=false instead). */ -}}
+{{- append $sel (include "kata-deploy.claimedLabel" .) | toJson -}}
+{{- else if $sel -}}
+{{- $sel | toJson -}}
 {{- else -}}
-{{- $claimed := "katacontainers.io/kata-deploy-claimed" -}}
-{{- with .Values.env.multiInstallSuffix -}}{{- $claimed = printf "%s-%s" $claimed . -}}{{- end -}}
-{{- list "katacontainers.io/kata-runtime" $claimed | toJson -}}
+{{- list "katacontainers.io/kata-runtime" (include "kata-deploy.claimedLabel" .) | toJson -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Per-install node labels set by the stages (claimed: before the first host change; marker: once installed). */}}
+{{- define "kata-deploy.claimedLabel" -}}
+{{- include "kata-deploy.suffixed" (dict "root" . "base" "katacontainers.io/kata-deploy-claimed") -}}
+{{- end -}}
+{{- define "kata-deploy.markerLabel" -}}
+{{- include "kata-deploy.suffixed" (dict "root" . "base" "katacontainers.io/kata-deploy-installed") -}}
+{{- end -}}
+{{- define "kata-deploy.suffixed" -}}
+{{- if .root.Values.env.multiInstallSuffix -}}{{- printf "%s-%s" .base .root.Values.env.multiInstallSuffix -}}{{- else -}}{{- .base -}}{{- end -}}
+{{- end -}}
+
+{{/* Built-in shim names: the keys of this chart's default shims (upstream's current list). */}}
+{{- define "kata-deploy.knownShims" -}}
+{{- without (keys (include "kata-deploy.defaults" . | fromYaml).shims | sortAlpha) "disableAll" | toJson -}}
+{{- end -}}
+{{/* Names of an earlier version of this chart (not upstream's): ignored unless enabled: true (refused). */}}
+{{- define "kata-deploy.legacyShims" -}}
+{{- toJson (dict "cloud-hypervisor" "clh-runtime-rs" "stratovirt" "") -}}
 {{- end -}}
 
 {{/* Names of the enabled built-in shims, as a JSON list (sorted). */}}
 {{- define "kata-deploy.enabledShims" -}}
 {{- $disableAll := eq (include "kata-deploy.bool" (.Values.shims.disableAll | default false)) "true" -}}
+{{- $known := include "kata-deploy.knownShims" . | fromJsonArray -}}
 {{- $out := list -}}
 {{- range $name, $cfg := .Values.shims -}}
-{{- if ne $name "disableAll" -}}
+{{- if has $name $known -}}
 {{- $cfg = $cfg | default dict -}}
 {{- $on := not $disableAll -}}
 {{- if hasKey $cfg "enabled" -}}
@@ -153,38 +271,57 @@ Default (nothing configured): nodes with the kata-runtime label OR this install'
 
 {{/* The handler (and default RuntimeClass name) of a shim or custom runtime: kata-<name>[-<suffix>]. */}}
 {{- define "kata-deploy.handler" -}}
-{{- if .root.Values.env.multiInstallSuffix -}}
-{{- printf "kata-%s-%s" .name .root.Values.env.multiInstallSuffix -}}
-{{- else -}}
-{{- printf "kata-%s" .name -}}
+{{- include "kata-deploy.suffixed" (dict "root" .root "base" (printf "kata-%s" .name)) -}}
 {{- end -}}
+
+{{/* The user's RuntimeClass of a custom runtime, parsed ({} when none). Params: dict "root" "name". */}}
+{{- define "kata-deploy.customClass" -}}
+{{- $cfg := index .root.Values.customRuntimes.runtimes .name | default dict -}}
+{{- if $cfg.runtimeClass -}}{{- $cfg.runtimeClass | fromYaml | toJson -}}{{- else -}}{}{{- end -}}
+{{- end -}}
+
+{{/* The handler of a custom runtime: the one of its RuntimeClass, else kata-<name>[-<suffix>]. */}}
+{{- define "kata-deploy.customHandler" -}}
+{{- $rc := include "kata-deploy.customClass" . | fromJson -}}
+{{- $rc.handler | default (include "kata-deploy.handler" .) -}}
+{{- end -}}
+
+{{/*
+The stage's name of a custom runtime: the stage registers handler kata-<name>[-<suffix>], so the
+name is the handler without "kata-" and without "-<suffix>" (validate.yaml checks the form).
+*/}}
+{{- define "kata-deploy.customStageName" -}}
+{{- $h := include "kata-deploy.customHandler" . -}}
+{{- $n := trimPrefix "kata-" $h -}}
+{{- with .root.Values.env.multiInstallSuffix -}}{{- $n = trimSuffix (printf "-%s" .) $n -}}{{- end -}}
+{{- $n -}}
 {{- end -}}
 
 {{/* Pod overhead of each built-in shim. */}}
 {{- define "kata-deploy.overheads" -}}
+{{- $small := dict "memory" "130Mi" "cpu" "250m" -}}
+{{- $qemu := dict "memory" "320Mi" "cpu" "250m" -}}
+{{- $gpu := dict "memory" "10240Mi" "cpu" "1" -}}
+{{- $tee := dict "memory" "2048Mi" "cpu" "1" -}}
+{{- $se := dict "memory" "1024Mi" "cpu" "1" -}}
 {{- toYaml (dict
-  "clh" (dict "memory" "130Mi" "cpu" "250m")
-  "cloud-hypervisor" (dict "memory" "130Mi" "cpu" "250m")
-  "dragonball" (dict "memory" "130Mi" "cpu" "250m")
-  "fc" (dict "memory" "130Mi" "cpu" "250m")
-  "qemu" (dict "memory" "320Mi" "cpu" "250m")
-  "qemu-runtime-rs" (dict "memory" "320Mi" "cpu" "250m")
+  "clh" $small "clh-azure" $small "clh-runtime-rs" $small "clh-azure-runtime-rs" $small
+  "openvmm-azure-runtime-rs" $small "dragonball" $small "fc" $small
+  "qemu" $qemu "qemu-runtime-rs" $qemu "qemu-coco-dev-runtime-rs" $qemu
   "qemu-coco-dev" (dict "memory" "160Mi" "cpu" "250m")
-  "qemu-coco-dev-runtime-rs" (dict "memory" "320Mi" "cpu" "250m")
-  "qemu-nvidia-gpu" (dict "memory" "10240Mi" "cpu" "1")
-  "qemu-nvidia-gpu-snp" (dict "memory" "10240Mi" "cpu" "1")
-  "qemu-nvidia-gpu-tdx" (dict "memory" "10240Mi" "cpu" "1")
-  "qemu-snp" (dict "memory" "2048Mi" "cpu" "1")
-  "qemu-tdx" (dict "memory" "2048Mi" "cpu" "1")
-  "qemu-se" (dict "memory" "1024Mi" "cpu" "1")
-  "qemu-se-runtime-rs" (dict "memory" "1024Mi" "cpu" "1")
-  "stratovirt" (dict "memory" "130Mi" "cpu" "250m")
+  "qemu-nvidia-cpu" $qemu "qemu-nvidia-cpu-runtime-rs" $qemu
+  "qemu-nvidia-gpu" $gpu "qemu-nvidia-gpu-runtime-rs" $gpu
+  "qemu-nvidia-gpu-snp" $gpu "qemu-nvidia-gpu-snp-runtime-rs" $gpu
+  "qemu-nvidia-gpu-tdx" $gpu "qemu-nvidia-gpu-tdx-runtime-rs" $gpu
+  "qemu-snp" $tee "qemu-snp-runtime-rs" $tee "qemu-tdx" $tee "qemu-tdx-runtime-rs" $tee
+  "qemu-se" $se "qemu-se-runtime-rs" $se
+  "remote" (dict "memory" "120Mi" "cpu" "250m")
 ) -}}
 {{- end -}}
 
 {{/*
 The NFD node selector auto-injected for a TEE shim (empty for others), as YAML.
-SEV-SNP and TDX by name; IBM SEL for -se / -se-runtime-rs. GPU shims are left to the GPU Operator.
+SEV-SNP and TDX by name; IBM SEL for -se / -se-runtime-rs. GPU shims carry their own selectors.
 */}}
 {{- define "kata-deploy.nfdSelector" -}}
 {{- $s := .shim -}}
@@ -204,8 +341,7 @@ Whether NFD is present: declared with nfd.enabled, or found by lookup of a
 node-feature-discovery-worker DaemonSet (lookup returns nothing during helm template).
 */}}
 {{- define "kata-deploy.nfdPresent" -}}
-{{- $upstream := index .Values "node-feature-discovery" | default dict -}}
-{{- if or (eq (include "kata-deploy.bool" .Values.nfd.enabled) "true") (eq (include "kata-deploy.bool" ($upstream.enabled | default false)) "true") -}}
+{{- if eq (include "kata-deploy.bool" .Values.nfd.enabled) "true" -}}
 true
 {{- else -}}
 {{- $found := false -}}
@@ -217,18 +353,50 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/* The stage's containerd snapshotter of a shim: nydus or "" (devmapper/erofs: no effect, see NOTES). */}}
+{{- define "kata-deploy.stageSnapshotter" -}}
+{{- $s := dig "containerd" "snapshotter" "" (. | default dict) | toString -}}
+{{- ternary "nydus" "" (eq $s "nydus") -}}
+{{- end -}}
+{{/* The stage's CRI-O pull type: crio.pullType, or guest-pull for upstream's crio.guestPull: true. */}}
+{{- define "kata-deploy.stagePullType" -}}
+{{- $crio := dig "crio" dict (. | default dict) | default dict -}}
+{{- if $crio.pullType -}}{{- $crio.pullType -}}
+{{- else if eq (include "kata-deploy.bool" ($crio.guestPull | default false)) "true" -}}guest-pull
+{{- end -}}
+{{- end -}}
+
 {{/* The stage configuration entry of one shim or custom runtime. Params: dict "name" "base" "cfg" "arches". */}}
 {{- define "kata-deploy.stageShimEntry" -}}
-{{- $cfg := .cfg | default dict -}}
-{{- $ctr := $cfg.containerd | default dict -}}
-{{- $crio := $cfg.crio | default dict }}
+{{- $cfg := .cfg | default dict }}
 - name: {{ .name | toJson }}
   baseConfig: {{ .base | toJson }}
   supportedArches: {{ .arches | default list | toJson }}
   dropIn: {{ $cfg.dropIn | default "" | toJson }}
   allowedHypervisorAnnotations: {{ $cfg.allowedHypervisorAnnotations | default list | toJson }}
-  containerdSnapshotter: {{ $ctr.snapshotter | default "" | toJson }}
-  crioPullType: {{ $crio.pullType | default "" | toJson }}
+  containerdSnapshotter: {{ include "kata-deploy.stageSnapshotter" $cfg | toJson }}
+  crioPullType: {{ include "kata-deploy.stagePullType" $cfg | toJson }}
+{{- end -}}
+
+{{/* Effective settings that upstream spells differently (upstream's key wins when present). */}}
+{{- define "kata-deploy.debug" -}}
+{{- include "kata-deploy.bool" (or (eq (include "kata-deploy.bool" .Values.debug) "true") (eq (include "kata-deploy.bool" .Values.env.debug) "true")) -}}
+{{- end -}}
+{{- define "kata-deploy.cri" -}}
+{{- $d := toString .Values.k8sDistribution -}}
+{{- if and (eq .Values.stage.cri "auto") (has $d (list "rke2" "k0s" "microk8s")) -}}{{- $d -}}{{- else -}}{{- .Values.stage.cri -}}{{- end -}}
+{{- end -}}
+{{- define "kata-deploy.labelReadyTimeout" -}}
+{{- if hasKey .Values.job "waitNodeReadySeconds" -}}{{- .Values.job.waitNodeReadySeconds | int -}}{{- else -}}{{- .Values.stage.labelReadyTimeoutSeconds | int -}}{{- end -}}
+{{- end -}}
+{{- define "kata-deploy.requireNodes" -}}
+{{- if hasKey .Values.job "waitForNodesSeconds" -}}{{- include "kata-deploy.bool" (gt (.Values.job.waitForNodesSeconds | int) 0) -}}
+{{- else -}}{{- include "kata-deploy.bool" .Values.job.requireNodes -}}{{- end -}}
+{{- end -}}
+{{- define "kata-deploy.settle" -}}
+{{- if .Values.job.settle -}}{{- .Values.job.settle -}}
+{{- else if gt (.Values.job.nodeSettleSeconds | default 0 | int) 0 -}}{{- printf "%ds" (.Values.job.nodeSettleSeconds | int) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The one stage configuration file (see ARCHITECTURE.md; parsed with deny_unknown_fields). */}}
@@ -236,13 +404,13 @@ true
 {{- $shims := include "kata-deploy.enabledShims" . | fromJsonArray -}}
 {{- $customs := include "kata-deploy.enabledCustomRuntimes" . | fromJsonArray -}}
 multiInstallSuffix: {{ .Values.env.multiInstallSuffix | default "" | toJson }}
-debug: {{ include "kata-deploy.bool" .Values.env.debug }}
-installPrefix: {{ .Values.stage.installPrefix | toJson }}
+debug: {{ include "kata-deploy.debug" . }}
+installPrefix: {{ .Values.env.installationPrefix | default .Values.stage.installPrefix | toJson }}
 imagePullTimeoutSeconds: {{ .Values.imagePullTimeoutSeconds | int }}
-cri: {{ .Values.stage.cri | toJson }}
+cri: {{ include "kata-deploy.cri" . | toJson }}
 restart: {{ .Values.stage.restart | toJson }}
 runtimeReadyTimeoutSeconds: {{ .Values.stage.runtimeReadyTimeoutSeconds | int }}
-labelReadyTimeoutSeconds: {{ .Values.stage.labelReadyTimeoutSeconds | int }}
+labelReadyTimeoutSeconds: {{ include "kata-deploy.labelReadyTimeout" . }}
 {{- if or $shims $customs }}
 shims:
 {{- range $name := $shims }}
@@ -251,46 +419,78 @@ shims:
 {{- end }}
 {{- range $name := $customs }}
 {{- $cfg := index $.Values.customRuntimes.runtimes $name | default dict }}
-{{- $baseCfg := index $.Values.shims $cfg.baseConfig | default dict }}
-{{- include "kata-deploy.stageShimEntry" (dict "name" $name "base" $cfg.baseConfig "cfg" $cfg "arches" ($cfg.supportedArches | default $baseCfg.supportedArches)) }}
+{{- $baseCfg := index $.Values.shims (toString $cfg.baseConfig) | default dict }}
+{{- include "kata-deploy.stageShimEntry" (dict "name" (include "kata-deploy.customStageName" (dict "root" $ "name" $name)) "base" $cfg.baseConfig "cfg" $cfg "arches" ($cfg.supportedArches | default $baseCfg.supportedArches)) }}
 {{- end }}
 {{- else }}
 shims: []
 {{- end }}
 {{- end -}}
 
-{{/* Pod-level settings shared by both per-node Job templates. */}}
+{{/*
+Pod-level settings shared by both per-node Job templates. Params: dict "root" "tolerations".
+No ServiceAccount token is mounted by default: only the containers that change the Node get
+the projected, pod-bound token volume below (stageContainer "api": true).
+*/}}
 {{- define "kata-deploy.nodePodCommon" -}}
-serviceAccountName: {{ include "kata-deploy.nodeServiceAccount" . }}
-automountServiceAccountToken: true
+{{- $v := .root.Values -}}
+serviceAccountName: {{ include "kata-deploy.nodeServiceAccount" .root }}
+automountServiceAccountToken: false
+enableServiceLinks: false
 restartPolicy: Never
-{{- if eq .Values.stage.restart "systemd" }}
+{{- if eq (include "kata-deploy.systemdViaPid1" .root) "true" }}
 # The cri / revert-cri stages restart the CRI through the host's systemd (PID 1).
 hostPID: true
 {{- end }}
-{{- with .Values.job.nodeJobs.priorityClassName }}
+{{- with ($v.job.nodeJobs.priorityClassName | default $v.priorityClassName) }}
 priorityClassName: {{ . | quote }}
 {{- end }}
-{{- with .Values.imagePullSecrets }}
+{{- with $v.imagePullSecrets }}
 imagePullSecrets:
 {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.job.nodeJobs.tolerations }}
+{{- with .tolerations }}
 tolerations:
 {{- toYaml . | nindent 2 }}
 {{- end }}
 volumes:
   - name: stage-config
     configMap:
-      name: {{ include "kata-deploy.stageConfigName" . }}
+      name: {{ include "kata-deploy.stageConfigName" .root }}
   - name: host-root
     hostPath:
       path: /
       type: Directory
+  # The kubelet's usual API access volume, but mounted only where it is used. The token is
+  # bound to this pod (and, Kubernetes >= 1.30, names its node: see node-scope-policy.yaml).
+  - name: api-access
+    projected:
+      defaultMode: 292   # 0444
+      sources:
+        - serviceAccountToken:
+            path: token
+            expirationSeconds: 3607
+        - configMap:
+            name: kube-root-ca.crt
+            items: [{key: ca.crt, path: ca.crt}]
+        - downwardAPI:
+            items:
+              - path: namespace
+                fieldRef: {fieldPath: metadata.namespace}
+{{- end -}}
+
+{{/* Extra labels / annotations of the per-node pods (podLabels / podAnnotations; ours win). */}}
+{{- define "kata-deploy.podMeta" -}}
+{{- $labels := merge (dict "katacontainers.io/stages" .stages) (include "kata-deploy.selectorLabels" .root | fromYaml) (omit (.root.Values.podLabels | default dict) "name") -}}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+annotations:
+  {{- toYaml (merge (dict "katacontainers.io/config-hash" .hash) (.root.Values.podAnnotations | default dict)) | nindent 2 }}
 {{- end -}}
 
 {{/*
-One per-node stage container. Params: dict "root" "name" "stage" "access".
+One per-node stage container. Params: dict "root" "name" "stage" "access" "api".
+api: mount the projected ServiceAccount token (only the stages that change the Node).
 access: none (API only, non-root), read (host root read-only), write (host root read-write, root),
 privileged (host root read-write, privileged: restarts the CRI).
 */}}
@@ -300,7 +500,7 @@ privileged (host root read-write, privileged: restarts the CRI).
   image: {{ include "kata-deploy.stageImage" .root }}
   imagePullPolicy: {{ $v.imagePullPolicy }}
   args: ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", {{ .stage | quote }}]
-  {{- with $v.job.nodeJobs.resources }}
+  {{- with ($v.resources | default $v.job.nodeJobs.resources) }}
   resources:
     {{- toYaml . | nindent 4 }}
   {{- end }}
@@ -308,6 +508,11 @@ privileged (host root read-write, privileged: restarts the CRI).
     - name: stage-config
       mountPath: /etc/kata-deploy
       readOnly: true
+  {{- if .api }}
+    - name: api-access
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
+  {{- end }}
   {{- if ne .access "none" }}
     - name: host-root
       mountPath: /host
@@ -399,11 +604,11 @@ spec:
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $v.job.dispatcher.nodeSelector }}
+      {{- with (merge (dict) ($v.job.dispatcher.nodeSelector | default dict) ($v.job.dispatcherNodeSelector | default dict)) }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $v.job.dispatcher.tolerations }}
+      {{- with ($v.job.dispatcher.tolerations | default $v.job.dispatcherTolerations | default $v.tolerations) }}
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
@@ -439,11 +644,13 @@ spec:
             - {{ printf "%ds" ($v.job.deadlineSeconds | int) }}
             - --max-failures
             - {{ $v.job.maxFailures | int | quote }}
-            {{- with $v.job.settle }}
+            {{- /* settle: only an install selection by label can change while it is read. */}}
+            {{- $settle := include "kata-deploy.settle" $r }}
+            {{- if and (eq .role "install") (not .nodes) $settle }}
             - --settle
-            - {{ . | quote }}
+            - {{ $settle | quote }}
             {{- end }}
-            {{- if and (eq .role "install") (eq (include "kata-deploy.bool" $v.job.requireNodes) "true") }}
+            {{- if and (eq .role "install") (eq (include "kata-deploy.requireNodes" $r) "true") }}
             - --require-nodes
             {{- end }}
             {{- if eq .role "cleanup" }}
@@ -482,4 +689,76 @@ spec:
         - name: job-templates
           configMap:
             name: {{ include "kata-deploy.jobTemplatesName" $r }}
+{{- end -}}
+
+{{/* The shim of the default RuntimeClass: defaultShim for the first architecture that sets one. */}}
+{{- define "kata-deploy.defaultShim" -}}
+{{- $d := .Values.defaultShim | default dict -}}
+{{- $d.amd64 | default $d.arm64 | default $d.s390x | default $d.ppc64le | default "" -}}
+{{- end -}}
+{{/* Whether the default RuntimeClass is created (never with a suffix: the name would clash between installs). */}}
+{{- define "kata-deploy.createDefault" -}}
+{{- include "kata-deploy.bool" (and (eq (include "kata-deploy.bool" .Values.runtimeClasses.createDefault) "true") (not .Values.env.multiInstallSuffix)) -}}
+{{- end -}}
+
+{{/*
+The upstream keys that are set but have no effect in this chart, with the reason: one
+"key: reason" line each (NOTES.txt lists them; hack/test-chart.sh checks them).
+*/}}
+{{- define "kata-deploy.noEffect" -}}
+{{- $v := .Values -}}
+{{- $out := list -}}
+{{- $ds := "this chart runs no DaemonSet (nothing stays running on the nodes)" -}}
+{{- range $k := list "updateStrategy" "health" "kubectlImage" -}}
+{{- if hasKey $v $k -}}{{- $out = append $out (printf "%s: %s" $k (ternary "the stages talk to the API directly, no kubectl" $ds (eq $k "kubectlImage"))) -}}{{- end -}}
+{{- end -}}
+{{- with $v.monitor -}}{{- $out = append $out "monitor.*: kata-monitor is not deployed (a DaemonSet); deploy it separately" -}}{{- end -}}
+{{- with $v.logLevel -}}{{- $out = append $out (printf "logLevel=%v: the stages log at info (debug with debug: true)" .) -}}{{- end -}}
+{{- if eq (include "kata-deploy.bool" ($v.devkit | default false)) "true" -}}{{- $out = append $out "devkit: the devkit guest extension and kata-<shim>-devkit RuntimeClasses are not installed" -}}{{- end -}}
+{{- if eq (include "kata-deploy.debug" .) "true" -}}{{- $out = append $out "debug: applies to the regular RuntimeClasses; no kata-<shim>-debug RuntimeClasses are created" -}}{{- end -}}
+{{- with $v.env.hostOS -}}{{- $out = append $out (printf "env.hostOS=%v: the stage reads the host itself" .) -}}{{- end -}}
+{{- with $v.containerd.userDropIn -}}{{- $out = append $out "containerd.userDropIn: NOT applied; add these settings to the nodes' containerd configuration yourself" -}}{{- end -}}
+{{- $setup := $v.snapshotter.setup | default list -}}
+{{- if or (without $setup "nydus") $v.snapshotter.erofsMergeMode $v.snapshotter.erofsSnapshotterMode (eq (include "kata-deploy.bool" ($v.snapshotter.erofsDmverity | default false)) "true") -}}
+{{- $out = append $out "snapshotter.setup erofs / snapshotter.erofs*: the stage sets up only nydus (whenever an enabled shim uses it)" -}}
+{{- else if not (has "nydus" $setup) -}}
+{{- $out = append $out "snapshotter.setup without nydus: the stage still sets up nydus on a node when an enabled shim uses it" -}}
+{{- end -}}
+{{- range $name := include "kata-deploy.enabledShims" . | fromJsonArray -}}
+{{- $s := dig "containerd" "snapshotter" "" (index $v.shims $name | default dict) | toString -}}
+{{- if and $s (ne $s "nydus") -}}{{- $out = append $out (printf "shims.%s.containerd.snapshotter=%s: not configured by the stage; the shim uses containerd's default snapshotter" $name $s) -}}{{- end -}}
+{{- end -}}
+{{- range $old, $new := include "kata-deploy.legacyShims" . | fromJson -}}
+{{- if hasKey $v.shims $old -}}{{- $out = append $out (printf "shims.%s: not a shim of this chart (ignored)%s" $old (ternary (printf "; it is called %s" $new) "" (ne $new ""))) -}}{{- end -}}
+{{- end -}}
+{{- $aff := $v.affinity | default dict -}}
+{{- if or $aff.podAffinity $aff.podAntiAffinity (dig "nodeAffinity" "preferredDuringSchedulingIgnoredDuringExecution" list $aff) -}}
+{{- $out = append $out "affinity.podAffinity / podAntiAffinity / nodeAffinity.preferred*: per-node Jobs are pinned to their node by name" -}}
+{{- end -}}
+{{- with $v.tolerations -}}{{- $out = append $out "tolerations: used for the dispatcher pods, and tolerating the control-plane taint makes control-plane nodes eligible (as upstream); other taints do not narrow the selection here: per-node Jobs tolerate every taint" -}}{{- end -}}
+{{- if hasKey ($v.verification | default dict) "daemonsetTimeout" -}}{{- $out = append $out "verification.daemonsetTimeout: there is no DaemonSet rollout to wait for" -}}{{- end -}}
+{{- if and (eq (include "kata-deploy.bool" $v.runtimeClasses.createDefault) "true") $v.env.multiInstallSuffix -}}
+{{- $out = append $out "runtimeClasses.createDefault: the default RuntimeClass is not created with env.multiInstallSuffix (its name would clash between installs)" -}}
+{{- end -}}
+{{- if and (hasKey $v "nodeFeatureRules") (ne (toString (dig "create" "auto" ($v.nodeFeatureRules | default dict))) "false") -}}
+{{- $out = append $out "nodeFeatureRules.create=auto: no NodeFeatureRule and no TEE key requests are created by this chart" -}}
+{{- end -}}
+{{- if gt (len (keys (index $v "node-feature-discovery" | default dict))) 1 -}}
+{{- $out = append $out "node-feature-discovery.* (subchart values): this chart does not deploy NFD" -}}
+{{- end -}}
+{{- if and (eq (toString $v.image.reference) (include "kata-deploy.upstreamStageImage" .)) (not $v.image.tag) -}}
+{{- $out = append $out (printf "image.reference=%s (upstream's image): read as this chart's stage image %s" $v.image.reference (include "kata-deploy.stageImage" .)) -}}
+{{- end -}}
+{{- if eq (toString $v.job.dispatcherImage.reference) (include "kata-deploy.upstreamDispatcherImage" .) -}}
+{{- $out = append $out (printf "job.dispatcherImage=%s (upstream's dispatcher): read as this chart's dispatcher %s" $v.job.dispatcherImage.reference (include "kata-deploy.dispatcherImage" .)) -}}
+{{- end -}}
+{{- if gt ($v.job.waitForNodesSeconds | default 0 | int) 0 -}}
+{{- $out = append $out "job.waitForNodesSeconds: an install that selects no node fails at once (the dispatcher does not wait for nodes to appear; job.nodeSettleSeconds / job.settle waits for a selection to settle)" -}}
+{{- end -}}
+{{- $out | toJson -}}
+{{- end -}}
+
+{{/* Whether the stages reach systemd by entering PID 1 (hostPID + privileged), today's stage binary. */}}
+{{- define "kata-deploy.systemdViaPid1" -}}
+{{- include "kata-deploy.bool" (and (eq .Values.stage.restart "systemd") (ne (toString .Values.stage.systemdAccess) "dbus")) -}}
 {{- end -}}
