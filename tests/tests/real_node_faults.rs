@@ -77,7 +77,7 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
 
     // --- 1. containerd's main process is killed while the cri stage waits for it ---
     let since = node.unit_active_since("containerd")?;
-    let mut stage = stage_command(&node, &version, "cri").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let stage = stage_command(&node, &version, "cri").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while node.unit_active_since("containerd")? == since {
         anyhow::ensure!(Instant::now() < deadline, "the cri stage never restarted containerd");
