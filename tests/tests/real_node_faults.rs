@@ -59,6 +59,16 @@ fn containerd_active(node: &RealNode) -> bool {
     node.exec(&["systemctl", "is-active", "containerd"]).map(|s| s.trim() == "active").unwrap_or(false)
 }
 
+/// containerd active again (systemd restarts it RestartSec=5 after a crash), within a deadline.
+fn wait_active(node: &RealNode) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !containerd_active(node) {
+        anyhow::ensure!(Instant::now() < deadline, "containerd not active again within 30s:\n{}", node.journal("containerd").unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     if !require_real_nodes(&["debian"]) {
@@ -76,19 +86,26 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     assert!(out.status.success(), "artifacts: {}", text(&out));
 
     // --- 1. containerd's main process is killed while the cri stage waits for it ---
-    let since = node.unit_active_since("containerd")?;
+    // A slow start (ExecStartPost) holds the restart job open for a few seconds, so the kill lands
+    // while the stage is waiting for the runtime to come back, every time.
+    let slow = node.path("/etc/systemd/system/containerd.service.d/80-slow-start.conf");
+    std::fs::create_dir_all(slow.parent().unwrap())?;
+    std::fs::write(&slow, "[Service]\nExecStartPost=/bin/sleep 4\n")?;
+    node.exec(&["systemctl", "daemon-reload"])?;
     let stage = stage_command(&node, &version, "cri").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while node.unit_active_since("containerd")? == since {
+    while node.exec(&["systemctl", "show", "-p", "SubState", "--value", "containerd"])?.trim() != "start-post" {
         anyhow::ensure!(Instant::now() < deadline, "the cri stage never restarted containerd");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The restart happened: a crash of containerd itself (not its shims) right now.
+    // The restart is under way and the stage waits: a crash of containerd itself (not its shims).
     node.exec(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", "containerd"])?;
     let out = stage.wait_with_output()?;
     eprintln!("--- cri with containerd killed -> {:?}\n{}", out.status.code(), text(&out));
+    std::fs::remove_file(&slow)?;
+    node.exec(&["systemctl", "daemon-reload"])?;
     assert!(out.status.success(), "the cri stage converges once systemd brought containerd back: {}", text(&out));
-    assert!(containerd_active(&node), "containerd serving");
+    wait_active(&node)?;
     assert!(served(&node)?.contains("kata-qemu"), "containerd serves kata-qemu after the fault");
     // A re-run finds everything loaded: no restart.
     let since = node.unit_active_since("containerd")?;
@@ -111,7 +128,7 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     assert_eq!(out.status.code(), Some(1), "the cri stage fails: {}", text(&out));
     assert!(text(&out).contains("restored"), "it says the previous configuration was restored: {}", text(&out));
     assert_eq!(file_identity(&config)?, original, "the previous config is back, byte for byte");
-    assert!(containerd_active(&node), "containerd runs again with the previous config");
+    wait_active(&node)?;
     assert!(!served(&node)?.contains("kata-qemu"));
     std::fs::remove_file(&dropin)?;
     node.exec(&["systemctl", "daemon-reload"])?;
@@ -134,7 +151,7 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     let out = run_stage(&node, &version, "revert-cri")?;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(file_identity(&config)?, original, "after the killed run and its retry, revert still restores the exact original");
-    assert!(containerd_active(&node));
+    wait_active(&node)?;
     let out = run_stage(&node, &version, "remove-artifacts")?;
     assert!(out.status.success(), "{}", text(&out));
     Ok(())

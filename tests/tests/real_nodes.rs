@@ -149,6 +149,13 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     for p in &stage_pods {
         let name = p.metadata.name.clone().unwrap_or_default();
         let spec = p.spec.as_ref().context("pod spec")?;
+        // Least privilege (chart default): no hostPID, no privileged container, yet containerd
+        // was restarted through systemd (below): the system bus under the host root is enough.
+        assert_ne!(spec.host_pid, Some(true), "{name}: no hostPID");
+        for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+            let privileged = c.security_context.as_ref().and_then(|s| s.privileged);
+            assert_ne!(privileged, Some(true), "{name}/{}: not privileged", c.name);
+        }
         for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
             let lp = LogParams { container: Some(c.name.clone()), ..LogParams::default() };
             let text = pods.logs(&name, &lp).await.with_context(|| format!("kubectl logs {name} -c {}", c.name))?;
