@@ -197,6 +197,15 @@ impl TestCluster {
         cmd
     }
 
+    /// Runs `helm ARGS` against this cluster; whether it succeeded and what it printed (echoed to
+    /// the test's output).
+    pub async fn run_helm(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = self.helm().args(args).output().await.context("running helm")?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!("--- helm {args:?} -> {:?}\n{text}", out.status.code());
+        Ok((out.status.success(), text))
+    }
+
     /// Kills the API server, keeps it down for `down`, starts it again and waits until it is
     /// ready (`hack/testenv/restart-apiserver.sh`). Only on a [`TestCluster::private`] cluster.
     pub async fn restart_apiserver(&self, down: Duration) -> Result<()> {

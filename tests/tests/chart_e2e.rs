@@ -21,22 +21,6 @@ use std::time::Duration;
 
 const KATA_LABEL: &str = "katacontainers.io/kata-runtime";
 
-async fn helm(cluster: &TestCluster, args: &[&str]) -> Result<(bool, String)> {
-    let out = cluster
-        .helm()
-        .args(args)
-        .output()
-        .await
-        .context("running helm")?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("--- helm {args:?} -> {:?}\n{text}", out.status.code());
-    Ok((out.status.success(), text))
-}
-
 /// Every file's content hash and mtime: equal before and after means nothing was written.
 fn mtimes(root: &Path) -> Result<BTreeMap<String, (String, std::time::SystemTime)>> {
     let content = snapshot(root)?;
@@ -211,7 +195,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
     // --- install ---
     let mut args = vec!["install", "kata-deploy", chart];
     args.extend(common);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "helm install failed: {out}");
     for n in local.iter() {
         let l = labels_of(&nodes.get(n).await?);
@@ -355,7 +339,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
     let added_original = snapshot(&hosts.join(&added[0]))?;
     let mut args = vec!["upgrade", "kata-deploy", chart, "--reuse-values"];
     args.extend(common);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "helm upgrade failed: {out}");
     assert_eq!(
         labels_of(&nodes.get(&added[0]).await?)
@@ -372,9 +356,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
     }
 
     // --- uninstall: every host back to its original bytes, labels, Jobs and RBAC gone ---
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "uninstall",
             "kata-deploy",
             "--namespace",
@@ -427,7 +409,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
     std::fs::remove_file(hosts.join(&local[1]).join("dev/kvm"))?;
     let mut args = vec!["install", "kata-deploy", chart];
     args.extend(common);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(!ok, "install must fail when a node cannot take Kata: {out}");
     let dispatchers = pods
         .list(&ListParams::default().labels("katacontainers.io/dispatcher-role=install"))
@@ -450,9 +432,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         !message.contains(&format!("{}:", local[0])),
         "the healthy node is not reported failed: {message}"
     );
-    helm(
-        cluster,
-        &[
+    cluster.run_helm(&[
             "uninstall",
             "kata-deploy",
             "--namespace",
@@ -526,9 +506,7 @@ async fn dispatcher_message(cluster: &TestCluster, ns: &str, release: &str) -> R
 }
 
 async fn release_revision(cluster: &TestCluster, ns: &str, release: &str) -> Result<String> {
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "history",
             release,
             "--namespace",
@@ -589,16 +567,14 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     args.extend(&scope);
     args.extend(["--set-string", &none]);
     args.extend(few);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(!ok, "an install selecting no node must fail: {out}");
     let msg = dispatcher_message(cluster, ns, "empty").await?;
     assert!(
         msg.contains("kata-test/absent") && msg.contains("!node-role.kubernetes.io/control-plane"),
         "the failure names the selector and the control-plane default: {msg:?}"
     );
-    helm(
-        cluster,
-        &[
+    cluster.run_helm(&[
             "uninstall",
             "empty",
             "--namespace",
@@ -611,14 +587,12 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     .await?;
     // The explicit opt-out keeps an empty selection a successful no-op.
     args.extend(["--set", "job.requireNodes=false"]);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(
         ok,
         "job.requireNodes=false: an empty selection is a no-op: {out}"
     );
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "uninstall",
             "empty",
             "--namespace",
@@ -635,9 +609,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     let up_chart = upstream_chart(&scratch.path().join("job"), "upstream-4.x-job.values.yaml")?;
     let ci = repo_root().join("chart/fixtures/upstream-ci-base.values.yaml");
     let set_up = format!("env.multiInstallSuffix={up}");
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "install",
             "kd",
             up_chart.to_str().unwrap(),
@@ -669,7 +641,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     ];
     args.extend(&scope);
     args.extend(["--wait", "--timeout", "4m"]);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(
         ok,
         "helm upgrade --reuse-values over upstream-shaped values: {out}\ndispatcher: {}",
@@ -724,7 +696,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         "shims.qemu-coco-dev.enabled=true",
     ];
     args.extend(&scope);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(
         !ok && out.contains("handlers must be unique across installs")
             && out.contains(&format!("kata-qemu-coco-dev-{up}")),
@@ -742,7 +714,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         "env.multiInstallSuffix=other",
     ];
     args.extend(&scope);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(
         !ok && out.contains("env.multiInstallSuffix cannot change")
             && out.contains(&format!("\"{up}\""))
@@ -758,11 +730,9 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     let mut args = vec!["upgrade", "kd", chart, "--reuse-values"];
     args.extend(&scope);
     args.extend(["--wait", "--timeout", "4m"]);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "second --reuse-values upgrade: {out}");
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "uninstall",
             "kd",
             "--namespace",
@@ -783,9 +753,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     // --- 3b. a 3.32 job-mode release records no identity: its job-templates ConfigMap says it ---
     let old_chart = upstream_chart(&scratch.path().join("old"), "upstream-3.32-job.values.yaml")?;
     let set_old = format!("env.multiInstallSuffix={up}o");
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "install",
             "kd3",
             old_chart.to_str().unwrap(),
@@ -806,15 +774,13 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         "env.multiInstallSuffix=changed",
     ];
     args.extend(&scope);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(
         !ok && out.contains("env.multiInstallSuffix cannot change")
             && out.contains(&format!("\"{up}o\"")),
         "suffix change over a 3.32 release refused: {out}"
     );
-    let (ok, out) = helm(
-        cluster,
-        &["uninstall", "kd3", "--namespace", ns, "--no-hooks"],
+    let (ok, out) = cluster.run_helm(&["uninstall", "kd3", "--namespace", ns, "--no-hooks"],
     )
     .await?;
     assert!(ok, "{out}");
@@ -824,9 +790,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         &scratch.path().join("ds"),
         "upstream-4.x-daemonset.values.yaml",
     )?;
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "install",
             "dsrel",
             ds_chart.to_str().unwrap(),
@@ -843,7 +807,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         let mut args = vec!["upgrade", "dsrel", chart, "--reuse-values"];
         args.extend(extra);
         args.extend(&scope);
-        let (ok, out) = helm(cluster, &args).await?;
+        let (ok, out) = cluster.run_helm(&args).await?;
         assert!(
             !ok,
             "an in-place upgrade of a DaemonSet-mode release must be refused ({extra:?}): {out}"
@@ -873,9 +837,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     );
     // The documented steps.
     let saved = scratch.path().join("kata-values.yaml");
-    let (ok, out) = helm(
-        cluster,
-        &["get", "values", "dsrel", "--namespace", ns, "-o", "yaml"],
+    let (ok, out) = cluster.run_helm(&["get", "values", "dsrel", "--namespace", ns, "-o", "yaml"],
     )
     .await?;
     assert!(ok, "{out}");
@@ -886,9 +848,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n"),
     )?;
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "uninstall",
             "dsrel",
             "--namespace",
@@ -911,7 +871,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     ];
     args.extend(&scope);
     args.extend(few);
-    let (ok, out) = helm(cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "install after the documented steps: {out}");
     assert_eq!(
         labels_of(&bed.nodes.get(&bed.local[0]).await?)
@@ -919,9 +879,7 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             .map(String::as_str),
         Some("true")
     );
-    let (ok, out) = helm(
-        cluster,
-        &[
+    let (ok, out) = cluster.run_helm(&[
             "uninstall",
             "dsrel",
             "--namespace",

@@ -18,13 +18,6 @@ const KATA_LABEL: &str = "katacontainers.io/kata-runtime";
 const CONTAINERD2: &str = "v2.4.2";
 const INSTALL_PREFIX: &str = "/opt/kata";
 
-async fn helm(cluster: &TestCluster, args: &[&str]) -> Result<(bool, String)> {
-    let out = cluster.helm().args(args).output().await.context("running helm")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("--- helm {args:?} -> {:?}\n{text}", out.status.code());
-    Ok((out.status.success(), text))
-}
-
 async fn runtime_handlers(nodes: &Api<Node>, name: &str) -> Result<BTreeSet<String>> {
     let node = nodes.get(name).await?;
     Ok(node.status.and_then(|s| s.runtime_handlers).unwrap_or_default().into_iter().filter_map(|h| h.name).filter(|n| !n.is_empty()).collect())
@@ -111,7 +104,7 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     ];
     let mut args = vec!["install", "kata-deploy", chart];
     args.extend(common);
-    let (ok, out) = helm(&cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     if !ok {
         for n in &real {
             eprintln!("--- {} kubelet:\n{}", n.name, n.journal("kubelet").unwrap_or_default());
@@ -210,7 +203,7 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     let since_installed: Vec<u64> = real.iter().map(|n| n.unit_active_since("containerd")).collect::<Result<_>>()?;
     let mut args = vec!["upgrade", "kata-deploy", chart];
     args.extend(common);
-    let (ok, out) = helm(&cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "helm upgrade (no change) failed: {out}");
     for (i, n) in real.iter().enumerate() {
         assert_eq!(n.unit_active_since("containerd")?, since_installed[i], "{}: an unchanged re-run must not restart containerd", n.name);
@@ -220,12 +213,12 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     let mut args = vec!["upgrade", "kata-deploy", chart];
     args.extend(common);
     args.extend(["--set", "shims.qemu-runtime-rs.enabled=false"]);
-    let (ok, out) = helm(&cluster, &args).await?;
+    let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "helm upgrade (shim disabled) failed: {out}");
     wait_handlers(&nodes, n2, "kata-qemu-runtime-rs gone, kata-qemu kept", |h| h.contains("kata-qemu") && !h.contains("kata-qemu-runtime-rs")).await?;
 
     // --- uninstall: handlers gone, containerd serving, config byte-identical, nothing left ---
-    let (ok, out) = helm(&cluster, &["uninstall", "kata-deploy", "--namespace", ns, "--wait", "--timeout", "5m"]).await?;
+    let (ok, out) = cluster.run_helm(&["uninstall", "kata-deploy", "--namespace", ns, "--wait", "--timeout", "5m"]).await?;
     assert!(ok, "helm uninstall failed: {out}");
     wait_handlers(&nodes, n2, "no kata handler left", |h| !h.iter().any(|x| x.starts_with("kata"))).await?;
     for (i, n) in real.iter().enumerate() {
