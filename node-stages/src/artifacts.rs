@@ -12,7 +12,10 @@ use crate::hostfs::{sha256_hex, HostFs};
 use crate::katacfg;
 use crate::payload::Payload;
 use crate::restart::Restarter;
-use crate::state::{read_json, write_json, ArtifactsManifest, CriState, InstalledFile, StampCache, ARTIFACTS_MANIFEST, CRI_STATE, STAMP_CACHE};
+use crate::state::{
+    read_json, write_json, ArtifactsManifest, CriState, InstalledFile, StampCache,
+    ARTIFACTS_MANIFEST, CRI_STATE, STAMP_CACHE,
+};
 
 /// Where an installed file's content comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,10 +90,20 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
         if !nydus && f.rel.starts_with(NYDUS_PAYLOAD_DIR) {
             continue;
         }
-        out.push(DesiredFile { path: install.prefix.join(&f.rel), sha256: f.sha256.clone(), mode: f.mode, source: Source::Payload(payload.dir.join(&f.rel)) });
+        out.push(DesiredFile {
+            path: install.prefix.join(&f.rel),
+            sha256: f.sha256.clone(),
+            mode: f.mode,
+            source: Source::Payload(payload.dir.join(&f.rel)),
+        });
     }
     for (rel, target) in &payload.symlinks {
-        out.push(DesiredFile { path: install.prefix.join(rel), sha256: symlink_digest(target), mode: 0o777, source: Source::Symlink(target.clone()) });
+        out.push(DesiredFile {
+            path: install.prefix.join(rel),
+            sha256: symlink_digest(target),
+            mode: 0o777,
+            source: Source::Symlink(target.clone()),
+        });
     }
     let read_base = |rel: &Path| -> Result<String> {
         if !payload.files.contains_key(rel) {
@@ -103,17 +116,39 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
         payload.read_text(rel)
     };
     for g in katacfg::plan_shim_files(&cfg.cfg, &install, &read_base)? {
-        out.push(DesiredFile { path: g.path, sha256: sha256_hex(&g.content), mode: g.mode, source: Source::Inline(g.content) });
+        out.push(DesiredFile {
+            path: g.path,
+            sha256: sha256_hex(&g.content),
+            mode: g.mode,
+            source: Source::Inline(g.content),
+        });
     }
     if nydus {
-        if !payload.files.contains_key(&Path::new(NYDUS_PAYLOAD_DIR).join("containerd-nydus-grpc")) {
+        if !payload
+            .files
+            .contains_key(&Path::new(NYDUS_PAYLOAD_DIR).join("containerd-nydus-grpc"))
+        {
             return Err(StageError::bad_input(payload.dir.join(NYDUS_PAYLOAD_DIR).join("containerd-nydus-grpc"), "a shim uses guest pull (containerdSnapshotter: nydus) but the payload has no nydus snapshotter", "Use a stage image that ships nydus-snapshotter, or drop containerdSnapshotter"));
         }
         for (path, content) in [
-            (install.prefix.join(NYDUS_PAYLOAD_DIR).join("config-proxy.toml"), render_nydus_config(&install)),
-            (Path::new("/etc/systemd/system").join(install.nydus_unit()), render_nydus_unit(&install)),
+            (
+                install
+                    .prefix
+                    .join(NYDUS_PAYLOAD_DIR)
+                    .join("config-proxy.toml"),
+                render_nydus_config(&install),
+            ),
+            (
+                Path::new("/etc/systemd/system").join(install.nydus_unit()),
+                render_nydus_unit(&install),
+            ),
         ] {
-            out.push(DesiredFile { path, sha256: sha256_hex(content.as_bytes()), mode: 0o644, source: Source::Inline(content.into_bytes()) });
+            out.push(DesiredFile {
+                path,
+                sha256: sha256_hex(content.as_bytes()),
+                mode: 0o644,
+                source: Source::Inline(content.into_bytes()),
+            });
         }
     }
     Ok(out)
@@ -121,7 +156,11 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
 
 /// Plans the install: write what is new or changed, keep what matches, remove what was installed
 /// before and is no longer wanted. Pure.
-pub fn plan_artifacts(desired: &[DesiredFile], installed: &ArtifactsManifest, on_host: &BTreeMap<PathBuf, Option<String>>) -> Vec<Action> {
+pub fn plan_artifacts(
+    desired: &[DesiredFile],
+    installed: &ArtifactsManifest,
+    on_host: &BTreeMap<PathBuf, Option<String>>,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     let wanted: BTreeSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
     for d in desired {
@@ -159,7 +198,12 @@ fn stamp_cache_path(install: &Install) -> PathBuf {
 
 /// The sha256 of a host file, from the stamp cache when `stat` shows it untouched since the
 /// hash was recorded, else by reading it. Adds what it learnt to `fresh`.
-fn hash_installed(fs: &HostFs, cache: &StampCache, fresh: &mut StampCache, path: &Path) -> Result<Option<String>> {
+fn hash_installed(
+    fs: &HostFs,
+    cache: &StampCache,
+    fresh: &mut StampCache,
+    path: &Path,
+) -> Result<Option<String>> {
     if let Some(target) = fs.read_link(path)? {
         return Ok(Some(symlink_digest(&target)));
     }
@@ -183,7 +227,9 @@ fn record_stamps(fs: &HostFs, install: &Install, desired: &[DesiredFile]) -> Res
     let mut cache = StampCache::default();
     for d in desired {
         if let Some(stamp) = fs.stamp(&d.path)? {
-            cache.files.insert(d.path.clone(), (d.sha256.clone(), stamp));
+            cache
+                .files
+                .insert(d.path.clone(), (d.sha256.clone(), stamp));
         }
     }
     write_json(fs, &stamp_cache_path(install), &cache)
@@ -206,23 +252,49 @@ fn missing_dirs(fs: &HostFs, desired: &[DesiredFile]) -> Vec<PathBuf> {
 }
 
 /// The artifacts stage.
-pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restarter: &dyn Restarter) -> Result<ArtifactsOutcome> {
+pub fn apply_artifacts(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    payload: &Payload,
+    restarter: &dyn Restarter,
+) -> Result<ArtifactsOutcome> {
     let install = cfg.install();
     let desired = desired_files(cfg, payload)?;
     let mpath = manifest_path(&install);
     let old_manifest_bytes = fs.read(&mpath)?;
     let old: ArtifactsManifest = read_json(fs, &mpath)?.unwrap_or_default();
     // A corrupt cache is only a slower run: hash everything again.
-    let cache: StampCache = read_json(fs, &stamp_cache_path(&install)).ok().flatten().unwrap_or_default();
+    let cache: StampCache = read_json(fs, &stamp_cache_path(&install))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let mut fresh = StampCache::default();
     let mut on_host = BTreeMap::new();
     for d in &desired {
-        on_host.insert(d.path.clone(), hash_installed(fs, &cache, &mut fresh, &d.path)?);
+        on_host.insert(
+            d.path.clone(),
+            hash_installed(fs, &cache, &mut fresh, &d.path)?,
+        );
     }
     let actions = plan_artifacts(&desired, &old, &on_host);
-    let writes: Vec<&DesiredFile> = desired.iter().filter(|d| actions.contains(&Action::Write(d.path.clone()))).collect();
-    let mut removes: Vec<PathBuf> = actions.iter().filter_map(|a| if let Action::Remove(p) = a { Some(p.clone()) } else { None }).collect();
-    let kept = actions.iter().filter(|a| matches!(a, Action::Keep(_))).count();
+    let writes: Vec<&DesiredFile> = desired
+        .iter()
+        .filter(|d| actions.contains(&Action::Write(d.path.clone())))
+        .collect();
+    let mut removes: Vec<PathBuf> = actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Remove(p) = a {
+                Some(p.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
+    let kept = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Keep(_)))
+        .count();
     let unit = install.nydus_unit();
     let want_unit = cfg.uses_nydus();
 
@@ -238,9 +310,23 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
     let defer_unit = !stale_handlers.is_empty() && !want_unit && old.units.contains(&unit);
 
     let mut final_manifest = ArtifactsManifest {
-        files: desired.iter().map(|d| (d.path.clone(), InstalledFile { sha256: Some(d.sha256.clone()) })).collect(),
+        files: desired
+            .iter()
+            .map(|d| {
+                (
+                    d.path.clone(),
+                    InstalledFile {
+                        sha256: Some(d.sha256.clone()),
+                    },
+                )
+            })
+            .collect(),
         dirs: Vec::new(),
-        units: if want_unit || defer_unit { vec![unit.clone()] } else { vec![] },
+        units: if want_unit || defer_unit {
+            vec![unit.clone()]
+        } else {
+            vec![]
+        },
         pending: false,
     };
     for p in &deferred {
@@ -248,48 +334,93 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
     }
     let new_dirs = missing_dirs(fs, &desired);
     // Keep recorded dirs still needed (ancestors of a desired or deferred file); others go when empty.
-    let needed = |d: &PathBuf| desired.iter().any(|f| f.path.starts_with(d)) || deferred.iter().any(|f| f.starts_with(d));
-    final_manifest.dirs = old.dirs.iter().filter(|d| needed(d)).cloned().chain(new_dirs.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+    let needed = |d: &PathBuf| {
+        desired.iter().any(|f| f.path.starts_with(d)) || deferred.iter().any(|f| f.starts_with(d))
+    };
+    final_manifest.dirs = old
+        .dirs
+        .iter()
+        .filter(|d| needed(d))
+        .cloned()
+        .chain(new_dirs.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let stale_dirs: Vec<PathBuf> = old.dirs.iter().filter(|d| !needed(d)).cloned().collect();
 
     if writes.is_empty() && removes.is_empty() && old == final_manifest {
-        tracing::info!(stage = "artifacts", files = kept, "all files already installed; nothing to do");
+        tracing::info!(
+            stage = "artifacts",
+            files = kept,
+            "all files already installed; nothing to do"
+        );
         write_json(fs, &stamp_cache_path(&install), &fresh)?;
         if want_unit {
             ensure_unit_running(fs, restarter, &unit, false)?;
         }
-        return Ok(ArtifactsOutcome { kept, ..Default::default() });
+        return Ok(ArtifactsOutcome {
+            kept,
+            ..Default::default()
+        });
     }
     if fs.dry_run() {
         for w in &writes {
             let old_bytes = fs.read(&w.path)?;
             let new_bytes = match &w.source {
                 Source::Inline(b) => b.clone(),
-                Source::Payload(p) if w.path.extension().is_some_and(|e| e == "toml") => std::fs::read(p).unwrap_or_default(),
+                Source::Payload(p) if w.path.extension().is_some_and(|e| e == "toml") => {
+                    std::fs::read(p).unwrap_or_default()
+                }
                 Source::Symlink(target) => {
                     fs.plan(format!("link {} -> {}", w.path.display(), target.display()));
                     continue;
                 }
                 Source::Payload(_) => {
-                    fs.plan(format!("{} {} (from payload, sha256 {})", if old_bytes.is_some() { "replace" } else { "install" }, w.path.display(), &w.sha256[..12]));
+                    fs.plan(format!(
+                        "{} {} (from payload, sha256 {})",
+                        if old_bytes.is_some() {
+                            "replace"
+                        } else {
+                            "install"
+                        },
+                        w.path.display(),
+                        &w.sha256[..12]
+                    ));
                     continue;
                 }
             };
-            fs.plan(crate::hostfs::describe_change(&w.path, old_bytes.as_deref(), Some(&new_bytes)));
+            fs.plan(crate::hostfs::describe_change(
+                &w.path,
+                old_bytes.as_deref(),
+                Some(&new_bytes),
+            ));
         }
         for r in &removes {
             fs.plan(format!("remove {}", r.display()));
         }
-        return Ok(ArtifactsOutcome { written: writes.iter().map(|w| w.path.clone()).collect(), removed: removes, kept });
+        return Ok(ArtifactsOutcome {
+            written: writes.iter().map(|w| w.path.clone()).collect(),
+            removed: removes,
+            kept,
+        });
     }
 
     // 1. Record intent first: every path we may write and every directory we may create, so an
     //    install that dies half-way is still fully removed by remove-artifacts.
     let mut pending = old.clone();
     for w in &writes {
-        pending.files.insert(w.path.clone(), InstalledFile { sha256: None });
+        pending
+            .files
+            .insert(w.path.clone(), InstalledFile { sha256: None });
     }
-    pending.dirs = pending.dirs.iter().chain(new_dirs.iter()).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+    pending.dirs = pending
+        .dirs
+        .iter()
+        .chain(new_dirs.iter())
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     if want_unit && !pending.units.contains(&unit) {
         pending.units.push(unit.clone());
     }
@@ -316,7 +447,14 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
     };
     if let Err(e) = stage_all(&mut staged) {
         if !matches!(e, StageError::InjectedFault { .. }) {
-            undo_staging(fs, &staged, &new_dirs, &mpath, old_manifest_bytes.as_deref(), &state_dirs_created);
+            undo_staging(
+                fs,
+                &staged,
+                &new_dirs,
+                &mpath,
+                old_manifest_bytes.as_deref(),
+                &state_dirs_created,
+            );
         }
         return Err(e);
     }
@@ -346,19 +484,44 @@ pub fn apply_artifacts(fs: &HostFs, cfg: &ValidConfig, payload: &Payload, restar
         let unit_written = written.iter().any(|p| p.ends_with(&unit));
         ensure_unit_running(fs, restarter, &unit, unit_written)?;
     }
-    tracing::info!(stage = "artifacts", written = written.len(), removed = removes.len(), kept, "artifacts installed");
-    Ok(ArtifactsOutcome { written, removed: removes, kept })
+    tracing::info!(
+        stage = "artifacts",
+        written = written.len(),
+        removed = removes.len(),
+        kept,
+        "artifacts installed"
+    );
+    Ok(ArtifactsOutcome {
+        written,
+        removed: removes,
+        kept,
+    })
 }
 
 /// Handlers the cri stage registered with the runtime that this configuration no longer has.
 pub fn registered_but_unconfigured_handlers(fs: &HostFs, cfg: &ValidConfig) -> Result<Vec<String>> {
     let install = cfg.install();
     let state: Option<CriState> = read_json(fs, &install.state_dir().join(CRI_STATE))?;
-    let configured: Vec<String> = cfg.cfg.shims.iter().map(|s| install.handler(&s.name)).collect();
-    Ok(state.map(|s| s.handlers).unwrap_or_default().into_iter().filter(|h| !configured.contains(h)).collect())
+    let configured: Vec<String> = cfg
+        .cfg
+        .shims
+        .iter()
+        .map(|s| install.handler(&s.name))
+        .collect();
+    Ok(state
+        .map(|s| s.handlers)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|h| !configured.contains(h))
+        .collect())
 }
 
-fn ensure_unit_running(fs: &HostFs, restarter: &dyn Restarter, unit: &str, changed: bool) -> Result<()> {
+fn ensure_unit_running(
+    fs: &HostFs,
+    restarter: &dyn Restarter,
+    unit: &str,
+    changed: bool,
+) -> Result<()> {
     if fs.dry_run() {
         return Ok(());
     }
@@ -371,7 +534,14 @@ fn ensure_unit_running(fs: &HostFs, restarter: &dyn Restarter, unit: &str, chang
     Ok(())
 }
 
-fn undo_staging(fs: &HostFs, staged: &[(PathBuf, PathBuf)], new_dirs: &[PathBuf], mpath: &Path, old_manifest: Option<&[u8]>, state_dirs: &[PathBuf]) {
+fn undo_staging(
+    fs: &HostFs,
+    staged: &[(PathBuf, PathBuf)],
+    new_dirs: &[PathBuf],
+    mpath: &Path,
+    old_manifest: Option<&[u8]>,
+    state_dirs: &[PathBuf],
+) {
     for (tmp, _) in staged {
         fs.discard_temp(tmp);
     }
@@ -393,7 +563,11 @@ fn undo_staging(fs: &HostFs, staged: &[(PathBuf, PathBuf)], new_dirs: &[PathBuf]
 
 /// The remove-artifacts stage: removes exactly what the manifest records. Refuses while the
 /// runtime configuration still references the install (revert-cri must run first).
-pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarter) -> Result<ArtifactsOutcome> {
+pub fn remove_artifacts(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    restarter: &dyn Restarter,
+) -> Result<ArtifactsOutcome> {
     let install = cfg.install();
     let cri_state = install.state_dir().join(CRI_STATE);
     if read_json::<CriState>(fs, &cri_state)?.is_some() {
@@ -405,7 +579,10 @@ pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarte
     }
     let mpath = manifest_path(&install);
     let Some(manifest) = read_json::<ArtifactsManifest>(fs, &mpath)? else {
-        tracing::info!(stage = "remove-artifacts", "nothing recorded: no artifacts installed by this install");
+        tracing::info!(
+            stage = "remove-artifacts",
+            "nothing recorded: no artifacts installed by this install"
+        );
         // A crash before the first manifest write can leave its temp file and the state dir.
         fs.remove_file(&HostFs::temp_for(&mpath))?;
         remove_stamp_cache(fs, &install)?;
@@ -434,8 +611,15 @@ pub fn remove_artifacts(fs: &HostFs, cfg: &ValidConfig, restarter: &dyn Restarte
     fs.remove_file(&mpath)?;
     fs.remove_file(&HostFs::temp_for(&mpath))?;
     fs.remove_dir_if_empty(&install.state_dir())?;
-    tracing::info!(stage = "remove-artifacts", removed = removed.len(), "artifacts removed");
-    Ok(ArtifactsOutcome { removed, ..Default::default() })
+    tracing::info!(
+        stage = "remove-artifacts",
+        removed = removed.len(),
+        "artifacts removed"
+    );
+    Ok(ArtifactsOutcome {
+        removed,
+        ..Default::default()
+    })
 }
 
 fn remove_stamp_cache(fs: &HostFs, install: &Install) -> Result<()> {
@@ -450,22 +634,46 @@ mod tests {
     use super::*;
 
     fn df(p: &str, sha: &str) -> DesiredFile {
-        DesiredFile { path: p.into(), sha256: sha.into(), mode: 0o644, source: Source::Inline(vec![]) }
+        DesiredFile {
+            path: p.into(),
+            sha256: sha.into(),
+            mode: 0o644,
+            source: Source::Inline(vec![]),
+        }
     }
 
     #[test]
     fn plan_writes_changed_keeps_same_removes_unwanted() {
-        let desired = vec![df("/opt/kata/a", "1"), df("/opt/kata/b", "2"), df("/opt/kata/c", "3")];
+        let desired = vec![
+            df("/opt/kata/a", "1"),
+            df("/opt/kata/b", "2"),
+            df("/opt/kata/c", "3"),
+        ];
         let mut installed = ArtifactsManifest::default();
         for p in ["/opt/kata/a", "/opt/kata/old"] {
-            installed.files.insert(p.into(), InstalledFile { sha256: Some("x".into()) });
+            installed.files.insert(
+                p.into(),
+                InstalledFile {
+                    sha256: Some("x".into()),
+                },
+            );
         }
-        let on_host: BTreeMap<PathBuf, Option<String>> =
-            [("/opt/kata/a".into(), Some("1".to_string())), ("/opt/kata/b".into(), Some("stale".to_string())), ("/opt/kata/c".into(), None)].into_iter().collect();
+        let on_host: BTreeMap<PathBuf, Option<String>> = [
+            ("/opt/kata/a".into(), Some("1".to_string())),
+            ("/opt/kata/b".into(), Some("stale".to_string())),
+            ("/opt/kata/c".into(), None),
+        ]
+        .into_iter()
+        .collect();
         let plan = plan_artifacts(&desired, &installed, &on_host);
         assert_eq!(
             plan,
-            vec![Action::Keep("/opt/kata/a".into()), Action::Write("/opt/kata/b".into()), Action::Write("/opt/kata/c".into()), Action::Remove("/opt/kata/old".into())]
+            vec![
+                Action::Keep("/opt/kata/a".into()),
+                Action::Write("/opt/kata/b".into()),
+                Action::Write("/opt/kata/c".into()),
+                Action::Remove("/opt/kata/old".into())
+            ]
         );
     }
 
@@ -478,15 +686,26 @@ mod tests {
         std::fs::write(d.path().join("opt/kata/bin/x"), b"one").unwrap();
         let mut cache = StampCache::default();
         let mut fresh = StampCache::default();
-        assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap(), Some(sha256_hex(b"one")));
+        assert_eq!(
+            hash_installed(&fs, &cache, &mut fresh, p).unwrap(),
+            Some(sha256_hex(b"one"))
+        );
         // A cache entry whose stamp matches is trusted without reading (proved by a fake hash).
         let stamp = fs.stamp(p).unwrap().unwrap();
         cache.files.insert(p.into(), ("cached".into(), stamp));
-        assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap().as_deref(), Some("cached"));
+        assert_eq!(
+            hash_installed(&fs, &cache, &mut fresh, p)
+                .unwrap()
+                .as_deref(),
+            Some("cached")
+        );
         // Same size, new content: ctime/mtime move, so the file is read again.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(d.path().join("opt/kata/bin/x"), b"two").unwrap();
-        assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap(), Some(sha256_hex(b"two")));
+        assert_eq!(
+            hash_installed(&fs, &cache, &mut fresh, p).unwrap(),
+            Some(sha256_hex(b"two"))
+        );
         assert_eq!(fresh.files[p].0, sha256_hex(b"two"));
         std::fs::remove_file(d.path().join("opt/kata/bin/x")).unwrap();
         assert_eq!(hash_installed(&fs, &cache, &mut fresh, p).unwrap(), None);
@@ -495,9 +714,17 @@ mod tests {
     #[test]
     fn nydus_files_are_per_install() {
         let i = Install::new("cicd", "/opt/kata");
-        assert!(render_nydus_config(&i).contains("/run/nydus-for-kata-tee-cicd/containerd-nydus-grpc.sock"));
+        assert!(render_nydus_config(&i)
+            .contains("/run/nydus-for-kata-tee-cicd/containerd-nydus-grpc.sock"));
         assert!(render_nydus_config(&i).contains("root = \"/var/lib/nydus-for-kata-tee-cicd\""));
-        assert!(render_nydus_config(&i).contains("nydus_overlayfs_path = \"/opt/kata-cicd/nydus-snapshotter/nydus-overlayfs\""), "{}", render_nydus_config(&i));
-        assert!(render_nydus_unit(&i).contains("/opt/kata-cicd/nydus-snapshotter/containerd-nydus-grpc"));
+        assert!(
+            render_nydus_config(&i).contains(
+                "nydus_overlayfs_path = \"/opt/kata-cicd/nydus-snapshotter/nydus-overlayfs\""
+            ),
+            "{}",
+            render_nydus_config(&i)
+        );
+        assert!(render_nydus_unit(&i)
+            .contains("/opt/kata-cicd/nydus-snapshotter/containerd-nydus-grpc"));
     }
 }

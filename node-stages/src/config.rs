@@ -178,8 +178,15 @@ pub enum RestartMode {
 }
 
 /// Hypervisor annotations Kata marks restricted (R): they let a pod choose host binaries/paths.
-pub const RESTRICTED_ANNOTATIONS: &[&str] =
-    &["entropy_source", "file_mem_backend", "jailer_path", "path", "vhost_user_store_path", "virtio_fs_daemon", "ctlpath"];
+pub const RESTRICTED_ANNOTATIONS: &[&str] = &[
+    "entropy_source",
+    "file_mem_backend",
+    "jailer_path",
+    "path",
+    "vhost_user_store_path",
+    "virtio_fs_daemon",
+    "ctlpath",
+];
 
 /// A configuration that passed validation, with warnings worth showing.
 #[derive(Debug, Clone)]
@@ -202,7 +209,9 @@ impl ValidConfig {
     /// enabled shim can run is a configuration error.
     pub fn for_arch(mut self, arch: &str) -> Result<(Self, Vec<String>)> {
         let (kept, skipped): (Vec<ShimConfig>, Vec<ShimConfig>) =
-            std::mem::take(&mut self.cfg.shims).into_iter().partition(|s| s.allowed_arches().contains(&arch));
+            std::mem::take(&mut self.cfg.shims)
+                .into_iter()
+                .partition(|s| s.allowed_arches().contains(&arch));
         if kept.is_empty() {
             return Err(StageError::Config {
                 file: self.file.clone(),
@@ -224,14 +233,21 @@ impl ValidConfig {
 
     /// Whether any shim pulls images in the guest via nydus (containerd).
     pub fn uses_nydus(&self) -> bool {
-        self.cfg.shims.iter().any(|s| s.containerd_snapshotter == "nydus")
+        self.cfg
+            .shims
+            .iter()
+            .any(|s| s.containerd_snapshotter == "nydus")
     }
 }
 
 /// Reads and validates a configuration file.
 pub fn load_config(path: &Path) -> Result<ValidConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        StageError::config(path, "<file>", format!("cannot read: {e} (mount the kata-deploy stage ConfigMap or pass --config)"))
+        StageError::config(
+            path,
+            "<file>",
+            format!("cannot read: {e} (mount the kata-deploy stage ConfigMap or pass --config)"),
+        )
     })?;
     parse_config(&text, path)
 }
@@ -254,7 +270,8 @@ fn field_from_serde(msg: &str) -> String {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -272,33 +289,65 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
             return Err(err("multiInstallSuffix", format!("{suffix:?} is too long: labels like katacontainers.io/kata-deploy-claimed-<suffix> must stay within 63 characters; use at most 43")));
         }
     }
-    if !cfg.install_prefix.starts_with('/') || cfg.install_prefix.contains("..") || cfg.install_prefix.trim_end_matches('/').is_empty() {
-        return Err(err("installPrefix", format!("{:?} must be an absolute host path like /opt/kata", cfg.install_prefix)));
+    if !cfg.install_prefix.starts_with('/')
+        || cfg.install_prefix.contains("..")
+        || cfg.install_prefix.trim_end_matches('/').is_empty()
+    {
+        return Err(err(
+            "installPrefix",
+            format!(
+                "{:?} must be an absolute host path like /opt/kata",
+                cfg.install_prefix
+            ),
+        ));
     }
     if cfg.image_pull_timeout_seconds == 0 {
-        return Err(err("imagePullTimeoutSeconds", "must be greater than 0 (default 1200)".into()));
+        return Err(err(
+            "imagePullTimeoutSeconds",
+            "must be greater than 0 (default 1200)".into(),
+        ));
     }
     if cfg.runtime_ready_timeout_seconds == 0 {
-        return Err(err("runtimeReadyTimeoutSeconds", "must be greater than 0 (default 60)".into()));
+        return Err(err(
+            "runtimeReadyTimeoutSeconds",
+            "must be greater than 0 (default 60)".into(),
+        ));
     }
     let cri = CriKind::parse(&cfg.cri).ok_or_else(|| {
-        err("cri", format!("{:?} is not one of auto, containerd, k3s, k3s-agent, rke2, k0s, microk8s, crio", cfg.cri))
+        err(
+            "cri",
+            format!(
+                "{:?} is not one of auto, containerd, k3s, k3s-agent, rke2, k0s, microk8s, crio",
+                cfg.cri
+            ),
+        )
     })?;
     let restart = match cfg.restart.as_str() {
         "systemd" => RestartMode::Systemd,
         "none" => RestartMode::None,
         s if s.starts_with("exec:") && s.len() > 5 => RestartMode::Exec(PathBuf::from(&s[5..])),
-        s => return Err(err("restart", format!("{s:?} is not one of systemd, none, exec:<path>"))),
+        s => {
+            return Err(err(
+                "restart",
+                format!("{s:?} is not one of systemd, none, exec:<path>"),
+            ))
+        }
     };
     if cfg.shims.is_empty() {
-        return Err(err("shims", "no shim is enabled; enable at least one shim in the chart values".into()));
+        return Err(err(
+            "shims",
+            "no shim is enabled; enable at least one shim in the chart values".into(),
+        ));
     }
     let install = Install::new(suffix, &cfg.install_prefix);
     let mut seen = std::collections::BTreeSet::new();
     for (i, shim) in cfg.shims.iter().enumerate() {
         let f = |name: &str| format!("shims[{i}].{name}");
         if !is_dns_label(&shim.name) {
-            return Err(err(&f("name"), format!("{:?} is not a DNS label", shim.name)));
+            return Err(err(
+                &f("name"),
+                format!("{:?} is not a DNS label", shim.name),
+            ));
         }
         if !seen.insert(shim.name.clone()) {
             return Err(err(&f("name"), format!("{:?} is listed twice", shim.name)));
@@ -309,23 +358,39 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
         }
         let base = shim.base();
         let Some(info) = shims::lookup(base) else {
-            return Err(err(&f("baseConfig"), format!("unknown shim {base:?}; known shims: {}", shims::names().join(", "))));
+            return Err(err(
+                &f("baseConfig"),
+                format!(
+                    "unknown shim {base:?}; known shims: {}",
+                    shims::names().join(", ")
+                ),
+            ));
         };
         if shims::lookup(&shim.name).is_some() && base != shim.name {
             return Err(err(&f("baseConfig"), format!("built-in shim {:?} must use baseConfig {:?} (or be left empty); use a different name for a custom runtime", shim.name, shim.name)));
         }
         for arch in &shim.supported_arches {
             if !["amd64", "arm64", "s390x", "ppc64le"].contains(&arch.as_str()) {
-                return Err(err(&f("supportedArches"), format!("{arch:?} is not one of amd64, arm64, s390x, ppc64le")));
+                return Err(err(
+                    &f("supportedArches"),
+                    format!("{arch:?} is not one of amd64, arm64, s390x, ppc64le"),
+                ));
             }
         }
         if !shim.drop_in.trim().is_empty() {
             if let Err(e) = shim.drop_in.parse::<toml_edit::DocumentMut>() {
-                return Err(err(&f("dropIn"), format!("is not valid TOML: {}", e.to_string().trim())));
+                return Err(err(
+                    &f("dropIn"),
+                    format!("is not valid TOML: {}", e.to_string().trim()),
+                ));
             }
         }
         for a in &shim.allowed_hypervisor_annotations {
-            if a.is_empty() || !a.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            if a.is_empty()
+                || !a
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
                 return Err(err(&f("allowedHypervisorAnnotations"), format!("{a:?} is not a hypervisor annotation name (e.g. default_memory, kernel_params)")));
             }
             if RESTRICTED_ANNOTATIONS.contains(&a.as_str()) {
@@ -337,15 +402,31 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
         }
         match shim.containerd_snapshotter.as_str() {
             "" | "nydus" => {}
-            s => return Err(err(&f("containerdSnapshotter"), format!("{s:?} is not supported; use \"\" or \"nydus\""))),
+            s => {
+                return Err(err(
+                    &f("containerdSnapshotter"),
+                    format!("{s:?} is not supported; use \"\" or \"nydus\""),
+                ))
+            }
         }
         match shim.crio_pull_type.as_str() {
             "" | "guest-pull" => {}
-            s => return Err(err(&f("crioPullType"), format!("{s:?} is not supported; use \"\" or \"guest-pull\""))),
+            s => {
+                return Err(err(
+                    &f("crioPullType"),
+                    format!("{s:?} is not supported; use \"\" or \"guest-pull\""),
+                ))
+            }
         }
         let _: &ShimInfo = info;
     }
-    Ok(ValidConfig { cfg, file: file.to_path_buf(), cri, restart, warnings })
+    Ok(ValidConfig {
+        cfg,
+        file: file.to_path_buf(),
+        cri,
+        restart,
+        warnings,
+    })
 }
 
 impl ShimConfig {
@@ -360,7 +441,11 @@ impl ShimConfig {
 
     /// The built-in shim this one is based on.
     pub fn base(&self) -> &str {
-        if self.base_config.is_empty() { &self.name } else { &self.base_config }
+        if self.base_config.is_empty() {
+            &self.name
+        } else {
+            &self.base_config
+        }
     }
 
     /// Static facts about the base shim (validated to exist).
@@ -392,13 +477,24 @@ impl Install {
     /// Derives the names from the suffix and the configured prefix.
     pub fn new(suffix: &str, install_prefix: &str) -> Self {
         let base = install_prefix.trim_end_matches('/');
-        let prefix = if suffix.is_empty() { PathBuf::from(base) } else { PathBuf::from(format!("{base}-{suffix}")) };
-        Install { suffix: suffix.to_string(), prefix }
+        let prefix = if suffix.is_empty() {
+            PathBuf::from(base)
+        } else {
+            PathBuf::from(format!("{base}-{suffix}"))
+        };
+        Install {
+            suffix: suffix.to_string(),
+            prefix,
+        }
     }
 
     /// `base` or `base-<suffix>`.
     pub fn suffixed(&self, base: &str) -> String {
-        if self.suffix.is_empty() { base.to_string() } else { format!("{base}-{}", self.suffix) }
+        if self.suffix.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}-{}", self.suffix)
+        }
     }
 
     /// The CRI handler / RuntimeClass handler of a shim.
@@ -422,12 +518,15 @@ impl Install {
 
     /// Directory holding a shim's own configuration and its config.d drop-ins.
     pub fn shim_config_dir(&self, shim: &str) -> PathBuf {
-        self.prefix.join("share/defaults/kata-containers/runtimes").join(shim)
+        self.prefix
+            .join("share/defaults/kata-containers/runtimes")
+            .join(shim)
     }
 
     /// The ConfigPath given to the shim.
     pub fn shim_config_path(&self, shim: &str) -> PathBuf {
-        self.shim_config_dir(shim).join(format!("configuration-{shim}.toml"))
+        self.shim_config_dir(shim)
+            .join(format!("configuration-{shim}.toml"))
     }
 
     /// Per-install state directory (installed-file manifest, CRI backups).
@@ -447,7 +546,10 @@ impl Install {
 
     /// nydus snapshotter gRPC socket.
     pub fn nydus_socket(&self) -> String {
-        format!("/run/{}/containerd-nydus-grpc.sock", self.suffixed(NYDUS_FOR_KATA))
+        format!(
+            "/run/{}/containerd-nydus-grpc.sock",
+            self.suffixed(NYDUS_FOR_KATA)
+        )
     }
 
     /// systemd unit running the nydus snapshotter of this install.
@@ -462,7 +564,10 @@ impl Install {
 
     /// Per-install marker label (tells whether another install still serves the node).
     pub fn marker_label(&self) -> String {
-        format!("katacontainers.io/{}", self.suffixed("kata-deploy-installed"))
+        format!(
+            "katacontainers.io/{}",
+            self.suffixed("kata-deploy-installed")
+        )
     }
 }
 
@@ -521,12 +626,30 @@ mod tests {
     #[test]
     fn shims_not_supported_on_the_node_arch_are_left_out() {
         let c = |y: &str| parse_config(y, Path::new("cfg.yaml")).unwrap();
-        let (cfg, skipped) = c("shims: [{name: qemu}, {name: qemu-se}, {name: qemu-tdx, supportedArches: [amd64]}]\n").for_arch("amd64").unwrap();
-        assert_eq!(cfg.cfg.shims.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["qemu", "qemu-tdx"]);
+        let (cfg, skipped) = c(
+            "shims: [{name: qemu}, {name: qemu-se}, {name: qemu-tdx, supportedArches: [amd64]}]\n",
+        )
+        .for_arch("amd64")
+        .unwrap();
+        assert_eq!(
+            cfg.cfg
+                .shims
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["qemu", "qemu-tdx"]
+        );
         assert_eq!(skipped, ["qemu-se"]);
-        let e = c("shims: [{name: qemu-se}]\n").for_arch("amd64").unwrap_err();
+        let e = c("shims: [{name: qemu-se}]\n")
+            .for_arch("amd64")
+            .unwrap_err();
         assert_eq!(e.exit_code(), 2);
-        assert!(e.to_string().contains("none of the enabled shims (qemu-se) supports this node's architecture amd64"), "{e}");
+        assert!(
+            e.to_string().contains(
+                "none of the enabled shims (qemu-se) supports this node's architecture amd64"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -541,14 +664,20 @@ mod tests {
     fn unknown_fields_are_rejected_by_name() {
         let e = parse("shims: []\nbogusField: 1\n").unwrap_err().to_string();
         assert!(e.contains("bogusField"), "{e}");
-        let e = parse("shims:\n- name: qemu\n  snapshoter: nydus\n").unwrap_err().to_string();
+        let e = parse("shims:\n- name: qemu\n  snapshoter: nydus\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("snapshoter"), "{e}");
     }
 
     #[test]
     fn suffix_must_be_dns_label() {
         for bad in ["Foo", "-a", "a_b", "a.b"] {
-            let e = parse(&format!("multiInstallSuffix: {bad:?}\nshims: [{{name: qemu}}]\n")).unwrap_err().to_string();
+            let e = parse(&format!(
+                "multiInstallSuffix: {bad:?}\nshims: [{{name: qemu}}]\n"
+            ))
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("multiInstallSuffix"), "{e}");
         }
         assert!(parse("multiInstallSuffix: cicd\nshims: [{name: qemu}]\n").is_ok());
@@ -557,10 +686,17 @@ mod tests {
     #[test]
     fn unknown_shim_and_bad_dropin_are_named() {
         let e = parse("shims: [{name: qemoo}]\n").unwrap_err().to_string();
-        assert!(e.contains("shims[0].baseConfig") && e.contains("qemoo"), "{e}");
-        let e = parse("shims: [{name: qemu, dropIn: \"[hypervisor\"}]\n").unwrap_err().to_string();
+        assert!(
+            e.contains("shims[0].baseConfig") && e.contains("qemoo"),
+            "{e}"
+        );
+        let e = parse("shims: [{name: qemu, dropIn: \"[hypervisor\"}]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("shims[0].dropIn"), "{e}");
-        let e = parse("shims: [{name: qemu}, {name: qemu}]\n").unwrap_err().to_string();
+        let e = parse("shims: [{name: qemu}, {name: qemu}]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("twice"), "{e}");
     }
 
@@ -573,7 +709,9 @@ mod tests {
 
     #[test]
     fn restricted_annotations_warn() {
-        let v = parse("shims: [{name: qemu, allowedHypervisorAnnotations: [default_memory, path]}]\n").unwrap();
+        let v =
+            parse("shims: [{name: qemu, allowedHypervisorAnnotations: [default_memory, path]}]\n")
+                .unwrap();
         assert_eq!(v.warnings.len(), 1);
         assert!(v.warnings[0].contains("\"path\""));
     }
@@ -585,10 +723,16 @@ mod tests {
         assert_eq!(i.handler("qemu"), "kata-qemu-cicd");
         assert_eq!(i.runtime_type("qemu"), "io.containerd.kata-qemu-cicd.v2");
         assert_eq!(i.state_dir(), PathBuf::from("/var/lib/kata-deploy-cicd"));
-        assert_eq!(i.claimed_label(), "katacontainers.io/kata-deploy-claimed-cicd");
+        assert_eq!(
+            i.claimed_label(),
+            "katacontainers.io/kata-deploy-claimed-cicd"
+        );
         let d = Install::new("", "/opt/kata");
         assert_eq!(d.handler("qemu"), "kata-qemu");
-        assert_eq!(d.nydus_socket(), "/run/nydus-for-kata-tee/containerd-nydus-grpc.sock");
+        assert_eq!(
+            d.nydus_socket(),
+            "/run/nydus-for-kata-tee/containerd-nydus-grpc.sock"
+        );
         assert_eq!(d.nydus_unit(), "nydus-for-kata-tee.service");
         assert_eq!(d.nydus_snapshotter(), "nydus-for-kata-tee");
         assert_eq!(d.marker_label(), "katacontainers.io/kata-deploy-installed");

@@ -20,15 +20,29 @@ pub enum ConfigVersion {
 impl ConfigVersion {
     /// The version for a containerd major release (used when no file exists yet).
     pub fn for_containerd_major(major: u64) -> Self {
-        if major >= 2 { ConfigVersion::V3 } else { ConfigVersion::V2 }
+        if major >= 2 {
+            ConfigVersion::V3
+        } else {
+            ConfigVersion::V2
+        }
     }
 
     /// Table path of the runtimes map.
     pub fn runtimes_path(self) -> &'static [&'static str] {
         match self {
             ConfigVersion::V1 => &["plugins", "cri", "containerd", "runtimes"],
-            ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes"],
-            ConfigVersion::V3 | ConfigVersion::V4 => &["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"],
+            ConfigVersion::V2 => &[
+                "plugins",
+                "io.containerd.grpc.v1.cri",
+                "containerd",
+                "runtimes",
+            ],
+            ConfigVersion::V3 | ConfigVersion::V4 => &[
+                "plugins",
+                "io.containerd.cri.v1.runtime",
+                "containerd",
+                "runtimes",
+            ],
         }
     }
 
@@ -123,7 +137,9 @@ pub struct ParseError(pub String);
 
 /// Parses a containerd config (or k3s/rke2 template: Go template lines are masked as comments).
 pub fn parse(text: &str) -> Result<DocumentMut, ParseError> {
-    mask_template(text).parse::<DocumentMut>().map_err(|e| ParseError(e.to_string().trim().to_string()))
+    mask_template(text)
+        .parse::<DocumentMut>()
+        .map_err(|e| ParseError(e.to_string().trim().to_string()))
 }
 
 /// Serializes a document parsed by [`parse`], restoring masked Go template lines.
@@ -165,7 +181,11 @@ pub fn detect_version(doc: &DocumentMut) -> ConfigVersion {
 pub fn imports(doc: &DocumentMut) -> Vec<String> {
     doc.get("imports")
         .and_then(Item::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -173,12 +193,17 @@ pub fn imports(doc: &DocumentMut) -> Vec<String> {
 pub fn import_covers(entry: &str, path: &str) -> bool {
     match entry.rsplit_once('/') {
         Some((dir, pat)) if pat.contains('*') => {
-            let Some((pdir, pname)) = path.rsplit_once('/') else { return false };
+            let Some((pdir, pname)) = path.rsplit_once('/') else {
+                return false;
+            };
             if dir != pdir {
                 return false;
             }
             let (pre, post) = pat.split_once('*').unwrap();
-            !post.contains('*') && pname.len() >= pre.len() + post.len() && pname.starts_with(pre) && pname.ends_with(post)
+            !post.contains('*')
+                && pname.len() >= pre.len() + post.len()
+                && pname.starts_with(pre)
+                && pname.ends_with(post)
         }
         _ => entry == path,
     }
@@ -204,7 +229,9 @@ pub fn add_import(doc: &mut DocumentMut, path: &str) -> bool {
 /// Removes exactly `path` from `imports`. An emptied list stays as `imports = []` (what
 /// containerd's own default config has); byte-exact restores use the backup instead.
 pub fn remove_import(doc: &mut DocumentMut, path: &str) -> bool {
-    let Some(arr) = doc.get_mut("imports").and_then(Item::as_array_mut) else { return false };
+    let Some(arr) = doc.get_mut("imports").and_then(Item::as_array_mut) else {
+        return false;
+    };
     let before = arr.len();
     arr.retain(|v| v.as_str() != Some(path));
     arr.fmt();
@@ -263,7 +290,12 @@ fn handler_table(h: &KataHandler) -> Table {
 
 /// Adds our handlers, proxy snapshotter and guest-pull flags to a parsed configuration.
 /// `set_global_flags` is false when a base template already defines those tables.
-pub fn apply_kata(doc: &mut DocumentMut, version: ConfigVersion, kata: &KataContainerd, set_global_flags: bool) {
+pub fn apply_kata(
+    doc: &mut DocumentMut,
+    version: ConfigVersion,
+    kata: &KataContainerd,
+    set_global_flags: bool,
+) {
     let runtimes = table_at(doc, version.runtimes_path());
     for h in &kata.handlers {
         runtimes.insert(&h.name, Item::Table(handler_table(h)));
@@ -273,7 +305,10 @@ pub fn apply_kata(doc: &mut DocumentMut, version: ConfigVersion, kata: &KataCont
             let platforms = table_at(doc, &["plugins", IMAGES_PLUGIN, "runtime_platforms"]);
             let mut p = Table::new();
             p.insert("platform", value(platform));
-            p.insert("snapshotter", value(h.snapshotter.as_deref().unwrap_or_default()));
+            p.insert(
+                "snapshotter",
+                value(h.snapshotter.as_deref().unwrap_or_default()),
+            );
             platforms.insert(&h.name, Item::Table(p));
         }
     }
@@ -303,8 +338,15 @@ pub fn keep_default_runtime(doc: &mut DocumentMut, version: ConfigVersion) -> bo
     for key in containerd_path {
         t = t.and_then(|t| t.get(key)).and_then(Item::as_table);
     }
-    let default_name = t.and_then(|t| t.get("default_runtime_name")).and_then(Item::as_str).unwrap_or("runc").to_string();
-    let has_runtimes = t.and_then(|t| t.get("runtimes")).and_then(Item::as_table).is_some_and(|r| !r.is_empty());
+    let default_name = t
+        .and_then(|t| t.get("default_runtime_name"))
+        .and_then(Item::as_str)
+        .unwrap_or("runc")
+        .to_string();
+    let has_runtimes = t
+        .and_then(|t| t.get("runtimes"))
+        .and_then(Item::as_table)
+        .is_some_and(|r| !r.is_empty());
     if has_runtimes || default_name != "runc" {
         return false;
     }
@@ -316,7 +358,14 @@ pub fn keep_default_runtime(doc: &mut DocumentMut, version: ConfigVersion) -> bo
     // containerd 1.x's own default runc options (zero values), so the effective configuration
     // is exactly the default one (compared key by key against `config dump` in the matrix).
     let mut opts = Table::new();
-    for k in ["BinaryName", "CriuImagePath", "CriuPath", "CriuWorkPath", "Root", "ShimCgroup"] {
+    for k in [
+        "BinaryName",
+        "CriuImagePath",
+        "CriuPath",
+        "CriuWorkPath",
+        "Root",
+        "ShimCgroup",
+    ] {
         opts.insert(k, value(""));
     }
     for k in ["IoGid", "IoUid"] {
@@ -377,9 +426,15 @@ pub fn strip_kata(doc: &mut DocumentMut, handlers: &[String], proxy: Option<&str
 }
 
 /// Renders a whole containerd drop-in (its own file, imported or merged by the distribution).
-pub fn render_containerd_dropin(version: ConfigVersion, kata: &KataContainerd, with_version_line: bool) -> String {
+pub fn render_containerd_dropin(
+    version: ConfigVersion,
+    kata: &KataContainerd,
+    with_version_line: bool,
+) -> String {
     let mut doc = DocumentMut::new();
-    doc.decor_mut().set_prefix("# Generated by kata-deploy-stage; rewritten whole on every install, do not edit.\n");
+    doc.decor_mut().set_prefix(
+        "# Generated by kata-deploy-stage; rewritten whole on every install, do not edit.\n",
+    );
     if with_version_line {
         if let Some(n) = version.number() {
             doc.insert("version", value(n));
@@ -404,22 +459,29 @@ mod tests {
 
     pub(crate) fn kata(nydus: bool) -> KataContainerd {
         KataContainerd {
-            handlers: vec![
-                KataHandler {
-                    name: "kata-qemu".into(),
-                    runtime_type: "io.containerd.kata-qemu.v2".into(),
-                    runtime_path: "/opt/kata/bin/containerd-shim-kata-v2".into(),
-                    config_path: "/opt/kata/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml".into(),
-                    snapshotter: nydus.then(|| "nydus".to_string()),
-                },
-            ],
-            proxy: nydus.then(|| ProxySnapshotter { name: "nydus".into(), address: "/run/containerd-nydus/containerd-nydus-grpc.sock".into() }),
+            handlers: vec![KataHandler {
+                name: "kata-qemu".into(),
+                runtime_type: "io.containerd.kata-qemu.v2".into(),
+                runtime_path: "/opt/kata/bin/containerd-shim-kata-v2".into(),
+                config_path:
+                    "/opt/kata/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml"
+                        .into(),
+                snapshotter: nydus.then(|| "nydus".to_string()),
+            }],
+            proxy: nydus.then(|| ProxySnapshotter {
+                name: "nydus".into(),
+                address: "/run/containerd-nydus/containerd-nydus-grpc.sock".into(),
+            }),
             image_platform: None,
         }
     }
 
     fn fixture(name: &str) -> String {
-        std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read_to_string(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     fn get<'a>(doc: &'a DocumentMut, path: &[&str]) -> Option<&'a Item> {
@@ -434,10 +496,24 @@ mod tests {
         let mut p: Vec<&str> = version.runtimes_path().to_vec();
         p.push("kata-qemu");
         let h = get(doc, &p).unwrap_or_else(|| panic!("no handler at {p:?}:\n{doc}"));
-        assert_eq!(h["runtime_type"].as_str(), Some("io.containerd.kata-qemu.v2"));
+        assert_eq!(
+            h["runtime_type"].as_str(),
+            Some("io.containerd.kata-qemu.v2")
+        );
         assert_eq!(h["privileged_without_host_devices"].as_bool(), Some(true));
-        assert_eq!(h["pod_annotations"].as_array().unwrap().get(0).unwrap().as_str(), Some("io.katacontainers.*"));
-        assert!(h["options"]["ConfigPath"].as_str().unwrap().ends_with("configuration-qemu.toml"));
+        assert_eq!(
+            h["pod_annotations"]
+                .as_array()
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .as_str(),
+            Some("io.katacontainers.*")
+        );
+        assert!(h["options"]["ConfigPath"]
+            .as_str()
+            .unwrap()
+            .ends_with("configuration-qemu.toml"));
     }
 
     #[test]
@@ -455,7 +531,14 @@ mod tests {
 
     #[test]
     fn in_place_edit_keeps_every_original_byte_and_adds_handlers() {
-        for f in ["containerd-1.6-default.toml", "containerd-1.7-default.toml", "containerd-2.0-default.toml", "containerd-noversion.toml", "microk8s-containerd-template.toml", "k3s-config.toml.tmpl"] {
+        for f in [
+            "containerd-1.6-default.toml",
+            "containerd-1.7-default.toml",
+            "containerd-2.0-default.toml",
+            "containerd-noversion.toml",
+            "microk8s-containerd-template.toml",
+            "k3s-config.toml.tmpl",
+        ] {
             let text = fixture(f);
             let mut doc = parse(&text).unwrap();
             let version = detect_version(&doc);
@@ -465,14 +548,32 @@ mod tests {
             check_handler(&reparsed, version);
             // Unchanged lines stay byte-identical: every original line is still present in order.
             let mut rest = out.as_str();
-            for line in text.lines().filter(|l| !l.contains("disable_snapshot_annotations") && !l.contains("discard_unpacked_layers")) {
-                let pos = rest.find(line).unwrap_or_else(|| panic!("{f}: lost line {line:?}\n{out}"));
+            for line in text.lines().filter(|l| {
+                !l.contains("disable_snapshot_annotations")
+                    && !l.contains("discard_unpacked_layers")
+            }) {
+                let pos = rest
+                    .find(line)
+                    .unwrap_or_else(|| panic!("{f}: lost line {line:?}\n{out}"));
                 rest = &rest[pos + line.len()..];
             }
             let flags = get(&reparsed, version.snapshot_flags_path()).unwrap();
-            assert_eq!(flags["disable_snapshot_annotations"].as_bool(), Some(false), "{f}");
-            assert_eq!(flags["discard_unpacked_layers"].as_bool(), Some(false), "{f}");
-            assert_eq!(get(&reparsed, &["proxy_plugins", "nydus", "address"]).unwrap().as_str(), Some("/run/containerd-nydus/containerd-nydus-grpc.sock"));
+            assert_eq!(
+                flags["disable_snapshot_annotations"].as_bool(),
+                Some(false),
+                "{f}"
+            );
+            assert_eq!(
+                flags["discard_unpacked_layers"].as_bool(),
+                Some(false),
+                "{f}"
+            );
+            assert_eq!(
+                get(&reparsed, &["proxy_plugins", "nydus", "address"])
+                    .unwrap()
+                    .as_str(),
+                Some("/run/containerd-nydus/containerd-nydus-grpc.sock")
+            );
         }
     }
 
@@ -493,8 +594,16 @@ mod tests {
     fn v3_dropin_uses_v3_plugin_ids() {
         let out = render_containerd_dropin(ConfigVersion::V3, &kata(true), true);
         assert!(out.contains("version = 3"));
-        assert!(out.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata-qemu]"), "{out}");
-        assert!(out.contains("[plugins.\"io.containerd.cri.v1.images\"]"), "{out}");
+        assert!(
+            out.contains(
+                "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata-qemu]"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("[plugins.\"io.containerd.cri.v1.images\"]"),
+            "{out}"
+        );
         assert!(!out.contains("io.containerd.grpc.v1.cri"));
         let doc = parse(&out).unwrap();
         check_handler(&doc, ConfigVersion::V3);
@@ -514,20 +623,37 @@ mod tests {
     fn imports_are_added_once_and_removed_exactly() {
         let text = "version = 3\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n";
         let mut doc = parse(text).unwrap();
-        assert!(!add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy.toml"));
+        assert!(!add_import(
+            &mut doc,
+            "/etc/containerd/conf.d/kata-deploy.toml"
+        ));
         let mut doc = parse("version = 3\n").unwrap();
-        assert!(add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
-        assert!(!add_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
-        assert!(remove_import(&mut doc, "/etc/containerd/conf.d/kata-deploy-a.toml"));
+        assert!(add_import(
+            &mut doc,
+            "/etc/containerd/conf.d/kata-deploy-a.toml"
+        ));
+        assert!(!add_import(
+            &mut doc,
+            "/etc/containerd/conf.d/kata-deploy-a.toml"
+        ));
+        assert!(remove_import(
+            &mut doc,
+            "/etc/containerd/conf.d/kata-deploy-a.toml"
+        ));
         assert_eq!(doc.to_string(), "version = 3\nimports = []\n");
-        assert!(import_covers("/a/*.toml", "/a/x.toml") && !import_covers("/a/*.toml", "/b/x.toml"));
+        assert!(
+            import_covers("/a/*.toml", "/a/x.toml") && !import_covers("/a/*.toml", "/b/x.toml")
+        );
     }
 
     #[test]
     fn version_4_is_read_as_version_4_with_v3_tables() {
         let doc = parse("version = 4\n").unwrap();
         assert_eq!(detect_version(&doc), ConfigVersion::V4);
-        assert_eq!(ConfigVersion::V4.runtimes_path(), ConfigVersion::V3.runtimes_path());
+        assert_eq!(
+            ConfigVersion::V4.runtimes_path(),
+            ConfigVersion::V3.runtimes_path()
+        );
         let out = render_containerd_dropin(ConfigVersion::V4, &kata(true), true);
         assert!(out.contains("version = 4"), "{out}");
         check_handler(&parse(&out).unwrap(), ConfigVersion::V4);
@@ -535,14 +661,29 @@ mod tests {
 
     #[test]
     fn dropin_takes_the_roots_schema() {
-        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V2)), ConfigVersion::V2);
-        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V3)), ConfigVersion::V3);
-        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V4)), ConfigVersion::V4);
-        assert_eq!(dropin_version_for_root(Some(ConfigVersion::V1)), ConfigVersion::V3);
+        assert_eq!(
+            dropin_version_for_root(Some(ConfigVersion::V2)),
+            ConfigVersion::V2
+        );
+        assert_eq!(
+            dropin_version_for_root(Some(ConfigVersion::V3)),
+            ConfigVersion::V3
+        );
+        assert_eq!(
+            dropin_version_for_root(Some(ConfigVersion::V4)),
+            ConfigVersion::V4
+        );
+        assert_eq!(
+            dropin_version_for_root(Some(ConfigVersion::V1)),
+            ConfigVersion::V3
+        );
         assert_eq!(dropin_version_for_root(None), ConfigVersion::V3);
         // A v2 drop-in for containerd 2.x uses the grpc.v1.cri tables containerd migrates.
         let out = render_containerd_dropin(ConfigVersion::V2, &kata(false), true);
-        assert!(out.contains("version = 2") && out.contains("io.containerd.grpc.v1.cri"), "{out}");
+        assert!(
+            out.contains("version = 2") && out.contains("io.containerd.grpc.v1.cri"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -550,7 +691,10 @@ mod tests {
         let mut doc = parse("version = 2\n").unwrap();
         assert!(keep_default_runtime(&mut doc, ConfigVersion::V2));
         let out = doc.to_string();
-        assert!(out.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]"), "{out}");
+        assert!(
+            out.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]"),
+            "{out}"
+        );
         // Existing runtimes, or another default runtime: nothing added.
         let mut doc = parse(&fixture("containerd-1.6-default.toml")).unwrap();
         assert!(!keep_default_runtime(&mut doc, ConfigVersion::V2));
@@ -562,17 +706,35 @@ mod tests {
     fn guest_pull_handlers_get_an_image_platform_on_containerd_2() {
         for version in [ConfigVersion::V2, ConfigVersion::V3, ConfigVersion::V4] {
             let mut k = kata(true);
-            k.handlers.push(KataHandler { name: "kata-clh".into(), runtime_type: "io.containerd.kata-clh.v2".into(), runtime_path: "/x".into(), config_path: "/y".into(), snapshotter: None });
+            k.handlers.push(KataHandler {
+                name: "kata-clh".into(),
+                runtime_type: "io.containerd.kata-clh.v2".into(),
+                runtime_path: "/x".into(),
+                config_path: "/y".into(),
+                snapshotter: None,
+            });
             k.image_platform = Some("linux/amd64".into());
             let out = render_containerd_dropin(version, &k, true);
             let doc = parse(&out).unwrap();
-            let rp = get(&doc, &["plugins", IMAGES_PLUGIN, "runtime_platforms"]).unwrap_or_else(|| panic!("{out}"));
+            let rp = get(&doc, &["plugins", IMAGES_PLUGIN, "runtime_platforms"])
+                .unwrap_or_else(|| panic!("{out}"));
             assert_eq!(rp["kata-qemu"]["snapshotter"].as_str(), Some("nydus"));
             assert_eq!(rp["kata-qemu"]["platform"].as_str(), Some("linux/amd64"));
-            assert!(rp.get("kata-clh").is_none(), "only guest-pull handlers are routed: {out}");
+            assert!(
+                rp.get("kata-clh").is_none(),
+                "only guest-pull handlers are routed: {out}"
+            );
             let mut doc = parse(&out).unwrap();
-            strip_kata(&mut doc, &["kata-qemu".into(), "kata-clh".into()], Some("nydus"));
-            assert!(get(&doc, &["plugins", IMAGES_PLUGIN, "runtime_platforms", "kata-qemu"]).is_none());
+            strip_kata(
+                &mut doc,
+                &["kata-qemu".into(), "kata-clh".into()],
+                Some("nydus"),
+            );
+            assert!(get(
+                &doc,
+                &["plugins", IMAGES_PLUGIN, "runtime_platforms", "kata-qemu"]
+            )
+            .is_none());
         }
         // containerd 1.x: no such table.
         let out = render_containerd_dropin(ConfigVersion::V2, &kata(true), true);
@@ -586,7 +748,10 @@ mod tests {
 
     #[test]
     fn runtime_versions_parse() {
-        assert_eq!(parse_runtime_version("containerd://1.7.27-k3s1"), Some((1, 7)));
+        assert_eq!(
+            parse_runtime_version("containerd://1.7.27-k3s1"),
+            Some((1, 7))
+        );
         assert_eq!(parse_runtime_version("containerd://2.0.5"), Some((2, 0)));
         assert_eq!(parse_runtime_version("cri-o://1.31.2"), Some((1, 31)));
         assert_eq!(parse_runtime_version("v1.6.20"), Some((1, 6)));

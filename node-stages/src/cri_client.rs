@@ -74,7 +74,13 @@ fn fields(buf: &[u8]) -> Option<Vec<(u64, FieldValue<'_>)>> {
 }
 
 fn string_field(msg: &[u8], n: u64) -> Option<String> {
-    fields(msg)?.into_iter().find_map(|(f, v)| if f == n { v.err().map(|b| String::from_utf8_lossy(b).into_owned()) } else { None })
+    fields(msg)?.into_iter().find_map(|(f, v)| {
+        if f == n {
+            v.err().map(|b| String::from_utf8_lossy(b).into_owned())
+        } else {
+            None
+        }
+    })
 }
 
 /// Decodes a StatusResponse.
@@ -130,23 +136,41 @@ pub fn handlers_from_config_json(json: &str) -> Vec<String> {
 
 /// Asks the runtime at `socket` for its status (bounded by `timeout`).
 pub fn query_status(socket: &Path, timeout: Duration) -> Result<RuntimeReport, String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(async { tokio::time::timeout(timeout, status_call(socket)).await.map_err(|_| format!("CRI Status on {} timed out", socket.display()))? })
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        tokio::time::timeout(timeout, status_call(socket))
+            .await
+            .map_err(|_| format!("CRI Status on {} timed out", socket.display()))?
+    })
 }
 
 async fn status_call(socket: &Path) -> Result<RuntimeReport, String> {
     // StatusRequest { verbose: true }.
     let msg = unary_call(socket, "/runtime.v1.RuntimeService/Status", &[0x08, 0x01]).await?;
-    decode_status(&msg).ok_or_else(|| format!("CRI Status on {}: decode: malformed StatusResponse", socket.display()))
+    decode_status(&msg).ok_or_else(|| {
+        format!(
+            "CRI Status on {}: decode: malformed StatusResponse",
+            socket.display()
+        )
+    })
 }
 
 /// One unary gRPC call over a unix socket: the encoded request message in, the encoded response
 /// message out (a non-zero grpc-status is an error naming the method and socket).
 pub async fn unary_call(socket: &Path, method: &str, request: &[u8]) -> Result<Vec<u8>, String> {
     let name = method.rsplit('/').next().unwrap_or(method);
-    let err = |what: &str, e: &dyn std::fmt::Display| format!("CRI {name} on {}: {what}: {e}", socket.display());
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| err("connect", &e))?;
-    let (client, conn) = h2::client::handshake(stream).await.map_err(|e| err("http2 handshake", &e))?;
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        format!("CRI {name} on {}: {what}: {e}", socket.display())
+    };
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| err("connect", &e))?;
+    let (client, conn) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| err("http2 handshake", &e))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -158,15 +182,26 @@ pub async fn unary_call(socket: &Path, method: &str, request: &[u8]) -> Result<V
         .header("te", "trailers")
         .body(())
         .expect("request");
-    let (resp, mut send) = client.send_request(req, false).map_err(|e| err("send", &e))?;
+    let (resp, mut send) = client
+        .send_request(req, false)
+        .map_err(|e| err("send", &e))?;
     // gRPC frame: uncompressed flag, big-endian length, message.
     let mut frame = vec![0u8];
     frame.extend_from_slice(&(request.len() as u32).to_be_bytes());
     frame.extend_from_slice(request);
-    send.send_data(Bytes::from(frame), true).map_err(|e| err("send", &e))?;
+    send.send_data(Bytes::from(frame), true)
+        .map_err(|e| err("send", &e))?;
     let resp = resp.await.map_err(|e| err("response", &e))?;
-    let header_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let header_msg = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let header_msg = resp
+        .headers()
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let mut body = resp.into_body();
     let mut buf = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -175,10 +210,25 @@ pub async fn unary_call(socket: &Path, method: &str, request: &[u8]) -> Result<V
         buf.extend_from_slice(&chunk);
     }
     let trailers = body.trailers().await.map_err(|e| err("trailers", &e))?;
-    let status = trailers.as_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_string).or(header_status);
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(header_status);
     if status.as_deref() != Some("0") {
-        let msg = trailers.as_ref().and_then(|t| t.get("grpc-message")).and_then(|v| v.to_str().ok()).map(str::to_string).or(header_msg).unwrap_or_default();
-        return Err(format!("CRI {name} on {}: grpc-status {:?} {msg} (is the CRI plugin loaded?)", socket.display(), status));
+        let msg = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-message"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or(header_msg)
+            .unwrap_or_default();
+        return Err(format!(
+            "CRI {name} on {}: grpc-status {:?} {msg} (is the CRI plugin loaded?)",
+            socket.display(),
+            status
+        ));
     }
     if buf.len() < 5 {
         return Err(err("response", &"empty message"));

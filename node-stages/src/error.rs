@@ -7,16 +7,31 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     /// The stage configuration file is unreadable or invalid (nothing was changed).
-    #[error("configuration {file}: {field}: {message}. Fix the chart values (or the file) and re-run")]
-    Config { file: PathBuf, field: String, message: String },
+    #[error(
+        "configuration {file}: {field}: {message}. Fix the chart values (or the file) and re-run"
+    )]
+    Config {
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
 
     /// An input on the host or in the payload is malformed (nothing was changed).
     #[error("{file}: {message}. {hint}")]
-    BadInput { file: PathBuf, message: String, hint: String },
+    BadInput {
+        file: PathBuf,
+        message: String,
+        hint: String,
+    },
 
     /// A host file operation failed.
     #[error("{op} {path}: {source}. {hint}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error, hint: String },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+        hint: String,
+    },
 
     /// Another stage or install holds the host lock.
     #[error("host lock {path} still held after {waited_secs}s by another kata-deploy stage or install. Wait for it to finish (or find the stuck process with `fuser {path}`) and re-run")]
@@ -24,19 +39,35 @@ pub enum StageError {
 
     /// host-check found blocking problems.
     #[error("host-check found {count} blocking problem(s) on node {node}: {summary}. Each problem is listed above with what to do; fix them and re-run (nothing was changed)")]
-    HostCheck { node: String, count: usize, summary: String },
+    HostCheck {
+        node: String,
+        count: usize,
+        summary: String,
+    },
 
     /// This host is not the machine the dispatcher targeted (reused node name).
     #[error("node {node}: host machine ID {host} differs from the node's reported machine ID {expected}: the node name was reused by another machine. Nothing was changed; re-run the install (helm upgrade) so the dispatcher targets the current node")]
-    IdentityMismatch { node: String, host: String, expected: String },
+    IdentityMismatch {
+        node: String,
+        host: String,
+        expected: String,
+    },
 
     /// The Node object now has another UID than the one the dispatcher targeted.
     #[error("node {node}: UID is now {uid}, the dispatcher targeted {expected}: the node name was reused by another machine. Nothing was changed; re-run the install (helm upgrade) so the dispatcher targets the current node")]
-    NodeReplaced { node: String, uid: String, expected: String },
+    NodeReplaced {
+        node: String,
+        uid: String,
+        expected: String,
+    },
 
     /// The container runtime did not come back (or came back without our handlers).
     #[error("runtime {unit}: {message}. {hint}")]
-    Runtime { unit: String, message: String, hint: String },
+    Runtime {
+        unit: String,
+        message: String,
+        hint: String,
+    },
 
     /// Restarting or querying a systemd unit failed.
     #[error("restarter: {message}. Check that the host's /run/dbus is mounted under the host root and the stage runs as root, or set restart: none and restart the runtime yourself")]
@@ -44,7 +75,11 @@ pub enum StageError {
 
     /// A Kubernetes API call failed.
     #[error("node {node}: {message}. {hint}")]
-    Kube { node: String, message: String, hint: String },
+    Kube {
+        node: String,
+        message: String,
+        hint: String,
+    },
 
     /// A fault injected by a test (crash simulation).
     #[error("injected fault after {after} host writes (test only)")]
@@ -57,7 +92,9 @@ impl StageError {
         match self {
             // Deterministic: the same pod would fail the same way (the chart's podFailurePolicy
             // fails the Job at once on 2 instead of retrying).
-            StageError::Config { .. } | StageError::BadInput { .. } | StageError::HostCheck { .. } => 2,
+            StageError::Config { .. }
+            | StageError::BadInput { .. }
+            | StageError::HostCheck { .. } => 2,
             _ => 1,
         }
     }
@@ -76,17 +113,38 @@ impl StageError {
             }
             _ => "Re-run the stage; it converges from any partial state".to_string(),
         };
-        StageError::Io { op, path: path.into(), source, hint }
+        StageError::Io {
+            op,
+            path: path.into(),
+            source,
+            hint,
+        }
     }
 
     /// A malformed-input error with its hint.
-    pub fn bad_input(file: impl Into<PathBuf>, message: impl Into<String>, hint: impl Into<String>) -> Self {
-        StageError::BadInput { file: file.into(), message: message.into(), hint: hint.into() }
+    pub fn bad_input(
+        file: impl Into<PathBuf>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        StageError::BadInput {
+            file: file.into(),
+            message: message.into(),
+            hint: hint.into(),
+        }
     }
 
     /// A configuration error about one field.
-    pub fn config(file: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
-        StageError::Config { file: file.into(), field: field.into(), message: message.into() }
+    pub fn config(
+        file: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        StageError::Config {
+            file: file.into(),
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 

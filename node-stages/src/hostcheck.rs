@@ -75,8 +75,17 @@ pub struct HostFacts {
 }
 
 /// Collects host facts (read-only).
-pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload: Option<&Payload>) -> HostFacts {
-    let mut h = HostFacts { runtime_version: facts.container_runtime_version.clone(), kubelet_version: facts.kubelet_version.clone(), ..Default::default() };
+pub fn collect_facts(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    facts: &NodeFacts,
+    payload: Option<&Payload>,
+) -> HostFacts {
+    let mut h = HostFacts {
+        runtime_version: facts.container_runtime_version.clone(),
+        kubelet_version: facts.kubelet_version.clone(),
+        ..Default::default()
+    };
     match cri::resolve_cri(fs, cfg, facts) {
         Ok(k) => h.cri = Some(k),
         Err(e) => h.cri_error = Some(e.to_string()),
@@ -94,7 +103,10 @@ pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload:
         }
     }
     h.dev_kvm = fs.exists(Path::new("/dev/kvm"));
-    h.arch = facts.arch.clone().unwrap_or_else(|| kube_arch(std::env::consts::ARCH).to_string());
+    h.arch = facts
+        .arch
+        .clone()
+        .unwrap_or_else(|| kube_arch(std::env::consts::ARCH).to_string());
     h.iommu_groups = fs.list_dir(Path::new("/sys/kernel/iommu_groups")).len();
     if let Ok(Some(m)) = fs.read(Path::new("/proc/modules")) {
         h.nvidia_modules = String::from_utf8_lossy(&m)
@@ -104,10 +116,18 @@ pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload:
             .map(str::to_string)
             .collect();
     }
-    h.kubelet_config = fs.read(Path::new("/var/lib/kubelet/config.yaml")).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned());
+    h.kubelet_config = fs
+        .read(Path::new("/var/lib/kubelet/config.yaml"))
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
     h.free_bytes = fs.free_bytes(&cfg.install().prefix);
     h.payload_bytes = payload.map(Payload::total_size);
-    h.host_machine_id = fs.read(Path::new("/etc/machine-id")).ok().flatten().map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    h.host_machine_id = fs
+        .read(Path::new("/etc/machine-id"))
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string());
     h.expected_machine_id = facts.machine_id.clone();
     let k3s_dist = match h.cri {
         Some(CriKind::K3s | CriKind::K3sAgent) => Some("k3s"),
@@ -115,8 +135,16 @@ pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload:
         _ => None,
     };
     if let Some(dist) = k3s_dist {
-        let rendered = fs.read(&Path::new("/var/lib/rancher").join(dist).join("agent/etc/containerd/config.toml")).ok().flatten();
-        h.k3s_snapshot_annotations_disabled = rendered.map(|b| snapshot_annotations_disabled(&String::from_utf8_lossy(&b)));
+        let rendered = fs
+            .read(
+                &Path::new("/var/lib/rancher")
+                    .join(dist)
+                    .join("agent/etc/containerd/config.toml"),
+            )
+            .ok()
+            .flatten();
+        h.k3s_snapshot_annotations_disabled =
+            rendered.map(|b| snapshot_annotations_disabled(&String::from_utf8_lossy(&b)));
     }
     h
 }
@@ -124,13 +152,17 @@ pub fn collect_facts(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, payload:
 /// Whether a containerd config leaves `disable_snapshot_annotations` true (its default), in
 /// either schema's table.
 pub fn snapshot_annotations_disabled(text: &str) -> bool {
-    let Ok(doc) = crate::containerd::parse(text) else { return true };
+    let Ok(doc) = crate::containerd::parse(text) else {
+        return true;
+    };
     let v = crate::containerd::detect_version(&doc);
     let mut t = Some(doc.as_item());
     for k in v.snapshot_flags_path() {
         t = t.and_then(|t| t.get(k));
     }
-    t.and_then(|t| t.get("disable_snapshot_annotations")).and_then(|i| i.as_bool()).unwrap_or(true)
+    t.and_then(|t| t.get("disable_snapshot_annotations"))
+        .and_then(|i| i.as_bool())
+        .unwrap_or(true)
 }
 
 /// Parses a Go duration ("2m", "20m0s", "1h30m", "90s") into seconds.
@@ -165,8 +197,18 @@ pub fn parse_go_duration(s: &str) -> Option<u64> {
     Some(total as u64)
 }
 
-fn finding(severity: Severity, check: &'static str, message: String, hint: impl Into<String>) -> Finding {
-    Finding { severity, check, message, hint: hint.into() }
+fn finding(
+    severity: Severity,
+    check: &'static str,
+    message: String,
+    hint: impl Into<String>,
+) -> Finding {
+    Finding {
+        severity,
+        check,
+        message,
+        hint: hint.into(),
+    }
 }
 
 /// Evaluates host facts against the configuration. Pure.
@@ -175,7 +217,12 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
     let mut out = Vec::new();
     let shims = &cfg.cfg.shims;
     for w in &cfg.warnings {
-        out.push(finding(Warning, "annotations", w.clone(), "Remove it from allowedHypervisorAnnotations unless pods really need it"));
+        out.push(finding(
+            Warning,
+            "annotations",
+            w.clone(),
+            "Remove it from allowedHypervisorAnnotations unless pods really need it",
+        ));
     }
     // Identity: a node name reused by another machine must not be mutated.
     match (&h.host_machine_id, &h.expected_machine_id) {
@@ -191,22 +238,40 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
     // CRI and version support.
     let version = h.runtime_version.as_deref().and_then(parse_runtime_version);
     match (h.cri, &h.cri_error) {
-        (None, Some(e)) => out.push(finding(Error, "cri", e.clone(), "Set `cri:` explicitly in the chart values")),
+        (None, Some(e)) => out.push(finding(
+            Error,
+            "cri",
+            e.clone(),
+            "Set `cri:` explicitly in the chart values",
+        )),
         (Some(kind), _) => {
-            out.push(finding(Info, "cri", format!("runtime: {} ({})", kind.as_str(), h.runtime_version.as_deref().unwrap_or("version unknown")), ""));
+            out.push(finding(
+                Info,
+                "cri",
+                format!(
+                    "runtime: {} ({})",
+                    kind.as_str(),
+                    h.runtime_version.as_deref().unwrap_or("version unknown")
+                ),
+                "",
+            ));
             if kind.is_containerd() {
                 if let Some((maj, min)) = version {
                     if (maj, min) < (1, 6) {
                         out.push(finding(Error, "cri-version", format!("containerd {maj}.{min} is too old: Kata handlers need runtime_path (containerd >= 1.6)"), "Upgrade containerd to 1.7 or 2.x"));
                     }
-                    if (maj, min) < (1, 7) && shims.iter().any(|s| s.containerd_snapshotter == "nydus") {
+                    if (maj, min) < (1, 7)
+                        && shims.iter().any(|s| s.containerd_snapshotter == "nydus")
+                    {
                         out.push(finding(Error, "cri-version", format!("containerd {maj}.{min} has no runtime-specific snapshotters; guest pull with nydus needs containerd >= 1.7"), "Upgrade containerd or drop containerdSnapshotter: nydus"));
                     }
                     if maj < 2 && !cfg.cfg.multi_install_suffix.is_empty() {
                         out.push(finding(Warning, "multi-install", format!("containerd {maj}.{min} has no drop-in support: this install edits the shared config in place"), "Multi-install is only fully isolated on containerd >= 2.0"));
                     }
                 }
-                if matches!(kind, CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2) && cfg.uses_nydus() {
+                if matches!(kind, CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2)
+                    && cfg.uses_nydus()
+                {
                     // Our template extends k3s's base, which defines the table holding the flag:
                     // we cannot change it (a repeated key is a TOML error that stops k3s).
                     match h.k3s_snapshot_annotations_disabled {
@@ -220,24 +285,50 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
                         out.push(finding(Warning, "guest-pull", format!("containerd 2.{min} routes a pull to a handler's snapshotter only when the pod carries the annotation io.containerd.cri.runtime-handler (it ignores the CRI field the kubelet sets; proven on 2.0.5, 2.2.9 honours it)"), "Annotate guest-pull pods with io.containerd.cri.runtime-handler: <handler>, or upgrade containerd to >= 2.2"));
                     }
                 }
-                if shims.iter().any(|s| s.crio_pull_type == "guest-pull" && s.containerd_snapshotter.is_empty()) {
-                    out.push(finding(Info, "guest-pull", "crioPullType is ignored on containerd".into(), "Use containerdSnapshotter: nydus for guest pull on containerd"));
+                if shims.iter().any(|s| {
+                    s.crio_pull_type == "guest-pull" && s.containerd_snapshotter.is_empty()
+                }) {
+                    out.push(finding(
+                        Info,
+                        "guest-pull",
+                        "crioPullType is ignored on containerd".into(),
+                        "Use containerdSnapshotter: nydus for guest pull on containerd",
+                    ));
                 }
             } else {
                 if let Some((maj, min)) = version {
-                    if (maj, min) < (1, 30) && shims.iter().any(|s| s.crio_pull_type == "guest-pull") {
-                        out.push(finding(Warning, "cri-version", format!("CRI-O {maj}.{min} may not support runtime_pull_image (guest pull)"), "Use a recent CRI-O for guest pull"));
+                    if (maj, min) < (1, 30)
+                        && shims.iter().any(|s| s.crio_pull_type == "guest-pull")
+                    {
+                        out.push(finding(
+                            Warning,
+                            "cri-version",
+                            format!(
+                                "CRI-O {maj}.{min} may not support runtime_pull_image (guest pull)"
+                            ),
+                            "Use a recent CRI-O for guest pull",
+                        ));
                     }
                 }
                 if shims.iter().any(|s| !s.containerd_snapshotter.is_empty()) {
-                    out.push(finding(Info, "guest-pull", "containerdSnapshotter is ignored on CRI-O".into(), "Use crioPullType: guest-pull on CRI-O"));
+                    out.push(finding(
+                        Info,
+                        "guest-pull",
+                        "containerdSnapshotter is ignored on CRI-O".into(),
+                        "Use crioPullType: guest-pull on CRI-O",
+                    ));
                 }
             }
         }
         (None, None) => {}
     }
     if let Some((_, e)) = &h.broken_config {
-        out.push(finding(Error, "cri-config", e.clone(), "Fix the runtime configuration; the install will not touch it while it is malformed"));
+        out.push(finding(
+            Error,
+            "cri-config",
+            e.clone(),
+            "Fix the runtime configuration; the install will not touch it while it is malformed",
+        ));
     }
     // Virtualization.
     if !h.dev_kvm && shims.iter().any(|s| s.base() != "remote") {
@@ -250,13 +341,20 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
             out.push(finding(
                 Info,
                 "arch",
-                format!("shim {} supports {:?}, skipped on this node's {}", s.name, allowed, h.arch),
+                format!(
+                    "shim {} supports {:?}, skipped on this node's {}",
+                    s.name, allowed, h.arch
+                ),
                 String::new(),
             ));
         }
     }
     // GPU passthrough prerequisites.
-    let gpu: Vec<&str> = shims.iter().filter(|s| s.is_gpu_passthrough()).map(|s| s.name.as_str()).collect();
+    let gpu: Vec<&str> = shims
+        .iter()
+        .filter(|s| s.is_gpu_passthrough())
+        .map(|s| s.name.as_str())
+        .collect();
     if !gpu.is_empty() {
         if h.iommu_groups == 0 {
             // Warnings: the shims install fine; only GPU passthrough pods cannot start here.
@@ -268,10 +366,19 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
     }
     // Kubelet timeouts and feature gates (warnings: the install still works).
     match &h.kubelet_config {
-        None => out.push(finding(Info, "kubelet", "no /var/lib/kubelet/config.yaml: kubelet timeout and feature gates not checked".into(), "")),
+        None => out.push(finding(
+            Info,
+            "kubelet",
+            "no /var/lib/kubelet/config.yaml: kubelet timeout and feature gates not checked".into(),
+            "",
+        )),
         Some(text) => {
-            let doc: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or(serde_yaml::Value::Null);
-            let rrt = doc.get("runtimeRequestTimeout").and_then(|v| v.as_str()).unwrap_or("2m");
+            let doc: serde_yaml::Value =
+                serde_yaml::from_str(text).unwrap_or(serde_yaml::Value::Null);
+            let rrt = doc
+                .get("runtimeRequestTimeout")
+                .and_then(|v| v.as_str())
+                .unwrap_or("2m");
             match parse_go_duration(rrt) {
                 Some(secs) if secs < cfg.cfg.image_pull_timeout_seconds => out.push(finding(
                     Warning,
@@ -282,12 +389,20 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
                 None => out.push(finding(Warning, "kubelet-timeout", format!("cannot parse kubelet runtimeRequestTimeout {rrt:?}"), "")),
                 _ => {}
             }
-            let gate = |name: &str| doc.get("featureGates").and_then(|g| g.get(name)).and_then(|v| v.as_bool()).unwrap_or(false);
+            let gate = |name: &str| {
+                doc.get("featureGates")
+                    .and_then(|g| g.get(name))
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false)
+            };
             if shims.iter().any(|s| s.uses_guest_pull()) && !gate("RuntimeClassInImageCriApi") {
                 out.push(finding(Warning, "kubelet-feature-gates", "kubelet feature gate RuntimeClassInImageCriApi is not enabled: guest pull with per-runtime snapshotters needs it".into(), "Add featureGates: {RuntimeClassInImageCriApi: true} to /var/lib/kubelet/config.yaml and restart the kubelet"));
             }
             let kubelet_minor = h.kubelet_version.as_deref().and_then(parse_runtime_version);
-            if !gpu.is_empty() && kubelet_minor.is_some_and(|v| v < (1, 34)) && !gate("KubeletPodResourcesGet") {
+            if !gpu.is_empty()
+                && kubelet_minor.is_some_and(|v| v < (1, 34))
+                && !gate("KubeletPodResourcesGet")
+            {
                 out.push(finding(Warning, "kubelet-feature-gates", "kubelet feature gate KubeletPodResourcesGet is not enabled (default only from 1.34): GPU shims use it to find allocated devices".into(), "Add featureGates: {KubeletPodResourcesGet: true} and restart the kubelet"));
             }
         }
@@ -296,7 +411,17 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
     if let (Some(free), Some(need)) = (h.free_bytes, h.payload_bytes) {
         let need = need + need / 10;
         if free < need {
-            out.push(finding(Error, "disk-space", format!("{} MiB free under {}, the payload needs about {} MiB", free >> 20, cfg.install().prefix.display(), need >> 20), "Free space on that filesystem and re-run"));
+            out.push(finding(
+                Error,
+                "disk-space",
+                format!(
+                    "{} MiB free under {}, the payload needs about {} MiB",
+                    free >> 20,
+                    cfg.install().prefix.display(),
+                    need >> 20
+                ),
+                "Free space on that filesystem and re-run",
+            ));
         }
     }
     out.sort_by_key(|f| f.severity);
@@ -305,8 +430,14 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
 
 /// Renders findings for humans.
 pub fn render_text(node: &str, findings: &[Finding]) -> String {
-    let errors = findings.iter().filter(|f| f.severity == Severity::Error).count();
-    let warnings = findings.iter().filter(|f| f.severity == Severity::Warning).count();
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    let warnings = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Warning)
+        .count();
     let mut s = format!("host-check on {node}: {errors} error(s), {warnings} warning(s)\n");
     for f in findings {
         let tag = match f.severity {
@@ -338,7 +469,10 @@ mod tests {
             dev_kvm: true,
             arch: "amd64".into(),
             iommu_groups: 12,
-            kubelet_config: Some("runtimeRequestTimeout: 20m\nfeatureGates:\n  RuntimeClassInImageCriApi: true\n".into()),
+            kubelet_config: Some(
+                "runtimeRequestTimeout: 20m\nfeatureGates:\n  RuntimeClassInImageCriApi: true\n"
+                    .into(),
+            ),
             kubelet_version: Some("v1.34.1".into()),
             free_bytes: Some(10 << 30),
             payload_bytes: Some(1 << 30),
@@ -349,7 +483,10 @@ mod tests {
     }
 
     fn errors(f: &[Finding]) -> Vec<&'static str> {
-        f.iter().filter(|f| f.severity == Severity::Error).map(|f| f.check).collect()
+        f.iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.check)
+            .collect()
     }
 
     #[test]
@@ -362,7 +499,9 @@ mod tests {
 
     #[test]
     fn lists_every_problem_not_just_the_first() {
-        let c = cfg("shims: [{name: qemu-nvidia-gpu, containerdSnapshotter: nydus}, {name: qemu-se}]\n");
+        let c = cfg(
+            "shims: [{name: qemu-nvidia-gpu, containerdSnapshotter: nydus}, {name: qemu-se}]\n",
+        );
         let mut h = healthy();
         h.dev_kvm = false;
         h.iommu_groups = 0;
@@ -375,35 +514,83 @@ mod tests {
         for want in ["machine-id", "cri-version", "kvm", "disk-space"] {
             assert!(e.contains(&want), "missing {want} in {e:?}");
         }
-        let of = |sev: Severity| f.iter().filter(|x| x.severity == sev).map(|x| x.check).collect::<Vec<_>>();
+        let of = |sev: Severity| {
+            f.iter()
+                .filter(|x| x.severity == sev)
+                .map(|x| x.check)
+                .collect::<Vec<_>>()
+        };
         for want in ["iommu", "nvidia-driver"] {
-            assert!(of(Severity::Warning).contains(&want), "GPU prerequisites warn: {f:?}");
+            assert!(
+                of(Severity::Warning).contains(&want),
+                "GPU prerequisites warn: {f:?}"
+            );
         }
-        assert!(of(Severity::Info).contains(&"arch"), "an unsupported shim is reported as skipped: {f:?}");
+        assert!(
+            of(Severity::Info).contains(&"arch"),
+            "an unsupported shim is reported as skipped: {f:?}"
+        );
     }
 
     #[test]
     fn k3s_guest_pull_needs_snapshot_annotations_enabled() {
-        assert!(snapshot_annotations_disabled(&String::from_utf8(std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/k3s-generated-config.toml")).unwrap()).unwrap()));
+        assert!(snapshot_annotations_disabled(
+            &String::from_utf8(
+                std::fs::read(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/k3s-generated-config.toml"
+                ))
+                .unwrap()
+            )
+            .unwrap()
+        ));
         assert!(!snapshot_annotations_disabled("version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\ndisable_snapshot_annotations = false\n"));
-        assert!(snapshot_annotations_disabled("version = 3\n"), "containerd's default is true");
+        assert!(
+            snapshot_annotations_disabled("version = 3\n"),
+            "containerd's default is true"
+        );
         let c = cfg("cri: k3s\nshims: [{name: qemu-coco-dev, containerdSnapshotter: nydus}]\n");
-        let mut h = HostFacts { cri: Some(CriKind::K3s), runtime_version: Some("containerd://1.7.27-k3s1".into()), dev_kvm: true, arch: "amd64".into(), k3s_snapshot_annotations_disabled: Some(true), ..Default::default() };
+        let mut h = HostFacts {
+            cri: Some(CriKind::K3s),
+            runtime_version: Some("containerd://1.7.27-k3s1".into()),
+            dev_kvm: true,
+            arch: "amd64".into(),
+            k3s_snapshot_annotations_disabled: Some(true),
+            ..Default::default()
+        };
         let f = evaluate(&c, &h);
-        assert!(f.iter().any(|x| x.severity == Severity::Error && x.check == "guest-pull" && x.message.contains("disable_snapshot_annotations = true")), "{f:?}");
+        assert!(
+            f.iter().any(|x| x.severity == Severity::Error
+                && x.check == "guest-pull"
+                && x.message.contains("disable_snapshot_annotations = true")),
+            "{f:?}"
+        );
         h.k3s_snapshot_annotations_disabled = Some(false);
-        assert!(!evaluate(&c, &h).iter().any(|x| x.check == "guest-pull" && x.severity != Severity::Info), "{:?}", evaluate(&c, &h));
+        assert!(
+            !evaluate(&c, &h)
+                .iter()
+                .any(|x| x.check == "guest-pull" && x.severity != Severity::Info),
+            "{:?}",
+            evaluate(&c, &h)
+        );
     }
 
     #[test]
     fn kubelet_timeout_and_gates_warn() {
         let c = cfg("imagePullTimeoutSeconds: 1800\nshims: [{name: qemu-coco-dev, containerdSnapshotter: nydus}]\n");
         let mut h = healthy();
-        h.kubelet_config = Some("apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n".into());
+        h.kubelet_config =
+            Some("apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n".into());
         let f = evaluate(&c, &h);
-        let warns: Vec<_> = f.iter().filter(|f| f.severity == Severity::Warning).map(|f| f.check).collect();
+        let warns: Vec<_> = f
+            .iter()
+            .filter(|f| f.severity == Severity::Warning)
+            .map(|f| f.check)
+            .collect();
         assert_eq!(warns, ["kubelet-timeout", "kubelet-feature-gates"]);
-        assert!(f.iter().any(|f| f.hint.contains("runtimeRequestTimeout: 30m")));
+        assert!(f
+            .iter()
+            .any(|f| f.hint.contains("runtimeRequestTimeout: 30m")));
         assert!(errors(&f).is_empty());
     }
 

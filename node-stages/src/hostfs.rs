@@ -41,13 +41,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 impl HostFs {
     /// A host filesystem under `root`; with `dry_run` nothing is written, changes are recorded.
     pub fn new(root: impl Into<PathBuf>, dry_run: bool) -> Self {
-        HostFs { root: root.into(), dry_run, faults: Mutex::new(Faults::default()), planned: Mutex::new(Vec::new()), durable: true.into() }
+        HostFs {
+            root: root.into(),
+            dry_run,
+            faults: Mutex::new(Faults::default()),
+            planned: Mutex::new(Vec::new()),
+            durable: true.into(),
+        }
     }
 
     /// Test hook: skip fsync (tests simulate crashes, not power loss, and fsync dominates their
     /// run time). Production always syncs.
     pub fn set_durable(&self, durable: bool) {
-        self.durable.store(durable, std::sync::atomic::Ordering::Relaxed);
+        self.durable
+            .store(durable, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn durable(&self) -> bool {
@@ -88,7 +95,10 @@ impl HostFs {
 
     /// Maps a host path (absolute, as seen on the node) to the path under the host root.
     pub fn host(&self, p: &Path) -> PathBuf {
-        let rel: PathBuf = p.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+        let rel: PathBuf = p
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect();
         self.root.join(rel)
     }
 
@@ -111,14 +121,23 @@ impl HostFs {
         for _ in 0..40 {
             match fs::symlink_metadata(self.host(&cur)) {
                 Ok(md) if md.file_type().is_symlink() => {
-                    let target = fs::read_link(self.host(&cur)).map_err(|e| StageError::io("read link", &cur, e))?;
-                    let joined = if target.is_absolute() { target } else { cur.parent().unwrap_or(Path::new("/")).join(target) };
+                    let target = fs::read_link(self.host(&cur))
+                        .map_err(|e| StageError::io("read link", &cur, e))?;
+                    let joined = if target.is_absolute() {
+                        target
+                    } else {
+                        cur.parent().unwrap_or(Path::new("/")).join(target)
+                    };
                     cur = normalize(&joined);
                 }
                 _ => return Ok(cur),
             }
         }
-        Err(StageError::bad_input(p, "too many levels of symbolic links", "Fix the link chain on the host and re-run; nothing was changed"))
+        Err(StageError::bad_input(
+            p,
+            "too many levels of symbolic links",
+            "Fix the link chain on the host and re-run; nothing was changed",
+        ))
     }
 
     /// Mode bits, owner and group of a host file (after following links), None when missing.
@@ -145,14 +164,16 @@ impl HostFs {
         let tmp = self.stage_bytes(&target, bytes, mode)?;
         if let Some((_, uid, gid)) = meta {
             use std::os::unix::fs::MetadataExt;
-            let mine = fs::metadata(self.host(&tmp)).map_err(|e| StageError::io("stat", &tmp, e))?;
+            let mine =
+                fs::metadata(self.host(&tmp)).map_err(|e| StageError::io("stat", &tmp, e))?;
             if mine.uid() != uid || mine.gid() != gid {
                 if let Err(e) = std::os::unix::fs::chown(self.host(&tmp), Some(uid), Some(gid)) {
                     self.discard_temp(&tmp);
                     return Err(StageError::io("chown", &target, e));
                 }
                 // chown clears set-id bits: put the mode back.
-                fs::set_permissions(self.host(&tmp), fs::Permissions::from_mode(mode)).map_err(|e| StageError::io("chmod", &target, e))?;
+                fs::set_permissions(self.host(&tmp), fs::Permissions::from_mode(mode))
+                    .map_err(|e| StageError::io("chmod", &target, e))?;
             }
         }
         self.rename_into_place(&tmp, &target)
@@ -176,7 +197,11 @@ impl HostFs {
     /// Entries of a host directory (names), empty when missing.
     pub fn list_dir(&self, p: &Path) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.host(p))
-            .map(|it| it.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|it| {
+                it.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -246,7 +271,10 @@ impl HostFs {
 
     /// Temp path beside a target: `.<name>.kata-deploy-new`.
     pub fn temp_for(p: &Path) -> PathBuf {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         p.with_file_name(format!(".{name}{TEMP_SUFFIX}"))
     }
 
@@ -264,17 +292,32 @@ impl HostFs {
 
     /// Copies `src` (a path in the stage container) to a temp file beside the host path `dest`,
     /// hashing while copying; fails (removing the temp) if the hash is not `expected_sha`.
-    pub fn stage_copy(&self, src: &Path, dest: &Path, expected_sha: &str, mode: u32) -> Result<PathBuf> {
+    pub fn stage_copy(
+        &self,
+        src: &Path,
+        dest: &Path,
+        expected_sha: &str,
+        mode: u32,
+    ) -> Result<PathBuf> {
         let tmp = Self::temp_for(dest);
         if self.dry_run {
             return Ok(tmp);
         }
         self.fault_point()?;
         let mut input = File::open(src).map_err(|e| {
-            StageError::bad_input(src, format!("payload file cannot be opened: {e}"), "The stage image is incomplete: rebuild or re-pull it")
+            StageError::bad_input(
+                src,
+                format!("payload file cannot be opened: {e}"),
+                "The stage image is incomplete: rebuild or re-pull it",
+            )
         })?;
         let res = (|| -> std::io::Result<String> {
-            let mut out = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
+            let mut out = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(self.host(&tmp))?;
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 1 << 16];
             loop {
@@ -297,7 +340,9 @@ impl HostFs {
                 let _ = fs::remove_file(self.host(&tmp));
                 Err(StageError::bad_input(
                     src,
-                    format!("payload file is corrupt: sha256 {got} but SHA256SUMS says {expected_sha}"),
+                    format!(
+                        "payload file is corrupt: sha256 {got} but SHA256SUMS says {expected_sha}"
+                    ),
                     "The stage image is damaged: re-pull it (nothing on the host was changed)",
                 ))
             }
@@ -316,10 +361,19 @@ impl HostFs {
         }
         self.fault_point()?;
         let res = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(self.host(&tmp))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(self.host(&tmp))?;
             f.write_all(bytes)?;
             f.set_permissions(fs::Permissions::from_mode(mode))?;
-            if self.durable() { f.sync_all() } else { Ok(()) }
+            if self.durable() {
+                f.sync_all()
+            } else {
+                Ok(())
+            }
         })();
         if let Err(e) = res {
             let _ = fs::remove_file(self.host(&tmp));
@@ -331,7 +385,9 @@ impl HostFs {
     /// The target of a host path that is a symbolic link (None: not a link, or missing).
     pub fn read_link(&self, p: &Path) -> Result<Option<PathBuf>> {
         match fs::symlink_metadata(self.host(p)) {
-            Ok(md) if md.file_type().is_symlink() => fs::read_link(self.host(p)).map(Some).map_err(|e| StageError::io("read link", p, e)),
+            Ok(md) if md.file_type().is_symlink() => fs::read_link(self.host(p))
+                .map(Some)
+                .map_err(|e| StageError::io("read link", p, e)),
             _ => Ok(None),
         }
     }
@@ -345,7 +401,8 @@ impl HostFs {
         }
         self.fault_point()?;
         let _ = fs::remove_file(self.host(&tmp));
-        std::os::unix::fs::symlink(target, self.host(&tmp)).map_err(|e| StageError::io("create link", dest, e))?;
+        std::os::unix::fs::symlink(target, self.host(&tmp))
+            .map_err(|e| StageError::io("create link", dest, e))?;
         Ok(tmp)
     }
 
@@ -364,7 +421,8 @@ impl HostFs {
             return Ok(());
         }
         self.fault_point()?;
-        fs::rename(self.host(tmp), self.host(dest)).map_err(|e| StageError::io("rename into place", dest, e))?;
+        fs::rename(self.host(tmp), self.host(dest))
+            .map_err(|e| StageError::io("rename into place", dest, e))?;
         self.sync_parent(dest)
     }
 
@@ -404,7 +462,9 @@ impl HostFs {
     /// Removes a directory if it exists and is empty.
     pub fn remove_dir_if_empty(&self, p: &Path) -> Result<()> {
         let h = self.host(p);
-        let empty = fs::read_dir(&h).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty = fs::read_dir(&h)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !empty {
             return Ok(());
         }
@@ -460,11 +520,21 @@ pub fn describe_change(p: &Path, old: Option<&[u8]>, new: Option<&[u8]>) -> Stri
             match (old_text, std::str::from_utf8(n)) {
                 (Some(Ok(ot)), Ok(nt)) => {
                     let diff = similar::TextDiff::from_lines(ot, nt);
-                    format!("{verb} {}\n{}", p.display(), diff.unified_diff().context_radius(2).header("current", "new"))
+                    format!(
+                        "{verb} {}\n{}",
+                        p.display(),
+                        diff.unified_diff()
+                            .context_radius(2)
+                            .header("current", "new")
+                    )
                 }
                 (None, Ok(nt)) if nt.len() < 8192 => {
                     let diff = similar::TextDiff::from_lines("", nt);
-                    format!("{verb} {}\n{}", p.display(), diff.unified_diff().header("/dev/null", "new"))
+                    format!(
+                        "{verb} {}\n{}",
+                        p.display(),
+                        diff.unified_diff().header("/dev/null", "new")
+                    )
                 }
                 _ => format!("{verb} {} ({} bytes)", p.display(), n.len()),
             }
@@ -488,20 +558,41 @@ mod tests {
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::chown(&target, Some(4242), Some(4343)).unwrap();
         // An absolute link target is a host path: resolved under the host root.
-        std::os::unix::fs::symlink("/etc/real/config.toml", d.path().join("etc/containerd/config.toml")).unwrap();
+        std::os::unix::fs::symlink(
+            "/etc/real/config.toml",
+            d.path().join("etc/containerd/config.toml"),
+        )
+        .unwrap();
         let p = Path::new("/etc/containerd/config.toml");
         assert_eq!(fs.read(p).unwrap().as_deref(), Some(&b"a"[..]));
         fs.write_preserving(p, b"b", 0o644).unwrap();
-        assert_eq!(std::fs::read_link(d.path().join("etc/containerd/config.toml")).unwrap(), Path::new("/etc/real/config.toml"));
+        assert_eq!(
+            std::fs::read_link(d.path().join("etc/containerd/config.toml")).unwrap(),
+            Path::new("/etc/real/config.toml")
+        );
         let md = std::fs::metadata(&target).unwrap();
-        assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o600, 4242, 4343));
+        assert_eq!(
+            (md.mode() & 0o7777, md.uid(), md.gid()),
+            (0o600, 4242, 4343)
+        );
         assert_eq!(std::fs::read(&target).unwrap(), b"b");
         // A new file gets the default mode.
-        fs.write_preserving(Path::new("/etc/containerd/new.toml"), b"c", 0o644).unwrap();
-        assert_eq!(std::fs::metadata(d.path().join("etc/containerd/new.toml")).unwrap().mode() & 0o7777, 0o644);
+        fs.write_preserving(Path::new("/etc/containerd/new.toml"), b"c", 0o644)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(d.path().join("etc/containerd/new.toml"))
+                .unwrap()
+                .mode()
+                & 0o7777,
+            0o644
+        );
         // A link loop is an error naming the file, not a hang.
         std::os::unix::fs::symlink("/etc/loop", d.path().join("etc/loop")).unwrap();
-        assert!(fs.write_preserving(Path::new("/etc/loop"), b"x", 0o644).unwrap_err().to_string().contains("symbolic links"));
+        assert!(fs
+            .write_preserving(Path::new("/etc/loop"), b"x", 0o644)
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic links"));
     }
 
     #[test]
@@ -509,10 +600,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let fs_ = HostFs::new(d.path(), false);
         fs_.create_dir_all(Path::new("/etc/x")).unwrap();
-        fs_.write_atomic(Path::new("/etc/x/a.toml"), b"one", 0o644).unwrap();
-        fs_.write_atomic(Path::new("/etc/x/a.toml"), b"two", 0o644).unwrap();
+        fs_.write_atomic(Path::new("/etc/x/a.toml"), b"one", 0o644)
+            .unwrap();
+        fs_.write_atomic(Path::new("/etc/x/a.toml"), b"two", 0o644)
+            .unwrap();
         assert_eq!(fs::read(d.path().join("etc/x/a.toml")).unwrap(), b"two");
-        assert_eq!(fs_.list_dir(Path::new("/etc/x")), vec!["a.toml".to_string()]);
+        assert_eq!(
+            fs_.list_dir(Path::new("/etc/x")),
+            vec!["a.toml".to_string()]
+        );
     }
 
     #[test]
@@ -520,7 +616,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("a"), "x = 1\n").unwrap();
         let fs_ = HostFs::new(d.path(), true);
-        fs_.write_atomic(Path::new("/a"), b"x = 2\n", 0o644).unwrap();
+        fs_.write_atomic(Path::new("/a"), b"x = 2\n", 0o644)
+            .unwrap();
         fs_.remove_file(Path::new("/a")).unwrap();
         assert_eq!(fs::read(d.path().join("a")).unwrap(), b"x = 1\n");
         let p = fs_.planned();
@@ -535,7 +632,10 @@ mod tests {
         fs_.fail_at_op(Some(1));
         fs_.write_atomic(Path::new("/a"), b"1", 0o644).unwrap_err(); // op0 temp ok, op1 rename fails
         assert!(!d.path().join("a").exists());
-        assert!(matches!(fs_.remove_file(Path::new("/.a.kata-deploy-new")), Err(StageError::InjectedFault { .. })));
+        assert!(matches!(
+            fs_.remove_file(Path::new("/.a.kata-deploy-new")),
+            Err(StageError::InjectedFault { .. })
+        ));
     }
 
     #[test]
@@ -544,7 +644,9 @@ mod tests {
         let src = d.path().join("src");
         fs::write(&src, "payload").unwrap();
         let fs_ = HostFs::new(d.path(), false);
-        let e = fs_.stage_copy(&src, Path::new("/dest"), "00", 0o755).unwrap_err();
+        let e = fs_
+            .stage_copy(&src, Path::new("/dest"), "00", 0o755)
+            .unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("corrupt"));
         assert_eq!(fs_.list_dir(Path::new("/")), vec!["src".to_string()]);

@@ -26,7 +26,11 @@ pub struct GeneratedFile {
 /// runtime-rs ones in their own directory.
 pub fn base_config_rel(base: &str) -> PathBuf {
     let runtime_rs = crate::shims::lookup(base).is_some_and(|s| s.runtime_rs);
-    let dir = if runtime_rs { "share/defaults/kata-containers/runtime-rs" } else { "share/defaults/kata-containers" };
+    let dir = if runtime_rs {
+        "share/defaults/kata-containers/runtime-rs"
+    } else {
+        "share/defaults/kata-containers"
+    };
     PathBuf::from(format!("{dir}/configuration-{base}.toml"))
 }
 
@@ -42,19 +46,34 @@ pub fn relocate_config(base_text: &str, prefix: &Path) -> String {
 /// The `[hypervisor.<name>]` table name used by a base configuration.
 pub fn hypervisor_table(base_text: &str, file: &Path) -> Result<String> {
     let doc: DocumentMut = base_text.parse().map_err(|e: toml_edit::TomlError| {
-        StageError::bad_input(file, format!("base configuration is not valid TOML: {}", e.to_string().trim()), "Rebuild the stage image")
+        StageError::bad_input(
+            file,
+            format!(
+                "base configuration is not valid TOML: {}",
+                e.to_string().trim()
+            ),
+            "Rebuild the stage image",
+        )
     })?;
     doc.get("hypervisor")
         .and_then(Item::as_table_like)
         .and_then(|t| t.iter().next().map(|(k, _)| k.to_string()))
-        .ok_or_else(|| StageError::bad_input(file, "base configuration has no [hypervisor.<name>] table", "Rebuild the stage image"))
+        .ok_or_else(|| {
+            StageError::bad_input(
+                file,
+                "base configuration has no [hypervisor.<name>] table",
+                "Rebuild the stage image",
+            )
+        })
 }
 
 /// Sets `agent.image_pull_timeout` (and debug logging) in a kernel_params string, keeping the rest.
 pub fn kernel_params_with_timeout(base: &str, timeout_secs: u64, debug: bool) -> String {
     let mut params: Vec<String> = base
         .split_whitespace()
-        .filter(|p| !(p.starts_with("agent.image_pull_timeout=") || debug && p.starts_with("agent.log=")))
+        .filter(|p| {
+            !(p.starts_with("agent.image_pull_timeout=") || debug && p.starts_with("agent.log="))
+        })
         .map(str::to_string)
         .collect();
     params.push(format!("agent.image_pull_timeout={timeout_secs}"));
@@ -66,13 +85,28 @@ pub fn kernel_params_with_timeout(base: &str, timeout_secs: u64, debug: bool) ->
 
 /// Renders config.d/10-kata-deploy.toml: the image-pull timeout set consistently in the shim
 /// (create_container_timeout) and the agent (kernel parameter), allowed annotations, debug.
-pub fn render_kata_dropin(base_text: &str, base_file: &Path, shim: &ShimConfig, cfg: &StageConfig) -> Result<String> {
+pub fn render_kata_dropin(
+    base_text: &str,
+    base_file: &Path,
+    shim: &ShimConfig,
+    cfg: &StageConfig,
+) -> Result<String> {
     let doc: DocumentMut = base_text.parse().map_err(|e: toml_edit::TomlError| {
-        StageError::bad_input(base_file, format!("base configuration is not valid TOML: {}", e.to_string().trim()), "Rebuild the stage image")
+        StageError::bad_input(
+            base_file,
+            format!(
+                "base configuration is not valid TOML: {}",
+                e.to_string().trim()
+            ),
+            "Rebuild the stage image",
+        )
     })?;
     let hv = hypervisor_table(base_text, base_file)?;
     let hv_base = doc.get("hypervisor").and_then(|h| h.get(&hv));
-    let base_params = hv_base.and_then(|t| t.get("kernel_params")).and_then(Item::as_str).unwrap_or("");
+    let base_params = hv_base
+        .and_then(|t| t.get("kernel_params"))
+        .and_then(Item::as_str)
+        .unwrap_or("");
 
     let mut out = DocumentMut::new();
     out.decor_mut().set_prefix(format!(
@@ -80,20 +114,34 @@ pub fn render_kata_dropin(base_text: &str, base_file: &Path, shim: &ShimConfig, 
         shim.name
     ));
     let mut hv_table = Table::new();
-    hv_table.insert("kernel_params", value(kernel_params_with_timeout(base_params, cfg.image_pull_timeout_seconds, cfg.debug)));
+    hv_table.insert(
+        "kernel_params",
+        value(kernel_params_with_timeout(
+            base_params,
+            cfg.image_pull_timeout_seconds,
+            cfg.debug,
+        )),
+    );
     if !shim.allowed_hypervisor_annotations.is_empty() {
         // Keep the base list and add the allowed ones (dropping a base entry would be surprising).
         let mut names: Vec<String> = hv_base
             .and_then(|t| t.get("enable_annotations"))
             .and_then(Item::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         for a in &shim.allowed_hypervisor_annotations {
             if !names.contains(a) {
                 names.push(a.clone());
             }
         }
-        hv_table.insert("enable_annotations", value(names.into_iter().collect::<Array>()));
+        hv_table.insert(
+            "enable_annotations",
+            value(names.into_iter().collect::<Array>()),
+        );
     }
     if cfg.debug {
         hv_table.insert("enable_debug", value(true));
@@ -132,7 +180,11 @@ pub fn render_kata_dropin(base_text: &str, base_file: &Path, shim: &ShimConfig, 
 }
 
 /// Every generated Kata configuration file of every enabled shim.
-pub fn plan_shim_files(cfg: &StageConfig, install: &Install, read_base: &dyn Fn(&Path) -> Result<String>) -> Result<Vec<GeneratedFile>> {
+pub fn plan_shim_files(
+    cfg: &StageConfig,
+    install: &Install,
+    read_base: &dyn Fn(&Path) -> Result<String>,
+) -> Result<Vec<GeneratedFile>> {
     let mut out = Vec::new();
     for shim in &cfg.shims {
         let rel = base_config_rel(shim.base());
@@ -153,7 +205,11 @@ pub fn plan_shim_files(cfg: &StageConfig, install: &Install, read_base: &dyn Fn(
             if !text.ends_with('\n') {
                 text.push('\n');
             }
-            out.push(GeneratedFile { path: dir.join("config.d/50-user-overrides.toml"), content: text.into_bytes(), mode: 0o644 });
+            out.push(GeneratedFile {
+                path: dir.join("config.d/50-user-overrides.toml"),
+                content: text.into_bytes(),
+                mode: 0o644,
+            });
         }
     }
     Ok(out)
@@ -183,15 +239,38 @@ create_container_timeout = 60
 
     #[test]
     fn runtime_rs_reads_the_timeout_from_agent_kata() {
-        let c = cfg("imagePullTimeoutSeconds: 1800\nshims: [{name: qemu-runtime-rs}, {name: qemu}]\n");
-        let rs: DocumentMut = render_kata_dropin(BASE, Path::new("b"), &c.shims[0], &c).unwrap().parse().unwrap();
-        assert_eq!(rs["agent"]["kata"]["create_container_timeout"].as_integer(), Some(1800), "{rs}");
+        let c =
+            cfg("imagePullTimeoutSeconds: 1800\nshims: [{name: qemu-runtime-rs}, {name: qemu}]\n");
+        let rs: DocumentMut = render_kata_dropin(BASE, Path::new("b"), &c.shims[0], &c)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            rs["agent"]["kata"]["create_container_timeout"].as_integer(),
+            Some(1800),
+            "{rs}"
+        );
         assert!(rs.get("runtime").is_none(), "{rs}");
-        let go: DocumentMut = render_kata_dropin(BASE, Path::new("b"), &c.shims[1], &c).unwrap().parse().unwrap();
-        assert_eq!(go["runtime"]["create_container_timeout"].as_integer(), Some(1800), "{go}");
+        let go: DocumentMut = render_kata_dropin(BASE, Path::new("b"), &c.shims[1], &c)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            go["runtime"]["create_container_timeout"].as_integer(),
+            Some(1800),
+            "{go}"
+        );
         assert!(go.get("agent").is_none(), "{go}");
-        assert_eq!(base_config_rel("qemu-runtime-rs"), Path::new("share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml"));
-        assert_eq!(base_config_rel("qemu"), Path::new("share/defaults/kata-containers/configuration-qemu.toml"));
+        assert_eq!(
+            base_config_rel("qemu-runtime-rs"),
+            Path::new(
+                "share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml"
+            )
+        );
+        assert_eq!(
+            base_config_rel("qemu"),
+            Path::new("share/defaults/kata-containers/configuration-qemu.toml")
+        );
     }
 
     #[test]
@@ -199,9 +278,20 @@ create_container_timeout = 60
         let c = cfg("imagePullTimeoutSeconds: 1800\nshims: [{name: qemu-nvidia-gpu, allowedHypervisorAnnotations: [default_memory]}]\n");
         let out = render_kata_dropin(BASE, Path::new("b"), &c.shims[0], &c).unwrap();
         let doc: DocumentMut = out.parse().unwrap();
-        assert_eq!(doc["runtime"]["create_container_timeout"].as_integer(), Some(1800));
-        assert_eq!(doc["hypervisor"]["qemu"]["kernel_params"].as_str(), Some("nvrc.smi.srs=1 agent.image_pull_timeout=1800"));
-        let ann: Vec<_> = doc["hypervisor"]["qemu"]["enable_annotations"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        assert_eq!(
+            doc["runtime"]["create_container_timeout"].as_integer(),
+            Some(1800)
+        );
+        assert_eq!(
+            doc["hypervisor"]["qemu"]["kernel_params"].as_str(),
+            Some("nvrc.smi.srs=1 agent.image_pull_timeout=1800")
+        );
+        let ann: Vec<_> = doc["hypervisor"]["qemu"]["enable_annotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
         assert_eq!(ann, ["enable_iommu", "default_memory"]);
         assert!(doc.get("agent").is_none());
     }
@@ -218,7 +308,8 @@ create_container_timeout = 60
 
     #[test]
     fn relocation_moves_paths_for_multi_install() {
-        assert!(relocate_config(BASE, Path::new("/opt/kata-cicd")).contains("\"/opt/kata-cicd/bin/qemu-system-x86_64\""));
+        assert!(relocate_config(BASE, Path::new("/opt/kata-cicd"))
+            .contains("\"/opt/kata-cicd/bin/qemu-system-x86_64\""));
         assert_eq!(relocate_config(BASE, Path::new("/opt/kata")), BASE);
     }
 
@@ -243,7 +334,10 @@ create_container_timeout = 60
 
     #[test]
     fn hypervisor_table_is_found() {
-        assert_eq!(hypervisor_table("[hypervisor.firecracker]\npath = \"x\"\n", Path::new("b")).unwrap(), "firecracker");
+        assert_eq!(
+            hypervisor_table("[hypervisor.firecracker]\npath = \"x\"\n", Path::new("b")).unwrap(),
+            "firecracker"
+        );
         assert!(hypervisor_table("[runtime]\n", Path::new("b")).is_err());
     }
 }

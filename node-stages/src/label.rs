@@ -20,7 +20,12 @@ pub fn json_pointer_escape(key: &str) -> String {
 
 /// Builds the JSON patch that sets `set` and removes `remove`, guarded by the node UID.
 /// Returns None when the labels are already as wanted (no API write at all).
-pub fn build_label_patch(uid: &str, current: Option<&BTreeMap<String, String>>, set: &[(String, String)], remove: &[String]) -> Option<Value> {
+pub fn build_label_patch(
+    uid: &str,
+    current: Option<&BTreeMap<String, String>>,
+    set: &[(String, String)],
+    remove: &[String],
+) -> Option<Value> {
     let empty = BTreeMap::new();
     let labels = current.unwrap_or(&empty);
     let mut ops = vec![json!({"op": "test", "path": "/metadata/uid", "value": uid})];
@@ -45,14 +50,19 @@ pub fn build_label_patch(uid: &str, current: Option<&BTreeMap<String, String>>, 
 
 /// Labels the install sets once its handlers are served.
 pub fn install_labels(install: &Install) -> Vec<(String, String)> {
-    vec![(RUNTIME_LABEL.to_string(), "true".to_string()), (install.marker_label(), "true".to_string())]
+    vec![
+        (RUNTIME_LABEL.to_string(), "true".to_string()),
+        (install.marker_label(), "true".to_string()),
+    ]
 }
 
 /// Labels unlabel removes: our marker, and the shared runtime label only when no other
 /// install's marker remains on the node.
 pub fn uninstall_removals(install: &Install, labels: &BTreeMap<String, String>) -> Vec<String> {
     let ours = install.marker_label();
-    let others = labels.keys().any(|k| k.starts_with(MARKER_LABEL_PREFIX) && *k != ours);
+    let others = labels
+        .keys()
+        .any(|k| k.starts_with(MARKER_LABEL_PREFIX) && *k != ours);
     let mut v = vec![ours];
     if !others {
         v.push(RUNTIME_LABEL.to_string());
@@ -68,7 +78,11 @@ pub struct NodeLabeler {
 }
 
 fn kube_err(node: &str, e: impl std::fmt::Display, hint: &str) -> StageError {
-    StageError::Kube { node: node.into(), message: e.to_string(), hint: hint.into() }
+    StageError::Kube {
+        node: node.into(),
+        message: e.to_string(),
+        hint: hint.into(),
+    }
 }
 
 impl NodeLabeler {
@@ -76,20 +90,44 @@ impl NodeLabeler {
     pub async fn connect(facts: &NodeFacts) -> Result<NodeLabeler> {
         let name = facts.name.clone().ok_or_else(|| kube_err("<unknown>", "KATA_NODE_NAME is not set", "The dispatcher sets it; for a standalone run export KATA_NODE_NAME and KATA_NODE_UID"))?;
         let uid = facts.uid.clone().ok_or_else(|| kube_err(&name, "KATA_NODE_UID is not set", "The dispatcher sets it; export KATA_NODE_UID (kubectl get node <name> -o jsonpath='{.metadata.uid}')"))?;
-        let client = kube::Client::try_default().await.map_err(|e| kube_err(&name, e, "Run in the cluster with the kata-deploy ServiceAccount, or set KUBECONFIG"))?;
-        Ok(NodeLabeler { api: Api::all(client), name, uid })
+        let client = kube::Client::try_default().await.map_err(|e| {
+            kube_err(
+                &name,
+                e,
+                "Run in the cluster with the kata-deploy ServiceAccount, or set KUBECONFIG",
+            )
+        })?;
+        Ok(NodeLabeler {
+            api: Api::all(client),
+            name,
+            uid,
+        })
     }
 
     /// For tests against a test-bed: a labeler from an existing client.
     pub fn with_client(client: kube::Client, name: String, uid: String) -> NodeLabeler {
-        NodeLabeler { api: Api::all(client), name, uid }
+        NodeLabeler {
+            api: Api::all(client),
+            name,
+            uid,
+        }
     }
 
     async fn get(&self) -> Result<Node> {
-        let node = self.api.get(&self.name).await.map_err(|e| kube_err(&self.name, e, "Check RBAC (nodes get/patch) and API reachability, then re-run"))?;
+        let node = self.api.get(&self.name).await.map_err(|e| {
+            kube_err(
+                &self.name,
+                e,
+                "Check RBAC (nodes get/patch) and API reachability, then re-run",
+            )
+        })?;
         let uid = node.metadata.uid.clone().unwrap_or_default();
         if uid != self.uid {
-            return Err(StageError::NodeReplaced { node: self.name.clone(), uid, expected: self.uid.clone() });
+            return Err(StageError::NodeReplaced {
+                node: self.name.clone(),
+                uid,
+                expected: self.uid.clone(),
+            });
         }
         Ok(node)
     }
@@ -113,15 +151,29 @@ impl NodeLabeler {
     }
 
     /// Applies a label change (retrying a few times when a concurrent change fails the tests).
-    pub async fn change(&self, set: &[(String, String)], remove_fn: &dyn Fn(&BTreeMap<String, String>) -> Vec<String>) -> Result<bool> {
+    pub async fn change(
+        &self,
+        set: &[(String, String)],
+        remove_fn: &dyn Fn(&BTreeMap<String, String>) -> Vec<String>,
+    ) -> Result<bool> {
         let mut last = String::new();
         for attempt in 0..5 {
             let node = self.get_retrying().await?;
             let labels = node.metadata.labels.clone();
             let remove = remove_fn(labels.as_ref().unwrap_or(&BTreeMap::new()));
-            let Some(patch) = build_label_patch(&self.uid, labels.as_ref(), set, &remove) else { return Ok(false) };
+            let Some(patch) = build_label_patch(&self.uid, labels.as_ref(), set, &remove) else {
+                return Ok(false);
+            };
             let patch: json_patch::Patch = serde_json::from_value(patch).expect("valid JSON patch");
-            match self.api.patch(&self.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+            match self
+                .api
+                .patch(
+                    &self.name,
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(patch),
+                )
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(stage = "label", node = %self.name, ?set, "labels updated");
                     return Ok(true);
@@ -133,12 +185,17 @@ impl NodeLabeler {
                 }
             }
         }
-        Err(kube_err(&self.name, format!("label patch kept failing: {last}"), "Check RBAC (nodes patch) and whether another controller fights over these labels"))
+        Err(kube_err(
+            &self.name,
+            format!("label patch kept failing: {last}"),
+            "Check RBAC (nodes patch) and whether another controller fights over these labels",
+        ))
     }
 
     /// Marks the node claimed by this install (before the first host change).
     pub async fn claim(&self, install: &Install) -> Result<bool> {
-        self.change(&[(install.claimed_label(), "true".into())], &|_| vec![]).await
+        self.change(&[(install.claimed_label(), "true".into())], &|_| vec![])
+            .await
     }
 
     /// Drops the claim (after the last host cleanup).
@@ -149,13 +206,28 @@ impl NodeLabeler {
 
     /// Waits (bounded) until the node is Ready and, when it reports runtime handlers at all,
     /// lists ours; then labels it and re-checks after a delay that the labels stuck.
-    pub async fn label_installed(&self, install: &Install, handlers: &[String], wait: Duration, recheck: Duration) -> Result<()> {
+    pub async fn label_installed(
+        &self,
+        install: &Install,
+        handlers: &[String],
+        wait: Duration,
+        recheck: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + wait;
         loop {
             let node = self.get_retrying().await?;
             let st = node.status.clone().unwrap_or_default();
-            let ready = st.conditions.as_deref().unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
-            let reported: Option<Vec<String>> = st.runtime_handlers.as_ref().filter(|v| !v.is_empty()).map(|v| v.iter().filter_map(|h| h.name.clone()).collect());
+            let ready = st
+                .conditions
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let reported: Option<Vec<String>> = st
+                .runtime_handlers
+                .as_ref()
+                .filter(|v| !v.is_empty())
+                .map(|v| v.iter().filter_map(|h| h.name.clone()).collect());
             let missing: Vec<&String> = match &reported {
                 Some(r) => handlers.iter().filter(|h| !r.contains(h)).collect(),
                 None => vec![],
@@ -191,7 +263,8 @@ impl NodeLabeler {
     /// Removes our marker and, when no other install serves the node, the shared runtime label.
     pub async fn unlabel(&self, install: &Install) -> Result<bool> {
         let i = install.clone();
-        self.change(&[], &move |labels| uninstall_removals(&i, labels)).await
+        self.change(&[], &move |labels| uninstall_removals(&i, labels))
+            .await
     }
 }
 
@@ -200,7 +273,9 @@ mod tests {
     use super::*;
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -223,23 +298,49 @@ mod tests {
     #[test]
     fn no_patch_when_already_labelled_and_labels_map_created_when_missing() {
         let install = Install::new("", "/opt/kata");
-        let cur = labels(&[("katacontainers.io/kata-runtime", "true"), ("katacontainers.io/kata-deploy-installed", "true")]);
+        let cur = labels(&[
+            ("katacontainers.io/kata-runtime", "true"),
+            ("katacontainers.io/kata-deploy-installed", "true"),
+        ]);
         assert!(build_label_patch("u", Some(&cur), &install_labels(&install), &[]).is_none());
         let p = build_label_patch("u", None, &install_labels(&install), &[]).unwrap();
-        assert_eq!(p[1], json!({"op": "add", "path": "/metadata/labels", "value": {}}));
+        assert_eq!(
+            p[1],
+            json!({"op": "add", "path": "/metadata/labels", "value": {}})
+        );
     }
 
     #[test]
     fn shared_label_stays_while_another_install_serves_the_node() {
         let a = Install::new("", "/opt/kata");
         let b = Install::new("cicd", "/opt/kata");
-        let both = labels(&[("katacontainers.io/kata-runtime", "true"), ("katacontainers.io/kata-deploy-installed", "true"), ("katacontainers.io/kata-deploy-installed-cicd", "true")]);
-        assert_eq!(uninstall_removals(&a, &both), vec!["katacontainers.io/kata-deploy-installed".to_string()]);
-        let only_b = labels(&[("katacontainers.io/kata-runtime", "true"), ("katacontainers.io/kata-deploy-installed-cicd", "true")]);
-        assert_eq!(uninstall_removals(&b, &only_b), vec!["katacontainers.io/kata-deploy-installed-cicd".to_string(), RUNTIME_LABEL.to_string()]);
-        let p = build_label_patch("u", Some(&only_b), &[], &uninstall_removals(&b, &only_b)).unwrap();
+        let both = labels(&[
+            ("katacontainers.io/kata-runtime", "true"),
+            ("katacontainers.io/kata-deploy-installed", "true"),
+            ("katacontainers.io/kata-deploy-installed-cicd", "true"),
+        ]);
+        assert_eq!(
+            uninstall_removals(&a, &both),
+            vec!["katacontainers.io/kata-deploy-installed".to_string()]
+        );
+        let only_b = labels(&[
+            ("katacontainers.io/kata-runtime", "true"),
+            ("katacontainers.io/kata-deploy-installed-cicd", "true"),
+        ]);
+        assert_eq!(
+            uninstall_removals(&b, &only_b),
+            vec![
+                "katacontainers.io/kata-deploy-installed-cicd".to_string(),
+                RUNTIME_LABEL.to_string()
+            ]
+        );
+        let p =
+            build_label_patch("u", Some(&only_b), &[], &uninstall_removals(&b, &only_b)).unwrap();
         assert_eq!(p.as_array().unwrap().len(), 5); // uid test + (test, remove) x2
-        assert_eq!(p[2], json!({"op": "remove", "path": "/metadata/labels/katacontainers.io~1kata-deploy-installed-cicd"}));
+        assert_eq!(
+            p[2],
+            json!({"op": "remove", "path": "/metadata/labels/katacontainers.io~1kata-deploy-installed-cicd"})
+        );
     }
 
     #[test]

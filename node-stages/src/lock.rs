@@ -22,7 +22,8 @@ impl HostLock {
     /// Takes the exclusive lock at `path`, waiting at most `wait`.
     pub fn acquire(path: &Path, wait: Duration) -> Result<HostLock> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| StageError::io("create directory", parent, e))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StageError::io("create directory", parent, e))?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -34,10 +35,18 @@ impl HostLock {
         let mut logged = false;
         loop {
             match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(HostLock { _file: file, path: path.to_path_buf() }),
+                Ok(()) => {
+                    return Ok(HostLock {
+                        _file: file,
+                        path: path.to_path_buf(),
+                    })
+                }
                 Err(e) if e == rustix::io::Errno::WOULDBLOCK || e == rustix::io::Errno::INTR => {
                     if start.elapsed() >= wait {
-                        return Err(StageError::LockTimeout { path: path.to_path_buf(), waited_secs: wait.as_secs() });
+                        return Err(StageError::LockTimeout {
+                            path: path.to_path_buf(),
+                            waited_secs: wait.as_secs(),
+                        });
                     }
                     if !logged {
                         tracing::info!(lock = %path.display(), "host lock busy; waiting for the other kata-deploy stage");

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use kata_deploy_stage::config::{load_config, NodeFacts, RestartMode, ValidConfig};
-use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::cri;
+use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::hostcheck;
 use kata_deploy_stage::hostfs::HostFs;
 use kata_deploy_stage::label::NodeLabeler;
@@ -39,7 +39,11 @@ enum Output {
 #[command(version)]
 struct Cli {
     /// The stage configuration (rendered by the chart into a ConfigMap).
-    #[arg(long, env = "KATA_STAGE_CONFIG", default_value = "/etc/kata-deploy/config.yaml")]
+    #[arg(
+        long,
+        env = "KATA_STAGE_CONFIG",
+        default_value = "/etc/kata-deploy/config.yaml"
+    )]
     config: PathBuf,
     /// Prefix of every host path.
     #[arg(long, env = "KATA_HOST_ROOT", default_value = "/host")]
@@ -75,13 +79,20 @@ struct KubeClaims<'a> {
 impl KubeClaims<'_> {
     fn run(&self, claim: bool) -> Result<(), StageError> {
         if self.facts.name.is_none() {
-            tracing::warn!("KATA_NODE_NAME not set (standalone run): the node is not marked claimed");
+            tracing::warn!(
+                "KATA_NODE_NAME not set (standalone run): the node is not marked claimed"
+            );
             return Ok(());
         }
         let install = self.cfg.install();
         self.rt.block_on(async {
             let l = NodeLabeler::connect(self.facts).await?;
-            if claim { l.claim(&install).await } else { l.unclaim(&install).await }.map(drop)
+            if claim {
+                l.claim(&install).await
+            } else {
+                l.unclaim(&install).await
+            }
+            .map(drop)
         })
     }
 }
@@ -98,13 +109,19 @@ impl Claims for KubeClaims<'_> {
 fn print(report: &StageReport, output: Output) {
     match output {
         Output::Text => print!("{}", report.text()),
-        Output::Json => println!("{}", serde_json::to_string_pretty(report).unwrap_or_default()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        ),
     }
 }
 
 fn run(cli: &Cli) -> Result<(), StageError> {
     let facts = NodeFacts::from_env();
-    let arch = facts.arch.clone().unwrap_or_else(|| kata_deploy_stage::shims::kube_arch(std::env::consts::ARCH).to_string());
+    let arch = facts
+        .arch
+        .clone()
+        .unwrap_or_else(|| kata_deploy_stage::shims::kube_arch(std::env::consts::ARCH).to_string());
     let (cfg, skipped) = load_config(&cli.config)?.for_arch(&arch)?;
     for w in &cfg.warnings {
         tracing::warn!("{w}");
@@ -115,14 +132,23 @@ fn run(cli: &Cli) -> Result<(), StageError> {
     let fs = HostFs::new(&cli.host_root, cli.dry_run);
     let restarter: Box<dyn Restarter> = match &cfg.restart {
         RestartMode::Systemd => {
-            let socket = cri::resolve_cri(&fs, &cfg, &facts).ok().map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
+            let socket = cri::resolve_cri(&fs, &cfg, &facts)
+                .ok()
+                .map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
             Box::new(SystemdRestarter::new(&cli.host_root).with_cri_socket(socket))
         }
         RestartMode::None => Box::new(NoRestarter),
         RestartMode::Exec(p) => Box::new(ExecRestarter { script: p.clone() }),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    let claims = KubeClaims { rt: &rt, facts: &facts, cfg: &cfg };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let claims = KubeClaims {
+        rt: &rt,
+        facts: &facts,
+        cfg: &cfg,
+    };
     let env = StageEnv {
         cfg: &cfg,
         facts: &facts,
@@ -134,15 +160,25 @@ fn run(cli: &Cli) -> Result<(), StageError> {
     };
     let label = |install: bool| -> Result<(), StageError> {
         if cli.dry_run {
-            println!("{}: dry run, labels not changed", if install { "label" } else { "unlabel" });
+            println!(
+                "{}: dry run, labels not changed",
+                if install { "label" } else { "unlabel" }
+            );
             return Ok(());
         }
         rt.block_on(async {
             let l = NodeLabeler::connect(&facts).await?;
             let i = cfg.install();
             if install {
-                let handlers: Vec<String> = cfg.cfg.shims.iter().map(|s| i.handler(&s.name)).collect();
-                l.label_installed(&i, &handlers, Duration::from_secs(cfg.cfg.label_ready_timeout_seconds), Duration::from_secs(cli.label_recheck_seconds)).await
+                let handlers: Vec<String> =
+                    cfg.cfg.shims.iter().map(|s| i.handler(&s.name)).collect();
+                l.label_installed(
+                    &i,
+                    &handlers,
+                    Duration::from_secs(cfg.cfg.label_ready_timeout_seconds),
+                    Duration::from_secs(cli.label_recheck_seconds),
+                )
+                .await
             } else {
                 l.unlabel(&i).await.map(drop)
             }
@@ -189,10 +225,18 @@ fn run(cli: &Cli) -> Result<(), StageError> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KATA_STAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KATA_STAGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if cli.output == Output::Json { sub.json().init() } else { sub.init() }
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    if cli.output == Output::Json {
+        sub.json().init()
+    } else {
+        sub.init()
+    }
     if let Err(e) = run(&cli) {
         let code = e.exit_code();
         tracing::error!(stage = ?cli.stage, error = %e, "stage failed");

@@ -36,11 +36,25 @@ pub struct Payload {
 /// inside the payload (no absolute targets, no escaping with `..`).
 pub fn parse_symlinks(text: &str, file: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |why: &str| StageError::bad_input(file, format!("line {}: {why}: {line:?}", i + 1), "Regenerate SYMLINKS (hack/make-test-payload.sh does) and rebuild the stage image");
-        let (link, target) = line.split_once(" -> ").ok_or_else(|| bad("expected \"<path> -> <target>\""))?;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |why: &str| {
+            StageError::bad_input(
+                file,
+                format!("line {}: {why}: {line:?}", i + 1),
+                "Regenerate SYMLINKS (hack/make-test-payload.sh does) and rebuild the stage image",
+            )
+        };
+        let (link, target) = line
+            .split_once(" -> ")
+            .ok_or_else(|| bad("expected \"<path> -> <target>\""))?;
         let (link, target) = (PathBuf::from(link), PathBuf::from(target));
-        if link.as_os_str().is_empty() || !link.components().all(|c| matches!(c, Component::Normal(_))) {
+        if link.as_os_str().is_empty()
+            || !link.components().all(|c| matches!(c, Component::Normal(_)))
+        {
             return Err(bad("link path must be relative without '..'"));
         }
         // The target, resolved from the link's directory, must stay inside the payload.
@@ -71,20 +85,31 @@ pub fn parse_sha256sums(text: &str, file: &Path) -> Result<Vec<(PathBuf, String)
         let bad = |why: &str| {
             StageError::bad_input(file, format!("line {}: {why}: {line:?}", i + 1), "Regenerate SHA256SUMS with `sha256sum` (hack/make-test-payload.sh does) and rebuild the stage image")
         };
-        let (hash, rest) = line.split_once(' ').ok_or_else(|| bad("expected \"<sha256>  <path>\""))?;
+        let (hash, rest) = line
+            .split_once(' ')
+            .ok_or_else(|| bad("expected \"<sha256>  <path>\""))?;
         // sha256sum writes "<hex>  <path>" (text) or "<hex> *<path>" (binary mode).
-        let path = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('*')).ok_or_else(|| bad("expected two spaces or ' *' after the hash"))?;
+        let path = rest
+            .strip_prefix(' ')
+            .or_else(|| rest.strip_prefix('*'))
+            .ok_or_else(|| bad("expected two spaces or ' *' after the hash"))?;
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("not a sha256 hex digest"));
         }
         let rel = PathBuf::from(path.strip_prefix("./").unwrap_or(path));
-        if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
             return Err(bad("path must be relative without '..'"));
         }
         out.push((rel, hash.to_ascii_lowercase()));
     }
     if out.is_empty() {
-        return Err(StageError::bad_input(file, "lists no files", "The stage image payload is empty: rebuild the image"));
+        return Err(StageError::bad_input(
+            file,
+            "lists no files",
+            "The stage image payload is empty: rebuild the image",
+        ));
     }
     Ok(out)
 }
@@ -104,10 +129,26 @@ impl Payload {
                 StageError::bad_input(&full, format!("listed in SHA256SUMS but missing: {e}"), "The stage image is incomplete: rebuild or re-pull it (nothing on the host was changed)")
             })?;
             if !md.is_file() {
-                return Err(StageError::bad_input(&full, "listed in SHA256SUMS but not a regular file", "Rebuild the stage image"));
+                return Err(StageError::bad_input(
+                    &full,
+                    "listed in SHA256SUMS but not a regular file",
+                    "Rebuild the stage image",
+                ));
             }
-            let mode = if md.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
-            files.insert(rel.clone(), PayloadFile { rel, sha256, size: md.len(), mode });
+            let mode = if md.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            files.insert(
+                rel.clone(),
+                PayloadFile {
+                    rel,
+                    sha256,
+                    size: md.len(),
+                    mode,
+                },
+            );
         }
         let mut symlinks = BTreeMap::new();
         let links_file = dir.join("SYMLINKS");
@@ -121,7 +162,11 @@ impl Payload {
                 symlinks.insert(link, target);
             }
         }
-        Ok(Payload { dir: dir.to_path_buf(), files, symlinks })
+        Ok(Payload {
+            dir: dir.to_path_buf(),
+            files,
+            symlinks,
+        })
     }
 
     /// Total payload size in bytes.
@@ -132,8 +177,13 @@ impl Payload {
     /// Reads a payload file as text (base configurations).
     pub fn read_text(&self, rel: &Path) -> Result<String> {
         let full = self.dir.join(rel);
-        std::fs::read_to_string(&full)
-            .map_err(|e| StageError::bad_input(&full, format!("cannot read payload file: {e}"), "Rebuild or re-pull the stage image"))
+        std::fs::read_to_string(&full).map_err(|e| {
+            StageError::bad_input(
+                &full,
+                format!("cannot read payload file: {e}"),
+                "Rebuild or re-pull the stage image",
+            )
+        })
     }
 }
 
@@ -143,11 +193,33 @@ mod tests {
 
     #[test]
     fn symlinks_stay_inside_the_payload() {
-        let v = parse_symlinks("share/k/vmlinux.container -> vmlinux-6.12.container\n", Path::new("L")).unwrap();
-        assert_eq!(v[0], (PathBuf::from("share/k/vmlinux.container"), PathBuf::from("vmlinux-6.12.container")));
+        let v = parse_symlinks(
+            "share/k/vmlinux.container -> vmlinux-6.12.container\n",
+            Path::new("L"),
+        )
+        .unwrap();
+        assert_eq!(
+            v[0],
+            (
+                PathBuf::from("share/k/vmlinux.container"),
+                PathBuf::from("vmlinux-6.12.container")
+            )
+        );
         assert!(parse_symlinks("a/b -> ../c\n", Path::new("L")).is_ok());
-        for bad in ["a -> /etc/shadow", "a -> ../x", "a/b -> ../../x", "../a -> b", "a b"] {
-            assert!(parse_symlinks(bad, Path::new("/p/SYMLINKS")).unwrap_err().to_string().contains("/p/SYMLINKS"), "{bad}");
+        for bad in [
+            "a -> /etc/shadow",
+            "a -> ../x",
+            "a/b -> ../../x",
+            "../a -> b",
+            "a b",
+        ] {
+            assert!(
+                parse_symlinks(bad, Path::new("/p/SYMLINKS"))
+                    .unwrap_err()
+                    .to_string()
+                    .contains("/p/SYMLINKS"),
+                "{bad}"
+            );
         }
     }
 
@@ -162,8 +234,15 @@ mod tests {
     #[test]
     fn rejects_bad_lines_naming_the_file() {
         let h = "a".repeat(64);
-        for bad in [format!("{h}  ../etc/passwd"), "zz  bin/x".to_string(), format!("{h}bin/x"), format!("{h}  /abs")] {
-            let e = parse_sha256sums(&bad, Path::new("/p/SHA256SUMS")).unwrap_err().to_string();
+        for bad in [
+            format!("{h}  ../etc/passwd"),
+            "zz  bin/x".to_string(),
+            format!("{h}bin/x"),
+            format!("{h}  /abs"),
+        ] {
+            let e = parse_sha256sums(&bad, Path::new("/p/SHA256SUMS"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("/p/SHA256SUMS"), "{e}");
         }
     }
@@ -171,7 +250,11 @@ mod tests {
     #[test]
     fn missing_listed_file_is_bad_input() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("SHA256SUMS"), format!("{}  bin/gone\n", "b".repeat(64))).unwrap();
+        std::fs::write(
+            d.path().join("SHA256SUMS"),
+            format!("{}  bin/gone\n", "b".repeat(64)),
+        )
+        .unwrap();
         let e = Payload::open(d.path()).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("bin/gone"));

@@ -42,7 +42,9 @@ pub fn monotonic_now_us() -> u64 {
 
 /// The kernel's boot id (a reboot since a requested restart also loaded the files).
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// systemd's manager, reached over the host's D-Bus system bus (its socket under the host root,
@@ -66,7 +68,11 @@ const MANAGER: &str = "org.freedesktop.systemd1.Manager";
 impl SystemdRestarter {
     /// systemd of the host whose root is mounted at `host_root`.
     pub fn new(host_root: &Path) -> Self {
-        SystemdRestarter { host_root: host_root.to_path_buf(), cri_socket: None, deadline: SYSTEMD_CALL_DEADLINE }
+        SystemdRestarter {
+            host_root: host_root.to_path_buf(),
+            cri_socket: None,
+            deadline: SYSTEMD_CALL_DEADLINE,
+        }
     }
 
     /// Also ask the runtime itself (CRI Status on this socket, a path in the stage container)
@@ -83,14 +89,28 @@ impl SystemdRestarter {
     }
 
     /// Runs `f` against systemd on a connection of its own (a few calls per stage: no pooling).
-    fn with_systemd<T>(&self, what: &str, f: impl AsyncFnOnce(&Systemd) -> std::result::Result<T, String>) -> Result<T> {
-        let fail = |m: String| StageError::Restarter { message: format!("{what}: {m}") };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(e.to_string()))?;
+    fn with_systemd<T>(
+        &self,
+        what: &str,
+        f: impl AsyncFnOnce(&Systemd) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        let fail = |m: String| StageError::Restarter {
+            message: format!("{what}: {m}"),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
         rt.block_on(async {
-            let systemd = tokio::time::timeout(self.deadline, Systemd::connect(&self.host_root, self.deadline))
+            let systemd = tokio::time::timeout(
+                self.deadline,
+                Systemd::connect(&self.host_root, self.deadline),
+            )
+            .await
+            .map_err(|_| format!("no answer from systemd within {:?}", self.deadline))??;
+            tokio::time::timeout(self.deadline, f(&systemd))
                 .await
-                .map_err(|_| format!("no answer from systemd within {:?}", self.deadline))??;
-            tokio::time::timeout(self.deadline, f(&systemd)).await.map_err(|_| format!("systemd did not finish within {:?}", self.deadline))?
+                .map_err(|_| format!("systemd did not finish within {:?}", self.deadline))?
         })
         .map_err(fail)
     }
@@ -118,42 +138,88 @@ impl Systemd {
             .build()
             .await
             .map_err(|e| format!("connecting to the system bus at {}: {e}", bus.display()))?;
-        Ok(Systemd { conn, destination: Some("org.freedesktop.systemd1") })
+        Ok(Systemd {
+            conn,
+            destination: Some("org.freedesktop.systemd1"),
+        })
     }
 
-    async fn call<B>(&self, path: &str, iface: &str, method: &str, body: &B) -> std::result::Result<zbus::Message, zbus::Error>
+    async fn call<B>(
+        &self,
+        path: &str,
+        iface: &str,
+        method: &str,
+        body: &B,
+    ) -> std::result::Result<zbus::Message, zbus::Error>
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
-        self.conn.call_method(self.destination, path, Some(iface), method, body).await
+        self.conn
+            .call_method(self.destination, path, Some(iface), method, body)
+            .await
     }
 
     async fn manager<B>(&self, method: &str, body: &B) -> std::result::Result<zbus::Message, String>
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
-        self.call(SYSTEMD_PATH, MANAGER, method, body).await.map_err(|e| format!("{method}: {e}"))
+        self.call(SYSTEMD_PATH, MANAGER, method, body)
+            .await
+            .map_err(|e| format!("{method}: {e}"))
     }
 
-    async fn property(&self, path: &str, iface: &str, name: &str) -> std::result::Result<zbus::zvariant::OwnedValue, String> {
-        let reply = self.call(path, "org.freedesktop.DBus.Properties", "Get", &(iface, name)).await.map_err(|e| format!("reading {name}: {e}"))?;
-        reply.body().deserialize::<zbus::zvariant::OwnedValue>().map_err(|e| format!("reading {name}: {e}"))
+    async fn property(
+        &self,
+        path: &str,
+        iface: &str,
+        name: &str,
+    ) -> std::result::Result<zbus::zvariant::OwnedValue, String> {
+        let reply = self
+            .call(
+                path,
+                "org.freedesktop.DBus.Properties",
+                "Get",
+                &(iface, name),
+            )
+            .await
+            .map_err(|e| format!("reading {name}: {e}"))?;
+        reply
+            .body()
+            .deserialize::<zbus::zvariant::OwnedValue>()
+            .map_err(|e| format!("reading {name}: {e}"))
     }
 
     async fn unit_status(&self, unit: &str) -> std::result::Result<UnitStatus, String> {
         // LoadUnit (not GetUnit): a unit that is not loaded yet is reported inactive, not missing.
         let reply = self.manager("LoadUnit", &(unit,)).await?;
-        let path: zbus::zvariant::OwnedObjectPath = reply.body().deserialize().map_err(|e| e.to_string())?;
+        let path: zbus::zvariant::OwnedObjectPath =
+            reply.body().deserialize().map_err(|e| e.to_string())?;
         let iface = "org.freedesktop.systemd1.Unit";
-        let state = String::try_from(self.property(&path, iface, "ActiveState").await?).map_err(|e| e.to_string())?;
-        let since = u64::try_from(self.property(&path, iface, "ActiveEnterTimestampMonotonic").await?).map_err(|e| e.to_string())?;
+        let state = String::try_from(self.property(&path, iface, "ActiveState").await?)
+            .map_err(|e| e.to_string())?;
+        let since = u64::try_from(
+            self.property(&path, iface, "ActiveEnterTimestampMonotonic")
+                .await?,
+        )
+        .map_err(|e| e.to_string())?;
         Ok(parse_unit_state(&state, since))
     }
 
     /// Waits until a job systemd queued is done (its object is gone), as `systemctl` does.
-    async fn wait_job(&self, job: &zbus::zvariant::OwnedObjectPath) -> std::result::Result<(), String> {
+    async fn wait_job(
+        &self,
+        job: &zbus::zvariant::OwnedObjectPath,
+    ) -> std::result::Result<(), String> {
         loop {
-            match self.call(job, "org.freedesktop.DBus.Properties", "Get", &("org.freedesktop.systemd1.Job", "State")).await {
+            match self
+                .call(
+                    job,
+                    "org.freedesktop.DBus.Properties",
+                    "Get",
+                    &("org.freedesktop.systemd1.Job", "State"),
+                )
+                .await
+            {
                 Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 // The job object disappears when the job finished (done, failed or canceled).
                 Err(_) => return Ok(()),
@@ -163,27 +229,36 @@ impl Systemd {
 
     async fn run_job(&self, method: &str, unit: &str) -> std::result::Result<(), String> {
         let reply = self.manager(method, &(unit, "replace")).await?;
-        let job: zbus::zvariant::OwnedObjectPath = reply.body().deserialize().map_err(|e| e.to_string())?;
+        let job: zbus::zvariant::OwnedObjectPath =
+            reply.body().deserialize().map_err(|e| e.to_string())?;
         self.wait_job(&job).await
     }
 }
 
 /// A unit's status from its `ActiveState` and `ActiveEnterTimestampMonotonic` properties.
 pub fn parse_unit_state(active_state: &str, active_enter_mono_us: u64) -> UnitStatus {
-    UnitStatus { active: active_state == "active", active_since_mono_us: Some(active_enter_mono_us).filter(|v| *v > 0) }
+    UnitStatus {
+        active: active_state == "active",
+        active_since_mono_us: Some(active_enter_mono_us).filter(|v| *v > 0),
+    }
 }
 
 impl Restarter for SystemdRestarter {
     fn restart(&self, unit: &str) -> Result<()> {
-        self.with_systemd(&format!("restarting {unit}"), async |s| s.run_job("RestartUnit", unit).await)
+        self.with_systemd(&format!("restarting {unit}"), async |s| {
+            s.run_job("RestartUnit", unit).await
+        })
     }
     fn status(&self, unit: &str) -> Result<UnitStatus> {
-        self.with_systemd(&format!("reading the status of {unit}"), async |s| s.unit_status(unit).await)
+        self.with_systemd(&format!("reading the status of {unit}"), async |s| {
+            s.unit_status(unit).await
+        })
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
         self.with_systemd(&format!("enabling {unit}"), async |s| {
             s.manager("Reload", &()).await?;
-            s.manager("EnableUnitFiles", &(vec![unit], false, true)).await?;
+            s.manager("EnableUnitFiles", &(vec![unit], false, true))
+                .await?;
             s.run_job("StartUnit", unit).await
         })
     }
@@ -225,10 +300,16 @@ impl ExecRestarter {
         let out = Command::new(&self.script)
             .args([verb, unit])
             .output()
-            .map_err(|e| StageError::Restarter { message: format!("cannot run {} {verb} {unit}: {e}", self.script.display()) })?;
+            .map_err(|e| StageError::Restarter {
+                message: format!("cannot run {} {verb} {unit}: {e}", self.script.display()),
+            })?;
         if !out.status.success() {
             return Err(StageError::Restarter {
-                message: format!("{} {verb} {unit} failed: {}", self.script.display(), String::from_utf8_lossy(&out.stderr).trim()),
+                message: format!(
+                    "{} {verb} {unit} failed: {}",
+                    self.script.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -243,7 +324,10 @@ impl Restarter for ExecRestarter {
         let out = self.run("status", unit)?;
         let mut it = out.split_whitespace();
         let active = it.next() == Some("active");
-        Ok(UnitStatus { active, active_since_mono_us: it.next().and_then(|v| v.parse().ok()) })
+        Ok(UnitStatus {
+            active,
+            active_since_mono_us: it.next().and_then(|v| v.parse().ok()),
+        })
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
         self.run("enable", unit).map(drop)
@@ -263,10 +347,16 @@ impl Restarter for NoRestarter {
         Ok(())
     }
     fn status(&self, _unit: &str) -> Result<UnitStatus> {
-        Ok(UnitStatus { active: true, active_since_mono_us: None })
+        Ok(UnitStatus {
+            active: true,
+            active_since_mono_us: None,
+        })
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
-        tracing::warn!(unit, "restart: none: not starting the unit; start it yourself");
+        tracing::warn!(
+            unit,
+            "restart: none: not starting the unit; start it yourself"
+        );
         Ok(())
     }
     fn disable_now(&self, _unit: &str) -> Result<()> {
@@ -280,9 +370,27 @@ mod tests {
 
     #[test]
     fn parses_unit_state() {
-        assert_eq!(parse_unit_state("active", 123456), UnitStatus { active: true, active_since_mono_us: Some(123456) });
-        assert_eq!(parse_unit_state("failed", 0), UnitStatus { active: false, active_since_mono_us: None });
-        assert_eq!(parse_unit_state("activating", 5), UnitStatus { active: false, active_since_mono_us: Some(5) });
+        assert_eq!(
+            parse_unit_state("active", 123456),
+            UnitStatus {
+                active: true,
+                active_since_mono_us: Some(123456)
+            }
+        );
+        assert_eq!(
+            parse_unit_state("failed", 0),
+            UnitStatus {
+                active: false,
+                active_since_mono_us: None
+            }
+        );
+        assert_eq!(
+            parse_unit_state("activating", 5),
+            UnitStatus {
+                active: false,
+                active_since_mono_us: Some(5)
+            }
+        );
     }
 
     #[test]
@@ -290,7 +398,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let r = SystemdRestarter::new(root.path()).with_deadline(Duration::from_secs(2));
         let err = r.restart("containerd").unwrap_err().to_string();
-        assert!(err.contains("run/dbus/system_bus_socket") && err.contains("restart: none"), "{err}");
+        assert!(
+            err.contains("run/dbus/system_bus_socket") && err.contains("restart: none"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -298,12 +409,18 @@ mod tests {
         // A socket that accepts and never answers (a hung systemd): the call must not hang.
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("run/dbus")).unwrap();
-        let listener = std::os::unix::net::UnixListener::bind(root.path().join("run/dbus/system_bus_socket")).unwrap();
+        let listener =
+            std::os::unix::net::UnixListener::bind(root.path().join("run/dbus/system_bus_socket"))
+                .unwrap();
         let r = SystemdRestarter::new(root.path()).with_deadline(Duration::from_millis(500));
         let t0 = std::time::Instant::now();
         let err = r.status("containerd").unwrap_err().to_string();
         drop(listener);
-        assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t0.elapsed()
+        );
         assert!(err.contains("within"), "{err}");
     }
 

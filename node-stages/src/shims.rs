@@ -14,8 +14,18 @@ pub struct ShimInfo {
     pub gpu_passthrough: bool,
 }
 
-const fn shim(name: &'static str, runtime_rs: bool, arches: &'static [&'static str], gpu: bool) -> ShimInfo {
-    ShimInfo { name, runtime_rs, arches, gpu_passthrough: gpu }
+const fn shim(
+    name: &'static str,
+    runtime_rs: bool,
+    arches: &'static [&'static str],
+    gpu: bool,
+) -> ShimInfo {
+    ShimInfo {
+        name,
+        runtime_rs,
+        arches,
+        gpu_passthrough: gpu,
+    }
 }
 
 const X86: &[&str] = &["amd64"];
@@ -49,7 +59,12 @@ pub const SHIMS: &[ShimInfo] = &[
     shim("qemu-se", false, &["s390x"], false),
     shim("qemu-se-runtime-rs", true, &["s390x"], false),
     shim("qemu-coco-dev", false, &["amd64", "s390x"], false),
-    shim("qemu-coco-dev-runtime-rs", true, &["amd64", "arm64", "s390x"], false),
+    shim(
+        "qemu-coco-dev-runtime-rs",
+        true,
+        &["amd64", "arm64", "s390x"],
+        false,
+    ),
     shim("remote", false, &["amd64", "ppc64le", "s390x"], false),
     shim("openvmm-azure-runtime-rs", true, X86, false),
 ];
@@ -84,7 +99,9 @@ mod tests {
         assert!(lookup("qemu-nvidia-gpu-snp").unwrap().gpu_passthrough);
         assert!(lookup("nope").is_none());
         // Upstream's names (seed 004: kata-clh-runtime-rs); the pre-4.0 names are gone.
-        assert!(lookup("clh-runtime-rs").unwrap().runtime_rs && !lookup("remote").unwrap().runtime_rs);
+        assert!(
+            lookup("clh-runtime-rs").unwrap().runtime_rs && !lookup("remote").unwrap().runtime_rs
+        );
         assert!(lookup("cloud-hypervisor").is_none() && lookup("stratovirt").is_none());
         assert_eq!(SHIMS.len(), 26);
         assert_eq!(kube_arch("x86_64"), "amd64");

@@ -93,10 +93,20 @@ impl StageEnv<'_> {
 
     /// Refuses to touch a host that is not the machine the dispatcher targeted.
     pub fn check_identity(&self) -> Result<()> {
-        let Some(expected) = &self.facts.machine_id else { return Ok(()) };
-        let host = self.fs.read(Path::new("/etc/machine-id"))?.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+        let Some(expected) = &self.facts.machine_id else {
+            return Ok(());
+        };
+        let host = self
+            .fs
+            .read(Path::new("/etc/machine-id"))?
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+            .unwrap_or_default();
         if &host != expected {
-            return Err(StageError::IdentityMismatch { node: self.facts.display_name(), host, expected: expected.clone() });
+            return Err(StageError::IdentityMismatch {
+                node: self.facts.display_name(),
+                host,
+                expected: expected.clone(),
+            });
         }
         Ok(())
     }
@@ -109,7 +119,12 @@ impl StageEnv<'_> {
     }
 
     fn report(&self, stage: &str, summary: String, details: Value) -> StageReport {
-        StageReport { stage: stage.into(), summary, details, planned: self.fs.planned() }
+        StageReport {
+            stage: stage.into(),
+            summary,
+            details,
+            planned: self.fs.planned(),
+        }
     }
 }
 
@@ -127,7 +142,10 @@ pub struct HostCheckReport {
 impl HostCheckReport {
     /// Blocking problems.
     pub fn errors(&self) -> Vec<&Finding> {
-        self.findings.iter().filter(|f| f.severity == Severity::Error).collect()
+        self.findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .collect()
     }
 
     /// The error to exit with, if any.
@@ -136,7 +154,15 @@ impl HostCheckReport {
         if errs.is_empty() {
             return Ok(());
         }
-        Err(StageError::HostCheck { node: self.node.clone(), count: errs.len(), summary: errs.iter().map(|f| format!("[{}] {}", f.check, f.message)).collect::<Vec<_>>().join("; ") })
+        Err(StageError::HostCheck {
+            node: self.node.clone(),
+            count: errs.len(),
+            summary: errs
+                .iter()
+                .map(|f| format!("[{}] {}", f.check, f.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 }
 
@@ -146,9 +172,21 @@ pub fn host_check(env: &StageEnv) -> HostCheckReport {
     let facts = hostcheck::collect_facts(env.fs, env.cfg, env.facts, payload.as_ref().ok());
     let mut findings = hostcheck::evaluate(env.cfg, &facts);
     if let Err(e) = &payload {
-        findings.insert(0, Finding { severity: Severity::Error, check: "payload", message: e.to_string(), hint: "Use a complete stage image".into() });
+        findings.insert(
+            0,
+            Finding {
+                severity: Severity::Error,
+                check: "payload",
+                message: e.to_string(),
+                hint: "Use a complete stage image".into(),
+            },
+        );
     }
-    HostCheckReport { node: env.facts.display_name(), findings, facts }
+    HostCheckReport {
+        node: env.facts.display_name(),
+        findings,
+        facts,
+    }
 }
 
 /// artifacts stage.
@@ -159,13 +197,31 @@ pub fn run_artifacts(env: &StageEnv) -> Result<StageReport> {
     let _lock = env.lock()?;
     env.claim()?;
     let out = artifacts::apply_artifacts(env.fs, env.cfg, &payload, env.restarter)?;
-    let (w, r) = if env.fs.dry_run() { ("would be written", "would be removed") } else { ("written", "removed") };
-    let summary = format!("{} {w}, {} {r}, {} unchanged", out.written.len(), out.removed.len(), out.kept);
-    Ok(env.report("artifacts", summary, json!({"written": out.written, "removed": out.removed, "unchanged": out.kept})))
+    let (w, r) = if env.fs.dry_run() {
+        ("would be written", "would be removed")
+    } else {
+        ("written", "removed")
+    };
+    let summary = format!(
+        "{} {w}, {} {r}, {} unchanged",
+        out.written.len(),
+        out.removed.len(),
+        out.kept
+    );
+    Ok(env.report(
+        "artifacts",
+        summary,
+        json!({"written": out.written, "removed": out.removed, "unchanged": out.kept}),
+    ))
 }
 
 fn cri_ctx<'a>(env: &'a StageEnv<'a>) -> CriContext<'a> {
-    CriContext { fs: env.fs, cfg: env.cfg, facts: env.facts, restarter: env.restarter }
+    CriContext {
+        fs: env.fs,
+        cfg: env.cfg,
+        facts: env.facts,
+        restarter: env.restarter,
+    }
 }
 
 /// cri stage.
@@ -183,9 +239,23 @@ pub fn run_cri(env: &StageEnv) -> Result<StageReport> {
         tracing::info!(stage = "cri", handlers = ?dropped, removed = pruned.removed.len(), "removed the files of shims whose handlers were dropped");
     }
     let summary = if env.fs.dry_run() {
-        format!("{} file(s) would change, runtime {} would {}be restarted", out.changed.len(), out.unit, if out.restarted { "" } else { "not " })
+        format!(
+            "{} file(s) would change, runtime {} would {}be restarted",
+            out.changed.len(),
+            out.unit,
+            if out.restarted { "" } else { "not " }
+        )
     } else {
-        format!("{} file(s) changed, runtime {} {}", out.changed.len(), out.unit, if out.restarted { "restarted" } else { "not restarted" })
+        format!(
+            "{} file(s) changed, runtime {} {}",
+            out.changed.len(),
+            out.unit,
+            if out.restarted {
+                "restarted"
+            } else {
+                "not restarted"
+            }
+        )
     };
     Ok(env.report("cri", summary, json!({"changed": out.changed, "restarted": out.restarted, "unit": out.unit, "notes": out.notes})))
 }
@@ -197,9 +267,22 @@ pub fn run_revert_cri(env: &StageEnv) -> Result<StageReport> {
     let summary = if out.unit.is_empty() {
         "nothing to revert".to_string()
     } else {
-        format!("{} file(s) restored, runtime {} {}", out.changed.len(), out.unit, if out.restarted { "restarted" } else { "not restarted" })
+        format!(
+            "{} file(s) restored, runtime {} {}",
+            out.changed.len(),
+            out.unit,
+            if out.restarted {
+                "restarted"
+            } else {
+                "not restarted"
+            }
+        )
     };
-    Ok(env.report("revert-cri", summary, json!({"changed": out.changed, "restarted": out.restarted, "unit": out.unit})))
+    Ok(env.report(
+        "revert-cri",
+        summary,
+        json!({"changed": out.changed, "restarted": out.restarted, "unit": out.unit}),
+    ))
 }
 
 /// remove-artifacts stage; drops the claim once nothing of this install remains on the host.
@@ -209,7 +292,11 @@ pub fn run_remove_artifacts(env: &StageEnv) -> Result<StageReport> {
     if !env.fs.dry_run() && !env.fs.exists(&env.cfg.install().state_dir()) {
         env.claims.unclaim()?;
     }
-    Ok(env.report("remove-artifacts", format!("{} file(s) removed", out.removed.len()), json!({"removed": out.removed})))
+    Ok(env.report(
+        "remove-artifacts",
+        format!("{} file(s) removed", out.removed.len()),
+        json!({"removed": out.removed}),
+    ))
 }
 
 /// status: what this install has on the host, stage by stage.
@@ -220,7 +307,10 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
     let manifest: Option<ArtifactsManifest> = read_json(env.fs, &dir.join(ARTIFACTS_MANIFEST))?;
     let artifacts = match &manifest {
         None => {
-            lines.push(format!("artifacts: not installed ({} absent)", dir.join(ARTIFACTS_MANIFEST).display()));
+            lines.push(format!(
+                "artifacts: not installed ({} absent)",
+                dir.join(ARTIFACTS_MANIFEST).display()
+            ));
             json!({"installed": false})
         }
         Some(m) => {
@@ -236,7 +326,11 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
                 "artifacts: {} files in {}{}; {} missing, {} modified",
                 m.files.len(),
                 install.prefix.display(),
-                if m.pending { " (install interrupted: re-run artifacts)" } else { "" },
+                if m.pending {
+                    " (install interrupted: re-run artifacts)"
+                } else {
+                    ""
+                },
                 missing.len(),
                 modified.len()
             ));
@@ -256,7 +350,11 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
             lines.push(format!(
                 "cri: {} via {}; handlers {}; runtime {}",
                 s.cri,
-                s.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", "),
+                s.files
+                    .iter()
+                    .map(|f| f.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 s.handlers.join(", "),
                 match (&s.loaded, &s.pending) {
                     (_, Some(_)) => "restart requested, not yet verified (re-run cri)",
@@ -268,9 +366,13 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
         }
     };
     // Ask the running runtime itself which handlers it serves (the proof the config is loaded).
-    let served = cri::resolve_cri(env.fs, env.cfg, env.facts).ok().map(|k| env.fs.host(Path::new(cri::cri_socket(k)))).filter(|s| s.exists()).map(|sock| {
-        crate::cri_client::query_status(&sock, Duration::from_secs(3)).map(|r| r.handlers())
-    });
+    let served = cri::resolve_cri(env.fs, env.cfg, env.facts)
+        .ok()
+        .map(|k| env.fs.host(Path::new(cri::cri_socket(k))))
+        .filter(|s| s.exists())
+        .map(|sock| {
+            crate::cri_client::query_status(&sock, Duration::from_secs(3)).map(|r| r.handlers())
+        });
     let runtime = match &served {
         None => {
             lines.push("runtime: CRI socket not found; cannot ask which handlers it serves".into());
@@ -281,14 +383,33 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
             json!({"error": e})
         }
         Some(Ok(h)) => {
-            let expected: Vec<String> = env.cfg.cfg.shims.iter().map(|s| install.handler(&s.name)).collect();
+            let expected: Vec<String> = env
+                .cfg
+                .cfg
+                .shims
+                .iter()
+                .map(|s| install.handler(&s.name))
+                .collect();
             let missing: Vec<&String> = expected.iter().filter(|x| !h.contains(x)).collect();
-            lines.push(format!("runtime: serves {}; configured handlers missing: {:?}", h.join(", "), missing));
+            lines.push(format!(
+                "runtime: serves {}; configured handlers missing: {:?}",
+                h.join(", "),
+                missing
+            ));
             json!({"handlers": h, "missing": missing})
         }
     };
-    lines.push(format!("label: marker {} (query the node: kubectl get node {} --show-labels)", install.marker_label(), env.facts.display_name()));
-    Ok(StageReport { stage: "status".into(), summary: lines.join("\n") + "\n", details: json!({"artifacts": artifacts, "cri": cri, "runtime": runtime, "stateDir": dir}), planned: vec![] })
+    lines.push(format!(
+        "label: marker {} (query the node: kubectl get node {} --show-labels)",
+        install.marker_label(),
+        env.facts.display_name()
+    ));
+    Ok(StageReport {
+        stage: "status".into(),
+        summary: lines.join("\n") + "\n",
+        details: json!({"artifacts": artifacts, "cri": cri, "runtime": runtime, "stateDir": dir}),
+        planned: vec![],
+    })
 }
 
 /// Default payload location in the stage image.

@@ -138,7 +138,11 @@ pub fn read_json<T: DeserializeOwned>(fs: &HostFs, path: &Path) -> Result<Option
     match fs.read(path)? {
         None => Ok(None),
         Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            StageError::bad_input(path, format!("state file is corrupt: {e}"), "Inspect it; if the install is gone, delete the state directory and re-run")
+            StageError::bad_input(
+                path,
+                format!("state file is corrupt: {e}"),
+                "Inspect it; if the install is gone, delete the state directory and re-run",
+            )
         }),
     }
 }

@@ -25,30 +25,62 @@ fn standalone_install_status_uninstall() {
         format!("#!/bin/sh\ncase \"$1\" in\n  status) awk '{{printf \"active %.0f\\n\", $1*1000000}}' /proc/uptime ;;\n  *) echo \"$1 $2\" >> {} ;;\nesac\n", log.display()),
     )
     .unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
     let cfg = work.path().join("config.yaml");
     std::fs::write(&cfg, format!("restart: exec:{}\nruntimeReadyTimeoutSeconds: 5\nshims:\n  - name: qemu\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n", script.display())).unwrap();
 
     let out = stage(host.path(), &cfg, &["install"]);
-    assert!(out.status.success(), "install failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(host.path().join("etc/containerd/conf.d/kata-deploy.toml").exists());
+    assert!(
+        out.status.success(),
+        "install failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(host
+        .path()
+        .join("etc/containerd/conf.d/kata-deploy.toml")
+        .exists());
     let restarts = std::fs::read_to_string(&log).unwrap();
-    assert!(restarts.contains("restart containerd.service") && restarts.contains("enable nydus-for-kata-tee.service"), "{restarts}");
+    assert!(
+        restarts.contains("restart containerd.service")
+            && restarts.contains("enable nydus-for-kata-tee.service"),
+        "{restarts}"
+    );
 
     let out = stage(host.path(), &cfg, &["--output", "json", "status"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["details"]["artifacts"]["installed"], true);
-    assert_eq!(v["details"]["artifacts"]["missing"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        v["details"]["artifacts"]["missing"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     assert_eq!(v["details"]["cri"]["cri"], "containerd");
 
     // Re-running the install restarts nothing.
     let out = stage(host.path(), &cfg, &["cri"]);
     assert!(out.status.success());
-    assert_eq!(std::fs::read_to_string(&log).unwrap().matches("restart containerd.service").count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("restart containerd.service")
+            .count(),
+        1
+    );
 
     let out = stage(host.path(), &cfg, &["uninstall"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let after = snapshot(host.path());
     assert!(after == before, "{}", snapshot_diff(&before, &after));
 }
@@ -70,15 +102,34 @@ fn exit_codes_and_json_host_check() {
     let out = stage(host.path(), &cfg, &["--output", "json", "host-check"]);
     assert_eq!(out.status.code(), Some(2));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let of = |sev: &str| -> Vec<String> { v["findings"].as_array().unwrap().iter().filter(|f| f["severity"] == sev).map(|f| f["check"].as_str().unwrap().to_owned()).collect() };
+    let of = |sev: &str| -> Vec<String> {
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["severity"] == sev)
+            .map(|f| f["check"].as_str().unwrap().to_owned())
+            .collect()
+    };
     assert_eq!(of("error"), ["kvm"]);
     assert!(of("warning").contains(&"iommu".to_owned()), "{v}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("[kvm] /dev/kvm is missing"), "the error carries the reason");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[kvm] /dev/kvm is missing"),
+        "the error carries the reason"
+    );
     // Mutating stages on the bad host still work (host-check is advisory per stage); a wrong
     // machine is refused with exit 1 and nothing changed.
     let before = snapshot(host.path());
     let out = Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
-        .args(["--config", cfg.to_str().unwrap(), "--host-root", host.path().to_str().unwrap(), "--payload", payload_dir().to_str().unwrap(), "artifacts"])
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--host-root",
+            host.path().to_str().unwrap(),
+            "--payload",
+            payload_dir().to_str().unwrap(),
+            "artifacts",
+        ])
         .env_remove("KATA_NODE_NAME")
         .env("KATA_NODE_MACHINE_ID", "someone-else")
         .output()

@@ -30,7 +30,10 @@ struct Registry {
 fn registry() -> Registry {
     let layer = vec![0u8; 1024]; // an empty tar archive
     let layer_digest = format!("sha256:{}", sha256_hex(&layer));
-    let config = format!(r#"{{"architecture":"{}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}},"config":{{}}}}"#, kata_deploy_stage::shims::kube_arch(std::env::consts::ARCH));
+    let config = format!(
+        r#"{{"architecture":"{}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}},"config":{{}}}}"#,
+        kata_deploy_stage::shims::kube_arch(std::env::consts::ARCH)
+    );
     let config_digest = format!("sha256:{}", sha256_hex(config.as_bytes()));
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{}}}]}}"#,
@@ -39,10 +42,28 @@ fn registry() -> Registry {
     );
     let manifest_digest = format!("sha256:{}", sha256_hex(manifest.as_bytes()));
     let mut blobs: BTreeMap<String, (&'static str, Vec<u8>)> = BTreeMap::new();
-    blobs.insert("/v2/kata/test/manifests/1".into(), ("application/vnd.oci.image.manifest.v1+json", manifest.clone().into_bytes()));
-    blobs.insert(format!("/v2/kata/test/manifests/{manifest_digest}"), ("application/vnd.oci.image.manifest.v1+json", manifest.into_bytes()));
-    blobs.insert(format!("/v2/kata/test/blobs/{config_digest}"), ("application/octet-stream", config.into_bytes()));
-    blobs.insert(format!("/v2/kata/test/blobs/{layer_digest}"), ("application/octet-stream", layer));
+    blobs.insert(
+        "/v2/kata/test/manifests/1".into(),
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.clone().into_bytes(),
+        ),
+    );
+    blobs.insert(
+        format!("/v2/kata/test/manifests/{manifest_digest}"),
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.into_bytes(),
+        ),
+    );
+    blobs.insert(
+        format!("/v2/kata/test/blobs/{config_digest}"),
+        ("application/octet-stream", config.into_bytes()),
+    );
+    blobs.insert(
+        format!("/v2/kata/test/blobs/{layer_digest}"),
+        ("application/octet-stream", layer),
+    );
     blobs.insert("/v2/".into(), ("application/json", b"{}".to_vec()));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -59,7 +80,9 @@ fn registry() -> Registry {
             if !line.contains("HTTP/1.") {
                 // A TLS ClientHello (containerd tries https first): an HTTP answer makes it fall
                 // back to plain HTTP for this loopback registry.
-                let _ = stream.write_all(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = stream.write_all(
+                    b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
                 continue;
             }
             loop {
@@ -69,7 +92,16 @@ fn registry() -> Registry {
                 }
             }
             let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").split('?').next().unwrap_or("").to_string());
+            let (method, path) = (
+                parts.next().unwrap_or(""),
+                parts
+                    .next()
+                    .unwrap_or("")
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            );
             log.lock().unwrap().push(format!("{method} {path}"));
             let resp = match blobs.get(&path) {
                 Some((ctype, body)) => {
@@ -80,7 +112,8 @@ fn registry() -> Registry {
                     }
                     r
                 }
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
             };
             let _ = stream.write_all(&resp);
             let _ = stream.flush();
@@ -102,23 +135,37 @@ fn stub_snapshotter(socket: &Path) -> Arc<Mutex<Vec<String>>> {
     let std_listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
     std_listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::UnixListener::from_std(std_listener).unwrap();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let log = log.clone();
                 tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(stream).await else { return };
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
                     while let Some(Ok((req, mut respond))) = conn.accept().await {
                         let method = req.uri().path().to_string();
                         log.lock().unwrap().push(method.clone());
                         let code = if method.ends_with("/Stat") { "5" } else { "14" };
-                        let resp = http::Response::builder().status(200).header("content-type", "application/grpc").body(()).unwrap();
+                        let resp = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
                         if let Ok(mut send) = respond.send_response(resp, false) {
                             let mut trailers = http::HeaderMap::new();
                             trailers.insert("grpc-status", code.parse().unwrap());
-                            trailers.insert("grpc-message", "kata-deploy test stub snapshotter".parse().unwrap());
+                            trailers.insert(
+                                "grpc-message",
+                                "kata-deploy test stub snapshotter".parse().unwrap(),
+                            );
                             let _ = send.send_trailers(trailers);
                         }
                     }
@@ -168,12 +215,39 @@ enum Naming {
 /// CRI PullImage as the kubelet sends it for a pod of `handler`.
 fn pull(sock: &Path, image: &str, handler: &str, naming: Naming) -> Result<Vec<u8>, String> {
     let (spec, sandbox) = match naming {
-        Naming::ImageSpecField => ([ld(1, image.as_bytes()), ld(19, handler.as_bytes())].concat(), ld(2, b"n")),
-        Naming::PodAnnotation => (ld(1, image.as_bytes()), ld(7, &[ld(1, b"io.containerd.cri.runtime-handler"), ld(2, handler.as_bytes())].concat())),
+        Naming::ImageSpecField => (
+            [ld(1, image.as_bytes()), ld(19, handler.as_bytes())].concat(),
+            ld(2, b"n"),
+        ),
+        Naming::PodAnnotation => (
+            ld(1, image.as_bytes()),
+            ld(
+                7,
+                &[
+                    ld(1, b"io.containerd.cri.runtime-handler"),
+                    ld(2, handler.as_bytes()),
+                ]
+                .concat(),
+            ),
+        ),
     };
     let req = [ld(1, &spec), ld(3, &sandbox)].concat();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), kata_deploy_stage::cri_client::unary_call(sock, "/runtime.v1.ImageService/PullImage", &req)).await.map_err(|_| "PullImage timed out".to_string())? })
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            kata_deploy_stage::cri_client::unary_call(
+                sock,
+                "/runtime.v1.ImageService/PullImage",
+                &req,
+            ),
+        )
+        .await
+        .map_err(|_| "PullImage timed out".to_string())?
+    })
 }
 
 static ROUTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -181,13 +255,23 @@ static ROUTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// CRI RemoveImage.
 fn remove_image(sock: &Path, image: &str) -> Result<Vec<u8>, String> {
     let req = ld(1, &ld(1, image.as_bytes()));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(kata_deploy_stage::cri_client::unary_call(sock, "/runtime.v1.ImageService/RemoveImage", &req))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(kata_deploy_stage::cri_client::unary_call(
+        sock,
+        "/runtime.v1.ImageService/RemoveImage",
+        &req,
+    ))
 }
 
 #[test]
 fn guest_pull_handler_pulls_through_our_nydus_snapshotter_on_containerd_2() {
-    let bins: Vec<CtdBin> = matrix_bins().into_iter().filter(|b| b.major_minor().0 >= 2).collect();
+    let bins: Vec<CtdBin> = matrix_bins()
+        .into_iter()
+        .filter(|b| b.major_minor().0 >= 2)
+        .collect();
     if bins.is_empty() {
         skip_or_fail("no containerd 2.x (hack/testenv/build.sh builds them)");
         return;
@@ -197,9 +281,14 @@ fn guest_pull_handler_pulls_through_our_nydus_snapshotter_on_containerd_2() {
     for (n, bin) in bins.iter().enumerate() {
         // A multi-install suffix gives this run its own proxy socket path on the real /run.
         let suffix = format!("gp{}x{n}", std::process::id());
-        let socket = PathBuf::from(format!("/run/nydus-for-kata-tee-{suffix}/containerd-nydus-grpc.sock"));
+        let socket = PathBuf::from(format!(
+            "/run/nydus-for-kata-tee-{suffix}/containerd-nydus-grpc.sock"
+        ));
         let calls = stub_snapshotter(&socket);
-        let work = tempfile::Builder::new().prefix("kata-gp").tempdir().unwrap();
+        let work = tempfile::Builder::new()
+            .prefix("kata-gp")
+            .tempdir()
+            .unwrap();
         let host = bare_host(work.path());
         // The node's own default config, with the native snapshotter as default (overlayfs may
         // be unavailable where the tests run).
@@ -210,7 +299,12 @@ fn guest_pull_handler_pulls_through_our_nydus_snapshotter_on_containerd_2() {
         rt.start();
         rt.wait_ready();
         let cfg = config(&format!("multiInstallSuffix: {suffix}\nruntimeReadyTimeoutSeconds: 60\nshims:\n  - name: qemu\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n"));
-        let facts = NodeFacts { name: Some("n".into()), machine_id: Some("0123456789abcdef".into()), container_runtime_version: Some(bin.runtime_version.clone()), ..Default::default() };
+        let facts = NodeFacts {
+            name: Some("n".into()),
+            machine_id: Some("0123456789abcdef".into()),
+            container_runtime_version: Some(bin.runtime_version.clone()),
+            ..Default::default()
+        };
         install(&HostFs::new(&host, false), &cfg, &facts, &rt).unwrap();
         let image = format!("{}/kata/test:1", reg.addr);
 
@@ -220,8 +314,14 @@ fn guest_pull_handler_pulls_through_our_nydus_snapshotter_on_containerd_2() {
             let before = calls.lock().unwrap().len();
             let res = pull(&rt.sock, &image, &guest_handler, naming);
             let routed: Vec<String> = calls.lock().unwrap()[before..].to_vec();
-            let reached = routed.iter().any(|m| m.starts_with("/containerd.services.snapshots.v1.Snapshots/"));
-            eprintln!("containerd {} {naming:?}: snapshotter calls {routed:?}, pull {:?}", bin.label, res.as_ref().err());
+            let reached = routed
+                .iter()
+                .any(|m| m.starts_with("/containerd.services.snapshots.v1.Snapshots/"));
+            eprintln!(
+                "containerd {} {naming:?}: snapshotter calls {routed:?}, pull {:?}",
+                bin.label,
+                res.as_ref().err()
+            );
             if reached {
                 // Our stub refuses every call: a pull that went through it cannot succeed.
                 if res.is_ok() {
@@ -229,7 +329,10 @@ fn guest_pull_handler_pulls_through_our_nydus_snapshotter_on_containerd_2() {
                 }
                 routed_by.push(naming);
             } else if let Err(e) = &res {
-                failures.push(format!("containerd {} {naming:?}: pull failed without reaching our snapshotter: {e}", bin.label));
+                failures.push(format!(
+                    "containerd {} {naming:?}: pull failed without reaching our snapshotter: {e}",
+                    bin.label
+                ));
             } else {
                 // Pulled with the default snapshotter: remove it so the next naming pulls again.
                 let _ = remove_image(&rt.sock, &image);
@@ -242,13 +345,30 @@ fn guest_pull_handler_pulls_through_our_nydus_snapshotter_on_containerd_2() {
         if bin.major_minor() >= (2, 3) && !routed_by.contains(&Naming::ImageSpecField) {
             failures.push(format!("containerd {}: ImageSpec.runtime_handler did not route the pull to our snapshotter", bin.label));
         }
-        ROUTED.lock().unwrap().push(format!("{}: {routed_by:?}", bin.label));
+        ROUTED
+            .lock()
+            .unwrap()
+            .push(format!("{}: {routed_by:?}", bin.label));
 
         let before = calls.lock().unwrap().len();
-        let host_pull = pull(&rt.sock, &image, &format!("kata-qemu-{suffix}"), Naming::ImageSpecField).and(pull(&rt.sock, &image, &format!("kata-qemu-{suffix}"), Naming::PodAnnotation));
+        let host_pull = pull(
+            &rt.sock,
+            &image,
+            &format!("kata-qemu-{suffix}"),
+            Naming::ImageSpecField,
+        )
+        .and(pull(
+            &rt.sock,
+            &image,
+            &format!("kata-qemu-{suffix}"),
+            Naming::PodAnnotation,
+        ));
         let touched: Vec<String> = calls.lock().unwrap()[before..].to_vec();
         if let Err(e) = &host_pull {
-            failures.push(format!("containerd {}: the pull for a handler without guest pull failed: {e}", bin.label));
+            failures.push(format!(
+                "containerd {}: the pull for a handler without guest pull failed: {e}",
+                bin.label
+            ));
         }
         if !touched.is_empty() {
             failures.push(format!("containerd {}: a pull for a handler without guest pull reached our snapshotter: {touched:?}", bin.label));
@@ -257,6 +377,9 @@ fn guest_pull_handler_pulls_through_our_nydus_snapshotter_on_containerd_2() {
         drop(rt);
         let _ = std::fs::remove_dir_all(socket.parent().unwrap());
     }
-    eprintln!("guest-pull routing (naming that reached our snapshotter): {:?}", ROUTED.lock().unwrap());
+    eprintln!(
+        "guest-pull routing (naming that reached our snapshotter): {:?}",
+        ROUTED.lock().unwrap()
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -16,7 +16,11 @@ struct Mount(std::path::PathBuf);
 
 impl Mount {
     fn new(args: &[&str], target: &Path) -> Option<Mount> {
-        let ok = Command::new("mount").args(args).arg(target).status().is_ok_and(|s| s.success());
+        let ok = Command::new("mount")
+            .args(args)
+            .arg(target)
+            .status()
+            .is_ok_and(|s| s.success());
         ok.then(|| Mount(target.to_path_buf()))
     }
 }
@@ -33,7 +37,15 @@ fn run(host: &Path, payload: &Path) -> kata_deploy_stage::error::Result<()> {
     let facts = facts(&f);
     let fs = HostFs::new(host, false);
     let rt = FakeRuntime::default();
-    let env = StageEnv { cfg: &cfg, facts: &facts, fs: &fs, payload_dir: payload, restarter: &rt, claims: &NoClaims, lock_wait: std::time::Duration::from_secs(1) };
+    let env = StageEnv {
+        cfg: &cfg,
+        facts: &facts,
+        fs: &fs,
+        payload_dir: payload,
+        restarter: &rt,
+        claims: &NoClaims,
+        lock_wait: std::time::Duration::from_secs(1),
+    };
     run_artifacts(&env).map(drop)
 }
 
@@ -41,12 +53,21 @@ fn run(host: &Path, payload: &Path) -> kata_deploy_stage::error::Result<()> {
 fn read_only_install_prefix_is_a_clear_error_and_changes_nothing() {
     let host = make_host(&flavour("containerd-2.0"));
     let opt = host.path().join("opt");
-    let Some(_bind) = Mount::new(&["--bind", opt.to_str().unwrap()], &opt) else { return skip_or_fail("cannot bind-mount (needs root and mount permission)") };
-    let Some(_ro) = Mount::new(&["-o", "remount,ro,bind"], &opt) else { return skip_or_fail("cannot remount read-only (needs root and mount permission)") };
+    let Some(_bind) = Mount::new(&["--bind", opt.to_str().unwrap()], &opt) else {
+        return skip_or_fail("cannot bind-mount (needs root and mount permission)");
+    };
+    let Some(_ro) = Mount::new(&["-o", "remount,ro,bind"], &opt) else {
+        return skip_or_fail("cannot remount read-only (needs root and mount permission)");
+    };
     let before = snapshot(host.path());
     let e = run(host.path(), &payload_dir()).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("/opt/kata") && msg.contains("read-only") && msg.contains("mount it read-write"), "{msg}");
+    assert!(
+        msg.contains("/opt/kata")
+            && msg.contains("read-only")
+            && msg.contains("mount it read-write"),
+        "{msg}"
+    );
     let after = snapshot(host.path());
     assert!(after == before, "{}", snapshot_diff(&before, &after));
 }
@@ -57,9 +78,18 @@ fn disk_full_is_a_clear_error_and_changes_nothing() {
     // A payload bigger than the filesystem it is installed into.
     let payload = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-test-payload.sh");
-    assert!(Command::new("bash").arg(script).arg(payload.path()).args(["--size-mib", "2"]).output().unwrap().status.success());
+    assert!(Command::new("bash")
+        .arg(script)
+        .arg(payload.path())
+        .args(["--size-mib", "2"])
+        .output()
+        .unwrap()
+        .status
+        .success());
     let opt = host.path().join("opt");
-    let Some(_tmpfs) = Mount::new(&["-t", "tmpfs", "-o", "size=1m", "tmpfs"], &opt) else { return skip_or_fail("cannot mount a tmpfs (needs root and mount permission)") };
+    let Some(_tmpfs) = Mount::new(&["-t", "tmpfs", "-o", "size=1m", "tmpfs"], &opt) else {
+        return skip_or_fail("cannot mount a tmpfs (needs root and mount permission)");
+    };
     let before = snapshot(host.path());
     let e = run(host.path(), payload.path()).unwrap_err();
     let msg = e.to_string();

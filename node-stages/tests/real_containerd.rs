@@ -19,7 +19,11 @@ use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::hostfs::HostFs;
 
 fn find_bin(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Debian's containerd, or None (skip) outside CI; fails in CI so a missing binary is noticed.
@@ -27,7 +31,11 @@ fn debian_containerd() -> Option<CtdBin> {
     match find_bin("containerd") {
         Some(c) => {
             let runtime_version = real_version(&c);
-            Some(CtdBin { label: runtime_version.trim_start_matches("containerd://").into(), containerd: c, runtime_version })
+            Some(CtdBin {
+                label: runtime_version.trim_start_matches("containerd://").into(),
+                containerd: c,
+                runtime_version,
+            })
         }
         None => {
             skip_or_fail("containerd not found in PATH (Debian: apt-get install containerd)");
@@ -39,7 +47,11 @@ fn debian_containerd() -> Option<CtdBin> {
 /// A host root whose /etc/containerd/config.toml is containerd's own default.
 fn setup(bin: &CtdBin, work: &Path) -> PathBuf {
     let host = bare_host(work);
-    std::fs::write(host.join("etc/containerd/config.toml"), bin.config_default()).unwrap();
+    std::fs::write(
+        host.join("etc/containerd/config.toml"),
+        bin.config_default(),
+    )
+    .unwrap();
     host
 }
 
@@ -57,26 +69,42 @@ struct Running {
 /// containerd is not installed.
 fn running_containerd() -> Option<Running> {
     let bin = debian_containerd()?;
-    let work = tempfile::Builder::new().prefix("kata-ctd").tempdir().unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("kata-ctd")
+        .tempdir()
+        .unwrap();
     let host = setup(&bin, work.path());
     let original = std::fs::read(host.join("etc/containerd/config.toml")).unwrap();
     let rt = RealContainerd::new(bin, &host, work.path());
     rt.start();
     rt.wait_ready();
-    Some(Running { rt, host, original, _work: work })
+    Some(Running {
+        rt,
+        host,
+        original,
+        _work: work,
+    })
 }
 
 fn node(version: &str) -> NodeFacts {
-    NodeFacts { name: Some("n".into()), uid: Some("u".into()), machine_id: Some("0123456789abcdef".into()), container_runtime_version: Some(version.into()), ..Default::default() }
+    NodeFacts {
+        name: Some("n".into()),
+        uid: Some("u".into()),
+        machine_id: Some("0123456789abcdef".into()),
+        container_runtime_version: Some(version.into()),
+        ..Default::default()
+    }
 }
 
 const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  - name: my-gpu\n    baseConfig: qemu-nvidia-gpu\n    dropIn: |\n      [hypervisor.qemu]\n      default_memory = 4096\n";
 
 #[test]
 fn real_containerd_loads_our_handlers_converges_and_reverts() {
-    let Some(c) = running_containerd() else { return };
+    let Some(c) = running_containerd() else {
+        return;
+    };
     let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
-        assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
+    assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
     let facts = node(&c.rt.bin.runtime_version);
     let cfg = config(SHIMS);
 
@@ -84,21 +112,54 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
     assert_eq!(rt.restarts.load(Ordering::SeqCst), 1);
     let mut served = rt.loaded_handlers().unwrap();
     served.sort();
-    assert_eq!(served, ["kata-my-gpu", "kata-qemu", "runc"], "running containerd must serve our handlers");
+    assert_eq!(
+        served,
+        ["kata-my-gpu", "kata-qemu", "runc"],
+        "running containerd must serve our handlers"
+    );
     assert!(rt.cri_ok());
     // The CRI API of the running containerd (what the kubelet sees) lists them too.
-    let report = kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
-    assert_eq!(report.handlers(), ["kata-my-gpu", "kata-qemu", "runc"], "{report:?}");
-    assert!(kata_deploy_stage::restart::cri_served_handlers(Some(&rt.sock)).unwrap().unwrap().contains(&"kata-qemu".to_string()));
+    let report =
+        kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        report.handlers(),
+        ["kata-my-gpu", "kata-qemu", "runc"],
+        "{report:?}"
+    );
+    assert!(
+        kata_deploy_stage::restart::cri_served_handlers(Some(&rt.sock))
+            .unwrap()
+            .unwrap()
+            .contains(&"kata-qemu".to_string())
+    );
     // What containerd itself reads from the file: our handler settings, runc kept.
     let dump = rt.dump().unwrap();
     let doc: toml_edit::DocumentMut = dump.parse().unwrap();
     let runtimes = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
-    assert_eq!(runtimes["kata-qemu"]["runtime_type"].as_str(), Some("io.containerd.kata-qemu.v2"));
-    assert_eq!(runtimes["kata-qemu"]["runtime_path"].as_str(), Some("/opt/kata/bin/containerd-shim-kata-v2"));
-    assert_eq!(runtimes["kata-qemu"]["privileged_without_host_devices"].as_bool(), Some(true));
-    assert_eq!(runtimes["kata-my-gpu"]["options"]["ConfigPath"].as_str(), Some("/opt/kata/share/defaults/kata-containers/runtimes/my-gpu/configuration-my-gpu.toml"));
-    assert_eq!(runtimes["kata-qemu"]["pod_annotations"].as_array().unwrap().get(0).and_then(|v| v.as_str()), Some("io.katacontainers.*"));
+    assert_eq!(
+        runtimes["kata-qemu"]["runtime_type"].as_str(),
+        Some("io.containerd.kata-qemu.v2")
+    );
+    assert_eq!(
+        runtimes["kata-qemu"]["runtime_path"].as_str(),
+        Some("/opt/kata/bin/containerd-shim-kata-v2")
+    );
+    assert_eq!(
+        runtimes["kata-qemu"]["privileged_without_host_devices"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        runtimes["kata-my-gpu"]["options"]["ConfigPath"].as_str(),
+        Some("/opt/kata/share/defaults/kata-containers/runtimes/my-gpu/configuration-my-gpu.toml")
+    );
+    assert_eq!(
+        runtimes["kata-qemu"]["pod_annotations"]
+            .as_array()
+            .unwrap()
+            .get(0)
+            .and_then(|v| v.as_str()),
+        Some("io.katacontainers.*")
+    );
     assert!(runtimes.get("runc").is_some());
 
     // Re-run: nothing written, containerd not restarted (same process).
@@ -111,19 +172,32 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
 
     // Revert: byte-for-byte original, containerd restarted and no longer serving our handlers.
     uninstall(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap();
-    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original);
+    assert_eq!(
+        std::fs::read(host.join("etc/containerd/config.toml")).unwrap(),
+        original
+    );
     assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
-    assert_eq!(kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap().handlers(), ["runc"]);
+    assert_eq!(
+        kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5))
+            .unwrap()
+            .handlers(),
+        ["runc"]
+    );
     assert_eq!(rt.restarts.load(Ordering::SeqCst), 2);
     assert!(!host.join("opt/kata").exists() && !host.join("var/lib/kata-deploy").exists());
 }
 
 #[test]
 fn real_containerd_that_does_not_come_back_is_rolled_back() {
-    let Some(c) = running_containerd() else { return };
+    let Some(c) = running_containerd() else {
+        return;
+    };
     let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
-        let facts = node(&c.rt.bin.runtime_version);
-    let cfg = config(&SHIMS.replace("runtimeReadyTimeoutSeconds: 30", "runtimeReadyTimeoutSeconds: 5"));
+    let facts = node(&c.rt.bin.runtime_version);
+    let cfg = config(&SHIMS.replace(
+        "runtimeReadyTimeoutSeconds: 30",
+        "runtimeReadyTimeoutSeconds: 5",
+    ));
     // Something corrupts the config right before the restart: containerd refuses to start.
     let path = host.join("etc/containerd/config.toml");
     *rt.before_restart.lock().unwrap() = Some(Box::new(move || {
@@ -133,9 +207,20 @@ fn real_containerd_that_does_not_come_back_is_rolled_back() {
     }));
     let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
     assert!(matches!(e, StageError::Runtime { .. }), "{e}");
-    assert!(e.to_string().contains("previous configuration was restored"), "{e}");
-    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original, "previous config restored");
-    assert!(rt.alive() && rt.cri_ok(), "containerd must be running again");
+    assert!(
+        e.to_string()
+            .contains("previous configuration was restored"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(host.join("etc/containerd/config.toml")).unwrap(),
+        original,
+        "previous config restored"
+    );
+    assert!(
+        rt.alive() && rt.cri_ok(),
+        "containerd must be running again"
+    );
     assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
 }
 
@@ -143,12 +228,30 @@ fn real_containerd_that_does_not_come_back_is_rolled_back() {
 fn real_containerd_ignoring_our_dropin_is_rolled_back() {
     // The kubelet reports containerd 2.x but the node really runs 1.6: we write a v3 drop-in
     // and an import; containerd 1.6 starts but does not serve our handlers -> roll back.
-    let Some(c) = running_containerd() else { return };
+    let Some(c) = running_containerd() else {
+        return;
+    };
     let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
-    let cfg = config(&SHIMS.replace("runtimeReadyTimeoutSeconds: 30", "runtimeReadyTimeoutSeconds: 5"));
-    let e = install(&HostFs::new(&host, false), &cfg, &node("containerd://2.0.5"), rt).unwrap_err();
-    assert!(e.to_string().contains("previous configuration was restored"), "{e}");
-    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original);
+    let cfg = config(&SHIMS.replace(
+        "runtimeReadyTimeoutSeconds: 30",
+        "runtimeReadyTimeoutSeconds: 5",
+    ));
+    let e = install(
+        &HostFs::new(&host, false),
+        &cfg,
+        &node("containerd://2.0.5"),
+        rt,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("previous configuration was restored"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(host.join("etc/containerd/config.toml")).unwrap(),
+        original
+    );
     assert!(!host.join("etc/containerd/conf.d/kata-deploy.toml").exists());
     assert_eq!(rt.loaded_handlers().unwrap(), vec!["runc".to_string()]);
     assert_eq!(rt.restarts.load(Ordering::SeqCst), 2);
@@ -158,14 +261,23 @@ fn real_containerd_ignoring_our_dropin_is_rolled_back() {
 fn containerd_1_x_imports_replace_whole_plugin_sections() {
     // Why containerd < 2.0 gets an in-place edit, not a drop-in: an imported file that defines
     // the CRI plugin replaces the main file's whole CRI section (runc disappears).
-    let Some(bin) = debian_containerd() else { return };
-    let work = tempfile::Builder::new().prefix("kata-ctd").tempdir().unwrap();
+    let Some(bin) = debian_containerd() else {
+        return;
+    };
+    let work = tempfile::Builder::new()
+        .prefix("kata-ctd")
+        .tempdir()
+        .unwrap();
     let host = setup(&bin, work.path());
     let rt = RealContainerd::new(bin, &host, work.path());
     let main = host.join("etc/containerd/config.toml");
     let dropin = host.join("etc/containerd/kata.toml");
     std::fs::write(&dropin, "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]\n  runtime_type = \"io.containerd.kata-qemu.v2\"\n").unwrap();
-    let text = std::fs::read_to_string(&main).unwrap().replacen("imports = []", "imports = [\"/etc/containerd/kata.toml\"]", 1);
+    let text = std::fs::read_to_string(&main).unwrap().replacen(
+        "imports = []",
+        "imports = [\"/etc/containerd/kata.toml\"]",
+        1,
+    );
     std::fs::write(&main, text).unwrap();
     let dump = rt.dump().unwrap();
     let doc: toml_edit::DocumentMut = dump.parse().unwrap();
@@ -173,13 +285,18 @@ fn containerd_1_x_imports_replace_whole_plugin_sections() {
     assert!(runtimes.get("kata-qemu").is_some());
     let version = rt.bin.runtime_version.clone();
     if version.starts_with("containerd://1.") {
-        assert!(runtimes.get("runc").is_none(), "containerd {version} merged plugin sections deeply; drop-ins would be safe");
+        assert!(
+            runtimes.get("runc").is_none(),
+            "containerd {version} merged plugin sections deeply; drop-ins would be safe"
+        );
     }
 }
 
 #[test]
 fn stage_killed_by_the_restart_is_verified_by_the_retry_without_a_second_restart() {
-    let Some(c) = running_containerd() else { return };
+    let Some(c) = running_containerd() else {
+        return;
+    };
     let (rt, host) = (&c.rt, c.host.clone());
     let facts = node(&c.rt.bin.runtime_version);
     let cfg = config(SHIMS);
@@ -188,34 +305,69 @@ fn stage_killed_by_the_restart_is_verified_by_the_retry_without_a_second_restart
     assert!(matches!(e, StageError::InjectedFault { .. }), "{e}");
     assert_eq!(rt.restarts.load(Ordering::SeqCst), 1);
     // The pending restart (with the previous files) was on disk before the restart.
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap()).unwrap();
-    assert!(state["pending"]["previous"].as_array().is_some_and(|p| !p.is_empty()), "{state}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap())
+            .unwrap();
+    assert!(
+        state["pending"]["previous"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
+        "{state}"
+    );
     rt.wait_ready();
     install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap();
-    assert_eq!(rt.restarts.load(Ordering::SeqCst), 1, "the retry verified the running containerd instead of restarting it");
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap()).unwrap();
-    assert!(state["pending"].is_null() && state["loaded"].is_string(), "{state}");
+    assert_eq!(
+        rt.restarts.load(Ordering::SeqCst),
+        1,
+        "the retry verified the running containerd instead of restarting it"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.join("var/lib/kata-deploy/cri.json")).unwrap())
+            .unwrap();
+    assert!(
+        state["pending"].is_null() && state["loaded"].is_string(),
+        "{state}"
+    );
 }
 
 #[test]
 fn stage_killed_by_a_restart_that_fails_is_rolled_back_by_the_retry() {
     // containerd refuses the new configuration AND the restart kills the stage: the only copy
     // of "what to go back to" is the pending record on disk.
-    let Some(c) = running_containerd() else { return };
+    let Some(c) = running_containerd() else {
+        return;
+    };
     let (rt, host, original) = (&c.rt, c.host.clone(), c.original.clone());
     let facts = node(&c.rt.bin.runtime_version);
-    let cfg = config(&SHIMS.replace("runtimeReadyTimeoutSeconds: 30", "runtimeReadyTimeoutSeconds: 3"));
+    let cfg = config(&SHIMS.replace(
+        "runtimeReadyTimeoutSeconds: 30",
+        "runtimeReadyTimeoutSeconds: 3",
+    ));
     *rt.refuse_config_containing.lock().unwrap() = Some("kata-qemu".into());
     rt.kill_stage_on_next_restart.store(true, Ordering::SeqCst);
     let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
     assert!(matches!(e, StageError::InjectedFault { .. }), "{e}");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!rt.alive(), "containerd must have refused the new configuration");
+    assert!(
+        !rt.alive(),
+        "containerd must have refused the new configuration"
+    );
     // The retry: containerd is down with the unverified configuration -> restart, not back ->
     // restore the previous files from the pending record and bring containerd back with them.
     let e = install(&HostFs::new(&host, false), &cfg, &facts, rt).unwrap_err();
-    assert!(e.to_string().contains("previous configuration was restored"), "{e}");
-    assert_eq!(std::fs::read(host.join("etc/containerd/config.toml")).unwrap(), original, "previous config restored");
-    assert!(rt.alive() && rt.cri_ok(), "containerd must be running again");
+    assert!(
+        e.to_string()
+            .contains("previous configuration was restored"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(host.join("etc/containerd/config.toml")).unwrap(),
+        original,
+        "previous config restored"
+    );
+    assert!(
+        rt.alive() && rt.cri_ok(),
+        "containerd must be running again"
+    );
     assert_eq!(rt.cri().unwrap().handlers(), ["runc"]);
 }

@@ -661,7 +661,12 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
     // own root, state and socket.
     let cases: Vec<(&CtdBin, Shape)> = bins
         .iter()
-        .flat_map(|b| SHAPES.iter().filter(move |s| **s != Shape::V2Kept || b.major_minor().0 >= 2).map(move |s| (b, *s)))
+        .flat_map(|b| {
+            SHAPES
+                .iter()
+                .filter(move |s| **s != Shape::V2Kept || b.major_minor().0 >= 2)
+                .map(move |s| (b, *s))
+        })
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut results: Vec<(usize, String, Shape, Outcome)> = std::thread::scope(|s| {
@@ -671,17 +676,23 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
                     let mut out = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some((bin, shape)) = cases.get(i) else { break };
+                        let Some((bin, shape)) = cases.get(i) else {
+                            break;
+                        };
                         out.push((i, bin.label.clone(), *shape, run_case(bin, *shape, &v2)));
                     }
                     out
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     results.sort_by_key(|r| r.0);
-    let results: Vec<(String, Shape, Outcome)> = results.into_iter().map(|(_, l, s, o)| (l, s, o)).collect();
+    let results: Vec<(String, Shape, Outcome)> =
+        results.into_iter().map(|(_, l, s, o)| (l, s, o)).collect();
     let mut table = String::from("\ncontainerd | root config | result | seconds | notes\n");
     let mut failed = Vec::new();
     for (label, shape, o) in &results {
@@ -773,7 +784,10 @@ fn containerd_2_merge_semantics_of_v2_root_with_v2_or_v3_dropin() {
 /// image) kept.
 #[test]
 fn k3s_template_of_two_installs_renders_and_loads_in_containerd_1_7() {
-    let Some(bin) = matrix_bins().into_iter().find(|b| b.major_minor() == (1, 7)) else {
+    let Some(bin) = matrix_bins()
+        .into_iter()
+        .find(|b| b.major_minor() == (1, 7))
+    else {
         skip_or_fail("containerd 1.7 build missing");
         return;
     };
@@ -782,15 +796,38 @@ fn k3s_template_of_two_installs_renders_and_loads_in_containerd_1_7() {
     let rt = FakeRuntime::default();
     let facts = facts(&f);
     for suffix in ["a", "b"] {
-        install(&HostFs::new(host.path(), false), &config(&format!("multiInstallSuffix: {suffix}\nshims:\n  - name: qemu\n")), &facts, &rt).unwrap();
+        install(
+            &HostFs::new(host.path(), false),
+            &config(&format!(
+                "multiInstallSuffix: {suffix}\nshims:\n  - name: qemu\n"
+            )),
+            &facts,
+            &rt,
+        )
+        .unwrap();
     }
-    let tmpl = std::fs::read_to_string(host.path().join("var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl")).unwrap();
+    let tmpl = std::fs::read_to_string(
+        host.path()
+            .join("var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl"),
+    )
+    .unwrap();
     let base = String::from_utf8(fixture("k3s-generated-config.toml")).unwrap();
-    let work = tempfile::Builder::new().prefix("kata-k3s").tempdir().unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("kata-k3s")
+        .tempdir()
+        .unwrap();
     let rendered = tmpl.replacen("{{ template \"base\" . }}", &base, 1);
-    assert!(!rendered.contains("{{"), "only the base include is a template action: {tmpl}");
+    assert!(
+        !rendered.contains("{{"),
+        "only the base include is a template action: {tmpl}"
+    );
     // Keep the daemon's side effects in the work dir (k3s's opt path, a fixed stream port).
-    let rendered = rendered.replace("/var/lib/rancher/k3s/agent/containerd", &work.path().join("opt").display().to_string()).replace("\"10010\"", "\"0\"");
+    let rendered = rendered
+        .replace(
+            "/var/lib/rancher/k3s/agent/containerd",
+            &work.path().join("opt").display().to_string(),
+        )
+        .replace("\"10010\"", "\"0\"");
     let node = bare_host(work.path());
     std::fs::write(node.join("etc/containerd/config.toml"), &rendered).unwrap();
     let ctd = RealContainerd::new(bin.clone(), &node, work.path());
@@ -798,10 +835,21 @@ fn k3s_template_of_two_installs_renders_and_loads_in_containerd_1_7() {
     ctd.wait_ready();
     let report = ctd.cri().unwrap();
     for h in ["kata-qemu-a", "kata-qemu-b", "runc"] {
-        assert!(report.handlers().contains(&h.to_string()), "{h} not served by containerd {}: {report:?}\n{rendered}", bin.label);
+        assert!(
+            report.handlers().contains(&h.to_string()),
+            "{h} not served by containerd {}: {report:?}\n{rendered}",
+            bin.label
+        );
     }
-    let cfg: serde_json::Value = serde_json::from_str(report.config_json.as_deref().unwrap()).unwrap();
-    assert_eq!(cfg["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"], true, "{cfg}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(report.config_json.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        cfg["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"], true,
+        "{cfg}"
+    );
     assert_eq!(cfg["sandboxImage"], "rancher/mirrored-pause:3.6", "{cfg}");
-    assert_eq!(cfg["containerd"]["runtimes"]["kata-qemu-a"]["options"]["ConfigPath"], "/opt/kata-a/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml");
+    assert_eq!(
+        cfg["containerd"]["runtimes"]["kata-qemu-a"]["options"]["ConfigPath"],
+        "/opt/kata-a/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml"
+    );
 }

@@ -16,23 +16,35 @@ use std::time::{Duration, Instant};
 
 /// The repository root (tests run from their crate directory).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A built binary of this workspace (`cargo build --workspace --bins` must have run).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
     let profile = std::env::var("KATA_TEST_PROFILE").unwrap_or_else(|_| "debug".into());
     let path = target.join(profile).join(name);
     if !path.is_file() {
-        bail!("{} is missing: run `cargo build --workspace --bins` first (hack/test.sh does)", path.display());
+        bail!(
+            "{} is missing: run `cargo build --workspace --bins` first (hack/test.sh does)",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 /// A binary built by `hack/testenv/build.sh` (in `$KATA_TESTENV_CACHE/bin`).
 pub fn testenv_bin(name: &str) -> PathBuf {
-    std::env::var_os("KATA_TESTENV_CACHE").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cache/testenv")).join("bin").join(name)
+    std::env::var_os("KATA_TESTENV_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/testenv"))
+        .join("bin")
+        .join(name)
 }
 
 /// A running control plane.
@@ -73,9 +85,18 @@ impl TestCluster {
             .output()
             .with_context(|| format!("running {}", script.display()))?;
         if !out.status.success() {
-            bail!("{} failed ({}); build the test bed with hack/testenv/build.sh", script.display(), out.status);
+            bail!(
+                "{} failed ({}); build the test bed with hack/testenv/build.sh",
+                script.display(),
+                out.status
+            );
         }
-        let state = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().trim().to_owned();
+        let state = String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
         Self::connect(PathBuf::from(state), true).await
     }
 
@@ -84,9 +105,19 @@ impl TestCluster {
         let client = client_from_kubeconfig(&kubeconfig).await?;
         let server = std::fs::read_to_string(&kubeconfig)?
             .lines()
-            .find_map(|l| l.split("server: \"").nth(1).and_then(|rest| rest.split('"').next()).map(str::to_owned))
+            .find_map(|l| {
+                l.split("server: \"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .map(str::to_owned)
+            })
             .context("kubeconfig has no server")?;
-        Ok(Self { state, owned, client, server })
+        Ok(Self {
+            state,
+            owned,
+            client,
+            server,
+        })
     }
 
     /// The state directory (kubeconfig, pki, audit.log, logs).
@@ -107,23 +138,39 @@ impl TestCluster {
             NAMESPACE_SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let api: Api<Namespace> = Api::all(self.client.clone());
-        api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}}))?).await?;
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        )
+        .await?;
         // The token controller needs the default ServiceAccount before pods can be created.
         let sa: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &name);
-        wait_until(Duration::from_secs(30), "default ServiceAccount", || async { Ok(sa.get_opt("default").await?.is_some()) }).await?;
+        wait_until(
+            Duration::from_secs(30),
+            "default ServiceAccount",
+            || async { Ok(sa.get_opt("default").await?.is_some()) },
+        )
+        .await?;
         Ok(name)
     }
 
     /// Creates simulated (kwok) nodes named `<prefix>-<i>` with realistic status; returns names
     /// once kwok has initialised every one (Ready) and each reports exactly the requested
     /// `nodeInfo` (runtime version, machine ID), so no test sees a half-made node.
-    pub async fn sim_nodes(&self, prefix: &str, count: usize, spec: &SimNode) -> Result<Vec<String>> {
+    pub async fn sim_nodes(
+        &self,
+        prefix: &str,
+        count: usize,
+        spec: &SimNode,
+    ) -> Result<Vec<String>> {
         let api: Api<Node> = Api::all(self.client.clone());
         let names: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
         let batch = format!("{:016x}", fxhash(prefix) as u64);
         let chunks: Vec<Vec<String>> = names.chunks(50).map(<[String]>::to_vec).collect();
         for chunk in chunks {
-            let futs = chunk.iter().map(|name| create_sim_node(&api, name, spec, &batch));
+            let futs = chunk
+                .iter()
+                .map(|name| create_sim_node(&api, name, spec, &batch));
             for r in futures::future::join_all(futs).await {
                 r?;
             }
@@ -134,7 +181,14 @@ impl TestCluster {
 
     /// Creates local nodes `<prefix>-<i>` with fake host roots seeded under `hosts_dir`, labelled
     /// `kata-testbed/local=<local_value>` (a stand-in serves the nodes of one value); returns names.
-    pub async fn local_nodes(&self, prefix: &str, count: usize, hosts_dir: &Path, local_value: &str, extra_labels: &BTreeMap<String, String>) -> Result<Vec<String>> {
+    pub async fn local_nodes(
+        &self,
+        prefix: &str,
+        count: usize,
+        hosts_dir: &Path,
+        local_value: &str,
+        extra_labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<String>> {
         let api: Api<Node> = Api::all(self.client.clone());
         let mut names = Vec::new();
         for i in 0..count {
@@ -145,8 +199,11 @@ impl TestCluster {
             labels.insert("kubernetes.io/hostname".into(), name.clone());
             labels.insert("kubernetes.io/os".into(), "linux".into());
             labels.insert("kubernetes.io/arch".into(), "amd64".into());
-            let node: Node = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
-            api.create(&PostParams::default(), &node).await.with_context(|| format!("creating local node {name}"))?;
+            let node: Node =
+                serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+            api.create(&PostParams::default(), &node)
+                .await
+                .with_context(|| format!("creating local node {name}"))?;
             names.push(name);
         }
         Ok(names)
@@ -161,19 +218,37 @@ impl TestCluster {
     pub async fn sa_kubeconfig(&self, namespace: &str, sa: &str) -> Result<PathBuf> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
         if api.get_opt(sa).await?.is_none() {
-            api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": sa}}))?).await?;
+            api.create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": sa}}))?,
+            )
+            .await?;
         }
         let req = TokenRequest {
-            spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
+            spec: TokenRequestSpec {
+                audiences: vec![],
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
             ..Default::default()
         };
-        let token: TokenRequest = api.create_subresource("token", sa, &PostParams::default(), &req).await?;
-        let token = token.status.context("token request returned no status")?.token;
+        let token: TokenRequest = api
+            .create_subresource("token", sa, &PostParams::default(), &req)
+            .await?;
+        let token = token
+            .status
+            .context("token request returned no status")?
+            .token;
         self.token_kubeconfig(&token, &format!("sa-{namespace}-{sa}"), Some(namespace))
     }
 
     /// Writes a kubeconfig that authenticates with `token` and returns its path.
-    pub fn token_kubeconfig(&self, token: &str, name: &str, namespace: Option<&str>) -> Result<PathBuf> {
+    pub fn token_kubeconfig(
+        &self,
+        token: &str,
+        name: &str,
+        namespace: Option<&str>,
+    ) -> Result<PathBuf> {
         let path = self.state.join(format!("{name}.kubeconfig"));
         let ca = self.state.join("pki/ca.crt");
         let namespace = namespace.unwrap_or("default");
@@ -190,18 +265,31 @@ impl TestCluster {
 
     /// A `helm` command for this cluster (`$HELM`, else the test bed's build).
     pub fn helm(&self) -> tokio::process::Command {
-        let helm = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| testenv_bin("helm"));
+        let helm = std::env::var_os("HELM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| testenv_bin("helm"));
         let mut cmd = tokio::process::Command::new(helm);
-        cmd.env("KUBECONFIG", self.kubeconfig()).env("HELM_CACHE_HOME", self.state.join("helm/cache"))
-            .env("HELM_CONFIG_HOME", self.state.join("helm/config")).env("HELM_DATA_HOME", self.state.join("helm/data"));
+        cmd.env("KUBECONFIG", self.kubeconfig())
+            .env("HELM_CACHE_HOME", self.state.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.state.join("helm/config"))
+            .env("HELM_DATA_HOME", self.state.join("helm/data"));
         cmd
     }
 
     /// Runs `helm ARGS` against this cluster; whether it succeeded and what it printed (echoed to
     /// the test's output).
     pub async fn run_helm(&self, args: &[&str]) -> Result<(bool, String)> {
-        let out = self.helm().args(args).output().await.context("running helm")?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .helm()
+            .args(args)
+            .output()
+            .await
+            .context("running helm")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         eprintln!("--- helm {args:?} -> {:?}\n{text}", out.status.code());
         Ok((out.status.success(), text))
     }
@@ -226,12 +314,17 @@ impl TestCluster {
 
     /// Requests by `user` recorded in the audit log, by verb (`create`, `list`, `watch`, ...).
     pub fn audit_requests(&self, user: &str) -> Result<BTreeMap<String, usize>> {
-        let text = std::fs::read_to_string(self.state.join("audit.log")).context("reading audit.log")?;
+        let text =
+            std::fs::read_to_string(self.state.join("audit.log")).context("reading audit.log")?;
         let mut counts = BTreeMap::new();
         for line in text.lines() {
-            let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
             if ev["user"]["username"] == user && ev["stage"] == "ResponseComplete" {
-                *counts.entry(ev["verb"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+                *counts
+                    .entry(ev["verb"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += 1;
             }
         }
         Ok(counts)
@@ -263,7 +356,11 @@ pub struct SimNode {
 
 impl Default for SimNode {
     fn default() -> Self {
-        Self { labels: BTreeMap::new(), taints: vec![], container_runtime_version: "containerd://2.0.5".into() }
+        Self {
+            labels: BTreeMap::new(),
+            taints: vec![],
+            container_runtime_version: "containerd://2.0.5".into(),
+        }
     }
 }
 
@@ -277,21 +374,28 @@ async fn create_sim_node(api: &Api<Node>, name: &str, spec: &SimNode, batch: &st
     labels.insert("kubernetes.io/os".into(), "linux".into());
     labels.insert("kubernetes.io/arch".into(), "amd64".into());
     labels.insert("type".into(), "kwok".into());
-    let mut taints: Vec<serde_json::Value> =
-        spec.taints.iter().map(|(k, v, e)| json!({"key": k, "value": v, "effect": e})).collect();
+    let mut taints: Vec<serde_json::Value> = spec
+        .taints
+        .iter()
+        .map(|(k, v, e)| json!({"key": k, "value": v, "effect": e}))
+        .collect();
     // Keeps the scheduler from placing unpinned pods (a dispatcher) on a node that runs nothing.
     taints.push(json!({"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}));
     let node: Node = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": labels, "annotations": {"kwok.x-k8s.io/node": "fake"}},
         "spec": {"taints": taints},
     }))?;
-    api.create(&PostParams::default(), &node).await.with_context(|| format!("creating node {name}"))?;
+    api.create(&PostParams::default(), &node)
+        .await
+        .with_context(|| format!("creating node {name}"))?;
     let machine_id = test_machine_id(name);
     let status = json!({"status": {"nodeInfo": {
         "machineID": machine_id, "systemUUID": machine_id, "bootID": "", "kernelVersion": "6.1.0",
         "osImage": "Debian GNU/Linux 12", "containerRuntimeVersion": spec.container_runtime_version,
         "kubeletVersion": "v1.34.4", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.with_context(|| format!("setting status of node {name}"))?;
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("setting status of node {name}"))?;
     Ok(())
 }
 
@@ -304,7 +408,12 @@ pub fn test_machine_id(name: &str) -> String {
 /// the `nodeInfo` the test set. kwok's node stages (hack/testenv/kwok-stages.yaml) never write
 /// nodeInfo, so a mismatch here means that guarantee broke: fail loudly rather than let a test
 /// read kwok's own values.
-async fn await_sim_nodes_initialised(api: &Api<Node>, names: &[String], spec: &SimNode, batch: &str) -> Result<()> {
+async fn await_sim_nodes_initialised(
+    api: &Api<Node>,
+    names: &[String],
+    spec: &SimNode,
+    batch: &str,
+) -> Result<()> {
     let wanted: std::collections::BTreeSet<&str> = names.iter().map(String::as_str).collect();
     let params = kube::api::ListParams::default().labels(&format!("{SIM_BATCH_LABEL}={batch}"));
     let deadline = Duration::from_secs(60 + names.len() as u64 / 50);
@@ -317,12 +426,18 @@ async fn await_sim_nodes_initialised(api: &Api<Node>, names: &[String], spec: &S
                 continue;
             }
             let status = node.status.unwrap_or_default();
-            let is_ready = status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            let is_ready = status
+                .conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
             if !is_ready {
                 continue;
             }
             let info = status.node_info.unwrap_or_default();
-            if info.container_runtime_version != spec.container_runtime_version || info.machine_id != test_machine_id(&name) {
+            if info.container_runtime_version != spec.container_runtime_version
+                || info.machine_id != test_machine_id(&name)
+            {
                 bail!(
                     "simulated node {name} reports runtime {:?} and machine ID {:?}, not the {:?} and {:?} the test set: \
                      something other than the test wrote status.nodeInfo (check the node stages in hack/testenv/kwok-stages.yaml)",
@@ -344,7 +459,9 @@ async fn await_sim_nodes_initialised(api: &Api<Node>, names: &[String], spec: &S
 
 /// A stable non-cryptographic hash (machine IDs of simulated nodes).
 fn fxhash(s: &str) -> u128 {
-    s.bytes().fold(0xcbf29ce484222325u128, |h, b| (h ^ u128::from(b)).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u128, |h, b| {
+        (h ^ u128::from(b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// A client from a kubeconfig file.

@@ -46,19 +46,51 @@ impl FaultProxy {
         let (port_file, stats) = (dir.path().join("port"), dir.path().join("stats.json"));
         let slow = format!("{}ms", rates.slow_by.as_millis().max(1));
         let child = std::process::Command::new(&bin)
-            .args(["-upstream", &cluster.server, "-seed", &seed.to_string(), "-slow", &slow])
-            .arg("-ca").arg(pki.join("ca.crt"))
-            .arg("-cert").arg(pki.join("apiserver.crt"))
-            .arg("-key").arg(pki.join("apiserver.key"))
-            .arg("-port-file").arg(&port_file)
-            .arg("-stats-file").arg(&stats)
-            .args(["-rate-429", &rates.throttle.to_string(), "-rate-5xx", &rates.server_error.to_string()])
-            .args(["-rate-reset", &rates.reset.to_string(), "-rate-lost", &rates.lost_response.to_string()])
-            .args(["-rate-slow", &rates.slow.to_string(), "-rate-cut-watch", &rates.cut_watch.to_string()])
+            .args([
+                "-upstream",
+                &cluster.server,
+                "-seed",
+                &seed.to_string(),
+                "-slow",
+                &slow,
+            ])
+            .arg("-ca")
+            .arg(pki.join("ca.crt"))
+            .arg("-cert")
+            .arg(pki.join("apiserver.crt"))
+            .arg("-key")
+            .arg(pki.join("apiserver.key"))
+            .arg("-port-file")
+            .arg(&port_file)
+            .arg("-stats-file")
+            .arg(&stats)
+            .args([
+                "-rate-429",
+                &rates.throttle.to_string(),
+                "-rate-5xx",
+                &rates.server_error.to_string(),
+            ])
+            .args([
+                "-rate-reset",
+                &rates.reset.to_string(),
+                "-rate-lost",
+                &rates.lost_response.to_string(),
+            ])
+            .args([
+                "-rate-slow",
+                &rates.slow.to_string(),
+                "-rate-cut-watch",
+                &rates.cut_watch.to_string(),
+            ])
             .stderr(std::fs::File::create(dir.path().join("proxy.log"))?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut me = Self { child, port: 0, stats, dir };
+        let mut me = Self {
+            child,
+            port: 0,
+            stats,
+            dir,
+        };
         let start = Instant::now();
         while !port_file.is_file() {
             if let Some(st) = me.child.try_wait()? {
@@ -69,7 +101,10 @@ impl FaultProxy {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        me.port = std::fs::read_to_string(&port_file)?.trim().parse().context("port file")?;
+        me.port = std::fs::read_to_string(&port_file)?
+            .trim()
+            .parse()
+            .context("port file")?;
         Ok(me)
     }
 
@@ -91,12 +126,19 @@ impl FaultProxy {
 
     /// What the proxy injected so far, by kind (`requests` counts every request).
     pub fn stats(&self) -> BTreeMap<String, usize> {
-        std::fs::read(&self.stats).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        std::fs::read(&self.stats)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     /// Faults injected so far (all kinds).
     pub fn injected(&self) -> usize {
-        self.stats().iter().filter(|(k, _)| *k != "requests").map(|(_, v)| v).sum()
+        self.stats()
+            .iter()
+            .filter(|(k, _)| *k != "requests")
+            .map(|(_, v)| v)
+            .sum()
     }
 
     /// The proxy's log (one line per injected fault).

@@ -24,7 +24,9 @@ pub fn seed_containerd_node(root: &Path, machine_id: &str) -> Result<()> {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| o.stdout)
-        .unwrap_or_else(|| b"version = 2\n\n[plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\"]\n".to_vec());
+        .unwrap_or_else(|| {
+            b"version = 2\n\n[plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\"]\n".to_vec()
+        });
     write_new("etc/containerd/config.toml", &config)?;
     write_new("etc/machine-id", format!("{machine_id}\n").as_bytes())?;
     // host-check looks for the KVM device node; a placeholder stands in for it here.
@@ -33,7 +35,10 @@ pub fn seed_containerd_node(root: &Path, machine_id: &str) -> Result<()> {
         "var/lib/kubelet/config.yaml",
         b"apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nruntimeRequestTimeout: 20m\n",
     )?;
-    write_new("etc/os-release", b"ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n")?;
+    write_new(
+        "etc/os-release",
+        b"ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
+    )?;
     std::fs::create_dir_all(root.join("run/containerd"))?;
     Ok(())
 }
@@ -78,7 +83,11 @@ mod tests {
         assert!(before.contains_key("etc/containerd/config.toml"));
         assert!(before.contains_key("dev/kvm"));
         seed_containerd_node(dir.path(), "other").unwrap();
-        assert_eq!(snapshot(dir.path()).unwrap(), before, "re-seeding keeps existing files");
+        assert_eq!(
+            snapshot(dir.path()).unwrap(),
+            before,
+            "re-seeding keeps existing files"
+        );
         std::fs::write(dir.path().join("etc/containerd/config.toml"), "changed").unwrap();
         assert_ne!(snapshot(dir.path()).unwrap(), before);
     }

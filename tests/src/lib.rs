@@ -5,6 +5,6 @@
 pub mod cluster;
 pub mod faults;
 pub mod hostroot;
-pub mod rollout;
 pub mod local_kubelet;
 pub mod realnode;
+pub mod rollout;

@@ -30,9 +30,15 @@ pub async fn real_node_lock() -> tokio::sync::MutexGuard<'static, ()> {
 
 /// What is missing to run real nodes here, if anything (None: everything is there).
 pub fn missing_prerequisites(flavours: &[&str]) -> Option<String> {
-    let rootfs = testenv_bin("").parent().map(|c| c.join("realnode/rootfs/lib/systemd/systemd")).unwrap_or_default();
+    let rootfs = testenv_bin("")
+        .parent()
+        .map(|c| c.join("realnode/rootfs/lib/systemd/systemd"))
+        .unwrap_or_default();
     if !rootfs.exists() {
-        return Some(format!("{} is missing: run hack/testenv/realnode/build-rootfs.sh", rootfs.display()));
+        return Some(format!(
+            "{} is missing: run hack/testenv/realnode/build-rootfs.sh",
+            rootfs.display()
+        ));
     }
     if !testenv_bin("kubelet").exists() {
         return Some("the kubelet is not built: run hack/testenv/build.sh".into());
@@ -43,7 +49,12 @@ pub fn missing_prerequisites(flavours: &[&str]) -> Option<String> {
         }
     }
     for tool in ["systemd-nspawn", "iptables", "buildah"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
             return Some(format!("{tool} is missing: run hack/install-deps.sh"));
         }
     }
@@ -69,53 +80,105 @@ fn script(name: &str) -> PathBuf {
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed ({}):\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Builds the pause image and the project's images as OCI archives (once per test run).
 pub fn build_images() -> Result<()> {
-    run(Command::new("bash").arg(script("images.sh")).arg("build"), "hack/testenv/realnode/images.sh build").map(drop)
+    run(
+        Command::new("bash").arg(script("images.sh")).arg("build"),
+        "hack/testenv/realnode/images.sh build",
+    )
+    .map(drop)
 }
 
 impl RealNode {
     /// Boots node `name` (unique `index` 1..200 per machine) into `cluster`; node.sh imports the
     /// images and returns once the kubelet reports it Ready and it is schedulable.
-    pub async fn start(cluster: &TestCluster, name: &str, index: u32, flavour: &str) -> Result<Self> {
+    pub async fn start(
+        cluster: &TestCluster,
+        name: &str,
+        index: u32,
+        flavour: &str,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         let state = cluster.state().to_path_buf();
-        let node = RealNode { name: name.to_string(), flavour: flavour.to_string(), state };
+        let node = RealNode {
+            name: name.to_string(),
+            flavour: flavour.to_string(),
+            state,
+        };
         run(
-            Command::new("bash").arg(script("node.sh")).args(["start"]).arg(&node.state).args([name, &index.to_string(), flavour]),
+            Command::new("bash")
+                .arg(script("node.sh"))
+                .args(["start"])
+                .arg(&node.state)
+                .args([name, &index.to_string(), flavour]),
             &format!("starting real node {name} ({flavour})"),
         )?;
         let nodes: Api<Node> = Api::all(cluster.client.clone());
-        wait_until(Duration::from_secs(120), &format!("real node {name} Ready"), || async {
-            let ready = nodes.get_opt(name).await?.and_then(|n| n.status).and_then(|s| s.conditions).unwrap_or_default();
-            Ok(ready.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        wait_until(
+            Duration::from_secs(120),
+            &format!("real node {name} Ready"),
+            || async {
+                let ready = nodes
+                    .get_opt(name)
+                    .await?
+                    .and_then(|n| n.status)
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default();
+                Ok(ready
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"))
+            },
+        )
         .await
-        .with_context(|| format!("kubelet log of {name}:\n{}", node.journal("kubelet").unwrap_or_default()))?;
-        eprintln!("real node {name} ({flavour}) Ready in {:.1}s", t0.elapsed().as_secs_f64());
+        .with_context(|| {
+            format!(
+                "kubelet log of {name}:\n{}",
+                node.journal("kubelet").unwrap_or_default()
+            )
+        })?;
+        eprintln!(
+            "real node {name} ({flavour}) Ready in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
         Ok(node)
     }
 
     /// A command that runs `args` inside the node (its mount, PID, UTS and IPC namespaces).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("bash");
-        c.arg(script("node.sh")).arg("exec").arg(&self.state).arg(&self.name).args(args);
+        c.arg(script("node.sh"))
+            .arg("exec")
+            .arg(&self.state)
+            .arg(&self.name)
+            .args(args);
         c
     }
 
     /// Runs a command inside the node; its stdout.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
-        run(&mut self.command(args), &format!("{} on node {}", args.join(" "), self.name))
+        run(
+            &mut self.command(args),
+            &format!("{} on node {}", args.join(" "), self.name),
+        )
     }
 
     /// A path of the node's filesystem as seen from this machine (its overlay root).
     pub fn path(&self, in_node: &str) -> PathBuf {
-        self.state.join("nodes").join(&self.name).join("merged").join(in_node.trim_start_matches('/'))
+        self.state
+            .join("nodes")
+            .join(&self.name)
+            .join("merged")
+            .join(in_node.trim_start_matches('/'))
     }
 
     /// The journal of one unit of the node (for failure messages).
@@ -125,19 +188,54 @@ impl RealNode {
 
     /// systemd's `ActiveEnterTimestampMonotonic` of a unit: changes exactly when it (re)started.
     pub fn unit_active_since(&self, unit: &str) -> Result<u64> {
-        let out = self.exec(&["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "--value", unit])?;
-        out.trim().parse().with_context(|| format!("ActiveEnterTimestampMonotonic of {unit} on {}: {out:?}", self.name))
+        let out = self.exec(&[
+            "systemctl",
+            "show",
+            "-p",
+            "ActiveEnterTimestampMonotonic",
+            "--value",
+            unit,
+        ])?;
+        out.trim().parse().with_context(|| {
+            format!(
+                "ActiveEnterTimestampMonotonic of {unit} on {}: {out:?}",
+                self.name
+            )
+        })
     }
 
     /// `ctr` of the node's containerd flavour, talking to its socket.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let ctr = if self.flavour == "debian" { PathBuf::from("/usr/bin/ctr") } else { testenv_bin(&format!("containerd-{}/ctr", self.flavour)) };
-        let sock = self.state.join("nodes").join(&self.name).join("run-containerd/containerd.sock");
-        run(Command::new(ctr).arg("--address").arg(sock).args(["-n", "k8s.io"]).args(args), &format!("ctr {} on {}", args.join(" "), self.name))
+        let ctr = if self.flavour == "debian" {
+            PathBuf::from("/usr/bin/ctr")
+        } else {
+            testenv_bin(&format!("containerd-{}/ctr", self.flavour))
+        };
+        let sock = self
+            .state
+            .join("nodes")
+            .join(&self.name)
+            .join("run-containerd/containerd.sock");
+        run(
+            Command::new(ctr)
+                .arg("--address")
+                .arg(sock)
+                .args(["-n", "k8s.io"])
+                .args(args),
+            &format!("ctr {} on {}", args.join(" "), self.name),
+        )
     }
 
     fn stop(&self) -> Result<()> {
-        run(Command::new("bash").arg(script("node.sh")).arg("stop").arg(&self.state).arg(&self.name), &format!("stopping real node {}", self.name)).map(drop)
+        run(
+            Command::new("bash")
+                .arg(script("node.sh"))
+                .arg("stop")
+                .arg(&self.state)
+                .arg(&self.name),
+            &format!("stopping real node {}", self.name),
+        )
+        .map(drop)
     }
 }
 
@@ -154,21 +252,42 @@ impl Drop for RealNode {
 pub fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     if let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") {
-        found.extend(m.lines().filter(|l| l.contains("kata-node-")).map(str::to_owned));
+        found.extend(
+            m.lines()
+                .filter(|l| l.contains("kata-node-"))
+                .map(str::to_owned),
+        );
     }
     if let Ok(dirs) = std::fs::read_dir("/sys/fs/cgroup") {
         for h in dirs.flatten() {
             if let Ok(sub) = std::fs::read_dir(h.path()) {
-                found.extend(sub.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("kata-node-")).map(|e| e.path().display().to_string()));
+                found.extend(
+                    sub.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("kata-node-"))
+                        .map(|e| e.path().display().to_string()),
+                );
             }
         }
     }
     if let Ok(links) = std::fs::read_dir("/sys/class/net") {
-        found.extend(links.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("kbr")));
+        found.extend(
+            links
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("kbr")),
+        );
     }
     for table in ["filter", "nat"] {
-        if let Ok(out) = Command::new("iptables").args(["-w", "-t", table, "-S"]).output() {
-            found.extend(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("kata-testbed")).map(str::to_owned));
+        if let Ok(out) = Command::new("iptables")
+            .args(["-w", "-t", table, "-S"])
+            .output()
+        {
+            found.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains("kata-testbed"))
+                    .map(str::to_owned),
+            );
         }
     }
     found
@@ -177,6 +296,7 @@ pub fn leftovers() -> Vec<String> {
 /// A file's bytes, mode and owner (what "restored exactly" compares).
 pub fn file_identity(path: &Path) -> Result<(Vec<u8>, u32, u32, u32)> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    let meta =
+        std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
     Ok((std::fs::read(path)?, meta.mode(), meta.uid(), meta.gid()))
 }

@@ -356,7 +356,8 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
     }
 
     // --- uninstall: every host back to its original bytes, labels, Jobs and RBAC gone ---
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "uninstall",
             "kata-deploy",
             "--namespace",
@@ -364,9 +365,8 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
             "--wait",
             "--timeout",
             "4m",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "helm uninstall failed: {out}");
     let all_local: Vec<&String> = local.iter().chain(&added).collect();
     let originals: Vec<&BTreeMap<String, String>> =
@@ -432,7 +432,8 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         !message.contains(&format!("{}:", local[0])),
         "the healthy node is not reported failed: {message}"
     );
-    cluster.run_helm(&[
+    cluster
+        .run_helm(&[
             "uninstall",
             "kata-deploy",
             "--namespace",
@@ -440,9 +441,8 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
             "--wait",
             "--timeout",
             "4m",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     bed.kubelet.shutdown().await;
     Ok(())
 }
@@ -506,7 +506,8 @@ async fn dispatcher_message(cluster: &TestCluster, ns: &str, release: &str) -> R
 }
 
 async fn release_revision(cluster: &TestCluster, ns: &str, release: &str) -> Result<String> {
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "history",
             release,
             "--namespace",
@@ -515,9 +516,8 @@ async fn release_revision(cluster: &TestCluster, ns: &str, release: &str) -> Res
             "1",
             "-o",
             "json",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     if !ok {
         bail!("helm history {release}: {out}");
     }
@@ -574,7 +574,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         msg.contains("kata-test/absent") && msg.contains("!node-role.kubernetes.io/control-plane"),
         "the failure names the selector and the control-plane default: {msg:?}"
     );
-    cluster.run_helm(&[
+    cluster
+        .run_helm(&[
             "uninstall",
             "empty",
             "--namespace",
@@ -582,9 +583,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             "--wait",
             "--timeout",
             "2m",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     // The explicit opt-out keeps an empty selection a successful no-op.
     args.extend(["--set", "job.requireNodes=false"]);
     let (ok, out) = cluster.run_helm(&args).await?;
@@ -592,7 +592,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         ok,
         "job.requireNodes=false: an empty selection is a no-op: {out}"
     );
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "uninstall",
             "empty",
             "--namespace",
@@ -600,16 +601,16 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             "--wait",
             "--timeout",
             "2m",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "{out}");
 
     // --- 2. take over a release installed with upstream-shaped values (upstream CI's base shape) ---
     let up_chart = upstream_chart(&scratch.path().join("job"), "upstream-4.x-job.values.yaml")?;
     let ci = repo_root().join("chart/fixtures/upstream-ci-base.values.yaml");
     let set_up = format!("env.multiInstallSuffix={up}");
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "install",
             "kd",
             up_chart.to_str().unwrap(),
@@ -624,9 +625,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             "shims.qemu-coco-dev.containerd.snapshotter=",
             "--set",
             "shims.qemu-coco-dev.crio.guestPull=false",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "stand-in upstream release: {out}");
     // Upstream CI's image is upstream's kata-deploy image: point at ours (the one thing a user must change), plus the test-bed scope.
     let mut args = vec![
@@ -732,7 +732,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     args.extend(["--wait", "--timeout", "4m"]);
     let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "second --reuse-values upgrade: {out}");
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "uninstall",
             "kd",
             "--namespace",
@@ -740,9 +741,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             "--wait",
             "--timeout",
             "4m",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "{out}");
     let l = labels_of(&bed.nodes.get(&bed.local[0]).await?);
     assert!(
@@ -753,7 +753,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     // --- 3b. a 3.32 job-mode release records no identity: its job-templates ConfigMap says it ---
     let old_chart = upstream_chart(&scratch.path().join("old"), "upstream-3.32-job.values.yaml")?;
     let set_old = format!("env.multiInstallSuffix={up}o");
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "install",
             "kd3",
             old_chart.to_str().unwrap(),
@@ -761,9 +762,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             ns,
             "--set",
             &set_old,
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "stand-in upstream 3.32 release: {out}");
     let mut args = vec![
         "upgrade",
@@ -780,9 +780,9 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             && out.contains(&format!("\"{up}o\"")),
         "suffix change over a 3.32 release refused: {out}"
     );
-    let (ok, out) = cluster.run_helm(&["uninstall", "kd3", "--namespace", ns, "--no-hooks"],
-    )
-    .await?;
+    let (ok, out) = cluster
+        .run_helm(&["uninstall", "kd3", "--namespace", ns, "--no-hooks"])
+        .await?;
     assert!(ok, "{out}");
 
     // --- 4. an upstream DaemonSet-mode release: refused with the steps, which then work ---
@@ -790,7 +790,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
         &scratch.path().join("ds"),
         "upstream-4.x-daemonset.values.yaml",
     )?;
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "install",
             "dsrel",
             ds_chart.to_str().unwrap(),
@@ -798,9 +799,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             ns,
             "--set",
             &format!("env.multiInstallSuffix={dsx}"),
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "stand-in upstream DaemonSet release: {out}");
     let before = release_revision(cluster, ns, "dsrel").await?;
     for extra in [&[][..], &["--set", "deploymentMode=job"][..]] {
@@ -837,9 +837,9 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     );
     // The documented steps.
     let saved = scratch.path().join("kata-values.yaml");
-    let (ok, out) = cluster.run_helm(&["get", "values", "dsrel", "--namespace", ns, "-o", "yaml"],
-    )
-    .await?;
+    let (ok, out) = cluster
+        .run_helm(&["get", "values", "dsrel", "--namespace", ns, "-o", "yaml"])
+        .await?;
     assert!(ok, "{out}");
     std::fs::write(
         &saved,
@@ -848,7 +848,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n"),
     )?;
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "uninstall",
             "dsrel",
             "--namespace",
@@ -856,9 +857,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             "--wait",
             "--timeout",
             "2m",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "{out}");
     let mut args = vec![
         "install",
@@ -879,7 +879,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             .map(String::as_str),
         Some("true")
     );
-    let (ok, out) = cluster.run_helm(&[
+    let (ok, out) = cluster
+        .run_helm(&[
             "uninstall",
             "dsrel",
             "--namespace",
@@ -887,9 +888,8 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
             "--wait",
             "--timeout",
             "4m",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(ok, "{out}");
     bed.kubelet.shutdown().await;
     Ok(())

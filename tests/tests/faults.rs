@@ -23,20 +23,47 @@ fn reported_retries(out: &std::process::Output) -> usize {
 }
 
 /// Every node of the case has exactly one Job, and no Job was ever created twice.
-async fn assert_each_node_once(c: &SimCase, observer: &ActiveObserver, parallelism: usize, context: &str) -> Result<()> {
+async fn assert_each_node_once(
+    c: &SimCase,
+    observer: &ActiveObserver,
+    parallelism: usize,
+    context: &str,
+) -> Result<()> {
     let jobs = jobs_by_node(&c.cluster, &c.env.namespace).await?;
     let pinned: Vec<&str> = jobs.iter().map(|(_, n)| n.as_str()).collect();
     let distinct: BTreeSet<&str> = pinned.iter().copied().collect();
-    assert_eq!(pinned.len(), c.nodes.len(), "{context}: one Job per node: {jobs:?}");
-    assert_eq!(distinct, c.nodes.iter().map(String::as_str).collect(), "{context}: every node pinned once");
-    assert_eq!(observer.jobs_seen(), c.nodes.len(), "{context}: a Job was created twice");
-    assert!(observer.max_active() <= parallelism, "{context}: {} active with parallelism {parallelism}", observer.max_active());
+    assert_eq!(
+        pinned.len(),
+        c.nodes.len(),
+        "{context}: one Job per node: {jobs:?}"
+    );
+    assert_eq!(
+        distinct,
+        c.nodes.iter().map(String::as_str).collect(),
+        "{context}: every node pinned once"
+    );
+    assert_eq!(
+        observer.jobs_seen(),
+        c.nodes.len(),
+        "{context}: a Job was created twice"
+    );
+    assert!(
+        observer.max_active() <= parallelism,
+        "{context}: {} active with parallelism {parallelism}",
+        observer.max_active()
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -> Result<()> {
-    let c = SimCase::new(TestCluster::get().await?, "apifaults", 30, &EnvOptions::default()).await?;
+    let c = SimCase::new(
+        TestCluster::get().await?,
+        "apifaults",
+        30,
+        &EnvOptions::default(),
+    )
+    .await?;
     let rates = FaultRates {
         throttle: 0.06,
         server_error: 0.06,
@@ -49,9 +76,15 @@ async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -
     let proxy = FaultProxy::start(&c.cluster, &rates, 7)?;
     let via = proxy.kubeconfig_via(&c.env.kubeconfig, &c.cluster.server)?;
     let observer = ActiveObserver::start(&c.cluster, &c.env.namespace, SELECTOR_OF_RUN);
-    let mut cmd = c.env.command(&["--selector", &c.selector, "--parallelism", "5"])?;
+    let mut cmd = c
+        .env
+        .command(&["--selector", &c.selector, "--parallelism", "5"])?;
     cmd.env("KUBECONFIG", &via);
-    let out = tokio::time::timeout(Duration::from_secs(300), tokio::process::Command::from(cmd).output()).await??;
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::from(cmd).output(),
+    )
+    .await??;
     let t = output_text(&out);
     let stats = proxy.stats();
     eprintln!("{t}\nproxy: {stats:?}\n{}", proxy.log());
@@ -60,10 +93,20 @@ async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -
     assert_each_node_once(&c, &observer, 5, "API faults").await?;
     // Every fault that fails a request costs exactly one counted retry (a cut watch stream is
     // resumed by kube's watcher itself, logged but not counted; a delay is not a fault).
-    let failing: usize = stats.iter().filter(|(k, _)| !matches!(k.as_str(), "requests" | "slow" | "cut-watch")).map(|(_, v)| v).sum();
-    assert!(failing >= 3, "the proxy injected too little to prove anything: {stats:?}");
+    let failing: usize = stats
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "requests" | "slow" | "cut-watch"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        failing >= 3,
+        "the proxy injected too little to prove anything: {stats:?}"
+    );
     let retries = reported_retries(&out);
-    assert!(retries >= failing, "the report must count every retry: {retries} reported, {stats:?} injected: {t}");
+    assert!(
+        retries >= failing,
+        "the report must count every retry: {retries} reported, {stats:?} injected: {t}"
+    );
     Ok(())
 }
 
@@ -71,10 +114,28 @@ async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -
 async fn rollout_resumes_after_the_api_server_restarts() -> Result<()> {
     // A private control plane: restarting the shared one would disturb every other test.
     let cluster = TestCluster::private().await?;
-    let c = SimCase::new(cluster, "apirestart", 16, &EnvOptions { duration: "2s".into(), ..Default::default() }).await?;
+    let c = SimCase::new(
+        cluster,
+        "apirestart",
+        16,
+        &EnvOptions {
+            duration: "2s".into(),
+            ..Default::default()
+        },
+    )
+    .await?;
     let observer = ActiveObserver::start(&c.cluster, &c.env.namespace, SELECTOR_OF_RUN);
-    let child = tokio::process::Command::from(c.env.command(&["--selector", &c.selector, "--parallelism", "4"])?).spawn()?;
-    wait_until(Duration::from_secs(60), "the first Jobs", || async { Ok(jobs_by_node(&c.cluster, &c.env.namespace).await?.len() >= 4) }).await?;
+    let child = tokio::process::Command::from(c.env.command(&[
+        "--selector",
+        &c.selector,
+        "--parallelism",
+        "4",
+    ])?)
+    .spawn()?;
+    wait_until(Duration::from_secs(60), "the first Jobs", || async {
+        Ok(jobs_by_node(&c.cluster, &c.env.namespace).await?.len() >= 4)
+    })
+    .await?;
     let down_at = Instant::now();
     c.cluster.restart_apiserver(Duration::from_secs(3)).await?;
     eprintln!("API server was away for {:?}", down_at.elapsed());
@@ -83,7 +144,10 @@ async fn rollout_resumes_after_the_api_server_restarts() -> Result<()> {
     eprintln!("{t}");
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("16 nodes: 16 succeeded"), "{t}");
-    assert!(reported_retries(&out) >= 1, "a restart must show as resumed watches or retried calls: {t}");
+    assert!(
+        reported_retries(&out) >= 1,
+        "a restart must show as resumed watches or retried calls: {t}"
+    );
     assert_each_node_once(&c, &observer, 4, "API server restart").await
 }
 
@@ -99,18 +163,35 @@ fn splitmix64(state: &mut u64) -> u64 {
 /// One trial: SIGKILL the dispatcher `kill_after` into its run, then re-run it. Returns how many
 /// Jobs existed when it was killed.
 async fn kill_then_rerun(trial: usize, kill_after: Duration) -> Result<usize> {
-    let c = SimCase::new(TestCluster::get().await?, &format!("kill{trial}"), 12, &EnvOptions::default()).await?;
+    let c = SimCase::new(
+        TestCluster::get().await?,
+        &format!("kill{trial}"),
+        12,
+        &EnvOptions::default(),
+    )
+    .await?;
     let observer = ActiveObserver::start(&c.cluster, &c.env.namespace, SELECTOR_OF_RUN);
     let args = ["--selector", c.selector.as_str(), "--parallelism", "4"];
-    let mut child = tokio::process::Command::from(c.env.command(&args)?).kill_on_drop(true).spawn()?;
+    let mut child = tokio::process::Command::from(c.env.command(&args)?)
+        .kill_on_drop(true)
+        .spawn()?;
     tokio::time::sleep(kill_after).await;
     child.start_kill()?; // SIGKILL
     let _ = child.wait().await?;
     let at_kill = jobs_by_node(&c.cluster, &c.env.namespace).await?.len();
     let out = tokio::time::timeout(Duration::from_secs(180), c.env.run(&args)).await??;
     let context = format!("trial {trial} (killed after {kill_after:?}, {at_kill} Jobs existed)");
-    assert_eq!(out.status.code(), Some(0), "{context}: {}", output_text(&out));
-    assert!(output_text(&out).contains("12 nodes: 12 succeeded"), "{context}: {}", output_text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{context}: {}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("12 nodes: 12 succeeded"),
+        "{context}: {}",
+        output_text(&out)
+    );
     assert_each_node_once(&c, &observer, 4, &context).await?;
     Ok(at_kill)
 }
@@ -118,16 +199,27 @@ async fn kill_then_rerun(trial: usize, kill_after: Duration) -> Result<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_killed_at_seeded_moments_then_rerun_covers_every_node_once() -> Result<()> {
     let mut seed = 0x6b61_7461_u64; // fixed: a failing trial is reproducible
-    let moments: Vec<Duration> = (0..10).map(|_| Duration::from_millis(200 + splitmix64(&mut seed) % 11_800)).collect();
-    let trials = moments.iter().enumerate().map(|(i, at)| kill_then_rerun(i, *at));
+    let moments: Vec<Duration> = (0..10)
+        .map(|_| Duration::from_millis(200 + splitmix64(&mut seed) % 11_800))
+        .collect();
+    let trials = moments
+        .iter()
+        .enumerate()
+        .map(|(i, at)| kill_then_rerun(i, *at));
     let results = futures::future::join_all(trials).await;
     let mut at_kill = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
-        at_kill.push((moments[i], r.map_err(|e| anyhow::anyhow!("trial {i}: {e:#}"))?));
+        at_kill.push((
+            moments[i],
+            r.map_err(|e| anyhow::anyhow!("trial {i}: {e:#}"))?,
+        ));
     }
     eprintln!("kill moments and Jobs existing at the kill: {at_kill:?}");
     // The trials must actually interrupt rollouts, not only kill before or after them.
     let mid = at_kill.iter().filter(|(_, n)| *n > 0 && *n < 12).count();
-    assert!(mid >= 3, "only {mid} of 10 kills landed mid-rollout: {at_kill:?}");
+    assert!(
+        mid >= 3,
+        "only {mid} of 10 kills landed mid-rollout: {at_kill:?}"
+    );
     Ok(())
 }

@@ -91,7 +91,9 @@ impl Bed {
         let nss: Api<Namespace> = Api::all(client.clone());
         let mut n = Namespace::default();
         n.metadata.name = Some(ns.clone());
-        nss.create(&PostParams::default(), &n).await.expect("create namespace");
+        nss.create(&PostParams::default(), &n)
+            .await
+            .expect("create namespace");
         // The local label carries this test's id instead of "true", so that neither another
         // test's stand-in nor a default-selector stand-in running on the same cluster serves it.
         let mut local = local_node(&node);
@@ -101,7 +103,10 @@ impl Bed {
             .get_or_insert_with(Default::default)
             .insert(LOCAL_LABEL.into(), id.clone());
         let nodes: Api<Node> = Api::all(client.clone());
-        nodes.create(&PostParams::default(), &local).await.expect("create node");
+        nodes
+            .create(&PostParams::default(), &local)
+            .await
+            .expect("create node");
 
         Some(Bed {
             client,
@@ -216,7 +221,9 @@ fn terminated(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_pod_reports_exit_code_message_and_writes_fake_host_root() {
-    let Some(bed) = Bed::new("fail").await else { return };
+    let Some(bed) = Bed::new("fail").await else {
+        return;
+    };
     let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
         Api::namespaced(bed.client.clone(), &bed.ns);
     cms.create(
@@ -289,7 +296,9 @@ async fn failing_pod_reports_exit_code_message_and_writes_fake_host_root() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallback_to_logs_and_unmapped_image() {
-    let Some(bed) = Bed::new("logs").await else { return };
+    let Some(bed) = Bed::new("logs").await else {
+        return;
+    };
     bed.create_pod(json!({
         "metadata": {"name": "fallback"},
         "spec": {
@@ -359,7 +368,9 @@ code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert $SA/ca.crt \
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_containers_volumes_and_pod_bound_token() {
-    let Some(bed) = Bed::new("ok").await else { return };
+    let Some(bed) = Bed::new("ok").await else {
+        return;
+    };
     if !curl_available() {
         eprintln!("SKIPPED: curl not found");
         bed.teardown().await;
@@ -440,7 +451,10 @@ async fn init_containers_volumes_and_pod_bound_token() {
 
     let p = bed.wait_finished("allowed").await;
     let init = terminated(&p, true, 0);
-    assert_eq!((init.exit_code, init.reason.as_deref()), (0, Some("Completed")));
+    assert_eq!(
+        (init.exit_code, init.reason.as_deref()),
+        (0, Some("Completed"))
+    );
     let main = terminated(&p, false, 0);
     assert_eq!(
         main.message.as_deref(),
@@ -448,7 +462,10 @@ async fn init_containers_volumes_and_pod_bound_token() {
         "logs: {}",
         bed.logs("allowed")
     );
-    assert_eq!((main.exit_code, main.reason.as_deref()), (0, Some("Completed")));
+    assert_eq!(
+        (main.exit_code, main.reason.as_deref()),
+        (0, Some("Completed"))
+    );
     assert_eq!(phase(&p), "Succeeded");
 
     // The token is bound to the pod, and the API server added the node it runs on.
@@ -470,7 +487,9 @@ async fn init_containers_volumes_and_pod_bound_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_running_pod_kills_it_and_removes_the_object() {
-    let Some(bed) = Bed::new("del").await else { return };
+    let Some(bed) = Bed::new("del").await else {
+        return;
+    };
     bed.create_pod(json!({
         "metadata": {"name": "sleeper"},
         "spec": {
@@ -484,8 +503,10 @@ async fn deleting_a_running_pod_kills_it_and_removes_the_object() {
         }
     }))
     .await;
-    bed.wait_pod("sleeper", Duration::from_secs(60), |p| phase(p) == "Running")
-        .await;
+    bed.wait_pod("sleeper", Duration::from_secs(60), |p| {
+        phase(p) == "Running"
+    })
+    .await;
     assert_eq!(bed.kubelet.as_ref().unwrap().running_containers(), 1);
     bed.pods()
         .delete("sleeper", &DeleteParams::default())
@@ -502,14 +523,20 @@ async fn deleting_a_running_pod_kills_it_and_removes_the_object() {
         }
     }
     assert_eq!(bed.kubelet.as_ref().unwrap().running_containers(), 0);
-    assert!(bed.logs("sleeper").contains("got TERM"), "{}", bed.logs("sleeper"));
+    assert!(
+        bed.logs("sleeper").contains("got TERM"),
+        "{}",
+        bed.logs("sleeper")
+    );
     bed.teardown().await;
 }
 
 /// The binary: flags, serving a node, and SIGTERM killing the containers (status written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_pods_and_stops_them_on_sigterm() {
-    let Some(bed) = Bed::without_kubelet("bin").await else { return };
+    let Some(bed) = Bed::without_kubelet("bin").await else {
+        return;
+    };
     let log = bed.work.path().join("kubelet.log");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kata-local-kubelet"))
         .arg("--kubeconfig")
@@ -555,12 +582,20 @@ async fn binary_serves_pods_and_stops_them_on_sigterm() {
         {
             break pid;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "no pid file; logs: {}", bed.logs("long"));
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no pid file; logs: {}",
+            bed.logs("long")
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let _ = std::fs::remove_file(&pid_file);
     let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    assert!(bed.logs("long").contains(&hostname), "--bind not applied: {}", bed.logs("long"));
+    assert!(
+        bed.logs("long").contains(&hostname),
+        "--bind not applied: {}",
+        bed.logs("long")
+    );
 
     // SIGTERM: the stand-in stops the container, reports it, and exits 0.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
@@ -568,7 +603,11 @@ async fn binary_serves_pods_and_stops_them_on_sigterm() {
         .await
         .expect("kata-local-kubelet did not exit on SIGTERM")
         .unwrap();
-    assert!(status.success(), "exit {status:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     assert!(
         unsafe { libc::kill(pid, 0) } != 0,
         "container process {pid} survived the stand-in"

@@ -24,12 +24,20 @@ shims:
 /// The stage binary, a test payload and a config, put on the node.
 fn provision(node: &RealNode, runtime_ready_timeout: u32) -> Result<()> {
     let bin = node.path("/usr/local/bin/kata-deploy-stage");
-    std::fs::copy(workspace_bin("kata-deploy-stage")?, &bin).context("copying the stage binary into the node")?;
+    std::fs::copy(workspace_bin("kata-deploy-stage")?, &bin)
+        .context("copying the stage binary into the node")?;
     let payload = node.path("/opt/kata-payload");
-    let ok = Command::new("bash").arg(repo_root().join("hack/make-test-payload.sh")).arg(&payload).stdout(Stdio::null()).status()?;
+    let ok = Command::new("bash")
+        .arg(repo_root().join("hack/make-test-payload.sh"))
+        .arg(&payload)
+        .stdout(Stdio::null())
+        .status()?;
     anyhow::ensure!(ok.success(), "hack/make-test-payload.sh failed");
     std::fs::create_dir_all(node.path("/etc/kata-deploy"))?;
-    let config = CONFIG.replace("runtimeReadyTimeoutSeconds: 40", &format!("runtimeReadyTimeoutSeconds: {runtime_ready_timeout}"));
+    let config = CONFIG.replace(
+        "runtimeReadyTimeoutSeconds: 40",
+        &format!("runtimeReadyTimeoutSeconds: {runtime_ready_timeout}"),
+    );
     std::fs::write(node.path("/etc/kata-deploy/config.yaml"), config)?;
     Ok(())
 }
@@ -37,16 +45,33 @@ fn provision(node: &RealNode, runtime_ready_timeout: u32) -> Result<()> {
 /// The stage run on the node as an operator would, with the facts the dispatcher would pass.
 fn stage_command(node: &RealNode, version: &str, stage: &str) -> Command {
     let version = format!("KATA_NODE_CONTAINER_RUNTIME_VERSION={version}");
-    node.command(&["env", &version, "KATA_NODE_ARCH=amd64", "kata-deploy-stage", "--host-root", "/", stage])
+    node.command(&[
+        "env",
+        &version,
+        "KATA_NODE_ARCH=amd64",
+        "kata-deploy-stage",
+        "--host-root",
+        "/",
+        stage,
+    ])
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn run_stage(node: &RealNode, version: &str, stage: &str) -> Result<Output> {
     let out = stage_command(node, version, stage).output()?;
-    eprintln!("--- {stage} on {} -> {:?}\n{}", node.name, out.status.code(), text(&out));
+    eprintln!(
+        "--- {stage} on {} -> {:?}\n{}",
+        node.name,
+        out.status.code(),
+        text(&out)
+    );
     Ok(out)
 }
 
@@ -56,14 +81,20 @@ fn served(node: &RealNode) -> Result<String> {
 }
 
 fn containerd_active(node: &RealNode) -> bool {
-    node.exec(&["systemctl", "is-active", "containerd"]).map(|s| s.trim() == "active").unwrap_or(false)
+    node.exec(&["systemctl", "is-active", "containerd"])
+        .map(|s| s.trim() == "active")
+        .unwrap_or(false)
 }
 
 /// containerd active again (systemd restarts it RestartSec=5 after a crash), within a deadline.
 fn wait_active(node: &RealNode) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !containerd_active(node) {
-        anyhow::ensure!(Instant::now() < deadline, "containerd not active again within 30s:\n{}", node.journal("containerd").unwrap_or_default());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "containerd not active again within 30s:\n{}",
+            node.journal("containerd").unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
@@ -79,7 +110,13 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     let node = RealNode::start(&cluster, "rn-faults", 21, "debian").await?;
     provision(&node, 40)?;
     let version = node.exec(&["containerd", "--version"])?;
-    let version = format!("containerd://{}", version.split_whitespace().nth(2).context("containerd --version")?);
+    let version = format!(
+        "containerd://{}",
+        version
+            .split_whitespace()
+            .nth(2)
+            .context("containerd --version")?
+    );
     let config = node.path("/etc/containerd/config.toml");
     let original = file_identity(&config)?;
     let out = run_stage(&node, &version, "artifacts")?;
@@ -92,42 +129,100 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     std::fs::create_dir_all(slow.parent().unwrap())?;
     std::fs::write(&slow, "[Service]\nExecStartPost=/bin/sleep 4\n")?;
     node.exec(&["systemctl", "daemon-reload"])?;
-    let stage = stage_command(&node, &version, "cri").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let stage = stage_command(&node, &version, "cri")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while node.exec(&["systemctl", "show", "-p", "SubState", "--value", "containerd"])?.trim() != "start-post" {
-        anyhow::ensure!(Instant::now() < deadline, "the cri stage never restarted containerd");
+    while node
+        .exec(&[
+            "systemctl",
+            "show",
+            "-p",
+            "SubState",
+            "--value",
+            "containerd",
+        ])?
+        .trim()
+        != "start-post"
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cri stage never restarted containerd"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The restart is under way and the stage waits: a crash of containerd itself (not its shims).
-    node.exec(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", "containerd"])?;
+    node.exec(&[
+        "systemctl",
+        "kill",
+        "--kill-whom=main",
+        "--signal=KILL",
+        "containerd",
+    ])?;
     let out = stage.wait_with_output()?;
-    eprintln!("--- cri with containerd killed -> {:?}\n{}", out.status.code(), text(&out));
+    eprintln!(
+        "--- cri with containerd killed -> {:?}\n{}",
+        out.status.code(),
+        text(&out)
+    );
     std::fs::remove_file(&slow)?;
     node.exec(&["systemctl", "daemon-reload"])?;
-    assert!(out.status.success(), "the cri stage converges once systemd brought containerd back: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "the cri stage converges once systemd brought containerd back: {}",
+        text(&out)
+    );
     wait_active(&node)?;
-    assert!(served(&node)?.contains("kata-qemu"), "containerd serves kata-qemu after the fault");
+    assert!(
+        served(&node)?.contains("kata-qemu"),
+        "containerd serves kata-qemu after the fault"
+    );
     // A re-run finds everything loaded: no restart.
     let since = node.unit_active_since("containerd")?;
     let out = run_stage(&node, &version, "cri")?;
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(node.unit_active_since("containerd")?, since, "an unchanged re-run must not restart containerd");
+    assert_eq!(
+        node.unit_active_since("containerd")?,
+        since,
+        "an unchanged re-run must not restart containerd"
+    );
     let out = run_stage(&node, &version, "revert-cri")?;
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(file_identity(&config)?, original, "revert restores the config exactly");
+    assert_eq!(
+        file_identity(&config)?,
+        original,
+        "revert restores the config exactly"
+    );
 
     // --- 2. containerd refuses to start with the new config: rolled back and serving ---
     // A unit drop-in makes containerd's start fail whenever its config names a kata handler, as a
     // containerd that rejects the file would (real systemd, real restart, real failure).
     let dropin = node.path("/etc/systemd/system/containerd.service.d/90-reject-kata.conf");
     std::fs::create_dir_all(dropin.parent().unwrap())?;
-    std::fs::write(&dropin, "[Service]\nExecStartPre=/bin/sh -c '! grep -rqs kata-qemu /etc/containerd'\n")?;
+    std::fs::write(
+        &dropin,
+        "[Service]\nExecStartPre=/bin/sh -c '! grep -rqs kata-qemu /etc/containerd'\n",
+    )?;
     node.exec(&["systemctl", "daemon-reload"])?;
     provision(&node, 10)?;
     let out = run_stage(&node, &version, "cri")?;
-    assert_eq!(out.status.code(), Some(1), "the cri stage fails: {}", text(&out));
-    assert!(text(&out).contains("restored"), "it says the previous configuration was restored: {}", text(&out));
-    assert_eq!(file_identity(&config)?, original, "the previous config is back, byte for byte");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the cri stage fails: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("restored"),
+        "it says the previous configuration was restored: {}",
+        text(&out)
+    );
+    assert_eq!(
+        file_identity(&config)?,
+        original,
+        "the previous config is back, byte for byte"
+    );
     wait_active(&node)?;
     assert!(!served(&node)?.contains("kata-qemu"));
     std::fs::remove_file(&dropin)?;
@@ -136,21 +231,35 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
 
     // --- 3. the stage is killed right after it asked systemd for the restart; the retry converges ---
     let since = node.unit_active_since("containerd")?;
-    let mut stage = stage_command(&node, &version, "cri").stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut stage = stage_command(&node, &version, "cri")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while node.unit_active_since("containerd")? == since {
-        anyhow::ensure!(Instant::now() < deadline, "the cri stage never restarted containerd");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cri stage never restarted containerd"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // nsenter's child is the stage: kill every kata-deploy-stage process on the node.
     let _ = node.exec(&["pkill", "-KILL", "-f", "kata-deploy-stage"]);
     let _ = stage.wait();
     let out = run_stage(&node, &version, "cri")?;
-    assert!(out.status.success(), "the retry verifies what the killed stage left: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "the retry verifies what the killed stage left: {}",
+        text(&out)
+    );
     assert!(served(&node)?.contains("kata-qemu"));
     let out = run_stage(&node, &version, "revert-cri")?;
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(file_identity(&config)?, original, "after the killed run and its retry, revert still restores the exact original");
+    assert_eq!(
+        file_identity(&config)?,
+        original,
+        "after the killed run and its retry, revert still restores the exact original"
+    );
     wait_active(&node)?;
     let out = run_stage(&node, &version, "remove-artifacts")?;
     assert!(out.status.success(), "{}", text(&out));

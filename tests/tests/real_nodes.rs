@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kata_testbed::cluster::{repo_root, wait_until, TestCluster};
-use kata_testbed::realnode::{build_images, file_identity, leftovers, real_node_lock, require_real_nodes, RealNode};
+use kata_testbed::realnode::{
+    build_images, file_identity, leftovers, real_node_lock, require_real_nodes, RealNode,
+};
 use kube::api::{Api, ListParams, LogParams, PostParams};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -20,13 +22,33 @@ const INSTALL_PREFIX: &str = "/opt/kata";
 
 async fn runtime_handlers(nodes: &Api<Node>, name: &str) -> Result<BTreeSet<String>> {
     let node = nodes.get(name).await?;
-    Ok(node.status.and_then(|s| s.runtime_handlers).unwrap_or_default().into_iter().filter_map(|h| h.name).filter(|n| !n.is_empty()).collect())
+    Ok(node
+        .status
+        .and_then(|s| s.runtime_handlers)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|h| h.name)
+        .filter(|n| !n.is_empty())
+        .collect())
 }
 
-async fn wait_handlers(nodes: &Api<Node>, name: &str, what: &str, want: impl Fn(&BTreeSet<String>) -> bool) -> Result<()> {
-    let waited = wait_until(Duration::from_secs(90), &format!("{name}: {what}"), || async { Ok(want(&runtime_handlers(nodes, name).await?)) }).await;
+async fn wait_handlers(
+    nodes: &Api<Node>,
+    name: &str,
+    what: &str,
+    want: impl Fn(&BTreeSet<String>) -> bool,
+) -> Result<()> {
+    let waited = wait_until(
+        Duration::from_secs(90),
+        &format!("{name}: {what}"),
+        || async { Ok(want(&runtime_handlers(nodes, name).await?)) },
+    )
+    .await;
     if let Err(e) = waited {
-        bail!("{e:#}; runtimeHandlers now: {:?}", runtime_handlers(nodes, name).await.unwrap_or_default());
+        bail!(
+            "{e:#}; runtimeHandlers now: {:?}",
+            runtime_handlers(nodes, name).await.unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -64,22 +86,47 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     let default_pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
 
     // Before: the node's own containerd config (bytes, mode, owner) and what 2.x serves.
-    let config_before: Vec<_> = real.iter().map(|n| file_identity(&n.path("/etc/containerd/config.toml"))).collect::<Result<_>>()?;
+    let config_before: Vec<_> = real
+        .iter()
+        .map(|n| file_identity(&n.path("/etc/containerd/config.toml")))
+        .collect::<Result<_>>()?;
     let handlers_before = runtime_handlers(&nodes, n2).await?;
-    assert!(handlers_before.contains("runc"), "a containerd 2.x node reports its handlers: {handlers_before:?}");
+    assert!(
+        handlers_before.contains("runc"),
+        "a containerd 2.x node reports its handlers: {handlers_before:?}"
+    );
     for n in &real {
-        default_pods.create(&PostParams::default(), &sleeper(&format!("sleeper-{}", n.name), &n.name)?).await?;
+        default_pods
+            .create(
+                &PostParams::default(),
+                &sleeper(&format!("sleeper-{}", n.name), &n.name)?,
+            )
+            .await?;
     }
     let mut sleepers = Vec::new();
     for n in &real {
         let name = format!("sleeper-{}", n.name);
-        wait_until(Duration::from_secs(60), &format!("{name} Running"), || async {
-            Ok(default_pods.get(&name).await?.status.and_then(|s| s.phase).as_deref() == Some("Running"))
-        })
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{name} Running"),
+            || async {
+                Ok(default_pods
+                    .get(&name)
+                    .await?
+                    .status
+                    .and_then(|s| s.phase)
+                    .as_deref()
+                    == Some("Running"))
+            },
+        )
         .await?;
-        sleepers.push(container_id(&default_pods.get(&name).await?).context("sleeper container id")?);
+        sleepers
+            .push(container_id(&default_pods.get(&name).await?).context("sleeper container id")?);
     }
-    let containerd_since: Vec<u64> = real.iter().map(|n| n.unit_active_since("containerd")).collect::<Result<_>>()?;
+    let containerd_since: Vec<u64> = real
+        .iter()
+        .map(|n| n.unit_active_since("containerd"))
+        .collect::<Result<_>>()?;
 
     // --- install ---
     let chart = repo_root().join("chart/kata-deploy");
@@ -107,68 +154,173 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     let (ok, out) = cluster.run_helm(&args).await?;
     if !ok {
         for n in &real {
-            eprintln!("--- {} kubelet:\n{}", n.name, n.journal("kubelet").unwrap_or_default());
+            eprintln!(
+                "--- {} kubelet:\n{}",
+                n.name,
+                n.journal("kubelet").unwrap_or_default()
+            );
         }
         bail!("helm install on real nodes failed: {out}");
     }
-    let kata_handlers: BTreeSet<String> = ["kata-qemu", "kata-qemu-runtime-rs"].map(String::from).into();
+    let kata_handlers: BTreeSet<String> = ["kata-qemu", "kata-qemu-runtime-rs"]
+        .map(String::from)
+        .into();
 
     // The dispatcher ran as a real container on a real node, non-root with a read-only root:
     // what runc was given (the OCI spec containerd wrote), not only what the pod asked for.
-    let dispatcher = pods.list(&ListParams::default().labels("katacontainers.io/dispatcher-role=install")).await?.items;
+    let dispatcher = pods
+        .list(&ListParams::default().labels("katacontainers.io/dispatcher-role=install"))
+        .await?
+        .items;
     let dispatcher = dispatcher.first().context("the install dispatcher pod")?;
-    let on = dispatcher.spec.as_ref().and_then(|s| s.node_name.clone()).context("dispatcher scheduled")?;
-    let host = real.iter().find(|n| n.name == on).context("the dispatcher runs on a real node")?;
-    let cid = container_id(dispatcher).context("dispatcher container id")?.0;
-    let spec: serde_json::Value = serde_json::from_str(&host.ctr(&["containers", "info", cid.trim_start_matches("containerd://")])?)?;
-    assert_ne!(spec["Spec"]["process"]["user"]["uid"], serde_json::json!(0), "dispatcher runs as non-root: {}", spec["Spec"]["process"]["user"]);
-    assert_eq!(spec["Spec"]["root"]["readonly"], serde_json::json!(true), "dispatcher root filesystem is read-only");
-    let log = pods.logs(dispatcher.metadata.name.as_deref().unwrap_or_default(), &LogParams::default()).await?;
-    assert!(log.contains(n1) && log.contains(n2), "kubectl logs of the dispatcher works and names both nodes: {log}");
+    let on = dispatcher
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .context("dispatcher scheduled")?;
+    let host = real
+        .iter()
+        .find(|n| n.name == on)
+        .context("the dispatcher runs on a real node")?;
+    let cid = container_id(dispatcher)
+        .context("dispatcher container id")?
+        .0;
+    let spec: serde_json::Value = serde_json::from_str(&host.ctr(&[
+        "containers",
+        "info",
+        cid.trim_start_matches("containerd://"),
+    ])?)?;
+    assert_ne!(
+        spec["Spec"]["process"]["user"]["uid"],
+        serde_json::json!(0),
+        "dispatcher runs as non-root: {}",
+        spec["Spec"]["process"]["user"]
+    );
+    assert_eq!(
+        spec["Spec"]["root"]["readonly"],
+        serde_json::json!(true),
+        "dispatcher root filesystem is read-only"
+    );
+    let log = pods
+        .logs(
+            dispatcher.metadata.name.as_deref().unwrap_or_default(),
+            &LogParams::default(),
+        )
+        .await?;
+    assert!(
+        log.contains(n1) && log.contains(n2),
+        "kubectl logs of the dispatcher works and names both nodes: {log}"
+    );
 
     // Every per-node Job ran its stages as real containers, each with logs.
     let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
-    let per_node = jobs.list(&ListParams::default().labels("app.kubernetes.io/managed-by=kata-deploy-job-dispatcher")).await?.items;
+    let per_node = jobs
+        .list(
+            &ListParams::default()
+                .labels("app.kubernetes.io/managed-by=kata-deploy-job-dispatcher"),
+        )
+        .await?
+        .items;
     assert_eq!(per_node.len(), 2, "one Job per real node");
-    let job_names: BTreeSet<String> = per_node.iter().filter_map(|j| j.metadata.name.clone()).collect();
+    let job_names: BTreeSet<String> = per_node
+        .iter()
+        .filter_map(|j| j.metadata.name.clone())
+        .collect();
     let stage_pods: Vec<Pod> = pods
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
-        .filter(|p| p.metadata.owner_references.iter().flatten().any(|o| o.kind == "Job" && job_names.contains(&o.name)))
+        .filter(|p| {
+            p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "Job" && job_names.contains(&o.name))
+        })
         .collect();
-    assert_eq!(stage_pods.len(), 2, "one stage pod per node (no retry was needed)");
+    assert_eq!(
+        stage_pods.len(),
+        2,
+        "one stage pod per node (no retry was needed)"
+    );
     for p in &stage_pods {
         let name = p.metadata.name.clone().unwrap_or_default();
         let spec = p.spec.as_ref().context("pod spec")?;
         // Least privilege (chart default): no hostPID, no privileged container, yet containerd
         // was restarted through systemd (below): the system bus under the host root is enough.
         assert_ne!(spec.host_pid, Some(true), "{name}: no hostPID");
-        for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
             let privileged = c.security_context.as_ref().and_then(|s| s.privileged);
             assert_ne!(privileged, Some(true), "{name}/{}: not privileged", c.name);
         }
-        for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
-            let lp = LogParams { container: Some(c.name.clone()), ..LogParams::default() };
-            let text = pods.logs(&name, &lp).await.with_context(|| format!("kubectl logs {name} -c {}", c.name))?;
-            assert!(!text.trim().is_empty(), "{name}/{}: the stage logged something", c.name);
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
+            let lp = LogParams {
+                container: Some(c.name.clone()),
+                ..LogParams::default()
+            };
+            let text = pods
+                .logs(&name, &lp)
+                .await
+                .with_context(|| format!("kubectl logs {name} -c {}", c.name))?;
+            assert!(
+                !text.trim().is_empty(),
+                "{name}/{}: the stage logged something",
+                c.name
+            );
         }
     }
 
     for (i, n) in real.iter().enumerate() {
         // The cri stage changed the real config and restarted containerd exactly once...
         let after = n.unit_active_since("containerd")?;
-        assert!(after > containerd_since[i], "{}: containerd was restarted by the cri stage", n.name);
+        assert!(
+            after > containerd_since[i],
+            "{}: containerd was restarted by the cri stage",
+            n.name
+        );
         // ... and the ordinary pod survived the restart of its runtime.
         let p = default_pods.get(&format!("sleeper-{}", n.name)).await?;
-        assert_eq!(container_id(&p), Some(sleepers[i].clone()), "{}: the ordinary pod kept its container across the restart", n.name);
+        assert_eq!(
+            container_id(&p),
+            Some(sleepers[i].clone()),
+            "{}: the ordinary pod kept its container across the restart",
+            n.name
+        );
         assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
-        let l = nodes.get(&n.name).await?.metadata.labels.unwrap_or_default();
-        assert_eq!(l.get(KATA_LABEL).map(String::as_str), Some("true"), "{}: labelled", n.name);
-        assert!(n.path(&format!("{INSTALL_PREFIX}/bin/containerd-shim-kata-v2")).is_file(), "{}: payload installed", n.name);
+        let l = nodes
+            .get(&n.name)
+            .await?
+            .metadata
+            .labels
+            .unwrap_or_default();
+        assert_eq!(
+            l.get(KATA_LABEL).map(String::as_str),
+            Some("true"),
+            "{}: labelled",
+            n.name
+        );
+        assert!(
+            n.path(&format!("{INSTALL_PREFIX}/bin/containerd-shim-kata-v2"))
+                .is_file(),
+            "{}: payload installed",
+            n.name
+        );
     }
-    wait_handlers(&nodes, n2, "every kata handler in runtimeHandlers", |h| kata_handlers.is_subset(h)).await?;
+    wait_handlers(&nodes, n2, "every kata handler in runtimeHandlers", |h| {
+        kata_handlers.is_subset(h)
+    })
+    .await?;
 
     // A kata-qemu pod is routed by containerd to the shim our artifacts stage installed.
     let kata_pod: Pod = serde_json::from_value(serde_json::json!({
@@ -176,37 +328,80 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
         "spec": {"nodeName": n2, "runtimeClassName": "kata-qemu",
                  "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "imagePullPolicy": "Never"}]}
     }))?;
-    default_pods.create(&PostParams::default(), &kata_pod).await?;
+    default_pods
+        .create(&PostParams::default(), &kata_pod)
+        .await?;
     let shim = format!("{INSTALL_PREFIX}/bin/containerd-shim-kata-v2");
     // The test payload's shims append "$0 $@" to this file on the node (hack/make-test-payload.sh);
     // they are stand-ins that cannot start a VM, so the sandbox must fail in our shim.
-    let shim_log = || node2.exec(&["cat", "/run/kata-deploy-test-payload.log"]).unwrap_or_default();
-    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(cluster.client.clone(), "default");
-    let sandbox_error = || async {
-        let list = events.list(&ListParams::default().fields("involvedObject.name=kata-probe")).await?;
-        Ok::<_, anyhow::Error>(list.items.iter().filter(|e| e.reason.as_deref() == Some("FailedCreatePodSandBox")).filter_map(|e| e.message.clone()).next())
+    let shim_log = || {
+        node2
+            .exec(&["cat", "/run/kata-deploy-test-payload.log"])
+            .unwrap_or_default()
     };
-    wait_until(Duration::from_secs(90), "the kata-qemu pod's sandbox to fail in our shim", || async { Ok(sandbox_error().await?.is_some()) }).await?;
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(cluster.client.clone(), "default");
+    let sandbox_error = || async {
+        let list = events
+            .list(&ListParams::default().fields("involvedObject.name=kata-probe"))
+            .await?;
+        Ok::<_, anyhow::Error>(
+            list.items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("FailedCreatePodSandBox"))
+                .filter_map(|e| e.message.clone())
+                .next(),
+        )
+    };
+    wait_until(
+        Duration::from_secs(90),
+        "the kata-qemu pod's sandbox to fail in our shim",
+        || async { Ok(sandbox_error().await?.is_some()) },
+    )
+    .await?;
     let message = sandbox_error().await?.unwrap_or_default();
-    eprintln!("kata-qemu sandbox on {n2}: {message}\nshim runs: {}", shim_log());
-    assert!(message.contains("kata"), "containerd used the kata-qemu handler: {message}");
-    // The sandbox's own shim start: our installed path, called with that sandbox's id.
-    let sandbox = message.split("failed to start sandbox \"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?").to_string();
+    eprintln!(
+        "kata-qemu sandbox on {n2}: {message}\nshim runs: {}",
+        shim_log()
+    );
     assert!(
-        shim_log().lines().any(|l| l.starts_with(&shim) && l.contains(&format!("-id {sandbox} start"))),
+        message.contains("kata"),
+        "containerd used the kata-qemu handler: {message}"
+    );
+    // The sandbox's own shim start: our installed path, called with that sandbox's id.
+    let sandbox = message
+        .split("failed to start sandbox \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_string();
+    assert!(
+        shim_log()
+            .lines()
+            .any(|l| l.starts_with(&shim) && l.contains(&format!("-id {sandbox} start"))),
         "containerd started our installed shim {shim} for sandbox {sandbox}: {:?}",
         shim_log()
     );
-    default_pods.delete("kata-probe", &Default::default()).await?;
+    default_pods
+        .delete("kata-probe", &Default::default())
+        .await?;
 
     // --- upgrade with nothing changed: converges without a second restart ---
-    let since_installed: Vec<u64> = real.iter().map(|n| n.unit_active_since("containerd")).collect::<Result<_>>()?;
+    let since_installed: Vec<u64> = real
+        .iter()
+        .map(|n| n.unit_active_since("containerd"))
+        .collect::<Result<_>>()?;
     let mut args = vec!["upgrade", "kata-deploy", chart];
     args.extend(common);
     let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "helm upgrade (no change) failed: {out}");
     for (i, n) in real.iter().enumerate() {
-        assert_eq!(n.unit_active_since("containerd")?, since_installed[i], "{}: an unchanged re-run must not restart containerd", n.name);
+        assert_eq!(
+            n.unit_active_since("containerd")?,
+            since_installed[i],
+            "{}: an unchanged re-run must not restart containerd",
+            n.name
+        );
     }
 
     // --- upgrade with a shim disabled: its handler disappears ---
@@ -215,29 +410,81 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     args.extend(["--set", "shims.qemu-runtime-rs.enabled=false"]);
     let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "helm upgrade (shim disabled) failed: {out}");
-    wait_handlers(&nodes, n2, "kata-qemu-runtime-rs gone, kata-qemu kept", |h| h.contains("kata-qemu") && !h.contains("kata-qemu-runtime-rs")).await?;
+    wait_handlers(
+        &nodes,
+        n2,
+        "kata-qemu-runtime-rs gone, kata-qemu kept",
+        |h| h.contains("kata-qemu") && !h.contains("kata-qemu-runtime-rs"),
+    )
+    .await?;
 
     // --- uninstall: handlers gone, containerd serving, config byte-identical, nothing left ---
-    let (ok, out) = cluster.run_helm(&["uninstall", "kata-deploy", "--namespace", ns, "--wait", "--timeout", "5m"]).await?;
+    let (ok, out) = cluster
+        .run_helm(&[
+            "uninstall",
+            "kata-deploy",
+            "--namespace",
+            ns,
+            "--wait",
+            "--timeout",
+            "5m",
+        ])
+        .await?;
     assert!(ok, "helm uninstall failed: {out}");
-    wait_handlers(&nodes, n2, "no kata handler left", |h| !h.iter().any(|x| x.starts_with("kata"))).await?;
+    wait_handlers(&nodes, n2, "no kata handler left", |h| {
+        !h.iter().any(|x| x.starts_with("kata"))
+    })
+    .await?;
     for (i, n) in real.iter().enumerate() {
-        assert_eq!(file_identity(&n.path("/etc/containerd/config.toml"))?, config_before[i], "{}: config.toml restored (bytes, mode, owner)", n.name);
-        n.ctr(&["version"]).with_context(|| format!("{}: containerd serving after uninstall", n.name))?;
+        assert_eq!(
+            file_identity(&n.path("/etc/containerd/config.toml"))?,
+            config_before[i],
+            "{}: config.toml restored (bytes, mode, owner)",
+            n.name
+        );
+        n.ctr(&["version"])
+            .with_context(|| format!("{}: containerd serving after uninstall", n.name))?;
         let prefix = n.path(INSTALL_PREFIX);
-        let left: Vec<_> = std::fs::read_dir(&prefix).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-        assert!(left.is_empty(), "{}: nothing left under {INSTALL_PREFIX}: {left:?}", n.name);
-        let l = nodes.get(&n.name).await?.metadata.labels.unwrap_or_default();
-        assert!(!l.keys().any(|k| k.starts_with("katacontainers.io/")), "{}: kata labels removed: {l:?}", n.name);
+        let left: Vec<_> = std::fs::read_dir(&prefix)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "{}: nothing left under {INSTALL_PREFIX}: {left:?}",
+            n.name
+        );
+        let l = nodes
+            .get(&n.name)
+            .await?
+            .metadata
+            .labels
+            .unwrap_or_default();
+        assert!(
+            !l.keys().any(|k| k.starts_with("katacontainers.io/")),
+            "{}: kata labels removed: {l:?}",
+            n.name
+        );
         let p = default_pods.get(&format!("sleeper-{}", n.name)).await?;
-        assert_eq!(container_id(&p), Some(sleepers[i].clone()), "{}: the ordinary pod survived install and uninstall", n.name);
+        assert_eq!(
+            container_id(&p),
+            Some(sleepers[i].clone()),
+            "{}: the ordinary pod survived install and uninstall",
+            n.name
+        );
     }
-    assert_eq!(runtime_handlers(&nodes, n2).await?, handlers_before, "{n2}: the handlers served are exactly those before install");
+    assert_eq!(
+        runtime_handlers(&nodes, n2).await?,
+        handlers_before,
+        "{n2}: the handlers served are exactly those before install"
+    );
 
     drop(node2);
     drop(node16);
     drop(cluster);
     let left = leftovers();
-    assert!(left.is_empty(), "real nodes left something behind: {left:?}");
+    assert!(
+        left.is_empty(),
+        "real nodes left something behind: {left:?}"
+    );
     Ok(())
 }

@@ -12,11 +12,26 @@ use crate::hostfs::{sha256_hex, HostFs};
 use crate::state::{write_json, CriFile, CriState, Original};
 
 /// Removes what we added from a file someone else changed since we wrote it.
-pub(super) fn strip_ours(path: &Path, current: &[u8], state: &CriState, imports: &[String], proxy: Option<&str>) -> Result<Vec<u8>> {
+pub(super) fn strip_ours(
+    path: &Path,
+    current: &[u8],
+    state: &CriState,
+    imports: &[String],
+    proxy: Option<&str>,
+) -> Result<Vec<u8>> {
     // A template's text up to its base include stays as it is whatever is removed after it.
     let text = String::from_utf8_lossy(current).into_owned();
-    let split = if is_k3s_template(path) { split_base_include(&text) } else { None };
-    let mut doc = parse_existing(path, split.as_ref().map_or(text.as_bytes(), |(_, rest)| rest.as_bytes()))?;
+    let split = if is_k3s_template(path) {
+        split_base_include(&text)
+    } else {
+        None
+    };
+    let mut doc = parse_existing(
+        path,
+        split
+            .as_ref()
+            .map_or(text.as_bytes(), |(_, rest)| rest.as_bytes()),
+    )?;
     containerd::strip_kata(&mut doc, &state.handlers, proxy);
     for i in imports {
         containerd::remove_import(&mut doc, i);
@@ -30,12 +45,21 @@ pub(super) fn strip_ours(path: &Path, current: &[u8], state: &CriState, imports:
 }
 
 pub(super) fn backup_path(install: &Install, path: &Path) -> PathBuf {
-    let name = path.display().to_string().trim_start_matches('/').replace('/', "%");
+    let name = path
+        .display()
+        .to_string()
+        .trim_start_matches('/')
+        .replace('/', "%");
     install.state_dir().join("backups").join(name)
 }
 
 pub(super) fn whole_paths_imported(state: &CriState) -> Vec<String> {
-    state.files.iter().filter(|f| f.whole_file).map(|f| f.path.display().to_string()).collect()
+    state
+        .files
+        .iter()
+        .filter(|f| f.whole_file)
+        .map(|f| f.path.display().to_string())
+        .collect()
 }
 
 /// One file change computed for this run.
@@ -52,7 +76,13 @@ pub(super) struct Change {
     pub(super) backup: Option<(PathBuf, Vec<u8>)>,
 }
 
-pub(super) fn restore_change(fs: &HostFs, state: &CriState, f: &CriFile, imports: &[String], proxy: &str) -> Result<Change> {
+pub(super) fn restore_change(
+    fs: &HostFs,
+    state: &CriState,
+    f: &CriFile,
+    imports: &[String],
+    proxy: &str,
+) -> Result<Change> {
     let current = fs.read(&f.path)?;
     let cur_sha = current.as_deref().map(sha256_hex);
     let new = match &f.original {
@@ -60,25 +90,49 @@ pub(super) fn restore_change(fs: &HostFs, state: &CriState, f: &CriFile, imports
             if f.whole_file || current.is_none() || cur_sha == f.written_sha256 {
                 None
             } else {
-                Some(strip_ours(&f.path, current.as_deref().unwrap(), state, imports, Some(proxy))?)
+                Some(strip_ours(
+                    &f.path,
+                    current.as_deref().unwrap(),
+                    state,
+                    imports,
+                    Some(proxy),
+                )?)
             }
         }
-        Original::Backup { sha256, .. } if cur_sha.as_deref() == Some(sha256.as_str()) => current.clone(),
+        Original::Backup { sha256, .. } if cur_sha.as_deref() == Some(sha256.as_str()) => {
+            current.clone()
+        }
         Original::Backup { backup, sha256 } => {
-            if f.whole_file || cur_sha == f.written_sha256 || cur_sha.as_deref() == Some(sha256.as_str()) || current.is_none() {
+            if f.whole_file
+                || cur_sha == f.written_sha256
+                || cur_sha.as_deref() == Some(sha256.as_str())
+                || current.is_none()
+            {
                 Some(fs.read(backup)?.ok_or_else(|| {
                     StageError::bad_input(backup, "backup recorded in the state but missing", "Restore the original runtime configuration by hand, then delete the state file and re-run")
                 })?)
             } else {
                 tracing::warn!(stage = "revert-cri", file = %f.path.display(), "file changed since kata-deploy wrote it; removing only our entries");
-                Some(strip_ours(&f.path, current.as_deref().unwrap(), state, imports, Some(proxy))?)
+                Some(strip_ours(
+                    &f.path,
+                    current.as_deref().unwrap(),
+                    state,
+                    imports,
+                    Some(proxy),
+                )?)
             }
         }
     };
     // A k3s/rke2 template left with nothing of anyone's: as if none existed (k3s renders its
     // base), which is what the node had unless its owner kept a bare one.
     let new = new.filter(|b| !(is_k3s_template(&f.path) && is_bare_k3s_template(b)));
-    Ok(Change { path: f.path.clone(), current, new, entry: None, backup: None })
+    Ok(Change {
+        path: f.path.clone(),
+        current,
+        new,
+        entry: None,
+        backup: None,
+    })
 }
 
 pub(super) fn is_k3s_template(p: &Path) -> bool {
@@ -90,7 +144,13 @@ pub(super) fn write_state(fs: &HostFs, path: &Path, state: &CriState) -> Result<
 }
 
 /// Writes backups, the state (intent), then the files whose content changes.
-pub(super) fn write_changes(ctx: &CriContext, state: &mut CriState, state_path: &Path, changes: &[Change], install: &Install) -> Result<Vec<PathBuf>> {
+pub(super) fn write_changes(
+    ctx: &CriContext,
+    state: &mut CriState,
+    state_path: &Path,
+    changes: &[Change],
+    install: &Install,
+) -> Result<Vec<PathBuf>> {
     let fs = ctx.fs;
     for c in changes.iter().filter(|_| !fs.dry_run()) {
         if let Some((bp, bytes)) = &c.backup {

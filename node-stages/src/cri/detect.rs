@@ -22,7 +22,10 @@ pub const MICROK8S_TEMPLATE: &str = "/var/snap/microk8s/current/args/containerd-
 pub const K0S_CONTAINERD_D: &str = "/etc/k0s/containerd.d";
 
 /// Detects the CRI from the runtime version the kubelet reports and host paths.
-pub fn detect_cri_from(runtime_version: Option<&str>, exists: &dyn Fn(&str) -> bool) -> std::result::Result<CriKind, String> {
+pub fn detect_cri_from(
+    runtime_version: Option<&str>,
+    exists: &dyn Fn(&str) -> bool,
+) -> std::result::Result<CriKind, String> {
     let v = runtime_version.unwrap_or("");
     if v.starts_with("cri-o://") {
         return Ok(CriKind::Crio);
@@ -32,9 +35,23 @@ pub fn detect_cri_from(runtime_version: Option<&str>, exists: &dyn Fn(&str) -> b
         return Ok(CriKind::Rke2);
     }
     if exists("/var/lib/rancher/k3s/agent/etc/containerd") || exists("/etc/rancher/k3s") {
-        let agent = ["/etc/systemd/system/k3s-agent.service", "/usr/lib/systemd/system/k3s-agent.service"].iter().any(|p| exists(p));
-        let server = ["/etc/systemd/system/k3s.service", "/usr/lib/systemd/system/k3s.service"].iter().any(|p| exists(p));
-        return Ok(if agent && !server { CriKind::K3sAgent } else { CriKind::K3s });
+        let agent = [
+            "/etc/systemd/system/k3s-agent.service",
+            "/usr/lib/systemd/system/k3s-agent.service",
+        ]
+        .iter()
+        .any(|p| exists(p));
+        let server = [
+            "/etc/systemd/system/k3s.service",
+            "/usr/lib/systemd/system/k3s.service",
+        ]
+        .iter()
+        .any(|p| exists(p));
+        return Ok(if agent && !server {
+            CriKind::K3sAgent
+        } else {
+            CriKind::K3s
+        });
     }
     if exists("/var/snap/microk8s/current/args") {
         return Ok(CriKind::Microk8s);
@@ -58,23 +75,40 @@ pub fn resolve_cri(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts) -> Result<
     if let Some(k) = cfg.cri {
         return Ok(k);
     }
-    detect_cri_from(facts.container_runtime_version.as_deref(), &|p| fs.exists(Path::new(p)))
-        .map_err(|m| StageError::config(&cfg.file, "cri", m))
+    detect_cri_from(facts.container_runtime_version.as_deref(), &|p| {
+        fs.exists(Path::new(p))
+    })
+    .map_err(|m| StageError::config(&cfg.file, "cri", m))
 }
 
 /// The systemd unit that (re)loads the runtime configuration.
 pub fn runtime_unit(fs: &HostFs, kind: CriKind) -> String {
     let has_unit = |name: &str| {
-        ["/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system", "/usr/local/lib/systemd/system"]
-            .iter()
-            .any(|d| fs.exists(&Path::new(d).join(name)))
+        [
+            "/etc/systemd/system",
+            "/usr/lib/systemd/system",
+            "/lib/systemd/system",
+            "/usr/local/lib/systemd/system",
+        ]
+        .iter()
+        .any(|d| fs.exists(&Path::new(d).join(name)))
     };
     match kind {
         CriKind::Containerd => "containerd.service".into(),
         CriKind::K3s => "k3s.service".into(),
         CriKind::K3sAgent => "k3s-agent.service".into(),
-        CriKind::Rke2 => if has_unit("rke2-agent.service") && !has_unit("rke2-server.service") { "rke2-agent.service" } else { "rke2-server.service" }.into(),
-        CriKind::K0s => if has_unit("k0scontroller.service") { "k0scontroller.service" } else { "k0sworker.service" }.into(),
+        CriKind::Rke2 => if has_unit("rke2-agent.service") && !has_unit("rke2-server.service") {
+            "rke2-agent.service"
+        } else {
+            "rke2-server.service"
+        }
+        .into(),
+        CriKind::K0s => if has_unit("k0scontroller.service") {
+            "k0scontroller.service"
+        } else {
+            "k0sworker.service"
+        }
+        .into(),
         CriKind::Microk8s => "snap.microk8s.daemon-containerd.service".into(),
         CriKind::Crio => "crio.service".into(),
     }
@@ -95,7 +129,11 @@ pub fn unit_candidates(guess: &str, kind: CriKind) -> Vec<String> {
 
 /// The first active unit among `candidates`, else the first candidate (pure).
 pub fn choose_active_unit(candidates: &[String], active: &dyn Fn(&str) -> bool) -> String {
-    candidates.iter().find(|u| active(u)).unwrap_or(&candidates[0]).clone()
+    candidates
+        .iter()
+        .find(|u| active(u))
+        .unwrap_or(&candidates[0])
+        .clone()
 }
 
 /// The CRI socket of a runtime flavour (host path).
@@ -112,10 +150,17 @@ pub fn cri_socket(kind: CriKind) -> &'static str {
 /// The containerd major version: from the node's reported runtime version, else guessed from
 /// the existing configuration (version 3 means containerd 2.x).
 pub fn containerd_major(facts: &NodeFacts, existing_config: Option<&str>) -> u64 {
-    if let Some((major, _)) = facts.container_runtime_version.as_deref().and_then(containerd::parse_runtime_version) {
+    if let Some((major, _)) = facts
+        .container_runtime_version
+        .as_deref()
+        .and_then(containerd::parse_runtime_version)
+    {
         return major;
     }
-    match existing_config.and_then(|t| containerd::parse(t).ok()).map(|d| containerd::detect_version(&d)) {
+    match existing_config
+        .and_then(|t| containerd::parse(t).ok())
+        .map(|d| containerd::detect_version(&d))
+    {
         Some(v) if v.split_cri_plugins() => 2,
         _ => 1,
     }
@@ -140,15 +185,27 @@ pub struct HostView {
 
 /// Reads what the plan needs.
 pub fn host_view(fs: &HostFs, kind: CriKind) -> Result<HostView> {
-    let read_text = |p: &Path| -> Result<Option<String>> { Ok(fs.read(p)?.map(|b| String::from_utf8_lossy(&b).into_owned())) };
+    let read_text = |p: &Path| -> Result<Option<String>> {
+        Ok(fs
+            .read(p)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    };
     let runtime_config = match kind {
         CriKind::Containerd => read_text(Path::new(CONTAINERD_CONFIG))?,
         CriKind::K3s | CriKind::K3sAgent => read_text(&k3s_dir("k3s").join("config.toml"))?,
         CriKind::Rke2 => read_text(&k3s_dir("rke2").join("config.toml"))?,
         _ => None,
     };
-    let crio_config = if kind == CriKind::Crio { read_text(Path::new(CRIO_CONFIG))? } else { None };
-    Ok(HostView { runtime_config, crio_config, unit_guess: runtime_unit(fs, kind) })
+    let crio_config = if kind == CriKind::Crio {
+        read_text(Path::new(CRIO_CONFIG))?
+    } else {
+        None
+    };
+    Ok(HostView {
+        runtime_config,
+        crio_config,
+        unit_guess: runtime_unit(fs, kind),
+    })
 }
 
 #[cfg(test)]
@@ -161,31 +218,88 @@ mod tests {
 
     #[test]
     fn detects_distributions() {
-        assert_eq!(detect_cri_from(Some("cri-o://1.31.0"), &exists_in(&[])).unwrap(), CriKind::Crio);
-        assert_eq!(detect_cri_from(Some("containerd://1.7.27-k3s1"), &exists_in(&["/var/lib/rancher/rke2/agent/etc/containerd"])).unwrap(), CriKind::Rke2);
-        assert_eq!(detect_cri_from(Some("containerd://1.7.27-k3s1"), &exists_in(&["/var/lib/rancher/k3s/agent/etc/containerd", "/etc/systemd/system/k3s-agent.service"])).unwrap(), CriKind::K3sAgent);
-        assert_eq!(detect_cri_from(Some("containerd://1.7.27-k3s1"), &exists_in(&["/var/lib/rancher/k3s/agent/etc/containerd", "/etc/systemd/system/k3s.service"])).unwrap(), CriKind::K3s);
-        assert_eq!(detect_cri_from(None, &exists_in(&["/var/snap/microk8s/current/args"])).unwrap(), CriKind::Microk8s);
-        assert_eq!(detect_cri_from(Some("containerd://1.7.2"), &exists_in(&["/etc/k0s"])).unwrap(), CriKind::K0s);
-        assert_eq!(detect_cri_from(Some("containerd://2.0.5"), &exists_in(&[])).unwrap(), CriKind::Containerd);
-        assert!(detect_cri_from(None, &exists_in(&[])).unwrap_err().contains("cri:"));
+        assert_eq!(
+            detect_cri_from(Some("cri-o://1.31.0"), &exists_in(&[])).unwrap(),
+            CriKind::Crio
+        );
+        assert_eq!(
+            detect_cri_from(
+                Some("containerd://1.7.27-k3s1"),
+                &exists_in(&["/var/lib/rancher/rke2/agent/etc/containerd"])
+            )
+            .unwrap(),
+            CriKind::Rke2
+        );
+        assert_eq!(
+            detect_cri_from(
+                Some("containerd://1.7.27-k3s1"),
+                &exists_in(&[
+                    "/var/lib/rancher/k3s/agent/etc/containerd",
+                    "/etc/systemd/system/k3s-agent.service"
+                ])
+            )
+            .unwrap(),
+            CriKind::K3sAgent
+        );
+        assert_eq!(
+            detect_cri_from(
+                Some("containerd://1.7.27-k3s1"),
+                &exists_in(&[
+                    "/var/lib/rancher/k3s/agent/etc/containerd",
+                    "/etc/systemd/system/k3s.service"
+                ])
+            )
+            .unwrap(),
+            CriKind::K3s
+        );
+        assert_eq!(
+            detect_cri_from(None, &exists_in(&["/var/snap/microk8s/current/args"])).unwrap(),
+            CriKind::Microk8s
+        );
+        assert_eq!(
+            detect_cri_from(Some("containerd://1.7.2"), &exists_in(&["/etc/k0s"])).unwrap(),
+            CriKind::K0s
+        );
+        assert_eq!(
+            detect_cri_from(Some("containerd://2.0.5"), &exists_in(&[])).unwrap(),
+            CriKind::Containerd
+        );
+        assert!(detect_cri_from(None, &exists_in(&[]))
+            .unwrap_err()
+            .contains("cri:"));
     }
 
     #[test]
     fn the_active_unit_is_restarted() {
         let c = unit_candidates("rke2-server.service", CriKind::Rke2);
         assert_eq!(c, ["rke2-server.service", "rke2-agent.service"]);
-        assert_eq!(choose_active_unit(&c, &|u| u == "rke2-agent.service"), "rke2-agent.service");
+        assert_eq!(
+            choose_active_unit(&c, &|u| u == "rke2-agent.service"),
+            "rke2-agent.service"
+        );
         assert_eq!(choose_active_unit(&c, &|_| true), "rke2-server.service");
-        assert_eq!(choose_active_unit(&c, &|_| false), "rke2-server.service", "nothing active: the unit-file guess");
-        assert_eq!(unit_candidates("containerd.service", CriKind::Containerd), ["containerd.service"]);
+        assert_eq!(
+            choose_active_unit(&c, &|_| false),
+            "rke2-server.service",
+            "nothing active: the unit-file guess"
+        );
+        assert_eq!(
+            unit_candidates("containerd.service", CriKind::Containerd),
+            ["containerd.service"]
+        );
     }
 
     #[test]
     fn containerd_major_prefers_reported_version() {
-        let facts = NodeFacts { container_runtime_version: Some("containerd://2.1.0".into()), ..Default::default() };
+        let facts = NodeFacts {
+            container_runtime_version: Some("containerd://2.1.0".into()),
+            ..Default::default()
+        };
         assert_eq!(containerd_major(&facts, Some("version = 2\n")), 2);
-        assert_eq!(containerd_major(&NodeFacts::default(), Some("version = 3\n")), 2);
+        assert_eq!(
+            containerd_major(&NodeFacts::default(), Some("version = 3\n")),
+            2
+        );
         assert_eq!(containerd_major(&NodeFacts::default(), None), 1);
     }
 }

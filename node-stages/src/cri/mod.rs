@@ -27,12 +27,17 @@ pub mod verify;
 pub use detect::*;
 pub use plan::*;
 
+use crate::config::{Install, NodeFacts, ValidConfig};
 use crate::error::{Result, StageError};
 use crate::hostfs::{sha256_hex, HostFs};
 use crate::restart::{boot_id, monotonic_now_us, Restarter};
-use crate::config::{Install, NodeFacts, ValidConfig};
-use crate::state::{read_json, CriFile, CriState, Original, PendingRestart, PreviousFile, CRI_STATE};
-use apply::{backup_path, restore_change, strip_ours, whole_paths_imported, write_changes, write_state, Change};
+use crate::state::{
+    read_json, CriFile, CriState, Original, PendingRestart, PreviousFile, CRI_STATE,
+};
+use apply::{
+    backup_path, restore_change, strip_ours, whole_paths_imported, write_changes, write_state,
+    Change,
+};
 use verify::{converge_runtime, Expect};
 
 /// What a cri/revert-cri run did.
@@ -70,7 +75,10 @@ impl CriContext<'_> {
 }
 
 fn content_hash(changes: &[Change]) -> String {
-    let mut items: Vec<(String, Option<&Vec<u8>>)> = changes.iter().map(|c| (c.path.display().to_string(), c.new.as_ref())).collect();
+    let mut items: Vec<(String, Option<&Vec<u8>>)> = changes
+        .iter()
+        .map(|c| (c.path.display().to_string(), c.new.as_ref()))
+        .collect();
     items.sort();
     let mut buf = Vec::new();
     for (p, c) in items {
@@ -94,7 +102,9 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let mut state: CriState = read_json(fs, &state_path)?.unwrap_or_default();
     let mut target = plan_cri_target(fs, ctx.cfg, ctx.facts, kind)?;
     // The unit that runs the runtime now (an rke2 agent may also have rke2-server's unit file).
-    target.unit = choose_active_unit(&unit_candidates(&target.unit, kind), &|u| ctx.restarter.status(u).is_ok_and(|s| s.active));
+    target.unit = choose_active_unit(&unit_candidates(&target.unit, kind), &|u| {
+        ctx.restarter.status(u).is_ok_and(|s| s.active)
+    });
     for n in &target.notes {
         tracing::warn!(stage = "cri", "{n}");
     }
@@ -112,7 +122,10 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
             None => {
                 let original = match &current {
                     None => Original::Absent,
-                    Some(b) => Original::Backup { backup: backup_path(&install, path), sha256: sha256_hex(b) },
+                    Some(b) => Original::Backup {
+                        backup: backup_path(&install, path),
+                        sha256: sha256_hex(b),
+                    },
                 };
                 let backup = current.clone().map(|b| (backup_path(&install, path), b));
                 (current.clone(), original, backup)
@@ -122,7 +135,8 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
                     Original::Absent => None,
                     Original::Backup { sha256, .. } => Some(sha256.clone()),
                 };
-                let pristine = cur_sha == orig_sha || (cur_sha.is_some() && cur_sha == e.written_sha256);
+                let pristine =
+                    cur_sha == orig_sha || (cur_sha.is_some() && cur_sha == e.written_sha256);
                 if pristine || whole {
                     let base = match &e.original {
                         Original::Absent => None,
@@ -138,17 +152,35 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
                     let stripped = strip_ours(path, &cur, &state, &old_imports, Some(&proxy_name))?;
                     tracing::warn!(stage = "cri", file = %path.display(), "file changed since kata-deploy wrote it; keeping those changes");
                     let bp = backup_path(&install, path);
-                    let original = Original::Backup { backup: bp.clone(), sha256: sha256_hex(&stripped) };
+                    let original = Original::Backup {
+                        backup: bp.clone(),
+                        sha256: sha256_hex(&stripped),
+                    };
                     (Some(stripped.clone()), original, Some((bp, stripped)))
                 }
             }
         };
         let new = render_desired(path, desired, base.as_deref(), &target.kata)?;
-        let entry = CriFile { path: path.clone(), original, written_sha256: Some(sha256_hex(&new)), whole_file: whole };
-        changes.push(Change { path: path.clone(), current, new: Some(new), entry: Some(entry), backup });
+        let entry = CriFile {
+            path: path.clone(),
+            original,
+            written_sha256: Some(sha256_hex(&new)),
+            whole_file: whole,
+        };
+        changes.push(Change {
+            path: path.clone(),
+            current,
+            new: Some(new),
+            entry: Some(entry),
+            backup,
+        });
     }
     // Files we managed before but no longer want (flavour or version changed): restore them.
-    for old in state.files.iter().filter(|f| !target.files.iter().any(|(p, _)| p == &f.path)) {
+    for old in state
+        .files
+        .iter()
+        .filter(|f| !target.files.iter().any(|(p, _)| p == &f.path))
+    {
         changes.push(restore_change(fs, &state, old, &old_imports, &proxy_name)?);
     }
 
@@ -159,7 +191,10 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     state.handlers = union(&prev_state.handlers, &target.handlers);
     state.files = changes.iter().filter_map(|c| c.entry.clone()).collect();
     // Record the directories we are about to create before creating them (crash safety).
-    for c in changes.iter().filter(|c| c.new.is_some() && c.current != c.new) {
+    for c in changes
+        .iter()
+        .filter(|c| c.new.is_some() && c.current != c.new)
+    {
         let mut cur = c.path.parent();
         while let Some(d) = cur {
             if d == Path::new("/") || fs.exists(d) {
@@ -184,20 +219,48 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     write_state(fs, &state_path, &state)?;
 
     // 3. Make the runtime load it (or verify it already has).
-    let restarted = converge_runtime(ctx, &mut state, &state_path, &target.unit, &hash, !changed.is_empty(), Expect::Serves(target.handlers.clone()))?;
-    Ok(CriOutcome { changed, restarted, unit: target.unit, notes: target.notes })
+    let restarted = converge_runtime(
+        ctx,
+        &mut state,
+        &state_path,
+        &target.unit,
+        &hash,
+        !changed.is_empty(),
+        Expect::Serves(target.handlers.clone()),
+    )?;
+    Ok(CriOutcome {
+        changed,
+        restarted,
+        unit: target.unit,
+        notes: target.notes,
+    })
 }
 
 /// The pending-restart record for writing `changes`: the files as they were before, unless an
 /// earlier unverified write already recorded them (then those are the last known good).
-fn pending_restart(earlier: Option<&PendingRestart>, hash: &str, changes: &[Change]) -> PendingRestart {
+fn pending_restart(
+    earlier: Option<&PendingRestart>,
+    hash: &str,
+    changes: &[Change],
+) -> PendingRestart {
     let mut previous = earlier.map(|p| p.previous.clone()).unwrap_or_default();
     for c in changes.iter().filter(|c| c.current != c.new) {
         if !previous.iter().any(|p| p.path == c.path) {
-            previous.push(PreviousFile { path: c.path.clone(), content: c.current.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()) });
+            previous.push(PreviousFile {
+                path: c.path.clone(),
+                content: c
+                    .current
+                    .as_deref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned()),
+            });
         }
     }
-    PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous }
+    PendingRestart {
+        content: hash.to_string(),
+        boot_id: boot_id(),
+        requested_mono_us: monotonic_now_us(),
+        previous,
+    }
 }
 
 fn union(a: &[String], b: &[String]) -> Vec<String> {
@@ -230,7 +293,10 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let install = ctx.cfg.install();
     let state_path = ctx.state_path();
     let Some(mut state) = read_json::<CriState>(fs, &state_path)? else {
-        tracing::info!(stage = "revert-cri", "nothing recorded: the runtime configuration was never changed by this install");
+        tracing::info!(
+            stage = "revert-cri",
+            "nothing recorded: the runtime configuration was never changed by this install"
+        );
         cleanup_state_leftovers(fs, &install)?;
         return Ok(CriOutcome::default());
     };
@@ -256,14 +322,26 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
         changed.push(c.path.clone());
     }
     let hash = content_hash(&changes);
-    let unit = if state.unit.is_empty() { runtime_unit(fs, resolve_cri(fs, ctx.cfg, ctx.facts)?) } else { state.unit.clone() };
+    let unit = if state.unit.is_empty() {
+        runtime_unit(fs, resolve_cri(fs, ctx.cfg, ctx.facts)?)
+    } else {
+        state.unit.clone()
+    };
     let handlers = state.handlers.clone();
     // A failed revert keeps the state so a re-run finishes the job.
     // Reverting has nothing to roll back to: an install's unverified record does not apply.
     if state.pending.as_ref().is_some_and(|p| p.content != hash) {
         state.pending = None;
     }
-    let restarted = converge_runtime(ctx, &mut state, &state_path, &unit, &hash, !changed.is_empty(), Expect::Lacks(handlers))?;
+    let restarted = converge_runtime(
+        ctx,
+        &mut state,
+        &state_path,
+        &unit,
+        &hash,
+        !changed.is_empty(),
+        Expect::Lacks(handlers),
+    )?;
     // Done. Order matters for crash safety: directories we created (now empty), then the state
     // file, then the backups (a re-run without state cleans leftover backups).
     let mut dirs = state.created_dirs.clone();
@@ -273,5 +351,10 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     }
     fs.remove_file(&state_path)?;
     cleanup_state_leftovers(fs, &install)?;
-    Ok(CriOutcome { changed, restarted, unit, notes: vec![] })
+    Ok(CriOutcome {
+        changed,
+        restarted,
+        unit,
+        notes: vec![],
+    })
 }

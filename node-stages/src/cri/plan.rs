@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::detect::{containerd_major, host_view, k3s_dir, HostView, CONTAINERD_CONFIG, CONTAINERD_CONF_D, CRIO_CONFIG, CRIO_CONF_D, K0S_CONTAINERD_D, MICROK8S_TEMPLATE};
+use super::detect::{
+    containerd_major, host_view, k3s_dir, HostView, CONTAINERD_CONFIG, CONTAINERD_CONF_D,
+    CRIO_CONFIG, CRIO_CONF_D, K0S_CONTAINERD_D, MICROK8S_TEMPLATE,
+};
 use crate::config::{CriKind, Install, NodeFacts, ValidConfig};
 use crate::containerd::{self, ConfigVersion, KataContainerd, KataHandler, ProxySnapshotter};
 use crate::crio::{render_crio_dropin, CrioHandler};
@@ -11,9 +14,16 @@ use crate::error::{Result, StageError};
 use crate::hostfs::HostFs;
 
 /// Kata handlers for containerd from the configuration.
-pub fn kata_containerd(cfg: &ValidConfig, install: &Install, containerd_major: u64, arch: Option<&str>) -> KataContainerd {
+pub fn kata_containerd(
+    cfg: &ValidConfig,
+    install: &Install,
+    containerd_major: u64,
+    arch: Option<&str>,
+) -> KataContainerd {
     let snapshotter = install.nydus_snapshotter();
-    let arch = arch.map(str::to_string).unwrap_or_else(|| crate::shims::kube_arch(std::env::consts::ARCH).to_string());
+    let arch = arch
+        .map(str::to_string)
+        .unwrap_or_else(|| crate::shims::kube_arch(std::env::consts::ARCH).to_string());
     KataContainerd {
         image_platform: (containerd_major >= 2).then(|| format!("linux/{arch}")),
         handlers: cfg
@@ -28,7 +38,10 @@ pub fn kata_containerd(cfg: &ValidConfig, install: &Install, containerd_major: u
                 snapshotter: (s.containerd_snapshotter == "nydus").then(|| snapshotter.clone()),
             })
             .collect(),
-        proxy: cfg.uses_nydus().then(|| ProxySnapshotter { name: snapshotter.clone(), address: install.nydus_socket() }),
+        proxy: cfg.uses_nydus().then(|| ProxySnapshotter {
+            name: snapshotter.clone(),
+            address: install.nydus_socket(),
+        }),
     }
 }
 
@@ -74,17 +87,32 @@ pub struct CriTarget {
 }
 
 /// Decides which files to write for this host (pure apart from reading existing files).
-pub fn plan_cri_target(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, kind: CriKind) -> Result<CriTarget> {
+pub fn plan_cri_target(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    facts: &NodeFacts,
+    kind: CriKind,
+) -> Result<CriTarget> {
     plan(cfg, facts, kind, &host_view(fs, kind)?)
 }
 
 /// What to write and which unit to restart, from what detection read (pure: unit-tested on
 /// every fixture below).
-pub fn plan(cfg: &ValidConfig, facts: &NodeFacts, kind: CriKind, view: &HostView) -> Result<CriTarget> {
+pub fn plan(
+    cfg: &ValidConfig,
+    facts: &NodeFacts,
+    kind: CriKind,
+    view: &HostView,
+) -> Result<CriTarget> {
     let install = cfg.install();
     let existing = &view.runtime_config;
     let major = containerd_major(facts, existing.as_deref());
-    let kata = kata_containerd(cfg, &install, if kind.is_containerd() { major } else { 0 }, facts.arch.as_deref());
+    let kata = kata_containerd(
+        cfg,
+        &install,
+        if kind.is_containerd() { major } else { 0 },
+        facts.arch.as_deref(),
+    );
     let handlers: Vec<String> = kata.handlers.iter().map(|h| h.name.clone()).collect();
     let dropin = install.dropin_file_name();
     let mut notes = Vec::new();
@@ -93,36 +121,80 @@ pub fn plan(cfg: &ValidConfig, facts: &NodeFacts, kind: CriKind, view: &HostView
             let main = PathBuf::from(CONTAINERD_CONFIG);
             if major >= 2 {
                 let path = Path::new(CONTAINERD_CONF_D).join(&dropin);
-                let root_version = existing.as_deref().and_then(|t| containerd::parse(t).ok()).map(|d| containerd::detect_version(&d));
+                let root_version = existing
+                    .as_deref()
+                    .and_then(|t| containerd::parse(t).ok())
+                    .map(|d| containerd::detect_version(&d));
                 let version = containerd::dropin_version_for_root(root_version);
                 vec![
-                    (path.clone(), Desired::Whole(containerd::render_containerd_dropin(version, &kata, true).into_bytes())),
-                    (main, Desired::AddImport { import: path.display().to_string(), new_version: ConfigVersion::V3 }),
+                    (
+                        path.clone(),
+                        Desired::Whole(
+                            containerd::render_containerd_dropin(version, &kata, true).into_bytes(),
+                        ),
+                    ),
+                    (
+                        main,
+                        Desired::AddImport {
+                            import: path.display().to_string(),
+                            new_version: ConfigVersion::V3,
+                        },
+                    ),
                 ]
             } else {
                 if !install.suffix.is_empty() {
                     notes.push("containerd 1.x has no usable drop-ins: the shared config.toml is edited in place (multi-install is only fully isolated on containerd >= 2.0)".into());
                 }
-                vec![(main, Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2, template: false })]
+                vec![(
+                    main,
+                    Desired::EditKata {
+                        set_flags: true,
+                        new_version: ConfigVersion::V2,
+                        template: false,
+                    },
+                )]
             }
         }
         CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 => {
             let dist = if kind == CriKind::Rke2 { "rke2" } else { "k3s" };
             let dir = k3s_dir(dist);
             let version = ConfigVersion::for_containerd_major(major);
-            let tmpl = dir.join(if major >= 2 { "config-v3.toml.tmpl" } else { "config.toml.tmpl" });
+            let tmpl = dir.join(if major >= 2 {
+                "config-v3.toml.tmpl"
+            } else {
+                "config.toml.tmpl"
+            });
             if cfg.uses_nydus() {
                 notes.push(format!("{dist}: the base template owns the CRI image settings; disable_snapshot_annotations/discard_unpacked_layers are left to {dist}"));
             }
             // Always an edit, never a file we own whole: another install (multi-install suffix)
             // may have its handlers in the same template.
-            vec![(tmpl, Desired::EditKata { set_flags: false, new_version: version, template: true })]
+            vec![(
+                tmpl,
+                Desired::EditKata {
+                    set_flags: false,
+                    new_version: version,
+                    template: true,
+                },
+            )]
         }
         CriKind::K0s => {
             let version = ConfigVersion::for_containerd_major(major);
-            vec![(Path::new(K0S_CONTAINERD_D).join(&dropin), Desired::Whole(containerd::render_containerd_dropin(version, &kata, true).into_bytes()))]
+            vec![(
+                Path::new(K0S_CONTAINERD_D).join(&dropin),
+                Desired::Whole(
+                    containerd::render_containerd_dropin(version, &kata, true).into_bytes(),
+                ),
+            )]
         }
-        CriKind::Microk8s => vec![(PathBuf::from(MICROK8S_TEMPLATE), Desired::EditKata { set_flags: true, new_version: ConfigVersion::V2, template: false })],
+        CriKind::Microk8s => vec![(
+            PathBuf::from(MICROK8S_TEMPLATE),
+            Desired::EditKata {
+                set_flags: true,
+                new_version: ConfigVersion::V2,
+                template: false,
+            },
+        )],
         CriKind::Crio => {
             // CRI-O refuses to start with a malformed main config; say so before touching anything.
             if let Some(b) = &view.crio_config {
@@ -141,16 +213,36 @@ pub fn plan(cfg: &ValidConfig, facts: &NodeFacts, kind: CriKind, view: &HostView
                     guest_pull: s.crio_pull_type == "guest-pull",
                 })
                 .collect();
-            vec![(Path::new(CRIO_CONF_D).join(format!("50-{dropin}")), Desired::Whole(render_crio_dropin(&crio).into_bytes()))]
+            vec![(
+                Path::new(CRIO_CONF_D).join(format!("50-{dropin}")),
+                Desired::Whole(render_crio_dropin(&crio).into_bytes()),
+            )]
         }
     };
-    Ok(CriTarget { kind, unit: view.unit_guess.clone(), files, handlers, kata, notes })
+    Ok(CriTarget {
+        kind,
+        unit: view.unit_guess.clone(),
+        files,
+        handlers,
+        kata,
+        notes,
+    })
 }
 
 pub(super) fn parse_existing(path: &Path, bytes: &[u8]) -> Result<toml_edit::DocumentMut> {
-    let text = std::str::from_utf8(bytes).map_err(|_| StageError::bad_input(path, "is not UTF-8 text", "Fix or restore the file and re-run; nothing was changed"))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        StageError::bad_input(
+            path,
+            "is not UTF-8 text",
+            "Fix or restore the file and re-run; nothing was changed",
+        )
+    })?;
     containerd::parse(text).map_err(|e| {
-        StageError::bad_input(path, format!("is not valid TOML: {}", e.0), "Fix the syntax (the runtime cannot load it either) and re-run; nothing was changed")
+        StageError::bad_input(
+            path,
+            format!("is not valid TOML: {}", e.0),
+            "Fix the syntax (the runtime cannot load it either) and re-run; nothing was changed",
+        )
     })
 }
 
@@ -161,7 +253,10 @@ pub const K3S_BASE_TEMPLATE: &str = "{{ template \"base\" . }}\n";
 /// Whether a k3s/rke2 template is nothing but the base template (comments and blank lines aside).
 pub fn is_bare_k3s_template(bytes: &[u8]) -> bool {
     let text = String::from_utf8_lossy(bytes);
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
     lines.next() == Some(K3S_BASE_TEMPLATE.trim()) && lines.next().is_none()
 }
 
@@ -173,7 +268,11 @@ pub(super) fn split_base_include(text: &str) -> Option<(String, String)> {
     for line in text.split_inclusive('\n') {
         at += line.len();
         if line.trim() == include {
-            let head = if line.ends_with('\n') { text[..at].to_string() } else { format!("{}\n", &text[..at]) };
+            let head = if line.ends_with('\n') {
+                text[..at].to_string()
+            } else {
+                format!("{}\n", &text[..at])
+            };
             return Some((head, text[at..].to_string()));
         }
     }
@@ -181,10 +280,19 @@ pub(super) fn split_base_include(text: &str) -> Option<(String, String)> {
 }
 
 /// Renders the desired content of one file from its base (pristine) content.
-pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata: &KataContainerd) -> Result<Vec<u8>> {
+pub fn render_desired(
+    path: &Path,
+    desired: &Desired,
+    base: Option<&[u8]>,
+    kata: &KataContainerd,
+) -> Result<Vec<u8>> {
     match desired {
         Desired::Whole(b) => Ok(b.clone()),
-        Desired::EditKata { set_flags, new_version, template } => {
+        Desired::EditKata {
+            set_flags,
+            new_version,
+            template,
+        } => {
             // A template's text up to its base include is kept out of the TOML edit, verbatim.
             let split = if *template {
                 match base {
@@ -210,7 +318,11 @@ pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata:
             };
             // A template has no version key of its own (k3s's base carries it): its schema is the
             // distribution's for the containerd it runs.
-            let version = if base.is_some() && !*template { containerd::detect_version(&doc) } else { *new_version };
+            let version = if base.is_some() && !*template {
+                containerd::detect_version(&doc)
+            } else {
+                *new_version
+            };
             // A template extending a distribution's base already has the base's runtimes.
             let is_template = *template || base.is_some_and(|b| b.windows(2).any(|w| w == b"{{"));
             if !version.split_cri_plugins() && !is_template {
@@ -224,12 +336,18 @@ pub fn render_desired(path: &Path, desired: &Desired, base: Option<&[u8]>, kata:
             }
             .into_bytes())
         }
-        Desired::AddImport { import, new_version } => {
+        Desired::AddImport {
+            import,
+            new_version,
+        } => {
             let mut doc = match base {
                 Some(b) => parse_existing(path, b)?,
                 None => {
                     let mut d = toml_edit::DocumentMut::new();
-                    d.insert("version", toml_edit::value(new_version.number().unwrap_or(3)));
+                    d.insert(
+                        "version",
+                        toml_edit::value(new_version.number().unwrap_or(3)),
+                    );
                     d
                 }
             };
@@ -245,36 +363,70 @@ mod tests {
     use crate::config::parse_config;
 
     fn fixture(name: &str) -> String {
-        std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read_to_string(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     #[test]
     fn bare_k3s_templates_are_recognised() {
         assert!(is_bare_k3s_template(K3S_BASE_TEMPLATE.as_bytes()));
-        assert!(is_bare_k3s_template(b"{{ template \"base\" . }}\n\n# comment\n"));
-        assert!(!is_bare_k3s_template(b"{{ template \"base\" . }}\n[plugins.x]\n"));
+        assert!(is_bare_k3s_template(
+            b"{{ template \"base\" . }}\n\n# comment\n"
+        ));
+        assert!(!is_bare_k3s_template(
+            b"{{ template \"base\" . }}\n[plugins.x]\n"
+        ));
         assert!(!is_bare_k3s_template(b""));
     }
 
     #[test]
     fn a_new_k3s_template_starts_with_the_base_include() {
         let cfg = parse_config("shims:\n  - name: qemu\n", Path::new("c")).unwrap();
-        let t = plan(&cfg, &NodeFacts { container_runtime_version: Some("containerd://1.7.27-k3s1".into()), ..Default::default() }, CriKind::K3s, &HostView::default()).unwrap();
+        let t = plan(
+            &cfg,
+            &NodeFacts {
+                container_runtime_version: Some("containerd://1.7.27-k3s1".into()),
+                ..Default::default()
+            },
+            CriKind::K3s,
+            &HostView::default(),
+        )
+        .unwrap();
         let (p, d) = &t.files[0];
         let first = String::from_utf8(render_desired(p, d, None, &t.kata).unwrap()).unwrap();
         assert!(first.starts_with(K3S_BASE_TEMPLATE), "{first}");
         // A second install edits the first one's template: still first, one include only.
-        let second = String::from_utf8(render_desired(p, d, Some(first.as_bytes()), &t.kata).unwrap()).unwrap();
-        assert!(second.starts_with(K3S_BASE_TEMPLATE) && second.matches("{{").count() == 1, "{second}");
-        assert!(second.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]"), "{second}");
+        let second =
+            String::from_utf8(render_desired(p, d, Some(first.as_bytes()), &t.kata).unwrap())
+                .unwrap();
+        assert!(
+            second.starts_with(K3S_BASE_TEMPLATE) && second.matches("{{").count() == 1,
+            "{second}"
+        );
+        assert!(
+            second
+                .contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]"),
+            "{second}"
+        );
     }
 
     /// Every fixture: the files planned, how, the unit, and that each renders from the fixture.
     #[test]
     fn plan_on_every_fixture() {
         let cfg = parse_config("shims:\n  - name: qemu\n  - name: qemu-coco-dev\n    containerdSnapshotter: nydus\n    crioPullType: guest-pull\n", Path::new("c")).unwrap();
-        let facts = |v: &str| NodeFacts { container_runtime_version: Some(v.into()), arch: Some("amd64".into()), ..Default::default() };
-        let view = |cfg: Option<&str>, unit: &str| HostView { runtime_config: cfg.map(fixture), crio_config: None, unit_guess: unit.into() };
+        let facts = |v: &str| NodeFacts {
+            container_runtime_version: Some(v.into()),
+            arch: Some("amd64".into()),
+            ..Default::default()
+        };
+        let view = |cfg: Option<&str>, unit: &str| HostView {
+            runtime_config: cfg.map(fixture),
+            crio_config: None,
+            unit_guess: unit.into(),
+        };
         struct Case {
             fixture: Option<&'static str>,
             kind: CriKind,
@@ -283,39 +435,155 @@ mod tests {
             dropin_version: Option<ConfigVersion>,
         }
         let cases = [
-            Case { fixture: Some("containerd-1.6-default.toml"), kind: CriKind::Containerd, version: "containerd://1.6.20", want: &["/etc/containerd/config.toml"], dropin_version: None },
-            Case { fixture: Some("containerd-1.7-default.toml"), kind: CriKind::Containerd, version: "containerd://1.7.27", want: &["/etc/containerd/config.toml"], dropin_version: None },
-            Case { fixture: Some("containerd-noversion.toml"), kind: CriKind::Containerd, version: "containerd://1.7.27", want: &["/etc/containerd/config.toml"], dropin_version: None },
-            Case { fixture: Some("containerd-2.0-default.toml"), kind: CriKind::Containerd, version: "containerd://2.0.5", want: &["/etc/containerd/conf.d/kata-deploy.toml", "/etc/containerd/config.toml"], dropin_version: Some(ConfigVersion::V3) },
+            Case {
+                fixture: Some("containerd-1.6-default.toml"),
+                kind: CriKind::Containerd,
+                version: "containerd://1.6.20",
+                want: &["/etc/containerd/config.toml"],
+                dropin_version: None,
+            },
+            Case {
+                fixture: Some("containerd-1.7-default.toml"),
+                kind: CriKind::Containerd,
+                version: "containerd://1.7.27",
+                want: &["/etc/containerd/config.toml"],
+                dropin_version: None,
+            },
+            Case {
+                fixture: Some("containerd-noversion.toml"),
+                kind: CriKind::Containerd,
+                version: "containerd://1.7.27",
+                want: &["/etc/containerd/config.toml"],
+                dropin_version: None,
+            },
+            Case {
+                fixture: Some("containerd-2.0-default.toml"),
+                kind: CriKind::Containerd,
+                version: "containerd://2.0.5",
+                want: &[
+                    "/etc/containerd/conf.d/kata-deploy.toml",
+                    "/etc/containerd/config.toml",
+                ],
+                dropin_version: Some(ConfigVersion::V3),
+            },
             // The reported bug: a version-2 root kept on containerd 2.x gets a version-2 drop-in.
-            Case { fixture: Some("containerd-1.7-default.toml"), kind: CriKind::Containerd, version: "containerd://2.0.5", want: &["/etc/containerd/conf.d/kata-deploy.toml", "/etc/containerd/config.toml"], dropin_version: Some(ConfigVersion::V2) },
-            Case { fixture: Some("containerd-noversion.toml"), kind: CriKind::Containerd, version: "containerd://2.2.9", want: &["/etc/containerd/conf.d/kata-deploy.toml", "/etc/containerd/config.toml"], dropin_version: Some(ConfigVersion::V3) },
-            Case { fixture: None, kind: CriKind::Containerd, version: "containerd://2.4.2", want: &["/etc/containerd/conf.d/kata-deploy.toml", "/etc/containerd/config.toml"], dropin_version: Some(ConfigVersion::V3) },
-            Case { fixture: Some("k3s-generated-config.toml"), kind: CriKind::K3s, version: "containerd://1.7.27-k3s1", want: &["/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl"], dropin_version: None },
-            Case { fixture: None, kind: CriKind::Rke2, version: "containerd://2.0.5-k3s1", want: &["/var/lib/rancher/rke2/agent/etc/containerd/config-v3.toml.tmpl"], dropin_version: None },
-            Case { fixture: None, kind: CriKind::K0s, version: "containerd://1.7.24", want: &["/etc/k0s/containerd.d/kata-deploy.toml"], dropin_version: None },
-            Case { fixture: None, kind: CriKind::Microk8s, version: "containerd://1.6.28", want: &["/var/snap/microk8s/current/args/containerd-template.toml"], dropin_version: None },
-            Case { fixture: None, kind: CriKind::Crio, version: "cri-o://1.31.2", want: &["/etc/crio/crio.conf.d/50-kata-deploy.toml"], dropin_version: None },
+            Case {
+                fixture: Some("containerd-1.7-default.toml"),
+                kind: CriKind::Containerd,
+                version: "containerd://2.0.5",
+                want: &[
+                    "/etc/containerd/conf.d/kata-deploy.toml",
+                    "/etc/containerd/config.toml",
+                ],
+                dropin_version: Some(ConfigVersion::V2),
+            },
+            Case {
+                fixture: Some("containerd-noversion.toml"),
+                kind: CriKind::Containerd,
+                version: "containerd://2.2.9",
+                want: &[
+                    "/etc/containerd/conf.d/kata-deploy.toml",
+                    "/etc/containerd/config.toml",
+                ],
+                dropin_version: Some(ConfigVersion::V3),
+            },
+            Case {
+                fixture: None,
+                kind: CriKind::Containerd,
+                version: "containerd://2.4.2",
+                want: &[
+                    "/etc/containerd/conf.d/kata-deploy.toml",
+                    "/etc/containerd/config.toml",
+                ],
+                dropin_version: Some(ConfigVersion::V3),
+            },
+            Case {
+                fixture: Some("k3s-generated-config.toml"),
+                kind: CriKind::K3s,
+                version: "containerd://1.7.27-k3s1",
+                want: &["/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl"],
+                dropin_version: None,
+            },
+            Case {
+                fixture: None,
+                kind: CriKind::Rke2,
+                version: "containerd://2.0.5-k3s1",
+                want: &["/var/lib/rancher/rke2/agent/etc/containerd/config-v3.toml.tmpl"],
+                dropin_version: None,
+            },
+            Case {
+                fixture: None,
+                kind: CriKind::K0s,
+                version: "containerd://1.7.24",
+                want: &["/etc/k0s/containerd.d/kata-deploy.toml"],
+                dropin_version: None,
+            },
+            Case {
+                fixture: None,
+                kind: CriKind::Microk8s,
+                version: "containerd://1.6.28",
+                want: &["/var/snap/microk8s/current/args/containerd-template.toml"],
+                dropin_version: None,
+            },
+            Case {
+                fixture: None,
+                kind: CriKind::Crio,
+                version: "cri-o://1.31.2",
+                want: &["/etc/crio/crio.conf.d/50-kata-deploy.toml"],
+                dropin_version: None,
+            },
         ];
         for c in &cases {
-            let t = plan(&cfg, &facts(c.version), c.kind, &view(c.fixture, "u.service")).unwrap();
-            let paths: Vec<String> = t.files.iter().map(|(p, _)| p.display().to_string()).collect();
+            let t = plan(
+                &cfg,
+                &facts(c.version),
+                c.kind,
+                &view(c.fixture, "u.service"),
+            )
+            .unwrap();
+            let paths: Vec<String> = t
+                .files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect();
             assert_eq!(paths, c.want, "{:?} {} {:?}", c.kind, c.version, c.fixture);
             assert_eq!(t.unit, "u.service");
             assert_eq!(t.handlers, ["kata-qemu", "kata-qemu-coco-dev"]);
             for (p, d) in &t.files {
-                let base = if p.ends_with("config.toml") || p.ends_with("containerd-template.toml") { c.fixture.map(fixture) } else { None };
-                let out = render_desired(p, d, base.as_deref().map(str::as_bytes), &t.kata).unwrap();
+                let base = if p.ends_with("config.toml") || p.ends_with("containerd-template.toml")
+                {
+                    c.fixture.map(fixture)
+                } else {
+                    None
+                };
+                let out =
+                    render_desired(p, d, base.as_deref().map(str::as_bytes), &t.kata).unwrap();
                 let text = String::from_utf8(out).unwrap();
-                assert!(text.contains("kata-qemu-coco-dev") || text.contains("kata-deploy.toml"), "{p:?}: {text}");
+                assert!(
+                    text.contains("kata-qemu-coco-dev") || text.contains("kata-deploy.toml"),
+                    "{p:?}: {text}"
+                );
                 if let (Some(v), Desired::Whole(_)) = (c.dropin_version, d) {
-                    assert_eq!(containerd::detect_version(&containerd::parse(&text).unwrap()), v, "{:?} {}", c.fixture, c.version);
-                    assert!(text.contains("runtime_platforms"), "containerd 2.x guest pull: {text}");
+                    assert_eq!(
+                        containerd::detect_version(&containerd::parse(&text).unwrap()),
+                        v,
+                        "{:?} {}",
+                        c.fixture,
+                        c.version
+                    );
+                    assert!(
+                        text.contains("runtime_platforms"),
+                        "containerd 2.x guest pull: {text}"
+                    );
                 }
             }
         }
         // A malformed CRI-O main config is refused before anything is planned.
-        let bad = HostView { runtime_config: None, crio_config: Some("[crio\n".into()), unit_guess: "crio.service".into() };
+        let bad = HostView {
+            runtime_config: None,
+            crio_config: Some("[crio\n".into()),
+            unit_guess: "crio.service".into(),
+        };
         assert!(plan(&cfg, &facts("cri-o://1.31.2"), CriKind::Crio, &bad).is_err());
     }
 }

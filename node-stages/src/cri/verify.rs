@@ -24,7 +24,15 @@ pub(super) enum Expect {
 /// Restarts the runtime unless it already loaded `hash`, then verifies it is back. On failure,
 /// restores the files to what they were before this run and restarts again.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_path: &Path, unit: &str, hash: &str, wrote: bool, expect: Expect) -> Result<bool> {
+pub(super) fn converge_runtime(
+    ctx: &CriContext,
+    state: &mut CriState,
+    state_path: &Path,
+    unit: &str,
+    hash: &str,
+    wrote: bool,
+    expect: Expect,
+) -> Result<bool> {
     let fs = ctx.fs;
     if ctx.cfg.restart == RestartMode::None {
         if state.loaded.as_deref() != Some(hash) {
@@ -37,14 +45,19 @@ pub(super) fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_pat
         return Ok(false);
     }
     if !wrote && state.loaded.as_deref() == Some(hash) {
-        fs.plan(format!("restart {unit}: no (the running runtime already loaded this configuration)"));
+        fs.plan(format!(
+            "restart {unit}: no (the running runtime already loaded this configuration)"
+        ));
         return Ok(false);
     }
     if !wrote {
         if let Some(p) = state.pending.clone().filter(|p| p.content == hash) {
             // A previous run requested this restart and may have been killed by it.
             let st = ctx.restarter.status(unit)?;
-            let restarted_since = p.boot_id != boot_id() || st.active_since_mono_us.is_some_and(|t| t >= p.requested_mono_us);
+            let restarted_since = p.boot_id != boot_id()
+                || st
+                    .active_since_mono_us
+                    .is_some_and(|t| t >= p.requested_mono_us);
             let served = ctx.restarter.served_handlers(unit);
             if st.active && restarted_since && served.is_ok_and(|s| matches_expect(s, &expect)) {
                 tracing::info!(stage = "cri", unit, "runtime already restarted with this configuration by a previous run; not restarting again");
@@ -57,15 +70,33 @@ pub(super) fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_pat
         }
     }
     if fs.dry_run() {
-        fs.plan(format!("restart {unit}: yes (the running runtime has not loaded this configuration)"));
+        fs.plan(format!(
+            "restart {unit}: yes (the running runtime has not loaded this configuration)"
+        ));
         return Ok(true);
     }
-    let previous = state.pending.as_ref().map(|p| p.previous.clone()).unwrap_or_default();
-    let stamp = PendingRestart { content: hash.to_string(), boot_id: boot_id(), requested_mono_us: monotonic_now_us(), previous };
+    let previous = state
+        .pending
+        .as_ref()
+        .map(|p| p.previous.clone())
+        .unwrap_or_default();
+    let stamp = PendingRestart {
+        content: hash.to_string(),
+        boot_id: boot_id(),
+        requested_mono_us: monotonic_now_us(),
+        previous,
+    };
     state.pending = Some(stamp.clone());
     write_state(fs, state_path, state)?;
-    tracing::info!(stage = "cri", unit, "restarting the runtime to load the new configuration");
-    let outcome = ctx.restarter.restart(unit).and_then(|()| wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect));
+    tracing::info!(
+        stage = "cri",
+        unit,
+        "restarting the runtime to load the new configuration"
+    );
+    let outcome = ctx
+        .restarter
+        .restart(unit)
+        .and_then(|()| wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect));
     match outcome {
         Ok(()) => {
             state.loaded = Some(hash.to_string());
@@ -86,7 +117,14 @@ pub(super) fn converge_runtime(ctx: &CriContext, state: &mut CriState, state_pat
                 }
                 Err(re) => format!("Restoring the previous configuration ALSO failed ({re}); restore it by hand from the backups in {}", ctx.cfg.install().state_dir().display()),
             };
-            Err(StageError::Runtime { unit: unit.to_string(), message: format!("did not come back with the new configuration within {}s: {e}", ctx.cfg.cfg.runtime_ready_timeout_seconds), hint })
+            Err(StageError::Runtime {
+                unit: unit.to_string(),
+                message: format!(
+                    "did not come back with the new configuration within {}s: {e}",
+                    ctx.cfg.cfg.runtime_ready_timeout_seconds
+                ),
+                hint,
+            })
         }
     }
 }
@@ -104,16 +142,28 @@ fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expec
     let mut last: String;
     loop {
         match ctx.restarter.status(unit) {
-            Ok(st) if st.active && st.active_since_mono_us.is_none_or(|t| t >= since_us) => match ctx.restarter.served_handlers(unit) {
-                Ok(served) if matches_expect(served.clone(), expect) => return Ok(()),
-                Ok(served) => last = format!("active but serves {:?}, expected {:?}", served.unwrap_or_default(), expect),
-                Err(e) => last = e.to_string(),
-            },
+            Ok(st) if st.active && st.active_since_mono_us.is_none_or(|t| t >= since_us) => {
+                match ctx.restarter.served_handlers(unit) {
+                    Ok(served) if matches_expect(served.clone(), expect) => return Ok(()),
+                    Ok(served) => {
+                        last = format!(
+                            "active but serves {:?}, expected {:?}",
+                            served.unwrap_or_default(),
+                            expect
+                        )
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
             Ok(st) => last = format!("active={} since={:?}", st.active, st.active_since_mono_us),
             Err(e) => last = e.to_string(),
         }
         if Instant::now() >= deadline {
-            return Err(StageError::Runtime { unit: unit.into(), message: format!("not back: {last}"), hint: "see the runtime's logs".into() });
+            return Err(StageError::Runtime {
+                unit: unit.into(),
+                message: format!("not back: {last}"),
+                hint: "see the runtime's logs".into(),
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }

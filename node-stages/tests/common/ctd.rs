@@ -35,8 +35,16 @@ impl CtdBin {
 
     /// `containerd config default` of this binary.
     pub fn config_default(&self) -> String {
-        let out = Command::new(&self.containerd).args(["config", "default"]).output().unwrap();
-        assert!(out.status.success(), "{} config default: {}", self.label, String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&self.containerd)
+            .args(["config", "default"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} config default: {}",
+            self.label,
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -45,10 +53,23 @@ impl CtdBin {
     /// document without the daemon's 2→3 plugin migration (the runtimes vanish from it) while
     /// `config migrate` runs the same loader and the same plugin migrations as the daemon.
     pub fn config_dump(&self, config: &Path) -> std::result::Result<String, String> {
-        let verb = if self.major_minor().0 == 2 && self.major_minor().1 < 3 { "migrate" } else { "dump" };
-        let out = Command::new(&self.containerd).arg("--config").arg(config).args(["config", verb]).output().unwrap();
+        let verb = if self.major_minor().0 == 2 && self.major_minor().1 < 3 {
+            "migrate"
+        } else {
+            "dump"
+        };
+        let out = Command::new(&self.containerd)
+            .arg("--config")
+            .arg(config)
+            .args(["config", verb])
+            .output()
+            .unwrap();
         if !out.status.success() {
-            return Err(format!("containerd {} config dump failed: {}", self.label, String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "containerd {} config dump failed: {}",
+                self.label,
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(String::from_utf8(out.stdout).unwrap())
     }
@@ -58,14 +79,23 @@ impl CtdBin {
 pub fn real_version(bin: &Path) -> String {
     let out = Command::new(bin).arg("--version").output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout).to_string();
-    let v = s.split_whitespace().nth(2).unwrap_or("0.0.0").trim_start_matches('v').split('~').next().unwrap().to_string();
+    let v = s
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or("0.0.0")
+        .trim_start_matches('v')
+        .split('~')
+        .next()
+        .unwrap()
+        .to_string();
     format!("containerd://{v}")
 }
 
 fn testenv_bin() -> PathBuf {
     match std::env::var_os("KATA_TESTENV_CACHE") {
         Some(c) => PathBuf::from(c).join("bin"),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kata-deploy-testenv/bin"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/kata-deploy-testenv/bin"),
     }
 }
 
@@ -73,8 +103,14 @@ fn testenv_bin() -> PathBuf {
 pub fn pinned_containerd_versions() -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/testenv/versions.env");
     let text = std::fs::read_to_string(&path).unwrap();
-    let line = text.lines().find_map(|l| l.strip_prefix("CONTAINERD_VERSIONS=")).unwrap_or_else(|| panic!("no CONTAINERD_VERSIONS in {}", path.display()));
-    line.trim_matches('"').split_whitespace().map(str::to_string).collect()
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CONTAINERD_VERSIONS="))
+        .unwrap_or_else(|| panic!("no CONTAINERD_VERSIONS in {}", path.display()));
+    line.trim_matches('"')
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Debian's containerd (1.6) and every pinned containerd build of the test bed. A missing one
@@ -83,7 +119,11 @@ pub fn matrix_bins() -> Vec<CtdBin> {
     let mut out = Vec::new();
     let mut candidates = vec![PathBuf::from("/usr/bin/containerd")];
     for v in pinned_containerd_versions() {
-        candidates.push(testenv_bin().join(format!("containerd-{v}")).join("containerd"));
+        candidates.push(
+            testenv_bin()
+                .join(format!("containerd-{v}"))
+                .join("containerd"),
+        );
     }
     for c in candidates {
         if !c.is_file() {
@@ -91,8 +131,14 @@ pub fn matrix_bins() -> Vec<CtdBin> {
             continue;
         }
         let runtime_version = real_version(&c);
-        let label = runtime_version.trim_start_matches("containerd://").to_string();
-        out.push(CtdBin { label, containerd: c, runtime_version });
+        let label = runtime_version
+            .trim_start_matches("containerd://")
+            .to_string();
+        out.push(CtdBin {
+            label,
+            containerd: c,
+            runtime_version,
+        });
     }
     out
 }
@@ -152,7 +198,16 @@ impl RealContainerd {
         let mapped = match text.parse::<toml_edit::DocumentMut>() {
             Ok(mut doc) => {
                 if let Some(arr) = doc.get_mut("imports").and_then(|i| i.as_array_mut()) {
-                    let m: Vec<String> = arr.iter().filter_map(|v| v.as_str()).map(|p| self.host.join(p.trim_start_matches('/')).display().to_string()).collect();
+                    let m: Vec<String> = arr
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .map(|p| {
+                            self.host
+                                .join(p.trim_start_matches('/'))
+                                .display()
+                                .to_string()
+                        })
+                        .collect();
                     arr.clear();
                     for x in m {
                         arr.push(x);
@@ -172,11 +227,19 @@ impl RealContainerd {
     }
 
     fn refuses(&self) -> bool {
-        let Some(needle) = self.refuse_config_containing.lock().unwrap().clone() else { return false };
+        let Some(needle) = self.refuse_config_containing.lock().unwrap().clone() else {
+            return false;
+        };
         let eff = std::fs::read_to_string(self.effective()).unwrap_or_default();
         let mut texts = vec![eff.clone()];
         if let Ok(doc) = eff.parse::<toml_edit::DocumentMut>() {
-            for i in doc.get("imports").and_then(|i| i.as_array()).into_iter().flatten().filter_map(|v| v.as_str()) {
+            for i in doc
+                .get("imports")
+                .and_then(|i| i.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+            {
                 texts.push(std::fs::read_to_string(i).unwrap_or_default());
             }
         }
@@ -185,9 +248,17 @@ impl RealContainerd {
 
     pub fn start(&self) {
         // Appended: a failed start stays readable after the rollback's start.
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         use std::io::Write;
-        let _ = writeln!(log, "---- start {} ----", self.restarts.load(Ordering::SeqCst));
+        let _ = writeln!(
+            log,
+            "---- start {} ----",
+            self.restarts.load(Ordering::SeqCst)
+        );
         let mut cmd = Command::new(&self.bin.containerd);
         if self.refuses() {
             cmd.arg("--refused-by-test");
@@ -212,7 +283,10 @@ impl RealContainerd {
 
     pub fn stop(&self) {
         if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(c.id() as i32).unwrap(), rustix::process::Signal::TERM);
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(c.id() as i32).unwrap(),
+                rustix::process::Signal::TERM,
+            );
             for _ in 0..200 {
                 if c.try_wait().ok().flatten().is_some() {
                     return;
@@ -229,7 +303,11 @@ impl RealContainerd {
     }
 
     pub fn alive(&self) -> bool {
-        self.child.lock().unwrap().as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// The CRI Status of the running process (what the kubelet sees).
@@ -252,7 +330,11 @@ impl RealContainerd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("containerd {} did not become ready:\n{}", self.bin.label, std::fs::read_to_string(&self.log).unwrap_or_default());
+        panic!(
+            "containerd {} did not become ready:\n{}",
+            self.bin.label,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
     }
 
     /// Runtime handler names from the running process's own "Start cri plugin with config" log
@@ -260,7 +342,10 @@ impl RealContainerd {
     pub fn loaded_handlers(&self) -> Option<Vec<String>> {
         let log = std::fs::read_to_string(&self.log).ok()?;
         // The log is appended across restarts: the last start's report.
-        let line = log.lines().rev().find(|l| l.contains("Start cri plugin with config"))?;
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("Start cri plugin with config"))?;
         let start = line.find("Runtimes:map[")? + "Runtimes:map[".len();
         let mut names = Vec::new();
         let (mut depth, mut name) = (0usize, String::new());
@@ -293,13 +378,19 @@ impl Restarter for RealContainerd {
         self.stop();
         self.restarts.fetch_add(1, Ordering::SeqCst);
         self.start();
-        if self.kill_stage_on_next_restart.swap(false, Ordering::SeqCst) {
+        if self
+            .kill_stage_on_next_restart
+            .swap(false, Ordering::SeqCst)
+        {
             return Err(kata_deploy_stage::error::StageError::InjectedFault { after: 0 });
         }
         Ok(())
     }
     fn status(&self, _unit: &str) -> Result<UnitStatus> {
-        Ok(UnitStatus { active: self.cri_ok(), active_since_mono_us: Some(self.started_us.load(Ordering::SeqCst)) })
+        Ok(UnitStatus {
+            active: self.cri_ok(),
+            active_since_mono_us: Some(self.started_us.load(Ordering::SeqCst)),
+        })
     }
     fn enable_now(&self, _unit: &str) -> Result<()> {
         Ok(())
@@ -316,7 +407,13 @@ impl Restarter for RealContainerd {
 /// A fresh host root (the directories the stages expect, a machine id).
 pub fn bare_host(work: &Path) -> PathBuf {
     let host = work.join("host");
-    for d in ["etc/containerd", "opt", "var/lib", "run", "etc/systemd/system"] {
+    for d in [
+        "etc/containerd",
+        "opt",
+        "var/lib",
+        "run",
+        "etc/systemd/system",
+    ] {
         std::fs::create_dir_all(host.join(d)).unwrap();
     }
     std::fs::write(host.join("etc/machine-id"), "0123456789abcdef\n").unwrap();
@@ -325,7 +422,9 @@ pub fn bare_host(work: &Path) -> PathBuf {
 
 /// TOML (a `config dump`) as JSON, for whole-document comparisons.
 pub fn toml_to_json(text: &str) -> serde_json::Value {
-    let doc: toml_edit::DocumentMut = text.parse().unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"));
+    let doc: toml_edit::DocumentMut = text
+        .parse()
+        .unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"));
     item_json(doc.as_item())
 }
 
@@ -334,8 +433,16 @@ fn item_json(item: &toml_edit::Item) -> serde_json::Value {
     match item {
         toml_edit::Item::None => Value::Null,
         toml_edit::Item::Value(v) => value_json(v),
-        toml_edit::Item::Table(t) => Value::Object(t.iter().map(|(k, v)| (k.to_string(), item_json(v))).collect()),
-        toml_edit::Item::ArrayOfTables(a) => Value::Array(a.iter().map(|t| item_json(&toml_edit::Item::Table(t.clone()))).collect()),
+        toml_edit::Item::Table(t) => Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), item_json(v)))
+                .collect(),
+        ),
+        toml_edit::Item::ArrayOfTables(a) => Value::Array(
+            a.iter()
+                .map(|t| item_json(&toml_edit::Item::Table(t.clone())))
+                .collect(),
+        ),
     }
 }
 
@@ -348,7 +455,11 @@ fn value_json(v: &toml_edit::Value) -> serde_json::Value {
         toml_edit::Value::Boolean(b) => Value::Bool(*b.value()),
         toml_edit::Value::Datetime(d) => Value::String(d.value().to_string()),
         toml_edit::Value::Array(a) => Value::Array(a.iter().map(value_json).collect()),
-        toml_edit::Value::InlineTable(t) => Value::Object(t.iter().map(|(k, v)| (k.to_string(), value_json(v))).collect()),
+        toml_edit::Value::InlineTable(t) => Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), value_json(v)))
+                .collect(),
+        ),
     }
 }
 

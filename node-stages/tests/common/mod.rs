@@ -18,7 +18,12 @@ use kata_deploy_stage::restart::{monotonic_now_us, Restarter, UnitStatus};
 use kata_deploy_stage::stages::{self, NoClaims, StageEnv, StageReport};
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 /// Builds the synthetic payload once per test binary with hack/make-test-payload.sh.
@@ -27,8 +32,18 @@ pub fn payload_dir() -> PathBuf {
     ONCE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("kata-test-payload-{}", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-test-payload.sh");
-        let st = std::process::Command::new("bash").arg(&script).arg(&dir).arg("--size-mib").arg("0").output().unwrap();
-        assert!(st.status.success(), "make-test-payload.sh failed: {}", String::from_utf8_lossy(&st.stderr));
+        let st = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .arg("--size-mib")
+            .arg("0")
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "make-test-payload.sh failed: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
         dir
     })
     .clone()
@@ -47,15 +62,63 @@ pub struct Flavour {
 
 pub fn flavours() -> Vec<Flavour> {
     vec![
-        Flavour { name: "containerd-1.6", runtime_version: "containerd://1.6.20", files: vec![("/etc/containerd/config.toml", fixture("containerd-1.6-default.toml"))], dirs: vec![], handler_file: "/etc/containerd/config.toml" },
-        Flavour { name: "containerd-1.7", runtime_version: "containerd://1.7.27", files: vec![("/etc/containerd/config.toml", fixture("containerd-1.7-default.toml"))], dirs: vec![], handler_file: "/etc/containerd/config.toml" },
-        Flavour { name: "containerd-2.0", runtime_version: "containerd://2.0.5", files: vec![("/etc/containerd/config.toml", fixture("containerd-2.0-default.toml"))], dirs: vec![], handler_file: "/etc/containerd/conf.d/kata-deploy.toml" },
-        Flavour { name: "containerd-2.0-no-config", runtime_version: "containerd://2.1.1", files: vec![], dirs: vec!["/etc/containerd"], handler_file: "/etc/containerd/conf.d/kata-deploy.toml" },
-        Flavour { name: "containerd-noversion", runtime_version: "containerd://1.6.20", files: vec![("/etc/containerd/config.toml", fixture("containerd-noversion.toml"))], dirs: vec![], handler_file: "/etc/containerd/config.toml" },
+        Flavour {
+            name: "containerd-1.6",
+            runtime_version: "containerd://1.6.20",
+            files: vec![(
+                "/etc/containerd/config.toml",
+                fixture("containerd-1.6-default.toml"),
+            )],
+            dirs: vec![],
+            handler_file: "/etc/containerd/config.toml",
+        },
+        Flavour {
+            name: "containerd-1.7",
+            runtime_version: "containerd://1.7.27",
+            files: vec![(
+                "/etc/containerd/config.toml",
+                fixture("containerd-1.7-default.toml"),
+            )],
+            dirs: vec![],
+            handler_file: "/etc/containerd/config.toml",
+        },
+        Flavour {
+            name: "containerd-2.0",
+            runtime_version: "containerd://2.0.5",
+            files: vec![(
+                "/etc/containerd/config.toml",
+                fixture("containerd-2.0-default.toml"),
+            )],
+            dirs: vec![],
+            handler_file: "/etc/containerd/conf.d/kata-deploy.toml",
+        },
+        Flavour {
+            name: "containerd-2.0-no-config",
+            runtime_version: "containerd://2.1.1",
+            files: vec![],
+            dirs: vec!["/etc/containerd"],
+            handler_file: "/etc/containerd/conf.d/kata-deploy.toml",
+        },
+        Flavour {
+            name: "containerd-noversion",
+            runtime_version: "containerd://1.6.20",
+            files: vec![(
+                "/etc/containerd/config.toml",
+                fixture("containerd-noversion.toml"),
+            )],
+            dirs: vec![],
+            handler_file: "/etc/containerd/config.toml",
+        },
         Flavour {
             name: "k3s",
             runtime_version: "containerd://1.7.27-k3s1",
-            files: vec![("/var/lib/rancher/k3s/agent/etc/containerd/config.toml", fixture("k3s-generated-config.toml")), ("/etc/systemd/system/k3s.service", b"[Service]\n".to_vec())],
+            files: vec![
+                (
+                    "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+                    fixture("k3s-generated-config.toml"),
+                ),
+                ("/etc/systemd/system/k3s.service", b"[Service]\n".to_vec()),
+            ],
             dirs: vec![],
             handler_file: "/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl",
         },
@@ -63,17 +126,53 @@ pub fn flavours() -> Vec<Flavour> {
             name: "k3s-agent-user-template",
             runtime_version: "containerd://1.7.27-k3s1",
             files: vec![
-                ("/var/lib/rancher/k3s/agent/etc/containerd/config.toml", fixture("k3s-generated-config.toml")),
-                ("/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl", fixture("k3s-config.toml.tmpl")),
-                ("/etc/systemd/system/k3s-agent.service", b"[Service]\n".to_vec()),
+                (
+                    "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+                    fixture("k3s-generated-config.toml"),
+                ),
+                (
+                    "/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl",
+                    fixture("k3s-config.toml.tmpl"),
+                ),
+                (
+                    "/etc/systemd/system/k3s-agent.service",
+                    b"[Service]\n".to_vec(),
+                ),
             ],
             dirs: vec![],
             handler_file: "/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl",
         },
-        Flavour { name: "rke2-containerd-2", runtime_version: "containerd://2.0.5-k3s1", files: vec![], dirs: vec!["/var/lib/rancher/rke2/agent/etc/containerd"], handler_file: "/var/lib/rancher/rke2/agent/etc/containerd/config-v3.toml.tmpl" },
-        Flavour { name: "k0s", runtime_version: "containerd://1.7.24", files: vec![("/etc/k0s/containerd.toml", fixture("k0s-containerd.toml"))], dirs: vec!["/etc/k0s/containerd.d"], handler_file: "/etc/k0s/containerd.d/kata-deploy.toml" },
-        Flavour { name: "microk8s", runtime_version: "containerd://1.6.28", files: vec![("/var/snap/microk8s/current/args/containerd-template.toml", fixture("microk8s-containerd-template.toml"))], dirs: vec![], handler_file: "/var/snap/microk8s/current/args/containerd-template.toml" },
-        Flavour { name: "crio", runtime_version: "cri-o://1.31.2", files: vec![("/etc/crio/crio.conf", fixture("crio.conf"))], dirs: vec!["/etc/crio/crio.conf.d"], handler_file: "/etc/crio/crio.conf.d/50-kata-deploy.toml" },
+        Flavour {
+            name: "rke2-containerd-2",
+            runtime_version: "containerd://2.0.5-k3s1",
+            files: vec![],
+            dirs: vec!["/var/lib/rancher/rke2/agent/etc/containerd"],
+            handler_file: "/var/lib/rancher/rke2/agent/etc/containerd/config-v3.toml.tmpl",
+        },
+        Flavour {
+            name: "k0s",
+            runtime_version: "containerd://1.7.24",
+            files: vec![("/etc/k0s/containerd.toml", fixture("k0s-containerd.toml"))],
+            dirs: vec!["/etc/k0s/containerd.d"],
+            handler_file: "/etc/k0s/containerd.d/kata-deploy.toml",
+        },
+        Flavour {
+            name: "microk8s",
+            runtime_version: "containerd://1.6.28",
+            files: vec![(
+                "/var/snap/microk8s/current/args/containerd-template.toml",
+                fixture("microk8s-containerd-template.toml"),
+            )],
+            dirs: vec![],
+            handler_file: "/var/snap/microk8s/current/args/containerd-template.toml",
+        },
+        Flavour {
+            name: "crio",
+            runtime_version: "cri-o://1.31.2",
+            files: vec![("/etc/crio/crio.conf", fixture("crio.conf"))],
+            dirs: vec!["/etc/crio/crio.conf.d"],
+            handler_file: "/etc/crio/crio.conf.d/50-kata-deploy.toml",
+        },
     ]
 }
 
@@ -104,7 +203,10 @@ pub fn make_host(f: &Flavour) -> tempfile::TempDir {
 pub fn snapshot(root: &Path) -> BTreeMap<String, Option<(u32, Vec<u8>)>> {
     let mut out = BTreeMap::new();
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<(u32, Vec<u8>)>>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         for p in entries {
             let rel = p.strip_prefix(root).unwrap().display().to_string();
@@ -117,9 +219,15 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Option<(u32, Vec<u8>)>> {
                 walk(root, &p, out);
             } else if rel.ends_with("/installed-stamps.json") {
                 // A stat cache (inode numbers, times): compared by presence and mode only.
-                out.insert(rel, Some((md.permissions().mode() & 0o7777, b"<stamp cache>".to_vec())));
+                out.insert(
+                    rel,
+                    Some((md.permissions().mode() & 0o7777, b"<stamp cache>".to_vec())),
+                );
             } else {
-                out.insert(rel, Some((md.permissions().mode() & 0o7777, std::fs::read(&p).unwrap())));
+                out.insert(
+                    rel,
+                    Some((md.permissions().mode() & 0o7777, std::fs::read(&p).unwrap())),
+                );
             }
         }
     }
@@ -128,9 +236,16 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Option<(u32, Vec<u8>)>> {
 }
 
 /// Diff of two snapshots, for assertion messages.
-pub fn snapshot_diff(a: &BTreeMap<String, Option<(u32, Vec<u8>)>>, b: &BTreeMap<String, Option<(u32, Vec<u8>)>>) -> String {
+pub fn snapshot_diff(
+    a: &BTreeMap<String, Option<(u32, Vec<u8>)>>,
+    b: &BTreeMap<String, Option<(u32, Vec<u8>)>>,
+) -> String {
     let mut s = String::new();
-    for k in a.keys().chain(b.keys()).collect::<std::collections::BTreeSet<_>>() {
+    for k in a
+        .keys()
+        .chain(b.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
         match (a.get(k), b.get(k)) {
             (Some(x), Some(y)) if x == y => {}
             (Some(_), Some(_)) => s.push_str(&format!("changed {k}\n")),
@@ -157,7 +272,12 @@ pub struct FakeRuntime {
 
 impl FakeRuntime {
     pub fn restart_count(&self, unit: &str) -> usize {
-        self.restarts.lock().unwrap().iter().filter(|u| *u == unit).count()
+        self.restarts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|u| *u == unit)
+            .count()
     }
 }
 
@@ -165,8 +285,12 @@ impl Restarter for FakeRuntime {
     fn restart(&self, unit: &str) -> Result<()> {
         self.restarts.lock().unwrap().push(unit.to_string());
         std::thread::sleep(Duration::from_millis(1));
-        self.started_at.store(monotonic_now_us() as usize, Ordering::SeqCst);
-        if self.kill_stage_on_next_restart.swap(false, Ordering::SeqCst) {
+        self.started_at
+            .store(monotonic_now_us() as usize, Ordering::SeqCst);
+        if self
+            .kill_stage_on_next_restart
+            .swap(false, Ordering::SeqCst)
+        {
             // The stage container dies with the runtime: simulated as a crash.
             return Err(StageError::InjectedFault { after: 0 });
         }
@@ -174,7 +298,10 @@ impl Restarter for FakeRuntime {
     }
     fn status(&self, unit: &str) -> Result<UnitStatus> {
         let t = self.started_at.load(Ordering::SeqCst) as u64;
-        Ok(UnitStatus { active: !self.inactive.lock().unwrap().iter().any(|u| u == unit), active_since_mono_us: Some(t) })
+        Ok(UnitStatus {
+            active: !self.inactive.lock().unwrap().iter().any(|u| u == unit),
+            active_since_mono_us: Some(t),
+        })
     }
     fn enable_now(&self, unit: &str) -> Result<()> {
         self.enabled.lock().unwrap().push(unit.to_string());
@@ -208,23 +335,57 @@ pub fn facts(f: &Flavour) -> NodeFacts {
 }
 
 /// Runs the install stages (artifacts, cri) against a host root.
-pub fn install(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, rt: &dyn Restarter) -> Result<Vec<StageReport>> {
+pub fn install(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    facts: &NodeFacts,
+    rt: &dyn Restarter,
+) -> Result<Vec<StageReport>> {
     let payload = payload_dir();
-    let env = StageEnv { cfg, facts, fs, payload_dir: &payload, restarter: rt, claims: &NoClaims, lock_wait: Duration::from_secs(5) };
+    let env = StageEnv {
+        cfg,
+        facts,
+        fs,
+        payload_dir: &payload,
+        restarter: rt,
+        claims: &NoClaims,
+        lock_wait: Duration::from_secs(5),
+    };
     Ok(vec![stages::run_artifacts(&env)?, stages::run_cri(&env)?])
 }
 
 /// Runs the uninstall host stages (revert-cri, remove-artifacts).
-pub fn uninstall(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts, rt: &dyn Restarter) -> Result<Vec<StageReport>> {
+pub fn uninstall(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    facts: &NodeFacts,
+    rt: &dyn Restarter,
+) -> Result<Vec<StageReport>> {
     let payload = payload_dir();
-    let env = StageEnv { cfg, facts, fs, payload_dir: &payload, restarter: rt, claims: &NoClaims, lock_wait: Duration::from_secs(5) };
-    Ok(vec![stages::run_revert_cri(&env)?, stages::run_remove_artifacts(&env)?])
+    let env = StageEnv {
+        cfg,
+        facts,
+        fs,
+        payload_dir: &payload,
+        restarter: rt,
+        claims: &NoClaims,
+        lock_wait: Duration::from_secs(5),
+    };
+    Ok(vec![
+        stages::run_revert_cri(&env)?,
+        stages::run_remove_artifacts(&env)?,
+    ])
 }
 
 /// Runs the real stage binary standalone (no node name, so no claim) on `host` with `config`
 /// and `payload`, as an amd64 containerd 2.0.5 node.
 #[allow(dead_code)]
-pub fn run_stage_binary(host: &Path, config: &Path, payload: &Path, args: &[&str]) -> std::process::Output {
+pub fn run_stage_binary(
+    host: &Path,
+    config: &Path,
+    payload: &Path,
+    args: &[&str],
+) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
         .arg("--config")
         .arg(config)

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kata_testbed::local_kubelet::{parse_bind, Config, ImageMap, LocalKubelet, Mount, DEFAULT_SELECTOR};
+use kata_testbed::local_kubelet::{
+    parse_bind, Config, ImageMap, LocalKubelet, Mount, DEFAULT_SELECTOR,
+};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Kubelet stand-in for local test-bed nodes: runs the project's real binaries as processes.

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(about = "Drive the kata-deploy test bed (KATA_TESTBED_STATE must name a running cluster)")]
+#[command(
+    about = "Drive the kata-deploy test bed (KATA_TESTBED_STATE must name a running cluster)"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -42,9 +44,24 @@ async fn main() -> Result<()> {
     }
     let cluster = TestCluster::get().await?;
     match args.command {
-        Command::Nodes { local, sim, hosts_dir, prefix } => {
-            let local = cluster.local_nodes(&format!("{prefix}-local"), local, &hosts_dir, "true", &BTreeMap::new()).await?;
-            let sim = cluster.sim_nodes(&format!("{prefix}-sim"), sim, &SimNode::default()).await?;
+        Command::Nodes {
+            local,
+            sim,
+            hosts_dir,
+            prefix,
+        } => {
+            let local = cluster
+                .local_nodes(
+                    &format!("{prefix}-local"),
+                    local,
+                    &hosts_dir,
+                    "true",
+                    &BTreeMap::new(),
+                )
+                .await?;
+            let sim = cluster
+                .sim_nodes(&format!("{prefix}-sim"), sim, &SimNode::default())
+                .await?;
             for n in local.iter().chain(&sim) {
                 println!("{n}");
             }

@@ -73,7 +73,9 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         match ev {
             watcher::Event::Init => seen.clear(),
             watcher::Event::InitApply(n) | watcher::Event::Apply(n) => {
-                let Some(name) = n.metadata.name.clone() else { continue };
+                let Some(name) = n.metadata.name.clone() else {
+                    continue;
+                };
                 seen.insert(name.clone());
                 served.entry(name.clone()).or_insert_with(|| {
                     info!(node = %name, "serving local node");
@@ -257,7 +259,11 @@ fn on_pod(shared: &Arc<Shared>, node: &str, table: &mut BTreeMap<String, PodEntr
     }
     let (stop_tx, stop_rx) = watch::channel(None);
     let (done_tx, done_rx) = watch::channel(false);
-    let started_before = pod.status.as_ref().and_then(|s| s.start_time.as_ref()).is_some();
+    let started_before = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .is_some();
     if deleting {
         // Never ran here (or finished before we saw it): nothing to kill.
         let _ = done_tx.send(true);

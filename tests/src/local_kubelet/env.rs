@@ -38,7 +38,13 @@ pub struct PodContext {
 impl PodContext {
     /// Node `n1` on loopback, API on port 6443 (unit tests of this module and `volumes`).
     pub(crate) fn for_tests() -> Self {
-        Self { node_name: "n1".into(), pod_ip: "127.0.0.1".into(), host_ip: "127.0.0.1".into(), api_host: "127.0.0.1".into(), api_port: 6443 }
+        Self {
+            node_name: "n1".into(),
+            pod_ip: "127.0.0.1".into(),
+            host_ip: "127.0.0.1".into(),
+            api_host: "127.0.0.1".into(),
+            api_port: 6443,
+        }
     }
 }
 
@@ -139,7 +145,10 @@ pub fn field_ref(pod: &Pod, path: &str, ctx: &PodContext) -> Result<String, Stri
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
     let map_lookup = |m: &Option<BTreeMap<String, String>>, key: &str| -> String {
-        m.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or_default()
+        m.as_ref()
+            .and_then(|m| m.get(key))
+            .cloned()
+            .unwrap_or_default()
     };
     // `metadata.labels['k']` / `metadata.annotations['k']`
     let subscript = |prefix: &str| -> Option<String> {
@@ -361,7 +370,10 @@ pub fn container_env(
                     if k.contains('=') || k.is_empty() {
                         continue;
                     }
-                    env.set(format!("{prefix}{k}"), utf8(v, &format!("{kind} {name}/{k}"))?);
+                    env.set(
+                        format!("{prefix}{k}"),
+                        utf8(v, &format!("{kind} {name}/{k}"))?,
+                    );
                 }
             }
             None if optional => {}
@@ -375,11 +387,7 @@ pub fn container_env(
                 None => continue,
             },
             (Some(v), None) => {
-                let lookup = |n: &str| {
-                    env.get(n)
-                        .or_else(|| service.get(n))
-                        .map(str::to_string)
-                };
+                let lookup = |n: &str| env.get(n).or_else(|| service.get(n)).map(str::to_string);
                 expand(v, lookup)
             }
             (None, None) => String::new(),
@@ -463,7 +471,10 @@ mod tests {
         assert_eq!(field_ref(&p, "status.podIP", &c).unwrap(), "127.0.0.1");
         assert_eq!(field_ref(&p, "metadata.labels['app']", &c).unwrap(), "x");
         assert_eq!(field_ref(&p, "metadata.labels", &c).unwrap(), "app=\"x\"\n");
-        assert_eq!(field_ref(&p, "spec.serviceAccountName", &c).unwrap(), "default");
+        assert_eq!(
+            field_ref(&p, "spec.serviceAccountName", &c).unwrap(),
+            "default"
+        );
         assert!(field_ref(&p, "spec.bogus", &c).is_err());
     }
 
@@ -481,7 +492,10 @@ mod tests {
             }]),
             env: Some(vec![
                 field("NODE", "spec.nodeName"),
-                var("GREETING", "hi $(NODE) $(P_k) $(KUBERNETES_SERVICE_PORT) $(NOPE)"),
+                var(
+                    "GREETING",
+                    "hi $(NODE) $(P_k) $(KUBERNETES_SERVICE_PORT) $(NOPE)",
+                ),
                 EnvVar {
                     name: "S".into(),
                     value_from: Some(EnvVarSource {
@@ -567,12 +581,18 @@ mod tests {
             resource_field(&p, "c", &sel("limits.memory", Some("1Mi"))).unwrap(),
             "64"
         );
-        assert_eq!(resource_field(&p, "c", &sel("limits.cpu", None)).unwrap(), "8");
+        assert_eq!(
+            resource_field(&p, "c", &sel("limits.cpu", None)).unwrap(),
+            "8"
+        );
         assert_eq!(
             resource_field(&p, "c", &sel("limits.cpu", Some("1m"))).unwrap(),
             "8000"
         );
-        assert_eq!(resource_field(&p, "c", &sel("requests.cpu", None)).unwrap(), "0");
+        assert_eq!(
+            resource_field(&p, "c", &sel("requests.cpu", None)).unwrap(),
+            "0"
+        );
         assert_eq!(parse_quantity("500m"), Some(0.5));
         assert!(resource_field(&p, "zz", &sel("limits.cpu", None)).is_err());
     }

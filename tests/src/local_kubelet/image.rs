@@ -48,7 +48,9 @@ impl ImageMap {
 
     /// The binary mapped to an image, if any.
     pub fn lookup(&self, image: &str) -> Option<&Path> {
-        self.entries.get(repository_name(image)).map(PathBuf::as_path)
+        self.entries
+            .get(repository_name(image))
+            .map(PathBuf::as_path)
     }
 }
 

@@ -48,7 +48,11 @@ pub fn local_node(name: &str) -> Node {
 /// A stable machine ID (32 hex) derived from the node UID, used when the file does not exist.
 pub fn machine_id_from_uid(uid: &str) -> String {
     let hex: String = uid.chars().filter(char::is_ascii_hexdigit).collect();
-    format!("{hex:0<32}").chars().take(32).collect::<String>().to_lowercase()
+    format!("{hex:0<32}")
+        .chars()
+        .take(32)
+        .collect::<String>()
+        .to_lowercase()
 }
 
 /// Reads `<node root>/etc/machine-id`, creating it if missing.
@@ -149,7 +153,10 @@ pub fn lease_body(node: &str, node_uid: &str, now: &Timestamp) -> Value {
 }
 
 /// Taints the node lifecycle controller would lift from a Ready node.
-pub const NOT_READY_TAINTS: &[&str] = &["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"];
+pub const NOT_READY_TAINTS: &[&str] = &[
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
 
 /// The node's taints without the not-ready/unreachable ones, or `None` when it has none of
 /// them. The NodeRestriction/TaintNodesByCondition admission adds `not-ready` to every new node,
@@ -197,7 +204,11 @@ mod tests {
         let now = Timestamp::from_second(1_700_000_000).unwrap();
         let mut n = local_node("n1");
         n.metadata.annotations = Some(
-            [(RUNTIME_VERSION_ANNOTATION.to_string(), "containerd://2.0.5".to_string())].into(),
+            [(
+                RUNTIME_VERSION_ANNOTATION.to_string(),
+                "containerd://2.0.5".to_string(),
+            )]
+            .into(),
         );
         n.status = Some(NodeStatus {
             conditions: Some(vec![NodeCondition {
@@ -220,7 +231,10 @@ mod tests {
         assert_eq!(ready["lastTransitionTime"], then.to_string());
         assert_eq!(ready["lastHeartbeatTime"], now.to_string());
         assert_eq!(s["nodeInfo"]["machineID"], "mid");
-        assert_eq!(s["nodeInfo"]["containerRuntimeVersion"], "containerd://2.0.5");
+        assert_eq!(
+            s["nodeInfo"]["containerRuntimeVersion"],
+            "containerd://2.0.5"
+        );
         assert_eq!(s["nodeInfo"]["kubeletVersion"], DEFAULT_KUBELET_VERSION);
         assert_eq!(s["allocatable"]["pods"], NODE_PODS);
         let l = lease_body("n1", "uid-1", &now);

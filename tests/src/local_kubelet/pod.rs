@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Pod, PodCondition, Secret, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodCondition, Secret, ServiceAccount};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client};
@@ -26,7 +24,8 @@ use super::image::resolve_argv;
 use super::node::LOCAL_IP;
 use super::process::{self, ProcessSpec};
 use super::status::{
-    build_status, carry_transition_times, exit_reason, termination_message, CState, ContainerRecord, PodRecord,
+    build_status, carry_transition_times, exit_reason, termination_message, CState,
+    ContainerRecord, PodRecord,
 };
 use super::volumes::{
     container_mounts, plan_volume, prepare_host_path, service_account_files, wants_sa_mount,
@@ -137,8 +136,14 @@ impl PodRun {
         let uid = pod.metadata.uid.clone()?;
         let spec = pod.spec.as_ref()?;
         let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
-        let waiting = |c: &Container, reason: &str| ContainerRecord::waiting(&c.name, c.image.as_deref().unwrap_or(""), reason);
-        let main_reason = if has_init { "PodInitializing" } else { "ContainerCreating" };
+        let waiting = |c: &Container, reason: &str| {
+            ContainerRecord::waiting(&c.name, c.image.as_deref().unwrap_or(""), reason)
+        };
+        let main_reason = if has_init {
+            "PodInitializing"
+        } else {
+            "ContainerCreating"
+        };
         let record = PodRecord {
             uid: uid.clone(),
             init: spec
@@ -147,7 +152,11 @@ impl PodRun {
                 .flatten()
                 .map(|c| waiting(c, "PodInitializing"))
                 .collect(),
-            main: spec.containers.iter().map(|c| waiting(c, main_reason)).collect(),
+            main: spec
+                .containers
+                .iter()
+                .map(|c| waiting(c, main_reason))
+                .collect(),
             start_time: Timestamp::now(),
             ip: LOCAL_IP.into(),
         };
@@ -217,7 +226,11 @@ impl PodRun {
     async fn set_state(&self, slot: Slot, state: CState, image_id: Option<String>) {
         {
             let mut rec = self.record.lock().await;
-            let list = if slot.init { &mut rec.init } else { &mut rec.main };
+            let list = if slot.init {
+                &mut rec.init
+            } else {
+                &mut rec.main
+            };
             list[slot.index].state = state;
             if let Some(id) = image_id {
                 list[slot.index].image_id = id;
@@ -253,7 +266,9 @@ impl PodRun {
     }
 
     fn print_logs(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "log") {
@@ -303,7 +318,16 @@ impl PodRun {
         };
         let mut init_ok = true;
         for (i, c) in spec.init_containers.iter().flatten().enumerate() {
-            let code = self.run_container(c, Slot { init: true, index: i }, &rc).await;
+            let code = self
+                .run_container(
+                    c,
+                    Slot {
+                        init: true,
+                        index: i,
+                    },
+                    &rc,
+                )
+                .await;
             if code != Some(0) {
                 init_ok = false;
                 break;
@@ -311,7 +335,14 @@ impl PodRun {
         }
         if init_ok {
             let runs = spec.containers.iter().enumerate().map(|(i, c)| {
-                self.run_container(c, Slot { init: false, index: i }, &rc)
+                self.run_container(
+                    c,
+                    Slot {
+                        init: false,
+                        index: i,
+                    },
+                    &rc,
+                )
             });
             join_all(runs).await;
         }
@@ -333,7 +364,10 @@ impl PodRun {
                     ))
                 }
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Error::kube(format!("get serviceaccount {}/{name}", self.ns), e))
+                    return Err(Error::kube(
+                        format!("get serviceaccount {}/{name}", self.ns),
+                        e,
+                    ))
                 }
                 Err(_) => {}
             }
@@ -357,7 +391,12 @@ impl PodRun {
                     .into_iter()
                     .map(|(k, v)| (k, v.into_bytes()))
                     .collect();
-                data.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+                data.extend(
+                    cm.binary_data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0)),
+                );
                 objs.config_maps.insert(name, data);
             }
         }
@@ -424,8 +463,7 @@ impl PodRun {
             let ro = v.always_read_only();
             let dir = match &v.kind {
                 VolumeKind::HostPath { dir, type_ } => {
-                    prepare_host_path(dir, type_)
-                        .map_err(|e| Error::spec(&self.key(), "-", e))?;
+                    prepare_host_path(dir, type_).map_err(|e| Error::spec(&self.key(), "-", e))?;
                     dir.clone()
                 }
                 VolumeKind::EmptyDir => {
@@ -560,13 +598,18 @@ impl PodRun {
             Ok(ch) => ch,
             Err(e) => {
                 warn!(pod = %key, container = %c.name, error = %e, "container failed to start");
-                self.terminate_unstarted(slot, "StartError", e.to_string()).await;
+                self.terminate_unstarted(slot, "StartError", e.to_string())
+                    .await;
                 return Some(128);
             }
         };
         let pid = child.id().unwrap_or(0);
         let proc_key = format!("{}/{}", self.uid, c.name);
-        self.shared.procs.lock().unwrap().insert(proc_key.clone(), pid);
+        self.shared
+            .procs
+            .lock()
+            .unwrap()
+            .insert(proc_key.clone(), pid);
         let started = Timestamp::now();
         info!(pod = %key, container = %c.name, pid, program = %spec.argv.program.display(), "container started");
         let image_id = format!("local-binary://{}", spec.argv.program.display());
@@ -662,14 +705,22 @@ impl PodRun {
         // Baseline a container image would provide; HOME points into the pod's scratch space
         // so nothing (e.g. a kube client looking for ~/.kube/config) sees the host's home.
         let mut env = EnvList::default();
-        env.set("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        env.set(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
         env.set("HOSTNAME", self.name.clone());
         env.set("HOME", self.dir.join("home").display().to_string());
         for (k, v) in user_env.0 {
             env.set(k, v);
         }
         let lookup = |n: &str| env.get(n).map(str::to_string);
-        let command: Vec<String> = c.command.iter().flatten().map(|s| expand(s, lookup)).collect();
+        let command: Vec<String> = c
+            .command
+            .iter()
+            .flatten()
+            .map(|s| expand(s, lookup))
+            .collect();
         let args: Vec<String> = c.args.iter().flatten().map(|s| expand(s, lookup)).collect();
         let mapped = self.shared.config.images.lookup(&image);
         let argv = resolve_argv(&image, mapped, &command, &args).ok_or_else(|| {
@@ -684,7 +735,8 @@ impl PodRun {
             )
         })?;
         let term_file = self.termination_file(c);
-        std::fs::write(&term_file, b"").map_err(|e| config_err(format!("{}: {e}", term_file.display())))?;
+        std::fs::write(&term_file, b"")
+            .map_err(|e| config_err(format!("{}: {e}", term_file.display())))?;
         let term_target = PathBuf::from(
             c.termination_message_path
                 .clone()
@@ -701,7 +753,11 @@ impl PodRun {
         Ok(ProcessSpec {
             argv,
             env: env.0,
-            working_dir: c.working_dir.clone().filter(|w| !w.is_empty()).map(PathBuf::from),
+            working_dir: c
+                .working_dir
+                .clone()
+                .filter(|w| !w.is_empty())
+                .map(PathBuf::from),
             mounts,
             log: self.dir.join(format!("{}.log", c.name)),
         })
@@ -752,7 +808,11 @@ pub async fn request_pod_token(
         .create_token_request(sa, &PostParams::default(), &req)
         .await
         .map_err(|e| Error::kube(format!("token for serviceaccount {ns}/{sa} (pod {pod})"), e))?;
-    resp.status
-        .map(|s| s.token)
-        .ok_or_else(|| Error::spec(&format!("{ns}/{pod}"), "-", "TokenRequest returned no token"))
+    resp.status.map(|s| s.token).ok_or_else(|| {
+        Error::spec(
+            &format!("{ns}/{pod}"),
+            "-",
+            "TokenRequest returned no token",
+        )
+    })
 }

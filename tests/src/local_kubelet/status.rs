@@ -292,13 +292,9 @@ pub fn build_status(rec: &PodRecord, now: &Timestamp) -> PodStatus {
         phase: Some(phase.into()),
         conditions: Some(conditions),
         host_ip: Some(rec.ip.clone()),
-        host_ips: Some(vec![HostIP {
-            ip: rec.ip.clone(),
-        }]),
+        host_ips: Some(vec![HostIP { ip: rec.ip.clone() }]),
         pod_ip: Some(rec.ip.clone()),
-        pod_ips: Some(vec![PodIP {
-            ip: rec.ip.clone(),
-        }]),
+        pod_ips: Some(vec![PodIP { ip: rec.ip.clone() }]),
         start_time: Some(Time(rec.start_time)),
         // qosClass is left alone: the API server computes it at creation and rejects changes.
         init_container_statuses: (!rec.init.is_empty()).then(|| {
@@ -363,13 +359,22 @@ mod tests {
         assert_eq!(phase(&rec(vec![running("i")], vec![w("m")])), "Pending");
         assert_eq!(phase(&rec(vec![term("i", 1)], vec![w("m")])), "Failed");
         assert_eq!(phase(&rec(vec![term("i", 0)], vec![w("m")])), "Pending");
-        assert_eq!(phase(&rec(vec![term("i", 0)], vec![running("m")])), "Running");
+        assert_eq!(
+            phase(&rec(vec![term("i", 0)], vec![running("m")])),
+            "Running"
+        );
         assert_eq!(
             phase(&rec(vec![], vec![term("a", 0), running("b")])),
             "Running"
         );
-        assert_eq!(phase(&rec(vec![], vec![term("a", 0), term("b", 0)])), "Succeeded");
-        assert_eq!(phase(&rec(vec![], vec![term("a", 0), term("b", 3)])), "Failed");
+        assert_eq!(
+            phase(&rec(vec![], vec![term("a", 0), term("b", 0)])),
+            "Succeeded"
+        );
+        assert_eq!(
+            phase(&rec(vec![], vec![term("a", 0), term("b", 3)])),
+            "Failed"
+        );
     }
 
     #[test]
@@ -385,7 +390,14 @@ mod tests {
         let init = &s.init_container_statuses.as_ref().unwrap()[0];
         assert!(init.ready);
         assert_eq!(
-            init.state.as_ref().unwrap().terminated.as_ref().unwrap().reason.as_deref(),
+            init.state
+                .as_ref()
+                .unwrap()
+                .terminated
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
             Some("Completed")
         );
         let ready = s
@@ -394,7 +406,10 @@ mod tests {
             .into_iter()
             .find(|c| c.type_ == "Ready")
             .unwrap();
-        assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("False", Some("PodCompleted")));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some("PodCompleted"))
+        );
         assert_eq!(s.pod_ip.as_deref(), Some("127.0.0.1"));
         assert_eq!(s.qos_class, None);
     }
@@ -405,7 +420,12 @@ mod tests {
         assert_eq!(s.phase.as_deref(), Some("Running"));
         assert!(s.container_statuses.unwrap()[0].ready);
         assert!(s.init_container_statuses.is_none());
-        let ready = s.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+        let ready = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
         assert_eq!(ready.status, "True");
     }
 
@@ -419,8 +439,16 @@ mod tests {
             first.conditions.as_ref().unwrap(),
         );
         let time = |s: &PodStatus, t: &str| {
-            s.conditions.as_ref().unwrap().iter().find(|c| c.type_ == t).unwrap()
-                .last_transition_time.clone().unwrap().0
+            s.conditions
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|c| c.type_ == t)
+                .unwrap()
+                .last_transition_time
+                .clone()
+                .unwrap()
+                .0
         };
         assert_eq!(time(&second, "PodScheduled"), now());
         assert_eq!(time(&second, "Ready"), later);

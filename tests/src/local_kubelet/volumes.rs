@@ -107,7 +107,10 @@ fn relative_ok(path: &str) -> Result<(), String> {
     if path.is_empty() || Path::new(path).is_absolute() {
         return Err(format!("file path {path:?} must be relative and non-empty"));
     }
-    if Path::new(path).components().any(|c| c == Component::ParentDir) {
+    if Path::new(path)
+        .components()
+        .any(|c| c == Component::ParentDir)
+    {
         return Err(format!("file path {path:?} must not contain '..'"));
     }
     Ok(())
@@ -345,9 +348,9 @@ pub fn container_mounts(
             .ok_or_else(|| format!("volumeMount {:?}: no such volume", vm.name))?;
         let sub = match (&vm.sub_path, &vm.sub_path_expr) {
             (Some(s), _) if !s.is_empty() => Some(s.clone()),
-            (_, Some(e)) if !e.is_empty() => Some(super::env::expand(e, |n| {
-                env.get(n).map(str::to_string)
-            })),
+            (_, Some(e)) if !e.is_empty() => {
+                Some(super::env::expand(e, |n| env.get(n).map(str::to_string)))
+            }
             _ => None,
         };
         let source = match sub {
@@ -418,8 +421,7 @@ pub fn prepare_host_path(dir: &Path, type_: &str) -> Result<(), String> {
             .map_err(|e| format!("creating hostPath {}: {e}", dir.display())),
         ("FileOrCreate", None) => {
             if let Some(p) = dir.parent() {
-                std::fs::create_dir_all(p)
-                    .map_err(|e| format!("creating {}: {e}", p.display()))?;
+                std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()))?;
             }
             std::fs::File::create(dir)
                 .map(|_| ())
@@ -537,8 +539,17 @@ mod tests {
             }),
             ..Default::default()
         };
-        let all = plan_volume(&pod(), &mk("cfg", None, None), &objs, &ctx(), Path::new("/")).unwrap();
-        let VolumeKind::Files(f) = &all.kind else { panic!() };
+        let all = plan_volume(
+            &pod(),
+            &mk("cfg", None, None),
+            &objs,
+            &ctx(),
+            Path::new("/"),
+        )
+        .unwrap();
+        let VolumeKind::Files(f) = &all.kind else {
+            panic!()
+        };
         assert_eq!(f.len(), 2);
         assert!(all.always_read_only());
         let items = vec![KeyToPath {
@@ -546,7 +557,14 @@ mod tests {
             path: "sub/c.yaml".into(),
             mode: Some(0o600),
         }];
-        let one = plan_volume(&pod(), &mk("cfg", Some(items), None), &objs, &ctx(), Path::new("/")).unwrap();
+        let one = plan_volume(
+            &pod(),
+            &mk("cfg", Some(items), None),
+            &objs,
+            &ctx(),
+            Path::new("/"),
+        )
+        .unwrap();
         assert_eq!(
             one.kind,
             VolumeKind::Files(vec![VolumeFile {
@@ -555,15 +573,36 @@ mod tests {
                 mode: 0o600
             }])
         );
-        assert!(plan_volume(&pod(), &mk("nope", None, None), &objs, &ctx(), Path::new("/")).is_err());
-        let opt = plan_volume(&pod(), &mk("nope", None, Some(true)), &objs, &ctx(), Path::new("/")).unwrap();
+        assert!(plan_volume(
+            &pod(),
+            &mk("nope", None, None),
+            &objs,
+            &ctx(),
+            Path::new("/")
+        )
+        .is_err());
+        let opt = plan_volume(
+            &pod(),
+            &mk("nope", None, Some(true)),
+            &objs,
+            &ctx(),
+            Path::new("/"),
+        )
+        .unwrap();
         assert_eq!(opt.kind, VolumeKind::Files(vec![]));
         let bad = vec![KeyToPath {
             key: "missing".into(),
             path: "m".into(),
             mode: None,
         }];
-        assert!(plan_volume(&pod(), &mk("cfg", Some(bad), None), &objs, &ctx(), Path::new("/")).is_err());
+        assert!(plan_volume(
+            &pod(),
+            &mk("cfg", Some(bad), None),
+            &objs,
+            &ctx(),
+            Path::new("/")
+        )
+        .is_err());
     }
 
     #[test]
@@ -584,7 +623,9 @@ mod tests {
             ..Default::default()
         };
         let p = plan_volume(&pod(), &v, &PodObjects::default(), &ctx(), Path::new("/")).unwrap();
-        let VolumeKind::Files(f) = p.kind else { panic!() };
+        let VolumeKind::Files(f) = p.kind else {
+            panic!()
+        };
         assert_eq!(
             f[0].content,
             FileContent::Token {
@@ -633,7 +674,10 @@ mod tests {
             volumes: [
                 ("cfg".to_string(), (PathBuf::from("/w/v/cfg"), true)),
                 ("host".to_string(), (PathBuf::from("/hosts/n1"), false)),
-                ("scratch".to_string(), (PathBuf::from("/w/v/scratch"), false)),
+                (
+                    "scratch".to_string(),
+                    (PathBuf::from("/w/v/scratch"), false),
+                ),
             ]
             .into(),
             extra: &extra,
