@@ -1,6 +1,6 @@
 //! What a person reads: progress lines, the final per-node table, the termination message.
 
-use crate::pacing::{Outcome, Progress};
+use crate::lifecycle::{Outcome, Progress};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -29,16 +29,13 @@ pub fn progress_line(p: &Progress, elapsed: Duration) -> String {
 /// The final per-node table, failures first so they are seen.
 pub fn node_table(results: &BTreeMap<String, (Outcome, Option<Duration>)>) -> String {
     let width = results.keys().map(String::len).max().unwrap_or(4).clamp(4, 60);
-    let mut out = format!("{:<width$}  {:<11}  {:>8}  REASON\n", "NODE", "RESULT", "DURATION");
+    let mut out = format!("{:<width$}  {:<17}  {:>8}  REASON\n", "NODE", "RESULT", "DURATION");
     let mut rows: Vec<_> = results.iter().collect();
-    rows.sort_by_key(|(name, (o, _))| (*o == Outcome::Succeeded, (*name).clone()));
+    // Problems first so they are seen; O(N log N).
+    rows.sort_by(|(a, (oa, _)), (b, (ob, _))| (oa.is_ok(), *oa != Outcome::Succeeded, a).cmp(&(ob.is_ok(), *ob != Outcome::Succeeded, b)));
     for (node, (outcome, took)) in rows {
         let took = took.map(|d| format!("{:.1}s", d.as_secs_f64())).unwrap_or_else(|| "-".into());
-        let reason = match outcome {
-            Outcome::Succeeded => "",
-            Outcome::Failed(r) | Outcome::NotStarted(r) | Outcome::StillRunning(r) => r,
-        };
-        let _ = writeln!(out, "{node:<width$}  {:<11}  {took:>8}  {reason}", outcome.word());
+        let _ = writeln!(out, "{node:<width$}  {:<17}  {took:>8}  {}", outcome.word(), outcome.reason());
     }
     out
 }
@@ -46,7 +43,11 @@ pub fn node_table(results: &BTreeMap<String, (Outcome, Option<Duration>)>) -> St
 /// A compact summary for the container's termination message (kubectl describe shows it), kept
 /// under the kubelet's 4096-byte limit.
 pub fn termination_summary(results: &BTreeMap<String, (Outcome, Option<Duration>)>, stopped: Option<&str>) -> String {
-    let count = |w: &str| results.values().filter(|(o, _)| o.word() == w).count();
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (o, _) in results.values() {
+        *counts.entry(o.word()).or_default() += 1;
+    }
+    let count = |w: &str| counts.get(w).copied().unwrap_or(0);
     let mut s = format!(
         "{} nodes: {} succeeded, {} failed, {} not started, {} still running",
         results.len(),
@@ -55,14 +56,16 @@ pub fn termination_summary(results: &BTreeMap<String, (Outcome, Option<Duration>
         count("not-started"),
         count("running")
     );
+    for (word, label) in [("already-installed", "already installed"), ("skipped", "skipped"), ("removed", "removed")] {
+        if count(word) > 0 {
+            let _ = write!(s, ", {} {label}", count(word));
+        }
+    }
     if let Some(why) = stopped {
         let _ = write!(s, "; stopped: {why}");
     }
     for (node, (o, _)) in results.iter().filter(|(_, (o, _))| matches!(o, Outcome::Failed(_))) {
-        let line = format!("\n{node}: {}", match o {
-            Outcome::Failed(r) => r.as_str(),
-            _ => "",
-        });
+        let line = format!("\n{node}: {}", o.reason());
         if s.len() + line.len() > 3900 {
             s.push_str("\n… (see the dispatcher log for all nodes)");
             break;

@@ -119,6 +119,16 @@ impl JobTemplate {
         Ok(Self { job, hash })
     }
 
+    /// The template as given.
+    pub fn job(&self) -> &Value {
+        &self.job
+    }
+
+    /// `spec.activeDeadlineSeconds` of the template, if set.
+    pub fn active_deadline(&self) -> Option<std::time::Duration> {
+        self.job.pointer("/spec/activeDeadlineSeconds").and_then(Value::as_u64).map(std::time::Duration::from_secs)
+    }
+
     /// Short hash identifying this template (stored on every Job made from it).
     pub fn hash(&self) -> &str {
         &self.hash
