@@ -19,7 +19,12 @@ pub struct Admission {
 }
 
 fn exists(key: &str, effect: &str) -> Toleration {
-    Toleration { key: Some(key.into()), operator: Some("Exists".into()), effect: Some(effect.into()), ..Default::default() }
+    Toleration {
+        key: Some(key.into()),
+        operator: Some("Exists".into()),
+        effect: Some(effect.into()),
+        ..Default::default()
+    }
 }
 
 impl Admission {
@@ -29,7 +34,9 @@ impl Admission {
         let spec = job.pointer("/spec/template/spec");
         let mut tolerations: Vec<Toleration> = match spec.and_then(|s| s.get("tolerations")) {
             None | Some(Value::Null) => Vec::new(),
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("spec.template.spec.tolerations is not a list of tolerations: {e}"))?,
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                format!("spec.template.spec.tolerations is not a list of tolerations: {e}")
+            })?,
         };
         for (key, effect) in [
             ("node.kubernetes.io/not-ready", "NoExecute"),
@@ -41,10 +48,20 @@ impl Admission {
         ] {
             tolerations.push(exists(key, effect));
         }
-        if spec.and_then(|s| s.get("hostNetwork")).and_then(Value::as_bool) == Some(true) {
-            tolerations.push(exists("node.kubernetes.io/network-unavailable", "NoSchedule"));
+        if spec
+            .and_then(|s| s.get("hostNetwork"))
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
+            tolerations.push(exists(
+                "node.kubernetes.io/network-unavailable",
+                "NoSchedule",
+            ));
         }
-        Ok(Self { tolerations, ignore })
+        Ok(Self {
+            tolerations,
+            ignore,
+        })
     }
 
     /// The first taint that keeps the pod off the node, described for the report.
@@ -61,13 +78,21 @@ impl Admission {
 
 /// Kubernetes' toleration matching (`ToleratesTaint`).
 fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
-    if tol.effect.as_deref().is_some_and(|e| !e.is_empty() && e != taint.effect) {
+    if tol
+        .effect
+        .as_deref()
+        .is_some_and(|e| !e.is_empty() && e != taint.effect)
+    {
         return false;
     }
     let key = tol.key.as_deref().unwrap_or_default();
     match tol.operator.as_deref().unwrap_or("Equal") {
         "Exists" => key.is_empty() || key == taint.key,
-        "Equal" | "" => key == taint.key && tol.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default(),
+        "Equal" | "" => {
+            key == taint.key
+                && tol.value.as_deref().unwrap_or_default()
+                    == taint.value.as_deref().unwrap_or_default()
+        }
         _ => false,
     }
 }
@@ -78,49 +103,113 @@ mod tests {
     use serde_json::json;
 
     fn taint(key: &str, value: &str, effect: &str) -> Taint {
-        Taint { key: key.into(), value: Some(value.into()), effect: effect.into(), ..Default::default() }
+        Taint {
+            key: key.into(),
+            value: Some(value.into()),
+            effect: effect.into(),
+            ..Default::default()
+        }
     }
 
     fn admission(tolerations: Value) -> Admission {
-        Admission::from_template(&json!({"spec": {"template": {"spec": {"tolerations": tolerations}}}}), false).unwrap()
+        Admission::from_template(
+            &json!({"spec": {"template": {"spec": {"tolerations": tolerations}}}}),
+            false,
+        )
+        .unwrap()
     }
 
     #[test]
     fn untolerated_noschedule_and_noexecute_block_prefer_does_not() {
         let a = admission(json!([]));
-        assert!(a.untolerated(&[taint("gpu", "yes", "PreferNoSchedule")]).is_none());
+        assert!(a
+            .untolerated(&[taint("gpu", "yes", "PreferNoSchedule")])
+            .is_none());
         let why = a.untolerated(&[taint("gpu", "yes", "NoSchedule")]).unwrap();
-        assert!(why.contains("gpu=yes:NoSchedule") && why.contains("toleration"), "{why}");
-        assert!(a.untolerated(&[taint("dedicated", "db", "NoExecute")]).is_some());
+        assert!(
+            why.contains("gpu=yes:NoSchedule") && why.contains("toleration"),
+            "{why}"
+        );
+        assert!(a
+            .untolerated(&[taint("dedicated", "db", "NoExecute")])
+            .is_some());
     }
 
     #[test]
     fn daemonset_tolerations_are_implied() {
         let a = admission(json!([]));
-        assert!(a.untolerated(&[taint("node.kubernetes.io/unschedulable", "", "NoSchedule")]).is_none(), "cordoned nodes still get daemons");
-        assert!(a.untolerated(&[taint("node.kubernetes.io/not-ready", "", "NoExecute")]).is_none());
-        assert!(a.untolerated(&[taint("node.kubernetes.io/not-ready", "", "NoSchedule")]).is_some(), "only NoExecute is implied");
-        assert!(a.untolerated(&[taint("node.kubernetes.io/network-unavailable", "", "NoSchedule")]).is_some());
-        let host = Admission::from_template(&json!({"spec": {"template": {"spec": {"hostNetwork": true}}}}), false).unwrap();
-        assert!(host.untolerated(&[taint("node.kubernetes.io/network-unavailable", "", "NoSchedule")]).is_none());
+        assert!(
+            a.untolerated(&[taint("node.kubernetes.io/unschedulable", "", "NoSchedule")])
+                .is_none(),
+            "cordoned nodes still get daemons"
+        );
+        assert!(a
+            .untolerated(&[taint("node.kubernetes.io/not-ready", "", "NoExecute")])
+            .is_none());
+        assert!(
+            a.untolerated(&[taint("node.kubernetes.io/not-ready", "", "NoSchedule")])
+                .is_some(),
+            "only NoExecute is implied"
+        );
+        assert!(a
+            .untolerated(&[taint(
+                "node.kubernetes.io/network-unavailable",
+                "",
+                "NoSchedule"
+            )])
+            .is_some());
+        let host = Admission::from_template(
+            &json!({"spec": {"template": {"spec": {"hostNetwork": true}}}}),
+            false,
+        )
+        .unwrap();
+        assert!(host
+            .untolerated(&[taint(
+                "node.kubernetes.io/network-unavailable",
+                "",
+                "NoSchedule"
+            )])
+            .is_none());
     }
 
     #[test]
     fn toleration_operators_and_effects() {
-        let a = admission(json!([{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}, {"key": "db", "operator": "Exists"}]));
-        assert!(a.untolerated(&[taint("gpu", "yes", "NoSchedule")]).is_none());
-        assert!(a.untolerated(&[taint("gpu", "no", "NoSchedule")]).is_some(), "value must match");
-        assert!(a.untolerated(&[taint("gpu", "yes", "NoExecute")]).is_some(), "effect must match");
-        assert!(a.untolerated(&[taint("db", "anything", "NoExecute")]).is_none(), "Exists with no effect tolerates all effects");
+        let a = admission(
+            json!([{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}, {"key": "db", "operator": "Exists"}]),
+        );
+        assert!(a
+            .untolerated(&[taint("gpu", "yes", "NoSchedule")])
+            .is_none());
+        assert!(
+            a.untolerated(&[taint("gpu", "no", "NoSchedule")]).is_some(),
+            "value must match"
+        );
+        assert!(
+            a.untolerated(&[taint("gpu", "yes", "NoExecute")]).is_some(),
+            "effect must match"
+        );
+        assert!(
+            a.untolerated(&[taint("db", "anything", "NoExecute")])
+                .is_none(),
+            "Exists with no effect tolerates all effects"
+        );
         let all = admission(json!([{"operator": "Exists"}]));
-        assert!(all.untolerated(&[taint("x", "y", "NoExecute"), taint("z", "", "NoSchedule")]).is_none());
+        assert!(all
+            .untolerated(&[taint("x", "y", "NoExecute"), taint("z", "", "NoSchedule")])
+            .is_none());
         let ignore = Admission::from_template(&json!({}), true).unwrap();
-        assert!(ignore.untolerated(&[taint("x", "y", "NoExecute")]).is_none());
+        assert!(ignore
+            .untolerated(&[taint("x", "y", "NoExecute")])
+            .is_none());
     }
 
     #[test]
     fn bad_tolerations_are_refused() {
-        let e = Admission::from_template(&json!({"spec": {"template": {"spec": {"tolerations": "all"}}}}), false).unwrap_err();
+        let e = Admission::from_template(
+            &json!({"spec": {"template": {"spec": {"tolerations": "all"}}}}),
+            false,
+        )
+        .unwrap_err();
         assert!(e.contains("tolerations"), "{e}");
     }
 }

@@ -11,7 +11,7 @@ pub mod kube_io;
 pub mod lifecycle;
 pub mod naming;
 pub mod report;
-// pub mod run;
+pub mod run;
 pub mod select;
 pub mod status;
 pub mod template;

@@ -62,7 +62,10 @@ impl Outcome {
 
     /// Whether this result lets the run succeed.
     pub fn is_ok(&self) -> bool {
-        matches!(self, Self::Succeeded | Self::AlreadyInstalled | Self::Skipped(_) | Self::Removed(_))
+        matches!(
+            self,
+            Self::Succeeded | Self::AlreadyInstalled | Self::Skipped(_) | Self::Removed(_)
+        )
     }
 
     /// The reason, empty for a success.
@@ -70,7 +73,11 @@ impl Outcome {
         match self {
             Self::Succeeded => "",
             Self::AlreadyInstalled => "its last successful Job ran this template; no Job created",
-            Self::Failed(r) | Self::Skipped(r) | Self::Removed(r) | Self::NotStarted(r) | Self::StillRunning(r) => r,
+            Self::Failed(r)
+            | Self::Skipped(r)
+            | Self::Removed(r)
+            | Self::NotStarted(r)
+            | Self::StillRunning(r) => r,
         }
     }
 }
@@ -89,9 +96,18 @@ pub enum StopReason {
 impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::FailureBudget(n) => write!(f, "failure budget spent ({n} nodes failed); fix the cause and re-run (helm upgrade)"),
-            Self::Deadline => write!(f, "run deadline reached; re-run (helm upgrade) to continue, or raise --deadline"),
-            Self::Interrupted => write!(f, "dispatcher interrupted; re-run (helm upgrade) to continue"),
+            Self::FailureBudget(n) => write!(
+                f,
+                "failure budget spent ({n} nodes failed); fix the cause and re-run (helm upgrade)"
+            ),
+            Self::Deadline => write!(
+                f,
+                "run deadline reached; re-run (helm upgrade) to continue, or raise --deadline"
+            ),
+            Self::Interrupted => write!(
+                f,
+                "dispatcher interrupted; re-run (helm upgrade) to continue"
+            ),
         }
     }
 }
@@ -111,13 +127,17 @@ impl Budget {
     /// Parses `5`, `0` (no budget) or `10%`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let bad = || format!("invalid failure budget {s:?}: use a node count (5; 0 = never stop early) or a percentage of the targeted nodes (10%)");
+        let bad = || {
+            format!("invalid failure budget {s:?}: use a node count (5; 0 = never stop early) or a percentage of the targeted nodes (10%)")
+        };
         if let Some(p) = s.strip_suffix('%') {
             let p: u32 = p.trim().parse().map_err(|_| bad())?;
             return match p {
                 0 => Ok(Self::Unlimited),
                 1..=100 => Ok(Self::Percent(p)),
-                _ => Err(format!("invalid failure budget {s:?}: a percentage must be 0% to 100%")),
+                _ => Err(format!(
+                    "invalid failure budget {s:?}: a percentage must be 0% to 100%"
+                )),
             };
         }
         match s.parse::<usize>().map_err(|_| bad())? {
@@ -347,6 +367,8 @@ pub enum Action {
         node: String,
         /// Job name (the name it has or would have had).
         job: String,
+        /// The node's UID as last seen (empty when never seen).
+        node_uid: String,
         /// Outcome.
         outcome: Outcome,
         /// How long its Job took, when one ran.
@@ -393,7 +415,10 @@ enum Phase {
 
 impl Phase {
     fn in_flight(&self) -> bool {
-        matches!(self, Self::Replacing | Self::Creating | Self::Running | Self::Finishing | Self::Abandoning)
+        matches!(
+            self,
+            Self::Replacing | Self::Creating | Self::Running | Self::Finishing | Self::Abandoning
+        )
     }
 }
 
@@ -498,6 +523,8 @@ pub struct Lifecycle {
     failed_budget: usize,
     /// Most nodes ever busy at once (for tests and the report).
     peak: usize,
+    /// Nodes that joined or left the selection (settling watches it).
+    changes: u64,
 }
 
 /// Per-node results of a run, in node order.
@@ -528,6 +555,7 @@ impl Lifecycle {
             failed: 0,
             failed_budget: 0,
             peak: 0,
+            changes: 0,
             cfg,
         };
         for name in me.cfg.named.clone().unwrap_or_default() {
@@ -547,6 +575,11 @@ impl Lifecycle {
         self.in_flight + self.foreign_busy
     }
 
+    /// How often a node joined or left the queue (the selection settles when this stops moving).
+    pub fn selection_changes(&self) -> u64 {
+        self.changes
+    }
+
     /// The most nodes busy at once so far.
     pub fn peak(&self) -> usize {
         self.peak
@@ -554,20 +587,32 @@ impl Lifecycle {
 
     /// Targeted nodes known so far (for the empty-selection check and the plan).
     pub fn targets(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.nodes.iter().filter(|(_, r)| r.phase == Phase::Queued).map(|(n, _)| n.clone()).collect();
+        let mut v: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, r)| r.phase == Phase::Queued)
+            .map(|(n, _)| n.clone())
+            .collect();
         v.sort();
         v
     }
 
     /// Nodes named on the command line that do not exist (so far).
     pub fn missing(&self) -> usize {
-        self.nodes.values().filter(|r| r.phase == Phase::Missing).count()
+        self.nodes
+            .values()
+            .filter(|r| r.phase == Phase::Missing)
+            .count()
     }
 
     /// For the dry-run plan: what would happen to `node`.
     pub fn plan_of(&mut self, node: &str) -> &'static str {
         let job = self.names.assign(node);
-        let installed = self.nodes.get(node).and_then(|r| r.obs.as_ref()).and_then(|o| o.installed_hash.clone());
+        let installed = self
+            .nodes
+            .get(node)
+            .and_then(|r| r.obs.as_ref())
+            .and_then(|o| o.installed_hash.clone());
         if installed.is_some() && installed == self.cfg.skip_installed {
             return "skip (already installed)";
         }
@@ -590,12 +635,20 @@ impl Lifecycle {
 
     /// Nothing left to wait for.
     pub fn is_done(&self) -> bool {
-        self.started && self.in_flight == 0 && (self.stopped.is_some() || (self.ready.is_empty() && self.queued_busy == 0))
+        self.started
+            && self.in_flight == 0
+            && (self.stopped.is_some() || (self.ready.is_empty() && self.queued_busy == 0))
     }
 
     /// Counters for a progress line.
     pub fn progress(&self) -> Progress {
-        Progress { succeeded: self.ok, failed: self.failed, running: self.in_flight, queued: self.queued, total: self.total }
+        Progress {
+            succeeded: self.ok,
+            failed: self.failed,
+            running: self.in_flight,
+            queued: self.queued,
+            total: self.total,
+        }
     }
 
     /// Handles one input at `now`; returns what to do.
@@ -633,7 +686,12 @@ impl Lifecycle {
             Input::JobGone(name) => self.on_job_gone(now, &name, &mut out),
             Input::JobListDone => {
                 if let Some(listed) = self.relist_jobs.take() {
-                    let gone: Vec<String> = self.jobs.iter().filter(|(n, j)| !j.placeholder && !listed.contains(*n)).map(|(n, _)| n.clone()).collect();
+                    let gone: Vec<String> = self
+                        .jobs
+                        .iter()
+                        .filter(|(n, j)| !j.placeholder && !listed.contains(*n))
+                        .map(|(n, _)| n.clone())
+                        .collect();
                     for n in gone {
                         self.on_job_gone(now, &n, &mut out);
                     }
@@ -649,7 +707,12 @@ impl Lifecycle {
             Input::PodGone(name) => self.on_pod_gone(now, &name, &mut out),
             Input::PodListDone => {
                 if let Some(listed) = self.relist_pods.take() {
-                    let gone: Vec<String> = self.pods.keys().filter(|n| !listed.contains(*n)).cloned().collect();
+                    let gone: Vec<String> = self
+                        .pods
+                        .keys()
+                        .filter(|n| !listed.contains(*n))
+                        .cloned()
+                        .collect();
                     for n in gone {
                         self.on_pod_gone(now, &n, &mut out);
                     }
@@ -686,7 +749,9 @@ impl Lifecycle {
     }
 
     fn rec(&mut self, node: &str) -> &mut NodeRec {
-        self.nodes.entry(node.to_owned()).or_insert_with(|| NodeRec::new(Phase::Untargeted))
+        self.nodes
+            .entry(node.to_owned())
+            .or_insert_with(|| NodeRec::new(Phase::Untargeted))
     }
 
     // ----- nodes -----
@@ -707,13 +772,18 @@ impl Lifecycle {
             Phase::Untargeted | Phase::Missing if selected => {
                 self.set_phase(now, &name, Phase::Queued, out);
             }
-            Phase::Done(Outcome::Skipped(_)) | Phase::Done(Outcome::Removed(_)) if selected && started => {
+            Phase::Done(Outcome::Skipped(_)) | Phase::Done(Outcome::Removed(_))
+                if selected && started =>
+            {
                 // Selected again, or a new machine took the name: a target again.
                 self.set_phase(now, &name, Phase::Queued, out);
             }
             Phase::Queued if !selected => {
                 if started {
-                    let o = Outcome::Skipped("stopped matching the selection before its Job was created; not dispatched".into());
+                    let o = Outcome::Skipped(
+                        "stopped matching the selection before its Job was created; not dispatched"
+                            .into(),
+                    );
                     self.finish(now, &name, o, out);
                 } else {
                     self.set_phase(now, &name, Phase::Untargeted, out);
@@ -730,20 +800,36 @@ impl Lifecycle {
     }
 
     fn on_node_gone(&mut self, now: Instant, name: &str, out: &mut Vec<Action>) {
-        let Some(rec) = self.nodes.get_mut(name) else { return };
+        let Some(rec) = self.nodes.get_mut(name) else {
+            return;
+        };
         if rec.obs.take().is_none() && rec.phase != Phase::Missing {
             return;
         }
         let phase = rec.phase.clone();
         let reason = |what: &str| format!("node was deleted {what}; nothing left to install");
         match phase {
-            Phase::Queued if !self.started && self.cfg.named.is_some() => self.set_phase(now, name, Phase::Missing, out),
+            Phase::Queued if !self.started && self.cfg.named.is_some() => {
+                self.set_phase(now, name, Phase::Missing, out)
+            }
             Phase::Queued if !self.started => self.set_phase(now, name, Phase::Untargeted, out),
-            Phase::Queued => self.finish(now, name, Outcome::Removed(reason("before its Job was created")), out),
+            Phase::Queued => self.finish(
+                now,
+                name,
+                Outcome::Removed(reason("before its Job was created")),
+                out,
+            ),
             Phase::Creating => {
                 let rec = self.rec(name);
                 rec.delete_on_create = rec.create_pending;
-                self.finish(now, name, Outcome::Removed(reason("while its Job was being created; the Job is deleted")), out);
+                self.finish(
+                    now,
+                    name,
+                    Outcome::Removed(reason(
+                        "while its Job was being created; the Job is deleted",
+                    )),
+                    out,
+                );
             }
             Phase::Running | Phase::Finishing | Phase::Replacing | Phase::Abandoning => {
                 self.delete_current(name, "its node was deleted", out);
@@ -758,10 +844,22 @@ impl Lifecycle {
     // ----- Jobs and pods -----
 
     fn on_job(&mut self, now: Instant, job: JobObs, out: &mut Vec<Action>) {
-        let node = if job.node.is_empty() { self.names.node_of(&job.name).map(str::to_owned) } else { Some(job.node.clone()) };
+        let node = if job.node.is_empty() {
+            self.names.node_of(&job.name).map(str::to_owned)
+        } else {
+            Some(job.node.clone())
+        };
         let Some(node) = node else { return };
         let name = job.name.clone();
-        let rec = JobRec { node: node.clone(), node_uid: job.node_uid.clone(), uid: job.uid.clone(), ours: job.ours, phase: job.phase.clone(), deleting: job.deleting, placeholder: false };
+        let rec = JobRec {
+            node: node.clone(),
+            node_uid: job.node_uid.clone(),
+            uid: job.uid.clone(),
+            ours: job.ours,
+            phase: job.phase.clone(),
+            deleting: job.deleting,
+            placeholder: false,
+        };
         if let Some(old) = self.jobs.insert(name.clone(), rec) {
             if old.node != node {
                 self.detach_job(now, &old.node, &name, out);
@@ -788,7 +886,10 @@ impl Lifecycle {
                 self.set_phase(now, node, Phase::Running, out);
             }
             Phase::Queued if self.started && self.same_machine(node, job) => {
-                out.push(Action::Adopted { node: node.into(), job: job.name.clone() });
+                out.push(Action::Adopted {
+                    node: node.into(),
+                    job: job.name.clone(),
+                });
                 match &job.phase {
                     // Already running: it held a slot as an earlier Job; now it is ours.
                     JobPhase::Running => {
@@ -797,13 +898,20 @@ impl Lifecycle {
                     }
                     // Finished before this dispatcher looked: record it, take no slot.
                     JobPhase::Succeeded => self.finish(now, node, Outcome::Succeeded, out),
-                    JobPhase::Failed(reason) => self.finish(now, node, Outcome::Failed(reason.clone()), out),
+                    JobPhase::Failed(reason) => {
+                        self.finish(now, node, Outcome::Failed(reason.clone()), out)
+                    }
                 }
                 return;
             }
             Phase::Done(_) if self.nodes[node].delete_on_create => {
                 self.rec(node).delete_on_create = false;
-                out.push(Action::Delete { node: node.into(), job: job.name.clone(), uid: job.uid.clone(), why: "its node is gone" });
+                out.push(Action::Delete {
+                    node: node.into(),
+                    job: job.name.clone(),
+                    uid: job.uid.clone(),
+                    why: "its node is gone",
+                });
                 return;
             }
             Phase::Running if current.as_ref().is_none_or(|c| *c == job.uid) => {
@@ -819,19 +927,29 @@ impl Lifecycle {
             JobPhase::Succeeded => self.finish(now, node, Outcome::Succeeded, out),
             JobPhase::Failed(reason) => {
                 self.set_phase(now, node, Phase::Finishing, out);
-                out.push(Action::ReadFailure { node: node.into(), job: job.name.clone(), condition: reason.clone() });
+                out.push(Action::ReadFailure {
+                    node: node.into(),
+                    job: job.name.clone(),
+                    condition: reason.clone(),
+                });
             }
         }
     }
 
     /// Whether `job` was made for the machine now behind the node's name.
     fn same_machine(&self, node: &str, job: &JobObs) -> bool {
-        let uid = self.nodes.get(node).and_then(|r| r.obs.as_ref()).map(|o| o.facts.uid.as_str());
+        let uid = self
+            .nodes
+            .get(node)
+            .and_then(|r| r.obs.as_ref())
+            .map(|o| o.facts.uid.as_str());
         job.node_uid.is_empty() || uid.is_none_or(|u| u == job.node_uid)
     }
 
     fn on_job_gone(&mut self, now: Instant, name: &str, out: &mut Vec<Action>) {
-        let Some(job) = self.jobs.remove(name) else { return };
+        let Some(job) = self.jobs.remove(name) else {
+            return;
+        };
         let node = job.node.clone();
         self.detach_job(now, &node, name, out);
         let rec = self.rec(&node);
@@ -861,7 +979,13 @@ impl Lifecycle {
             return;
         }
         let node = pod.node.clone();
-        self.pods.insert(pod.name.clone(), PodRec { node: node.clone(), job_uid: pod.job_uid });
+        self.pods.insert(
+            pod.name.clone(),
+            PodRec {
+                node: node.clone(),
+                job_uid: pod.job_uid,
+            },
+        );
         let r = self.rec(&node);
         if !r.pods.contains(&pod.name) {
             r.pods.push(pod.name);
@@ -870,7 +994,9 @@ impl Lifecycle {
     }
 
     fn on_pod_gone(&mut self, now: Instant, name: &str, out: &mut Vec<Action>) {
-        let Some(pod) = self.pods.remove(name) else { return };
+        let Some(pod) = self.pods.remove(name) else {
+            return;
+        };
         if let Some(r) = self.nodes.get_mut(&pod.node) {
             r.pods.retain(|p| p != name);
         }
@@ -884,7 +1010,9 @@ impl Lifecycle {
         if let Some(r) = self.nodes.get_mut(node) {
             r.create_pending = false;
         }
-        let Some(phase) = self.phase(node).cloned() else { return };
+        let Some(phase) = self.phase(node).cloned() else {
+            return;
+        };
         match result {
             Created::Ok(uid) => {
                 if phase == Phase::Creating {
@@ -892,22 +1020,43 @@ impl Lifecycle {
                     self.set_phase(now, node, Phase::Running, out);
                     // The watch may have delivered the finished Job before the create returned.
                     if let Some(seen) = self.jobs.get(&job).filter(|j| j.uid == uid).cloned() {
-                        let obs = JobObs { name: job.clone(), uid, node: node.into(), node_uid: String::new(), ours: seen.ours, phase: seen.phase, deleting: seen.deleting };
+                        let obs = JobObs {
+                            name: job.clone(),
+                            uid,
+                            node: node.into(),
+                            node_uid: String::new(),
+                            ours: seen.ours,
+                            phase: seen.phase,
+                            deleting: seen.deleting,
+                        };
                         self.track_ours(now, node, &obs, out);
                     }
                 } else if self.nodes[node].delete_on_create {
                     self.rec(node).delete_on_create = false;
                     // It exists until the watch says it is gone: the name and the node stay busy.
                     self.note_job(now, node, &job, &uid, out);
-                    out.push(Action::Delete { node: node.into(), job, uid, why: "its node is gone" });
+                    out.push(Action::Delete {
+                        node: node.into(),
+                        job,
+                        uid,
+                        why: "its node is gone",
+                    });
                 }
             }
-            Created::Conflict if phase == Phase::Creating => out.push(Action::ReadConflict { node: node.into(), job }),
+            Created::Conflict if phase == Phase::Creating => out.push(Action::ReadConflict {
+                node: node.into(),
+                job,
+            }),
             Created::Conflict => self.rec(node).delete_on_create = false,
             Created::Err(e) => {
                 self.rec(node).delete_on_create = false;
                 if phase == Phase::Creating {
-                    self.finish(now, node, Outcome::Failed(format!("could not create its Job: {e}")), out);
+                    self.finish(
+                        now,
+                        node,
+                        Outcome::Failed(format!("could not create its Job: {e}")),
+                        out,
+                    );
                 }
             }
         }
@@ -926,7 +1075,12 @@ impl Lifecycle {
                 ));
                 self.finish(now, node, o, out);
             }
-            Conflicting::Err(e) => self.finish(now, node, Outcome::Failed(format!("Job {job} exists but cannot be read: {e}")), out),
+            Conflicting::Err(e) => self.finish(
+                now,
+                node,
+                Outcome::Failed(format!("Job {job} exists but cannot be read: {e}")),
+                out,
+            ),
             Conflicting::Gone => {
                 // Deleted between our create and our get: try again.
                 self.set_phase(now, node, Phase::Replacing, out);
@@ -941,7 +1095,12 @@ impl Lifecycle {
                     self.on_job(now, obs, out);
                     self.set_phase(now, node, Phase::Replacing, out);
                     if !deleting {
-                        out.push(Action::Delete { node: node.into(), job, uid, why: "replacing the Job of an earlier run or template" });
+                        out.push(Action::Delete {
+                            node: node.into(),
+                            job,
+                            uid,
+                            why: "replacing the Job of an earlier run or template",
+                        });
                     }
                 }
             }
@@ -988,8 +1147,21 @@ impl Lifecycle {
                 }
                 Phase::Queued => {
                     let job = self.names.assign(&node);
-                    if let Some(seen) = self.jobs.get(&job).filter(|j| j.ours && !j.deleting).cloned() {
-                        let obs = JobObs { name: job, uid: seen.uid, node: node.clone(), node_uid: seen.node_uid, ours: true, phase: seen.phase, deleting: false };
+                    if let Some(seen) = self
+                        .jobs
+                        .get(&job)
+                        .filter(|j| j.ours && !j.deleting)
+                        .cloned()
+                    {
+                        let obs = JobObs {
+                            name: job,
+                            uid: seen.uid,
+                            node: node.clone(),
+                            node_uid: seen.node_uid,
+                            ours: true,
+                            phase: seen.phase,
+                            deleting: false,
+                        };
                         self.track_ours(now, &node, &obs, out);
                     }
                 }
@@ -1003,12 +1175,22 @@ impl Lifecycle {
     fn delete_current(&mut self, node: &str, why: &'static str, out: &mut Vec<Action>) {
         let job = self.names.assign(node);
         match self.jobs.get(&job) {
-            Some(j) if !j.deleting => out.push(Action::Delete { node: node.into(), job, uid: j.uid.clone(), why }),
+            Some(j) if !j.deleting => out.push(Action::Delete {
+                node: node.into(),
+                job,
+                uid: j.uid.clone(),
+                why,
+            }),
             Some(_) => {}
             None => match self.nodes.get(node).and_then(|r| r.current.clone()) {
                 Some(uid) => {
                     self.note_job_quiet(node, &job, &uid);
-                    out.push(Action::Delete { node: node.into(), job, uid, why });
+                    out.push(Action::Delete {
+                        node: node.into(),
+                        job,
+                        uid,
+                        why,
+                    });
                 }
                 None => {
                     let rec = self.rec(node);
@@ -1026,7 +1208,15 @@ impl Lifecycle {
 
     fn note_job_quiet(&mut self, node: &str, job: &str, uid: &str) {
         if !self.jobs.contains_key(job) {
-            let rec = JobRec { node: node.into(), node_uid: String::new(), uid: uid.into(), ours: true, phase: JobPhase::Running, deleting: true, placeholder: true };
+            let rec = JobRec {
+                node: node.into(),
+                node_uid: String::new(),
+                uid: uid.into(),
+                ours: true,
+                phase: JobPhase::Running,
+                deleting: true,
+                placeholder: true,
+            };
             self.jobs.insert(job.into(), rec);
             let r = self.rec(node);
             if !r.jobs.iter().any(|j| j == job) {
@@ -1043,13 +1233,28 @@ impl Lifecycle {
 
     fn finish(&mut self, now: Instant, node: &str, outcome: Outcome, out: &mut Vec<Action>) {
         let job = self.names.assign(node);
-        let took = self.nodes.get(node).and_then(|r| r.started).map(|s| now.saturating_duration_since(s));
+        let took = self
+            .nodes
+            .get(node)
+            .and_then(|r| r.started)
+            .map(|s| now.saturating_duration_since(s));
         let rec = self.rec(node);
         rec.took = took;
+        let node_uid = rec
+            .obs
+            .as_ref()
+            .map(|o| o.facts.uid.clone())
+            .unwrap_or_default();
         // Whatever Job is left on the node is no longer this node's current work: should the
         // node become a target again (re-created, re-selected), that Job must be gone first.
         rec.current = None;
-        out.push(Action::Report { node: node.into(), job, outcome: outcome.clone(), took });
+        out.push(Action::Report {
+            node: node.into(),
+            job,
+            node_uid,
+            outcome: outcome.clone(),
+            took,
+        });
         self.set_phase(now, node, Phase::Done(outcome), out);
     }
 
@@ -1066,8 +1271,16 @@ impl Lifecycle {
         }
         // One per-node timeout from dispatch to the end, whatever the node waits for.
         let timed = |p: &Phase| matches!(p, Phase::Replacing | Phase::Running | Phase::Abandoning);
-        let old_deadline = if timed(&old) && !timed(&new) { rec.deadline.take() } else { None };
-        let new_deadline = if timed(&new) && !timed(&old) { timeout.map(|t| now + t) } else { None };
+        let old_deadline = if timed(&old) && !timed(&new) {
+            rec.deadline.take()
+        } else {
+            None
+        };
+        let new_deadline = if timed(&new) && !timed(&old) {
+            timeout.map(|t| now + t)
+        } else {
+            None
+        };
         if new_deadline.is_some() {
             rec.deadline = new_deadline;
         }
@@ -1104,7 +1317,10 @@ impl Lifecycle {
                 if old.in_flight() {
                     self.failed_budget += 1;
                     if let Some(limit) = self.cfg.budget.limit(self.total) {
-                        if self.failed_budget >= limit && self.stopped.is_none() && self.queued > usize::from(old == Phase::Queued) {
+                        if self.failed_budget >= limit
+                            && self.stopped.is_none()
+                            && self.queued > usize::from(old == Phase::Queued)
+                        {
                             self.stopped = Some(StopReason::FailureBudget(self.failed_budget));
                         }
                     }
@@ -1113,6 +1329,9 @@ impl Lifecycle {
         }
         if old == Phase::Queued {
             self.queued -= 1;
+        }
+        if (old == Phase::Queued) != (new == Phase::Queued) {
+            self.changes += 1;
         }
         if new == Phase::Queued {
             self.queued += 1;
@@ -1127,14 +1346,25 @@ impl Lifecycle {
     /// name or host to be free on to its next step.
     fn refresh(&mut self, now: Instant, node: &str, out: &mut Vec<Action>) {
         let our_name = self.names.assign(node);
-        let Some(rec) = self.nodes.get(node) else { return };
+        let Some(rec) = self.nodes.get(node) else {
+            return;
+        };
         let current = rec.current.as_deref();
         let old_job_alive = rec.jobs.iter().any(|j| {
-            self.jobs.get(j).is_some_and(|r| Some(r.uid.as_str()) != current && (r.phase == JobPhase::Running || r.deleting))
+            self.jobs.get(j).is_some_and(|r| {
+                Some(r.uid.as_str()) != current && (r.phase == JobPhase::Running || r.deleting)
+            })
         });
-        let old_pod_alive = rec.pods.iter().any(|p| self.pods.get(p).is_some_and(|r| Some(r.job_uid.as_str()) != current));
+        let old_pod_alive = rec.pods.iter().any(|p| {
+            self.pods
+                .get(p)
+                .is_some_and(|r| Some(r.job_uid.as_str()) != current)
+        });
         let busy = old_job_alive || old_pod_alive || rec.delete_on_create;
-        let name_taken = self.jobs.get(&our_name).is_some_and(|j| Some(j.uid.as_str()) != current);
+        let name_taken = self
+            .jobs
+            .get(&our_name)
+            .is_some_and(|j| Some(j.uid.as_str()) != current);
         let phase = rec.phase.clone();
         // Busy nodes we are not (or no longer) working on still run a Job: they take a slot
         // until it is gone, except once we gave up on it (a pod stuck on an unreachable machine
@@ -1184,9 +1414,18 @@ impl Lifecycle {
                     Some(facts) => {
                         self.set_phase(now, node, Phase::Creating, out);
                         self.rec(node).create_pending = true;
-                        out.push(Action::Create { node: node.into(), job: our_name, facts });
+                        out.push(Action::Create {
+                            node: node.into(),
+                            job: our_name,
+                            facts,
+                        });
                     }
-                    None => self.finish(now, node, Outcome::Removed("node was deleted before its Job was created".into()), out),
+                    None => self.finish(
+                        now,
+                        node,
+                        Outcome::Removed("node was deleted before its Job was created".into()),
+                        out,
+                    ),
                 }
             }
             Phase::Abandoning if !name_taken && !busy => {
@@ -1209,12 +1448,22 @@ impl Lifecycle {
             return;
         }
         while self.stopped.is_none() && self.taken() < self.cfg.parallelism {
-            let Some((_, node)) = self.ready.first().cloned() else { break };
-            if self.cfg.budget.limit(self.total).is_some_and(|limit| self.failed_budget >= limit) {
+            let Some((_, node)) = self.ready.first().cloned() else {
+                break;
+            };
+            if self
+                .cfg
+                .budget
+                .limit(self.total)
+                .is_some_and(|limit| self.failed_budget >= limit)
+            {
                 self.stopped = Some(StopReason::FailureBudget(self.failed_budget));
                 break;
             }
-            let obs = self.nodes[&node].obs.clone().expect("ready nodes have a view");
+            let obs = self.nodes[&node]
+                .obs
+                .clone()
+                .expect("ready nodes have a view");
             if self.cfg.skip_installed.is_some() && obs.installed_hash == self.cfg.skip_installed {
                 self.finish(now, &node, Outcome::AlreadyInstalled, out);
                 continue;
@@ -1224,13 +1473,22 @@ impl Lifecycle {
                 Some(stale) => {
                     self.set_phase(now, &node, Phase::Replacing, out);
                     if !stale.deleting {
-                        out.push(Action::Delete { node: node.clone(), job, uid: stale.uid, why: "replacing the Job of an earlier run or template" });
+                        out.push(Action::Delete {
+                            node: node.clone(),
+                            job,
+                            uid: stale.uid,
+                            why: "replacing the Job of an earlier run or template",
+                        });
                     }
                 }
                 None => {
                     self.set_phase(now, &node, Phase::Creating, out);
                     self.rec(&node).create_pending = true;
-                    out.push(Action::Create { node: node.clone(), job, facts: obs.facts });
+                    out.push(Action::Create {
+                        node: node.clone(),
+                        job,
+                        facts: obs.facts,
+                    });
                 }
             }
             self.peak = self.peak.max(self.taken());
@@ -1244,10 +1502,30 @@ impl Lifecycle {
             .nodes
             .iter()
             .filter(|(_, r)| r.phase == Phase::Queued || r.phase.in_flight() || r.busy_counted)
-            .map(|(n, r)| format!("{n}: {:?} {:?} jobs={:?} pods={:?} current={:?} obs={:?} doc={}", r.phase, r.class, r.jobs, r.pods, r.current, r.obs.as_ref().map(|o| (o.selected, &o.facts.uid)), r.delete_on_create))
+            .map(|(n, r)| {
+                format!(
+                    "{n}: {:?} {:?} jobs={:?} pods={:?} current={:?} obs={:?} doc={}",
+                    r.phase,
+                    r.class,
+                    r.jobs,
+                    r.pods,
+                    r.current,
+                    r.obs.as_ref().map(|o| (o.selected, &o.facts.uid)),
+                    r.delete_on_create
+                )
+            })
             .collect();
         v.sort();
-        format!("{v:#?} ready={:?} queued_busy={} taken={} foreign={} P={} stopped={:?} jobs={:?}", self.ready, self.queued_busy, self.taken(), self.foreign_busy, self.cfg.parallelism, self.stopped, self.jobs.keys().collect::<Vec<_>>())
+        format!(
+            "{v:#?} ready={:?} queued_busy={} taken={} foreign={} P={} stopped={:?} jobs={:?}",
+            self.ready,
+            self.queued_busy,
+            self.taken(),
+            self.foreign_busy,
+            self.cfg.parallelism,
+            self.stopped,
+            self.jobs.keys().collect::<Vec<_>>()
+        )
     }
 
     /// Final per-node results: queued nodes are not-started, in-flight ones still running.

@@ -4,15 +4,31 @@
 use super::*;
 
 fn facts(name: &str, uid: &str) -> NodeFacts {
-    NodeFacts { name: name.into(), uid: uid.into(), ..Default::default() }
+    NodeFacts {
+        name: name.into(),
+        uid: uid.into(),
+        ..Default::default()
+    }
 }
 
 fn node(name: &str) -> NodeObs {
-    NodeObs { facts: facts(name, &format!("uid-{name}")), selected: true, ready: true, untolerated: None, installed_hash: None }
+    NodeObs {
+        facts: facts(name, &format!("uid-{name}")),
+        selected: true,
+        ready: true,
+        untolerated: None,
+        installed_hash: None,
+    }
 }
 
 fn cfg(parallelism: usize) -> Config {
-    Config { parallelism, budget: Budget::Count(5), node_timeout: None, skip_installed: None, named: None }
+    Config {
+        parallelism,
+        budget: Budget::Count(5),
+        node_timeout: None,
+        skip_installed: None,
+        named: None,
+    }
 }
 
 /// A lifecycle plus a clock, recording every action.
@@ -24,7 +40,11 @@ struct T {
 
 impl T {
     fn new(cfg: Config) -> Self {
-        Self { lc: Lifecycle::new(cfg, "kd"), now: Instant::now(), log: Vec::new() }
+        Self {
+            lc: Lifecycle::new(cfg, "kd"),
+            now: Instant::now(),
+            log: Vec::new(),
+        }
     }
 
     fn with_nodes(cfg: Config, names: &[&str]) -> Self {
@@ -51,11 +71,22 @@ impl T {
     }
 
     fn created(&mut self, n: &str) -> Vec<Action> {
-        self.feed(Input::Created { node: n.into(), result: Created::Ok(format!("job-uid-{n}")) })
+        self.feed(Input::Created {
+            node: n.into(),
+            result: Created::Ok(format!("job-uid-{n}")),
+        })
     }
 
     fn job(&self, n: &str, phase: JobPhase) -> JobObs {
-        JobObs { name: format!("kd-{n}"), uid: format!("job-uid-{n}"), node: n.into(), node_uid: format!("uid-{n}"), ours: true, phase, deleting: false }
+        JobObs {
+            name: format!("kd-{n}"),
+            uid: format!("job-uid-{n}"),
+            node: n.into(),
+            node_uid: format!("uid-{n}"),
+            ours: true,
+            phase,
+            deleting: false,
+        }
     }
 
     fn finish_ok(&mut self, n: &str) -> Vec<Action> {
@@ -72,11 +103,29 @@ impl T {
 }
 
 fn creates(actions: &[Action]) -> Vec<String> {
-    actions.iter().filter_map(|a| if let Action::Create { node, .. } = a { Some(node.clone()) } else { None }).collect()
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Create { node, .. } = a {
+                Some(node.clone())
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 fn deletes(actions: &[Action]) -> Vec<(String, String)> {
-    actions.iter().filter_map(|a| if let Action::Delete { job, uid, .. } = a { Some((job.clone(), uid.clone())) } else { None }).collect()
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Delete { job, uid, .. } = a {
+                Some((job.clone(), uid.clone()))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -101,7 +150,11 @@ fn max_failures_zero_is_no_budget_and_percentages_scale_with_the_fleet() {
     assert_eq!(Budget::parse("0%"), Ok(Budget::Unlimited));
     assert_eq!(Budget::parse("7"), Ok(Budget::Count(7)));
     assert_eq!(Budget::parse("10%"), Ok(Budget::Percent(10)));
-    assert!(Budget::parse("-1").is_err() && Budget::parse("101%").is_err() && Budget::parse("x%").is_err());
+    assert!(
+        Budget::parse("-1").is_err()
+            && Budget::parse("101%").is_err()
+            && Budget::parse("x%").is_err()
+    );
     assert_eq!(Budget::Percent(10).limit(5), Some(1), "at least one node");
     assert_eq!(Budget::Percent(10).limit(200), Some(20));
     assert_eq!(Budget::Unlimited.limit(1000), None);
@@ -113,8 +166,13 @@ fn max_failures_zero_is_no_budget_and_percentages_scale_with_the_fleet() {
     t.start();
     for n in names {
         t.created(n);
-        t.feed(Input::JobSeen(t.job(n, JobPhase::Failed("BackoffLimitExceeded".into()))));
-        t.feed(Input::FailureDetail { node: n.into(), reason: "boom".into() });
+        t.feed(Input::JobSeen(
+            t.job(n, JobPhase::Failed("BackoffLimitExceeded".into())),
+        ));
+        t.feed(Input::FailureDetail {
+            node: n.into(),
+            reason: "boom".into(),
+        });
     }
     assert!(t.lc.stopped().is_none());
     assert!(t.lc.is_done());
@@ -132,14 +190,22 @@ fn percentage_budget_stops_dispatching() {
     for n in &refs[..2] {
         t.created(n);
         t.feed(Input::JobSeen(t.job(n, JobPhase::Failed("x".into()))));
-        let next = t.feed(Input::FailureDetail { node: (*n).into(), reason: "boom".into() });
+        let next = t.feed(Input::FailureDetail {
+            node: (*n).into(),
+            reason: "boom".into(),
+        });
         if *n == "n1" {
             assert!(creates(&next).is_empty());
         }
     }
     assert_eq!(t.lc.stopped(), Some(&StopReason::FailureBudget(2)));
     let r = t.lc.into_results();
-    assert_eq!(r.values().filter(|(o, _)| matches!(o, Outcome::NotStarted(_))).count(), 8);
+    assert_eq!(
+        r.values()
+            .filter(|(o, _)| matches!(o, Outcome::NotStarted(_)))
+            .count(),
+        8
+    );
 }
 
 #[test]
@@ -164,13 +230,19 @@ fn named_node_that_does_not_exist_fails_with_node_not_found() {
     assert_eq!(t.lc.missing(), 1);
     assert_eq!(creates(&t.start()), ["worker-1"]);
     match t.result("wroker-2") {
-        Some(Outcome::Failed(r)) => assert!(r.contains("node not found") && r.contains("wroker-2"), "{r}"),
+        Some(Outcome::Failed(r)) => assert!(
+            r.contains("node not found") && r.contains("wroker-2"),
+            "{r}"
+        ),
         other => panic!("{other:?}"),
     }
     t.created("worker-1");
     t.finish_ok("worker-1");
     assert!(t.lc.is_done());
-    assert!(t.lc.stopped().is_none(), "not-found nodes do not spend the budget");
+    assert!(
+        t.lc.stopped().is_none(),
+        "not-found nodes do not spend the budget"
+    );
     let r = t.lc.into_results();
     assert!(!r["wroker-2"].0.is_ok());
 }
@@ -183,7 +255,10 @@ fn node_deselected_while_queued_is_not_dispatched() {
     b.selected = false;
     t.feed(Input::NodeSeen(b));
     t.created("a");
-    assert!(creates(&t.finish_ok("a")).is_empty(), "b must not be dispatched");
+    assert!(
+        creates(&t.finish_ok("a")).is_empty(),
+        "b must not be dispatched"
+    );
     assert!(matches!(t.result("b"), Some(Outcome::Skipped(r)) if r.contains("selection")));
     assert!(t.lc.is_done());
 }
@@ -193,13 +268,17 @@ fn taint_added_while_queued_blocks_dispatch_and_is_reported() {
     let mut t = T::with_nodes(cfg(1), &["a", "b"]);
     t.start();
     let mut b = node("b");
-    b.untolerated = Some("node has taint x:NoSchedule that the Job template does not tolerate".into());
+    b.untolerated =
+        Some("node has taint x:NoSchedule that the Job template does not tolerate".into());
     t.feed(Input::NodeSeen(b));
     t.created("a");
     assert!(creates(&t.finish_ok("a")).is_empty());
     assert!(t.lc.is_done(), "a tainted node does not hold the run");
     let r = t.lc.into_results();
-    assert!(matches!(&r["b"].0, Outcome::Skipped(m) if m.contains("taint x:NoSchedule")), "{r:?}");
+    assert!(
+        matches!(&r["b"].0, Outcome::Skipped(m) if m.contains("taint x:NoSchedule")),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -224,12 +303,25 @@ fn node_recreated_under_the_same_name_while_running_gets_a_fresh_job() {
     let mut again = node("a");
     again.facts.uid = "uid-a-2".into();
     let out = t.feed(Input::NodeSeen(again));
-    assert_eq!(deletes(&out), [("kd-a".to_string(), "job-uid-a".to_string())], "the old Job is deleted");
-    assert!(creates(&out).is_empty(), "nothing new before the old Job is gone");
-    assert!(creates(&t.feed(Input::JobSeen(JobObs { deleting: true, ..t.job("a", JobPhase::Running) }))).is_empty());
+    assert_eq!(
+        deletes(&out),
+        [("kd-a".to_string(), "job-uid-a".to_string())],
+        "the old Job is deleted"
+    );
+    assert!(
+        creates(&out).is_empty(),
+        "nothing new before the old Job is gone"
+    );
+    assert!(creates(&t.feed(Input::JobSeen(JobObs {
+        deleting: true,
+        ..t.job("a", JobPhase::Running)
+    })))
+    .is_empty());
     let out = t.feed(Input::JobGone("kd-a".into()));
     match &out[..] {
-        [Action::Create { facts, .. }] => assert_eq!(facts.uid, "uid-a-2", "made from the new machine's facts"),
+        [Action::Create { facts, .. }] => {
+            assert_eq!(facts.uid, "uid-a-2", "made from the new machine's facts")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -239,7 +331,12 @@ fn replacement_waits_until_the_old_jobs_pods_are_gone() {
     // helm upgrade: the old dispatcher Job was deleted, its per-node Jobs were garbage-collected
     // in the background; the Job object is gone but its pod still runs on the node.
     let mut t = T::with_nodes(cfg(5), &["a"]);
-    t.feed(Input::PodSeen(PodObs { name: "old-pod".into(), node: "a".into(), job_uid: "old-uid".into(), live: true }));
+    t.feed(Input::PodSeen(PodObs {
+        name: "old-pod".into(),
+        node: "a".into(),
+        job_uid: "old-uid".into(),
+        live: true,
+    }));
     assert!(creates(&t.start()).is_empty(), "no second pod on the node");
     assert_eq!(t.lc.taken(), 1, "the old pod holds a slot");
     assert_eq!(creates(&t.feed(Input::PodGone("old-pod".into()))), ["a"]);
@@ -248,23 +345,61 @@ fn replacement_waits_until_the_old_jobs_pods_are_gone() {
 #[test]
 fn stale_job_of_an_earlier_run_is_deleted_in_the_foreground_then_replaced() {
     let mut t = T::with_nodes(cfg(5), &["a"]);
-    let stale = JobObs { name: "kd-a".into(), uid: "old".into(), node: "a".into(), node_uid: String::new(), ours: false, phase: JobPhase::Succeeded, deleting: false };
+    let stale = JobObs {
+        name: "kd-a".into(),
+        uid: "old".into(),
+        node: "a".into(),
+        node_uid: String::new(),
+        ours: false,
+        phase: JobPhase::Succeeded,
+        deleting: false,
+    };
     t.feed(Input::JobSeen(stale.clone()));
-    t.feed(Input::PodSeen(PodObs { name: "p".into(), node: "a".into(), job_uid: "old".into(), live: false }));
+    t.feed(Input::PodSeen(PodObs {
+        name: "p".into(),
+        node: "a".into(),
+        job_uid: "old".into(),
+        live: false,
+    }));
     let out = t.start();
     assert_eq!(deletes(&out), [("kd-a".to_string(), "old".to_string())]);
-    assert!(creates(&t.feed(Input::Deleted { node: "a".into(), result: Ok(()) })).is_empty(), "the name is not free yet");
-    assert!(creates(&t.feed(Input::JobSeen(JobObs { deleting: true, ..stale }))).is_empty());
+    assert!(
+        creates(&t.feed(Input::Deleted {
+            node: "a".into(),
+            result: Ok(())
+        }))
+        .is_empty(),
+        "the name is not free yet"
+    );
+    assert!(creates(&t.feed(Input::JobSeen(JobObs {
+        deleting: true,
+        ..stale
+    })))
+    .is_empty());
     assert_eq!(creates(&t.feed(Input::JobGone("kd-a".into()))), ["a"]);
 }
 
 #[test]
 fn running_stale_job_holds_a_slot_until_it_ends() {
     let mut t = T::with_nodes(cfg(1), &["a", "b"]);
-    let stale = JobObs { name: "kd-a".into(), uid: "old".into(), node: "a".into(), node_uid: String::new(), ours: false, phase: JobPhase::Running, deleting: false };
+    let stale = JobObs {
+        name: "kd-a".into(),
+        uid: "old".into(),
+        node: "a".into(),
+        node_uid: String::new(),
+        ours: false,
+        phase: JobPhase::Running,
+        deleting: false,
+    };
     t.feed(Input::JobSeen(stale.clone()));
-    assert!(t.start().is_empty(), "P=1 is taken by the earlier run's Job");
-    let out = t.feed(Input::JobSeen(JobObs { phase: JobPhase::Succeeded, ..stale }));
+    assert!(
+        t.start().is_empty(),
+        "P=1 is taken by the earlier run's Job"
+    );
+    let out = t.feed(Input::JobSeen(JobObs {
+        phase: JobPhase::Succeeded,
+        ..stale
+    }));
     assert_eq!(deletes(&out).len() + creates(&out).len(), 1, "{out:?}");
 }
 
@@ -277,13 +412,27 @@ fn deleted_node_is_removed_not_failed_and_does_not_spend_the_budget() {
     t.created("a");
     t.feed(Input::JobSeen(t.job("a", JobPhase::Running)));
     let out = t.feed(Input::NodeGone("a".into()));
-    assert_eq!(deletes(&out), [("kd-a".to_string(), "job-uid-a".to_string())]);
-    assert!(creates(&out).is_empty(), "its Job still runs until the delete is done");
+    assert_eq!(
+        deletes(&out),
+        [("kd-a".to_string(), "job-uid-a".to_string())]
+    );
+    assert!(
+        creates(&out).is_empty(),
+        "its Job still runs until the delete is done"
+    );
     assert!(matches!(t.result("a"), Some(Outcome::Removed(_))));
-    assert_eq!(creates(&t.feed(Input::JobGone("kd-a".into()))), ["d"], "the slot is free and the budget intact");
+    assert_eq!(
+        creates(&t.feed(Input::JobGone("kd-a".into()))),
+        ["d"],
+        "the slot is free and the budget intact"
+    );
     t.feed(Input::NodeGone("b".into())); // while its create is in flight
     assert!(matches!(t.result("b"), Some(Outcome::Removed(_))));
-    assert_eq!(deletes(&t.created("b")), [("kd-b".to_string(), "job-uid-b".to_string())], "what it created is deleted");
+    assert_eq!(
+        deletes(&t.created("b")),
+        [("kd-b".to_string(), "job-uid-b".to_string())],
+        "what it created is deleted"
+    );
     assert!(t.lc.stopped().is_none());
 }
 
@@ -296,9 +445,14 @@ fn per_node_timeout_frees_the_slot() {
     t.created("stuck");
     assert!(t.advance(Duration::from_secs(59)).is_empty());
     let out = t.advance(Duration::from_secs(2));
-    assert_eq!(deletes(&out), [("kd-stuck".to_string(), "job-uid-stuck".to_string())]);
+    assert_eq!(
+        deletes(&out),
+        [("kd-stuck".to_string(), "job-uid-stuck".to_string())]
+    );
     assert_eq!(creates(&out), ["b"]);
-    assert!(matches!(t.result("stuck"), Some(Outcome::Failed(r)) if r.contains("per-node timeout (1m)")));
+    assert!(
+        matches!(t.result("stuck"), Some(Outcome::Failed(r)) if r.contains("per-node timeout (1m)"))
+    );
 }
 
 #[test]
@@ -315,7 +469,9 @@ fn relists_are_diffed() {
     // The Job watch expired; a's Job was deleted while it was down.
     t.feed(Input::JobListStarted);
     t.feed(Input::JobListDone);
-    assert!(matches!(t.result("a"), Some(Outcome::Failed(r)) if r.contains("deleted before it finished")));
+    assert!(
+        matches!(t.result("a"), Some(Outcome::Failed(r)) if r.contains("deleted before it finished"))
+    );
     assert!(t.lc.is_done());
 }
 
@@ -323,9 +479,20 @@ fn relists_are_diffed() {
 fn conflict_with_a_foreign_job_leaves_it_untouched() {
     let mut t = T::with_nodes(cfg(1), &["a"]);
     t.start();
-    assert!(matches!(&t.feed(Input::Created { node: "a".into(), result: Created::Conflict })[..], [Action::ReadConflict { .. }]));
-    t.feed(Input::ConflictRead { node: "a".into(), found: Conflicting::Foreign });
-    assert!(matches!(t.result("a"), Some(Outcome::Failed(r)) if r.contains("not managed by this dispatcher")));
+    assert!(matches!(
+        &t.feed(Input::Created {
+            node: "a".into(),
+            result: Created::Conflict
+        })[..],
+        [Action::ReadConflict { .. }]
+    ));
+    t.feed(Input::ConflictRead {
+        node: "a".into(),
+        found: Conflicting::Foreign,
+    });
+    assert!(
+        matches!(t.result("a"), Some(Outcome::Failed(r)) if r.contains("not managed by this dispatcher"))
+    );
     assert!(deletes(&t.log).is_empty());
 }
 
@@ -333,12 +500,28 @@ fn conflict_with_a_foreign_job_leaves_it_untouched() {
 fn conflict_with_our_own_job_adopts_it_and_with_a_stale_one_replaces_it() {
     let mut t = T::with_nodes(cfg(2), &["a", "b"]);
     t.start();
-    t.feed(Input::Created { node: "a".into(), result: Created::Conflict });
-    t.feed(Input::ConflictRead { node: "a".into(), found: Conflicting::Managed(t.job("a", JobPhase::Succeeded)) });
+    t.feed(Input::Created {
+        node: "a".into(),
+        result: Created::Conflict,
+    });
+    t.feed(Input::ConflictRead {
+        node: "a".into(),
+        found: Conflicting::Managed(t.job("a", JobPhase::Succeeded)),
+    });
     assert_eq!(t.result("a"), Some(Outcome::Succeeded));
-    t.feed(Input::Created { node: "b".into(), result: Created::Conflict });
-    let stale = JobObs { ours: false, uid: "old".into(), ..t.job("b", JobPhase::Running) };
-    let out = t.feed(Input::ConflictRead { node: "b".into(), found: Conflicting::Managed(stale) });
+    t.feed(Input::Created {
+        node: "b".into(),
+        result: Created::Conflict,
+    });
+    let stale = JobObs {
+        ours: false,
+        uid: "old".into(),
+        ..t.job("b", JobPhase::Running)
+    };
+    let out = t.feed(Input::ConflictRead {
+        node: "b".into(),
+        found: Conflicting::Managed(stale),
+    });
     assert_eq!(deletes(&out), [("kd-b".to_string(), "old".to_string())]);
     assert_eq!(creates(&t.feed(Input::JobGone("kd-b".into()))), ["b"]);
 }
@@ -349,8 +532,13 @@ fn rerun_adopts_running_and_records_finished_jobs_of_this_run() {
     t.feed(Input::JobSeen(t.job("a", JobPhase::Running)));
     t.feed(Input::JobSeen(t.job("b", JobPhase::Succeeded)));
     let out = t.start();
-    assert!(creates(&out).is_empty(), "a's adopted Job takes the only slot: {out:?}");
-    assert!(out.iter().any(|a| matches!(a, Action::Adopted { node, .. } if node == "a")));
+    assert!(
+        creates(&out).is_empty(),
+        "a's adopted Job takes the only slot: {out:?}"
+    );
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Adopted { node, .. } if node == "a")));
     assert_eq!(t.result("b"), Some(Outcome::Succeeded));
     assert_eq!(creates(&t.finish_ok("a")), ["c"]);
 }
@@ -370,9 +558,16 @@ fn failed_job_reports_the_detail() {
     let mut t = T::with_nodes(cfg(1), &["a"]);
     t.start();
     t.created("a");
-    let out = t.feed(Input::JobSeen(t.job("a", JobPhase::Failed("BackoffLimitExceeded".into()))));
-    assert!(matches!(&out[..], [Action::ReadFailure { condition, .. }] if condition == "BackoffLimitExceeded"));
-    t.feed(Input::FailureDetail { node: "a".into(), reason: "container cri exited 2".into() });
+    let out = t.feed(Input::JobSeen(
+        t.job("a", JobPhase::Failed("BackoffLimitExceeded".into())),
+    ));
+    assert!(
+        matches!(&out[..], [Action::ReadFailure { condition, .. }] if condition == "BackoffLimitExceeded")
+    );
+    t.feed(Input::FailureDetail {
+        node: "a".into(),
+        reason: "container cri exited 2".into(),
+    });
     assert!(matches!(t.result("a"), Some(Outcome::Failed(r)) if r == "container cri exited 2"));
 }
 
@@ -387,7 +582,11 @@ fn already_installed_node_gets_no_job() {
     b.installed_hash = Some("h0".into());
     t.feed(Input::NodeSeen(a));
     t.feed(Input::NodeSeen(b));
-    assert_eq!(creates(&t.start()), ["b"], "a skipped without taking the slot");
+    assert_eq!(
+        creates(&t.start()),
+        ["b"],
+        "a skipped without taking the slot"
+    );
     assert_eq!(t.result("a"), Some(Outcome::AlreadyInstalled));
 }
 
@@ -397,7 +596,10 @@ fn stop_reports_queued_and_running() {
     t.start();
     t.created("a");
     t.feed(Input::Stop(StopReason::Interrupted));
-    assert!(creates(&t.feed(Input::JobSeen(t.job("a", JobPhase::Running)))).is_empty(), "nothing new after a stop");
+    assert!(
+        creates(&t.feed(Input::JobSeen(t.job("a", JobPhase::Running)))).is_empty(),
+        "nothing new after a stop"
+    );
     let r = t.lc.into_results();
     assert!(matches!(&r["a"].0, Outcome::StillRunning(m) if m.contains("interrupted")));
     assert!(matches!(&r["b"].0, Outcome::NotStarted(m) if m.contains("interrupted")));
@@ -465,18 +667,38 @@ struct Model {
 
 impl Model {
     fn job_obs(name: &str, j: &MJob) -> JobObs {
-        JobObs { name: name.into(), uid: j.uid.clone(), node: j.node.clone(), node_uid: j.node_uid.clone(), ours: j.ours, phase: j.phase.clone(), deleting: j.deleting }
+        JobObs {
+            name: name.into(),
+            uid: j.uid.clone(),
+            node: j.node.clone(),
+            node_uid: j.node_uid.clone(),
+            ours: j.ours,
+            phase: j.phase.clone(),
+            deleting: j.deleting,
+        }
     }
     fn pod_obs(j: &MJob) -> PodObs {
-        PodObs { name: format!("pod-{}", j.uid), node: j.node.clone(), job_uid: j.uid.clone(), live: j.pod_live }
+        PodObs {
+            name: format!("pod-{}", j.uid),
+            node: j.node.clone(),
+            job_uid: j.uid.clone(),
+            live: j.pod_live,
+        }
     }
     fn node_obs(name: &str, n: &MNode) -> NodeObs {
-        NodeObs { facts: facts(name, &n.uid), selected: n.selected, ready: true, untolerated: None, installed_hash: None }
+        NodeObs {
+            facts: facts(name, &n.uid),
+            selected: n.selected,
+            ready: true,
+            untolerated: None,
+            installed_hash: None,
+        }
     }
     fn emit_job(&mut self, name: &str) {
         let j = self.jobs[name].clone();
         if j.managed {
-            self.job_q.push_back(Input::JobSeen(Self::job_obs(name, &j)));
+            self.job_q
+                .push_back(Input::JobSeen(Self::job_obs(name, &j)));
             self.pod_q.push_back(Input::PodSeen(Self::pod_obs(&j)));
         }
     }
@@ -489,7 +711,11 @@ impl Model {
     /// and are not stuck: the CRI restarts parallelism bounds.
     fn active_nodes(&self) -> usize {
         let mut busy: HashSet<&str> = HashSet::new();
-        for j in self.jobs.values().filter(|j| j.managed && !j.stuck && !j.timed_out && self.nodes.contains_key(&j.node)) {
+        for j in self
+            .jobs
+            .values()
+            .filter(|j| j.managed && !j.stuck && !j.timed_out && self.nodes.contains_key(&j.node))
+        {
             if j.pod_live || (j.phase == JobPhase::Running && !j.deleting) {
                 busy.insert(&j.node);
             }
@@ -505,31 +731,65 @@ impl Model {
             self.trace.push(format!("{a:?}"));
             match a {
                 Action::Create { node, job, facts } => {
-                    let live_on_node = self.jobs.values().any(|j| j.node == node && j.managed && (j.pod_live || j.phase == JobPhase::Running))
-                        || self.orphan_pods.values().any(|n| *n == node);
+                    let live_on_node = self.jobs.values().any(|j| {
+                        j.node == node && j.managed && (j.pod_live || j.phase == JobPhase::Running)
+                    }) || self.orphan_pods.values().any(|n| *n == node);
                     assert!(!live_on_node, "two Jobs on node {node}");
                     if self.jobs.contains_key(&job) {
-                        self.results.push(Input::Created { node, result: Created::Conflict });
+                        self.results.push(Input::Created {
+                            node,
+                            result: Created::Conflict,
+                        });
                         continue;
                     }
                     let uid = self.uid("job");
                     // Pods bound to a node that does not exist are garbage-collected: never stuck.
                     let stuck = self.rng.chance(3) && self.nodes.contains_key(&node);
-                    let j = MJob { uid: uid.clone(), node: node.clone(), node_uid: facts.uid.clone(), ours: true, managed: true, phase: JobPhase::Running, deleting: false, pod_live: true, stuck, timed_out: false };
+                    let j = MJob {
+                        uid: uid.clone(),
+                        node: node.clone(),
+                        node_uid: facts.uid.clone(),
+                        ours: true,
+                        managed: true,
+                        phase: JobPhase::Running,
+                        deleting: false,
+                        pod_live: true,
+                        stuck,
+                        timed_out: false,
+                    };
                     self.jobs.insert(job.clone(), j);
-                    assert!(self.active_nodes() <= self.parallelism, "{} nodes active with parallelism {}", self.active_nodes(), self.parallelism);
+                    assert!(
+                        self.active_nodes() <= self.parallelism,
+                        "{} nodes active with parallelism {}",
+                        self.active_nodes(),
+                        self.parallelism
+                    );
                     self.emit_job(&job);
-                    self.results.push(Input::Created { node, result: Created::Ok(uid) });
+                    self.results.push(Input::Created {
+                        node,
+                        result: Created::Ok(uid),
+                    });
                 }
-                Action::Delete { node, job, uid, why } => {
-                    assert!(!self.foreign_uids.contains(&uid), "deleted a foreign Job {job}");
+                Action::Delete {
+                    node,
+                    job,
+                    uid,
+                    why,
+                } => {
+                    assert!(
+                        !self.foreign_uids.contains(&uid),
+                        "deleted a foreign Job {job}"
+                    );
                     if let Some(j) = self.jobs.get_mut(&job).filter(|j| j.uid == uid) {
                         assert!(j.managed);
                         j.deleting = true;
                         j.timed_out |= why.contains("timeout");
                         self.emit_job(&job);
                     }
-                    self.results.push(Input::Deleted { node, result: Ok(()) });
+                    self.results.push(Input::Deleted {
+                        node,
+                        result: Ok(()),
+                    });
                 }
                 Action::ReadConflict { node, job } => {
                     let found = match self.jobs.get(&job) {
@@ -539,8 +799,15 @@ impl Model {
                     };
                     self.results.push(Input::ConflictRead { node, found });
                 }
-                Action::ReadFailure { node, .. } => self.results.push(Input::FailureDetail { node, reason: "boom".into() }),
-                Action::Report { node, outcome: Outcome::Failed(r), .. } if r.contains("per-node timeout") => {
+                Action::ReadFailure { node, .. } => self.results.push(Input::FailureDetail {
+                    node,
+                    reason: "boom".into(),
+                }),
+                Action::Report {
+                    node,
+                    outcome: Outcome::Failed(r),
+                    ..
+                } if r.contains("per-node timeout") => {
                     for j in self.jobs.values_mut().filter(|j| j.node == node) {
                         j.timed_out = true;
                     }
@@ -563,7 +830,12 @@ impl Model {
             }
             70..=84 => {
                 // A Job finishes, or a foreground deletion completes.
-                let names: Vec<String> = self.jobs.iter().filter(|(_, j)| j.managed && !j.stuck).map(|(n, _)| n.clone()).collect();
+                let names: Vec<String> = self
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.managed && !j.stuck)
+                    .map(|(n, _)| n.clone())
+                    .collect();
                 if names.is_empty() {
                     return None;
                 }
@@ -580,7 +852,11 @@ impl Model {
                         self.job_q.push_back(Input::JobGone(name));
                     }
                 } else if j.phase == JobPhase::Running {
-                    j.phase = if ok { JobPhase::Succeeded } else { JobPhase::Failed("BackoffLimitExceeded".into()) };
+                    j.phase = if ok {
+                        JobPhase::Succeeded
+                    } else {
+                        JobPhase::Failed("BackoffLimitExceeded".into())
+                    };
                     j.pod_live = false;
                     self.emit_job(&name);
                 }
@@ -595,8 +871,16 @@ impl Model {
             88..=89 if !settle => {
                 // A node is deleted, re-created, relabelled, or joins late.
                 let names: Vec<String> = self.nodes.keys().cloned().collect();
-                let name = if names.is_empty() { "n0".to_owned() } else { names[self.rng.below(names.len() as u64) as usize].clone() };
-                match if names.is_empty() { 1 } else { self.rng.below(4) } {
+                let name = if names.is_empty() {
+                    "n0".to_owned()
+                } else {
+                    names[self.rng.below(names.len() as u64) as usize].clone()
+                };
+                match if names.is_empty() {
+                    1
+                } else {
+                    self.rng.below(4)
+                } {
                     0 => {
                         self.nodes.remove(&name);
                         // The pod garbage collector force-deletes pods bound to a deleted node.
@@ -611,21 +895,30 @@ impl Model {
                             j.stuck = false;
                         }
                         let uid = self.uid("node");
-                        let n = self.nodes.entry(name.clone()).or_insert(MNode { uid: String::new(), selected: true });
+                        let n = self.nodes.entry(name.clone()).or_insert(MNode {
+                            uid: String::new(),
+                            selected: true,
+                        });
                         n.uid = uid;
                         let n = n.clone();
-                        self.node_q.push_back(Input::NodeSeen(Self::node_obs(&name, &n)));
+                        self.node_q
+                            .push_back(Input::NodeSeen(Self::node_obs(&name, &n)));
                     }
                     2 => {
                         let n = self.nodes.get_mut(&name).expect("listed");
                         n.selected = !n.selected;
                         let n = n.clone();
-                        self.node_q.push_back(Input::NodeSeen(Self::node_obs(&name, &n)));
+                        self.node_q
+                            .push_back(Input::NodeSeen(Self::node_obs(&name, &n)));
                     }
                     _ => {
                         let late = format!("late-{}", self.seq);
-                        let n = MNode { uid: self.uid("node"), selected: true };
-                        self.node_q.push_back(Input::NodeSeen(Self::node_obs(&late, &n)));
+                        let n = MNode {
+                            uid: self.uid("node"),
+                            selected: true,
+                        };
+                        self.node_q
+                            .push_back(Input::NodeSeen(Self::node_obs(&late, &n)));
                         self.nodes.insert(late, n);
                     }
                 }
@@ -637,25 +930,42 @@ impl Model {
                     0 => {
                         self.node_q.clear();
                         self.node_q.push_back(Input::NodeListStarted);
-                        let all: Vec<Input> = self.nodes.iter().map(|(n, m)| Input::NodeSeen(Self::node_obs(n, m))).collect();
+                        let all: Vec<Input> = self
+                            .nodes
+                            .iter()
+                            .map(|(n, m)| Input::NodeSeen(Self::node_obs(n, m)))
+                            .collect();
                         self.node_q.extend(all);
                         self.node_q.push_back(Input::NodeListDone);
                     }
                     1 => {
                         self.job_q.clear();
                         self.job_q.push_back(Input::JobListStarted);
-                        let all: Vec<Input> =
-                            self.jobs.iter().filter(|(_, j)| j.managed).map(|(n, j)| Input::JobSeen(Self::job_obs(n, j))).collect();
+                        let all: Vec<Input> = self
+                            .jobs
+                            .iter()
+                            .filter(|(_, j)| j.managed)
+                            .map(|(n, j)| Input::JobSeen(Self::job_obs(n, j)))
+                            .collect();
                         self.job_q.extend(all);
                         self.job_q.push_back(Input::JobListDone);
                     }
                     _ => {
                         self.pod_q.clear();
                         self.pod_q.push_back(Input::PodListStarted);
-                        let mut all: Vec<Input> =
-                            self.jobs.values().filter(|j| j.managed && j.pod_live).map(|j| Input::PodSeen(Self::pod_obs(j))).collect();
+                        let mut all: Vec<Input> = self
+                            .jobs
+                            .values()
+                            .filter(|j| j.managed && j.pod_live)
+                            .map(|j| Input::PodSeen(Self::pod_obs(j)))
+                            .collect();
                         all.extend(self.orphan_pods.iter().map(|(p, n)| {
-                            Input::PodSeen(PodObs { name: p.clone(), node: n.clone(), job_uid: "gone".into(), live: true })
+                            Input::PodSeen(PodObs {
+                                name: p.clone(),
+                                node: n.clone(),
+                                job_uid: "gone".into(),
+                                live: true,
+                            })
                         }));
                         self.pod_q.extend(all);
                         self.pod_q.push_back(Input::PodListDone);
@@ -688,7 +998,13 @@ fn random_run(seed: u64) {
         trace: Vec::new(),
     };
     let mut lc = Lifecycle::new(
-        Config { parallelism, budget: Budget::Unlimited, node_timeout: Some(Duration::from_secs(120)), skip_installed: None, named: None },
+        Config {
+            parallelism,
+            budget: Budget::Unlimited,
+            node_timeout: Some(Duration::from_secs(120)),
+            skip_installed: None,
+            named: None,
+        },
         "kd",
     );
     // The cluster as the run finds it: nodes, and on some of them Jobs of this run, of earlier
@@ -697,11 +1013,25 @@ fn random_run(seed: u64) {
     let mut running_before = 0;
     for i in 0..count {
         let name = format!("n{i}");
-        let n = MNode { uid: format!("node-uid-{i}"), selected: rng.chance(85) };
+        let n = MNode {
+            uid: format!("node-uid-{i}"),
+            selected: rng.chance(85),
+        };
         m.nodes.insert(name.clone(), n);
         let job = format!("kd-{name}");
         let kind = rng.below(10);
-        let mut j = MJob { uid: format!("pre-{i}"), node: name.clone(), node_uid: format!("node-uid-{i}"), ours: false, managed: true, phase: JobPhase::Succeeded, deleting: false, pod_live: false, stuck: false, timed_out: false };
+        let mut j = MJob {
+            uid: format!("pre-{i}"),
+            node: name.clone(),
+            node_uid: format!("node-uid-{i}"),
+            ours: false,
+            managed: true,
+            phase: JobPhase::Succeeded,
+            deleting: false,
+            pod_live: false,
+            stuck: false,
+            timed_out: false,
+        };
         match kind {
             0 => j.ours = true,
             1 if running_before < parallelism => {
@@ -734,19 +1064,46 @@ fn random_run(seed: u64) {
     let feed = |lc: &mut Lifecycle, m: &mut Model, now: Instant, input: Input| {
         m.trace.push(format!("> {input:?}"));
         let out = lc.handle(now, input);
-        assert!(lc.in_flight <= parallelism, "{} in flight > {parallelism} (taken {}, foreign {})", lc.in_flight, lc.taken(), lc.foreign_busy);
+        assert!(
+            lc.in_flight <= parallelism,
+            "{} in flight > {parallelism} (taken {}, foreign {})",
+            lc.in_flight,
+            lc.taken(),
+            lc.foreign_busy
+        );
         m.carry_out(out);
     };
     // Initial lists, then discovery done.
     let mut init = vec![Input::NodeListStarted];
-    init.extend(m.nodes.iter().map(|(n, x)| Input::NodeSeen(Model::node_obs(n, x))));
+    init.extend(
+        m.nodes
+            .iter()
+            .map(|(n, x)| Input::NodeSeen(Model::node_obs(n, x))),
+    );
     init.push(Input::NodeListDone);
     init.push(Input::JobListStarted);
-    init.extend(m.jobs.iter().filter(|(_, j)| j.managed).map(|(n, j)| Input::JobSeen(Model::job_obs(n, j))));
+    init.extend(
+        m.jobs
+            .iter()
+            .filter(|(_, j)| j.managed)
+            .map(|(n, j)| Input::JobSeen(Model::job_obs(n, j))),
+    );
     init.push(Input::JobListDone);
     init.push(Input::PodListStarted);
-    init.extend(m.jobs.values().filter(|j| j.managed && j.pod_live).map(|j| Input::PodSeen(Model::pod_obs(j))));
-    init.extend(m.orphan_pods.iter().map(|(p, n)| Input::PodSeen(PodObs { name: p.clone(), node: n.clone(), job_uid: "gone".into(), live: true })));
+    init.extend(
+        m.jobs
+            .values()
+            .filter(|j| j.managed && j.pod_live)
+            .map(|j| Input::PodSeen(Model::pod_obs(j))),
+    );
+    init.extend(m.orphan_pods.iter().map(|(p, n)| {
+        Input::PodSeen(PodObs {
+            name: p.clone(),
+            node: n.clone(),
+            job_uid: "gone".into(),
+            live: true,
+        })
+    }));
     init.push(Input::PodListDone);
     init.push(Input::DiscoveryDone);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -759,17 +1116,35 @@ fn random_run(seed: u64) {
             if let Some(input) = m.step(settle) {
                 feed(&mut lc, &mut m, now, input);
             }
-            let quiet = m.node_q.is_empty() && m.job_q.is_empty() && m.pod_q.is_empty() && m.results.is_empty();
+            let quiet = m.node_q.is_empty()
+                && m.job_q.is_empty()
+                && m.pod_q.is_empty()
+                && m.results.is_empty();
             if settle && quiet && lc.is_done() {
                 break;
             }
         }
-        assert!(lc.is_done(), "run did not finish: {:?} {}", lc.progress(), lc.debug_queued());
+        assert!(
+            lc.is_done(),
+            "run did not finish: {:?} {}",
+            lc.progress(),
+            lc.debug_queued()
+        );
     }));
     if let Err(e) = outcome {
-        let e = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+        let e = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
         let focus = std::env::var("LIFECYCLE_FOCUS").unwrap_or_default();
-        let tail: Vec<&String> = m.trace.iter().rev().filter(|l| focus.is_empty() || l.contains(&focus)).take(60).collect();
+        let tail: Vec<&String> = m
+            .trace
+            .iter()
+            .rev()
+            .filter(|l| focus.is_empty() || l.contains(&focus))
+            .take(60)
+            .collect();
         panic!("seed {seed}: {e}\nlast events (newest first):\n{tail:#?}");
     }
     // Every node that exists and is selected at the end has a final result; and every result
@@ -780,7 +1155,9 @@ fn random_run(seed: u64) {
             continue;
         }
         match results.get(name) {
-            Some((Outcome::NotStarted(r), _)) | Some((Outcome::StillRunning(r), _)) => panic!("seed {seed}: {name} ended {r}"),
+            Some((Outcome::NotStarted(r), _)) | Some((Outcome::StillRunning(r), _)) => {
+                panic!("seed {seed}: {name} ended {r}")
+            }
             Some(_) => {}
             None => panic!("seed {seed}: selected node {name} has no result: {results:?}"),
         }
@@ -789,7 +1166,10 @@ fn random_run(seed: u64) {
 
 #[test]
 fn random_interleavings_keep_the_invariants() {
-    let seeds: u64 = std::env::var("LIFECYCLE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
+    let seeds: u64 = std::env::var("LIFECYCLE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
     for seed in 0..seeds {
         random_run(seed);
     }

@@ -1,0 +1,884 @@
+//! One dispatcher run, the I/O shell around [`crate::lifecycle`]: it turns watch events and API
+//! answers into lifecycle inputs and carries out the actions that come back. Every decision
+//! (what to create, delete, adopt, when a node is done) is the lifecycle's.
+
+use crate::admission::Admission;
+use crate::cli::Args;
+use crate::kube_io::{ClusterApi, Right, SetupError, NODE_EVENTS_NAMESPACE};
+use crate::lifecycle::{
+    Action, Config, Conflicting, Created, Input, JobObs, Lifecycle, NodeObs, Outcome, PodObs,
+    Results, StopReason,
+};
+use crate::naming::{validate_prefix, NamingError};
+use crate::report;
+use crate::select::{NodeSelection, SelectorError};
+use crate::status::job_phase;
+use crate::template::{self, JobTemplate, NodeFacts, RunIdentity, TemplateError};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// The run could not start; nothing was created (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Template problem.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// Selector problem.
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
+    /// Prefix problem.
+    #[error(transparent)]
+    Naming(#[from] NamingError),
+    /// API / RBAC / owner problem.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// Cannot read the template file.
+    #[error("cannot read template {path}: {source}. Mount the per-node Job template there or pass --template")]
+    ReadTemplate {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The template's tolerations cannot be read.
+    #[error("template {path}: {problem}")]
+    Tolerations {
+        /// Path.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// No namespace known.
+    #[error("no namespace: pass --namespace or set POD_NAMESPACE (the chart sets it from the downward API)")]
+    NoNamespace,
+    /// Empty selection with --require-nodes.
+    #[error("no node matches {0}; label the nodes or change the selection, or drop --require-nodes to accept an empty run")]
+    NoNodes(String),
+}
+
+/// The result of a finished run.
+#[derive(Debug)]
+pub struct Summary {
+    /// Per node: outcome and how long its Job took.
+    pub results: Results,
+    /// Why dispatching stopped early, if it did.
+    pub stopped: Option<String>,
+    /// Transient API errors retried and watches resumed.
+    pub retries: usize,
+}
+
+impl Summary {
+    /// Every targeted node succeeded (or was already installed, skipped by rule, or removed).
+    pub fn all_succeeded(&self) -> bool {
+        self.stopped.is_none() && self.results.values().all(|(o, _)| o.is_ok())
+    }
+}
+
+/// Reads the namespace the Jobs go to.
+pub fn resolve_namespace(flag: Option<&str>) -> Result<String, StartError> {
+    if let Some(ns) = flag.filter(|n| !n.is_empty()) {
+        return Ok(ns.to_owned());
+    }
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .ok_or(StartError::NoNamespace)
+}
+
+/// The Node annotation recording the template hash of the last success under `prefix`.
+pub fn installed_annotation(prefix: &str) -> String {
+    format!("katacontainers.io/installed-by-{prefix}")
+}
+
+fn node_facts(node: &Node) -> NodeFacts {
+    let info = node.status.as_ref().and_then(|s| s.node_info.as_ref());
+    let get = |f: fn(&k8s_openapi::api::core::v1::NodeSystemInfo) -> &String| {
+        info.map(f).cloned().unwrap_or_default()
+    };
+    NodeFacts {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        uid: node.metadata.uid.clone().unwrap_or_default(),
+        machine_id: get(|i| &i.machine_id),
+        container_runtime_version: get(|i| &i.container_runtime_version),
+        kubelet_version: get(|i| &i.kubelet_version),
+        architecture: get(|i| &i.architecture),
+    }
+}
+
+/// A node is NotReady only when it says so (a Ready condition False or Unknown); a node that
+/// reports no conditions yet is not held back.
+fn node_ready(node: &Node) -> bool {
+    let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.status == "True")
+}
+
+/// Everything the shell needs to turn API objects into lifecycle inputs.
+struct Translate {
+    selection: NodeSelection,
+    admission: Admission,
+    installed_key: String,
+    run_id: String,
+    template_hash: String,
+}
+
+impl Translate {
+    fn node(&self, node: &Node) -> NodeObs {
+        let facts = node_facts(node);
+        let empty = BTreeMap::new();
+        let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_deref())
+            .unwrap_or_default();
+        NodeObs {
+            selected: self.selection.matches(&facts.name, labels),
+            ready: node_ready(node),
+            untolerated: self.admission.untolerated(taints),
+            installed_hash: node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(&self.installed_key))
+                .cloned(),
+            facts,
+        }
+    }
+
+    fn job(&self, job: &Job) -> JobObs {
+        let label = |k: &str| {
+            job.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(k))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let annotation = |k: &str| {
+            job.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(k))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let pinned = job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.node_name.clone());
+        let node = Some(annotation(template::ANNOTATION_NODE_NAME))
+            .filter(|n| !n.is_empty())
+            .or(pinned)
+            .unwrap_or_default();
+        JobObs {
+            name: job.metadata.name.clone().unwrap_or_default(),
+            uid: job.metadata.uid.clone().unwrap_or_default(),
+            node,
+            node_uid: annotation(template::ANNOTATION_NODE_UID),
+            ours: label(template::LABEL_RUN) == self.run_id
+                && annotation(template::ANNOTATION_TEMPLATE_HASH) == self.template_hash,
+            phase: job_phase(job),
+            deleting: job.metadata.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+fn pod_obs(pod: &Pod) -> PodObs {
+    let job_uid = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| {
+            l.get("batch.kubernetes.io/controller-uid")
+                .or_else(|| l.get("controller-uid"))
+        })
+        .cloned()
+        .or_else(|| {
+            pod.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "Job")
+                .map(|o| o.uid.clone())
+        })
+        .unwrap_or_default();
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    PodObs {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        node: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        job_uid,
+        live: !matches!(phase, Some("Succeeded" | "Failed")),
+    }
+}
+
+/// A watch error that retrying cannot fix (rights, missing resource): discovery fails fast.
+fn fatal_watch_error(e: &watcher::Error) -> Option<String> {
+    let inner = match e {
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => k,
+        _ => return None,
+    };
+    match inner {
+        kube::Error::Api(s) if matches!(s.code, 401 | 403 | 404) => {
+            Some(format!("{} ({})", s.message, s.code))
+        }
+        _ => None,
+    }
+}
+
+/// The rights this run uses, for the preflight.
+pub fn rights(args: &Args, namespace: &str) -> Vec<Right> {
+    let ns = || Some(namespace.to_owned());
+    let mut r = vec![
+        Right {
+            verb: "list",
+            group: "",
+            resource: "nodes",
+            namespace: None,
+        },
+        Right {
+            verb: "watch",
+            group: "",
+            resource: "nodes",
+            namespace: None,
+        },
+    ];
+    for verb in ["create", "get", "list", "watch", "delete"] {
+        r.push(Right {
+            verb,
+            group: "batch",
+            resource: "jobs",
+            namespace: ns(),
+        });
+    }
+    for verb in ["list", "watch"] {
+        r.push(Right {
+            verb,
+            group: "",
+            resource: "pods",
+            namespace: ns(),
+        });
+    }
+    if args.node_events {
+        r.push(Right {
+            verb: "create",
+            group: "",
+            resource: "events",
+            namespace: Some(NODE_EVENTS_NAMESPACE.into()),
+        });
+    }
+    if args.skip_installed || args.supersede_prefix.is_some() {
+        r.push(Right {
+            verb: "patch",
+            group: "",
+            resource: "nodes",
+            namespace: None,
+        });
+    }
+    r
+}
+
+type Op = BoxFuture<'static, Option<Input>>;
+
+struct Shell {
+    api: ClusterApi,
+    template: JobTemplate,
+    run: RunIdentity,
+    ops: FuturesUnordered<Op>,
+    node_events: bool,
+    record_key: Option<String>,
+    forget_key: Option<String>,
+}
+
+impl Shell {
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Create { node, job, facts } => {
+                    info!(node = %node, job = %job, "creating per-node Job");
+                    let body = self.template.specialise(&self.run, &facts, &job);
+                    let api = self.api.clone();
+                    self.ops.push(Box::pin(async move {
+                        let result = match api.create_job(&body).await {
+                            Ok(uid) => Created::Ok(uid),
+                            Err(kube::Error::Api(s)) if s.code == 409 => Created::Conflict,
+                            Err(e) => Created::Err(e.to_string()),
+                        };
+                        Some(Input::Created { node, result })
+                    }));
+                }
+                Action::Delete {
+                    node,
+                    job,
+                    uid,
+                    why,
+                } => {
+                    info!(node = %node, job = %job, why, "deleting Job (foreground)");
+                    let api = self.api.clone();
+                    self.ops.push(Box::pin(async move {
+                        let result = api.delete_job_uid(&job, Some(&uid)).await.map_err(|e| e.to_string());
+                        if let Err(e) = &result {
+                            warn!(job = %job, error = %e, "could not delete the Job; delete it by hand");
+                        }
+                        Some(Input::Deleted { node, result })
+                    }));
+                }
+                Action::ReadConflict { node, job } => {
+                    let api = self.api.clone();
+                    let prefix = self.run.prefix.clone();
+                    let tr = self.translate_job_fn();
+                    self.ops.push(Box::pin(async move {
+                        let found = match api.get_job(&job).await {
+                            Ok(None) => Conflicting::Gone,
+                            Ok(Some(j))
+                                if j.metadata
+                                    .labels
+                                    .as_ref()
+                                    .and_then(|l| l.get(template::LABEL_DISPATCHER))
+                                    != Some(&prefix) =>
+                            {
+                                Conflicting::Foreign
+                            }
+                            Ok(Some(j)) => Conflicting::Managed(tr.job(&j)),
+                            Err(e) => Conflicting::Err(e.to_string()),
+                        };
+                        Some(Input::ConflictRead { node, found })
+                    }));
+                }
+                Action::ReadFailure {
+                    node,
+                    job,
+                    condition,
+                } => {
+                    let api = self.api.clone();
+                    self.ops.push(Box::pin(async move {
+                        let reason = match api.failure_detail(&job).await {
+                            Some(detail) => format!("{condition}; {detail}"),
+                            None => condition,
+                        };
+                        Some(Input::FailureDetail { node, reason })
+                    }));
+                }
+                Action::Adopted { node, job } => {
+                    info!(node = %node, job = %job, "adopting this run's Job")
+                }
+                Action::Report {
+                    node,
+                    job,
+                    node_uid,
+                    outcome,
+                    took,
+                } => self.report(node, job, node_uid, outcome, took),
+            }
+        }
+    }
+
+    fn translate_job_fn(&self) -> Translate {
+        Translate {
+            selection: NodeSelection::All,
+            admission: Admission::default(),
+            installed_key: String::new(),
+            run_id: self.run.run_id.clone(),
+            template_hash: self.template.hash().to_owned(),
+        }
+    }
+
+    /// Logs a node's result, records it as an Event on the Node, and keeps the install record.
+    fn report(
+        &mut self,
+        node: String,
+        job: String,
+        node_uid: String,
+        outcome: Outcome,
+        took: Option<Duration>,
+    ) {
+        match &outcome {
+            o if o.is_ok() => {
+                info!(node = %node, job = %job, took = ?took, result = o.word(), reason = o.reason(), "node done")
+            }
+            o => {
+                warn!(node = %node, job = %job, took = ?took, result = o.word(), reason = o.reason(), "node failed")
+            }
+        }
+        let api = self.api.clone();
+        let prefix = self.run.prefix.clone();
+        let record = matches!(outcome, Outcome::Succeeded)
+            .then(|| self.record_key.clone())
+            .flatten();
+        let forget = matches!(outcome, Outcome::Succeeded)
+            .then(|| self.forget_key.clone())
+            .flatten();
+        let hash = self.template.hash().to_owned();
+        let events =
+            self.node_events && !matches!(outcome, Outcome::Removed(_)) && !node_uid.is_empty();
+        if !(events || record.is_some() || forget.is_some()) {
+            return;
+        }
+        self.ops.push(Box::pin(async move {
+            if let Some(key) = record {
+                if let Err(e) = api.annotate_node(&node, &node_uid, &key, Some(&hash)).await {
+                    warn!(node = %node, error = %e, "could not record the install on the Node; the next run re-installs it");
+                }
+            }
+            if let Some(key) = forget {
+                if let Err(e) = api.annotate_node(&node, &node_uid, &key, None).await {
+                    warn!(node = %node, error = %e, "could not remove the install record from the Node");
+                }
+            }
+            if events {
+                let reason = match outcome {
+                    Outcome::Succeeded => "KataDeploySucceeded",
+                    Outcome::AlreadyInstalled => "KataDeployUpToDate",
+                    Outcome::Skipped(_) => "KataDeploySkipped",
+                    _ => "KataDeployFailed",
+                };
+                let message = match outcome.reason() {
+                    "" => format!("{prefix}: Job {job} succeeded (template {hash})"),
+                    r => format!("{prefix}: {} ({r})", outcome.word()),
+                };
+                if let Err(e) = api.node_event(&node, &node_uid, !outcome.is_ok(), reason, &message).await {
+                    tracing::debug!(node = %node, error = %e, "could not record the Event on the Node");
+                }
+            }
+            None
+        }));
+    }
+}
+
+/// Deletes the superseded dispatcher's Job, waits until it is gone, then deletes its per-node
+/// Jobs and waits until no Job or pod of it is left: an uninstall never interleaves with an
+/// install still running on the same node.
+async fn supersede(
+    api: &ClusterApi,
+    args: &Args,
+    until: tokio::time::Instant,
+) -> Result<(), StartError> {
+    let limit = humantime::format_duration(args.discovery_timeout).to_string();
+    let timeout = |what: &str, last: String| {
+        StartError::Setup(SetupError::DiscoveryTimeout {
+            what: what.into(),
+            limit: limit.clone(),
+            last,
+        })
+    };
+    if let Some(job) = &args.supersede_job {
+        info!(job = %job, "stopping the superseded dispatcher first");
+        api.delete_job(job)
+            .await
+            .map_err(|source| SetupError::Api {
+                what: format!("delete Job {job}"),
+                source,
+            })?;
+        loop {
+            match api.get_job(job).await {
+                Ok(None) => break,
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    warn!(job = %job, error = %e, "cannot read the superseded dispatcher's Job; retrying")
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(timeout(
+                    &format!("stopping the superseded dispatcher Job {job}"),
+                    "it still exists".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    if let Some(prefix) = &args.supersede_prefix {
+        let selector = format!("{}={prefix}", template::LABEL_DISPATCHER);
+        loop {
+            let last = match api.list_labelled(&selector).await {
+                Ok((jobs, 0)) if jobs.is_empty() => break,
+                Ok((jobs, live)) => {
+                    for (name, uid, deleting) in &jobs {
+                        if !deleting {
+                            if let Err(e) = api.delete_job_uid(name, Some(uid)).await {
+                                warn!(job = %name, error = %e, "could not delete a Job of the superseded dispatcher");
+                            }
+                        }
+                    }
+                    format!(
+                        "{} Jobs and {live} running pods of {prefix} left",
+                        jobs.len()
+                    )
+                }
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= until {
+                return Err(timeout(
+                    &format!("removing the per-node Jobs of {prefix}"),
+                    last,
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        info!(prefix = %prefix, "no Job or pod of the superseded dispatcher is left");
+    }
+    Ok(())
+}
+
+/// Runs the dispatcher to the end.
+pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
+    let started = Instant::now();
+    validate_prefix(&args.name_prefix)?;
+    let path = args.template.display().to_string();
+    let text =
+        std::fs::read_to_string(&args.template).map_err(|source| StartError::ReadTemplate {
+            path: path.clone(),
+            source,
+        })?;
+    let template = JobTemplate::parse(&path, &text)?;
+    let admission =
+        Admission::from_template(template.job(), args.ignore_taints).map_err(|problem| {
+            StartError::Tolerations {
+                path: path.clone(),
+                problem,
+            }
+        })?;
+    let selection = NodeSelection::from_inputs(&args.nodes, &args.selectors)?;
+    let namespace = resolve_namespace(args.namespace.as_deref())?;
+    let api = ClusterApi::new(client, &namespace);
+    if !args.dry_run {
+        api.preflight(&rights(&args, &namespace)).await?;
+    }
+    let owner = match &args.owner_job {
+        Some(name) => Some((name.clone(), api.owner_uid(name).await?)),
+        None => None,
+    };
+    let run_id = args
+        .run_id
+        .clone()
+        .or_else(|| owner.as_ref().map(|(_, uid)| uid.clone()))
+        .unwrap_or_else(random_run_id);
+    let run = RunIdentity {
+        prefix: args.name_prefix.clone(),
+        run_id,
+        owner,
+        namespace,
+    };
+    let node_timeout = args
+        .node_timeout
+        .or_else(|| {
+            template
+                .active_deadline()
+                .map(|d| d + Duration::from_secs(120))
+        })
+        .unwrap_or(Duration::from_secs(3600));
+    info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, budget = %args.max_failures, node_timeout = %humantime::format_duration(node_timeout), "dispatcher starting");
+
+    let deadline = tokio::time::Instant::from_std(started + args.deadline);
+    let discovery_until = tokio::time::Instant::now() + args.discovery_timeout;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    if !args.dry_run && (args.supersede_job.is_some() || args.supersede_prefix.is_some()) {
+        tokio::select! {
+            r = supersede(&api, &args, discovery_until.min(deadline)) => r?,
+            _ = sigterm.recv() => return Ok(interrupted(&api)),
+            _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
+        }
+    }
+
+    let named = match &selection {
+        NodeSelection::Names(n) => Some(n.clone()),
+        _ => None,
+    };
+    let cfg = Config {
+        parallelism: args.parallelism as usize,
+        budget: args.max_failures,
+        node_timeout: Some(node_timeout),
+        skip_installed: args.skip_installed.then(|| template.hash().to_owned()),
+        named,
+    };
+    let mut lc = Lifecycle::new(cfg, &run.prefix);
+    let tr = Translate {
+        selection: selection.clone(),
+        admission,
+        installed_key: installed_annotation(&run.prefix),
+        run_id: run.run_id.clone(),
+        template_hash: template.hash().to_owned(),
+    };
+    let mut shell = Shell {
+        api: api.clone(),
+        template,
+        run,
+        ops: FuturesUnordered::new(),
+        node_events: args.node_events && !args.dry_run,
+        record_key: args
+            .skip_installed
+            .then(|| installed_annotation(&args.name_prefix)),
+        forget_key: args.supersede_prefix.as_deref().map(installed_annotation),
+    };
+
+    // Three watches: nodes (selection, taints, late, deleted or re-created nodes), this
+    // dispatcher's Jobs (adoption, tracking) and their pods (a node is busy while one runs).
+    // Each re-lists by itself after an expiry; the lifecycle diffs every re-list.
+    let page = 500;
+    let mut node_events = watcher::watcher(
+        api.nodes.clone(),
+        watcher::Config::default().page_size(page),
+    )
+    .default_backoff()
+    .boxed();
+    let own = format!("{}={}", template::LABEL_DISPATCHER, shell.run.prefix);
+    let mut job_events = watcher::watcher(
+        api.jobs.clone(),
+        watcher::Config::default().labels(&own).page_size(page),
+    )
+    .default_backoff()
+    .boxed();
+    let mut pod_events = watcher::watcher(
+        api.pods.clone(),
+        watcher::Config::default().labels(&own).page_size(page),
+    )
+    .default_backoff()
+    .boxed();
+    let node_input = |tr: &Translate, ev: Event<Node>| match ev {
+        Event::Init => Input::NodeListStarted,
+        Event::InitApply(n) | Event::Apply(n) => Input::NodeSeen(tr.node(&n)),
+        Event::Delete(n) => Input::NodeGone(n.metadata.name.unwrap_or_default()),
+        Event::InitDone => Input::NodeListDone,
+    };
+    let job_input = |tr: &Translate, ev: Event<Job>| match ev {
+        Event::Init => Input::JobListStarted,
+        Event::InitApply(j) | Event::Apply(j) => Input::JobSeen(tr.job(&j)),
+        Event::Delete(j) => Input::JobGone(j.metadata.name.unwrap_or_default()),
+        Event::InitDone => Input::JobListDone,
+    };
+    let pod_input = |ev: Event<Pod>| match ev {
+        Event::Init => Input::PodListStarted,
+        Event::InitApply(p) | Event::Apply(p) => Input::PodSeen(pod_obs(&p)),
+        Event::Delete(p) => Input::PodGone(p.metadata.name.unwrap_or_default()),
+        Event::InitDone => Input::PodListDone,
+    };
+
+    // --- discovery: the three initial lists, bounded, then optional settling ---
+    let (mut nodes_ready, mut jobs_ready, mut pods_ready) = (false, false, false);
+    let mut last_error = String::from("no answer yet");
+    let discovery_limit = discovery_until.min(deadline);
+    while !(nodes_ready && jobs_ready && pods_ready) {
+        let input = tokio::select! {
+            Some(ev) = node_events.next() => match ev {
+                Ok(ev) => { nodes_ready |= matches!(ev, Event::InitDone); Some(node_input(&tr, ev)) }
+                Err(e) => { discovery_error(&api, "nodes", &e, &mut last_error)?; None }
+            },
+            Some(ev) = job_events.next() => match ev {
+                Ok(ev) => { jobs_ready |= matches!(ev, Event::InitDone); Some(job_input(&tr, ev)) }
+                Err(e) => { discovery_error(&api, "jobs", &e, &mut last_error)?; None }
+            },
+            Some(ev) = pod_events.next() => match ev {
+                Ok(ev) => { pods_ready |= matches!(ev, Event::InitDone); Some(pod_input(ev)) }
+                Err(e) => { discovery_error(&api, "pods", &e, &mut last_error)?; None }
+            },
+            _ = tokio::time::sleep_until(discovery_limit) => {
+                let limit = humantime::format_duration(args.discovery_timeout).to_string();
+                return Err(SetupError::DiscoveryTimeout { what: "listing nodes, Jobs and pods".into(), limit, last: last_error }.into());
+            }
+            _ = sigterm.recv() => return Ok(interrupted(&api)),
+            _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
+        };
+        if let Some(input) = input {
+            let actions = lc.handle(Instant::now(), input);
+            shell.carry_out(actions);
+        }
+    }
+    if !args.settle.is_zero() {
+        let cap = Instant::now() + args.settle * 5;
+        let mut last_change = Instant::now();
+        let mut seen = lc.selection_changes();
+        info!(settle = ?args.settle, "waiting for the selection to settle");
+        while Instant::now() < cap && last_change.elapsed() < args.settle {
+            let wait = args.settle.saturating_sub(last_change.elapsed());
+            let input = tokio::select! {
+                Some(ev) = node_events.next() => ev.ok().map(|ev| node_input(&tr, ev)),
+                Some(ev) = job_events.next() => ev.ok().map(|ev| job_input(&tr, ev)),
+                Some(ev) = pod_events.next() => ev.ok().map(pod_input),
+                _ = tokio::time::sleep(wait) => None,
+                _ = sigterm.recv() => return Ok(interrupted(&api)),
+            };
+            if let Some(input) = input {
+                let actions = lc.handle(Instant::now(), input);
+                shell.carry_out(actions);
+                if lc.selection_changes() != seen {
+                    seen = lc.selection_changes();
+                    last_change = Instant::now();
+                }
+            }
+        }
+        info!(nodes = lc.targets().len(), "selection settled");
+    }
+    if lc.targets().is_empty() && lc.missing() == 0 {
+        if args.require_nodes {
+            return Err(StartError::NoNodes(selection.to_string()));
+        }
+        warn!(selection = %selection, "no node matches the selection; nothing to do");
+        let summary = Summary {
+            results: BTreeMap::new(),
+            stopped: None,
+            retries: api.stats.count(),
+        };
+        return Ok(remove_after_success(&api, &args.remove_on_success, summary).await);
+    }
+    if lc.targets().is_empty() && args.require_nodes {
+        return Err(StartError::NoNodes(selection.to_string()));
+    }
+    if args.dry_run {
+        print_plan(&mut lc, args.parallelism);
+        return Ok(Summary {
+            results: BTreeMap::new(),
+            stopped: None,
+            retries: api.stats.count(),
+        });
+    }
+    info!(
+        nodes = lc.targets().len(),
+        parallelism = args.parallelism,
+        "rollout planned"
+    );
+    let actions = lc.handle(Instant::now(), Input::DiscoveryDone);
+    shell.carry_out(actions);
+
+    // --- rollout ---
+    let mut progress = tokio::time::interval(args.progress_interval);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let rollout_started = Instant::now();
+    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    while !(lc.is_done() && shell.ops.is_empty()) {
+        let next_timer = lc
+            .next_deadline()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or(far);
+        let input = tokio::select! {
+            Some(done) = shell.ops.next(), if !shell.ops.is_empty() => done,
+            Some(ev) = job_events.next() => match ev {
+                Ok(ev) => Some(job_input(&tr, ev)),
+                Err(e) => { api.stats.record(); warn!(error = %e, "job watch error; the watch resumes by itself"); None }
+            },
+            Some(ev) = pod_events.next() => match ev {
+                Ok(ev) => Some(pod_input(ev)),
+                Err(e) => { api.stats.record(); warn!(error = %e, "pod watch error; the watch resumes by itself"); None }
+            },
+            Some(ev) = node_events.next() => match ev {
+                Ok(ev) => Some(node_input(&tr, ev)),
+                Err(e) => { api.stats.record(); warn!(error = %e, "node watch error; the watch resumes by itself"); None }
+            },
+            _ = tokio::time::sleep_until(next_timer) => Some(Input::Tick),
+            _ = progress.tick() => { info!("{}", report::progress_line(&lc.progress(), rollout_started.elapsed())); None }
+            _ = tokio::time::sleep_until(deadline) => { warn!("run deadline reached; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Deadline)); break; }
+            _ = tokio::signal::ctrl_c() => { warn!("interrupted; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Interrupted)); break; }
+            _ = sigterm.recv() => { warn!("SIGTERM; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Interrupted)); break; }
+        };
+        if let Some(input) = input {
+            let actions = lc.handle(Instant::now(), input);
+            shell.carry_out(actions);
+        }
+        if lc.is_done() && lc.stopped().is_some() {
+            // Stopped by the budget: in-flight nodes are done; reports may still be written.
+            while let Some(done) = shell.ops.next().await {
+                if let Some(input) = done {
+                    let actions = lc.handle(Instant::now(), input);
+                    shell.carry_out(actions);
+                }
+            }
+            break;
+        }
+    }
+    info!(
+        peak_busy = lc.peak(),
+        "{}",
+        report::progress_line(&lc.progress(), rollout_started.elapsed())
+    );
+    let stopped = lc.stopped().map(ToString::to_string);
+    let summary = Summary {
+        results: lc.into_results(),
+        stopped,
+        retries: api.stats.count(),
+    };
+    Ok(remove_after_success(&api, &args.remove_on_success, summary).await)
+}
+
+fn discovery_error(
+    api: &ClusterApi,
+    what: &str,
+    e: &watcher::Error,
+    last: &mut String,
+) -> Result<(), StartError> {
+    api.stats.record();
+    if let Some(why) = fatal_watch_error(e) {
+        let verb = "list/watch";
+        return Err(SetupError::Forbidden {
+            verb: verb.into(),
+            resource: format!("{what} ({why})"),
+            scope: "this run".into(),
+        }
+        .into());
+    }
+    warn!(error = %e, watch = what, "watch error during discovery; retrying");
+    *last = e.to_string();
+    Ok(())
+}
+
+fn interrupted(api: &ClusterApi) -> Summary {
+    warn!("interrupted before dispatching; nothing was created");
+    Summary {
+        results: BTreeMap::new(),
+        stopped: Some(StopReason::Interrupted.to_string()),
+        retries: api.stats.count(),
+    }
+}
+
+/// Deletes `jobs` when the run fully succeeded (failed runs keep them for inspection).
+async fn remove_after_success(api: &ClusterApi, jobs: &[String], summary: Summary) -> Summary {
+    if summary.all_succeeded() {
+        for job in jobs {
+            match api.delete_job(job).await {
+                Ok(()) => info!(job = %job, "removed after success, with its per-node Jobs"),
+                Err(e) => {
+                    warn!(job = %job, error = %e, "could not remove the Job; delete it by hand")
+                }
+            }
+        }
+    }
+    summary
+}
+
+fn random_run_id() -> String {
+    use sha2::{Digest, Sha256};
+    let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+    hex::encode(Sha256::digest(seed.as_bytes()))[..16].to_owned()
+}
+
+fn print_plan(lc: &mut Lifecycle, parallelism: u32) {
+    let nodes = lc.targets();
+    println!(
+        "dry run: {} nodes, parallelism {}, nothing will be created",
+        nodes.len(),
+        (parallelism as usize).min(nodes.len())
+    );
+    println!("{:<40}  {:<63}  ACTION", "NODE", "JOB");
+    for node in nodes {
+        let job = lc.job_name(&node);
+        let action = lc.plan_of(&node);
+        println!("{node:<40}  {job:<63}  {action}");
+    }
+}
