@@ -64,6 +64,12 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_NODE_TIMEOUT", value_parser = parse_duration)]
     pub node_timeout: Option<Duration>,
 
+    /// How long NotReady or tainted nodes may keep the run waiting once nothing else is left
+    /// (a node that just joined is NotReady and tainted for a few seconds); then they are
+    /// reported (not started / skipped).
+    #[arg(long, env = "DISPATCHER_UNREADY_GRACE", default_value = "2m", value_parser = parse_duration)]
+    pub unready_grace: Duration,
+
     /// Dispatch to tainted nodes whatever the template tolerates (the cleanup dispatcher: a node
     /// tainted after install must still be cleaned). Without it, DaemonSet rules apply.
     #[arg(long, env = "DISPATCHER_IGNORE_TAINTS")]

@@ -387,6 +387,9 @@ pub struct Config {
     pub node_timeout: Option<Duration>,
     /// Skip nodes whose recorded hash equals this template hash.
     pub skip_installed: Option<String>,
+    /// How long a NotReady or tainted node may keep the run waiting once nothing else is left
+    /// (a node that just joined is NotReady and tainted for a few seconds).
+    pub unready_grace: Duration,
     /// Explicitly named nodes (they must exist), or `None` for a label selection.
     pub named: Option<Vec<String>>,
 }
@@ -456,6 +459,8 @@ struct NodeRec {
     gave_up: bool,
     /// A create call is in flight.
     create_pending: bool,
+    /// Parked since this long ago the grace ends here (in `deadlines` while waiting).
+    park_until: Option<Instant>,
 }
 
 impl NodeRec {
@@ -475,6 +480,7 @@ impl NodeRec {
             delete_on_create: false,
             gave_up: false,
             create_pending: false,
+            park_until: None,
         }
     }
 }
@@ -525,6 +531,8 @@ pub struct Lifecycle {
     peak: usize,
     /// Nodes that joined or left the selection (settling watches it).
     changes: u64,
+    /// Parked nodes still within their grace period.
+    parked_waiting: usize,
 }
 
 /// Per-node results of a run, in node order.
@@ -556,6 +564,7 @@ impl Lifecycle {
             failed_budget: 0,
             peak: 0,
             changes: 0,
+            parked_waiting: 0,
             cfg,
         };
         for name in me.cfg.named.clone().unwrap_or_default() {
@@ -637,7 +646,8 @@ impl Lifecycle {
     pub fn is_done(&self) -> bool {
         self.started
             && self.in_flight == 0
-            && (self.stopped.is_some() || (self.ready.is_empty() && self.queued_busy == 0))
+            && (self.stopped.is_some()
+                || (self.ready.is_empty() && self.queued_busy == 0 && self.parked_waiting == 0))
     }
 
     /// Counters for a progress line.
@@ -1114,6 +1124,12 @@ impl Lifecycle {
                 break;
             }
             self.deadlines.pop_first();
+            if self.nodes[&node].park_until == Some(t) {
+                // The grace is over: the node no longer holds the run (it is still dispatched
+                // if it becomes ready while the run goes on).
+                self.parked_waiting -= 1;
+                continue;
+            }
             let limit = humantime::format_duration(self.cfg.node_timeout.unwrap_or_default());
             self.rec(&node).gave_up = true;
             match self.phase(&node) {
@@ -1140,6 +1156,7 @@ impl Lifecycle {
         let mut names: Vec<String> = self.nodes.keys().cloned().collect();
         names.sort();
         for node in names {
+            self.refresh(now, &node, out);
             match self.nodes[&node].phase {
                 Phase::Missing => {
                     let o = Outcome::Failed(format!("node not found: no Node named {node:?} exists; check job.nodes (--nodes) for a typo"));
@@ -1403,6 +1420,23 @@ impl Lifecycle {
                 Some(Class::Busy) => self.queued_busy += 1,
                 _ => {}
             }
+        }
+        // A parked node keeps the run waiting for the grace period, then stops counting.
+        let park_until = self.nodes[node].park_until;
+        match (class == Some(Class::Parked), park_until) {
+            (true, None) if self.started => {
+                let t = now + self.cfg.unready_grace;
+                self.deadlines.insert((t, node.to_owned()));
+                self.parked_waiting += 1;
+                self.nodes.get_mut(node).expect("present").park_until = Some(t);
+            }
+            (false, Some(t)) => {
+                if self.deadlines.remove(&(t, node.to_owned())) {
+                    self.parked_waiting -= 1;
+                }
+                self.nodes.get_mut(node).expect("present").park_until = None;
+            }
+            _ => {}
         }
         let rec = self.nodes.get_mut(node).expect("present");
         rec.busy_counted = counts;

@@ -608,6 +608,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         budget: args.max_failures,
         node_timeout: Some(node_timeout),
         skip_installed: args.skip_installed.then(|| template.hash().to_owned()),
+        unready_grace: args.unready_grace,
         named,
     };
     let mut lc = Lifecycle::new(cfg, &run.prefix);

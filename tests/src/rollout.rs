@@ -28,13 +28,11 @@ pub const OWNER_JOB: &str = "kata-deploy-dispatcher";
 pub struct EnvOptions {
     /// Simulated per-node Job duration (kwok delay, Go duration).
     pub duration: String,
-    /// Also grant `pods list` (for termination messages of failed Jobs).
-    pub grant_pods_list: bool,
 }
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { duration: "1s".into(), grant_pods_list: false }
+        Self { duration: "1s".into() }
     }
 }
 
@@ -82,21 +80,24 @@ pub fn output_text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// The least-privilege rights of the dispatcher: exactly what the chart grants.
-pub fn dispatcher_rules(grant_pods_list: bool) -> (serde_json::Value, serde_json::Value) {
-    let cluster = json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]);
-    let mut ns = vec![json!({"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]})];
-    if grant_pods_list {
-        ns.push(json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}));
-    }
-    (cluster, json!(ns))
+/// The least-privilege rights of the dispatcher, exactly what the chart grants (rbac.yaml):
+/// (cluster rules, release-namespace rules, rules in `default` for the Node Events).
+pub fn dispatcher_rules() -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+    let cluster = json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch", "patch"]}]);
+    let ns = json!([
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    ]);
+    let events = json!([{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]);
+    (cluster, ns, events)
 }
 
 impl DispatcherEnv {
     /// Creates the namespace's ServiceAccount, RBAC, owner Job and template.
     pub async fn setup(cluster: &TestCluster, namespace: &str, opts: &EnvOptions) -> Result<Self> {
         let client = cluster.client.clone();
-        let (cluster_rules, ns_rules) = dispatcher_rules(opts.grant_pods_list);
+        let (cluster_rules, ns_rules, event_rules) = dispatcher_rules();
+        let ev_name = format!("{namespace}-node-events");
         let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": DISPATCHER_SA, "namespace": namespace}});
         let cr_name = format!("{namespace}-dispatcher");
         let objects = vec![
@@ -108,6 +109,10 @@ impl DispatcherEnv {
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "dispatcher", "namespace": namespace}, "rules": ns_rules}),
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "dispatcher", "namespace": namespace},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dispatcher"},
+                "subjects": [{"kind": "ServiceAccount", "name": DISPATCHER_SA, "namespace": namespace}]}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": ev_name, "namespace": "default"}, "rules": event_rules}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": ev_name, "namespace": "default"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ev_name},
                 "subjects": [{"kind": "ServiceAccount", "name": DISPATCHER_SA, "namespace": namespace}]}),
         ];
         for obj in objects {
@@ -324,4 +329,19 @@ pub async fn jobs_by_node(cluster: &TestCluster, namespace: &str) -> Result<Vec<
 /// Waits until no Job other than the owner is left in `namespace`.
 pub async fn wait_jobs_gone(cluster: &TestCluster, namespace: &str, timeout: Duration) -> Result<()> {
     wait_until(timeout, "per-node Jobs to be garbage-collected", || async { Ok(jobs_by_node(cluster, namespace).await?.is_empty()) }).await
+}
+
+/// Requests by `user` in the audit log, by (verb, resource): e.g. ("create", "jobs").
+pub fn audit_by_resource(cluster: &TestCluster, user: &str) -> Result<std::collections::BTreeMap<(String, String), usize>> {
+    let text = std::fs::read_to_string(cluster.state().join("audit.log")).context("reading audit.log")?;
+    let mut counts = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if ev["user"]["username"] == user && ev["stage"] == "ResponseComplete" {
+            let verb = ev["verb"].as_str().unwrap_or("?").to_owned();
+            let resource = ev["objectRef"]["resource"].as_str().unwrap_or("?").to_owned();
+            *counts.entry((verb, resource)).or_default() += 1;
+        }
+    }
+    Ok(counts)
 }

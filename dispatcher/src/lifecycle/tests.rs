@@ -27,6 +27,7 @@ fn cfg(parallelism: usize) -> Config {
         budget: Budget::Count(5),
         node_timeout: None,
         skip_installed: None,
+        unready_grace: Duration::from_secs(60),
         named: None,
     }
 }
@@ -273,7 +274,15 @@ fn taint_added_while_queued_blocks_dispatch_and_is_reported() {
     t.feed(Input::NodeSeen(b));
     t.created("a");
     assert!(creates(&t.finish_ok("a")).is_empty());
-    assert!(t.lc.is_done(), "a tainted node does not hold the run");
+    assert!(
+        !t.lc.is_done(),
+        "a taint may be lifted soon (a node that just joined)"
+    );
+    t.advance(Duration::from_secs(61));
+    assert!(
+        t.lc.is_done(),
+        "a tainted node does not hold the run past the grace"
+    );
     let r = t.lc.into_results();
     assert!(
         matches!(&r["b"].0, Outcome::Skipped(m) if m.contains("taint x:NoSchedule")),
@@ -1003,6 +1012,7 @@ fn random_run(seed: u64) {
             budget: Budget::Unlimited,
             node_timeout: Some(Duration::from_secs(120)),
             skip_installed: None,
+            unready_grace: Duration::from_secs(60),
             named: None,
         },
         "kd",

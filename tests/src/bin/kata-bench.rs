@@ -41,7 +41,7 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     cluster.sim_nodes(&ns, args.nodes, &spec).await?;
     eprintln!("created {} simulated nodes in {:.1}s", args.nodes, t.elapsed().as_secs_f64());
-    let env = DispatcherEnv::setup(&cluster, &ns, &EnvOptions { duration: format!("{}ms", (args.duration * 1000.0) as u64), grant_pods_list: false }).await?;
+    let env = DispatcherEnv::setup(&cluster, &ns, &EnvOptions { duration: format!("{}ms", (args.duration * 1000.0) as u64) }).await?;
     let observer = ActiveObserver::start(&cluster, &ns, "katacontainers.io/dispatcher=kata-deploy");
     let first_job = first_job_watch(&cluster, &ns);
 
