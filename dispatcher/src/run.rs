@@ -307,6 +307,7 @@ struct Shell {
     node_events: bool,
     record_key: Option<String>,
     forget_key: Option<String>,
+    report_slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Shell {
@@ -428,12 +429,18 @@ impl Shell {
             .then(|| self.forget_key.clone())
             .flatten();
         let hash = self.template.hash().to_owned();
-        let events =
-            self.node_events && !matches!(outcome, Outcome::Removed(_)) && !node_uid.is_empty();
+        // An Event for what happened on (or was refused for) the node; none for a node that is
+        // gone, nor for one already up to date (an unchanged upgrade writes nothing per node).
+        let events = self.node_events
+            && !matches!(outcome, Outcome::Removed(_) | Outcome::AlreadyInstalled)
+            && !node_uid.is_empty();
         if !(events || record.is_some() || forget.is_some()) {
             return;
         }
+        let limit = self.report_slots.clone();
         self.ops.push(Box::pin(async move {
+            // Bounded: many nodes can finish at once (adoption of a finished run).
+            let _slot = limit.acquire_owned().await;
             if let Some(key) = record {
                 if let Err(e) = api.annotate_node(&node, &node_uid, &key, Some(&hash)).await {
                     warn!(node = %node, error = %e, "could not record the install on the Node; the next run re-installs it");
@@ -629,6 +636,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
             .skip_installed
             .then(|| installed_annotation(&args.name_prefix)),
         forget_key: args.supersede_prefix.as_deref().map(installed_annotation),
+        report_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(16)),
     };
 
     // Three watches: nodes (selection, taints, late, deleted or re-created nodes), this

@@ -598,9 +598,12 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
     let killer = {
         let api = api.clone();
         tokio::spawn(async move {
-            while api.get_opt("install-owner").await.ok().flatten().is_some() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let gone = async {
+                while api.get_opt("install-owner").await.ok().flatten().is_some() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(120), gone).await;
             let _ = install.kill().await;
         })
     };

@@ -1,7 +1,11 @@
 //! Rollout benchmark: the real dispatcher against N simulated nodes with parallelism P and a
 //! simulated per-node Job duration D. Prints one Markdown row per run (see BENCHMARKS.md).
 //!
-//!   kata-bench --nodes 1000 --parallelism 100 --duration 3s [--release]
+//!   kata-bench --nodes 1000 --parallelism 100 --duration 3 [--header] [--upgrade]
+//!
+//! With `--upgrade`, both runs record installs on the Nodes (`--skip-installed`) and a second
+//! run (a new run id, as after `helm upgrade`) with the same template follows the first; its wall
+//! time, Jobs created and requests are printed as a second line.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -29,6 +33,9 @@ struct Args {
     /// Print the Markdown header first.
     #[arg(long)]
     header: bool,
+    /// Then measure an upgrade that changed nothing (see the module doc).
+    #[arg(long)]
+    upgrade: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +54,11 @@ async fn main() -> Result<()> {
 
     let selector = format!("kata-test/group={ns}");
     let par = args.parallelism.to_string();
-    let mut cmd = env.command(&["--selector", &selector, "--parallelism", &par, "--progress-interval", "30s", "--deadline", "2h"])?;
+    let mut flags = vec!["--selector", selector.as_str(), "--parallelism", par.as_str(), "--progress-interval", "30s", "--deadline", "2h", "--run-id", "bench-1"];
+    if args.upgrade {
+        flags.push("--skip-installed");
+    }
+    let mut cmd = env.command(&flags)?;
     cmd.env("RUST_LOG", "warn");
     let start = Instant::now();
     let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit()).spawn().context("spawning the dispatcher")?;
@@ -88,6 +99,36 @@ async fn main() -> Result<()> {
     );
     if observer.max_active() > args.parallelism {
         bail!("parallelism violated: {} active > {}", observer.max_active(), args.parallelism);
+    }
+    if args.upgrade {
+        let job_creates = || -> Result<usize> {
+            Ok(kata_testbed::rollout::audit_by_resource(&cluster, &env.user)?.get(&("create".into(), "jobs".into())).copied().unwrap_or(0))
+        };
+        let before_jobs = job_creates()?;
+        let before_total: usize = cluster.audit_requests(&env.user)?.values().sum();
+        flags[flags.len() - 2] = "bench-2";
+        let mut cmd = env.command(&flags)?;
+        cmd.env("RUST_LOG", "warn");
+        let start = Instant::now();
+        let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit()).spawn().context("spawning the dispatcher")?;
+        let pid = child.id() as i32;
+        let (status, maxrss_kib) = tokio::task::spawn_blocking(move || wait_with_rusage(pid)).await??;
+        let wall = start.elapsed();
+        drop(child);
+        if status != 0 {
+            bail!("upgrade run exited {status}");
+        }
+        // Audit entries land asynchronously: give the log a moment.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let created = job_creates()? - before_jobs;
+        let requests: usize = cluster.audit_requests(&env.user)?.values().sum::<usize>() - before_total;
+        println!(
+            "upgrade with nothing changed: N={} wall {:.1}s, Jobs created {created}, requests {requests} ({:.3} per node), peak RSS {:.1} MiB",
+            args.nodes,
+            wall.as_secs_f64(),
+            requests as f64 / args.nodes as f64,
+            maxrss_kib as f64 / 1024.0
+        );
     }
     Ok(())
 }
