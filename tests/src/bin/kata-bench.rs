@@ -106,7 +106,8 @@ async fn main() -> Result<()> {
         };
         let before_jobs = job_creates()?;
         let before_total: usize = cluster.audit_requests(&env.user)?.values().sum();
-        flags[flags.len() - 2] = "bench-2";
+        let run_id = flags.len() - 2;
+        flags[run_id] = "bench-2";
         let mut cmd = env.command(&flags)?;
         cmd.env("RUST_LOG", "warn");
         let start = Instant::now();
