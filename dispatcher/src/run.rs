@@ -891,3 +891,130 @@ fn print_plan(lc: &mut Lifecycle, parallelism: u32) {
         println!("{node:<40}  {job:<63}  {action}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use serde_json::json;
+
+    fn translate() -> Translate {
+        let tpl = json!({"spec": {"template": {"spec": {"tolerations": [{"key": "kwok", "operator": "Exists"}]}}}});
+        Translate {
+            selection: NodeSelection::from_inputs(&[], &["zone=a".into()]).unwrap(),
+            admission: Admission::from_template(&tpl, false).unwrap(),
+            installed_key: installed_annotation("kd"),
+            run_id: "run-1".into(),
+            template_hash: "h1".into(),
+        }
+    }
+
+    #[test]
+    fn a_node_is_read_with_selection_readiness_taints_and_install_record() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "uid": "u1", "labels": {"zone": "a"}, "annotations": {"katacontainers.io/installed-by-kd": "h0"}},
+            "spec": {"taints": [{"key": "kwok", "effect": "NoSchedule"}, {"key": "gpu", "value": "x", "effect": "NoExecute"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}], "nodeInfo": {
+                "machineID": "m", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "containerd://2.0.5",
+                "kubeletVersion": "v1.34.4", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}
+        }))
+        .unwrap();
+        let o = translate().node(&node);
+        assert!(o.selected && !o.ready);
+        assert_eq!(o.installed_hash.as_deref(), Some("h0"));
+        assert!(
+            o.untolerated
+                .as_deref()
+                .is_some_and(|t| t.contains("gpu=x:NoExecute")),
+            "{o:?}"
+        );
+        assert_eq!(
+            (o.facts.uid.as_str(), o.facts.machine_id.as_str()),
+            ("u1", "m")
+        );
+        let bare: Node =
+            serde_json::from_value(json!({"metadata": {"name": "n2", "labels": {"zone": "b"}}}))
+                .unwrap();
+        let o = translate().node(&bare);
+        assert!(
+            !o.selected && o.ready,
+            "no Ready condition yet is not NotReady"
+        );
+    }
+
+    #[test]
+    fn a_job_is_ours_only_for_this_run_and_template() {
+        let job = |run: &str, hash: &str| -> Job {
+            serde_json::from_value(json!({"metadata": {"name": "kd-n1", "uid": "j1",
+                "labels": {"katacontainers.io/run": run},
+                "annotations": {"katacontainers.io/node-name": "n1", "katacontainers.io/node-uid": "u1", "katacontainers.io/template-hash": hash}}}))
+            .unwrap()
+        };
+        let t = translate();
+        let o = t.job(&job("run-1", "h1"));
+        assert!(o.ours && o.node == "n1" && o.node_uid == "u1" && !o.deleting);
+        assert!(!t.job(&job("run-0", "h1")).ours);
+        assert!(!t.job(&job("run-1", "h0")).ours);
+    }
+
+    #[test]
+    fn pods_carry_their_job_and_liveness() {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "labels": {"batch.kubernetes.io/controller-uid": "j1"}},
+            "spec": {"nodeName": "n1", "containers": []}, "status": {"phase": "Running"}}))
+        .unwrap();
+        assert_eq!(
+            pod_obs(&pod),
+            PodObs {
+                name: "p".into(),
+                node: "n1".into(),
+                job_uid: "j1".into(),
+                live: true
+            }
+        );
+        let done: Pod = serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "status": {"phase": "Succeeded"}}),
+        )
+        .unwrap();
+        assert!(!pod_obs(&done).live);
+    }
+
+    #[test]
+    fn the_preflight_covers_every_verb_the_run_uses() {
+        let args = Args::try_parse_from(["d", "--template", "t"]).unwrap();
+        let have = |r: &[Right], verb: &str, res: &str| {
+            r.iter().any(|x| x.verb == verb && x.resource == res)
+        };
+        let r = rights(&args, "ns");
+        for (verb, res) in [
+            ("list", "nodes"),
+            ("watch", "nodes"),
+            ("create", "jobs"),
+            ("get", "jobs"),
+            ("list", "jobs"),
+            ("watch", "jobs"),
+            ("delete", "jobs"),
+            ("list", "pods"),
+            ("watch", "pods"),
+            ("create", "events"),
+        ] {
+            assert!(have(&r, verb, res), "{verb} {res}");
+        }
+        assert!(
+            !have(&r, "patch", "nodes"),
+            "patch only when the install record is used"
+        );
+        let args = Args::try_parse_from(["d", "--template", "t", "--skip-installed"]).unwrap();
+        assert!(have(&rights(&args, "ns"), "patch", "nodes"));
+    }
+
+    #[test]
+    fn rights_errors_stop_discovery_and_transient_ones_do_not() {
+        let api_err = |code: u16| {
+            kube::Error::Api(
+                serde_json::from_value(json!({"status": "Failure", "message": "no", "reason": "Forbidden", "code": code})).unwrap(),
+            )
+        };
+        assert!(fatal_watch_error(&watcher::Error::InitialListFailed(api_err(403))).is_some());
+        assert!(fatal_watch_error(&watcher::Error::InitialListFailed(api_err(503))).is_none());
+    }
+}
