@@ -642,7 +642,10 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     // Three watches: nodes (selection, taints, late, deleted or re-created nodes), this
     // dispatcher's Jobs (adoption, tracking) and their pods (a node is busy while one runs).
     // Each re-lists by itself after an expiry; the lifecycle diffs every re-list.
+    // Pages bound the memory of a (re-)list: Nodes are small (~3.5 KB), Jobs and pods carry a
+    // whole pod template or status (~7 KB), so their pages are smaller.
     let page = 500;
+    let small_page = 100;
     let mut node_events = watcher::watcher(
         api.nodes.clone(),
         watcher::Config::default().page_size(page),
@@ -652,13 +655,17 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let own = format!("{}={}", template::LABEL_DISPATCHER, shell.run.prefix);
     let mut job_events = watcher::watcher(
         api.jobs.clone(),
-        watcher::Config::default().labels(&own).page_size(page),
+        watcher::Config::default()
+            .labels(&own)
+            .page_size(small_page),
     )
     .default_backoff()
     .boxed();
     let mut pod_events = watcher::watcher(
         api.pods.clone(),
-        watcher::Config::default().labels(&own).page_size(page),
+        watcher::Config::default()
+            .labels(&own)
+            .page_size(small_page),
     )
     .default_backoff()
     .boxed();
