@@ -4,6 +4,8 @@
 #
 #   hack/bench.sh                      the BENCHMARKS.md matrix (N = 100, 1000, 5000; P = 10, 100)
 #   hack/bench.sh 50:10:2 500:50:3     custom N:P:D triples (D in seconds)
+#   hack/bench.sh 20000:500:1          the 20,000-node row of BENCHMARKS.md (about 35 min here)
+#   hack/bench.sh 1000:100:1:upgrade   then an upgrade that changed nothing (--skip-installed)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . hack/testenv/lib.sh
@@ -14,9 +16,11 @@ cargo build --release --locked -p kata-deploy-job-dispatcher -p kata-testbed --b
 export KATA_TEST_PROFILE=release
 header=--header
 for run in "${runs[@]}"; do
-  IFS=: read -r n p d <<<"$run"
+  IFS=: read -r n p d mode <<<"$run"
+  extra=()
+  [ "${mode:-}" = upgrade ] && extra=(--upgrade)
   state=$(bash hack/testenv/start.sh --owner-pid $$)
-  KATA_TESTBED_STATE="$state" target/release/kata-bench --nodes "$n" --parallelism "$p" --duration "$d" $header \
+  KATA_TESTBED_STATE="$state" target/release/kata-bench --nodes "$n" --parallelism "$p" --duration "$d" $header "${extra[@]}" \
     || { bash hack/testenv/stop.sh "$state"; die "benchmark N=$n P=$p D=$d failed"; }
   header=
   bash hack/testenv/stop.sh "$state" >/dev/null 2>&1

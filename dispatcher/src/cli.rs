@@ -1,6 +1,7 @@
 //! Command line: every flag has an environment fallback so the chart can configure it either way.
 
-use clap::{Parser, ValueEnum};
+use crate::lifecycle::Budget;
+use clap::{ArgAction, Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,11 +25,13 @@ pub struct Args {
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: Option<String>,
 
-    /// At most this many per-node Jobs run at once (capped at the number of nodes).
+    /// At most this many per-node Jobs run at once (nodes still running a Job of an earlier run
+    /// count too).
     #[arg(long, env = "DISPATCHER_PARALLELISM", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub parallelism: u32,
 
-    /// Explicit node names (comma-separated); they win over --selector.
+    /// Explicit node names (comma-separated); they win over --selector. A name with no Node
+    /// fails with "node not found".
     #[arg(long, env = "DISPATCHER_NODES", value_delimiter = ',')]
     pub nodes: Vec<String>,
 
@@ -45,13 +48,57 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_RUN_ID")]
     pub run_id: Option<String>,
 
-    /// Stop dispatching after this long (e.g. 30m, 90s); in-flight Jobs are reported as running.
+    /// Stop dispatching after this long (e.g. 30m, 90s, 1h30m); in-flight Jobs are reported as
+    /// running.
     #[arg(long, env = "DISPATCHER_DEADLINE", default_value = "30m", value_parser = parse_duration)]
     pub deadline: Duration,
 
-    /// After this many failed nodes no new Jobs are started (a bad template must not hit every node).
-    #[arg(long, env = "DISPATCHER_MAX_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_failures: u32,
+    /// After this many failed nodes no new Jobs are started (a bad template must not hit every
+    /// node): a count (5), a percentage of the targeted nodes (10%), or 0 to never stop early.
+    #[arg(long, env = "DISPATCHER_MAX_FAILURES", default_value = "5", value_parser = Budget::parse)]
+    pub max_failures: Budget,
+
+    /// A node whose Job has not finished this long after dispatch fails and its Job is deleted,
+    /// freeing the slot (a pod stuck on an unreachable node) [default: the template's
+    /// activeDeadlineSeconds plus 2m, else 1h].
+    #[arg(long, env = "DISPATCHER_NODE_TIMEOUT", value_parser = parse_duration)]
+    pub node_timeout: Option<Duration>,
+
+    /// How long NotReady or tainted nodes may keep the run waiting once nothing else is left
+    /// (a node that just joined is NotReady and tainted for a few seconds); then they are
+    /// reported (not started / skipped).
+    #[arg(long, env = "DISPATCHER_UNREADY_GRACE", default_value = "2m", value_parser = parse_duration)]
+    pub unready_grace: Duration,
+
+    /// Dispatch to tainted nodes whatever the template tolerates (the cleanup dispatcher: a node
+    /// tainted after install must still be cleaned). Without it, DaemonSet rules apply.
+    #[arg(long, env = "DISPATCHER_IGNORE_TAINTS")]
+    pub ignore_taints: bool,
+
+    /// Record each success on the Node (annotation katacontainers.io/installed-by-<prefix> = the
+    /// template hash) and skip nodes whose last success ran this very template: an upgrade that
+    /// changed nothing creates no Job. For the install dispatcher only.
+    #[arg(long, env = "DISPATCHER_SKIP_INSTALLED")]
+    pub skip_installed: bool,
+
+    /// Record each node's result as an Event on its Node (`kubectl describe node`).
+    #[arg(long, env = "DISPATCHER_NODE_EVENTS", action = ArgAction::Set, default_value_t = true)]
+    pub node_events: bool,
+
+    /// Before anything else, delete this Job (the dispatcher this one supersedes, e.g. the install
+    /// dispatcher when uninstalling) and wait until it is gone.
+    #[arg(long, env = "DISPATCHER_SUPERSEDE_JOB")]
+    pub supersede_job: Option<String>,
+
+    /// Name prefix of the superseded dispatcher: its per-node Jobs are deleted and waited for
+    /// (no Job or pod of it left) before nodes are discovered; on success its install record is
+    /// removed from the Node.
+    #[arg(long, env = "DISPATCHER_SUPERSEDE_PREFIX")]
+    pub supersede_prefix: Option<String>,
+
+    /// Bound on discovery (initial lists, stopping a superseded dispatcher).
+    #[arg(long, env = "DISPATCHER_DISCOVERY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub discovery_timeout: Duration,
 
     /// Wait until the selection has not changed for this long before dispatching (late labels).
     #[arg(long, env = "DISPATCHER_SETTLE", default_value = "0s", value_parser = parse_duration)]
@@ -79,7 +126,11 @@ pub struct Args {
     pub progress_interval: Duration,
 
     /// Where the summary goes for `kubectl describe` (skipped when its directory does not exist).
-    #[arg(long, env = "DISPATCHER_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    #[arg(
+        long,
+        env = "DISPATCHER_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
     pub termination_log: PathBuf,
 }
 
@@ -92,20 +143,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `500ms`, `90s`, `30m`, `2h`, or plain seconds.
+/// Parses a duration with `humantime`: `0`, or one or more `<number><unit>` terms (the number may
+/// have a decimal part, terms may be separated by spaces), e.g. `500ms`, `90s`, `30m`, `1h30m`,
+/// `2h 5m`, `1.5h`. Units (case-sensitive): ns, us, ms, s/sec/secs/second/seconds,
+/// m/min/mins/minute/minutes, h/hr/hrs/hour/hours, d/day/days, w/week/weeks, M/month/months,
+/// y/year/years. A bare number other than 0 is refused (ambiguous).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 90s, 30m or 2h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit {unit:?} in {s:?}: use ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?}: {e}; use e.g. 500ms, 90s, 30m or 1h30m"))
 }
 
 #[cfg(test)]
@@ -113,13 +158,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
-        assert!(parse_duration("10 days").is_err());
-        assert!(parse_duration("m").is_err());
+    fn durations_follow_humantime() {
+        for (text, secs) in [
+            ("500ms", 0.5),
+            ("90s", 90.0),
+            ("30m", 1800.0),
+            ("1h30m", 5400.0),
+            ("2h 5m", 7500.0),
+            ("1.5h", 5400.0),
+            ("1800s", 1800.0),
+            ("0s", 0.0),
+            ("0", 0.0),
+            ("1d", 86400.0),
+        ] {
+            assert_eq!(parse_duration(text).unwrap().as_secs_f64(), secs, "{text}");
+        }
+        for bad in ["90", "1H", "m", "", "soon", "-1s", "+5s", ".5s", "1h,30m"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("invalid duration"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn max_failures_zero_means_no_budget_and_percentages_are_accepted() {
+        // Was refused by the parser (range 1..) although the chart documents 0 = never stop.
+        let a = Args::try_parse_from(["d", "--template", "t", "--max-failures", "0"]).unwrap();
+        assert_eq!(a.max_failures, Budget::Unlimited);
+        let a = Args::try_parse_from(["d", "--template", "t", "--max-failures", "10%"]).unwrap();
+        assert_eq!(a.max_failures, Budget::Percent(10));
+        let e =
+            Args::try_parse_from(["d", "--template", "t", "--max-failures", "many"]).unwrap_err();
+        assert!(e.to_string().contains("failure budget"), "{e}");
     }
 
     #[test]
@@ -130,7 +199,18 @@ mod tests {
 
     #[test]
     fn selectors_repeat_and_names_split() {
-        let a = Args::try_parse_from(["d", "--template", "t", "--selector", "a in (x,y)", "--selector", "b", "--nodes", "n1,n2"]).unwrap();
+        let a = Args::try_parse_from([
+            "d",
+            "--template",
+            "t",
+            "--selector",
+            "a in (x,y)",
+            "--selector",
+            "b",
+            "--nodes",
+            "n1,n2",
+        ])
+        .unwrap();
         assert_eq!(a.selectors, vec!["a in (x,y)", "b"]);
         assert_eq!(a.nodes, vec!["n1", "n2"]);
     }

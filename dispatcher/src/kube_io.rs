@@ -1,9 +1,13 @@
 //! Thin API shell: every call the dispatcher makes, with bounded retries of transient errors.
 
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Pod};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
+};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +34,16 @@ pub enum SetupError {
         name: String,
         /// Namespace.
         namespace: String,
+    },
+    /// Discovery (the initial lists, or stopping the superseded dispatcher) did not finish in time.
+    #[error("{what} did not finish within {limit}: {last}. Check the API server's health and this identity's rights, or raise --discovery-timeout")]
+    DiscoveryTimeout {
+        /// What was waited for.
+        what: String,
+        /// The limit.
+        limit: String,
+        /// The last error or state seen.
+        last: String,
     },
     /// The API server could not be reached or answered with an error.
     #[error("API call {what} failed: {source}. Check the API server address and credentials (KUBECONFIG or the in-cluster ServiceAccount)")]
@@ -60,7 +74,11 @@ impl RetryStats {
 /// Whether an error is worth retrying: throttling, server errors, timeouts, broken connections.
 pub fn is_transient(e: &kube::Error) -> bool {
     match e {
-        kube::Error::Api(s) => matches!(s.code, 429 | 500 | 502 | 503 | 504) || s.reason == "ServerTimeout" || s.reason == "Timeout",
+        kube::Error::Api(s) => {
+            matches!(s.code, 429 | 500 | 502 | 503 | 504)
+                || s.reason == "ServerTimeout"
+                || s.reason == "Timeout"
+        }
         kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
         _ => false,
     }
@@ -79,7 +97,12 @@ fn retry_after(e: &kube::Error) -> Option<Duration> {
 }
 
 /// Runs `op` with exponential backoff on transient errors, for at most `budget`.
-pub async fn with_retry<T, F, Fut>(what: &str, stats: &RetryStats, budget: Duration, mut op: F) -> Result<T, kube::Error>
+pub async fn with_retry<T, F, Fut>(
+    what: &str,
+    stats: &RetryStats,
+    budget: Duration,
+    mut op: F,
+) -> Result<T, kube::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, kube::Error>>,
@@ -119,8 +142,10 @@ pub struct ClusterApi {
     pub jobs: Api<Job>,
     /// Jobs as untyped objects (for creating from the template without dropping fields).
     pub raw_jobs: Api<DynamicObject>,
-    /// Pods in the namespace (only read for failure details).
+    /// Pods in the namespace (watched: a node is busy while a pod of ours runs there).
     pub pods: Api<Pod>,
+    /// Events in `default`, where events about cluster-scoped objects (Nodes) must live.
+    pub node_events: Api<CoreEvent>,
     client: Client,
     namespace: String,
     /// Retry counter.
@@ -128,6 +153,23 @@ pub struct ClusterApi {
 }
 
 const CALL_BUDGET: Duration = Duration::from_secs(60);
+
+/// Events about a Node go to `default` (the API server refuses other namespaces for an object
+/// without one), where `kubectl describe node` finds them.
+pub const NODE_EVENTS_NAMESPACE: &str = "default";
+
+/// One right the run needs: verb, resource (with API group), namespace (`None`: cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Right {
+    /// Verb.
+    pub verb: &'static str,
+    /// API group ("" for core).
+    pub group: &'static str,
+    /// Resource.
+    pub resource: &'static str,
+    /// Namespace, or the cluster.
+    pub namespace: Option<String>,
+}
 
 impl ClusterApi {
     /// Handles for `namespace`.
@@ -138,6 +180,7 @@ impl ClusterApi {
             jobs: Api::namespaced(client.clone(), namespace),
             raw_jobs: Api::namespaced_with(client.clone(), namespace, &ar),
             pods: Api::namespaced(client.clone(), namespace),
+            node_events: Api::namespaced(client.clone(), NODE_EVENTS_NAMESPACE),
             client,
             namespace: namespace.to_owned(),
             stats: RetryStats::default(),
@@ -145,23 +188,16 @@ impl ClusterApi {
     }
 
     /// Checks up front every right the run needs, so a denied run creates nothing.
-    pub async fn preflight(&self) -> Result<(), SetupError> {
-        let checks = [
-            ("list", "nodes", None),
-            ("watch", "nodes", None),
-            ("create", "jobs", Some(self.namespace.as_str())),
-            ("delete", "jobs", Some(self.namespace.as_str())),
-            ("watch", "jobs", Some(self.namespace.as_str())),
-        ];
+    pub async fn preflight(&self, rights: &[Right]) -> Result<(), SetupError> {
         let ssar: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
-        for (verb, resource, ns) in checks {
+        for r in rights {
             let review = SelfSubjectAccessReview {
                 spec: SelfSubjectAccessReviewSpec {
                     resource_attributes: Some(ResourceAttributes {
-                        verb: Some(verb.into()),
-                        resource: Some(resource.into()),
-                        group: Some(if resource == "jobs" { "batch".into() } else { String::new() }),
-                        namespace: ns.map(str::to_owned),
+                        verb: Some(r.verb.into()),
+                        resource: Some(r.resource.into()),
+                        group: Some(r.group.into()),
+                        namespace: r.namespace.clone(),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -169,14 +205,22 @@ impl ClusterApi {
                 ..Default::default()
             };
             let pp = PostParams::default();
-            let answer = with_retry("selfsubjectaccessreview", &self.stats, CALL_BUDGET, || ssar.create(&pp, &review))
-                .await
-                .map_err(|source| SetupError::Api { what: format!("access review ({verb} {resource})"), source })?;
+            let answer = with_retry("selfsubjectaccessreview", &self.stats, CALL_BUDGET, || {
+                ssar.create(&pp, &review)
+            })
+            .await
+            .map_err(|source| SetupError::Api {
+                what: format!("access review ({} {})", r.verb, r.resource),
+                source,
+            })?;
             if !answer.status.is_some_and(|s| s.allowed) {
                 return Err(SetupError::Forbidden {
-                    verb: verb.into(),
-                    resource: resource.into(),
-                    scope: ns.map_or("the cluster".into(), |n| format!("namespace {n}")),
+                    verb: r.verb.into(),
+                    resource: r.resource.into(),
+                    scope: r
+                        .namespace
+                        .as_ref()
+                        .map_or("the cluster".into(), |n| format!("namespace {n}")),
                 });
             }
         }
@@ -185,48 +229,196 @@ impl ClusterApi {
 
     /// The owner Job's UID.
     pub async fn owner_uid(&self, name: &str) -> Result<String, SetupError> {
-        match with_retry("get owner job", &self.stats, CALL_BUDGET, || self.jobs.get(name)).await {
+        match with_retry("get owner job", &self.stats, CALL_BUDGET, || {
+            self.jobs.get(name)
+        })
+        .await
+        {
             Ok(job) => Ok(job.metadata.uid.unwrap_or_default()),
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                Err(SetupError::OwnerNotFound { name: name.into(), namespace: self.namespace.clone() })
-            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(SetupError::OwnerNotFound {
+                name: name.into(),
+                namespace: self.namespace.clone(),
+            }),
             Err(kube::Error::Api(s)) if s.code == 403 => Err(SetupError::Forbidden {
                 verb: "get".into(),
                 resource: format!("jobs/{name} (the owner Job)"),
                 scope: format!("namespace {}", self.namespace),
             }),
-            Err(source) => Err(SetupError::Api { what: format!("get owner Job {name}"), source }),
+            Err(source) => Err(SetupError::Api {
+                what: format!("get owner Job {name}"),
+                source,
+            }),
         }
     }
 
-    /// Creates one per-node Job from its specialised JSON.
-    pub async fn create_job(&self, job: &serde_json::Value) -> Result<(), kube::Error> {
-        let obj: DynamicObject = serde_json::from_value(job.clone()).map_err(kube::Error::SerdeError)?;
+    /// Creates one per-node Job from its specialised JSON; returns its UID.
+    pub async fn create_job(&self, job: &serde_json::Value) -> Result<String, kube::Error> {
+        let obj: DynamicObject =
+            serde_json::from_value(job.clone()).map_err(kube::Error::SerdeError)?;
         let pp = PostParams::default();
-        with_retry("create job", &self.stats, CALL_BUDGET, || self.raw_jobs.create(&pp, &obj))
-            .await
-            .map(|_| ())
+        with_retry("create job", &self.stats, CALL_BUDGET, || {
+            self.raw_jobs.create(&pp, &obj)
+        })
+        .await
+        .map(|o| o.metadata.uid.unwrap_or_default())
+    }
+
+    /// Deletes a Job in the foreground (it disappears only once its pods are gone), only if it
+    /// still has `uid` when given; a Job already gone (or replaced under the same name) is fine.
+    pub async fn delete_job_uid(&self, name: &str, uid: Option<&str>) -> Result<(), kube::Error> {
+        let mut dp = DeleteParams::foreground();
+        if let Some(uid) = uid {
+            dp = dp.preconditions(Preconditions {
+                uid: Some(uid.to_owned()),
+                resource_version: None,
+            });
+        }
+        match with_retry("delete job", &self.stats, CALL_BUDGET, || {
+            self.jobs.delete(name, &dp)
+        })
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 || (s.code == 409 && uid.is_some()) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes a Job and (foreground) its pods; a Job already gone is fine.
     pub async fn delete_job(&self, name: &str) -> Result<(), kube::Error> {
-        let dp = DeleteParams::foreground();
-        match with_retry("delete job", &self.stats, CALL_BUDGET, || self.jobs.delete(name, &dp)).await {
+        self.delete_job_uid(name, None).await
+    }
+
+    /// Records an Event about a Node (shown by `kubectl describe node`).
+    pub async fn node_event(
+        &self,
+        node: &str,
+        node_uid: &str,
+        warning: bool,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), kube::Error> {
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let suffix = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
+        let event = CoreEvent {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("{node}.{suffix}")),
+                namespace: Some(NODE_EVENTS_NAMESPACE.into()),
+                ..Default::default()
+            },
+            involved_object: k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.into()),
+                uid: Some(node_uid.into()).filter(|u: &String| !u.is_empty()),
+                ..Default::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(crate::status::one_line(message, 1000)),
+            type_: Some(if warning { "Warning" } else { "Normal" }.into()),
+            source: Some(k8s_openapi::api::core::v1::EventSource {
+                component: Some(crate::template::MANAGER.into()),
+                host: None,
+            }),
+            reporting_component: Some(crate::template::MANAGER.into()),
+            reporting_instance: Some(self.namespace.clone()),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Default::default()
+        };
+        let pp = PostParams::default();
+        with_retry("create event", &self.stats, Duration::from_secs(15), || {
+            self.node_events.create(&pp, &event)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Sets (or, with `None`, removes) an annotation on a Node, only if it still has `uid`.
+    pub async fn annotate_node(
+        &self,
+        node: &str,
+        uid: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({"metadata": {"uid": uid, "annotations": {key: value}}});
+        let pp = PatchParams::default();
+        let patch = Patch::Merge(&patch);
+        match with_retry("patch node", &self.stats, Duration::from_secs(15), || {
+            self.nodes.patch(node, &pp, &patch)
+        })
+        .await
+        {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(e),
         }
     }
 
+    /// Names of the Jobs and live pods carrying `selector`, in this namespace.
+    pub async fn list_labelled(
+        &self,
+        selector: &str,
+    ) -> Result<(Vec<(String, String, bool)>, usize), kube::Error> {
+        let lp = ListParams::default().labels(selector);
+        let jobs = with_retry("list jobs", &self.stats, CALL_BUDGET, || {
+            self.jobs.list(&lp)
+        })
+        .await?;
+        let pods = with_retry("list pods", &self.stats, CALL_BUDGET, || {
+            self.pods.list(&lp)
+        })
+        .await?;
+        let live = pods
+            .items
+            .iter()
+            .filter(|p| {
+                !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
+            })
+            .count();
+        let jobs = jobs
+            .items
+            .into_iter()
+            .map(|j| {
+                (
+                    j.metadata.name.unwrap_or_default(),
+                    j.metadata.uid.unwrap_or_default(),
+                    j.metadata.deletion_timestamp.is_some(),
+                )
+            })
+            .collect();
+        Ok((jobs, live))
+    }
+
     /// Reads one Job (after a create conflict).
     pub async fn get_job(&self, name: &str) -> Result<Option<Job>, kube::Error> {
-        with_retry("get job", &self.stats, CALL_BUDGET, || self.jobs.get_opt(name)).await
+        with_retry("get job", &self.stats, CALL_BUDGET, || {
+            self.jobs.get_opt(name)
+        })
+        .await
     }
 
     /// Why a failed Job's pod failed; `None` when unknown or not permitted (pods list is optional).
     pub async fn failure_detail(&self, job_name: &str) -> Option<String> {
         let lp = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}"));
-        match with_retry("list pods", &self.stats, Duration::from_secs(15), || self.pods.list(&lp)).await {
+        match with_retry("list pods", &self.stats, Duration::from_secs(15), || {
+            self.pods.list(&lp)
+        })
+        .await
+        {
             Ok(list) => crate::status::pod_failure_detail(&list.items),
             Err(e) => {
                 tracing::debug!(job = job_name, error = %e, "cannot read the failed Job's pods; reporting the Job condition only");

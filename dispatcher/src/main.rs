@@ -9,9 +9,14 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_COULD_NOT_START: u8 = 2;
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -40,7 +45,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
     // Two worker threads: the work is I/O bound and the hook pod has a small CPU limit.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let outcome = runtime.block_on(async {
         let client = match api_client().await {
             Ok(c) => c,
@@ -56,10 +65,17 @@ fn main() -> ExitCode {
             let text = report::termination_summary(&summary.results, summary.stopped.as_deref());
             println!("{text}");
             if summary.retries > 0 {
-                println!("API retries: {} (transient errors retried and watches resumed)", summary.retries);
+                println!(
+                    "API retries: {} (transient errors retried and watches resumed)",
+                    summary.retries
+                );
             }
             write_termination_log(&args, &text);
-            if summary.all_succeeded() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
+            if summary.all_succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
         }
         Err(e) => {
             let text = format!("error: {e:#}");

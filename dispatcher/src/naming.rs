@@ -27,7 +27,9 @@ pub fn validate_prefix(prefix: &str) -> Result<(), NamingError> {
         && prefix.len() <= 30
         && prefix.starts_with(|c: char| c.is_ascii_lowercase())
         && !prefix.ends_with('-')
-        && prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if ok {
         Ok(())
     } else {
@@ -43,7 +45,10 @@ fn hash_hex(s: &str, len: usize) -> String {
 fn ends_with_hash_marker(s: &str) -> bool {
     s.len() > HASH_LEN + 2 && {
         let tail = &s[s.len() - HASH_LEN - 2..];
-        tail.starts_with("-h") && tail[2..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        tail.starts_with("-h")
+            && tail[2..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
     }
 }
 
@@ -54,16 +59,26 @@ pub fn job_name(prefix: &str, node: &str) -> String {
 
 fn job_name_with_hash(prefix: &str, node: &str, hash_len: usize) -> String {
     let verbatim = format!("{prefix}-{node}");
-    let is_label_safe = node.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    let is_label_safe = node
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !node.is_empty()
         && !node.ends_with('-');
-    if is_label_safe && verbatim.len() <= MAX_NAME && !ends_with_hash_marker(&verbatim) && hash_len == HASH_LEN {
+    if is_label_safe
+        && verbatim.len() <= MAX_NAME
+        && !ends_with_hash_marker(&verbatim)
+        && hash_len == HASH_LEN
+    {
         return verbatim;
     }
     // Normalise: lowercase, every other character becomes '-', runs collapsed.
     let mut readable = String::new();
     for c in node.chars().flat_map(char::to_lowercase) {
-        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' };
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
         if !(c == '-' && (readable.is_empty() || readable.ends_with('-'))) {
             readable.push(c);
         }
@@ -100,7 +115,10 @@ pub struct NameBook {
 impl NameBook {
     /// An empty book for `prefix`.
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned(), ..Self::default() }
+        Self {
+            prefix: prefix.to_owned(),
+            ..Self::default()
+        }
     }
 
     /// The Job name of `node`, assigning one on first use.
@@ -133,7 +151,10 @@ impl NameBook {
 }
 
 /// Job names for every node of a run, guaranteed distinct.
-pub fn plan_job_names<'a>(prefix: &str, nodes: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, String> {
+pub fn plan_job_names<'a>(
+    prefix: &str,
+    nodes: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, String> {
     let mut book = NameBook::new(prefix);
     for node in nodes {
         book.assign(node);
@@ -149,12 +170,16 @@ mod tests {
         s.len() <= 63
             && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
             && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
     }
 
     #[test]
     fn short_simple_names_stay_readable() {
-        assert_eq!(job_name("kata-install", "worker-1"), "kata-install-worker-1");
+        assert_eq!(
+            job_name("kata-install", "worker-1"),
+            "kata-install-worker-1"
+        );
     }
 
     #[test]
@@ -166,21 +191,34 @@ mod tests {
         assert!(ends_with_hash_marker(&n));
         // Stability across versions: this exact value is part of the upgrade contract (an
         // upgraded dispatcher must find the Jobs an older one created).
-        assert_eq!(job_name("kata-install", "Node.Example"), "kata-install-node-example-hc3744935a5");
+        assert_eq!(
+            job_name("kata-install", "Node.Example"),
+            "kata-install-node-example-hc3744935a5"
+        );
     }
 
     #[test]
     fn verbatim_and_hashed_forms_cannot_collide() {
         // A node whose literal name looks like a hashed name is hashed too.
         let tricky = format!("node-example-h{}", hash_hex("Node.Example", 10));
-        assert_ne!(job_name("kata-install", &tricky), job_name("kata-install", "Node.Example"));
+        assert_ne!(
+            job_name("kata-install", &tricky),
+            job_name("kata-install", "Node.Example")
+        );
         assert!(ends_with_hash_marker(&job_name("kata-install", &tricky)));
     }
 
     #[test]
     fn different_nodes_never_share_a_name() {
         let nodes: Vec<String> = (0..5000)
-            .flat_map(|i| [format!("node-{i}"), format!("Node-{i}"), format!("node.{i}"), format!("node_{i}")])
+            .flat_map(|i| {
+                [
+                    format!("node-{i}"),
+                    format!("Node-{i}"),
+                    format!("node.{i}"),
+                    format!("node_{i}"),
+                ]
+            })
             .collect();
         let plan = plan_job_names("p", nodes.iter().map(String::as_str));
         let mut names: Vec<&String> = plan.values().collect();

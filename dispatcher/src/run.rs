@@ -1,23 +1,27 @@
-//! One dispatcher run: discover nodes and existing Jobs through two watches, then pace the
-//! rollout, reacting to Job and Node events. Decisions come from the pure core (`pacing`,
-//! `naming`, `template`, `status`); this module only carries them out.
+//! One dispatcher run, the I/O shell around [`crate::lifecycle`]: it turns watch events and API
+//! answers into lifecycle inputs and carries out the actions that come back. Every decision
+//! (what to create, delete, adopt, when a node is done) is the lifecycle's.
 
+use crate::admission::Admission;
 use crate::cli::Args;
-use crate::kube_io::{ClusterApi, SetupError};
-use crate::naming::{validate_prefix, NameBook, NamingError};
-use crate::pacing::{Outcome, Rollout, StopReason};
+use crate::kube_io::{ClusterApi, Right, SetupError, NODE_EVENTS_NAMESPACE};
+use crate::lifecycle::{
+    Action, Config, Conflicting, Created, Input, JobObs, Lifecycle, NodeObs, Outcome, PodObs,
+    Results, StopReason,
+};
+use crate::naming::{validate_prefix, NamingError};
 use crate::report;
 use crate::select::{NodeSelection, SelectorError};
-use crate::status::{job_phase, JobPhase};
+use crate::status::job_phase;
 use crate::template::{self, JobTemplate, NodeFacts, RunIdentity, TemplateError};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -44,6 +48,14 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The template's tolerations cannot be read.
+    #[error("template {path}: {problem}")]
+    Tolerations {
+        /// Path.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// No namespace known.
     #[error("no namespace: pass --namespace or set POD_NAMESPACE (the chart sets it from the downward API)")]
     NoNamespace,
@@ -56,7 +68,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Summary {
     /// Per node: outcome and how long its Job took.
-    pub results: BTreeMap<String, (Outcome, Option<Duration>)>,
+    pub results: Results,
     /// Why dispatching stopped early, if it did.
     pub stopped: Option<String>,
     /// Transient API errors retried and watches resumed.
@@ -64,52 +76,10 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Every targeted node succeeded.
+    /// Every targeted node succeeded (or was already installed, skipped by rule, or removed).
     pub fn all_succeeded(&self) -> bool {
-        self.stopped.is_none() && self.results.values().all(|(o, _)| *o == Outcome::Succeeded)
+        self.stopped.is_none() && self.results.values().all(|(o, _)| o.is_ok())
     }
-}
-
-/// What we know of a Job seen through the watch.
-#[derive(Debug, Clone)]
-struct SeenJob {
-    run: String,
-    template_hash: String,
-    phase: JobPhase,
-}
-
-impl SeenJob {
-    fn from(job: &Job) -> Self {
-        let label = |k: &str| job.metadata.labels.as_ref().and_then(|l| l.get(k)).cloned().unwrap_or_default();
-        let annotation = |k: &str| job.metadata.annotations.as_ref().and_then(|a| a.get(k)).cloned().unwrap_or_default();
-        Self { run: label(template::LABEL_RUN), template_hash: annotation(template::ANNOTATION_TEMPLATE_HASH), phase: job_phase(job) }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    /// Waiting for the stale Job of an earlier run to be deleted.
-    Replacing,
-    /// Create call in flight.
-    Creating,
-    /// Our Job exists and runs.
-    Running,
-    /// Failed; reading the pod for the reason.
-    Finishing,
-}
-
-struct Track {
-    stage: Stage,
-    started: Instant,
-}
-
-enum OpDone {
-    Created { node: String, result: Result<(), kube::Error> },
-    Deleted { node: String, result: Result<(), kube::Error> },
-    Conflict { node: String, existing: Result<Option<Job>, kube::Error> },
-    Detail { node: String, reason: String },
-    /// The Job of a node that is gone was deleted (or could not be; logged).
-    Abandoned,
 }
 
 /// Reads the namespace the Jobs go to.
@@ -124,9 +94,16 @@ pub fn resolve_namespace(flag: Option<&str>) -> Result<String, StartError> {
         .ok_or(StartError::NoNamespace)
 }
 
+/// The Node annotation recording the template hash of the last success under `prefix`.
+pub fn installed_annotation(prefix: &str) -> String {
+    format!("katacontainers.io/installed-by-{prefix}")
+}
+
 fn node_facts(node: &Node) -> NodeFacts {
     let info = node.status.as_ref().and_then(|s| s.node_info.as_ref());
-    let get = |f: fn(&k8s_openapi::api::core::v1::NodeSystemInfo) -> &String| info.map(f).cloned().unwrap_or_default();
+    let get = |f: fn(&k8s_openapi::api::core::v1::NodeSystemInfo) -> &String| {
+        info.map(f).cloned().unwrap_or_default()
+    };
     NodeFacts {
         name: node.metadata.name.clone().unwrap_or_default(),
         uid: node.metadata.uid.clone().unwrap_or_default(),
@@ -137,20 +114,435 @@ fn node_facts(node: &Node) -> NodeFacts {
     }
 }
 
-struct Dispatcher {
+/// A node is NotReady only when it says so (a Ready condition False or Unknown); a node that
+/// reports no conditions yet is not held back.
+fn node_ready(node: &Node) -> bool {
+    let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.status == "True")
+}
+
+/// Everything the shell needs to turn API objects into lifecycle inputs.
+struct Translate {
+    selection: NodeSelection,
+    admission: Admission,
+    installed_key: String,
+    run_id: String,
+    template_hash: String,
+}
+
+impl Translate {
+    fn node(&self, node: &Node) -> NodeObs {
+        let facts = node_facts(node);
+        let empty = BTreeMap::new();
+        let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_deref())
+            .unwrap_or_default();
+        NodeObs {
+            selected: self.selection.matches(&facts.name, labels),
+            ready: node_ready(node),
+            untolerated: self.admission.untolerated(taints),
+            installed_hash: node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(&self.installed_key))
+                .cloned(),
+            facts,
+        }
+    }
+
+    fn job(&self, job: &Job) -> JobObs {
+        let label = |k: &str| {
+            job.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(k))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let annotation = |k: &str| {
+            job.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(k))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let pinned = job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.node_name.clone());
+        let node = Some(annotation(template::ANNOTATION_NODE_NAME))
+            .filter(|n| !n.is_empty())
+            .or(pinned)
+            .unwrap_or_default();
+        JobObs {
+            name: job.metadata.name.clone().unwrap_or_default(),
+            uid: job.metadata.uid.clone().unwrap_or_default(),
+            node,
+            node_uid: annotation(template::ANNOTATION_NODE_UID),
+            ours: label(template::LABEL_RUN) == self.run_id
+                && annotation(template::ANNOTATION_TEMPLATE_HASH) == self.template_hash,
+            phase: job_phase(job),
+            deleting: job.metadata.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+fn pod_obs(pod: &Pod) -> PodObs {
+    let job_uid = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| {
+            l.get("batch.kubernetes.io/controller-uid")
+                .or_else(|| l.get("controller-uid"))
+        })
+        .cloned()
+        .or_else(|| {
+            pod.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "Job")
+                .map(|o| o.uid.clone())
+        })
+        .unwrap_or_default();
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    PodObs {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        node: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        job_uid,
+        live: !matches!(phase, Some("Succeeded" | "Failed")),
+    }
+}
+
+/// A watch error that retrying cannot fix (rights, missing resource): discovery fails fast.
+fn fatal_watch_error(e: &watcher::Error) -> Option<String> {
+    let inner = match e {
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => k,
+        _ => return None,
+    };
+    match inner {
+        kube::Error::Api(s) if matches!(s.code, 401 | 403 | 404) => {
+            Some(format!("{} ({})", s.message, s.code))
+        }
+        _ => None,
+    }
+}
+
+/// The rights this run uses, for the preflight.
+pub fn rights(args: &Args, namespace: &str) -> Vec<Right> {
+    let ns = || Some(namespace.to_owned());
+    let mut r = vec![
+        Right {
+            verb: "list",
+            group: "",
+            resource: "nodes",
+            namespace: None,
+        },
+        Right {
+            verb: "watch",
+            group: "",
+            resource: "nodes",
+            namespace: None,
+        },
+    ];
+    for verb in ["create", "get", "list", "watch", "delete"] {
+        r.push(Right {
+            verb,
+            group: "batch",
+            resource: "jobs",
+            namespace: ns(),
+        });
+    }
+    for verb in ["list", "watch"] {
+        r.push(Right {
+            verb,
+            group: "",
+            resource: "pods",
+            namespace: ns(),
+        });
+    }
+    if args.node_events {
+        r.push(Right {
+            verb: "create",
+            group: "",
+            resource: "events",
+            namespace: Some(NODE_EVENTS_NAMESPACE.into()),
+        });
+    }
+    if args.skip_installed || args.supersede_prefix.is_some() {
+        r.push(Right {
+            verb: "patch",
+            group: "",
+            resource: "nodes",
+            namespace: None,
+        });
+    }
+    r
+}
+
+type Op = BoxFuture<'static, Option<Input>>;
+
+struct Shell {
     api: ClusterApi,
     template: JobTemplate,
     run: RunIdentity,
-    selection: NodeSelection,
-    facts: BTreeMap<String, NodeFacts>,
-    names: NameBook,
-    seen: HashMap<String, SeenJob>,
-    tracks: HashMap<String, Track>,
-    rollout: Option<Rollout>,
-    ops: FuturesUnordered<BoxFuture<'static, OpDone>>,
-    relist: Option<HashSet<String>>,
-    parallelism: usize,
-    max_failures: usize,
+    ops: FuturesUnordered<Op>,
+    node_events: bool,
+    record_key: Option<String>,
+    forget_key: Option<String>,
+    report_slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Shell {
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Create { node, job, facts } => {
+                    info!(node = %node, job = %job, "creating per-node Job");
+                    let body = self.template.specialise(&self.run, &facts, &job);
+                    let api = self.api.clone();
+                    self.ops.push(Box::pin(async move {
+                        let result = match api.create_job(&body).await {
+                            Ok(uid) => Created::Ok(uid),
+                            Err(kube::Error::Api(s)) if s.code == 409 => Created::Conflict,
+                            Err(e) => Created::Err(e.to_string()),
+                        };
+                        Some(Input::Created { node, result })
+                    }));
+                }
+                Action::Delete {
+                    node,
+                    job,
+                    uid,
+                    why,
+                } => {
+                    info!(node = %node, job = %job, why, "deleting Job (foreground)");
+                    let api = self.api.clone();
+                    self.ops.push(Box::pin(async move {
+                        let result = api.delete_job_uid(&job, Some(&uid)).await.map_err(|e| e.to_string());
+                        if let Err(e) = &result {
+                            warn!(job = %job, error = %e, "could not delete the Job; delete it by hand");
+                        }
+                        Some(Input::Deleted { node, result })
+                    }));
+                }
+                Action::ReadConflict { node, job } => {
+                    let api = self.api.clone();
+                    let prefix = self.run.prefix.clone();
+                    let tr = self.translate_job_fn();
+                    self.ops.push(Box::pin(async move {
+                        let found = match api.get_job(&job).await {
+                            Ok(None) => Conflicting::Gone,
+                            Ok(Some(j))
+                                if j.metadata
+                                    .labels
+                                    .as_ref()
+                                    .and_then(|l| l.get(template::LABEL_DISPATCHER))
+                                    != Some(&prefix) =>
+                            {
+                                Conflicting::Foreign
+                            }
+                            Ok(Some(j)) => Conflicting::Managed(tr.job(&j)),
+                            Err(e) => Conflicting::Err(e.to_string()),
+                        };
+                        Some(Input::ConflictRead { node, found })
+                    }));
+                }
+                Action::ReadFailure {
+                    node,
+                    job,
+                    condition,
+                } => {
+                    let api = self.api.clone();
+                    self.ops.push(Box::pin(async move {
+                        let reason = match api.failure_detail(&job).await {
+                            Some(detail) => format!("{condition}; {detail}"),
+                            None => condition,
+                        };
+                        Some(Input::FailureDetail { node, reason })
+                    }));
+                }
+                Action::Adopted { node, job } => {
+                    info!(node = %node, job = %job, "adopting this run's Job")
+                }
+                Action::Report {
+                    node,
+                    job,
+                    node_uid,
+                    outcome,
+                    took,
+                } => self.report(node, job, node_uid, outcome, took),
+            }
+        }
+    }
+
+    fn translate_job_fn(&self) -> Translate {
+        Translate {
+            selection: NodeSelection::All,
+            admission: Admission::default(),
+            installed_key: String::new(),
+            run_id: self.run.run_id.clone(),
+            template_hash: self.template.hash().to_owned(),
+        }
+    }
+
+    /// Logs a node's result, records it as an Event on the Node, and keeps the install record.
+    fn report(
+        &mut self,
+        node: String,
+        job: String,
+        node_uid: String,
+        outcome: Outcome,
+        took: Option<Duration>,
+    ) {
+        match &outcome {
+            o if o.is_ok() => {
+                info!(node = %node, job = %job, took = ?took, result = o.word(), reason = o.reason(), "node done")
+            }
+            o => {
+                warn!(node = %node, job = %job, took = ?took, result = o.word(), reason = o.reason(), "node failed")
+            }
+        }
+        let api = self.api.clone();
+        let prefix = self.run.prefix.clone();
+        let record = matches!(outcome, Outcome::Succeeded)
+            .then(|| self.record_key.clone())
+            .flatten();
+        let forget = matches!(outcome, Outcome::Succeeded)
+            .then(|| self.forget_key.clone())
+            .flatten();
+        let hash = self.template.hash().to_owned();
+        // An Event for what happened on (or was refused for) the node; none for a node that is
+        // gone, nor for one already up to date (an unchanged upgrade writes nothing per node).
+        let events = self.node_events
+            && !matches!(outcome, Outcome::Removed(_) | Outcome::AlreadyInstalled)
+            && !node_uid.is_empty();
+        if !(events || record.is_some() || forget.is_some()) {
+            return;
+        }
+        let limit = self.report_slots.clone();
+        self.ops.push(Box::pin(async move {
+            // Bounded: many nodes can finish at once (adoption of a finished run).
+            let _slot = limit.acquire_owned().await;
+            if let Some(key) = record {
+                if let Err(e) = api.annotate_node(&node, &node_uid, &key, Some(&hash)).await {
+                    warn!(node = %node, error = %e, "could not record the install on the Node; the next run re-installs it");
+                }
+            }
+            if let Some(key) = forget {
+                if let Err(e) = api.annotate_node(&node, &node_uid, &key, None).await {
+                    warn!(node = %node, error = %e, "could not remove the install record from the Node");
+                }
+            }
+            if events {
+                let reason = match outcome {
+                    Outcome::Succeeded => "KataDeploySucceeded",
+                    Outcome::AlreadyInstalled => "KataDeployUpToDate",
+                    Outcome::Skipped(_) => "KataDeploySkipped",
+                    _ => "KataDeployFailed",
+                };
+                let message = match outcome.reason() {
+                    "" => format!("{prefix}: Job {job} succeeded (template {hash})"),
+                    r => format!("{prefix}: {} ({r})", outcome.word()),
+                };
+                if let Err(e) = api.node_event(&node, &node_uid, !outcome.is_ok(), reason, &message).await {
+                    tracing::debug!(node = %node, error = %e, "could not record the Event on the Node");
+                }
+            }
+            None
+        }));
+    }
+}
+
+/// Deletes the superseded dispatcher's Job, waits until it is gone, then deletes its per-node
+/// Jobs and waits until no Job or pod of it is left: an uninstall never interleaves with an
+/// install still running on the same node.
+async fn supersede(
+    api: &ClusterApi,
+    args: &Args,
+    until: tokio::time::Instant,
+) -> Result<(), StartError> {
+    let limit = humantime::format_duration(args.discovery_timeout).to_string();
+    let timeout = |what: &str, last: String| {
+        StartError::Setup(SetupError::DiscoveryTimeout {
+            what: what.into(),
+            limit: limit.clone(),
+            last,
+        })
+    };
+    if let Some(job) = &args.supersede_job {
+        info!(job = %job, "stopping the superseded dispatcher first");
+        api.delete_job(job)
+            .await
+            .map_err(|source| SetupError::Api {
+                what: format!("delete Job {job}"),
+                source,
+            })?;
+        loop {
+            match api.get_job(job).await {
+                Ok(None) => break,
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    warn!(job = %job, error = %e, "cannot read the superseded dispatcher's Job; retrying")
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(timeout(
+                    &format!("stopping the superseded dispatcher Job {job}"),
+                    "it still exists".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    if let Some(prefix) = &args.supersede_prefix {
+        let selector = format!("{}={prefix}", template::LABEL_DISPATCHER);
+        loop {
+            let last = match api.list_labelled(&selector).await {
+                Ok((jobs, 0)) if jobs.is_empty() => break,
+                Ok((jobs, live)) => {
+                    for (name, uid, deleting) in &jobs {
+                        if !deleting {
+                            if let Err(e) = api.delete_job_uid(name, Some(uid)).await {
+                                warn!(job = %name, error = %e, "could not delete a Job of the superseded dispatcher");
+                            }
+                        }
+                    }
+                    format!(
+                        "{} Jobs and {live} running pods of {prefix} left",
+                        jobs.len()
+                    )
+                }
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= until {
+                return Err(timeout(
+                    &format!("removing the per-node Jobs of {prefix}"),
+                    last,
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        info!(prefix = %prefix, "no Job or pod of the superseded dispatcher is left");
+    }
+    Ok(())
 }
 
 /// Runs the dispatcher to the end.
@@ -158,13 +550,24 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let started = Instant::now();
     validate_prefix(&args.name_prefix)?;
     let path = args.template.display().to_string();
-    let text = std::fs::read_to_string(&args.template).map_err(|source| StartError::ReadTemplate { path: path.clone(), source })?;
+    let text =
+        std::fs::read_to_string(&args.template).map_err(|source| StartError::ReadTemplate {
+            path: path.clone(),
+            source,
+        })?;
     let template = JobTemplate::parse(&path, &text)?;
+    let admission =
+        Admission::from_template(template.job(), args.ignore_taints).map_err(|problem| {
+            StartError::Tolerations {
+                path: path.clone(),
+                problem,
+            }
+        })?;
     let selection = NodeSelection::from_inputs(&args.nodes, &args.selectors)?;
     let namespace = resolve_namespace(args.namespace.as_deref())?;
     let api = ClusterApi::new(client, &namespace);
     if !args.dry_run {
-        api.preflight().await?;
+        api.preflight(&rights(&args, &namespace)).await?;
     }
     let owner = match &args.owner_job {
         Some(name) => Some((name.clone(), api.owner_uid(name).await?)),
@@ -175,111 +578,289 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         .clone()
         .or_else(|| owner.as_ref().map(|(_, uid)| uid.clone()))
         .unwrap_or_else(random_run_id);
-    let run = RunIdentity { prefix: args.name_prefix.clone(), run_id, owner, namespace };
-    info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, "dispatcher starting");
+    let run = RunIdentity {
+        prefix: args.name_prefix.clone(),
+        run_id,
+        owner,
+        namespace,
+    };
+    let node_timeout = args
+        .node_timeout
+        .or_else(|| {
+            template
+                .active_deadline()
+                .map(|d| d + Duration::from_secs(120))
+        })
+        .unwrap_or(Duration::from_secs(3600));
+    info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, budget = %args.max_failures, node_timeout = %humantime::format_duration(node_timeout), "dispatcher starting");
 
-    let mut d = Dispatcher {
-        names: NameBook::new(&run.prefix),
-        api,
+    let deadline = tokio::time::Instant::from_std(started + args.deadline);
+    let discovery_until = tokio::time::Instant::now() + args.discovery_timeout;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    if !args.dry_run && (args.supersede_job.is_some() || args.supersede_prefix.is_some()) {
+        tokio::select! {
+            r = supersede(&api, &args, discovery_until.min(deadline)) => r?,
+            _ = sigterm.recv() => return Ok(interrupted(&api)),
+            _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
+        }
+    }
+
+    let named = match &selection {
+        NodeSelection::Names(n) => Some(n.clone()),
+        _ => None,
+    };
+    let cfg = Config {
+        parallelism: args.parallelism as usize,
+        budget: args.max_failures,
+        node_timeout: Some(node_timeout),
+        skip_installed: args.skip_installed.then(|| template.hash().to_owned()),
+        unready_grace: args.unready_grace,
+        named,
+    };
+    let mut lc = Lifecycle::new(cfg, &run.prefix);
+    let tr = Translate {
+        selection: selection.clone(),
+        admission,
+        installed_key: installed_annotation(&run.prefix),
+        run_id: run.run_id.clone(),
+        template_hash: template.hash().to_owned(),
+    };
+    let mut shell = Shell {
+        api: api.clone(),
         template,
         run,
-        selection,
-        facts: BTreeMap::new(),
-        seen: HashMap::new(),
-        tracks: HashMap::new(),
-        rollout: None,
         ops: FuturesUnordered::new(),
-        relist: None,
-        parallelism: args.parallelism as usize,
-        max_failures: args.max_failures as usize,
+        node_events: args.node_events && !args.dry_run,
+        record_key: args
+            .skip_installed
+            .then(|| installed_annotation(&args.name_prefix)),
+        forget_key: args.supersede_prefix.as_deref().map(installed_annotation),
+        report_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(16)),
     };
 
-    // One watch on nodes (selection, late nodes, deleted or re-created nodes) and one on this
-    // dispatcher's Jobs (adoption and tracking). Both re-list by themselves when a watch expires.
-    let node_api = d.api.nodes.clone();
-    let mut node_events = watcher::watcher(node_api, watcher::Config::default().page_size(500)).default_backoff().boxed();
-    let job_selector = format!("{}={}", template::LABEL_DISPATCHER, d.run.prefix);
-    let mut job_events =
-        watcher::watcher(d.api.jobs.clone(), watcher::Config::default().labels(&job_selector).page_size(500)).default_backoff().boxed();
+    // Three watches: nodes (selection, taints, late, deleted or re-created nodes), this
+    // dispatcher's Jobs (adoption, tracking) and their pods (a node is busy while one runs).
+    // Each re-lists by itself after an expiry; the lifecycle diffs every re-list.
+    // Pages bound the memory of a (re-)list: Nodes are small (~3.5 KB), Jobs and pods carry a
+    // whole pod template or status (~7 KB), so their pages are smaller.
+    let page = 500;
+    let small_page = 100;
+    let mut node_events = watcher::watcher(
+        api.nodes.clone(),
+        watcher::Config::default().page_size(page),
+    )
+    .default_backoff()
+    .boxed();
+    let own = format!("{}={}", template::LABEL_DISPATCHER, shell.run.prefix);
+    let mut job_events = watcher::watcher(
+        api.jobs.clone(),
+        watcher::Config::default()
+            .labels(&own)
+            .page_size(small_page),
+    )
+    .default_backoff()
+    .boxed();
+    let mut pod_events = watcher::watcher(
+        api.pods.clone(),
+        watcher::Config::default()
+            .labels(&own)
+            .page_size(small_page),
+    )
+    .default_backoff()
+    .boxed();
+    let node_input = |tr: &Translate, ev: Event<Node>| match ev {
+        Event::Init => Input::NodeListStarted,
+        Event::InitApply(n) | Event::Apply(n) => Input::NodeSeen(tr.node(&n)),
+        Event::Delete(n) => Input::NodeGone(n.metadata.name.unwrap_or_default()),
+        Event::InitDone => Input::NodeListDone,
+    };
+    let job_input = |tr: &Translate, ev: Event<Job>| match ev {
+        Event::Init => Input::JobListStarted,
+        Event::InitApply(j) | Event::Apply(j) => Input::JobSeen(tr.job(&j)),
+        Event::Delete(j) => Input::JobGone(j.metadata.name.unwrap_or_default()),
+        Event::InitDone => Input::JobListDone,
+    };
+    let pod_input = |ev: Event<Pod>| match ev {
+        Event::Init => Input::PodListStarted,
+        Event::InitApply(p) | Event::Apply(p) => Input::PodSeen(pod_obs(&p)),
+        Event::Delete(p) => Input::PodGone(p.metadata.name.unwrap_or_default()),
+        Event::InitDone => Input::PodListDone,
+    };
 
-    // --- discovery: both initial lists, then optional settling ---
-    let (mut nodes_ready, mut jobs_ready) = (false, false);
-    while !(nodes_ready && jobs_ready) {
-        tokio::select! {
+    // --- discovery: the three initial lists, bounded, then optional settling ---
+    let (mut nodes_ready, mut jobs_ready, mut pods_ready) = (false, false, false);
+    let mut last_error = String::from("no answer yet");
+    let discovery_limit = discovery_until.min(deadline);
+    while !(nodes_ready && jobs_ready && pods_ready) {
+        let input = tokio::select! {
             Some(ev) = node_events.next() => match ev {
-                Ok(Event::InitDone) => nodes_ready = true,
-                Ok(ev) => { d.on_node_event(ev); }
-                Err(e) => { d.api.stats.record(); warn!(error = %e, "node watch error; retrying"); }
+                Ok(ev) => { nodes_ready |= matches!(ev, Event::InitDone); Some(node_input(&tr, ev)) }
+                Err(e) => { discovery_error(&api, "nodes", &e, &mut last_error)?; None }
             },
             Some(ev) = job_events.next() => match ev {
-                Ok(Event::InitDone) => jobs_ready = true,
-                Ok(ev) => d.on_job_event(ev),
-                Err(e) => { d.api.stats.record(); warn!(error = %e, "job watch error; retrying"); }
+                Ok(ev) => { jobs_ready |= matches!(ev, Event::InitDone); Some(job_input(&tr, ev)) }
+                Err(e) => { discovery_error(&api, "jobs", &e, &mut last_error)?; None }
             },
+            Some(ev) = pod_events.next() => match ev {
+                Ok(ev) => { pods_ready |= matches!(ev, Event::InitDone); Some(pod_input(ev)) }
+                Err(e) => { discovery_error(&api, "pods", &e, &mut last_error)?; None }
+            },
+            _ = tokio::time::sleep_until(discovery_limit) => {
+                let limit = humantime::format_duration(args.discovery_timeout).to_string();
+                return Err(SetupError::DiscoveryTimeout { what: "listing nodes, Jobs and pods".into(), limit, last: last_error }.into());
+            }
+            _ = sigterm.recv() => return Ok(interrupted(&api)),
+            _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
+        };
+        if let Some(input) = input {
+            let actions = lc.handle(Instant::now(), input);
+            shell.carry_out(actions);
         }
     }
     if !args.settle.is_zero() {
         let cap = Instant::now() + args.settle * 5;
         let mut last_change = Instant::now();
+        let mut seen = lc.selection_changes();
         info!(settle = ?args.settle, "waiting for the selection to settle");
         while Instant::now() < cap && last_change.elapsed() < args.settle {
             let wait = args.settle.saturating_sub(last_change.elapsed());
-            tokio::select! {
-                Some(ev) = node_events.next() => if let Ok(ev) = ev { if d.on_node_event(ev) { last_change = Instant::now(); } },
-                _ = tokio::time::sleep(wait) => {},
+            let input = tokio::select! {
+                Some(ev) = node_events.next() => ev.ok().map(|ev| node_input(&tr, ev)),
+                Some(ev) = job_events.next() => ev.ok().map(|ev| job_input(&tr, ev)),
+                Some(ev) = pod_events.next() => ev.ok().map(pod_input),
+                _ = tokio::time::sleep(wait) => None,
+                _ = sigterm.recv() => return Ok(interrupted(&api)),
+            };
+            if let Some(input) = input {
+                let actions = lc.handle(Instant::now(), input);
+                shell.carry_out(actions);
+                if lc.selection_changes() != seen {
+                    seen = lc.selection_changes();
+                    last_change = Instant::now();
+                }
             }
         }
-        info!(nodes = d.facts.len(), "selection settled");
+        info!(nodes = lc.targets().len(), "selection settled");
     }
-    if d.facts.is_empty() {
+    if lc.targets().is_empty() && lc.missing() == 0 {
         if args.require_nodes {
-            return Err(StartError::NoNodes(d.selection.to_string()));
+            return Err(StartError::NoNodes(selection.to_string()));
         }
-        warn!(selection = %d.selection, "no node matches the selection; nothing to do");
-        let summary = Summary { results: BTreeMap::new(), stopped: None, retries: d.api.stats.count() };
-        return Ok(remove_after_success(&d.api, &args.remove_on_success, summary).await);
+        warn!(selection = %selection, "no node matches the selection; nothing to do");
+        let summary = Summary {
+            results: BTreeMap::new(),
+            stopped: None,
+            retries: api.stats.count(),
+        };
+        return Ok(remove_after_success(&api, &args.remove_on_success, summary).await);
+    }
+    if lc.targets().is_empty() && args.require_nodes {
+        return Err(StartError::NoNodes(selection.to_string()));
     }
     if args.dry_run {
-        d.print_plan();
-        return Ok(Summary { results: BTreeMap::new(), stopped: None, retries: d.api.stats.count() });
+        print_plan(&mut lc, args.parallelism);
+        return Ok(Summary {
+            results: BTreeMap::new(),
+            stopped: None,
+            retries: api.stats.count(),
+        });
     }
-    d.start_rollout();
+    info!(
+        nodes = lc.targets().len(),
+        parallelism = args.parallelism,
+        "rollout planned"
+    );
+    let actions = lc.handle(Instant::now(), Input::DiscoveryDone);
+    shell.carry_out(actions);
 
     // --- rollout ---
-    let deadline = tokio::time::Instant::from_std(started + args.deadline);
     let mut progress = tokio::time::interval(args.progress_interval);
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     let rollout_started = Instant::now();
-    d.fill_slots();
-    loop {
-        let done = d.rollout.as_ref().is_some_and(Rollout::is_done) && d.ops.is_empty();
-        if done {
-            break;
-        }
-        tokio::select! {
-            Some(op) = d.ops.next(), if !d.ops.is_empty() => d.on_op_done(op),
+    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    while !(lc.is_done() && shell.ops.is_empty()) {
+        let next_timer = lc
+            .next_deadline()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or(far);
+        let input = tokio::select! {
+            Some(done) = shell.ops.next(), if !shell.ops.is_empty() => done,
             Some(ev) = job_events.next() => match ev {
-                Ok(ev) => d.on_job_event(ev),
-                Err(e) => { d.api.stats.record(); warn!(error = %e, "job watch error; the watch resumes by itself"); }
+                Ok(ev) => Some(job_input(&tr, ev)),
+                Err(e) => { api.stats.record(); warn!(error = %e, "job watch error; the watch resumes by itself"); None }
+            },
+            Some(ev) = pod_events.next() => match ev {
+                Ok(ev) => Some(pod_input(ev)),
+                Err(e) => { api.stats.record(); warn!(error = %e, "pod watch error; the watch resumes by itself"); None }
             },
             Some(ev) = node_events.next() => match ev {
-                Ok(ev) => { d.on_node_event(ev); }
-                Err(e) => { d.api.stats.record(); warn!(error = %e, "node watch error; the watch resumes by itself"); }
+                Ok(ev) => Some(node_input(&tr, ev)),
+                Err(e) => { api.stats.record(); warn!(error = %e, "node watch error; the watch resumes by itself"); None }
             },
-            _ = progress.tick() => {
-                if let Some(r) = &d.rollout { info!("{}", report::progress_line(&r.progress(), rollout_started.elapsed())); }
-            },
-            _ = tokio::time::sleep_until(deadline) => { d.stop(StopReason::Deadline); break; }
-            _ = tokio::signal::ctrl_c() => { d.stop(StopReason::Interrupted); break; }
-            _ = sigterm.recv() => { d.stop(StopReason::Interrupted); break; }
+            _ = tokio::time::sleep_until(next_timer) => Some(Input::Tick),
+            _ = progress.tick() => { info!("{}", report::progress_line(&lc.progress(), rollout_started.elapsed())); None }
+            _ = tokio::time::sleep_until(deadline) => { warn!("run deadline reached; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Deadline)); break; }
+            _ = tokio::signal::ctrl_c() => { warn!("interrupted; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Interrupted)); break; }
+            _ = sigterm.recv() => { warn!("SIGTERM; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Interrupted)); break; }
+        };
+        if let Some(input) = input {
+            let actions = lc.handle(Instant::now(), input);
+            shell.carry_out(actions);
         }
-        d.fill_slots();
+        if lc.is_done() && lc.stopped().is_some() {
+            // Stopped by the budget: in-flight nodes are done; reports may still be written.
+            while let Some(done) = shell.ops.next().await {
+                if let Some(input) = done {
+                    let actions = lc.handle(Instant::now(), input);
+                    shell.carry_out(actions);
+                }
+            }
+            break;
+        }
     }
-    let rollout = d.rollout.take().expect("rollout started");
-    let stopped = rollout.stopped().map(ToString::to_string);
-    let summary = Summary { results: rollout.into_results(), stopped, retries: d.api.stats.count() };
-    Ok(remove_after_success(&d.api, &args.remove_on_success, summary).await)
+    info!(
+        peak_busy = lc.peak(),
+        "{}",
+        report::progress_line(&lc.progress(), rollout_started.elapsed())
+    );
+    let stopped = lc.stopped().map(ToString::to_string);
+    let summary = Summary {
+        results: lc.into_results(),
+        stopped,
+        retries: api.stats.count(),
+    };
+    Ok(remove_after_success(&api, &args.remove_on_success, summary).await)
+}
+
+fn discovery_error(
+    api: &ClusterApi,
+    what: &str,
+    e: &watcher::Error,
+    last: &mut String,
+) -> Result<(), StartError> {
+    api.stats.record();
+    if let Some(why) = fatal_watch_error(e) {
+        let verb = "list/watch";
+        return Err(SetupError::Forbidden {
+            verb: verb.into(),
+            resource: format!("{what} ({why})"),
+            scope: "this run".into(),
+        }
+        .into());
+    }
+    warn!(error = %e, watch = what, "watch error during discovery; retrying");
+    *last = e.to_string();
+    Ok(())
+}
+
+fn interrupted(api: &ClusterApi) -> Summary {
+    warn!("interrupted before dispatching; nothing was created");
+    Summary {
+        results: BTreeMap::new(),
+        stopped: Some(StopReason::Interrupted.to_string()),
+        retries: api.stats.count(),
+    }
 }
 
 /// Deletes `jobs` when the run fully succeeded (failed runs keep them for inspection).
@@ -288,7 +869,9 @@ async fn remove_after_success(api: &ClusterApi, jobs: &[String], summary: Summar
         for job in jobs {
             match api.delete_job(job).await {
                 Ok(()) => info!(job = %job, "removed after success, with its per-node Jobs"),
-                Err(e) => warn!(job = %job, error = %e, "could not remove the Job; delete it by hand"),
+                Err(e) => {
+                    warn!(job = %job, error = %e, "could not remove the Job; delete it by hand")
+                }
             }
         }
     }
@@ -301,328 +884,144 @@ fn random_run_id() -> String {
     hex::encode(Sha256::digest(seed.as_bytes()))[..16].to_owned()
 }
 
-impl Dispatcher {
-    fn rollout(&mut self) -> &mut Rollout {
-        self.rollout.as_mut().expect("rollout started")
+fn print_plan(lc: &mut Lifecycle, parallelism: u32) {
+    let nodes = lc.targets();
+    println!(
+        "dry run: {} nodes, parallelism {}, nothing will be created",
+        nodes.len(),
+        (parallelism as usize).min(nodes.len())
+    );
+    println!("{:<40}  {:<63}  ACTION", "NODE", "JOB");
+    for node in nodes {
+        let job = lc.job_name(&node);
+        let action = lc.plan_of(&node);
+        println!("{node:<40}  {job:<63}  {action}");
     }
+}
 
-    /// Returns whether the selection changed.
-    fn on_node_event(&mut self, ev: Event<Node>) -> bool {
-        match ev {
-            Event::Apply(node) | Event::InitApply(node) => self.on_node_applied(&node),
-            Event::Delete(node) => self.on_node_deleted(node.metadata.name.as_deref().unwrap_or_default()),
-            Event::Init | Event::InitDone => false,
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use serde_json::json;
 
-    fn on_node_applied(&mut self, node: &Node) -> bool {
-        let facts = node_facts(node);
-        let empty = BTreeMap::new();
-        let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
-        if !self.selection.matches(&facts.name, labels) {
-            return false;
-        }
-        let name = facts.name.clone();
-        match self.facts.get(&name) {
-            None => {
-                self.facts.insert(name.clone(), facts);
-                if let Some(r) = self.rollout.as_mut() {
-                    info!(node = %name, "node joined the selection during the run; queued");
-                    r.enqueue(&name);
-                }
-                true
-            }
-            Some(old) if old.uid != facts.uid => {
-                let old_uid = old.uid.clone();
-                self.facts.insert(name.clone(), facts.clone());
-                if self.tracks.contains_key(&name) {
-                    let reason = format!(
-                        "node was re-created under the same name (UID {old_uid} -> {}) while its Job ran; the Job was deleted so the new machine is not touched. Re-run (helm upgrade) to install it",
-                        facts.uid
-                    );
-                    self.abandon(&name, reason);
-                }
-                true
-            }
-            Some(_) => {
-                self.facts.insert(name, facts);
-                false
-            }
+    fn translate() -> Translate {
+        let tpl = json!({"spec": {"template": {"spec": {"tolerations": [{"key": "kwok", "operator": "Exists"}]}}}});
+        Translate {
+            selection: NodeSelection::from_inputs(&[], &["zone=a".into()]).unwrap(),
+            admission: Admission::from_template(&tpl, false).unwrap(),
+            installed_key: installed_annotation("kd"),
+            run_id: "run-1".into(),
+            template_hash: "h1".into(),
         }
     }
 
-    fn on_node_deleted(&mut self, name: &str) -> bool {
-        if self.facts.remove(name).is_none() {
-            return false;
-        }
-        if self.tracks.contains_key(name) {
-            self.abandon(name, "node was deleted while its Job ran; the Job was deleted so a machine that later takes this name is not touched by it".into());
-        } else if let Some(r) = self.rollout.as_mut() {
-            if r.drop_queued(name) {
-                info!(node = %name, "node deleted before dispatch; no longer a target");
-            }
-        }
-        true
+    #[test]
+    fn a_node_is_read_with_selection_readiness_taints_and_install_record() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "uid": "u1", "labels": {"zone": "a"}, "annotations": {"katacontainers.io/installed-by-kd": "h0"}},
+            "spec": {"taints": [{"key": "kwok", "effect": "NoSchedule"}, {"key": "gpu", "value": "x", "effect": "NoExecute"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}], "nodeInfo": {
+                "machineID": "m", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "containerd://2.0.5",
+                "kubeletVersion": "v1.34.4", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}
+        }))
+        .unwrap();
+        let o = translate().node(&node);
+        assert!(o.selected && !o.ready);
+        assert_eq!(o.installed_hash.as_deref(), Some("h0"));
+        assert!(
+            o.untolerated
+                .as_deref()
+                .is_some_and(|t| t.contains("gpu=x:NoExecute")),
+            "{o:?}"
+        );
+        assert_eq!(
+            (o.facts.uid.as_str(), o.facts.machine_id.as_str()),
+            ("u1", "m")
+        );
+        let bare: Node =
+            serde_json::from_value(json!({"metadata": {"name": "n2", "labels": {"zone": "b"}}}))
+                .unwrap();
+        let o = translate().node(&bare);
+        assert!(
+            !o.selected && o.ready,
+            "no Ready condition yet is not NotReady"
+        );
     }
 
-    fn on_job_event(&mut self, ev: Event<Job>) {
-        match ev {
-            Event::Init => self.relist = Some(HashSet::new()),
-            Event::InitApply(job) => {
-                if let (Some(set), Some(name)) = (self.relist.as_mut(), job.metadata.name.clone()) {
-                    set.insert(name);
-                }
-                self.on_job_applied(&job);
-            }
-            Event::InitDone => {
-                // After a re-list, Jobs that vanished while the watch was down get no Delete event.
-                if let Some(listed) = self.relist.take() {
-                    let gone: Vec<String> = self.seen.keys().filter(|n| !listed.contains(*n)).cloned().collect();
-                    for name in gone {
-                        self.on_job_deleted(&name);
-                    }
-                }
-            }
-            Event::Apply(job) => self.on_job_applied(&job),
-            Event::Delete(job) => self.on_job_deleted(job.metadata.name.as_deref().unwrap_or_default()),
-        }
-    }
-
-    fn on_job_applied(&mut self, job: &Job) {
-        let Some(name) = job.metadata.name.clone() else { return };
-        let seen = SeenJob::from(job);
-        let ours = seen.run == self.run.run_id && seen.template_hash == self.template.hash();
-        let phase = seen.phase.clone();
-        self.seen.insert(name.clone(), seen);
-        if phase != JobPhase::Running {
-            if let Some(r) = self.rollout.as_mut() {
-                r.foreign_gone(&name);
-            }
-        }
-        let Some(node) = self.names.node_of(&name).map(str::to_owned) else { return };
-        let Some(track) = self.tracks.get(&node) else { return };
-        if !ours || !matches!(track.stage, Stage::Creating | Stage::Running) {
-            return;
-        }
-        match phase {
-            JobPhase::Running => {}
-            JobPhase::Succeeded => self.finish(&node, Outcome::Succeeded),
-            JobPhase::Failed(reason) => {
-                self.tracks.get_mut(&node).expect("tracked").stage = Stage::Finishing;
-                let api = self.api.clone();
-                self.ops.push(Box::pin(async move {
-                    let reason = match api.failure_detail(&name).await {
-                        Some(detail) => format!("{reason}; {detail}"),
-                        None => reason,
-                    };
-                    OpDone::Detail { node, reason }
-                }));
-            }
-        }
-    }
-
-    fn on_job_deleted(&mut self, name: &str) {
-        self.seen.remove(name);
-        if let Some(r) = self.rollout.as_mut() {
-            r.foreign_gone(name);
-        }
-        let Some(node) = self.names.node_of(name).map(str::to_owned) else { return };
-        match self.tracks.get(&node).map(|t| t.stage) {
-            Some(Stage::Replacing) => self.create(&node),
-            Some(Stage::Running) => self.finish(
-                &node,
-                Outcome::Failed(format!("Job {name} was deleted before it finished; re-run (helm upgrade) to retry this node")),
-            ),
-            _ => {}
-        }
-    }
-
-    /// Classifies existing Jobs once discovery is complete: adopt ours, count the rest.
-    fn start_rollout(&mut self) {
-        let nodes: Vec<String> = self.facts.keys().cloned().collect();
-        let mut rollout = Rollout::new(nodes.clone(), self.parallelism, self.max_failures);
-        info!(nodes = nodes.len(), parallelism = rollout.parallelism(), "rollout planned");
-        let mut adopted = HashSet::new();
-        for node in &nodes {
-            let job = self.names.assign(node);
-            let Some(seen) = self.seen.get(&job) else { continue };
-            if seen.run != self.run.run_id || seen.template_hash != self.template.hash() {
-                continue;
-            }
-            adopted.insert(job.clone());
-            match &seen.phase {
-                JobPhase::Running => {
-                    info!(node = %node, job = %job, "adopting this run's running Job");
-                    rollout.adopt_running(node);
-                    self.tracks.insert(node.clone(), Track { stage: Stage::Running, started: Instant::now() });
-                }
-                JobPhase::Succeeded => rollout.record_without_dispatch(node, Outcome::Succeeded),
-                JobPhase::Failed(r) => rollout.record_without_dispatch(node, Outcome::Failed(r.clone())),
-            }
-        }
-        for (job, seen) in &self.seen {
-            if seen.phase == JobPhase::Running && !adopted.contains(job) {
-                rollout.note_foreign_active(job);
-            }
-        }
-        self.rollout = Some(rollout);
-    }
-
-    fn fill_slots(&mut self) {
-        while let Some(node) = self.rollout.as_mut().and_then(Rollout::next_to_dispatch) {
-            let job = self.names.assign(&node);
-            let stale = self.seen.contains_key(&job);
-            self.tracks.insert(node.clone(), Track { stage: Stage::Replacing, started: Instant::now() });
-            if stale {
-                info!(node = %node, job = %job, "replacing the Job of an earlier run or template");
-                self.delete_then_create(&node, job);
-            } else {
-                self.create(&node);
-            }
-        }
-    }
-
-    fn delete_then_create(&mut self, node: &str, job: String) {
-        let api = self.api.clone();
-        let node = node.to_owned();
-        self.ops.push(Box::pin(async move { OpDone::Deleted { result: api.delete_job(&job).await, node } }));
-    }
-
-    fn create(&mut self, node: &str) {
-        let Some(track) = self.tracks.get_mut(node) else { return };
-        if track.stage != Stage::Replacing {
-            return;
-        }
-        track.stage = Stage::Creating;
-        track.started = Instant::now();
-        let job_name = self.names.assign(node);
-        let Some(facts) = self.facts.get(node) else {
-            self.finish(node, Outcome::Failed("node disappeared before its Job was created".into()));
-            return;
+    #[test]
+    fn a_job_is_ours_only_for_this_run_and_template() {
+        let job = |run: &str, hash: &str| -> Job {
+            serde_json::from_value(json!({"metadata": {"name": "kd-n1", "uid": "j1",
+                "labels": {"katacontainers.io/run": run},
+                "annotations": {"katacontainers.io/node-name": "n1", "katacontainers.io/node-uid": "u1", "katacontainers.io/template-hash": hash}}}))
+            .unwrap()
         };
-        let job = self.template.specialise(&self.run, facts, &job_name);
-        let api = self.api.clone();
-        let node = node.to_owned();
-        info!(node = %node, job = %job_name, "creating per-node Job");
-        self.ops.push(Box::pin(async move { OpDone::Created { result: api.create_job(&job).await, node } }));
+        let t = translate();
+        let o = t.job(&job("run-1", "h1"));
+        assert!(o.ours && o.node == "n1" && o.node_uid == "u1" && !o.deleting);
+        assert!(!t.job(&job("run-0", "h1")).ours);
+        assert!(!t.job(&job("run-1", "h0")).ours);
     }
 
-    fn on_op_done(&mut self, op: OpDone) {
-        match op {
-            OpDone::Created { node, result: Ok(()) } => {
-                if let Some(t) = self.tracks.get_mut(&node) {
-                    if t.stage == Stage::Creating {
-                        t.stage = Stage::Running;
-                    }
-                }
-                // The watch may have delivered the finished Job before the create call returned.
-                let job = self.names.assign(&node);
-                if let Some(job) = self.seen.get(&job).cloned() {
-                    if job.run == self.run.run_id && job.phase == JobPhase::Succeeded {
-                        self.finish(&node, Outcome::Succeeded);
-                    }
-                }
+    #[test]
+    fn pods_carry_their_job_and_liveness() {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "labels": {"batch.kubernetes.io/controller-uid": "j1"}},
+            "spec": {"nodeName": "n1", "containers": []}, "status": {"phase": "Running"}}))
+        .unwrap();
+        assert_eq!(
+            pod_obs(&pod),
+            PodObs {
+                name: "p".into(),
+                node: "n1".into(),
+                job_uid: "j1".into(),
+                live: true
             }
-            OpDone::Created { node, result: Err(kube::Error::Api(s)) } if s.code == 409 => {
-                let api = self.api.clone();
-                let job = self.names.assign(&node);
-                self.ops.push(Box::pin(async move { OpDone::Conflict { existing: api.get_job(&job).await, node } }));
-            }
-            OpDone::Created { node, result: Err(e) } => {
-                self.finish(&node, Outcome::Failed(format!("could not create its Job: {e}")));
-            }
-            OpDone::Conflict { node, existing } => self.on_conflict(&node, existing),
-            OpDone::Deleted { node, result: Ok(()) } => {
-                let job = self.names.assign(&node);
-                if !self.seen.contains_key(&job) {
-                    self.create(&node);
-                }
-            }
-            OpDone::Deleted { node, result: Err(e) } => {
-                self.finish(&node, Outcome::Failed(format!("could not delete the stale Job of an earlier run: {e}")));
-            }
-            OpDone::Detail { node, reason } => self.finish(&node, Outcome::Failed(reason)),
-            OpDone::Abandoned => {}
+        );
+        let done: Pod = serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "status": {"phase": "Succeeded"}}),
+        )
+        .unwrap();
+        assert!(!pod_obs(&done).live);
+    }
+
+    #[test]
+    fn the_preflight_covers_every_verb_the_run_uses() {
+        let args = Args::try_parse_from(["d", "--template", "t"]).unwrap();
+        let have = |r: &[Right], verb: &str, res: &str| {
+            r.iter().any(|x| x.verb == verb && x.resource == res)
+        };
+        let r = rights(&args, "ns");
+        for (verb, res) in [
+            ("list", "nodes"),
+            ("watch", "nodes"),
+            ("create", "jobs"),
+            ("get", "jobs"),
+            ("list", "jobs"),
+            ("watch", "jobs"),
+            ("delete", "jobs"),
+            ("list", "pods"),
+            ("watch", "pods"),
+            ("create", "events"),
+        ] {
+            assert!(have(&r, verb, res), "{verb} {res}");
         }
+        assert!(
+            !have(&r, "patch", "nodes"),
+            "patch only when the install record is used"
+        );
+        let args = Args::try_parse_from(["d", "--template", "t", "--skip-installed"]).unwrap();
+        assert!(have(&rights(&args, "ns"), "patch", "nodes"));
     }
 
-    fn on_conflict(&mut self, node: &str, existing: Result<Option<Job>, kube::Error>) {
-        let job_name = self.names.assign(node);
-        match existing {
-            Ok(Some(job)) => {
-                let labels = job.metadata.labels.clone().unwrap_or_default();
-                if labels.get(template::LABEL_DISPATCHER) != Some(&self.run.prefix) {
-                    self.finish(node, Outcome::Failed(format!(
-                        "a Job named {job_name} already exists and is not managed by this dispatcher (prefix {}); it was left untouched. Delete it or choose another --name-prefix",
-                        self.run.prefix
-                    )));
-                    return;
-                }
-                let seen = SeenJob::from(&job);
-                self.seen.insert(job_name.clone(), seen.clone());
-                if seen.run == self.run.run_id && seen.template_hash == self.template.hash() {
-                    if let Some(t) = self.tracks.get_mut(node) {
-                        t.stage = Stage::Running;
-                    }
-                    self.on_job_applied(&job);
-                } else if let Some(t) = self.tracks.get_mut(node) {
-                    t.stage = Stage::Replacing;
-                    self.delete_then_create(node, job_name);
-                }
-            }
-            Ok(None) => {
-                // Deleted between our create and our get: try again.
-                if let Some(t) = self.tracks.get_mut(node) {
-                    t.stage = Stage::Replacing;
-                }
-                self.create(node);
-            }
-            Err(e) => self.finish(node, Outcome::Failed(format!("Job {job_name} exists but cannot be read: {e}"))),
-        }
-    }
-
-    /// Fails a node whose machine is gone and deletes its Job: the Job is pinned by name, and
-    /// a new machine under that name must not run a Job made from the old machine's facts.
-    fn abandon(&mut self, node: &str, reason: String) {
-        self.finish(node, Outcome::Failed(reason));
-        let job = self.names.assign(node);
-        let api = self.api.clone();
-        self.ops.push(Box::pin(async move {
-            if let Err(e) = api.delete_job(&job).await {
-                warn!(job = %job, error = %e, "could not delete the Job of a node that is gone; delete it by hand");
-            }
-            OpDone::Abandoned
-        }));
-    }
-
-    fn finish(&mut self, node: &str, outcome: Outcome) {
-        let Some(track) = self.tracks.remove(node) else { return };
-        let took = track.started.elapsed();
-        let job = self.names.assign(node);
-        match &outcome {
-            Outcome::Succeeded => info!(node = %node, job = %job, took = ?took, "node succeeded"),
-            other => warn!(node = %node, job = %job, took = ?took, reason = ?other, "node failed"),
-        }
-        self.rollout().finish(node, outcome, Some(took));
-    }
-
-    fn stop(&mut self, reason: StopReason) {
-        warn!(reason = %reason, "stopping the rollout");
-        self.rollout().stop(reason);
-    }
-
-    fn print_plan(&mut self) {
-        let nodes: Vec<String> = self.facts.keys().cloned().collect();
-        println!("dry run: {} nodes, parallelism {}, nothing will be created", nodes.len(), self.parallelism.min(nodes.len()));
-        println!("{:<40}  {:<63}  ACTION", "NODE", "JOB");
-        for node in nodes {
-            let job = self.names.assign(&node);
-            let action = match self.seen.get(&job) {
-                None => "create",
-                Some(s) if s.run == self.run.run_id && s.template_hash == self.template.hash() => "adopt",
-                Some(_) => "replace (earlier run or template)",
-            };
-            println!("{node:<40}  {job:<63}  {action}");
-        }
+    #[test]
+    fn rights_errors_stop_discovery_and_transient_ones_do_not() {
+        let api_err = |code: u16| {
+            kube::Error::Api(
+                serde_json::from_value(json!({"status": "Failure", "message": "no", "reason": "Forbidden", "code": code})).unwrap(),
+            )
+        };
+        assert!(fatal_watch_error(&watcher::Error::InitialListFailed(api_err(403))).is_some());
+        assert!(fatal_watch_error(&watcher::Error::InitialListFailed(api_err(503))).is_none());
     }
 }

@@ -118,7 +118,10 @@ impl fmt::Display for NodeSelection {
 impl LabelSelector {
     /// Parses one AND-group.
     pub fn parse(input: &str) -> Result<Self, SelectorError> {
-        let err = |problem: String| SelectorError { selector: input.to_owned(), problem };
+        let err = |problem: String| SelectorError {
+            selector: input.to_owned(),
+            problem,
+        };
         let mut requirements = Vec::new();
         for term in split_terms(input).map_err(&err)? {
             requirements.push(parse_term(&term).map_err(&err)?);
@@ -201,15 +204,25 @@ fn parse_term(term: &str) -> Result<Requirement, String> {
     if let Some(key) = term.strip_prefix('!') {
         let key = key.trim();
         validate_key(key)?;
-        return Ok(Requirement { key: key.to_owned(), op: Operator::DoesNotExist });
+        return Ok(Requirement {
+            key: key.to_owned(),
+            op: Operator::DoesNotExist,
+        });
     }
     for (sym, ctor) in [("!=", 0), ("==", 1), ("=", 1)] {
         if let Some((k, v)) = term.split_once(sym) {
             let (key, value) = (k.trim(), v.trim());
             validate_key(key)?;
             validate_value(value)?;
-            let op = if ctor == 0 { Operator::NotEquals(value.into()) } else { Operator::Equals(value.into()) };
-            return Ok(Requirement { key: key.to_owned(), op });
+            let op = if ctor == 0 {
+                Operator::NotEquals(value.into())
+            } else {
+                Operator::Equals(value.into())
+            };
+            return Ok(Requirement {
+                key: key.to_owned(),
+                op,
+            });
         }
     }
     if let Some(open) = term.find('(') {
@@ -233,18 +246,33 @@ fn parse_term(term: &str) -> Result<Requirement, String> {
         }
         return match op {
             "in" if values.is_empty() => Err(format!("'{key} in ()' needs at least one value")),
-            "in" => Ok(Requirement { key: key.to_owned(), op: Operator::In(values) }),
-            "notin" if values.is_empty() => Err(format!("'{key} notin ()' needs at least one value")),
-            "notin" => Ok(Requirement { key: key.to_owned(), op: Operator::NotIn(values) }),
-            other => Err(format!("unknown operator {other:?} (use in, notin, =, ==, !=, or a bare key / !key)")),
+            "in" => Ok(Requirement {
+                key: key.to_owned(),
+                op: Operator::In(values),
+            }),
+            "notin" if values.is_empty() => {
+                Err(format!("'{key} notin ()' needs at least one value"))
+            }
+            "notin" => Ok(Requirement {
+                key: key.to_owned(),
+                op: Operator::NotIn(values),
+            }),
+            other => Err(format!(
+                "unknown operator {other:?} (use in, notin, =, ==, !=, or a bare key / !key)"
+            )),
         };
     }
     let key = term.trim();
     if key.contains(char::is_whitespace) {
-        return Err(format!("unknown operator in {term:?} (use in, notin, =, ==, !=, or a bare key / !key)"));
+        return Err(format!(
+            "unknown operator in {term:?} (use in, notin, =, ==, !=, or a bare key / !key)"
+        ));
     }
     validate_key(key)?;
-    Ok(Requirement { key: key.to_owned(), op: Operator::Exists })
+    Ok(Requirement {
+        key: key.to_owned(),
+        op: Operator::Exists,
+    })
 }
 
 /// A label key: optional DNS-subdomain prefix and '/', then a name of at most 63 characters.
@@ -258,7 +286,9 @@ fn validate_key(key: &str) -> Result<(), String> {
             && p.len() <= 253
             && p.split('.').all(|part| {
                 !part.is_empty()
-                    && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                     && !part.starts_with('-')
                     && !part.ends_with('-')
             });
@@ -289,7 +319,8 @@ pub fn is_label_name(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
@@ -297,7 +328,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -321,12 +355,28 @@ mod tests {
 
     #[test]
     fn matching_follows_kubernetes_semantics() {
-        let s = LabelSelector::parse("os=linux,role!=cp,zone in (a,b),tier notin (x),gpu,!tainted").unwrap();
+        let s = LabelSelector::parse("os=linux,role!=cp,zone in (a,b),tier notin (x),gpu,!tainted")
+            .unwrap();
         assert!(s.matches(&labels(&[("os", "linux"), ("zone", "a"), ("gpu", "")])));
         assert!(!s.matches(&labels(&[("os", "linux"), ("zone", "c"), ("gpu", "")])));
-        assert!(!s.matches(&labels(&[("os", "linux"), ("zone", "a"), ("gpu", ""), ("tainted", "1")])));
-        assert!(!s.matches(&labels(&[("os", "linux"), ("zone", "a"), ("gpu", ""), ("role", "cp")])));
-        assert!(!s.matches(&labels(&[("os", "linux"), ("zone", "a"), ("gpu", ""), ("tier", "x")])));
+        assert!(!s.matches(&labels(&[
+            ("os", "linux"),
+            ("zone", "a"),
+            ("gpu", ""),
+            ("tainted", "1")
+        ])));
+        assert!(!s.matches(&labels(&[
+            ("os", "linux"),
+            ("zone", "a"),
+            ("gpu", ""),
+            ("role", "cp")
+        ])));
+        assert!(!s.matches(&labels(&[
+            ("os", "linux"),
+            ("zone", "a"),
+            ("gpu", ""),
+            ("tier", "x")
+        ])));
         assert!(!s.matches(&labels(&[("os", "linux"), ("zone", "a")])));
     }
 
@@ -341,7 +391,8 @@ mod tests {
 
     #[test]
     fn names_win_and_are_deduplicated() {
-        let sel = NodeSelection::from_inputs(&["w2,w1".into(), "w1".into()], &["a=1".into()]).unwrap();
+        let sel =
+            NodeSelection::from_inputs(&["w2,w1".into(), "w1".into()], &["a=1".into()]).unwrap();
         assert_eq!(sel, NodeSelection::Names(vec!["w1".into(), "w2".into()]));
         assert!(sel.matches("w2", &BTreeMap::new()));
         assert!(!sel.matches("w3", &BTreeMap::new()));
@@ -349,8 +400,14 @@ mod tests {
 
     #[test]
     fn nothing_or_an_empty_group_means_all() {
-        assert_eq!(NodeSelection::from_inputs(&[], &[]).unwrap(), NodeSelection::All);
-        assert_eq!(NodeSelection::from_inputs(&[" ".into()], &["".into()]).unwrap(), NodeSelection::All);
+        assert_eq!(
+            NodeSelection::from_inputs(&[], &[]).unwrap(),
+            NodeSelection::All
+        );
+        assert_eq!(
+            NodeSelection::from_inputs(&[" ".into()], &["".into()]).unwrap(),
+            NodeSelection::All
+        );
     }
 
     #[test]

@@ -26,7 +26,11 @@ pub fn job_phase(job: &Job) -> JobPhase {
             "Failed" => {
                 let reason = c.reason.clone().unwrap_or_else(|| "Failed".into());
                 let message = c.message.clone().unwrap_or_default();
-                return JobPhase::Failed(if message.is_empty() { reason } else { format!("{reason}: {message}") });
+                return JobPhase::Failed(if message.is_empty() {
+                    reason
+                } else {
+                    format!("{reason}: {message}")
+                });
             }
             _ => {}
         }
@@ -39,17 +43,31 @@ pub fn job_phase(job: &Job) -> JobPhase {
 pub fn pod_failure_detail(pods: &[Pod]) -> Option<String> {
     for pod in pods {
         let status = pod.status.as_ref()?;
-        let lists = [status.init_container_statuses.as_ref(), status.container_statuses.as_ref()];
+        let lists = [
+            status.init_container_statuses.as_ref(),
+            status.container_statuses.as_ref(),
+        ];
         for cs in lists.into_iter().flatten().flatten() {
-            let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) else { continue };
+            let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) else {
+                continue;
+            };
             if t.exit_code == 0 {
                 continue;
             }
             let mut line = format!("container {} exited {}", cs.name, t.exit_code);
-            if let Some(reason) = t.reason.as_deref().filter(|r| !r.is_empty() && *r != "Error") {
+            if let Some(reason) = t
+                .reason
+                .as_deref()
+                .filter(|r| !r.is_empty() && *r != "Error")
+            {
                 line.push_str(&format!(" ({reason})"));
             }
-            if let Some(msg) = t.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+            if let Some(msg) = t
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+            {
                 line.push_str(": ");
                 line.push_str(&one_line(msg, 300));
             }
@@ -77,22 +95,45 @@ mod tests {
     use serde_json::json;
 
     fn job(conditions: serde_json::Value) -> Job {
-        serde_json::from_value(json!({"metadata": {"name": "j"}, "status": {"conditions": conditions}})).unwrap()
+        serde_json::from_value(
+            json!({"metadata": {"name": "j"}, "status": {"conditions": conditions}}),
+        )
+        .unwrap()
     }
 
     #[test]
     fn terminal_conditions_end_a_job_and_interim_ones_do_not() {
         assert_eq!(job_phase(&job(json!([]))), JobPhase::Running);
-        assert_eq!(job_phase(&job(json!([{"type": "SuccessCriteriaMet", "status": "True"}]))), JobPhase::Running);
-        assert_eq!(job_phase(&job(json!([{"type": "FailureTarget", "status": "True"}]))), JobPhase::Running);
-        assert_eq!(job_phase(&job(json!([{"type": "Complete", "status": "False"}]))), JobPhase::Running);
-        assert_eq!(job_phase(&job(json!([{"type": "Complete", "status": "True"}]))), JobPhase::Succeeded);
         assert_eq!(
-            job_phase(&job(json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]))),
-            JobPhase::Failed("BackoffLimitExceeded: Job has reached the specified backoff limit".into())
+            job_phase(&job(
+                json!([{"type": "SuccessCriteriaMet", "status": "True"}])
+            )),
+            JobPhase::Running
         );
         assert_eq!(
-            job_phase(&job(json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]))),
+            job_phase(&job(json!([{"type": "FailureTarget", "status": "True"}]))),
+            JobPhase::Running
+        );
+        assert_eq!(
+            job_phase(&job(json!([{"type": "Complete", "status": "False"}]))),
+            JobPhase::Running
+        );
+        assert_eq!(
+            job_phase(&job(json!([{"type": "Complete", "status": "True"}]))),
+            JobPhase::Succeeded
+        );
+        assert_eq!(
+            job_phase(&job(
+                json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}])
+            )),
+            JobPhase::Failed(
+                "BackoffLimitExceeded: Job has reached the specified backoff limit".into()
+            )
+        );
+        assert_eq!(
+            job_phase(&job(
+                json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}])
+            )),
             JobPhase::Failed("DeadlineExceeded".into())
         );
     }
@@ -115,7 +156,10 @@ mod tests {
             }
         }))
         .unwrap();
-        assert_eq!(pod_failure_detail(&[pod]).unwrap(), "container artifacts exited 2: payload file bin/x is corrupt");
+        assert_eq!(
+            pod_failure_detail(&[pod]).unwrap(),
+            "container artifacts exited 2: payload file bin/x is corrupt"
+        );
         assert_eq!(pod_failure_detail(&[]), None);
     }
 

@@ -85,21 +85,35 @@ pub struct JobTemplate {
 impl JobTemplate {
     /// Parses and validates a template file's content.
     pub fn parse(path: &str, text: &str) -> Result<Self, TemplateError> {
-        let job: Value = serde_yaml::from_str(text).map_err(|source| TemplateError::Parse { path: path.into(), source })?;
-        let invalid = |problem: &str| TemplateError::Invalid { path: path.into(), problem: problem.into() };
+        let job: Value = serde_yaml::from_str(text).map_err(|source| TemplateError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |problem: &str| TemplateError::Invalid {
+            path: path.into(),
+            problem: problem.into(),
+        };
         if !job.is_object() {
             return Err(invalid("expected a YAML mapping holding a batch/v1 Job"));
         }
-        if job.get("apiVersion").and_then(Value::as_str) != Some("batch/v1") || job.get("kind").and_then(Value::as_str) != Some("Job") {
-            return Err(invalid("is not a Job: set 'apiVersion: batch/v1' and 'kind: Job'"));
+        if job.get("apiVersion").and_then(Value::as_str) != Some("batch/v1")
+            || job.get("kind").and_then(Value::as_str) != Some("Job")
+        {
+            return Err(invalid(
+                "is not a Job: set 'apiVersion: batch/v1' and 'kind: Job'",
+            ));
         }
         let pod_spec = job
             .pointer("/spec/template/spec")
             .and_then(Value::as_object)
-            .ok_or_else(|| invalid("has no spec.template.spec: a per-node Job needs a pod template"))?;
+            .ok_or_else(|| {
+                invalid("has no spec.template.spec: a per-node Job needs a pod template")
+            })?;
         let containers = pod_spec.get("containers").and_then(Value::as_array);
         if containers.is_none_or(|c| c.is_empty()) {
-            return Err(invalid("spec.template.spec.containers is empty: add the container the Job runs"));
+            return Err(invalid(
+                "spec.template.spec.containers is empty: add the container the Job runs",
+            ));
         }
         if pod_spec.get("nodeName").is_some() {
             return Err(invalid(
@@ -110,13 +124,35 @@ impl JobTemplate {
         if !matches!(restart, Some("Never") | Some("OnFailure")) {
             return Err(invalid("spec.template.spec.restartPolicy must be Never or OnFailure (a Job's pods cannot use Always)"));
         }
-        if job.pointer("/spec/parallelism").and_then(Value::as_i64).is_some_and(|p| p != 1)
-            || job.pointer("/spec/completions").and_then(Value::as_i64).is_some_and(|c| c != 1)
+        if job
+            .pointer("/spec/parallelism")
+            .and_then(Value::as_i64)
+            .is_some_and(|p| p != 1)
+            || job
+                .pointer("/spec/completions")
+                .and_then(Value::as_i64)
+                .is_some_and(|c| c != 1)
         {
             return Err(invalid("spec.parallelism and spec.completions must be 1 (or unset): each node gets exactly one pod"));
         }
-        let hash = hex::encode(Sha256::digest(serde_json::to_vec(&job).expect("JSON values serialise")))[..16].to_owned();
+        let hash = hex::encode(Sha256::digest(
+            serde_json::to_vec(&job).expect("JSON values serialise"),
+        ))[..16]
+            .to_owned();
         Ok(Self { job, hash })
+    }
+
+    /// The template as given.
+    pub fn job(&self) -> &Value {
+        &self.job
+    }
+
+    /// `spec.activeDeadlineSeconds` of the template, if set.
+    pub fn active_deadline(&self) -> Option<std::time::Duration> {
+        self.job
+            .pointer("/spec/activeDeadlineSeconds")
+            .and_then(Value::as_u64)
+            .map(std::time::Duration::from_secs)
     }
 
     /// Short hash identifying this template (stored on every Job made from it).
@@ -142,7 +178,14 @@ impl JobTemplate {
         ];
         {
             let meta = object_at(&mut job, "metadata");
-            for k in ["generateName", "resourceVersion", "uid", "creationTimestamp", "managedFields", "selfLink"] {
+            for k in [
+                "generateName",
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "managedFields",
+                "selfLink",
+            ] {
                 meta.remove(k);
             }
             meta.insert("name".into(), json!(job_name));
@@ -161,10 +204,18 @@ impl JobTemplate {
                 }
             }
         }
-        let pod_template = object_at(object_at(&mut job, "spec").entry("template").or_insert_with(|| json!({})), "metadata");
+        let pod_template = object_at(
+            object_at(&mut job, "spec")
+                .entry("template")
+                .or_insert_with(|| json!({})),
+            "metadata",
+        );
         insert_all(pod_template, "labels", &labels);
         insert_all(pod_template, "annotations", &annotations[..1]);
-        let pod_spec = job.pointer_mut("/spec/template/spec").and_then(Value::as_object_mut).expect("validated in parse");
+        let pod_spec = job
+            .pointer_mut("/spec/template/spec")
+            .and_then(Value::as_object_mut)
+            .expect("validated in parse");
         pod_spec.insert("nodeName".into(), json!(node.name));
         let env = node_env(node);
         for list in ["initContainers", "containers"] {
@@ -173,7 +224,10 @@ impl JobTemplate {
                     let vars = c.entry("env").or_insert_with(|| json!([]));
                     if let Some(vars) = vars.as_array_mut() {
                         // Ours win: drop template entries with the same names first.
-                        vars.retain(|v| !env.iter().any(|(k, _)| v.get("name").and_then(Value::as_str) == Some(k)));
+                        vars.retain(|v| {
+                            !env.iter()
+                                .any(|(k, _)| v.get("name").and_then(Value::as_str) == Some(k))
+                        });
                         vars.extend(env.iter().map(|(k, v)| json!({"name": k, "value": v})));
                     }
                 }
@@ -189,7 +243,10 @@ pub fn node_env(node: &NodeFacts) -> Vec<(&'static str, String)> {
         ("KATA_NODE_NAME", node.name.clone()),
         ("KATA_NODE_UID", node.uid.clone()),
         ("KATA_NODE_MACHINE_ID", node.machine_id.clone()),
-        ("KATA_NODE_CONTAINER_RUNTIME_VERSION", node.container_runtime_version.clone()),
+        (
+            "KATA_NODE_CONTAINER_RUNTIME_VERSION",
+            node.container_runtime_version.clone(),
+        ),
         ("KATA_NODE_KUBELET_VERSION", node.kubelet_version.clone()),
         ("KATA_NODE_ARCH", node.architecture.clone()),
     ]
@@ -273,7 +330,10 @@ spec:
         assert_eq!(job["metadata"]["labels"]["app"], "kata");
         assert_eq!(job["metadata"]["labels"][LABEL_RUN], "run-1");
         assert_eq!(job["metadata"]["labels"][LABEL_NODE], "worker-1");
-        assert_eq!(job["metadata"]["annotations"][ANNOTATION_TEMPLATE_HASH], t.hash());
+        assert_eq!(
+            job["metadata"]["annotations"][ANNOTATION_TEMPLATE_HASH],
+            t.hash()
+        );
         let owner = &job["metadata"]["ownerReferences"][0];
         assert_eq!(owner["uid"], "uid-owner");
         assert_eq!(owner["controller"], false);
@@ -281,22 +341,46 @@ spec:
         assert_eq!(job["spec"]["template"]["spec"]["nodeName"], "worker-1");
         assert_eq!(job["spec"]["someFutureJobField"]["keep"], "me");
         assert_eq!(job["spec"]["template"]["spec"]["futurePodField"], 42);
-        assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["futureContainerField"][1], 2);
-        assert_eq!(job["spec"]["template"]["metadata"]["labels"]["tier"], "node");
-        assert_eq!(job["spec"]["template"]["metadata"]["labels"][LABEL_NODE], "worker-1");
-        let env = job["spec"]["template"]["spec"]["initContainers"][0]["env"].as_array().unwrap();
-        let get = |k: &str| env.iter().filter(|v| v["name"] == k).map(|v| v["value"].clone()).collect::<Vec<_>>();
+        assert_eq!(
+            job["spec"]["template"]["spec"]["containers"][0]["futureContainerField"][1],
+            2
+        );
+        assert_eq!(
+            job["spec"]["template"]["metadata"]["labels"]["tier"],
+            "node"
+        );
+        assert_eq!(
+            job["spec"]["template"]["metadata"]["labels"][LABEL_NODE],
+            "worker-1"
+        );
+        let env = job["spec"]["template"]["spec"]["initContainers"][0]["env"]
+            .as_array()
+            .unwrap();
+        let get = |k: &str| {
+            env.iter()
+                .filter(|v| v["name"] == k)
+                .map(|v| v["value"].clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(get("KATA_NODE_NAME"), vec![json!("worker-1")]);
         assert_eq!(get("OTHER"), vec![json!("x")]);
-        assert_eq!(get("KATA_NODE_CONTAINER_RUNTIME_VERSION"), vec![json!("containerd://2.0.5")]);
-        let main_env = job["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
-        assert!(main_env.iter().any(|v| v["name"] == "KATA_NODE_MACHINE_ID" && v["value"] == "m1"));
+        assert_eq!(
+            get("KATA_NODE_CONTAINER_RUNTIME_VERSION"),
+            vec![json!("containerd://2.0.5")]
+        );
+        let main_env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap();
+        assert!(main_env
+            .iter()
+            .any(|v| v["name"] == "KATA_NODE_MACHINE_ID" && v["value"] == "m1"));
     }
 
     #[test]
     fn hash_changes_with_the_template() {
         let a = JobTemplate::parse("t", TEMPLATE).unwrap();
-        let b = JobTemplate::parse("t", &TEMPLATE.replace("backoffLimit: 2", "backoffLimit: 3")).unwrap();
+        let b = JobTemplate::parse("t", &TEMPLATE.replace("backoffLimit: 2", "backoffLimit: 3"))
+            .unwrap();
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.hash(), JobTemplate::parse("t", TEMPLATE).unwrap().hash());
     }
@@ -307,11 +391,29 @@ spec:
             ("a: [", "not valid YAML"),
             ("- 1", "expected a YAML mapping"),
             ("apiVersion: v1\nkind: Pod\nspec: {}", "is not a Job"),
-            ("apiVersion: batch/v1\nkind: Job\nspec: {}", "no spec.template.spec"),
-            ("apiVersion: batch/v1\nkind: Job\nspec: {template: {spec: {containers: []}}}", "containers is empty"),
-            (&TEMPLATE.replace("restartPolicy: Never", "restartPolicy: Never\n      nodeName: n1"), "nodeName"),
-            (&TEMPLATE.replace("restartPolicy: Never", "restartPolicy: Always"), "restartPolicy"),
-            (&TEMPLATE.replace("backoffLimit: 2", "parallelism: 3"), "parallelism"),
+            (
+                "apiVersion: batch/v1\nkind: Job\nspec: {}",
+                "no spec.template.spec",
+            ),
+            (
+                "apiVersion: batch/v1\nkind: Job\nspec: {template: {spec: {containers: []}}}",
+                "containers is empty",
+            ),
+            (
+                &TEMPLATE.replace(
+                    "restartPolicy: Never",
+                    "restartPolicy: Never\n      nodeName: n1",
+                ),
+                "nodeName",
+            ),
+            (
+                &TEMPLATE.replace("restartPolicy: Never", "restartPolicy: Always"),
+                "restartPolicy",
+            ),
+            (
+                &TEMPLATE.replace("backoffLimit: 2", "parallelism: 3"),
+                "parallelism",
+            ),
         ] {
             let e = JobTemplate::parse("t.yaml", text).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains("t.yaml"), "{text}: {e}");

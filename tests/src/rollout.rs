@@ -28,13 +28,13 @@ pub const OWNER_JOB: &str = "kata-deploy-dispatcher";
 pub struct EnvOptions {
     /// Simulated per-node Job duration (kwok delay, Go duration).
     pub duration: String,
-    /// Also grant `pods list` (for termination messages of failed Jobs).
-    pub grant_pods_list: bool,
 }
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { duration: "1s".into(), grant_pods_list: false }
+        Self {
+            duration: "1s".into(),
+        }
     }
 }
 
@@ -67,36 +67,56 @@ pub struct SimCase {
 
 impl SimCase {
     /// A namespace `name-<n>` with `nodes` simulated nodes on `cluster`.
-    pub async fn new(cluster: TestCluster, name: &str, nodes: usize, opts: &EnvOptions) -> Result<Self> {
+    pub async fn new(
+        cluster: TestCluster,
+        name: &str,
+        nodes: usize,
+        opts: &EnvOptions,
+    ) -> Result<Self> {
         let namespace = cluster.namespace(name).await?;
         let mut spec = SimNode::default();
-        spec.labels.insert("kata-test/group".into(), namespace.clone());
+        spec.labels
+            .insert("kata-test/group".into(), namespace.clone());
         let nodes = cluster.sim_nodes(&namespace, nodes, &spec).await?;
         let env = DispatcherEnv::setup(&cluster, &namespace, opts).await?;
-        Ok(Self { selector: format!("kata-test/group={namespace}"), cluster, env, nodes, spec })
+        Ok(Self {
+            selector: format!("kata-test/group={namespace}"),
+            cluster,
+            env,
+            nodes,
+            spec,
+        })
     }
 }
 
 /// stdout and stderr of a finished process, for assertion messages.
 pub fn output_text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
-/// The least-privilege rights of the dispatcher: exactly what the chart grants.
-pub fn dispatcher_rules(grant_pods_list: bool) -> (serde_json::Value, serde_json::Value) {
-    let cluster = json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]);
-    let mut ns = vec![json!({"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]})];
-    if grant_pods_list {
-        ns.push(json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}));
-    }
-    (cluster, json!(ns))
+/// The least-privilege rights of the dispatcher, exactly what the chart grants (rbac.yaml):
+/// (cluster rules, release-namespace rules, rules in `default` for the Node Events).
+pub fn dispatcher_rules() -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+    let cluster =
+        json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch", "patch"]}]);
+    let ns = json!([
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    ]);
+    let events = json!([{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]);
+    (cluster, ns, events)
 }
 
 impl DispatcherEnv {
     /// Creates the namespace's ServiceAccount, RBAC, owner Job and template.
     pub async fn setup(cluster: &TestCluster, namespace: &str, opts: &EnvOptions) -> Result<Self> {
         let client = cluster.client.clone();
-        let (cluster_rules, ns_rules) = dispatcher_rules(opts.grant_pods_list);
+        let (cluster_rules, ns_rules, event_rules) = dispatcher_rules();
+        let ev_name = format!("{namespace}-node-events");
         let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": DISPATCHER_SA, "namespace": namespace}});
         let cr_name = format!("{namespace}-dispatcher");
         let objects = vec![
@@ -109,6 +129,10 @@ impl DispatcherEnv {
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "dispatcher", "namespace": namespace},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dispatcher"},
                 "subjects": [{"kind": "ServiceAccount", "name": DISPATCHER_SA, "namespace": namespace}]}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": ev_name, "namespace": "default"}, "rules": event_rules}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": ev_name, "namespace": "default"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ev_name},
+                "subjects": [{"kind": "ServiceAccount", "name": DISPATCHER_SA, "namespace": namespace}]}),
         ];
         for obj in objects {
             create_object(&client, obj).await?;
@@ -117,7 +141,12 @@ impl DispatcherEnv {
         let template = cluster.state().join(format!("template-{namespace}.yaml"));
         std::fs::write(&template, per_node_template(&opts.duration))?;
         let kubeconfig = cluster.sa_kubeconfig(namespace, DISPATCHER_SA).await?;
-        Ok(Self { namespace: namespace.into(), kubeconfig, template, user: format!("system:serviceaccount:{namespace}:{DISPATCHER_SA}") })
+        Ok(Self {
+            namespace: namespace.into(),
+            kubeconfig,
+            template,
+            user: format!("system:serviceaccount:{namespace}:{DISPATCHER_SA}"),
+        })
     }
 
     /// A dispatcher command with this env's identity, namespace, template and owner.
@@ -148,7 +177,10 @@ impl DispatcherEnv {
 
     /// Runs the dispatcher to the end.
     pub async fn run(&self, extra: &[&str]) -> Result<Output> {
-        let out = tokio::process::Command::from(self.command(extra)?).output().await.context("running the dispatcher")?;
+        let out = tokio::process::Command::from(self.command(extra)?)
+            .output()
+            .await
+            .context("running the dispatcher")?;
         eprintln!(
             "--- dispatcher {extra:?} exited {:?}\n{}{}",
             out.status.code(),
@@ -193,7 +225,12 @@ async fn create_object(client: &kube::Client, obj: serde_json::Value) -> Result<
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
         None => Api::all_with(client.clone(), &ar),
     };
-    api.create(&PostParams::default(), &serde_json::from_value(obj.clone())?).await.with_context(|| format!("creating {kind}"))?;
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(obj.clone())?,
+    )
+    .await
+    .with_context(|| format!("creating {kind}"))?;
     Ok(())
 }
 
@@ -229,7 +266,8 @@ impl ActiveObserver {
     pub fn start(cluster: &TestCluster, namespace: &str, label_selector: &str) -> Self {
         let me = Self::default();
         let api: Api<Job> = Api::namespaced(cluster.client.clone(), namespace);
-        let stream = watcher::watcher(api, watcher::Config::default().labels(label_selector)).default_backoff();
+        let stream = watcher::watcher(api, watcher::Config::default().labels(label_selector))
+            .default_backoff();
         let state = me.inner.clone();
         tokio::spawn(async move {
             let mut stream = Box::pin(stream);
@@ -240,10 +278,19 @@ impl ActiveObserver {
                     Event::Apply(job) | Event::InitApply(job) => {
                         let name = job.metadata.uid.clone().unwrap_or_default();
                         s.created.insert(name.clone());
-                        s.first_seen.entry(name.clone()).or_insert_with(std::time::Instant::now);
-                        let finished = job.status.as_ref().and_then(|st| st.conditions.as_ref()).is_some_and(|cs| {
-                            cs.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-                        });
+                        s.first_seen
+                            .entry(name.clone())
+                            .or_insert_with(std::time::Instant::now);
+                        let finished = job
+                            .status
+                            .as_ref()
+                            .and_then(|st| st.conditions.as_ref())
+                            .is_some_and(|cs| {
+                                cs.iter().any(|c| {
+                                    (c.type_ == "Complete" || c.type_ == "Failed")
+                                        && c.status == "True"
+                                })
+                            });
                         if finished {
                             if s.active.remove(&name) {
                                 let took = s.first_seen[&name].elapsed();
@@ -255,7 +302,8 @@ impl ActiveObserver {
                         s.max_active = s.max_active.max(s.active.len());
                     }
                     Event::Delete(job) => {
-                        s.active.remove(&job.metadata.uid.clone().unwrap_or_default());
+                        s.active
+                            .remove(&job.metadata.uid.clone().unwrap_or_default());
                     }
                     _ => {}
                 }
@@ -290,17 +338,26 @@ pub fn fail_pods_on(cluster: &TestCluster, namespace: &str, nodes: &[String], me
     let message = message.to_owned();
     tokio::spawn(async move {
         let mut done: HashMap<String, ()> = HashMap::new();
-        let mut stream = Box::pin(watcher::watcher(api.clone(), watcher::Config::default()).default_backoff());
+        let mut stream =
+            Box::pin(watcher::watcher(api.clone(), watcher::Config::default()).default_backoff());
         while let Some(ev) = stream.next().await {
-            let Ok(Event::Apply(pod) | Event::InitApply(pod)) = ev else { continue };
-            let on_node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            let Ok(Event::Apply(pod) | Event::InitApply(pod)) = ev else {
+                continue;
+            };
+            let on_node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
             let name = pod.metadata.name.clone().unwrap_or_default();
             if nodes.contains(&on_node) && !done.contains_key(&name) {
                 done.insert(name.clone(), ());
                 let patch = json!({"metadata": {
                     "labels": {"kata-testbed/fail": "true"},
                     "annotations": {"kata-testbed/fail-message": message, "kata-testbed/fail-exit-code": "3"}}});
-                let _ = api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await;
+                let _ = api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
             }
         }
     });
@@ -315,13 +372,49 @@ pub async fn jobs_by_node(cluster: &TestCluster, namespace: &str) -> Result<Vec<
         .iter()
         .filter(|j| j.metadata.name.as_deref() != Some(OWNER_JOB))
         .map(|j| {
-            let node = j.spec.as_ref().and_then(|s| s.template.spec.as_ref()).and_then(|p| p.node_name.clone()).unwrap_or_default();
+            let node = j
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|p| p.node_name.clone())
+                .unwrap_or_default();
             (j.metadata.name.clone().unwrap_or_default(), node)
         })
         .collect())
 }
 
 /// Waits until no Job other than the owner is left in `namespace`.
-pub async fn wait_jobs_gone(cluster: &TestCluster, namespace: &str, timeout: Duration) -> Result<()> {
-    wait_until(timeout, "per-node Jobs to be garbage-collected", || async { Ok(jobs_by_node(cluster, namespace).await?.is_empty()) }).await
+pub async fn wait_jobs_gone(
+    cluster: &TestCluster,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_until(timeout, "per-node Jobs to be garbage-collected", || async {
+        Ok(jobs_by_node(cluster, namespace).await?.is_empty())
+    })
+    .await
+}
+
+/// Requests by `user` in the audit log, by (verb, resource): e.g. ("create", "jobs").
+pub fn audit_by_resource(
+    cluster: &TestCluster,
+    user: &str,
+) -> Result<std::collections::BTreeMap<(String, String), usize>> {
+    let text =
+        std::fs::read_to_string(cluster.state().join("audit.log")).context("reading audit.log")?;
+    let mut counts = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if ev["user"]["username"] == user && ev["stage"] == "ResponseComplete" {
+            let verb = ev["verb"].as_str().unwrap_or("?").to_owned();
+            let resource = ev["objectRef"]["resource"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned();
+            *counts.entry((verb, resource)).or_default() += 1;
+        }
+    }
+    Ok(counts)
 }

@@ -21,6 +21,8 @@ async fn dry_run_create(cluster: &TestCluster, ns: &str, obj: &serde_json::Value
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let kind = obj["kind"].as_str().context("kind")?;
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    // An object may name its own namespace (the dispatcher's Node-Events Role lives in "default").
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or(ns);
     let api: Api<DynamicObject> = if CLUSTER_SCOPED.contains(&kind) {
         Api::all_with(cluster.client.clone(), &ar)
     } else {
