@@ -223,12 +223,12 @@ def t_default():
     def rules_of(kind, name):
         return [(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"])), tuple(r.get("resourceNames", [])))
                 for r in one(objs, kind, name)["rules"]]
-    check("RBAC: dispatcher ClusterRole = nodes list/watch only",
-          rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher") == [(("",), ("nodes",), ("list", "watch"), ())],
+    check("RBAC: dispatcher ClusterRole = nodes list/watch + patch (its install record annotation) only",
+          rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher") == [(("",), ("nodes",), ("list", "patch", "watch"), ())],
           rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher"))
-    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete + pods list (failure messages) in the namespace only",
+    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete + pods list/watch (leftover pods, failure messages) in the namespace only",
           rules_of("Role", "kata-deploy-dispatcher") == [(("batch",), ("jobs",), ("create", "delete", "get", "list", "watch"), ()),
-                                                          (("",), ("pods",), ("list",), ())]
+                                                          (("",), ("pods",), ("list", "watch"), ())]
           and one(objs, "Role", "kata-deploy-dispatcher")["metadata"]["namespace"] == "kata-system",
           rules_of("Role", "kata-deploy-dispatcher"))
     check("RBAC: node ClusterRole = nodes get/patch only",
@@ -243,8 +243,12 @@ def t_default():
     st = one(objs, "ConfigMap", "kata-deploy-kata-deploy-state")
     check("identity: state ConfigMap records the suffix and the mode (upstream 4.x name and keys)",
           st["data"] == {"multiInstallSuffix": "", "deploymentMode": "job"} and "helm.sh/hook" not in st["metadata"].get("annotations", {}), st)
-    check("RBAC: exactly 2 ClusterRoles, 1 Role, 2 ServiceAccounts",
-          len(find(objs, "ClusterRole")) == 2 and len(find(objs, "Role")) == 1 and len(find(objs, "ServiceAccount")) == 2)
+    ev = [r for r in find(objs, "Role") if r["metadata"]["name"] != "kata-deploy-dispatcher"]
+    check("RBAC: the dispatcher's node-Events Role = events create only, in namespace default",
+          len(ev) == 1 and ev[0]["metadata"]["namespace"] == "default"
+          and [(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in ev[0]["rules"]] == [(("",), ("events",), ("create",))], ev)
+    check("RBAC: exactly 2 ClusterRoles, 2 Roles (namespace + default's Events), 2 ServiceAccounts",
+          len(find(objs, "ClusterRole")) == 2 and len(find(objs, "Role")) == 2 and len(find(objs, "ServiceAccount")) == 2)
 
     # Per-node Job templates.
     ij, cj, cm = templates(objs)

@@ -120,7 +120,6 @@ async fn rollout_resumes_after_the_api_server_restarts() -> Result<()> {
         16,
         &EnvOptions {
             duration: "2s".into(),
-            ..Default::default()
         },
     )
     .await?;

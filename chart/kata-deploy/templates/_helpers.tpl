@@ -643,7 +643,7 @@ spec:
             - --deadline
             - {{ printf "%ds" ($v.job.deadlineSeconds | int) }}
             - --max-failures
-            - {{ $v.job.maxFailures | int | quote }}
+            - {{ (kindIs "string" $v.job.maxFailures) | ternary $v.job.maxFailures ($v.job.maxFailures | int | toString) | quote }}
             {{- /* settle: only an install selection by label can change while it is read. */}}
             {{- $settle := include "kata-deploy.settle" $r }}
             {{- if and (eq .role "install") (not .nodes) $settle }}
@@ -653,7 +653,19 @@ spec:
             {{- if and (eq .role "install") (eq (include "kata-deploy.requireNodes" $r) "true") }}
             - --require-nodes
             {{- end }}
+            {{- if eq .role "install" }}
+            # A node whose last successful install ran this very template gets no Job (recorded
+            # on the Node as katacontainers.io/installed-by-<prefix>): an unchanged upgrade is a no-op.
+            - --skip-installed
+            {{- end }}
             {{- if eq .role "cleanup" }}
+            # Uninstall reaches every node it must clean, tainted or not; it first stops this
+            # release's install dispatcher and waits until none of its Jobs or pods is left.
+            - --ignore-taints
+            - --supersede-job
+            - {{ include "kata-deploy.installDispatcherName" .root }}
+            - --supersede-prefix
+            - {{ include "kata-deploy.installPrefix" .root }}
             # Helm never deletes hook resources on uninstall: once every node is clean, remove the
             # install dispatcher Job too (its per-node Jobs follow through their ownerReference).
             - --remove-on-success
