@@ -69,6 +69,10 @@ for n in "${real_names[@]}"; do kubectl wait --for=condition=Ready "node/$n" --t
 
 log "helm install kata-deploy (job mode) — the dispatcher hook rolls out one Job per node"
 values=(--set job.parallelism=5)
+# The non-confidential shims the demo payload carries: the chart's default also enables the TEE
+# shims, which pull images in the guest (nydus) and so need containerd >= 1.7 — host-check refuses
+# them on the containerd 1.6 node, as it would on a real one.
+values+=(--set shims.disableAll=true --set shims.qemu.enabled=true --set shims.qemu-runtime-rs.enabled=true)
 # The dispatcher runs on a real node (real container, real logs); local nodes cannot restart a runtime.
 [ "$real_nodes" = 0 ] || values+=(--set-string "job.dispatcher.nodeSelector.kata-testbed/real=true")
 [ "$local_nodes" = 0 ] || values+=(--set stage.restart=none)
@@ -90,7 +94,7 @@ for n in "${real_names[@]}"; do
     "$(kubectl get node "$n" -o jsonpath='{.metadata.labels.katacontainers\.io/kata-runtime}')"
   printf '               runtimeHandlers (kubelet): %s\n' "${handlers:-(not reported by containerd 1.6)}"
   printf '               kata handlers in containerd'"'"'s config: %s\n' \
-    "$(bash hack/testenv/realnode/node.sh exec "$demo/cluster" "$n" sh -c 'containerd config dump 2>/dev/null || /opt/containerd/bin/containerd config dump' | grep -oE 'runtimes\.(["'"'"']?)kata-[a-z0-9-]+' | sed -E 's/.*runtimes\.["'"'"']?//' | sort -u | tr '\n' ' ')"
+    "$(bash hack/testenv/realnode/node.sh exec "$demo/cluster" "$n" sh -c 'c=containerd; [ -x /opt/containerd/bin/containerd ] && c=/opt/containerd/bin/containerd; $c config dump 2>/dev/null' | grep -oE 'runtimes\.(["'"'"']?)kata-[a-z0-9-]+' | sed -E 's/.*runtimes\.["'"'"']?//' | sort -u | tr '\n' ' ')"
 done
 cat <<EOF
 
