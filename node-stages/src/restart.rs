@@ -119,8 +119,10 @@ impl SystemdRestarter {
 /// One D-Bus connection to systemd's manager.
 struct Systemd {
     conn: zbus::Connection,
-    destination: Option<&'static str>,
 }
+
+/// systemd's bus name on the system bus.
+const SYSTEMD_BUS_NAME: &str = "org.freedesktop.systemd1";
 
 impl Systemd {
     async fn connect(host_root: &Path, timeout: Duration) -> std::result::Result<Self, String> {
@@ -138,10 +140,7 @@ impl Systemd {
             .build()
             .await
             .map_err(|e| format!("connecting to the system bus at {}: {e}", bus.display()))?;
-        Ok(Systemd {
-            conn,
-            destination: Some("org.freedesktop.systemd1"),
-        })
+        Ok(Systemd { conn })
     }
 
     async fn call<B>(
@@ -155,7 +154,7 @@ impl Systemd {
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
         self.conn
-            .call_method(self.destination, path, Some(iface), method, body)
+            .call_method(Some(SYSTEMD_BUS_NAME), path, Some(iface), method, body)
             .await
     }
 

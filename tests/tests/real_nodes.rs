@@ -61,6 +61,29 @@ fn sleeper(name: &str, node: &str) -> Result<Pod> {
     }))?)
 }
 
+/// The ordinary pod on `node` still runs the very container it had before (same ID, no restart).
+async fn assert_sleeper_kept(
+    pods: &Api<Pod>,
+    node: &RealNode,
+    before: &(String, i32),
+    across: &str,
+) -> Result<()> {
+    let p = pods.get(&format!("sleeper-{}", node.name)).await?;
+    assert_eq!(
+        container_id(&p).as_ref(),
+        Some(before),
+        "{}: the ordinary pod kept its container across {across}",
+        node.name
+    );
+    assert_eq!(
+        p.status.and_then(|s| s.phase).as_deref(),
+        Some("Running"),
+        "{}: the ordinary pod still runs",
+        node.name
+    );
+    Ok(())
+}
+
 fn container_id(pod: &Pod) -> Option<(String, i32)> {
     let cs = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
     Some((cs.container_id.clone()?, cs.restart_count))
@@ -282,7 +305,8 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     }
 
     for (i, n) in real.iter().enumerate() {
-        // The cri stage changed the real config and restarted containerd exactly once...
+        // The cri stage changed the real config and restarted containerd (that it does not restart
+        // it again is checked by the unchanged upgrade below)...
         let after = n.unit_active_since("containerd")?;
         assert!(
             after > containerd_since[i],
@@ -290,14 +314,7 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
             n.name
         );
         // ... and the ordinary pod survived the restart of its runtime.
-        let p = default_pods.get(&format!("sleeper-{}", n.name)).await?;
-        assert_eq!(
-            container_id(&p),
-            Some(sleepers[i].clone()),
-            "{}: the ordinary pod kept its container across the restart",
-            n.name
-        );
-        assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
+        assert_sleeper_kept(&default_pods, n, &sleepers[i], "the cri stage's restart").await?;
         let l = nodes
             .get(&n.name)
             .await?
@@ -464,13 +481,7 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
             "{}: kata labels removed: {l:?}",
             n.name
         );
-        let p = default_pods.get(&format!("sleeper-{}", n.name)).await?;
-        assert_eq!(
-            container_id(&p),
-            Some(sleepers[i].clone()),
-            "{}: the ordinary pod survived install and uninstall",
-            n.name
-        );
+        assert_sleeper_kept(&default_pods, n, &sleepers[i], "install and uninstall").await?;
     }
     assert_eq!(
         runtime_handlers(&nodes, n2).await?,
