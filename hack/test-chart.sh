@@ -508,9 +508,12 @@ def t_values():
     objs = render({"customRuntimes": {"enabled": True, "runtimes": {"small": {"baseConfig": "qemu"}}}, "env": {"multiInstallSuffix": "b"}})
     check("customRuntimes without runtimeClass: generated kata-<name>-<suffix>", "kata-small-b" in rcs(objs)
           and rcs(objs)["kata-small-b"]["handler"] == "kata-small-b", sorted(rcs(objs)))
-    err = render_err({"customRuntimes": {"enabled": True, "runtimes": {"bad": {"baseConfig": "qemu",
-          "runtimeClass": "kind: RuntimeClass\napiVersion: node.k8s.io/v1\nmetadata: {name: kata-bad}\nhandler: something-else\n"}}}})
-    check("customRuntimes: a handler not of the form kata-<name> is refused, naming it", 'handler "something-else"' in err and "kata-<name>" in err, err)
+    # The user's own handler (as upstream accepts it): registered as is; the configuration is named after the runtime.
+    objs = render({"customRuntimes": {"enabled": True, "runtimes": {"mine": {"baseConfig": "qemu",
+          "runtimeClass": "kind: RuntimeClass\napiVersion: node.k8s.io/v1\nmetadata: {name: team-sandbox}\nhandler: something-else\n"}}}})
+    c = next((s for s in stage_config(objs)[0]["shims"] if s["name"] == "mine"), None)
+    check("customRuntimes: a handler of any DNS-label form is kept, and the stage registers exactly it",
+          rcs(objs).get("team-sandbox", {}).get("handler") == "something-else" and c is not None and c.get("handler") == "something-else", c)
     # The user's handler name (seed 004's example) with a suffix: accepted when it carries the suffix.
     own = "kind: RuntimeClass\napiVersion: node.k8s.io/v1\nmetadata:\n  name: gpu-big\nhandler: kata-gpu-big-cicd\n"
     objs = render({"env": {"multiInstallSuffix": "cicd"}, "customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu-nvidia-gpu", "runtimeClass": own}}}})
@@ -523,9 +526,18 @@ def t_values():
     objs = render({"customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu", "inheritBaseOverhead": False,
                                                                           "runtimeClass": "kind: RuntimeClass\nhandler: kata-x\nmetadata: {name: kata-x}\n"}}}})
     check("customRuntimes: inheritBaseOverhead=false and no overhead: none", "overhead" not in rcs(objs)["kata-x"], rcs(objs)["kata-x"])
-    err = render_err({"env": {"multiInstallSuffix": "cicd"}, "customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu",
+    # Seed 004's example handler with a suffix: kept (it was refused for not ending in -<suffix>).
+    objs = render({"env": {"multiInstallSuffix": "cicd"}, "customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu",
           "runtimeClass": "kind: RuntimeClass\nmetadata: {name: kata-my-gpu-runtime}\nhandler: kata-my-gpu-runtime\n"}}}})
-    check("customRuntimes: with a suffix, a handler without it is refused naming the form", "kata-<name>-cicd" in err, err)
+    c = next((s for s in stage_config(objs)[0]["shims"] if s["name"] == "x"), None)
+    check("customRuntimes: with a suffix, a handler without it is kept and passed to the stage",
+          rcs(objs).get("kata-my-gpu-runtime", {}).get("handler") == "kata-my-gpu-runtime" and c is not None
+          and c.get("handler") == "kata-my-gpu-runtime", c)
+    err = render_err({"customRuntimes": {"enabled": True, "runtimes": {
+        "a": {"baseConfig": "qemu", "runtimeClass": "kind: RuntimeClass\nmetadata: {name: a}\nhandler: kata-b\n"},
+        "b": {"baseConfig": "qemu", "runtimeClass": "kind: RuntimeClass\nmetadata: {name: b}\nhandler: other\n"}}}})
+    check("customRuntimes: two runtimes whose configurations would share a name are refused, naming both",
+          "customRuntimes.runtimes.a" in err and "customRuntimes.runtimes.b" in err and '"b"' in err, err)
     for name, h in [("not a DNS label", "Kata_X"), ("built-in handler", "kata-qemu")]:
         err = render_err({"customRuntimes": {"enabled": True, "runtimes": {"x": {"baseConfig": "qemu",
               "runtimeClass": f"kind: RuntimeClass\nmetadata: {{name: c}}\nhandler: {h}\n"}}}})

@@ -506,7 +506,7 @@ pub fn registered_but_unconfigured_handlers(fs: &HostFs, cfg: &ValidConfig) -> R
         .cfg
         .shims
         .iter()
-        .map(|s| install.handler(&s.name))
+        .map(|s| install.handler_of(s))
         .collect();
     Ok(state
         .map(|s| s.handlers)

@@ -70,8 +70,13 @@ pub const NYDUS_FOR_KATA: &str = "nydus-for-kata-tee";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ShimConfig {
-    /// Shim name; the handler is `kata-<name>[-<suffix>]`.
+    /// Shim name (host paths of its configuration); the handler is `kata-<name>[-<suffix>]`
+    /// unless `handler` is set.
     pub name: String,
+    /// The CRI handler to register, when not the derived `kata-<name>[-<suffix>]` (a custom
+    /// runtime's own handler, as upstream accepts it). Never for a built-in shim.
+    #[serde(default)]
+    pub handler: String,
     /// The built-in shim whose configuration this one starts from (= name for built-ins).
     #[serde(default)]
     pub base_config: String,
@@ -341,6 +346,7 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
     }
     let install = Install::new(suffix, &cfg.install_prefix);
     let mut seen = std::collections::BTreeSet::new();
+    let mut handlers = std::collections::BTreeSet::new();
     for (i, shim) in cfg.shims.iter().enumerate() {
         let f = |name: &str| format!("shims[{i}].{name}");
         if !is_dns_label(&shim.name) {
@@ -352,9 +358,19 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
         if !seen.insert(shim.name.clone()) {
             return Err(err(&f("name"), format!("{:?} is listed twice", shim.name)));
         }
-        let handler = install.handler(&shim.name);
-        if !is_dns_label(&handler) {
+        let handler = install.handler_of(shim);
+        if !shim.handler.is_empty() {
+            if !is_dns_label(&shim.handler) {
+                return Err(err(&f("handler"), format!("{:?} is not a handler name: use a DNS label (lowercase letters, digits and '-', at most 63 characters)", shim.handler)));
+            }
+            if shims::lookup(&shim.name).is_some() {
+                return Err(err(&f("handler"), format!("built-in shim {:?} always registers handler {:?}; leave handler empty, or define a custom runtime with its own name", shim.name, install.handler(&shim.name))));
+            }
+        } else if !is_dns_label(&handler) {
             return Err(err(&f("name"), format!("handler {handler:?} would exceed 63 characters; shorten the shim name or the suffix")));
+        }
+        if !handlers.insert(handler.clone()) {
+            return Err(err(&f("handler"), format!("handler {handler:?} is registered by another shim of this configuration; every shim needs its own handler")));
         }
         let base = shim.base();
         let Some(info) = shims::lookup(base) else {
@@ -497,14 +513,23 @@ impl Install {
         }
     }
 
-    /// The CRI handler / RuntimeClass handler of a shim.
+    /// The derived CRI handler / RuntimeClass handler of a shim name: `kata-<name>[-<suffix>]`.
     pub fn handler(&self, shim: &str) -> String {
         self.suffixed(&format!("kata-{shim}"))
     }
 
-    /// containerd runtime_type for a shim.
-    pub fn runtime_type(&self, shim: &str) -> String {
-        format!("io.containerd.{}.v2", self.handler(shim))
+    /// The CRI handler a configured shim registers: its own `handler`, else the derived one.
+    pub fn handler_of(&self, shim: &ShimConfig) -> String {
+        if shim.handler.is_empty() {
+            self.handler(&shim.name)
+        } else {
+            shim.handler.clone()
+        }
+    }
+
+    /// containerd runtime_type for a configured shim.
+    pub fn runtime_type(&self, shim: &ShimConfig) -> String {
+        format!("io.containerd.{}.v2", self.handler_of(shim))
     }
 
     /// Host path of the shim binary (go runtime or runtime-rs).
@@ -717,11 +742,49 @@ mod tests {
     }
 
     #[test]
+    fn a_custom_runtime_keeps_its_own_handler_even_with_a_suffix() {
+        // Was impossible: the handler was always kata-<name>-<suffix> (seed 004's example handler
+        // was refused once a suffix was set).
+        let v = parse(
+            "multiInstallSuffix: cicd\nshims: [{name: qemu}, {name: gpu-custom, baseConfig: qemu-nvidia-gpu, handler: my-gpu}]\n",
+        )
+        .unwrap();
+        let i = v.install();
+        let h: Vec<String> = v.cfg.shims.iter().map(|s| i.handler_of(s)).collect();
+        assert_eq!(h, ["kata-qemu-cicd", "my-gpu"]);
+        assert_eq!(i.runtime_type(&v.cfg.shims[1]), "io.containerd.my-gpu.v2");
+        for (bad, field, why) in [
+            (
+                "[{name: qemu, handler: my-qemu}]",
+                "shims[0].handler",
+                "built-in shim",
+            ),
+            (
+                "[{name: c, baseConfig: qemu, handler: My_GPU}]",
+                "shims[0].handler",
+                "DNS label",
+            ),
+            (
+                "[{name: qemu}, {name: c, baseConfig: qemu, handler: kata-qemu}]",
+                "shims[1].handler",
+                "another shim",
+            ),
+        ] {
+            let e = parse(&format!("shims: {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn install_names_are_suffixed() {
         let i = Install::new("cicd", "/opt/kata/");
         assert_eq!(i.prefix, PathBuf::from("/opt/kata-cicd"));
         assert_eq!(i.handler("qemu"), "kata-qemu-cicd");
-        assert_eq!(i.runtime_type("qemu"), "io.containerd.kata-qemu-cicd.v2");
+        let v = parse("multiInstallSuffix: cicd\nshims: [{name: qemu}]\n").unwrap();
+        assert_eq!(
+            i.runtime_type(&v.cfg.shims[0]),
+            "io.containerd.kata-qemu-cicd.v2"
+        );
         assert_eq!(i.state_dir(), PathBuf::from("/var/lib/kata-deploy-cicd"));
         assert_eq!(
             i.claimed_label(),

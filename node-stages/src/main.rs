@@ -170,8 +170,7 @@ fn run(cli: &Cli) -> Result<(), StageError> {
             let l = NodeLabeler::connect(&facts).await?;
             let i = cfg.install();
             if install {
-                let handlers: Vec<String> =
-                    cfg.cfg.shims.iter().map(|s| i.handler(&s.name)).collect();
+                let handlers: Vec<String> = cfg.cfg.shims.iter().map(|s| i.handler_of(s)).collect();
                 l.label_installed(
                     &i,
                     &handlers,

@@ -388,7 +388,7 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
                 .cfg
                 .shims
                 .iter()
-                .map(|s| install.handler(&s.name))
+                .map(|s| install.handler_of(s))
                 .collect();
             let missing: Vec<&String> = expected.iter().filter(|x| !h.contains(x)).collect();
             lines.push(format!(

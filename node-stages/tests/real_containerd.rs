@@ -96,7 +96,8 @@ fn node(version: &str) -> NodeFacts {
     }
 }
 
-const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  - name: my-gpu\n    baseConfig: qemu-nvidia-gpu\n    dropIn: |\n      [hypervisor.qemu]\n      default_memory = 4096\n";
+/// Two custom runtimes: one with the derived handler (kata-my-gpu), one with its own handler.
+const SHIMS: &str = "runtimeReadyTimeoutSeconds: 30\nshims:\n  - name: qemu\n  - name: my-gpu\n    baseConfig: qemu-nvidia-gpu\n    dropIn: |\n      [hypervisor.qemu]\n      default_memory = 4096\n  - name: cpu-two\n    baseConfig: qemu\n    handler: team-sandbox\n";
 
 #[test]
 fn real_containerd_loads_our_handlers_converges_and_reverts() {
@@ -114,7 +115,7 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
     served.sort();
     assert_eq!(
         served,
-        ["kata-my-gpu", "kata-qemu", "runc"],
+        ["kata-my-gpu", "kata-qemu", "runc", "team-sandbox"],
         "running containerd must serve our handlers"
     );
     assert!(rt.cri_ok());
@@ -123,7 +124,7 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
         kata_deploy_stage::cri_client::query_status(&rt.sock, Duration::from_secs(5)).unwrap();
     assert_eq!(
         report.handlers(),
-        ["kata-my-gpu", "kata-qemu", "runc"],
+        ["kata-my-gpu", "kata-qemu", "runc", "team-sandbox"],
         "{report:?}"
     );
     assert!(
@@ -159,6 +160,16 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
             .get(0)
             .and_then(|v| v.as_str()),
         Some("io.katacontainers.*")
+    );
+    assert_eq!(
+        runtimes["team-sandbox"]["runtime_type"].as_str(),
+        Some("io.containerd.team-sandbox.v2")
+    );
+    assert_eq!(
+        runtimes["team-sandbox"]["options"]["ConfigPath"].as_str(),
+        Some(
+            "/opt/kata/share/defaults/kata-containers/runtimes/cpu-two/configuration-cpu-two.toml"
+        )
     );
     assert!(runtimes.get("runc").is_some());
 

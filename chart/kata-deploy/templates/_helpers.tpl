@@ -287,14 +287,17 @@ before the host is touched).
 {{- end -}}
 
 {{/*
-The stage's name of a custom runtime: the stage registers handler kata-<name>[-<suffix>], so the
-name is the handler without "kata-" and without "-<suffix>" (validate.yaml checks the form).
+The stage's name of a custom runtime (the host paths of its configuration). A handler of the
+derived form kata-<name>[-<suffix>] gives <name> (what earlier versions of this chart used, so
+upgrades keep their paths); any other handler (the user's own, as upstream accepts) gives the
+runtime's key in customRuntimes.runtimes.
 */}}
 {{- define "kata-deploy.customStageName" -}}
 {{- $h := include "kata-deploy.customHandler" . -}}
+{{- $suffix := .root.Values.env.multiInstallSuffix | default "" | toString -}}
 {{- $n := trimPrefix "kata-" $h -}}
-{{- with .root.Values.env.multiInstallSuffix -}}{{- $n = trimSuffix (printf "-%s" .) $n -}}{{- end -}}
-{{- $n -}}
+{{- if $suffix -}}{{- $n = trimSuffix (printf "-%s" $suffix) $n -}}{{- end -}}
+{{- if eq (include "kata-deploy.handler" (dict "root" .root "name" $n)) $h -}}{{- $n -}}{{- else -}}{{- .name -}}{{- end -}}
 {{- end -}}
 
 {{/* Pod overhead of each built-in shim. */}}
@@ -366,10 +369,13 @@ true
 {{- end -}}
 {{- end -}}
 
-{{/* The stage configuration entry of one shim or custom runtime. Params: dict "name" "base" "cfg" "arches". */}}
+{{/* The stage configuration entry of one shim or custom runtime. Params: dict "name" "base" "cfg" "arches" "handler" (custom runtimes only). */}}
 {{- define "kata-deploy.stageShimEntry" -}}
 {{- $cfg := .cfg | default dict }}
 - name: {{ .name | toJson }}
+  {{- with .handler }}
+  handler: {{ . | toJson }}
+  {{- end }}
   baseConfig: {{ .base | toJson }}
   supportedArches: {{ .arches | default list | toJson }}
   dropIn: {{ $cfg.dropIn | default "" | toJson }}
@@ -420,7 +426,11 @@ shims:
 {{- range $name := $customs }}
 {{- $cfg := index $.Values.customRuntimes.runtimes $name | default dict }}
 {{- $baseCfg := index $.Values.shims (toString $cfg.baseConfig) | default dict }}
-{{- include "kata-deploy.stageShimEntry" (dict "name" (include "kata-deploy.customStageName" (dict "root" $ "name" $name)) "base" $cfg.baseConfig "cfg" $cfg "arches" ($cfg.supportedArches | default $baseCfg.supportedArches)) }}
+{{- $stageName := include "kata-deploy.customStageName" (dict "root" $ "name" $name) }}
+{{- $handler := include "kata-deploy.customHandler" (dict "root" $ "name" $name) }}
+{{- /* The handler is passed only when it is not the derived one: the configuration (and its hash) of earlier installs stays the same. */}}
+{{- $own := ternary "" $handler (eq $handler (include "kata-deploy.handler" (dict "root" $ "name" $stageName))) }}
+{{- include "kata-deploy.stageShimEntry" (dict "name" $stageName "handler" $own "base" $cfg.baseConfig "cfg" $cfg "arches" ($cfg.supportedArches | default $baseCfg.supportedArches)) }}
 {{- end }}
 {{- else }}
 shims: []

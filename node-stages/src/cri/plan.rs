@@ -31,8 +31,8 @@ pub fn kata_containerd(
             .shims
             .iter()
             .map(|s| KataHandler {
-                name: install.handler(&s.name),
-                runtime_type: install.runtime_type(&s.name),
+                name: install.handler_of(s),
+                runtime_type: install.runtime_type(s),
                 runtime_path: install.shim_binary(s).display().to_string(),
                 config_path: install.shim_config_path(&s.name).display().to_string(),
                 snapshotter: (s.containerd_snapshotter == "nydus").then(|| snapshotter.clone()),
@@ -207,7 +207,7 @@ pub fn plan(
                 .shims
                 .iter()
                 .map(|s| CrioHandler {
-                    name: install.handler(&s.name),
+                    name: install.handler_of(s),
                     runtime_path: install.shim_binary(s).display().to_string(),
                     config_path: install.shim_config_path(&s.name).display().to_string(),
                     guest_pull: s.crio_pull_type == "guest-pull",
