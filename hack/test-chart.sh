@@ -160,7 +160,7 @@ def t_default():
     check("default: no DaemonSet/Deployment (job mode only)", not any(k in ("DaemonSet", "Deployment") for k in kinds), kinds)
     check("default: one RuntimeClass per enabled built-in shim (upstream's list; remote off)",
           sorted(rcs(objs)) == sorted(f"kata-{s}" for s in DEFAULT_ON), sorted(rcs(objs)))
-    check("default: ValidatingAdmissionPolicy rendered on Kubernetes >= 1.30", len(find(objs, "ValidatingAdmissionPolicy")) == 1)
+    check("default: both ValidatingAdmissionPolicies (per-node token, dispatcher record) rendered on Kubernetes >= 1.30", len(find(objs, "ValidatingAdmissionPolicy")) == 2)
 
     # Hooks: exactly the two dispatcher Jobs; everything the cleanup needs is a regular resource.
     hooks = [o for o in objs if "helm.sh/hook" in o["metadata"].get("annotations", {})]
@@ -598,8 +598,16 @@ guarded("nfd", t_nfd)
 # --------------------------------------------------------------------- ValidatingAdmissionPolicy
 def t_vap():
     objs = render()
-    vap = one(objs, "ValidatingAdmissionPolicy")
-    b = one(objs, "ValidatingAdmissionPolicyBinding")
+    vap = one(objs, "ValidatingAdmissionPolicy", "kata-system-kata-deploy-node-scope")
+    b = one(objs, "ValidatingAdmissionPolicyBinding", "kata-system-kata-deploy-node-scope")
+    dvap = one(objs, "ValidatingAdmissionPolicy", "kata-system-kata-deploy-record-scope")
+    db = one(objs, "ValidatingAdmissionPolicyBinding", "kata-system-kata-deploy-record-scope")
+    dtext = json.dumps(dvap["spec"])
+    check("dispatcher VAP: the dispatcher's ServiceAccount, node UPDATEs, denied unless only its own install record changes",
+          "system:serviceaccount:kata-system:kata-deploy-dispatcher" in dtext and dvap["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["nodes"]
+          and "katacontainers.io/installed-by-kata-deploy-install" in dtext and "object.spec == oldObject.spec" in dtext
+          and dvap["spec"]["failurePolicy"] == "Fail" and db["spec"]["policyName"] == dvap["metadata"]["name"]
+          and db["spec"]["validationActions"] == ["Deny"], dvap["spec"])
     err = render_err(extra=["--kube-version", "1.29.9"])
     check("Kubernetes < 1.30: refused (the policy cannot confine the token), naming the opt-out",
           "cannot confine the per-node Jobs' token" in err and "nodeScopePolicy.enabled=false" in err, err)

@@ -328,6 +328,71 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         .patch(&sim[0], &PatchParams::default(), &Patch::Merge(remove))
         .await?;
 
+    // --- the dispatcher's token may change only this release's install record on a Node ---
+    let record = "katacontainers.io/installed-by-kata-deploy-install";
+    for n in local.iter() {
+        let a = nodes.get(n).await?.metadata.annotations.unwrap_or_default();
+        assert!(
+            a.get(record).is_some_and(|h| !h.is_empty()),
+            "{n}: the dispatcher's record passed the admission policy: {a:?}"
+        );
+    }
+    let dispatcher_sa = "kata-deploy-dispatcher";
+    let probe: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "dispatcher-probe"},
+        "spec": {"nodeName": sim[0], "serviceAccountName": dispatcher_sa, "restartPolicy": "Never",
+                 "containers": [{"name": "c", "image": "probe"}]}}))?;
+    let probe = pods.create(&PostParams::default(), &probe).await?;
+    let token = request_pod_token(
+        &cluster.client,
+        &ns,
+        dispatcher_sa,
+        "dispatcher-probe",
+        probe.metadata.uid.as_deref().unwrap_or_default(),
+        None,
+        600,
+    )
+    .await?;
+    let kc = cluster.token_kubeconfig(&token, &format!("dprobe-{ns}"), None)?;
+    let as_dispatcher = Api::<Node>::all(client_from_kubeconfig(&kc).await?);
+    let annotate =
+        |k: &str, v: Option<&str>| serde_json::json!({"metadata": {"annotations": {k: v}}});
+    let set = as_dispatcher
+        .patch(
+            &sim[1],
+            &PatchParams::default(),
+            &Patch::Merge(annotate(record, Some("h"))),
+        )
+        .await;
+    assert!(set.is_ok(), "its own record: {set:?}");
+    let unset = as_dispatcher
+        .patch(
+            &sim[1],
+            &PatchParams::default(),
+            &Patch::Merge(annotate(record, None)),
+        )
+        .await;
+    assert!(unset.is_ok(), "removing its own record: {unset:?}");
+    for (what, patch) in [
+        ("a label", label(KATA_LABEL)),
+        (
+            "another annotation",
+            annotate("katacontainers.io/installed-by-other-install", Some("h")),
+        ),
+        (
+            "the spec",
+            serde_json::json!({"spec": {"unschedulable": true}}),
+        ),
+    ] {
+        let r = as_dispatcher
+            .patch(&sim[1], &PatchParams::default(), &Patch::Merge(patch))
+            .await;
+        assert!(
+            matches!(&r, Err(kube::Error::Api(s)) if (s.code == 403 || s.code == 422) && s.message.contains(record)),
+            "the dispatcher must not change {what}: {r:?}"
+        );
+    }
+
     // --- upgrade after adding a node: only the new node does real work ---
     let before: Vec<_> = local
         .iter()
