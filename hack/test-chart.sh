@@ -162,10 +162,10 @@ def t_default():
           sorted(rcs(objs)) == sorted(f"kata-{s}" for s in DEFAULT_ON), sorted(rcs(objs)))
     check("default: both ValidatingAdmissionPolicies (per-node token, dispatcher record) rendered on Kubernetes >= 1.30", len(find(objs, "ValidatingAdmissionPolicy")) == 2)
 
-    # Hooks: exactly the two dispatcher Jobs; everything the cleanup needs is a regular resource.
+    # Hooks: exactly the three dispatcher Jobs; everything the cleanup needs is a regular resource.
     hooks = [o for o in objs if "helm.sh/hook" in o["metadata"].get("annotations", {})]
-    check("default: only the two dispatcher Jobs are hooks", sorted((o["kind"], o["metadata"]["name"]) for o in hooks)
-          == [("Job", "kata-deploy-dispatch-cleanup"), ("Job", "kata-deploy-dispatch-install")], hooks)
+    check("default: only the three dispatcher Jobs (install, retire, cleanup) are hooks", sorted((o["kind"], o["metadata"]["name"]) for o in hooks)
+          == [("Job", "kata-deploy-dispatch-cleanup"), ("Job", "kata-deploy-dispatch-install"), ("Job", "kata-deploy-dispatch-retire")], hooks)
     for kind in ["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ConfigMap"]:
         check(f"default: {kind}s exist and are regular resources (alive during pre-delete)",
               find(objs, kind) and all("helm.sh/hook" not in o["metadata"].get("annotations", {}) for o in find(objs, kind)))
@@ -417,6 +417,39 @@ def t_selectors():
         {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["kata"]}]}]}}}}}), "cleanup"))
     check("upstream job.cleanup.nodeAffinity compiled into the cleanup selector", flag_values(a, "--selector") == ["pool in (kata)"], a)
 guarded("selectors", t_selectors)
+
+
+# ------------------------------------------------------------------------------ retire on upgrade
+def t_retire():
+    objs = render()
+    r = dispatcher(objs, "retire")
+    a = args_of(r)
+    inst = args_of(dispatcher(objs, "install"))
+    ann = r["metadata"]["annotations"]
+    check("retire: a post-upgrade hook after the install dispatcher (weight 1 > 0), removed when it succeeded",
+          ann["helm.sh/hook"] == "post-upgrade" and ann["helm.sh/hook-weight"] == "1"
+          and dispatcher(objs, "install")["metadata"]["annotations"]["helm.sh/hook-weight"] == "0"
+          and ann["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded", ann)
+    check("retire: the cleanup template on this install's claimed nodes, minus the install selection, tainted or not, forgetting the install record",
+          flag_values(a, "--template") == ["/etc/kata-deploy-dispatcher/cleanup-job.yaml"]
+          and flag_values(a, "--selector") == ["katacontainers.io/kata-deploy-claimed"]
+          and flag_values(a, "--except-selector") == flag_values(inst, "--selector")
+          and flag_values(a, "--forget-record") == flag_values(inst, "--name-prefix")
+          and "--ignore-taints" in a and "--require-nodes" not in a and "--skip-installed" not in a, a)
+    a = args_of(dispatcher(render({"env": {"multiInstallSuffix": "blue"}, "job": {"nodeSelector": {"pool": "kata"}}}), "retire"))
+    check("retire: a suffixed install retires only its own claimed nodes",
+          flag_values(a, "--selector") == ["katacontainers.io/kata-deploy-claimed-blue"]
+          and flag_values(a, "--except-selector") == ["pool=kata,!node-role.kubernetes.io/control-plane"], a)
+    a = args_of(dispatcher(render({"job": {"nodes": ["w1", "w2"]}}), "retire"))
+    check("retire: named nodes are the exception", flag_values(a, "--except-nodes") == ["w1,w2"]
+          and not flag_values(a, "--except-selector"), a)
+    objs = render({"job": {"nodeSelectorExpressions": []}})
+    check("retire: not rendered when the install selects every node (nothing can fall out)",
+          not [o for o in find(objs, "Job") if o["metadata"]["labels"].get("katacontainers.io/dispatcher-role") == "retire"])
+    a = args_of(dispatcher(render(), "cleanup"))
+    check("cleanup: removes the install and a failed retire dispatcher once every node is clean",
+          flag_values(a, "--remove-on-success") == ["kata-deploy-dispatch-install,kata-deploy-dispatch-retire"], a)
+guarded("retire", t_retire)
 
 # ------------------------------------------------------------------- suffix, shims, stage knobs
 def t_values():
@@ -670,7 +703,7 @@ def t_size():
     key = lambda objs: sorted((o["kind"], o["metadata"]["name"]) for o in objs)
     check("release size: 1 vs 5,000 nodes render the same number of objects", len(a) == len(b), (len(a), len(b)))
     check("release size: ... and the same objects", key(a) == key(b))
-    check("release size: no per-node Job rendered (only the 2 dispatcher Jobs)", len(find(b, "Job")) == 2)
+    check("release size: no per-node Job rendered (only the 3 dispatcher Jobs)", len(find(b, "Job")) == 3)
     check("release size: the 5,000 names reach the dispatcher as one --nodes argument",
           flag_values(args_of(dispatcher(b, "install")), "--nodes") == [",".join(many)])
     check("release size: job templates ConfigMap identical for 1 and 5,000 nodes", templates(a)[2]["data"] == templates(b)[2]["data"])

@@ -39,6 +39,25 @@ pub struct Args {
     #[arg(long = "selector", env = "DISPATCHER_SELECTORS", value_delimiter = ';')]
     pub selectors: Vec<String>,
 
+    /// Leave out nodes matching this label selector even when selected; repeat it for a union
+    /// (the retire run of an upgrade passes the install selection here).
+    #[arg(
+        long = "except-selector",
+        env = "DISPATCHER_EXCEPT_SELECTORS",
+        value_delimiter = ';'
+    )]
+    pub except_selectors: Vec<String>,
+
+    /// Leave out these nodes (comma-separated) even when selected.
+    #[arg(long, env = "DISPATCHER_EXCEPT_NODES", value_delimiter = ',')]
+    pub except_nodes: Vec<String>,
+
+    /// On each success, remove the install record (annotation katacontainers.io/installed-by-<this
+    /// prefix>) from the Node, so a later install of that prefix runs there again (the cleanup and
+    /// retire runs pass the install dispatcher's prefix).
+    #[arg(long, env = "DISPATCHER_FORGET_RECORD")]
+    pub forget_record: Option<String>,
+
     /// Name of the Job running this dispatcher: per-node Jobs get an ownerReference to it and
     /// are garbage-collected with it.
     #[arg(long, env = "DISPATCHER_OWNER_JOB")]

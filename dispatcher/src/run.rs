@@ -11,7 +11,7 @@ use crate::lifecycle::{
 };
 use crate::naming::{validate_prefix, NamingError};
 use crate::report;
-use crate::select::{NodeSelection, SelectorError};
+use crate::select::{NodeSelection, SelectorError, Targets};
 use crate::status::job_phase;
 use crate::template::{self, JobTemplate, NodeFacts, RunIdentity, TemplateError};
 use futures::future::BoxFuture;
@@ -127,7 +127,7 @@ fn node_ready(node: &Node) -> bool {
 
 /// Everything the shell needs to turn API objects into lifecycle inputs.
 struct Translate {
-    selection: NodeSelection,
+    selection: Targets,
     admission: Admission,
     installed_key: String,
     run_id: String,
@@ -286,7 +286,7 @@ pub fn rights(args: &Args, namespace: &str) -> Vec<Right> {
             namespace: Some(NODE_EVENTS_NAMESPACE.into()),
         });
     }
-    if args.skip_installed || args.supersede_prefix.is_some() {
+    if args.skip_installed || args.supersede_prefix.is_some() || args.forget_record.is_some() {
         r.push(Right {
             verb: "patch",
             group: "",
@@ -395,7 +395,10 @@ impl Shell {
 
     fn translate_job_fn(&self) -> Translate {
         Translate {
-            selection: NodeSelection::All,
+            selection: Targets {
+                selection: NodeSelection::All,
+                except: None,
+            },
             admission: Admission::default(),
             installed_key: String::new(),
             run_id: self.run.run_id.clone(),
@@ -563,7 +566,12 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
                 problem,
             }
         })?;
-    let selection = NodeSelection::from_inputs(&args.nodes, &args.selectors)?;
+    let selection = Targets::from_inputs(
+        &args.nodes,
+        &args.selectors,
+        &args.except_nodes,
+        &args.except_selectors,
+    )?;
     let namespace = resolve_namespace(args.namespace.as_deref())?;
     let api = ClusterApi::new(client, &namespace);
     if !args.dry_run {
@@ -606,7 +614,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         }
     }
 
-    let named = match &selection {
+    let named = match &selection.selection {
         NodeSelection::Names(n) => Some(n.clone()),
         _ => None,
     };
@@ -635,7 +643,11 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         record_key: args
             .skip_installed
             .then(|| installed_annotation(&args.name_prefix)),
-        forget_key: args.supersede_prefix.as_deref().map(installed_annotation),
+        forget_key: args
+            .forget_record
+            .as_deref()
+            .or(args.supersede_prefix.as_deref())
+            .map(installed_annotation),
         report_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(16)),
     };
 
@@ -908,7 +920,7 @@ mod tests {
     fn translate() -> Translate {
         let tpl = json!({"spec": {"template": {"spec": {"tolerations": [{"key": "kwok", "operator": "Exists"}]}}}});
         Translate {
-            selection: NodeSelection::from_inputs(&[], &["zone=a".into()]).unwrap(),
+            selection: Targets::from_inputs(&[], &["zone=a".into()], &[], &[]).unwrap(),
             admission: Admission::from_template(&tpl, false).unwrap(),
             installed_key: installed_annotation("kd"),
             run_id: "run-1".into(),
@@ -1012,6 +1024,12 @@ mod tests {
         );
         let args = Args::try_parse_from(["d", "--template", "t", "--skip-installed"]).unwrap();
         assert!(have(&rights(&args, "ns"), "patch", "nodes"));
+        let args = Args::try_parse_from(["d", "--template", "t", "--forget-record", "kd-install"])
+            .unwrap();
+        assert!(
+            have(&rights(&args, "ns"), "patch", "nodes"),
+            "the retire run removes the install record"
+        );
     }
 
     #[test]

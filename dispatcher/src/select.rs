@@ -115,6 +115,56 @@ impl fmt::Display for NodeSelection {
     }
 }
 
+/// What a run targets: a selection, minus the nodes of an exception (the retire run of an
+/// upgrade: nodes this install claimed that the install selection no longer covers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// Nodes considered.
+    pub selection: NodeSelection,
+    /// Nodes left out even when selected (`None`: no exception).
+    pub except: Option<NodeSelection>,
+}
+
+impl Targets {
+    /// Builds the targets from the command line; no exception when both exception inputs are
+    /// empty (an empty exception must not mean "every node").
+    pub fn from_inputs(
+        names: &[String],
+        selectors: &[String],
+        except_names: &[String],
+        except_selectors: &[String],
+    ) -> Result<Self, SelectorError> {
+        let given = |v: &[String]| v.iter().any(|s| !s.trim().is_empty());
+        let except = if given(except_names) || given(except_selectors) {
+            Some(NodeSelection::from_inputs(except_names, except_selectors)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            selection: NodeSelection::from_inputs(names, selectors)?,
+            except,
+        })
+    }
+
+    /// Whether a node with this name and these labels is targeted.
+    pub fn matches(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.selection.matches(name, labels)
+            && !self
+                .except
+                .as_ref()
+                .is_some_and(|e| e.matches(name, labels))
+    }
+}
+
+impl fmt::Display for Targets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.except {
+            None => write!(f, "{}", self.selection),
+            Some(e) => write!(f, "{}, except {}", self.selection, e),
+        }
+    }
+}
+
 impl LabelSelector {
     /// Parses one AND-group.
     pub fn parse(input: &str) -> Result<Self, SelectorError> {
@@ -332,6 +382,40 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn an_exception_removes_nodes_and_an_empty_one_removes_none() {
+        let claimed = "katacontainers.io/kata-deploy-claimed";
+        let t = Targets::from_inputs(
+            &[],
+            &[claimed.into()],
+            &[],
+            &["pool=a".into(), "pool=b,gpu".into()],
+        )
+        .unwrap();
+        assert!(t.matches("n1", &labels(&[(claimed, "true"), ("pool", "c")])));
+        assert!(!t.matches("n2", &labels(&[(claimed, "true"), ("pool", "a")])));
+        assert!(t.matches("n3", &labels(&[(claimed, "true"), ("pool", "b")])));
+        assert!(!t.matches(
+            "n4",
+            &labels(&[(claimed, "true"), ("pool", "b"), ("gpu", "")])
+        ));
+        assert!(!t.matches("n5", &labels(&[("pool", "c")])), "not claimed");
+        assert_eq!(
+            t.to_string(),
+            format!("nodes matching ({claimed}), except nodes matching (pool=a) OR (pool=b,gpu)")
+        );
+        // Named nodes as the exception (an install of job.nodes).
+        let t = Targets::from_inputs(&[], &[claimed.into()], &["w1,w2".into()], &[]).unwrap();
+        assert!(!t.matches("w1", &labels(&[(claimed, "true")])));
+        assert!(t.matches("w3", &labels(&[(claimed, "true")])));
+        // No exception inputs: nothing is excepted (an empty selection would mean every node).
+        let t = Targets::from_inputs(&[], &[claimed.into()], &[], &["".into()]).unwrap();
+        assert_eq!(t.except, None);
+        assert!(t.matches("w1", &labels(&[(claimed, "true")])));
+        let e = Targets::from_inputs(&[], &[], &[], &["a in (x".into()]).unwrap_err();
+        assert!(e.to_string().contains("a in (x"), "{e}");
     }
 
     #[test]

@@ -420,6 +420,64 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         );
     }
 
+    // --- upgrade that narrows the selection: the node that falls out is cleaned (retire) ---
+    let retire_label = serde_json::json!({"metadata": {"labels": {"kata-test/retire": "yes"}}});
+    nodes
+        .patch(
+            &local[1],
+            &PatchParams::default(),
+            &Patch::Merge(retire_label),
+        )
+        .await?;
+    let kept_before = mtimes(&hosts.join(&local[0]))?;
+    let mut args = vec![
+        "upgrade",
+        "kata-deploy",
+        chart,
+        "--reuse-values",
+        "--set",
+        "job.nodeSelectorExpressions[0].key=kata-test/retire",
+        "--set",
+        "job.nodeSelectorExpressions[0].operator=DoesNotExist",
+    ];
+    args.extend(common);
+    let (ok, out) = cluster.run_helm(&args).await?;
+    assert!(ok, "helm upgrade (narrowed selection) failed: {out}");
+    assert_eq!(
+        &snapshot(&hosts.join(&local[1]))?,
+        &original[1],
+        "{}: the node left out of the selection is restored byte for byte",
+        local[1]
+    );
+    let retired = nodes.get(&local[1]).await?;
+    let l = labels_of(&retired);
+    assert!(
+        !l.keys().any(|k| k.starts_with("katacontainers.io/")),
+        "{}: kata labels removed: {l:?}",
+        local[1]
+    );
+    assert!(
+        !retired
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(record),
+        "{}: install record removed, so selecting it again installs it again",
+        local[1]
+    );
+    assert_eq!(
+        mtimes(&hosts.join(&local[0]))?,
+        kept_before,
+        "{}: still selected, untouched",
+        local[0]
+    );
+    assert_eq!(
+        labels_of(&nodes.get(&local[0]).await?)
+            .get(KATA_LABEL)
+            .map(String::as_str),
+        Some("true")
+    );
+
     // --- uninstall: every host back to its original bytes, labels, Jobs and RBAC gone ---
     let (ok, out) = cluster
         .run_helm(&[

@@ -1302,6 +1302,103 @@ async fn results_are_events_on_the_node_and_an_unchanged_upgrade_creates_no_job(
     Ok(())
 }
 
+/// The retire run of an upgrade: the cleanup template on the nodes the install selection no longer
+/// covers, and only there; each retired node loses its install record, so selecting it again
+/// later installs it again instead of reporting "already installed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retire_runs_only_on_nodes_left_out_of_the_selection_and_forgets_their_record() -> Result<()>
+{
+    let c = case("retire", 3, EnvOptions::default()).await?;
+    let record = "katacontainers.io/installed-by-kata-deploy";
+    let out = c
+        .env
+        .run(&[
+            "--selector",
+            &c.selector,
+            "--skip-installed",
+            "--run-id",
+            "install",
+        ])
+        .await?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let nodes: Api<Node> = Api::all(c.cluster.client.clone());
+    let recorded = |n: Node| {
+        n.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(record)
+    };
+    for n in &c.nodes {
+        assert!(recorded(nodes.get(n).await?), "{n}: install recorded");
+    }
+    // The user narrows the install to the nodes not labelled pool=gone; nodes[0] falls out.
+    let pool = serde_json::json!({"metadata": {"labels": {"kata-test/pool": "gone"}}});
+    nodes
+        .patch(&c.nodes[0], &PatchParams::default(), &Patch::Merge(pool))
+        .await?;
+    let install_selection = format!("{},kata-test/pool!=gone", c.selector);
+    let out = c
+        .env
+        .run(&[
+            "--name-prefix",
+            "kd-retire",
+            "--selector",
+            &c.selector,
+            "--except-selector",
+            &install_selection,
+            "--ignore-taints",
+            "--forget-record",
+            "kata-deploy",
+            "--run-id",
+            "retire",
+        ])
+        .await?;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("1 nodes: 1 succeeded"), "{t}");
+    let jobs: Api<Job> = Api::namespaced(c.cluster.client.clone(), &c.env.namespace);
+    let retired: Vec<String> = jobs
+        .list(&ListParams::default().labels("katacontainers.io/dispatcher=kd-retire"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|j| j.spec?.template.spec?.node_name)
+        .collect();
+    assert_eq!(
+        retired,
+        [c.nodes[0].clone()],
+        "one Job, on the retired node only"
+    );
+    assert!(
+        !recorded(nodes.get(&c.nodes[0]).await?),
+        "the retired node's install record is removed"
+    );
+    for n in &c.nodes[1..] {
+        assert!(
+            recorded(nodes.get(n).await?),
+            "{n}: still installed, record kept"
+        );
+    }
+    // Selected again: installed again (no stale "already installed").
+    let out = c
+        .env
+        .run(&[
+            "--selector",
+            &c.selector,
+            "--skip-installed",
+            "--run-id",
+            "again",
+        ])
+        .await?;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("1 succeeded") && t.contains("2 already installed"),
+        "{t}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> Result<()> {
     // Was: `helm uninstall` during a long install let install and cleanup Jobs interleave on

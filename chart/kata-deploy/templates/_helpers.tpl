@@ -63,6 +63,7 @@ releases in one namespace never share a prefix.
 {{- define "kata-deploy.cleanupPrefix" -}}{{ include "kata-deploy.base" . }}-cleanup{{- end -}}
 {{/* The dispatcher Jobs: not of the form <prefix>-<node>, so they never collide with a per-node Job. */}}
 {{- define "kata-deploy.installDispatcherName" -}}{{ include "kata-deploy.base" . }}-dispatch-install{{- end -}}
+{{- define "kata-deploy.retireDispatcherName" -}}{{ include "kata-deploy.base" . }}-dispatch-retire{{- end -}}
 {{- define "kata-deploy.cleanupDispatcherName" -}}{{ include "kata-deploy.base" . }}-dispatch-cleanup{{- end -}}
 {{- define "kata-deploy.dispatcherServiceAccount" -}}{{ include "kata-deploy.base" . }}-dispatcher{{- end -}}
 {{- define "kata-deploy.nodeServiceAccount" -}}{{ include "kata-deploy.base" . }}-node{{- end -}}
@@ -575,7 +576,8 @@ privileged (host root read-write, privileged: restarts the CRI).
 
 {{/*
 A dispatcher hook Job. Params: dict "root" "name" "prefix" "template" "hook" "deletePolicy"
-"nodes" (list) "selectors" (list of strings) "role" (install|cleanup).
+"nodes" (list) "selectors" (list of strings) "role" (install|cleanup|retire), and for retire
+"exceptNodes" (list) / "exceptSelectors" (list of strings): the install selection to leave out.
 */}}
 {{- define "kata-deploy.dispatcherJob" -}}
 {{- $r := .root -}}{{- $v := $r.Values -}}
@@ -589,7 +591,7 @@ metadata:
     katacontainers.io/dispatcher-role: {{ .role }}
   annotations:
     "helm.sh/hook": {{ .hook }}
-    "helm.sh/hook-weight": "0"
+    "helm.sh/hook-weight": {{ ternary "1" "0" (eq .role "retire") | quote }}
     "helm.sh/hook-delete-policy": {{ .deletePolicy }}
 spec:
   # A dead dispatcher is not retried blindly: the failure surfaces in helm; re-run helm upgrade.
@@ -677,9 +679,25 @@ spec:
             - --supersede-prefix
             - {{ include "kata-deploy.installPrefix" .root }}
             # Helm never deletes hook resources on uninstall: once every node is clean, remove the
-            # install dispatcher Job too (its per-node Jobs follow through their ownerReference).
+            # install (and a failed retire) dispatcher Job too (their per-node Jobs follow through
+            # their ownerReference).
             - --remove-on-success
-            - {{ include "kata-deploy.installDispatcherName" .root }}
+            - {{ printf "%s,%s" (include "kata-deploy.installDispatcherName" .root) (include "kata-deploy.retireDispatcherName" .root) }}
+            {{- end }}
+            {{- if eq .role "retire" }}
+            # Nodes this install claimed that the install selection no longer covers get the
+            # cleanup template (tainted or not) and lose the install record.
+            - --ignore-taints
+            - --forget-record
+            - {{ include "kata-deploy.installPrefix" .root }}
+            {{- if .exceptNodes }}
+            - --except-nodes
+            - {{ join "," .exceptNodes | quote }}
+            {{- end }}
+            {{- range .exceptSelectors }}
+            - --except-selector
+            - {{ . | quote }}
+            {{- end }}
             {{- end }}
             - --log-format
             - {{ $v.job.logFormat }}
