@@ -282,6 +282,16 @@ def t_default():
         check(f"{role} template: stage-config ConfigMap volume + hostPath / volume",
               any(v.get("configMap", {}).get("name") == "kata-deploy-stage-config" for v in pod["volumes"])
               and any(v.get("hostPath", {}).get("path") == "/" for v in pod["volumes"]), pod["volumes"])
+        # stage.hostMounts: precise (default): each host-writing stage writes only these host directories.
+        WRITES = {"artifacts": {"/host/opt/kata", "/host/var/lib/kata-deploy", "/host/run/lock", "/host/etc/systemd/system"},
+                  "cri": {"/host/etc", "/host/var/lib/kata-deploy", "/host/run/lock"}}
+        WRITES["remove-artifacts"], WRITES["revert-cri"] = WRITES["artifacts"], WRITES["cri"]
+        vols = {v["name"]: v.get("hostPath") for v in pod["volumes"] if v.get("hostPath")}
+        check(f"{role} template: the writable host directories are created when missing only where that is harmless",
+              vols["host-install"] == {"path": "/opt/kata", "type": "DirectoryOrCreate"} and vols["host-state"]["type"] == "DirectoryOrCreate"
+              and vols["host-lock"] == {"path": "/run/lock", "type": "DirectoryOrCreate"}
+              and vols["host-cri-config"] == {"path": "/etc", "type": "Directory"}
+              and vols["host-systemd-units"] == {"path": "/etc/systemd/system", "type": "Directory"}, vols)
         for c in pod["initContainers"] + pod["containers"]:
             n = c["name"]
             check(f"{role}/{n}: stage image and command line",
@@ -306,8 +316,9 @@ def t_default():
                       mounts.get("/host", {}).get("readOnly") is True and sc.get("privileged") is False
                       and sc.get("allowPrivilegeEscalation") is False, (mounts, sc))
             else:  # cri, revert-cri restart the CRI; artifacts, remove-artifacts manage the nydus unit (systemd)
-                check(f"{role}/{n}: root with host root read-write, NOT privileged, no escalation, only file capabilities",
-                      "/host" in mounts and not mounts["/host"].get("readOnly") and sc.get("privileged") is False
+                check(f"{role}/{n}: root with the host root read-only plus writable mounts of what it writes, NOT privileged, no escalation, only file capabilities",
+                      mounts.get("/host", {}).get("readOnly") is True and WRITES[n] == {p for p, m in mounts.items() if p.startswith("/host/") and not m.get("readOnly")}
+                      and sc.get("privileged") is False
                       and sc.get("allowPrivilegeEscalation") is False and sc.get("runAsUser") == 0
                       and sc["capabilities"]["drop"] == ["ALL"]
                       and set(sc["capabilities"].get("add", [])) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID"}, (mounts, sc))
@@ -499,9 +510,27 @@ def t_values():
     ctrs = {c["name"]: c for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
     for n in ("artifacts", "remove-artifacts"):
         sc = ctrs[n]["securityContext"]
-        check(f"stage.restart=none: {n} is root with host root read-write but NOT privileged",
+        check(f"stage.restart=none: {n} is root with the host root read-only and its prefix writable, NOT privileged",
               sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False and sc["capabilities"]["drop"] == ["ALL"]
-              and any(m["mountPath"] == "/host" and not m.get("readOnly") for m in ctrs[n]["volumeMounts"]), sc)
+              and any(m["mountPath"] == "/host" and m.get("readOnly") for m in ctrs[n]["volumeMounts"])
+              and any(m["mountPath"] == "/host/opt/kata-test" and not m.get("readOnly") for m in ctrs[n]["volumeMounts"]), sc)
+    check("stage.cri=k3s: the cri stages write k3s's containerd directory (must exist), nothing else of /etc or /var/lib/rancher",
+          {m["mountPath"] for m in ctrs["cri"]["volumeMounts"] if not m.get("readOnly") and m["mountPath"].startswith("/host/")}
+          == {"/host/var/lib/rancher/k3s/agent/etc/containerd", "/host/var/lib/kata-deploy", "/host/run/lock"}
+          and {"path": "/var/lib/rancher/k3s/agent/etc/containerd", "type": "Directory"} in [v.get("hostPath") for v in ij["spec"]["template"]["spec"]["volumes"]],
+          ctrs["cri"]["volumeMounts"])
+    ij2, cj2, _ = templates(render({"stage": {"cri": "containerd"}, "env": {"multiInstallSuffix": "blue"}, "shims": {"disableAll": True, "qemu": {"enabled": True}}}))
+    c2 = {c["name"]: c for j in (ij2, cj2) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
+    w = lambda n: {m["mountPath"] for m in c2[n]["volumeMounts"] if not m.get("readOnly") and m["mountPath"].startswith("/host/")}
+    check("stage.cri=containerd + suffix, no nydus shim: /etc/containerd, the suffixed prefix and state dir; no systemd unit directory",
+          w("cri") == {"/host/etc/containerd", "/host/var/lib/kata-deploy-blue", "/host/run/lock"}
+          and w("artifacts") == {"/host/opt/kata-blue", "/host/var/lib/kata-deploy-blue", "/host/run/lock"}, (w("cri"), w("artifacts")))
+    ij3, cj3, _ = templates(render({"stage": {"hostMounts": "root"}}))
+    c3 = {c["name"]: c for j in (ij3, cj3) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
+    check("stage.hostMounts=root: the host root read-write, no other host mount (uninstall leaves no empty directory)",
+          all(any(m["mountPath"] == "/host" and not m.get("readOnly") for m in c3[n]["volumeMounts"])
+              and not any(m["mountPath"].startswith("/host/") for m in c3[n]["volumeMounts"])
+              for n in ("artifacts", "cri", "revert-cri", "remove-artifacts")), c3["cri"]["volumeMounts"])
     check("stage.restart=none: cri/revert-cri are not privileged either", ctrs["cri"]["securityContext"]["privileged"] is False
           and ctrs["revert-cri"]["securityContext"]["privileged"] is False)
 

@@ -103,7 +103,7 @@ impl StageError {
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let hint = match source.raw_os_error() {
             Some(libc_erofs) if libc_erofs == rustix::io::Errno::ROFS.raw_os_error() => {
-                "The host path is read-only: mount it read-write into the stage container (hostPath without readOnly)".to_string()
+                "The host path is read-only in this container. The chart mounts writable only the directories each stage writes (stage.hostMounts: precise): if this node's CRI keeps its configuration elsewhere than stage.cri (or k8sDistribution) says, set it to this node's CRI (k3s, rke2, k0s, microk8s, crio, containerd); otherwise set stage.hostMounts: root. Standalone: mount the host root read-write".to_string()
             }
             Some(nospc) if nospc == rustix::io::Errno::NOSPC.raw_os_error() => {
                 "The host filesystem is full: free space (host-check reports what is needed) and re-run; nothing half-written was left in place".to_string()

@@ -468,6 +468,13 @@ impl HostFs {
         if !empty {
             return Ok(());
         }
+        // A directory the chart mounts into the stage's container (stage.hostMounts: precise)
+        // cannot be removed from inside it (EBUSY, or EROFS under the read-only host root): it
+        // stays, empty.
+        if is_mount_root(&h) {
+            tracing::info!(path = %p.display(), "kept, empty: it is a mount point of this container");
+            return Ok(());
+        }
         if self.dry_run {
             self.plan(format!("remove empty directory {}", p.display()));
             return Ok(());
@@ -542,9 +549,35 @@ pub fn describe_change(p: &Path, old: Option<&[u8]>, new: Option<&[u8]>) -> Stri
     }
 }
 
+/// Whether `path` is the root of a mount (statx STATX_ATTR_MOUNT_ROOT; false when the kernel
+/// cannot tell, before Linux 5.8).
+pub fn is_mount_root(path: &Path) -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    statx(
+        CWD,
+        path,
+        AtFlags::NO_AUTOMOUNT | AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::empty(),
+    )
+    .map(|r| {
+        r.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
+            && r.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+    })
+    .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_roots_are_recognised() {
+        assert!(is_mount_root(Path::new("/proc")), "/proc is a mount");
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("plain")).unwrap();
+        assert!(!is_mount_root(&d.path().join("plain")), "a plain directory");
+        assert!(!is_mount_root(&d.path().join("missing")), "a missing path");
+    }
 
     #[test]
     fn preserving_write_goes_through_links_and_keeps_mode_and_owner() {

@@ -8,8 +8,10 @@ use rustix::fs::{flock, FlockOperation};
 
 use crate::error::{Result, StageError};
 
-/// Host path of the lock file (relative to the host root).
-pub const LOCK_PATH: &str = "/run/kata-deploy.lock";
+/// Host path of the lock file (relative to the host root): the one upstream kata-deploy 4.x
+/// takes too, so our stages and an upstream install on the same node take turns. It lives in
+/// /run/lock, the one directory the chart mounts writable for it (stage.hostMounts: precise).
+pub const LOCK_PATH: &str = "/run/lock/kata-deploy.lock";
 
 /// A held host lock; released when dropped (or when the process dies).
 #[derive(Debug)]

@@ -289,7 +289,9 @@ pub fn run_revert_cri(env: &StageEnv) -> Result<StageReport> {
 pub fn run_remove_artifacts(env: &StageEnv) -> Result<StageReport> {
     let _lock = env.lock()?;
     let out = artifacts::remove_artifacts(env.fs, env.cfg, env.restarter)?;
-    if !env.fs.dry_run() && !env.fs.exists(&env.cfg.install().state_dir()) {
+    // Gone, or left empty because it is a mount point of this container (stage.hostMounts).
+    let state_dir = env.cfg.install().state_dir();
+    if !env.fs.dry_run() && env.fs.list_dir(&state_dir).is_empty() {
         env.claims.unclaim()?;
     }
     Ok(env.report(

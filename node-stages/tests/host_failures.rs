@@ -65,7 +65,8 @@ fn read_only_install_prefix_is_a_clear_error_and_changes_nothing() {
     assert!(
         msg.contains("/opt/kata")
             && msg.contains("read-only")
-            && msg.contains("mount it read-write"),
+            && msg.contains("stage.hostMounts")
+            && msg.contains("mount the host root read-write"),
         "{msg}"
     );
     let after = snapshot(host.path());

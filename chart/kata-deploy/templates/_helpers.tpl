@@ -472,6 +472,14 @@ volumes:
     hostPath:
       path: /
       type: Directory
+{{- if eq (include "kata-deploy.preciseMounts" .root) "true" }}
+{{- range $name, $w := include "kata-deploy.hostWrites" .root | fromJson }}
+  - name: {{ $name }}
+    hostPath:
+      path: {{ $w.path | quote }}
+      type: {{ $w.type }}
+{{- end }}
+{{- end }}
   # The kubelet's usual API access volume, but mounted only where it is used. The token is
   # bound to this pod (and, Kubernetes >= 1.30, names its node: see node-scope-policy.yaml).
   - name: api-access
@@ -524,12 +532,22 @@ privileged (host root read-write, privileged: restarts the CRI).
       mountPath: /var/run/secrets/kubernetes.io/serviceaccount
       readOnly: true
   {{- end }}
+  {{- $precise := and (eq .access "write") (eq (include "kata-deploy.preciseMounts" .root) "true") }}
   {{- if ne .access "none" }}
     - name: host-root
       mountPath: /host
-      {{- if eq .access "read" }}
+      {{- if or (eq .access "read") $precise }}
       readOnly: true
       {{- end }}
+  {{- end }}
+  {{- if $precise }}
+  {{- /* Writable, over the read-only host root: only what this stage writes (stage.hostMounts). */}}
+  {{- range $name, $w := include "kata-deploy.hostWrites" .root | fromJson }}
+  {{- if has $.stage $w.stages }}
+    - name: {{ $name }}
+      mountPath: {{ printf "/host%s" $w.path | quote }}
+  {{- end }}
+  {{- end }}
   {{- end }}
   securityContext:
   {{- if eq .access "none" }}
@@ -801,4 +819,56 @@ The upstream keys that are set but have no effect in this chart, with the reason
 {{/* Whether the stages reach systemd by entering PID 1 (hostPID + privileged), today's stage binary. */}}
 {{- define "kata-deploy.systemdViaPid1" -}}
 {{- include "kata-deploy.bool" (and (eq .Values.stage.restart "systemd") (ne (toString .Values.stage.systemdAccess) "dbus")) -}}
+{{- end -}}
+
+
+{{/* Whether the host-writing stages get precise host mounts (never with pid1: privileged). */}}
+{{- define "kata-deploy.preciseMounts" -}}
+{{- include "kata-deploy.bool" (and (eq (toString .Values.stage.hostMounts) "precise") (ne (include "kata-deploy.systemdViaPid1" .) "true")) -}}
+{{- end -}}
+
+{{/*
+The host directories the stages write, for stage.hostMounts: precise, as a JSON map
+volume name -> {path, type, stages}. stages: the stage containers that mount it writable.
+*/}}
+{{- define "kata-deploy.hostWrites" -}}
+{{- $v := .Values -}}
+{{- $sfx := $v.env.multiInstallSuffix | default "" | toString -}}
+{{- $suffixed := dict "s" (ternary (printf "-%s" $sfx) "" (ne $sfx "")) -}}
+{{- $prefix := printf "%s%s" (($v.env.installationPrefix | default $v.stage.installPrefix) | toString | trimSuffix "/") $suffixed.s -}}
+{{- $art := list "artifacts" "remove-artifacts" -}}
+{{- $cri := list "cri" "revert-cri" -}}
+{{- $out := dict
+      "host-install" (dict "path" $prefix "type" "DirectoryOrCreate" "stages" $art)
+      "host-state" (dict "path" (printf "/var/lib/kata-deploy%s" $suffixed.s) "type" "DirectoryOrCreate" "stages" (concat $art $cri))
+      "host-lock" (dict "path" "/run/lock" "type" "DirectoryOrCreate" "stages" (concat $art $cri)) -}}
+{{- if eq (include "kata-deploy.usesNydus" .) "true" -}}
+{{- $_ := set $out "host-systemd-units" (dict "path" "/etc/systemd/system" "type" "Directory" "stages" $art) -}}
+{{- end -}}
+{{- $dirs := dict
+      "auto" "/etc"
+      "containerd" "/etc/containerd"
+      "crio" "/etc/crio"
+      "k3s" "/var/lib/rancher/k3s/agent/etc/containerd"
+      "k3s-agent" "/var/lib/rancher/k3s/agent/etc/containerd"
+      "rke2" "/var/lib/rancher/rke2/agent/etc/containerd"
+      "k0s" "/etc/k0s/containerd.d"
+      "microk8s" "/var/snap/microk8s/current/args" -}}
+{{- $flavour := include "kata-deploy.cri" . -}}
+{{- if and (eq $flavour "auto") (eq (toString $v.k8sDistribution) "k3s") -}}{{- $flavour = "k3s" -}}{{- end -}}
+{{- $cfgType := ternary "DirectoryOrCreate" "Directory" (has $flavour (list "containerd" "crio" "k0s")) -}}
+{{- $_ := set $out "host-cri-config" (dict "path" (index $dirs $flavour) "type" $cfgType "stages" $cri) -}}
+{{- $out | toJson -}}
+{{- end -}}
+
+{{/* Whether an enabled shim or custom runtime pulls images in the guest through nydus. */}}
+{{- define "kata-deploy.usesNydus" -}}
+{{- $found := false -}}
+{{- range $name := include "kata-deploy.enabledShims" . | fromJsonArray -}}
+{{- if eq (include "kata-deploy.stageSnapshotter" (index $.Values.shims $name)) "nydus" -}}{{- $found = true -}}{{- end -}}
+{{- end -}}
+{{- range $name := include "kata-deploy.enabledCustomRuntimes" . | fromJsonArray -}}
+{{- if eq (include "kata-deploy.stageSnapshotter" (index $.Values.customRuntimes.runtimes $name)) "nydus" -}}{{- $found = true -}}{{- end -}}
+{{- end -}}
+{{- include "kata-deploy.bool" $found -}}
 {{- end -}}

@@ -210,7 +210,8 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Option<(u32, Vec<u8>)>> {
         entries.sort();
         for p in entries {
             let rel = p.strip_prefix(root).unwrap().display().to_string();
-            if rel == "run/kata-deploy.lock" {
+            // The host lock (and /run/lock, present on every systemd host) is runtime scratch.
+            if rel == "run/lock" || rel == "run/lock/kata-deploy.lock" {
                 continue;
             }
             let md = std::fs::symlink_metadata(&p).unwrap();
