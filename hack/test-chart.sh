@@ -255,8 +255,8 @@ def t_default():
     check("templates: one ConfigMap with install-job.yaml and cleanup-job.yaml", set(cm["data"]) == {"install-job.yaml", "cleanup-job.yaml"}, set(cm["data"]))
     vol = [v for v in inst["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
     check("templates: the dispatcher mounts that ConfigMap", vol and vol[0]["configMap"]["name"] == cm["metadata"]["name"], vol)
-    for role, job, inits, main in [("install", ij, ["host-check", "artifacts", "cri"], "label"),
-                                   ("cleanup", cj, ["unlabel", "revert-cri"], "remove-artifacts")]:
+    for role, job, inits, main in [("install", ij, ["host-check", "claim", "artifacts", "cri"], "label"),
+                                   ("cleanup", cj, ["unlabel", "revert-cri", "remove-artifacts"], "unclaim")]:
         pod = job["spec"]["template"]["spec"]
         check(f"{role} template: batch/v1 Job", job["apiVersion"] == "batch/v1" and job["kind"] == "Job")
         check(f"{role} template: no nodeName (the dispatcher pins it)", "nodeName" not in pod and "nodeSelector" not in pod and "affinity" not in pod, pod.keys())
@@ -300,12 +300,14 @@ def t_default():
                   and "command" not in c, (c["image"], c.get("command"), c["args"]))
             mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
             check(f"{role}/{n}: stage config at /etc/kata-deploy (read-only)", mounts.get("/etc/kata-deploy", {}).get("readOnly") is True, mounts)
-            api = n in ("artifacts", "cri", "label", "unlabel", "remove-artifacts")  # the stages that patch the Node
+            api = n in ("claim", "label", "unlabel", "unclaim")  # the stages that patch the Node (none sees the host)
             tok = mounts.get("/var/run/secrets/kubernetes.io/serviceaccount")
             check(f"{role}/{n}: token mounted {'(read-only) because it patches the Node' if api else 'NOT at all (no API use)'}",
                   (tok is not None and tok.get("readOnly") is True and tok["name"] == "api-access") if api else tok is None, mounts)
             sc = c["securityContext"]
-            if n in ("label", "unlabel"):
+            check(f"{role}/{n}: the host stages leave the claim to the claim / unclaim containers",
+                  {"name": "KATA_STAGE_CLAIMS", "value": "external"} in c.get("env", []), c.get("env"))
+            if n in ("label", "unlabel", "claim", "unclaim"):
                 check(f"{role}/{n}: no host access, non-root, locked down",
                       "/host" not in mounts and sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 65532
                       and sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False

@@ -23,9 +23,23 @@ enum Stage {
     Unlabel,
     RevertCri,
     RemoveArtifacts,
+    /// Mark the node claimed by this install (API only; before the first host change).
+    Claim,
+    /// Drop the claim (API only; after remove-artifacts succeeded).
+    Unclaim,
     Install,
     Uninstall,
     Status,
+}
+
+/// Who marks the node claimed around the host stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClaimMode {
+    /// The host stages claim (artifacts, cri) and unclaim (remove-artifacts) themselves.
+    Inline,
+    /// The separate `claim` / `unclaim` stages do it: the host stages make no API call and need
+    /// no ServiceAccount token (the chart's per-node Jobs).
+    External,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +77,10 @@ struct Cli {
     /// Seconds between labelling and re-checking that the labels stuck (k3s/rke2 re-registration).
     #[arg(long, env = "KATA_STAGE_LABEL_RECHECK_SECONDS", default_value_t = 10)]
     label_recheck_seconds: u64,
+    /// Who marks the node claimed: the host stages themselves (inline) or the separate claim /
+    /// unclaim stages (external).
+    #[arg(long, value_enum, env = "KATA_STAGE_CLAIMS", default_value = "inline")]
+    claims: ClaimMode,
     /// The stage to run.
     #[arg(value_enum)]
     stage: Stage,
@@ -74,10 +92,21 @@ struct KubeClaims<'a> {
     rt: &'a tokio::runtime::Runtime,
     facts: &'a NodeFacts,
     cfg: &'a ValidConfig,
+    /// The claim / unclaim stages do it; the host stages make no API call.
+    external: bool,
 }
 
 impl KubeClaims<'_> {
     fn run(&self, claim: bool) -> Result<(), StageError> {
+        if self.external {
+            tracing::debug!("claims are made by the separate claim / unclaim stages");
+            return Ok(());
+        }
+        self.set(claim)
+    }
+
+    /// Claims or unclaims through the API (the claim / unclaim stages, or inline).
+    fn set(&self, claim: bool) -> Result<(), StageError> {
         if self.facts.name.is_none() {
             tracing::warn!(
                 "KATA_NODE_NAME not set (standalone run): the node is not marked claimed"
@@ -148,6 +177,7 @@ fn run(cli: &Cli) -> Result<(), StageError> {
         rt: &rt,
         facts: &facts,
         cfg: &cfg,
+        external: cli.claims == ClaimMode::External,
     };
     let env = StageEnv {
         cfg: &cfg,
@@ -200,6 +230,12 @@ fn run(cli: &Cli) -> Result<(), StageError> {
         Stage::RevertCri => stages::run_revert_cri(&env).map(|r| print(&r, cli.output)),
         Stage::RemoveArtifacts => stages::run_remove_artifacts(&env).map(|r| print(&r, cli.output)),
         Stage::Status => stages::status(&env).map(|r| print(&r, cli.output)),
+        Stage::Claim | Stage::Unclaim if cli.dry_run => {
+            println!("{:?}: dry run, labels not changed", cli.stage);
+            Ok(())
+        }
+        Stage::Claim => claims.set(true),
+        Stage::Unclaim => claims.set(false),
         Stage::Install => {
             host_check()?;
             print(&stages::run_artifacts(&env)?, cli.output);

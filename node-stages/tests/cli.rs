@@ -138,3 +138,48 @@ fn exit_codes_and_json_host_check() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("reused"));
     assert_eq!(snapshot(host.path()), before);
 }
+
+/// In a per-node Job, a host stage holds no token: with `--claims external` it makes no API call
+/// (the claim container marked the node), while the default (inline) claims first and so fails
+/// without API access, before touching the host.
+#[test]
+fn external_claims_keep_the_host_stages_off_the_api() {
+    let work = tempfile::tempdir().unwrap();
+    let host = make_host(&flavour("containerd-2.0"));
+    let cfg = work.path().join("config.yaml");
+    std::fs::write(&cfg, "restart: none\nshims:\n  - name: qemu\n").unwrap();
+    let run = |claims: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
+            .args(["--config", cfg.to_str().unwrap(), "--host-root"])
+            .arg(host.path())
+            .arg("--payload")
+            .arg(payload_dir())
+            .args(["--claims", claims, "artifacts"])
+            .env("KATA_NODE_NAME", "n1")
+            .env("KATA_NODE_MACHINE_ID", "0123456789abcdef")
+            .env("KATA_NODE_CONTAINER_RUNTIME_VERSION", "containerd://2.0.5")
+            .env("KATA_NODE_ARCH", "amd64")
+            .env("KATA_STAGE_LOG", "warn")
+            .env("KUBECONFIG", work.path().join("no-such-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap()
+    };
+    let before = snapshot(host.path());
+    let out = run("inline");
+    assert!(!out.status.success(), "inline claims need the API");
+    assert!(
+        snapshot(host.path()) == before,
+        "the failed claim came before any host change"
+    );
+    let out = run("external");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(host
+        .path()
+        .join("opt/kata/bin/containerd-shim-kata-v2")
+        .exists());
+}

@@ -228,7 +228,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         .await?;
     assert_eq!(per_node.items.len(), 4, "one Job per selected node");
     // The per-node pods as the API server admitted them: no automatic token volume, and the token
-    // only in the containers that patch the Node (never in host-check).
+    // only in the containers that patch the Node (claim, label), which see nothing of the host.
     let stage_pods = Api::<Pod>::namespaced(cluster.client.clone(), &ns)
         .list(&ListParams::default().labels("katacontainers.io/stages=install"))
         .await?;
@@ -256,10 +256,20 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
                 .iter()
                 .flatten()
                 .any(|m| m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount");
+            let host = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.mount_path == "/host");
             assert_eq!(
                 token,
-                c.name != "host-check",
+                c.name == "claim" || c.name == "label",
                 "{}: token mounted only where the Node is patched",
+                c.name
+            );
+            assert!(
+                !(token && host),
+                "{}: no container holds both a token and the host",
                 c.name
             );
         }

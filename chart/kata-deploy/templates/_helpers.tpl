@@ -519,6 +519,10 @@ privileged (host root read-write, privileged: restarts the CRI).
   image: {{ include "kata-deploy.stageImage" .root }}
   imagePullPolicy: {{ $v.imagePullPolicy }}
   args: ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", {{ .stage | quote }}]
+  env:
+    # The claim / unclaim containers mark the node: the host stages make no API call.
+    - name: KATA_STAGE_CLAIMS
+      value: external
   {{- with ($v.resources | default $v.job.nodeJobs.resources) }}
   resources:
     {{- toYaml . | nindent 4 }}
