@@ -12,7 +12,7 @@ use kata_testbed::realnode::{
     build_images, file_identity, leftovers, real_node_lock, require_real_nodes, RealNode,
 };
 use kube::api::{Api, ListParams, LogParams, PostParams};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 const KATA_LABEL: &str = "katacontainers.io/kata-runtime";
@@ -281,6 +281,94 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
         {
             let privileged = c.security_context.as_ref().and_then(|s| s.privileged);
             assert_ne!(privileged, Some(true), "{name}/{}: not privileged", c.name);
+        }
+        // What runc was given for the host stages (stage.hostMounts: precise): the host root
+        // read-only, and writable exactly the directories each stage writes; the stages still
+        // installed (checked below), so nothing more was needed. No token next to the host.
+        let on = spec.node_name.clone().context("stage pod scheduled")?;
+        let node = real
+            .iter()
+            .find(|n| n.name == on)
+            .context("stage pod on a real node")?;
+        let want: BTreeMap<&str, BTreeSet<&str>> = [
+            (
+                "artifacts",
+                [
+                    "/host/opt/kata",
+                    "/host/var/lib/kata-deploy",
+                    "/host/run/lock",
+                ],
+            ),
+            (
+                "cri",
+                ["/host/etc", "/host/var/lib/kata-deploy", "/host/run/lock"],
+            ),
+        ]
+        .into_iter()
+        .map(|(c, d)| (c, d.into_iter().collect()))
+        .collect();
+        let host_stages: Vec<_> = p
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|cs| want.contains_key(cs.name.as_str()))
+            .collect();
+        assert_eq!(
+            host_stages.len(),
+            want.len(),
+            "{name}: both host stages ran"
+        );
+        for cs in host_stages {
+            let cid = cs
+                .container_id
+                .as_deref()
+                .context("host stage container id")?;
+            let info: serde_json::Value = serde_json::from_str(&node.ctr(&[
+                "containers",
+                "info",
+                cid.trim_start_matches("containerd://"),
+            ])?)?;
+            let mounts = info["Spec"]["mounts"].as_array().context("OCI mounts")?;
+            let ro = |m: &serde_json::Value| {
+                m["options"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|x| x == "ro"))
+            };
+            let host_mounts: Vec<&serde_json::Value> = mounts
+                .iter()
+                .filter(|m| {
+                    m["destination"]
+                        .as_str()
+                        .is_some_and(|d| d == "/host" || d.starts_with("/host/"))
+                })
+                .collect();
+            assert!(
+                host_mounts
+                    .iter()
+                    .any(|m| m["destination"] == "/host" && ro(m)),
+                "{name}/{}: the host root is read-only: {host_mounts:?}",
+                cs.name
+            );
+            let writable: BTreeSet<&str> = host_mounts
+                .iter()
+                .filter(|m| !ro(m))
+                .filter_map(|m| m["destination"].as_str())
+                .collect();
+            assert_eq!(
+                writable,
+                want[cs.name.as_str()],
+                "{name}/{}: writable host mounts",
+                cs.name
+            );
+            assert!(
+                !mounts.iter().any(|m| m["destination"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("/var/run/secrets/kubernetes.io"))),
+                "{name}/{}: no ServiceAccount token beside the host",
+                cs.name
+            );
         }
         for c in spec
             .init_containers
