@@ -140,6 +140,35 @@ impl Bed {
     }
 }
 
+/// The Node API as ServiceAccount `sa`: through a pod-bound token of a probe pod pinned to `node`
+/// (what a pod of that ServiceAccount on that node would hold).
+async fn nodes_as(
+    cluster: &TestCluster,
+    ns: &str,
+    sa: &str,
+    probe: &str,
+    node: &str,
+) -> Result<Api<Node>> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": probe},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "restartPolicy": "Never",
+                 "containers": [{"name": "c", "image": "probe"}]}}))?;
+    let pod = pods.create(&PostParams::default(), &pod).await?;
+    let token = request_pod_token(
+        &cluster.client,
+        ns,
+        sa,
+        probe,
+        pod.metadata.uid.as_deref().unwrap_or_default(),
+        None,
+        600,
+    )
+    .await?;
+    let kc = cluster.token_kubeconfig(&token, &format!("{probe}-{ns}"), None)?;
+    Ok(Api::<Node>::all(client_from_kubeconfig(&kc).await?))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result<()> {
     let bed = Bed::start("e2e", 2).await?;
@@ -285,23 +314,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         .find(|n| n.ends_with("-node"))
         .context("the chart's per-node ServiceAccount")?;
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns);
-    let probe: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "token-probe"},
-        "spec": {"nodeName": sim[0], "serviceAccountName": node_sa, "restartPolicy": "Never",
-                 "containers": [{"name": "c", "image": "probe"}]}}))?;
-    let probe = pods.create(&PostParams::default(), &probe).await?;
-    let token = request_pod_token(
-        &cluster.client,
-        &ns,
-        &node_sa,
-        "token-probe",
-        probe.metadata.uid.as_deref().unwrap_or_default(),
-        None,
-        600,
-    )
-    .await?;
-    let kc = cluster.token_kubeconfig(&token, &format!("probe-{ns}"), None)?;
-    let as_node = Api::<Node>::all(client_from_kubeconfig(&kc).await?);
+    let as_node = nodes_as(cluster, &ns, &node_sa, "token-probe", &sim[0]).await?;
     let label = |k: &str| serde_json::json!({"metadata": {"labels": {k: "true"}}});
     let own = as_node
         .patch(
@@ -348,23 +361,7 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         );
     }
     let dispatcher_sa = "kata-deploy-dispatcher";
-    let probe: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "dispatcher-probe"},
-        "spec": {"nodeName": sim[0], "serviceAccountName": dispatcher_sa, "restartPolicy": "Never",
-                 "containers": [{"name": "c", "image": "probe"}]}}))?;
-    let probe = pods.create(&PostParams::default(), &probe).await?;
-    let token = request_pod_token(
-        &cluster.client,
-        &ns,
-        dispatcher_sa,
-        "dispatcher-probe",
-        probe.metadata.uid.as_deref().unwrap_or_default(),
-        None,
-        600,
-    )
-    .await?;
-    let kc = cluster.token_kubeconfig(&token, &format!("dprobe-{ns}"), None)?;
-    let as_dispatcher = Api::<Node>::all(client_from_kubeconfig(&kc).await?);
+    let as_dispatcher = nodes_as(cluster, &ns, dispatcher_sa, "dispatcher-probe", &sim[0]).await?;
     let annotate =
         |k: &str, v: Option<&str>| serde_json::json!({"metadata": {"annotations": {k: v}}});
     let set = as_dispatcher

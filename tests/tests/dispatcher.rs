@@ -22,6 +22,14 @@ fn text(out: &std::process::Output) -> String {
     output_text(out)
 }
 
+/// Runs the dispatcher to the end, requires exit 0 and returns its output.
+async fn run_ok(c: &Case, args: &[&str]) -> Result<String> {
+    let out = c.env.run(args).await?;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    Ok(t)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_job_per_node_paced_owned_and_least_privileged() -> Result<()> {
     let c = case("paced", 10, EnvOptions::default()).await?;
@@ -1310,17 +1318,17 @@ async fn retire_runs_only_on_nodes_left_out_of_the_selection_and_forgets_their_r
 {
     let c = case("retire", 3, EnvOptions::default()).await?;
     let record = "katacontainers.io/installed-by-kata-deploy";
-    let out = c
-        .env
-        .run(&[
+    run_ok(
+        &c,
+        &[
             "--selector",
             &c.selector,
             "--skip-installed",
             "--run-id",
             "install",
-        ])
-        .await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        ],
+    )
+    .await?;
     let nodes: Api<Node> = Api::all(c.cluster.client.clone());
     let recorded = |n: Node| {
         n.metadata
@@ -1337,9 +1345,9 @@ async fn retire_runs_only_on_nodes_left_out_of_the_selection_and_forgets_their_r
         .patch(&c.nodes[0], &PatchParams::default(), &Patch::Merge(pool))
         .await?;
     let install_selection = format!("{},kata-test/pool!=gone", c.selector);
-    let out = c
-        .env
-        .run(&[
+    let t = run_ok(
+        &c,
+        &[
             "--name-prefix",
             "kd-retire",
             "--selector",
@@ -1351,10 +1359,9 @@ async fn retire_runs_only_on_nodes_left_out_of_the_selection_and_forgets_their_r
             "kata-deploy",
             "--run-id",
             "retire",
-        ])
-        .await?;
-    let t = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{t}");
+        ],
+    )
+    .await?;
     assert!(t.contains("1 nodes: 1 succeeded"), "{t}");
     let jobs: Api<Job> = Api::namespaced(c.cluster.client.clone(), &c.env.namespace);
     let retired: Vec<String> = jobs
@@ -1380,18 +1387,17 @@ async fn retire_runs_only_on_nodes_left_out_of_the_selection_and_forgets_their_r
         );
     }
     // Selected again: installed again (no stale "already installed").
-    let out = c
-        .env
-        .run(&[
+    let t = run_ok(
+        &c,
+        &[
             "--selector",
             &c.selector,
             "--skip-installed",
             "--run-id",
             "again",
-        ])
-        .await?;
-    let t = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{t}");
+        ],
+    )
+    .await?;
     assert!(
         t.contains("1 succeeded") && t.contains("2 already installed"),
         "{t}"
