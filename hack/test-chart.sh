@@ -319,7 +319,8 @@ def t_default():
                       and sc.get("allowPrivilegeEscalation") is False, (mounts, sc))
             else:  # cri, revert-cri restart the CRI; artifacts, remove-artifacts manage the nydus unit (systemd)
                 check(f"{role}/{n}: root with the host root read-only plus writable mounts of what it writes, NOT privileged, no escalation, only file capabilities",
-                      mounts.get("/host", {}).get("readOnly") is True and WRITES[n] == {p for p, m in mounts.items() if p.startswith("/host/") and not m.get("readOnly")}
+                      mounts.get("/host", {}).get("readOnly") is True and mounts["/host"].get("recursiveReadOnly") == "IfPossible"
+                      and WRITES[n] == {p for p, m in mounts.items() if p.startswith("/host/") and not m.get("readOnly")}
                       and sc.get("privileged") is False
                       and sc.get("allowPrivilegeEscalation") is False and sc.get("runAsUser") == 0
                       and sc["capabilities"]["drop"] == ["ALL"]

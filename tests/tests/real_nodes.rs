@@ -331,11 +331,12 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
                 cid.trim_start_matches("containerd://"),
             ])?)?;
             let mounts = info["Spec"]["mounts"].as_array().context("OCI mounts")?;
-            let ro = |m: &serde_json::Value| {
+            let has = |m: &serde_json::Value, opt: &str| {
                 m["options"]
                     .as_array()
-                    .is_some_and(|o| o.iter().any(|x| x == "ro"))
+                    .is_some_and(|o| o.iter().any(|x| x == opt))
             };
+            let ro = |m: &serde_json::Value| has(m, "ro") || has(m, "rro");
             let host_mounts: Vec<&serde_json::Value> = mounts
                 .iter()
                 .filter(|m| {
@@ -349,6 +350,16 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
                     .iter()
                     .any(|m| m["destination"] == "/host" && ro(m)),
                 "{name}/{}: the host root is read-only: {host_mounts:?}",
+                cs.name
+            );
+            // containerd 2.x (with runc >= 1.1 on Linux >= 5.12) makes it recursively read-only,
+            // the host's submounts (/run, kubelet's pod volumes...) included; 1.6 cannot.
+            assert_eq!(
+                host_mounts
+                    .iter()
+                    .any(|m| m["destination"] == "/host" && has(m, "rro")),
+                on == n2,
+                "{name}/{}: recursively read-only where the runtime can: {host_mounts:?}",
                 cs.name
             );
             let writable: BTreeSet<&str> = host_mounts

@@ -542,6 +542,9 @@ privileged (host root read-write, privileged: restarts the CRI).
       mountPath: /host
       {{- if or (eq .access "read") $precise }}
       readOnly: true
+      # Also the host's submounts (/run, /var/lib/kubelet/pods, a separate /var or /boot...)
+      # where the runtime can (containerd >= 2.0, runc >= 1.1, Linux >= 5.12); else as before.
+      recursiveReadOnly: IfPossible
       {{- end }}
   {{- end }}
   {{- if $precise }}
