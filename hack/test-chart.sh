@@ -1077,6 +1077,22 @@ def t_stage_parses():
             f.write(cfg)
         p = subprocess.run([stage, "--config", path, "--host-root", host, "--payload", payload, "status"], capture_output=True, text=True)
         check(f"stage parses the rendered config ({name})", p.returncode == 0, (p.stdout + p.stderr)[-400:])
+    # stage.hostMounts: precise: the chart mounts writable exactly what the stage says each host stage
+    # writes (kata-deploy-stage writable-dirs; node-stages/tests/host_failures.rs proves that suffices).
+    for cri in ["auto", "containerd", "crio", "k3s", "k3s-agent", "rke2", "k0s", "microk8s"]:
+        for extra in ({}, {"env": {"multiInstallSuffix": "blue"}, "shims": {"disableAll": True, "qemu": {"enabled": True}}}):
+            objs = render({**extra, "stage": {"cri": cri}})
+            path = os.path.join(TMP, "config.yaml")
+            with open(path, "w") as f:
+                f.write(stage_config(objs)[1]["data"]["config.yaml"])
+            p = subprocess.run([stage, "--config", path, "--host-root", host, "--payload", payload, "writable-dirs"], capture_output=True, text=True)
+            want = json.loads(p.stdout) if p.returncode == 0 else p.stderr
+            ij, cj, _ = templates(objs)
+            got = {c["name"]: sorted(m["mountPath"][len("/host"):] for m in c["volumeMounts"] if m["mountPath"].startswith("/host/") and not m.get("readOnly"))
+                   for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]
+                   if c["name"] in ("artifacts", "cri", "revert-cri", "remove-artifacts")}
+            check(f"stage.cri={cri}{' + suffix, no nydus' if extra else ''}: the chart's writable mounts are the stage's writable-dirs",
+                  isinstance(want, dict) and got == {k: sorted(v) for k, v in want.items()}, (got, want))
 guarded("stage parses config", t_stage_parses)
 
 # --------------------------------------------------------------------------------------- NOTES

@@ -59,6 +59,8 @@ pub enum Action {
 
 /// Payload directory holding the nydus snapshotter (installed only for guest pull).
 pub const NYDUS_PAYLOAD_DIR: &str = "nydus-snapshotter";
+/// Where the nydus snapshotter's systemd unit is written.
+pub const SYSTEMD_UNIT_DIR: &str = "/etc/systemd/system";
 
 /// Renders the nydus snapshotter configuration (proxy mode: images are pulled in the guest).
 pub fn render_nydus_config(install: &Install) -> String {
@@ -139,7 +141,7 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
                 render_nydus_config(&install),
             ),
             (
-                Path::new("/etc/systemd/system").join(install.nydus_unit()),
+                Path::new(SYSTEMD_UNIT_DIR).join(install.nydus_unit()),
                 render_nydus_unit(&install),
             ),
         ] {

@@ -27,6 +27,8 @@ enum Stage {
     Claim,
     /// Drop the claim (API only; after remove-artifacts succeeded).
     Unclaim,
+    /// Print, as JSON, the host directories each host stage writes under this configuration.
+    WritableDirs,
     Install,
     Uninstall,
     Status,
@@ -235,6 +237,13 @@ fn run(cli: &Cli) -> Result<(), StageError> {
             Ok(())
         }
         Stage::Claim => claims.set(true),
+        Stage::WritableDirs => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&stages::writable_dirs(&cfg)).unwrap_or_default()
+            );
+            Ok(())
+        }
         Stage::Unclaim => claims.set(false),
         Stage::Install => {
             host_check()?;

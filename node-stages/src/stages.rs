@@ -1,6 +1,7 @@
 //! Stage orchestration: each stage validates input, checks identity, takes the host lock,
 //! marks the node claimed before its first host change, then does its work.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -417,4 +418,34 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
 /// Default payload location in the stage image.
 pub fn default_payload_dir() -> PathBuf {
     PathBuf::from("/opt/kata-payload")
+}
+
+/// The host directories each host stage writes under this configuration: all it needs writable
+/// (the chart mounts exactly these with stage.hostMounts: precise; `writable-dirs` prints them).
+pub fn writable_dirs(cfg: &ValidConfig) -> BTreeMap<&'static str, Vec<PathBuf>> {
+    let install = cfg.install();
+    let lock_dir = Path::new(LOCK_PATH)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut artifacts = vec![
+        install.prefix.clone(),
+        install.state_dir(),
+        lock_dir.clone(),
+    ];
+    if cfg
+        .cfg
+        .shims
+        .iter()
+        .any(|s| s.containerd_snapshotter == "nydus")
+    {
+        artifacts.push(PathBuf::from(artifacts::SYSTEMD_UNIT_DIR));
+    }
+    let cri = vec![cri::config_dir(cfg.cri), install.state_dir(), lock_dir];
+    BTreeMap::from([
+        ("artifacts", artifacts.clone()),
+        ("remove-artifacts", artifacts),
+        ("cri", cri.clone()),
+        ("revert-cri", cri),
+    ])
 }

@@ -406,13 +406,18 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/* The host install directory as configured (upstream's env.installationPrefix wins); the stage appends -<suffix>. */}}
+{{- define "kata-deploy.installDir" -}}
+{{- .Values.env.installationPrefix | default .Values.stage.installPrefix | toString -}}
+{{- end -}}
+
 {{/* The one stage configuration file (see ARCHITECTURE.md; parsed with deny_unknown_fields). */}}
 {{- define "kata-deploy.stageConfig" -}}
 {{- $shims := include "kata-deploy.enabledShims" . | fromJsonArray -}}
 {{- $customs := include "kata-deploy.enabledCustomRuntimes" . | fromJsonArray -}}
 multiInstallSuffix: {{ .Values.env.multiInstallSuffix | default "" | toJson }}
 debug: {{ include "kata-deploy.debug" . }}
-installPrefix: {{ .Values.env.installationPrefix | default .Values.stage.installPrefix | toJson }}
+installPrefix: {{ include "kata-deploy.installDir" . | toJson }}
 imagePullTimeoutSeconds: {{ .Values.imagePullTimeoutSeconds | int }}
 cri: {{ include "kata-deploy.cri" . | toJson }}
 restart: {{ .Values.stage.restart | toJson }}
@@ -840,14 +845,12 @@ volume name -> {path, type, stages}. stages: the stage containers that mount it 
 */}}
 {{- define "kata-deploy.hostWrites" -}}
 {{- $v := .Values -}}
-{{- $sfx := $v.env.multiInstallSuffix | default "" | toString -}}
-{{- $suffixed := dict "s" (ternary (printf "-%s" $sfx) "" (ne $sfx "")) -}}
-{{- $prefix := printf "%s%s" (($v.env.installationPrefix | default $v.stage.installPrefix) | toString | trimSuffix "/") $suffixed.s -}}
+{{- $prefix := include "kata-deploy.suffixed" (dict "root" . "base" (include "kata-deploy.installDir" . | trimSuffix "/")) -}}
 {{- $art := list "artifacts" "remove-artifacts" -}}
 {{- $cri := list "cri" "revert-cri" -}}
 {{- $out := dict
       "host-install" (dict "path" $prefix "type" "DirectoryOrCreate" "stages" $art)
-      "host-state" (dict "path" (printf "/var/lib/kata-deploy%s" $suffixed.s) "type" "DirectoryOrCreate" "stages" (concat $art $cri))
+      "host-state" (dict "path" (include "kata-deploy.suffixed" (dict "root" . "base" "/var/lib/kata-deploy")) "type" "DirectoryOrCreate" "stages" (concat $art $cri))
       "host-lock" (dict "path" "/run/lock" "type" "DirectoryOrCreate" "stages" (concat $art $cri)) -}}
 {{- if eq (include "kata-deploy.usesNydus" .) "true" -}}
 {{- $_ := set $out "host-systemd-units" (dict "path" "/etc/systemd/system" "type" "Directory" "stages" $art) -}}

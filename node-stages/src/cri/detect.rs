@@ -166,6 +166,27 @@ pub fn containerd_major(facts: &NodeFacts, existing_config: Option<&str>) -> u64
     }
 }
 
+/// The directory holding every file the cri stages write for a CRI (`None`: detected on the
+/// node, where the containerd, CRI-O and k0s flavours all keep theirs under /etc). The chart
+/// mounts exactly this writable (stage.hostMounts: precise); `host_stages` proves it suffices.
+pub fn config_dir(kind: Option<CriKind>) -> PathBuf {
+    let parent = |f: &str| {
+        Path::new(f)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
+    match kind {
+        None => PathBuf::from("/etc"),
+        Some(CriKind::Containerd) => parent(CONTAINERD_CONFIG),
+        Some(CriKind::Crio) => parent(CRIO_CONFIG),
+        Some(CriKind::K3s | CriKind::K3sAgent) => k3s_dir("k3s"),
+        Some(CriKind::Rke2) => k3s_dir("rke2"),
+        Some(CriKind::K0s) => PathBuf::from(K0S_CONTAINERD_D),
+        Some(CriKind::Microk8s) => parent(MICROK8S_TEMPLATE),
+    }
+}
+
 /// k3s/rke2's containerd directory.
 pub fn k3s_dir(dist: &str) -> PathBuf {
     PathBuf::from(format!("/var/lib/rancher/{dist}/agent/etc/containerd"))
