@@ -140,8 +140,8 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// How often a progress line is printed.
-    #[arg(long, env = "DISPATCHER_PROGRESS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// How often a progress line is printed (more than 0).
+    #[arg(long, env = "DISPATCHER_PROGRESS_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
     pub progress_interval: Duration,
 
     /// Where the summary goes for `kubectl describe` (skipped when its directory does not exist).
@@ -170,6 +170,17 @@ pub enum LogFormat {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration {s:?}: {e}; use e.g. 500ms, 90s, 30m or 1h30m"))
+}
+
+/// [`parse_duration`] for periods: a zero period would make the progress timer spin (tokio
+/// refuses it with a panic), so it is refused here, where the user can still fix the flag.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "invalid period {s:?}: it must be more than 0; use e.g. 10s"
+        )),
+        d => Ok(d),
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +219,17 @@ mod tests {
         let e =
             Args::try_parse_from(["d", "--template", "t", "--max-failures", "many"]).unwrap_err();
         assert!(e.to_string().contains("failure budget"), "{e}");
+    }
+
+    #[test]
+    fn progress_interval_zero_is_refused_at_parse_time() {
+        // Was accepted, then tokio::time::interval panicked on a zero period mid-run.
+        let e = Args::try_parse_from(["d", "--template", "t", "--progress-interval", "0s"])
+            .unwrap_err();
+        assert!(e.to_string().contains("must be more than 0"), "{e}");
+        let a =
+            Args::try_parse_from(["d", "--template", "t", "--progress-interval", "1s"]).unwrap();
+        assert_eq!(a.progress_interval, Duration::from_secs(1));
     }
 
     #[test]

@@ -425,6 +425,13 @@ impl Phase {
     }
 }
 
+/// What keeps a node busy (for the report when the wait times out).
+enum Holder {
+    Job(String),
+    Pod(String),
+    Unknown,
+}
+
 /// Why a queued node is not dispatchable now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -461,6 +468,9 @@ struct NodeRec {
     create_pending: bool,
     /// Parked since this long ago the grace ends here (in `deadlines` while waiting).
     park_until: Option<Instant>,
+    /// Queued but busy with an earlier Job or pod: the per-node timeout ends the wait here (in
+    /// `deadlines` while waiting).
+    busy_until: Option<Instant>,
 }
 
 impl NodeRec {
@@ -481,6 +491,7 @@ impl NodeRec {
             gave_up: false,
             create_pending: false,
             park_until: None,
+            busy_until: None,
         }
     }
 }
@@ -617,12 +628,8 @@ impl Lifecycle {
     /// For the dry-run plan: what would happen to `node`.
     pub fn plan_of(&mut self, node: &str) -> &'static str {
         let job = self.names.assign(node);
-        let installed = self
-            .nodes
-            .get(node)
-            .and_then(|r| r.obs.as_ref())
-            .and_then(|o| o.installed_hash.clone());
-        if installed.is_some() && installed == self.cfg.skip_installed {
+        let obs = self.nodes.get(node).and_then(|r| r.obs.as_ref());
+        if obs.is_some_and(|o| self.is_installed(o)) {
             return "skip (already installed)";
         }
         match self.jobs.get(&job) {
@@ -1098,8 +1105,14 @@ impl Lifecycle {
             Conflicting::Managed(obs) => {
                 if obs.ours && !obs.deleting {
                     self.on_job(now, obs, out);
+                } else if obs.phase == JobPhase::Running && !obs.deleting {
+                    // Another run's Job, still at work on this node, that the watch had not shown
+                    // yet: never cut short (it may be half-way through the host). The node waits,
+                    // busy, until it ends, within the per-node timeout; then it is replaced.
+                    self.on_job(now, obs, out);
+                    self.set_phase(now, node, Phase::Queued, out);
                 } else {
-                    // An earlier run's Job the watch had not shown yet: replace it.
+                    // A finished (or vanishing) Job of an earlier run: replace it.
                     let uid = obs.uid.clone();
                     let deleting = obs.deleting;
                     self.on_job(now, obs, out);
@@ -1130,6 +1143,10 @@ impl Lifecycle {
                 self.parked_waiting -= 1;
                 continue;
             }
+            if self.nodes[&node].busy_until == Some(t) {
+                self.busy_timeout(now, &node, out);
+                continue;
+            }
             let limit = humantime::format_duration(self.cfg.node_timeout.unwrap_or_default());
             self.rec(&node).gave_up = true;
             match self.phase(&node) {
@@ -1149,6 +1166,73 @@ impl Lifecycle {
                 _ => {}
             }
         }
+    }
+
+    /// A queued node waited past the per-node timeout for an earlier Job or pod to be gone: it
+    /// fails, naming what holds it, and no longer takes a slot (what holds it is left alone).
+    fn busy_timeout(&mut self, now: Instant, node: &str, out: &mut Vec<Action>) {
+        let limit = humantime::format_duration(self.cfg.node_timeout.unwrap_or_default());
+        let rec = self.rec(node);
+        rec.busy_until = None;
+        rec.gave_up = true;
+        let reason = match self.holder(node) {
+            Holder::Job(job) => format!(
+                "Job {job} of an earlier run was still running on this node after the per-node timeout ({limit}); it was left alone (a running install is never cut short) and nothing new was started. Wait for it to end or delete it (kubectl get job {job}), then re-run"
+            ),
+            Holder::Pod(pod) => format!(
+                "pod {pod} of an earlier Job was still on this node after the per-node timeout ({limit}); nothing new was started. A pod stuck Terminating usually sits on an unreachable node: check the node (kubectl describe node {node}), delete the pod once the machine is gone (kubectl delete pod {pod} --force), then re-run"
+            ),
+            Holder::Unknown => format!(
+                "an earlier Job on this node was not gone within the per-node timeout ({limit}); nothing new was started. Check the node's Jobs and pods and re-run"
+            ),
+        };
+        self.finish(now, node, Outcome::Failed(reason), out);
+    }
+
+    /// What keeps a node busy: an earlier Job (named first: it says most), else a pod.
+    fn holder(&self, node: &str) -> Holder {
+        let rec = &self.nodes[node];
+        let current = rec.current.as_deref();
+        let job = rec.jobs.iter().find(|j| {
+            self.jobs.get(*j).is_some_and(|r| {
+                Some(r.uid.as_str()) != current && (r.phase == JobPhase::Running || r.deleting)
+            })
+        });
+        let pod = rec.pods.iter().find(|p| {
+            self.pods
+                .get(*p)
+                .is_some_and(|r| Some(r.job_uid.as_str()) != current)
+        });
+        match (job, pod) {
+            (Some(j), _) => Holder::Job(j.clone()),
+            (None, Some(p)) => Holder::Pod(p.clone()),
+            (None, None) => Holder::Unknown,
+        }
+    }
+
+    /// Starts or stops the per-node timeout of a queued node's wait for an earlier Job or pod.
+    fn time_busy_wait(&mut self, now: Instant, node: &str, busy: bool) {
+        let timeout = self.cfg.node_timeout.filter(|_| busy && self.started);
+        let rec = self.nodes.get_mut(node).expect("present");
+        match (timeout, rec.busy_until) {
+            (Some(limit), None) => {
+                let t = now + limit;
+                rec.busy_until = Some(t);
+                self.deadlines.insert((t, node.to_owned()));
+            }
+            (None, Some(t)) => {
+                rec.busy_until = None;
+                self.deadlines.remove(&(t, node.to_owned()));
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the Node's own view says this template is installed there (`--skip-installed`).
+    fn is_installed(&self, obs: &NodeObs) -> bool {
+        obs.selected
+            && self.cfg.skip_installed.is_some()
+            && obs.installed_hash == self.cfg.skip_installed
     }
 
     fn on_discovery_done(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -1383,6 +1467,9 @@ impl Lifecycle {
             .get(&our_name)
             .is_some_and(|j| Some(j.uid.as_str()) != current);
         let phase = rec.phase.clone();
+        // Our own Job of this run is adopted rather than skipped (its result is the truer one).
+        let adoptable = self.jobs.get(&our_name).is_some_and(|j| j.ours);
+        let installed = !adoptable && rec.obs.as_ref().is_some_and(|o| self.is_installed(o));
         // Busy nodes we are not (or no longer) working on still run a Job: they take a slot
         // until it is gone, except once we gave up on it (a pod stuck on an unreachable machine
         // past the per-node timeout restarts nothing).
@@ -1438,10 +1525,16 @@ impl Lifecycle {
             }
             _ => {}
         }
+        self.time_busy_wait(now, node, class == Some(Class::Busy));
         let rec = self.nodes.get_mut(node).expect("present");
         rec.busy_counted = counts;
         rec.class = class;
         match phase {
+            // Installed and unchanged: nothing to do there, whether the node is Ready or not
+            // (a NotReady node must not fail a run that has nothing to change on it).
+            Phase::Queued if self.started && class != Some(Class::Busy) && installed => {
+                self.finish(now, node, Outcome::AlreadyInstalled, out)
+            }
             Phase::Replacing if !name_taken && !busy => {
                 let facts = rec.obs.as_ref().map(|o| o.facts.clone());
                 match facts {
@@ -1494,14 +1587,11 @@ impl Lifecycle {
                 self.stopped = Some(StopReason::FailureBudget(self.failed_budget));
                 break;
             }
+            // Installed nodes never get here: `refresh` finished them.
             let obs = self.nodes[&node]
                 .obs
                 .clone()
                 .expect("ready nodes have a view");
-            if self.cfg.skip_installed.is_some() && obs.installed_hash == self.cfg.skip_installed {
-                self.finish(now, &node, Outcome::AlreadyInstalled, out);
-                continue;
-            }
             let job = self.names.assign(&node);
             match self.jobs.get(&job).cloned() {
                 Some(stale) => {

@@ -38,43 +38,86 @@ pub fn job_phase(job: &Job) -> JobPhase {
     JobPhase::Running
 }
 
-/// The most useful line about why a Job's pod failed: the first container (init containers first,
-/// in order) that terminated with a non-zero exit code, with its termination message.
+/// The most useful line about why a Job's pods failed. A container that ran and exited non-zero
+/// says the most (the first such, init containers first, in order, over all pods); failing
+/// that, why a pod never ran its containers: the kubelet rejected it (`OutOfcpu`,
+/// `NodeAffinity`, ...), a container could not start (`ImagePullBackOff`, `ErrImagePull`, ...)
+/// or it could not be scheduled. Without this, such a Job reads as a bare
+/// `BackoffLimitExceeded` / `DeadlineExceeded`.
 pub fn pod_failure_detail(pods: &[Pod]) -> Option<String> {
-    for pod in pods {
-        let status = pod.status.as_ref()?;
-        let lists = [
-            status.init_container_statuses.as_ref(),
-            status.container_statuses.as_ref(),
-        ];
-        for cs in lists.into_iter().flatten().flatten() {
-            let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) else {
-                continue;
-            };
-            if t.exit_code == 0 {
-                continue;
-            }
-            let mut line = format!("container {} exited {}", cs.name, t.exit_code);
-            if let Some(reason) = t
-                .reason
-                .as_deref()
-                .filter(|r| !r.is_empty() && *r != "Error")
-            {
-                line.push_str(&format!(" ({reason})"));
-            }
-            if let Some(msg) = t
-                .message
-                .as_deref()
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-            {
-                line.push_str(": ");
-                line.push_str(&one_line(msg, 300));
-            }
-            return Some(line);
+    pods.iter()
+        .find_map(failed_container)
+        .or_else(|| pods.iter().find_map(pod_not_running))
+}
+
+fn failed_container(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let lists = [
+        status.init_container_statuses.as_ref(),
+        status.container_statuses.as_ref(),
+    ];
+    lists.into_iter().flatten().flatten().find_map(|cs| {
+        let t = cs.state.as_ref()?.terminated.as_ref()?;
+        if t.exit_code == 0 {
+            return None;
         }
+        let reason = t.reason.as_deref().filter(|r| *r != "Error");
+        let head = format!("container {} exited {}", cs.name, t.exit_code);
+        Some(with_reason(head, reason, t.message.as_deref()))
+    })
+}
+
+/// Waiting reasons that are part of an ordinary start, not a diagnosis.
+const ORDINARY_WAITS: [&str; 2] = ["PodInitializing", "ContainerCreating"];
+
+fn pod_not_running(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if let Some(reason) = status.reason.as_deref().filter(|r| !r.is_empty()) {
+        let head = "pod rejected by the kubelet".to_owned();
+        let line = with_reason(head, Some(reason), status.message.as_deref());
+        return Some(format!(
+            "{line}; free the node's resources or fix the template's constraints"
+        ));
     }
-    None
+    let lists = [
+        status.init_container_statuses.as_ref(),
+        status.container_statuses.as_ref(),
+    ];
+    let waiting = lists.into_iter().flatten().flatten().find_map(|cs| {
+        let w = cs.state.as_ref()?.waiting.as_ref()?;
+        let reason = w
+            .reason
+            .as_deref()
+            .filter(|r| !ORDINARY_WAITS.contains(r))?;
+        let head = format!("container {} waiting", cs.name);
+        Some(with_reason(head, Some(reason), w.message.as_deref()))
+    });
+    if waiting.is_some() {
+        return waiting;
+    }
+    let conditions = status.conditions.iter().flatten();
+    conditions
+        .filter(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .find(|c| c.reason.as_deref() == Some("Unschedulable"))
+        .map(|c| {
+            with_reason(
+                "pod not scheduled".into(),
+                c.reason.as_deref(),
+                c.message.as_deref(),
+            )
+        })
+}
+
+/// `head (reason): message`, on one line, leaving out what is empty.
+fn with_reason(mut line: String, reason: Option<&str>, message: Option<&str>) -> String {
+    if let Some(reason) = reason.filter(|r| !r.is_empty()) {
+        line.push_str(&format!(" ({reason})"));
+    }
+    if let Some(msg) = message.map(str::trim).filter(|m| !m.is_empty()) {
+        line.push_str(": ");
+        line.push_str(&one_line(msg, 300));
+    }
+    line
 }
 
 /// Collapses whitespace and truncates, so a report stays one line per node.
@@ -161,6 +204,72 @@ mod tests {
             "container artifacts exited 2: payload file bin/x is corrupt"
         );
         assert_eq!(pod_failure_detail(&[]), None);
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p"}, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn failure_detail_reads_kubelet_rejections() {
+        // Was a bare BackoffLimitExceeded: the kubelet refused the pod before any container ran.
+        let rejected = pod(json!({"phase": "Failed", "reason": "OutOfcpu",
+            "message": "Pod was rejected: Node didn't have enough resource: cpu, requested: 500, used: 3900, capacity: 4000"}));
+        let d = pod_failure_detail(&[rejected]).unwrap();
+        assert!(
+            d.contains("OutOfcpu") && d.contains("requested: 500"),
+            "{d}"
+        );
+        let affinity = pod(json!({"phase": "Failed", "reason": "NodeAffinity",
+            "message": "Pod Predicate NodeAffinity failed"}));
+        let d = pod_failure_detail(&[affinity]).unwrap();
+        assert!(d.contains("NodeAffinity") && d.contains("Predicate"), "{d}");
+    }
+
+    #[test]
+    fn failure_detail_reads_waiting_containers() {
+        let waiting = |reason: &str| {
+            pod(json!({"phase": "Pending", "initContainerStatuses": [
+                {"name": "host-check", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"waiting": {"reason": reason, "message": "Back-off pulling image \"stage:9\""}}}]}))
+        };
+        for reason in ["ImagePullBackOff", "ErrImagePull"] {
+            let d = pod_failure_detail(&[waiting(reason)]).unwrap();
+            assert!(
+                d.contains("host-check") && d.contains(reason) && d.contains("stage:9"),
+                "{d}"
+            );
+        }
+        // Ordinary start-up waits say nothing.
+        assert_eq!(pod_failure_detail(&[waiting("PodInitializing")]), None);
+        assert_eq!(pod_failure_detail(&[waiting("ContainerCreating")]), None);
+    }
+
+    #[test]
+    fn failure_detail_reads_an_unschedulable_condition() {
+        let p = pod(json!({"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/3 nodes are available: 3 Insufficient memory."}]}));
+        let d = pod_failure_detail(&[p]).unwrap();
+        assert!(
+            d.contains("Unschedulable") && d.contains("Insufficient memory"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn a_failed_container_wins_over_a_later_pods_wait_and_a_pod_without_status_is_skipped() {
+        let bare: Pod = serde_json::from_value(json!({"metadata": {"name": "p0"}})).unwrap();
+        let failed = pod(json!({"containerStatuses": [
+            {"name": "label", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 1, "message": "no token"}}}]}));
+        let pulling = pod(json!({"containerStatuses": [
+            {"name": "label", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"waiting": {"reason": "ErrImagePull"}}}]}));
+        assert_eq!(
+            pod_failure_detail(&[bare, pulling, failed]).unwrap(),
+            "container label exited 1: no token"
+        );
     }
 
     #[test]

@@ -506,8 +506,8 @@ fn conflict_with_a_foreign_job_leaves_it_untouched() {
 }
 
 #[test]
-fn conflict_with_our_own_job_adopts_it_and_with_a_stale_one_replaces_it() {
-    let mut t = T::with_nodes(cfg(2), &["a", "b"]);
+fn conflict_with_our_own_job_adopts_it() {
+    let mut t = T::with_nodes(cfg(2), &["a"]);
     t.start();
     t.feed(Input::Created {
         node: "a".into(),
@@ -518,21 +518,121 @@ fn conflict_with_our_own_job_adopts_it_and_with_a_stale_one_replaces_it() {
         found: Conflicting::Managed(t.job("a", JobPhase::Succeeded)),
     });
     assert_eq!(t.result("a"), Some(Outcome::Succeeded));
+}
+
+/// Issue 21: a 409 revealed a Job of another run still running under our name, and the lifecycle
+/// deleted it (an install cut short mid-way). It must wait until that Job ends, then replace it.
+#[test]
+fn conflict_with_a_running_job_of_another_run_waits_for_it_and_never_deletes_it() {
+    let mut t = T::with_nodes(cfg(1), &["b"]);
+    assert_eq!(creates(&t.start()), ["b"]);
     t.feed(Input::Created {
         node: "b".into(),
         result: Created::Conflict,
     });
-    let stale = JobObs {
+    let other = JobObs {
         ours: false,
         uid: "old".into(),
         ..t.job("b", JobPhase::Running)
     };
     let out = t.feed(Input::ConflictRead {
         node: "b".into(),
-        found: Conflicting::Managed(stale),
+        found: Conflicting::Managed(other.clone()),
     });
+    assert!(
+        deletes(&out).is_empty(),
+        "a running Job is never deleted: {out:?}"
+    );
+    assert!(
+        creates(&out).is_empty(),
+        "b is busy and holds the only slot: {out:?}"
+    );
+    assert_eq!(t.lc.taken(), 1);
+    // It finishes by itself: now it may be replaced, as any finished Job of an earlier run.
+    let out = t.feed(Input::JobSeen(JobObs {
+        phase: JobPhase::Succeeded,
+        ..other
+    }));
     assert_eq!(deletes(&out), [("kd-b".to_string(), "old".to_string())]);
     assert_eq!(creates(&t.feed(Input::JobGone("kd-b".into()))), ["b"]);
+}
+
+#[test]
+fn a_running_job_of_another_run_that_never_ends_fails_its_node_after_the_per_node_timeout() {
+    let mut c = cfg(1);
+    c.node_timeout = Some(Duration::from_secs(60));
+    let mut t = T::with_nodes(c, &["b", "c"]);
+    t.start();
+    t.feed(Input::Created {
+        node: "b".into(),
+        result: Created::Conflict,
+    });
+    let other = JobObs {
+        ours: false,
+        uid: "old".into(),
+        ..t.job("b", JobPhase::Running)
+    };
+    t.feed(Input::ConflictRead {
+        node: "b".into(),
+        found: Conflicting::Managed(other),
+    });
+    assert!(t.advance(Duration::from_secs(59)).is_empty());
+    let out = t.advance(Duration::from_secs(2));
+    assert!(deletes(&t.log).is_empty(), "never deleted: {:?}", t.log);
+    assert_eq!(creates(&out), ["c"], "the slot is freed");
+    assert!(
+        matches!(t.result("b"), Some(Outcome::Failed(r)) if r.contains("kd-b") && r.contains("per-node timeout (1m)")),
+        "{:?}",
+        t.result("b")
+    );
+}
+
+/// Issue 21: a queued node busy with an earlier run's pod (stuck Terminating on an unreachable
+/// machine) had no timeout and held the run until --deadline.
+#[test]
+fn a_queued_node_busy_with_a_stuck_pod_fails_after_the_per_node_timeout_naming_the_pod() {
+    let mut c = cfg(1);
+    c.node_timeout = Some(Duration::from_secs(60));
+    let mut t = T::with_nodes(c, &["a", "b"]);
+    t.feed(Input::PodSeen(PodObs {
+        name: "old-pod".into(),
+        node: "a".into(),
+        job_uid: "old-uid".into(),
+        live: true,
+    }));
+    assert!(
+        creates(&t.start()).is_empty(),
+        "the old pod holds the only slot"
+    );
+    assert!(t.advance(Duration::from_secs(59)).is_empty());
+    let out = t.advance(Duration::from_secs(2));
+    assert_eq!(creates(&out), ["b"], "its slot is freed");
+    assert!(
+        matches!(t.result("a"), Some(Outcome::Failed(r)) if r.contains("old-pod") && r.contains("per-node timeout (1m)")),
+        "{:?}",
+        t.result("a")
+    );
+    t.created("b");
+    t.finish_ok("b");
+    assert!(t.lc.is_done(), "{}", t.lc.debug_queued());
+}
+
+/// Issue 21: with --skip-installed, an installed and unchanged node that is NotReady ended
+/// `not-started` (a failure) after the grace instead of `already-installed`.
+#[test]
+fn an_installed_not_ready_node_is_already_installed_not_failed() {
+    let mut c = cfg(1);
+    c.skip_installed = Some("h1".into());
+    let mut t = T::new(c);
+    let mut a = node("a");
+    a.ready = false;
+    a.installed_hash = Some("h1".into());
+    t.feed(Input::NodeSeen(a));
+    t.start();
+    t.advance(Duration::from_secs(61));
+    assert!(t.lc.is_done());
+    let r = t.lc.into_results();
+    assert_eq!(r["a"].0, Outcome::AlreadyInstalled, "{r:?}");
 }
 
 #[test]
@@ -671,6 +771,8 @@ struct Model {
     seq: u64,
     parallelism: usize,
     foreign_uids: HashSet<String>,
+    /// Nodes the lifecycle gave up on (per-node timeout): what is stuck there takes no slot.
+    timed_out_nodes: HashSet<String>,
     trace: Vec<String>,
 }
 
@@ -729,7 +831,11 @@ impl Model {
                 busy.insert(&j.node);
             }
         }
-        for n in self.orphan_pods.values() {
+        for n in self
+            .orphan_pods
+            .values()
+            .filter(|n| !self.timed_out_nodes.contains(*n))
+        {
             busy.insert(n);
         }
         busy.len()
@@ -820,6 +926,7 @@ impl Model {
                     for j in self.jobs.values_mut().filter(|j| j.node == node) {
                         j.timed_out = true;
                     }
+                    self.timed_out_nodes.insert(node);
                 }
                 Action::Adopted { .. } | Action::Report { .. } => {}
             }
@@ -1004,6 +1111,7 @@ fn random_run(seed: u64) {
         seq: 0,
         parallelism,
         foreign_uids: HashSet::new(),
+        timed_out_nodes: HashSet::new(),
         trace: Vec::new(),
     };
     let mut lc = Lifecycle::new(
