@@ -70,6 +70,10 @@ pub struct PendingRestart {
     /// restores, also when the stage that wrote them was killed by the restart.
     #[serde(default)]
     pub previous: Vec<PreviousFile>,
+    /// The state record of before the unverified write, restored with the files on rollback so
+    /// the record names what the runtime serves again. None in records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_state: Option<Box<CriState>>,
 }
 
 /// One file as it was before an unverified write.

@@ -211,7 +211,12 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     // A previous unverified write keeps its record (its "previous" is the last known good).
     let hash = content_hash(&changes);
     if changes.iter().any(|c| c.current != c.new) {
-        state.pending = Some(pending_restart(state.pending.as_ref(), &hash, &changes));
+        state.pending = Some(pending_restart(
+            state.pending.as_ref(),
+            &hash,
+            &changes,
+            &prev_state,
+        ));
     }
     let result = write_changes(ctx, &mut state, &state_path, &changes, &install);
     let changed = result?;
@@ -236,12 +241,14 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     })
 }
 
-/// The pending-restart record for writing `changes`: the files as they were before, unless an
-/// earlier unverified write already recorded them (then those are the last known good).
+/// The pending-restart record for writing `changes`: the files and the state record as they were
+/// before, unless an earlier unverified write already recorded them (then those are the last
+/// known good).
 fn pending_restart(
     earlier: Option<&PendingRestart>,
     hash: &str,
     changes: &[Change],
+    before: &CriState,
 ) -> PendingRestart {
     let mut previous = earlier.map(|p| p.previous.clone()).unwrap_or_default();
     for c in changes.iter().filter(|c| c.current != c.new) {
@@ -260,6 +267,13 @@ fn pending_restart(
         boot_id: boot_id(),
         requested_mono_us: monotonic_now_us(),
         previous,
+        previous_state: match earlier {
+            Some(p) => p.previous_state.clone(),
+            None => Some(Box::new(CriState {
+                pending: None,
+                ..before.clone()
+            })),
+        },
     }
 }
 
@@ -306,6 +320,10 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
     for f in &state.files {
         changes.push(restore_change(fs, &state, f, &imports, &proxy)?);
     }
+    // Rewrites before removals: a drop-in goes only once no file imports it any more (containerd
+    // refuses to start with an explicit import of a missing file; a crash in between must not
+    // leave that).
+    changes.sort_by_key(|c| c.new.is_none());
     let mut changed = Vec::new();
     for c in &changes {
         // A crash between writing a temp file and renaming it leaves the temp beside the file.

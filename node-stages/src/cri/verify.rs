@@ -75,16 +75,13 @@ pub(super) fn converge_runtime(
         ));
         return Ok(true);
     }
-    let previous = state
-        .pending
-        .as_ref()
-        .map(|p| p.previous.clone())
-        .unwrap_or_default();
+    let earlier = state.pending.as_ref();
     let stamp = PendingRestart {
         content: hash.to_string(),
         boot_id: boot_id(),
         requested_mono_us: monotonic_now_us(),
-        previous,
+        previous: earlier.map(|p| p.previous.clone()).unwrap_or_default(),
+        previous_state: earlier.and_then(|p| p.previous_state.clone()),
     };
     state.pending = Some(stamp.clone());
     write_state(fs, state_path, state)?;
@@ -108,13 +105,12 @@ pub(super) fn converge_runtime(
         Err(e @ StageError::InjectedFault { .. }) => Err(e),
         Err(e) => {
             tracing::error!(stage = "cri", unit, error = %e, "runtime did not come back with the new configuration; restoring the previous one");
-            let restored = rollback(ctx, unit, &stamp.previous);
-            let hint = match restored {
+            let hint = match rollback(ctx, unit, &stamp.previous) {
                 Ok(()) => {
-                    state.pending = None;
-                    write_state(fs, state_path, state)?;
+                    restore_previous_state(ctx, state_path, state, stamp.previous_state)?;
                     "The previous configuration was restored and the runtime restarted with it. Check the runtime logs (journalctl -u <unit>) for why it rejected the new configuration".to_string()
                 }
+                Err(e @ StageError::InjectedFault { .. }) => return Err(e),
                 Err(re) => format!("Restoring the previous configuration ALSO failed ({re}); restore it by hand from the backups in {}", ctx.cfg.install().state_dir().display()),
             };
             Err(StageError::Runtime {
@@ -169,8 +165,47 @@ fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expec
     }
 }
 
+/// Puts the state record back to what it was before the rolled-back write: the runtime serves
+/// those handlers from those files again. A first install leaves no record (nothing to revert);
+/// a record of an older version (no previous state) only loses its pending restart.
+fn restore_previous_state(
+    ctx: &CriContext,
+    state_path: &Path,
+    state: &mut CriState,
+    previous: Option<Box<CriState>>,
+) -> Result<()> {
+    let fs = ctx.fs;
+    match previous {
+        None => state.pending = None,
+        Some(prev) => {
+            // Directories this run created for files the rollback removed go when empty.
+            let mut created: Vec<_> = state
+                .created_dirs
+                .iter()
+                .filter(|d| !prev.created_dirs.contains(d))
+                .collect();
+            created.sort();
+            for d in created.into_iter().rev() {
+                fs.remove_dir_if_empty(d)?;
+            }
+            *state = CriState {
+                pending: None,
+                ..*prev
+            };
+        }
+    }
+    if state.files.is_empty() {
+        fs.remove_file(state_path)?;
+        return super::cleanup_state_leftovers(fs, &ctx.cfg.install());
+    }
+    write_state(fs, state_path, state)
+}
+
+/// Restores `previous` (rewritten files first, removed ones last: a drop-in goes only after the
+/// import naming it), then restarts the runtime with it.
 fn rollback(ctx: &CriContext, unit: &str, previous: &[PreviousFile]) -> Result<()> {
-    for p in previous {
+    let (rewrites, removals): (Vec<_>, Vec<_>) = previous.iter().partition(|p| p.content.is_some());
+    for p in rewrites.into_iter().chain(removals) {
         match &p.content {
             Some(b) => ctx.fs.write_preserving(&p.path, b.as_bytes(), 0o644)?,
             None => {

@@ -1,0 +1,168 @@
+//! Day-2 transitions on fake host roots: what a change between two configurations, a failed
+//! restart or a crash in the middle of one leaves on the node. Each test reproduces a defect a
+//! review found (issue 20) and failed before its fix.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use kata_deploy_stage::error::StageError;
+use kata_deploy_stage::hostfs::HostFs;
+use kata_deploy_stage::state::CriState;
+
+fn hfs(root: &Path) -> HostFs {
+    HostFs::new(root, false)
+}
+
+fn cri_state(root: &Path) -> Option<CriState> {
+    let p = root.join("var/lib/kata-deploy/cri.json");
+    std::fs::read(p)
+        .ok()
+        .map(|b| serde_json::from_slice(&b).unwrap())
+}
+
+const COCO: &str = "kata-qemu-coco-dev";
+const COCO_CONFIG: &str = "opt/kata/share/defaults/kata-containers/runtimes/qemu-coco-dev/configuration-qemu-coco-dev.toml";
+
+/// A restart that fails is rolled back to the files of before the run, and the state record goes
+/// back with them: it names the handlers the runtime serves again, so the next run neither
+/// deletes their files nor saves our old handler into the "pristine" backup of an in-place edit
+/// (which uninstall would then restore, leaving a handler of ours behind for good).
+#[test]
+fn a_rolled_back_upgrade_restores_the_state_record_too() {
+    for name in ["containerd-1.7", "containerd-2.0", "k3s"] {
+        let f = flavour(name);
+        let host = make_host(&f);
+        let original = snapshot(host.path());
+        let facts = facts(&f);
+        let rt = FakeRuntime::default();
+        install(&hfs(host.path()), &config(TWO_SHIMS), &facts, &rt).unwrap();
+        let before_upgrade = cri_state(host.path()).unwrap();
+        // The upgrade drops the coco shim; the runtime comes back without our handlers.
+        *rt.served.lock().unwrap() = Some(vec!["runc".into()]);
+        let e = install(&hfs(host.path()), &config(ONE_SHIM), &facts, &rt).unwrap_err();
+        assert!(matches!(e, StageError::Runtime { .. }), "{name}: {e}");
+        let after = cri_state(host.path()).unwrap();
+        assert!(
+            after.handlers.iter().any(|h| h == COCO),
+            "{name}: after the rollback the runtime serves {COCO} again but the state records {:?}",
+            after.handlers
+        );
+        assert_eq!(
+            after.files, before_upgrade.files,
+            "{name}: the state's files must be those of before the failed run"
+        );
+        assert!(after.pending.is_none(), "{name}: rollback verified");
+        assert!(
+            host.path().join(COCO_CONFIG).exists(),
+            "{name}: the served handler's files must stay"
+        );
+        // The next run converges, and uninstall restores every byte.
+        *rt.served.lock().unwrap() = None;
+        install(&hfs(host.path()), &config(ONE_SHIM), &facts, &rt).unwrap();
+        uninstall(&hfs(host.path()), &config(ONE_SHIM), &facts, &rt).unwrap();
+        let end = snapshot(host.path());
+        assert!(
+            end == original,
+            "{name}: uninstall after a rolled-back upgrade left:\n{}",
+            snapshot_diff(&original, &end)
+        );
+    }
+}
+
+/// A first install whose restart fails leaves no state: the host is as before, nothing to revert.
+#[test]
+fn a_rolled_back_first_install_leaves_no_state_record() {
+    let f = flavour("containerd-2.0");
+    let host = make_host(&f);
+    let facts = facts(&f);
+    let rt = FakeRuntime::default();
+    *rt.served.lock().unwrap() = Some(vec!["runc".into()]);
+    let before = std::fs::read(host.path().join("etc/containerd/config.toml")).unwrap();
+    install(&hfs(host.path()), &config(ONE_SHIM), &facts, &rt).unwrap_err();
+    assert!(
+        cri_state(host.path()).is_none(),
+        "{:?}",
+        cri_state(host.path())
+    );
+    assert_eq!(
+        std::fs::read(host.path().join("etc/containerd/config.toml")).unwrap(),
+        before
+    );
+    assert!(!host.path().join("etc/containerd/conf.d").exists());
+}
+
+/// The explicit imports of containerd's config.toml (containerd refuses to start when an
+/// explicitly imported file is missing).
+fn missing_imports(root: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(root.join("etc/containerd/config.toml")) else {
+        return vec![];
+    };
+    let doc: toml_edit::DocumentMut = text.parse().unwrap();
+    let Some(imports) = doc.get("imports").and_then(|i| i.as_array()) else {
+        return vec![];
+    };
+    imports
+        .iter()
+        .filter_map(|v| v.as_str())
+        .filter(|p| !p.contains('*'))
+        .filter(|p| !root.join(p.trim_start_matches('/')).exists())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Revert and rollback remove a drop-in only after the import naming it is gone: a crash (or a
+/// reboot) at any point in between never leaves a config.toml importing a missing file.
+#[test]
+fn a_crash_anywhere_in_revert_never_leaves_an_import_of_a_missing_file() {
+    let f = flavour("containerd-2.0");
+    let facts = facts(&f);
+    let cfg = config(TWO_SHIMS);
+    let mut points = 0;
+    for n in 0.. {
+        let host = make_host(&f);
+        let rt = FakeRuntime::default();
+        install(&hfs(host.path()), &cfg, &facts, &rt).unwrap();
+        assert!(missing_imports(host.path()).is_empty());
+        let fs = hfs(host.path());
+        fs.fail_at_op(Some(n));
+        match uninstall(&fs, &cfg, &facts, &rt) {
+            Ok(_) => break,
+            Err(StageError::InjectedFault { .. }) => points += 1,
+            Err(e) => panic!("crash at op {n}: unexpected error {e}"),
+        }
+        let missing = missing_imports(host.path());
+        assert!(
+            missing.is_empty(),
+            "crash at op {n} of the uninstall: config.toml imports missing {missing:?}"
+        );
+    }
+    assert!(points > 3, "only {points} crash points");
+}
+
+/// A rollback of a first install on containerd 2 restores config.toml before removing the
+/// drop-in it imported: a crash between the two leaves a runtime that still starts.
+#[test]
+fn a_crash_in_a_rollback_never_leaves_an_import_of_a_missing_file() {
+    let f = flavour("containerd-2.0");
+    let facts = facts(&f);
+    let cfg = config(ONE_SHIM);
+    for n in 0.. {
+        let host = make_host(&f);
+        let rt = FakeRuntime::default();
+        *rt.served.lock().unwrap() = Some(vec!["runc".into()]);
+        let fs = hfs(host.path());
+        fs.fail_at_op(Some(n));
+        match install(&fs, &cfg, &facts, &rt) {
+            Err(StageError::InjectedFault { .. }) => {}
+            Err(StageError::Runtime { .. }) => break,
+            other => panic!("crash at op {n}: unexpected {:?}", other.map(drop)),
+        }
+        let missing = missing_imports(host.path());
+        assert!(
+            missing.is_empty(),
+            "crash at op {n} of a rolled-back install: config.toml imports missing {missing:?}"
+        );
+    }
+}
