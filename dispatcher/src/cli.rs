@@ -94,11 +94,36 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_IGNORE_TAINTS")]
     pub ignore_taints: bool,
 
-    /// Record each success on the Node (annotation katacontainers.io/installed-by-<prefix> = the
-    /// template hash) and skip nodes whose last success ran this very template: an upgrade that
-    /// changed nothing creates no Job. For the install dispatcher only.
+    /// Record each success on the Node (annotation katacontainers.io/installed-by-<prefix> =
+    /// `<template hash>.<machine ID>`) and skip nodes that tell this very template is installed:
+    /// the record names this template and the node's current machine ID, the node carries
+    /// --installed-label, and its runtime handlers (when it reports any) include every
+    /// --expect-handler. An upgrade that changed nothing creates no Job. For the install
+    /// dispatcher only.
     #[arg(long, env = "DISPATCHER_SKIP_INSTALLED")]
     pub skip_installed: bool,
+
+    /// With --skip-installed: the label (KEY=VALUE) an installed node carries, e.g.
+    /// katacontainers.io/kata-runtime=true; a node without it is installed again. Without this
+    /// flag the label is not checked.
+    #[arg(long, env = "DISPATCHER_INSTALLED_LABEL", value_parser = parse_label)]
+    pub installed_label: Option<(String, String)>,
+
+    /// With --skip-installed: a runtime handler an installed node reports in
+    /// status.runtimeHandlers (repeat it, or separate with ',' in the env var); a node that
+    /// reports handlers but not this one is installed again. Nodes that report no handlers
+    /// (kubelet older than 1.30) are not checked.
+    #[arg(
+        long = "expect-handler",
+        env = "DISPATCHER_EXPECT_HANDLERS",
+        value_delimiter = ','
+    )]
+    pub expect_handlers: Vec<String>,
+
+    /// Run every node again, whatever its install record says (records are still written with
+    /// --skip-installed).
+    #[arg(long, env = "DISPATCHER_REINSTALL_ALL")]
+    pub reinstall_all: bool,
 
     /// Record each node's result as an Event on its Node (`kubectl describe node`).
     #[arg(long, env = "DISPATCHER_NODE_EVENTS", action = ArgAction::Set, default_value_t = true)]
@@ -172,6 +197,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration {s:?}: {e}; use e.g. 500ms, 90s, 30m or 1h30m"))
 }
 
+/// Parses `KEY=VALUE` (a label the Node must carry).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.trim().split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!(
+            "invalid label {s:?}: use KEY=VALUE, e.g. katacontainers.io/kata-runtime=true"
+        )),
+    }
+}
+
 /// [`parse_duration`] for periods: a zero period would make the progress timer spin (tokio
 /// refuses it with a panic), so it is refused here, where the user can still fix the flag.
 pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -230,6 +265,32 @@ mod tests {
         let a =
             Args::try_parse_from(["d", "--template", "t", "--progress-interval", "1s"]).unwrap();
         assert_eq!(a.progress_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn install_checks_parse() {
+        let a = Args::try_parse_from([
+            "d",
+            "--template",
+            "t",
+            "--installed-label",
+            "katacontainers.io/kata-runtime=true",
+            "--expect-handler",
+            "kata-qemu",
+            "--expect-handler",
+            "kata-clh",
+            "--reinstall-all",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.installed_label,
+            Some(("katacontainers.io/kata-runtime".into(), "true".into()))
+        );
+        assert_eq!(a.expect_handlers, ["kata-qemu", "kata-clh"]);
+        assert!(a.reinstall_all);
+        let e = Args::try_parse_from(["d", "--template", "t", "--installed-label", "no-value"])
+            .unwrap_err();
+        assert!(e.to_string().contains("KEY=VALUE"), "{e}");
     }
 
     #[test]

@@ -192,8 +192,54 @@ pub struct NodeObs {
     pub ready: bool,
     /// The first taint the Job template does not tolerate (DaemonSet rules), if any.
     pub untolerated: Option<String>,
-    /// The template hash recorded on the Node by this dispatcher's last success there.
-    pub installed_hash: Option<String>,
+    /// The install record on the Node (annotation `katacontainers.io/installed-by-<prefix>`),
+    /// written by this dispatcher's last success there: see [`install_record`].
+    pub record: Option<String>,
+    /// The Node carries the install's marker label (`--installed-label`; true without one).
+    pub marked: bool,
+    /// `status.runtimeHandlers` names (empty on kubelets that do not report them).
+    pub runtime_handlers: Vec<String>,
+}
+
+/// What makes a node count as already installed (`--skip-installed`): everything the Node tells
+/// must agree, since the record alone survives a re-imaged machine or a stage that undid itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkipRule {
+    /// The template hash the record must name.
+    pub hash: String,
+    /// Runtime handlers the Node must report (checked only when it reports any).
+    pub handlers: Vec<String>,
+}
+
+impl SkipRule {
+    /// Whether `obs` tells, by this rule, that the template is installed. Anything missing or
+    /// different means "not installed": the node gets its Job (a needless re-run is cheap, a
+    /// skipped broken node is not).
+    pub fn is_installed(&self, obs: &NodeObs) -> bool {
+        let machine = obs.facts.machine_id.as_str();
+        // An old record (the hash alone) names no machine: not trusted. A node that reports no
+        // machine ID cannot show it is the machine the record names.
+        let record_ok = obs
+            .record
+            .as_deref()
+            .and_then(|r| r.split_once(RECORD_SEPARATOR))
+            .is_some_and(|(hash, id)| hash == self.hash && !machine.is_empty() && id == machine);
+        // Kubelets before 1.30 report no handlers: then there is nothing to check.
+        let handlers_ok = obs.runtime_handlers.is_empty()
+            || self
+                .handlers
+                .iter()
+                .all(|h| obs.runtime_handlers.contains(h));
+        record_ok && obs.marked && handlers_ok
+    }
+}
+
+/// Separates the template hash from the machine ID in the install record.
+const RECORD_SEPARATOR: char = '.';
+
+/// The install record written after a success: the template hash and the machine it ran on.
+pub fn install_record(template_hash: &str, machine_id: &str) -> String {
+    format!("{template_hash}{RECORD_SEPARATOR}{machine_id}")
 }
 
 /// What the shell read from one Job carrying this dispatcher's label.
@@ -369,6 +415,8 @@ pub enum Action {
         job: String,
         /// The node's UID as last seen (empty when never seen).
         node_uid: String,
+        /// The node's machine ID as last seen (for the install record).
+        machine_id: String,
         /// Outcome.
         outcome: Outcome,
         /// How long its Job took, when one ran.
@@ -385,8 +433,8 @@ pub struct Config {
     pub budget: Budget,
     /// A Job running longer than this fails its node and is deleted, freeing the slot.
     pub node_timeout: Option<Duration>,
-    /// Skip nodes whose recorded hash equals this template hash.
-    pub skip_installed: Option<String>,
+    /// Skip nodes that tell, by this rule, that this template is installed.
+    pub skip_installed: Option<SkipRule>,
     /// How long a NotReady or tainted node may keep the run waiting once nothing else is left
     /// (a node that just joined is NotReady and tainted for a few seconds).
     pub unready_grace: Duration,
@@ -1230,9 +1278,10 @@ impl Lifecycle {
 
     /// Whether the Node's own view says this template is installed there (`--skip-installed`).
     fn is_installed(&self, obs: &NodeObs) -> bool {
-        obs.selected
-            && self.cfg.skip_installed.is_some()
-            && obs.installed_hash == self.cfg.skip_installed
+        self.cfg
+            .skip_installed
+            .as_ref()
+            .is_some_and(|rule| obs.selected && rule.is_installed(obs))
     }
 
     fn on_discovery_done(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -1341,10 +1390,10 @@ impl Lifecycle {
             .map(|s| now.saturating_duration_since(s));
         let rec = self.rec(node);
         rec.took = took;
-        let node_uid = rec
+        let (node_uid, machine_id) = rec
             .obs
             .as_ref()
-            .map(|o| o.facts.uid.clone())
+            .map(|o| (o.facts.uid.clone(), o.facts.machine_id.clone()))
             .unwrap_or_default();
         // Whatever Job is left on the node is no longer this node's current work: should the
         // node become a target again (re-created, re-selected), that Job must be gone first.
@@ -1353,6 +1402,7 @@ impl Lifecycle {
             node: node.into(),
             job,
             node_uid,
+            machine_id,
             outcome: outcome.clone(),
             took,
         });

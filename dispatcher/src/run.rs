@@ -6,8 +6,8 @@ use crate::admission::Admission;
 use crate::cli::Args;
 use crate::kube_io::{ClusterApi, Right, SetupError, NODE_EVENTS_NAMESPACE};
 use crate::lifecycle::{
-    Action, Config, Conflicting, Created, Input, JobObs, Lifecycle, NodeObs, Outcome, PodObs,
-    Results, StopReason,
+    install_record, Action, Config, Conflicting, Created, Input, JobObs, Lifecycle, NodeObs,
+    Outcome, PodObs, Results, SkipRule, StopReason,
 };
 use crate::naming::{validate_prefix, NamingError};
 use crate::report;
@@ -94,7 +94,16 @@ pub fn resolve_namespace(flag: Option<&str>) -> Result<String, StartError> {
         .ok_or(StartError::NoNamespace)
 }
 
-/// The Node annotation recording the template hash of the last success under `prefix`.
+/// What `--skip-installed` checks, or `None` when nothing is skipped (`--reinstall-all`).
+pub fn skip_rule(args: &Args, template_hash: &str) -> Option<SkipRule> {
+    // --reinstall-all: records are still written, none is trusted.
+    (args.skip_installed && !args.reinstall_all).then(|| SkipRule {
+        hash: template_hash.to_owned(),
+        handlers: args.expect_handlers.clone(),
+    })
+}
+
+/// The Node annotation recording the last success under `prefix` ([`install_record`]).
 pub fn installed_annotation(prefix: &str) -> String {
     format!("katacontainers.io/installed-by-{prefix}")
 }
@@ -130,6 +139,8 @@ struct Translate {
     selection: Targets,
     admission: Admission,
     installed_key: String,
+    /// `--installed-label`: the label an installed node carries.
+    marker: Option<(String, String)>,
     run_id: String,
     template_hash: String,
 }
@@ -144,16 +155,31 @@ impl Translate {
             .as_ref()
             .and_then(|s| s.taints.as_deref())
             .unwrap_or_default();
+        let handlers = node
+            .status
+            .as_ref()
+            .and_then(|s| s.runtime_handlers.as_deref())
+            .unwrap_or_default();
         NodeObs {
             selected: self.selection.matches(&facts.name, labels),
             ready: node_ready(node),
             untolerated: self.admission.untolerated(taints),
-            installed_hash: node
+            record: node
                 .metadata
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(&self.installed_key))
                 .cloned(),
+            marked: self
+                .marker
+                .as_ref()
+                .is_none_or(|(k, v)| labels.get(k) == Some(v)),
+            // The default handler has an empty name: nothing to check there.
+            runtime_handlers: handlers
+                .iter()
+                .filter_map(|h| h.name.clone())
+                .filter(|n| !n.is_empty())
+                .collect(),
             facts,
         }
     }
@@ -299,6 +325,17 @@ pub fn rights(args: &Args, namespace: &str) -> Vec<Right> {
 
 type Op = BoxFuture<'static, Option<Input>>;
 
+/// A node's final result, as the shell reports it.
+struct NodeReport {
+    node: String,
+    job: String,
+    node_uid: String,
+    /// The install record to write on success ([`install_record`]).
+    record: String,
+    outcome: Outcome,
+    took: Option<Duration>,
+}
+
 struct Shell {
     api: ClusterApi,
     template: JobTemplate,
@@ -386,9 +423,20 @@ impl Shell {
                     node,
                     job,
                     node_uid,
+                    machine_id,
                     outcome,
                     took,
-                } => self.report(node, job, node_uid, outcome, took),
+                } => {
+                    let record = install_record(self.template.hash(), &machine_id);
+                    self.report(NodeReport {
+                        node,
+                        job,
+                        node_uid,
+                        record,
+                        outcome,
+                        took,
+                    })
+                }
             }
         }
     }
@@ -401,20 +449,22 @@ impl Shell {
             },
             admission: Admission::default(),
             installed_key: String::new(),
+            marker: None,
             run_id: self.run.run_id.clone(),
             template_hash: self.template.hash().to_owned(),
         }
     }
 
     /// Logs a node's result, records it as an Event on the Node, and keeps the install record.
-    fn report(
-        &mut self,
-        node: String,
-        job: String,
-        node_uid: String,
-        outcome: Outcome,
-        took: Option<Duration>,
-    ) {
+    fn report(&mut self, r: NodeReport) {
+        let NodeReport {
+            node,
+            job,
+            node_uid,
+            record: record_value,
+            outcome,
+            took,
+        } = r;
         match &outcome {
             o if o.is_ok() => {
                 info!(node = %node, job = %job, took = ?took, result = o.word(), reason = o.reason(), "node done")
@@ -445,7 +495,7 @@ impl Shell {
             // Bounded: many nodes can finish at once (adoption of a finished run).
             let _slot = limit.acquire_owned().await;
             if let Some(key) = record {
-                if let Err(e) = api.annotate_node(&node, &node_uid, &key, Some(&hash)).await {
+                if let Err(e) = api.annotate_node(&node, &node_uid, &key, Some(&record_value)).await {
                     warn!(node = %node, error = %e, "could not record the install on the Node; the next run re-installs it");
                 }
             }
@@ -622,7 +672,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         parallelism: args.parallelism as usize,
         budget: args.max_failures,
         node_timeout: Some(node_timeout),
-        skip_installed: args.skip_installed.then(|| template.hash().to_owned()),
+        skip_installed: skip_rule(&args, template.hash()),
         unready_grace: args.unready_grace,
         named,
     };
@@ -631,6 +681,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         selection: selection.clone(),
         admission,
         installed_key: installed_annotation(&run.prefix),
+        marker: args.installed_label.clone(),
         run_id: run.run_id.clone(),
         template_hash: template.hash().to_owned(),
     };
@@ -923,6 +974,7 @@ mod tests {
             selection: Targets::from_inputs(&[], &["zone=a".into()], &[], &[]).unwrap(),
             admission: Admission::from_template(&tpl, false).unwrap(),
             installed_key: installed_annotation("kd"),
+            marker: Some(("katacontainers.io/kata-runtime".into(), "true".into())),
             run_id: "run-1".into(),
             template_hash: "h1".into(),
         }
@@ -933,14 +985,21 @@ mod tests {
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": "n1", "uid": "u1", "labels": {"zone": "a"}, "annotations": {"katacontainers.io/installed-by-kd": "h0"}},
             "spec": {"taints": [{"key": "kwok", "effect": "NoSchedule"}, {"key": "gpu", "value": "x", "effect": "NoExecute"}]},
-            "status": {"conditions": [{"type": "Ready", "status": "False"}], "nodeInfo": {
+            "status": {"conditions": [{"type": "Ready", "status": "False"}],
+                "runtimeHandlers": [{"name": ""}, {"name": "kata-qemu"}], "nodeInfo": {
                 "machineID": "m", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "containerd://2.0.5",
                 "kubeletVersion": "v1.34.4", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}
         }))
         .unwrap();
         let o = translate().node(&node);
         assert!(o.selected && !o.ready);
-        assert_eq!(o.installed_hash.as_deref(), Some("h0"));
+        assert_eq!(o.record.as_deref(), Some("h0"));
+        assert!(!o.marked, "no marker label");
+        assert_eq!(
+            o.runtime_handlers,
+            ["kata-qemu"],
+            "the default (empty) handler is left out"
+        );
         assert!(
             o.untolerated
                 .as_deref()
@@ -951,14 +1010,18 @@ mod tests {
             (o.facts.uid.as_str(), o.facts.machine_id.as_str()),
             ("u1", "m")
         );
-        let bare: Node =
-            serde_json::from_value(json!({"metadata": {"name": "n2", "labels": {"zone": "b"}}}))
-                .unwrap();
+        let bare: Node = serde_json::from_value(json!({"metadata": {"name": "n2",
+            "labels": {"zone": "b", "katacontainers.io/kata-runtime": "true"}}}))
+        .unwrap();
         let o = translate().node(&bare);
         assert!(
             !o.selected && o.ready,
             "no Ready condition yet is not NotReady"
         );
+        assert!(o.marked && o.runtime_handlers.is_empty());
+        let mut t = translate();
+        t.marker = None;
+        assert!(t.node(&node).marked, "no --installed-label: not checked");
     }
 
     #[test]
@@ -995,6 +1058,23 @@ mod tests {
         )
         .unwrap();
         assert!(!pod_obs(&done).live);
+    }
+
+    #[test]
+    fn reinstall_all_skips_nothing_and_the_rule_carries_the_expected_handlers() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["d", "--template", "t", "--skip-installed"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).unwrap()
+        };
+        let rule = skip_rule(&parse(&["--expect-handler", "kata-qemu"]), "h1").unwrap();
+        assert_eq!(
+            (rule.hash.as_str(), &rule.handlers[..]),
+            ("h1", &["kata-qemu".to_string()][..])
+        );
+        assert_eq!(skip_rule(&parse(&["--reinstall-all"]), "h1"), None);
+        let plain = Args::try_parse_from(["d", "--template", "t"]).unwrap();
+        assert_eq!(skip_rule(&plain, "h1"), None);
     }
 
     #[test]

@@ -13,12 +13,24 @@ fn facts(name: &str, uid: &str) -> NodeFacts {
 
 fn node(name: &str) -> NodeObs {
     NodeObs {
-        facts: facts(name, &format!("uid-{name}")),
+        facts: NodeFacts {
+            machine_id: format!("m-{name}"),
+            ..facts(name, &format!("uid-{name}"))
+        },
         selected: true,
         ready: true,
         untolerated: None,
-        installed_hash: None,
+        record: None,
+        marked: true,
+        runtime_handlers: Vec::new(),
     }
+}
+
+fn skip(hash: &str, handlers: &[&str]) -> Option<SkipRule> {
+    Some(SkipRule {
+        hash: hash.into(),
+        handlers: handlers.iter().map(|h| h.to_string()).collect(),
+    })
 }
 
 fn cfg(parallelism: usize) -> Config {
@@ -622,11 +634,11 @@ fn a_queued_node_busy_with_a_stuck_pod_fails_after_the_per_node_timeout_naming_t
 #[test]
 fn an_installed_not_ready_node_is_already_installed_not_failed() {
     let mut c = cfg(1);
-    c.skip_installed = Some("h1".into());
+    c.skip_installed = skip("h1", &[]);
     let mut t = T::new(c);
     let mut a = node("a");
     a.ready = false;
-    a.installed_hash = Some("h1".into());
+    a.record = Some(install_record("h1", "m-a"));
     t.feed(Input::NodeSeen(a));
     t.start();
     t.advance(Duration::from_secs(61));
@@ -683,12 +695,12 @@ fn failed_job_reports_the_detail() {
 #[test]
 fn already_installed_node_gets_no_job() {
     let mut c = cfg(1);
-    c.skip_installed = Some("h1".into());
+    c.skip_installed = skip("h1", &[]);
     let mut t = T::new(c);
     let mut a = node("a");
-    a.installed_hash = Some("h1".into());
+    a.record = Some(install_record("h1", "m-a"));
     let mut b = node("b");
-    b.installed_hash = Some("h0".into());
+    b.record = Some(install_record("h0", "m-b"));
     t.feed(Input::NodeSeen(a));
     t.feed(Input::NodeSeen(b));
     assert_eq!(
@@ -697,6 +709,74 @@ fn already_installed_node_gets_no_job() {
         "a skipped without taking the slot"
     );
     assert_eq!(t.result("a"), Some(Outcome::AlreadyInstalled));
+}
+
+/// Issue 21: the record (a template hash) alone was trusted. A node counts as installed only
+/// when the record names this template and this machine, the marker label is there and the
+/// runtime handlers (when reported) include the expected ones.
+#[test]
+fn a_node_is_installed_only_when_the_record_the_machine_the_label_and_the_handlers_agree() {
+    let mut c = cfg(10);
+    c.skip_installed = skip("h1", &["kata-qemu"]);
+    let mut t = T::new(c);
+    let with = |name: &str, record: &str, f: &dyn Fn(&mut NodeObs)| {
+        let mut n = node(name);
+        n.record = Some(record.into());
+        n.runtime_handlers = vec!["runc".into(), "kata-qemu".into()];
+        f(&mut n);
+        n
+    };
+    let nodes = [
+        with("ok", "h1.m-ok", &|_| {}),
+        with("no-handlers-reported", "h1.m-no-handlers-reported", &|n| {
+            n.runtime_handlers.clear()
+        }),
+        with("old-record", "h1", &|_| {}),
+        with("other-machine", "h1.m-before-reimage", &|_| {}),
+        with("other-template", "h0.m-other-template", &|_| {}),
+        with("unmarked", "h1.m-unmarked", &|n| n.marked = false),
+        with("handler-missing", "h1.m-handler-missing", &|n| {
+            n.runtime_handlers = vec!["runc".into()]
+        }),
+        with("no-machine-id", "h1.", &|n| n.facts.machine_id.clear()),
+    ];
+    for n in nodes {
+        t.feed(Input::NodeSeen(n));
+    }
+    let mut created = creates(&t.start());
+    created.sort();
+    assert_eq!(
+        created,
+        [
+            "handler-missing",
+            "no-machine-id",
+            "old-record",
+            "other-machine",
+            "other-template",
+            "unmarked"
+        ]
+    );
+    assert_eq!(t.result("ok"), Some(Outcome::AlreadyInstalled));
+    assert_eq!(
+        t.result("no-handlers-reported"),
+        Some(Outcome::AlreadyInstalled)
+    );
+}
+
+#[test]
+fn the_install_record_names_the_template_and_the_machine_and_reports_carry_the_machine() {
+    assert_eq!(install_record("0123abcd", "m1"), "0123abcd.m1");
+    let mut t = T::with_nodes(cfg(1), &["a"]);
+    t.start();
+    t.created("a");
+    t.finish_ok("a");
+    assert!(
+        t.log
+            .iter()
+            .any(|a| matches!(a, Action::Report { machine_id, .. } if machine_id == "m-a")),
+        "{:?}",
+        t.log
+    );
 }
 
 #[test]
@@ -802,7 +882,9 @@ impl Model {
             selected: n.selected,
             ready: true,
             untolerated: None,
-            installed_hash: None,
+            record: None,
+            marked: true,
+            runtime_handlers: Vec::new(),
         }
     }
     fn emit_job(&mut self, name: &str) {
