@@ -1,10 +1,12 @@
 //! Thin API shell: every call the dispatcher makes, with bounded retries of transient errors.
 
+use crate::supersede::{Kind, Leftover};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
 };
@@ -153,6 +155,26 @@ pub struct ClusterApi {
 }
 
 const CALL_BUDGET: Duration = Duration::from_secs(60);
+
+/// Objects per page of a metadata-only list (a name, a UID and a few labels each).
+const LIST_PAGE: u32 = 500;
+
+/// A listed Job or pod of the superseded dispatcher, as [`crate::supersede`] reads it.
+fn leftover(kind: Kind, meta: ObjectMeta) -> Leftover {
+    let node = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::template::ANNOTATION_NODE_NAME))
+        .cloned()
+        .unwrap_or_default();
+    Leftover {
+        kind,
+        name: meta.name.unwrap_or_default(),
+        uid: meta.uid.unwrap_or_default(),
+        node,
+        deleting: meta.deletion_timestamp.is_some(),
+    }
+}
 
 /// Events about a Node go to `default` (the API server refuses other namespaces for an object
 /// without one), where `kubectl describe node` finds them.
@@ -365,42 +387,43 @@ impl ClusterApi {
         }
     }
 
-    /// Names of the Jobs and live pods carrying `selector`, in this namespace.
-    pub async fn list_labelled(
+    /// The Jobs and live pods carrying `selector`, in this namespace: metadata only and page by
+    /// page, so stopping a large install (polled every second) costs names, not whole objects.
+    pub async fn list_leftovers(&self, selector: &str) -> Result<Vec<Leftover>, kube::Error> {
+        let jobs = ListParams::default().labels(selector);
+        // Finished pods no longer run anything on their host: not waited for (as before).
+        let live = jobs
+            .clone()
+            .fields("status.phase!=Succeeded,status.phase!=Failed");
+        let jobs = self.list_meta_pages(&self.jobs, jobs, "list jobs").await?;
+        let pods = self.list_meta_pages(&self.pods, live, "list pods").await?;
+        let jobs = jobs.into_iter().map(|m| leftover(Kind::Job, m));
+        Ok(jobs
+            .chain(pods.into_iter().map(|m| leftover(Kind::Pod, m)))
+            .collect())
+    }
+
+    /// Every object of a (label- or field-selected) list, metadata only, `LIST_PAGE` at a time.
+    async fn list_meta_pages<K>(
         &self,
-        selector: &str,
-    ) -> Result<(Vec<(String, String, bool)>, usize), kube::Error> {
-        let lp = ListParams::default().labels(selector);
-        let jobs = with_retry("list jobs", &self.stats, CALL_BUDGET, || {
-            self.jobs.list(&lp)
-        })
-        .await?;
-        let pods = with_retry("list pods", &self.stats, CALL_BUDGET, || {
-            self.pods.list(&lp)
-        })
-        .await?;
-        let live = pods
-            .items
-            .iter()
-            .filter(|p| {
-                !matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                )
-            })
-            .count();
-        let jobs = jobs
-            .items
-            .into_iter()
-            .map(|j| {
-                (
-                    j.metadata.name.unwrap_or_default(),
-                    j.metadata.uid.unwrap_or_default(),
-                    j.metadata.deletion_timestamp.is_some(),
-                )
-            })
-            .collect();
-        Ok((jobs, live))
+        api: &Api<K>,
+        lp: ListParams,
+        what: &str,
+    ) -> Result<Vec<ObjectMeta>, kube::Error>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut lp = lp.limit(LIST_PAGE);
+        let mut out = Vec::new();
+        loop {
+            let page =
+                with_retry(what, &self.stats, CALL_BUDGET, || api.list_metadata(&lp)).await?;
+            out.extend(page.items.into_iter().map(|o| o.metadata));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => lp = lp.continue_token(&token),
+                None => return Ok(out),
+            }
+        }
     }
 
     /// Reads one Job (after a create conflict).

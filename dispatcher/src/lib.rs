@@ -3,7 +3,7 @@
 //! Pure core: [`select`] (which nodes), [`admission`] (taints, DaemonSet rules), [`naming`] (Job
 //! names), [`template`] (per-node Jobs), [`lifecycle`] (the per-node state machine: dispatch,
 //! replace, adopt, finish, abandon), [`status`] (reading Jobs and Pods), [`report`] (what a
-//! person reads). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
+//! person reads), [`supersede`] (stopping the superseded dispatcher). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
 
 pub mod admission;
 pub mod cli;
@@ -14,4 +14,5 @@ pub mod report;
 pub mod run;
 pub mod select;
 pub mod status;
+pub mod supersede;
 pub mod template;

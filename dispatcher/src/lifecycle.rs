@@ -440,6 +440,9 @@ pub struct Config {
     pub unready_grace: Duration,
     /// Explicitly named nodes (they must exist), or `None` for a label selection.
     pub named: Option<Vec<String>>,
+    /// Nodes not to dispatch to, with why (a Job or pod of the superseded install is stuck
+    /// there): they fail with that reason instead.
+    pub held: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1580,6 +1583,11 @@ impl Lifecycle {
         rec.busy_counted = counts;
         rec.class = class;
         match phase {
+            // The superseded install left something stuck there: never overlap with it.
+            Phase::Queued if self.started && self.cfg.held.contains_key(node) => {
+                let why = self.cfg.held[node].clone();
+                self.finish(now, node, Outcome::Failed(why), out)
+            }
             // Installed and unchanged: nothing to do there, whether the node is Ready or not
             // (a NotReady node must not fail a run that has nothing to change on it).
             Phase::Queued if self.started && class != Some(Class::Busy) && installed => {

@@ -13,6 +13,7 @@ use crate::naming::{validate_prefix, NamingError};
 use crate::report;
 use crate::select::{NodeSelection, SelectorError, Targets};
 use crate::status::job_phase;
+use crate::supersede::StopWait;
 use crate::template::{self, JobTemplate, NodeFacts, RunIdentity, TemplateError};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -59,6 +60,14 @@ pub enum StartError {
     /// No namespace known.
     #[error("no namespace: pass --namespace or set POD_NAMESPACE (the chart sets it from the downward API)")]
     NoNamespace,
+    /// The superseded dispatcher's per-node Jobs outlived the run deadline.
+    #[error("the per-node Jobs of {prefix} were not all gone when the run deadline passed ({last}); check them (kubectl get jobs,pods -l katacontainers.io/dispatcher={prefix}) and uninstall again, or raise --deadline")]
+    SupersedeDeadline {
+        /// The superseded prefix.
+        prefix: String,
+        /// What was left.
+        last: String,
+    },
     /// Empty selection with --require-nodes.
     #[error("no node matches {0}; label the nodes or change the selection, or drop --require-nodes to accept an empty run")]
     NoNodes(String),
@@ -526,76 +535,98 @@ impl Shell {
 
 /// Deletes the superseded dispatcher's Job, waits until it is gone, then deletes its per-node
 /// Jobs and waits until no Job or pod of it is left: an uninstall never interleaves with an
-/// install still running on the same node.
+/// install still running on the same node. Returns the nodes where something of it stayed past
+/// the per-node timeout (they are not cleaned by this run), with why.
 async fn supersede(
     api: &ClusterApi,
     args: &Args,
+    node_timeout: Duration,
+    deadline: tokio::time::Instant,
+) -> Result<BTreeMap<String, String>, StartError> {
+    if let Some(job) = &args.supersede_job {
+        let until = (tokio::time::Instant::now() + args.discovery_timeout).min(deadline);
+        stop_superseded_job(api, job, &args.discovery_timeout, until).await?;
+    }
+    match &args.supersede_prefix {
+        Some(prefix) => wait_for_leftovers(api, prefix, node_timeout, deadline).await,
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+/// Deletes the superseded dispatcher's own Job and waits until it is gone (it then starts no
+/// new per-node Job), within the discovery timeout.
+async fn stop_superseded_job(
+    api: &ClusterApi,
+    job: &str,
+    limit: &Duration,
     until: tokio::time::Instant,
 ) -> Result<(), StartError> {
-    let limit = humantime::format_duration(args.discovery_timeout).to_string();
-    let timeout = |what: &str, last: String| {
-        StartError::Setup(SetupError::DiscoveryTimeout {
-            what: what.into(),
-            limit: limit.clone(),
-            last,
-        })
-    };
-    if let Some(job) = &args.supersede_job {
-        info!(job = %job, "stopping the superseded dispatcher first");
-        api.delete_job(job)
-            .await
-            .map_err(|source| SetupError::Api {
-                what: format!("delete Job {job}"),
-                source,
-            })?;
-        loop {
-            match api.get_job(job).await {
-                Ok(None) => break,
-                Ok(Some(_)) => {}
-                Err(e) => {
-                    warn!(job = %job, error = %e, "cannot read the superseded dispatcher's Job; retrying")
-                }
+    info!(job = %job, "stopping the superseded dispatcher first");
+    api.delete_job(job)
+        .await
+        .map_err(|source| SetupError::Api {
+            what: format!("delete Job {job}"),
+            source,
+        })?;
+    loop {
+        match api.get_job(job).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(_)) => {}
+            Err(e) => {
+                warn!(job = %job, error = %e, "cannot read the superseded dispatcher's Job; retrying")
             }
-            if tokio::time::Instant::now() >= until {
-                return Err(timeout(
-                    &format!("stopping the superseded dispatcher Job {job}"),
-                    "it still exists".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        if tokio::time::Instant::now() >= until {
+            return Err(StartError::Setup(SetupError::DiscoveryTimeout {
+                what: format!("stopping the superseded dispatcher Job {job}"),
+                limit: humantime::format_duration(*limit).to_string(),
+                last: "it still exists".into(),
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    if let Some(prefix) = &args.supersede_prefix {
-        let selector = format!("{}={prefix}", template::LABEL_DISPATCHER);
-        loop {
-            let last = match api.list_labelled(&selector).await {
-                Ok((jobs, 0)) if jobs.is_empty() => break,
-                Ok((jobs, live)) => {
-                    for (name, uid, deleting) in &jobs {
-                        if !deleting {
-                            if let Err(e) = api.delete_job_uid(name, Some(uid)).await {
-                                warn!(job = %name, error = %e, "could not delete a Job of the superseded dispatcher");
-                            }
-                        }
+}
+
+/// Deletes the per-node Jobs of `prefix` and waits until they and their pods are gone; each
+/// Job or pod gets the per-node timeout, then it is reported and the wait goes on without it
+/// ([`StopWait`]). Bounded by the run deadline.
+async fn wait_for_leftovers(
+    api: &ClusterApi,
+    prefix: &str,
+    node_timeout: Duration,
+    deadline: tokio::time::Instant,
+) -> Result<BTreeMap<String, String>, StartError> {
+    let selector = format!("{}={prefix}", template::LABEL_DISPATCHER);
+    let mut wait = StopWait::new(node_timeout);
+    loop {
+        let last = match api.list_leftovers(&selector).await {
+            Ok(listed) => {
+                let step = wait.observe(Instant::now(), listed);
+                for l in &step.given_up {
+                    warn!(prefix = %prefix, kind = ?l.kind, name = %l.name, node = %l.node, timeout = %humantime::format_duration(node_timeout), "still there after the per-node timeout; its node is not cleaned by this run, the others are");
+                }
+                if step.done {
+                    break;
+                }
+                for l in &step.delete {
+                    if let Err(e) = api.delete_job_uid(&l.name, Some(&l.uid)).await {
+                        warn!(job = %l.name, error = %e, "could not delete a Job of the superseded dispatcher");
                     }
-                    format!(
-                        "{} Jobs and {live} running pods of {prefix} left",
-                        jobs.len()
-                    )
                 }
-                Err(e) => e.to_string(),
-            };
-            if tokio::time::Instant::now() >= until {
-                return Err(timeout(
-                    &format!("removing the per-node Jobs of {prefix}"),
-                    last,
-                ));
+                step.left
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartError::SupersedeDeadline {
+                prefix: prefix.into(),
+                last,
+            });
         }
-        info!(prefix = %prefix, "no Job or pod of the superseded dispatcher is left");
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    Ok(())
+    info!(prefix = %prefix, "no Job or pod of the superseded dispatcher is left (but those given up on)");
+    Ok(wait.stuck_nodes())
 }
 
 /// Runs the dispatcher to the end.
@@ -653,16 +684,18 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, budget = %args.max_failures, node_timeout = %humantime::format_duration(node_timeout), "dispatcher starting");
 
     let deadline = tokio::time::Instant::from_std(started + args.deadline);
-    let discovery_until = tokio::time::Instant::now() + args.discovery_timeout;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
+    let mut held = BTreeMap::new();
     if !args.dry_run && (args.supersede_job.is_some() || args.supersede_prefix.is_some()) {
-        tokio::select! {
-            r = supersede(&api, &args, discovery_until.min(deadline)) => r?,
+        held = tokio::select! {
+            r = supersede(&api, &args, node_timeout, deadline) => r?,
             _ = sigterm.recv() => return Ok(interrupted(&api)),
             _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
-        }
+        };
     }
+    // Discovery's own bound starts once the superseded dispatcher is stopped.
+    let discovery_until = tokio::time::Instant::now() + args.discovery_timeout;
 
     let named = match &selection.selection {
         NodeSelection::Names(n) => Some(n.clone()),
@@ -675,6 +708,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         skip_installed: skip_rule(&args, template.hash()),
         unready_grace: args.unready_grace,
         named,
+        held,
     };
     let mut lc = Lifecycle::new(cfg, &run.prefix);
     let tr = Translate {

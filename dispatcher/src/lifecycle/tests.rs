@@ -41,6 +41,7 @@ fn cfg(parallelism: usize) -> Config {
         skip_installed: None,
         unready_grace: Duration::from_secs(60),
         named: None,
+        held: BTreeMap::new(),
     }
 }
 
@@ -779,6 +780,28 @@ fn the_install_record_names_the_template_and_the_machine_and_reports_carry_the_m
     );
 }
 
+/// Issue 21 (uninstall): a node where the stopped install left a stuck pod is not cleaned (the
+/// two would overlap on one host); it fails with the reason, and the other nodes are cleaned.
+#[test]
+fn a_held_node_fails_with_its_reason_and_the_others_run() {
+    let mut c = cfg(1);
+    c.held
+        .insert("b".into(), "pod kd-install-b-x was still there".into());
+    let mut t = T::with_nodes(c, &["a", "b"]);
+    assert_eq!(creates(&t.start()), ["a"]);
+    t.created("a");
+    assert!(
+        creates(&t.finish_ok("a")).is_empty(),
+        "b is never dispatched"
+    );
+    assert!(t.lc.is_done());
+    assert!(
+        matches!(t.result("b"), Some(Outcome::Failed(r)) if r.contains("kd-install-b-x")),
+        "{:?}",
+        t.result("b")
+    );
+}
+
 #[test]
 fn stop_reports_queued_and_running() {
     let mut t = T::with_nodes(cfg(1), &["a", "b"]);
@@ -1204,6 +1227,7 @@ fn random_run(seed: u64) {
             skip_installed: None,
             unready_grace: Duration::from_secs(60),
             named: None,
+            held: BTreeMap::new(),
         },
         "kd",
     );
