@@ -476,6 +476,22 @@ impl Phase {
     }
 }
 
+/// What `refresh` derives about one node from the records.
+struct Derived {
+    /// An earlier Job or pod is alive on it (or a Job we must delete once created).
+    busy: bool,
+    /// A Job other than our current one holds our Job name for the node.
+    name_taken: bool,
+    /// The node tells this template is installed there (`--skip-installed`).
+    installed: bool,
+    /// Takes a slot without being in flight.
+    counts: bool,
+    /// Queue class, when queued.
+    class: Option<Class>,
+    /// Its phase.
+    phase: Phase,
+}
+
 /// What keeps a node busy (for the report when the wait times out).
 enum Holder {
     Job(String),
@@ -731,19 +747,7 @@ impl Lifecycle {
                 self.on_node(now, obs, &mut out);
             }
             Input::NodeGone(name) => self.on_node_gone(now, &name, &mut out),
-            Input::NodeListDone => {
-                if let Some(listed) = self.relist_nodes.take() {
-                    let gone: Vec<String> = self
-                        .nodes
-                        .iter()
-                        .filter(|(n, r)| r.obs.is_some() && !listed.contains(*n))
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    for n in gone {
-                        self.on_node_gone(now, &n, &mut out);
-                    }
-                }
-            }
+            Input::NodeListDone => self.on_node_list_done(now, &mut out),
             Input::JobListStarted => self.relist_jobs = Some(HashSet::new()),
             Input::JobSeen(job) => {
                 if let Some(set) = self.relist_jobs.as_mut() {
@@ -752,19 +756,7 @@ impl Lifecycle {
                 self.on_job(now, job, &mut out);
             }
             Input::JobGone(name) => self.on_job_gone(now, &name, &mut out),
-            Input::JobListDone => {
-                if let Some(listed) = self.relist_jobs.take() {
-                    let gone: Vec<String> = self
-                        .jobs
-                        .iter()
-                        .filter(|(n, j)| !j.placeholder && !listed.contains(*n))
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    for n in gone {
-                        self.on_job_gone(now, &n, &mut out);
-                    }
-                }
-            }
+            Input::JobListDone => self.on_job_list_done(now, &mut out),
             Input::PodListStarted => self.relist_pods = Some(HashSet::new()),
             Input::PodSeen(pod) => {
                 if let Some(set) = self.relist_pods.as_mut() {
@@ -773,30 +765,11 @@ impl Lifecycle {
                 self.on_pod(now, pod, &mut out);
             }
             Input::PodGone(name) => self.on_pod_gone(now, &name, &mut out),
-            Input::PodListDone => {
-                if let Some(listed) = self.relist_pods.take() {
-                    let gone: Vec<String> = self
-                        .pods
-                        .keys()
-                        .filter(|n| !listed.contains(*n))
-                        .cloned()
-                        .collect();
-                    for n in gone {
-                        self.on_pod_gone(now, &n, &mut out);
-                    }
-                }
-            }
+            Input::PodListDone => self.on_pod_list_done(now, &mut out),
             Input::DiscoveryDone => self.on_discovery_done(now, &mut out),
             Input::Created { node, result } => self.on_created(now, &node, result, &mut out),
             Input::ConflictRead { node, found } => self.on_conflict(now, &node, found, &mut out),
-            Input::Deleted { node, result } => {
-                if let Err(e) = result {
-                    if self.phase(&node) == Some(&Phase::Replacing) {
-                        let reason = format!("could not delete the Job of an earlier run or template: {e}; delete it by hand and re-run");
-                        self.finish(now, &node, Outcome::Failed(reason), &mut out);
-                    }
-                }
-            }
+            Input::Deleted { node, result } => self.on_deleted(now, &node, result, &mut out),
             Input::FailureDetail { node, reason } => {
                 if self.phase(&node) == Some(&Phase::Finishing) {
                     self.finish(now, &node, Outcome::Failed(reason), &mut out);
@@ -810,6 +783,68 @@ impl Lifecycle {
         self.dispatch(now, &mut out);
         self.peak = self.peak.max(self.taken());
         out
+    }
+
+    // ----- re-lists: what a re-list no longer shows is gone -----
+
+    fn on_node_list_done(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(listed) = self.relist_nodes.take() else {
+            return;
+        };
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(n, r)| r.obs.is_some() && !listed.contains(*n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            self.on_node_gone(now, &n, out);
+        }
+    }
+
+    fn on_job_list_done(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(listed) = self.relist_jobs.take() else {
+            return;
+        };
+        let gone: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(n, j)| !j.placeholder && !listed.contains(*n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            self.on_job_gone(now, &n, out);
+        }
+    }
+
+    fn on_pod_list_done(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(listed) = self.relist_pods.take() else {
+            return;
+        };
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|n| !listed.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.on_pod_gone(now, &n, out);
+        }
+    }
+
+    fn on_deleted(
+        &mut self,
+        now: Instant,
+        node: &str,
+        result: Result<(), String>,
+        out: &mut Vec<Action>,
+    ) {
+        if let Err(e) = result {
+            if self.phase(node) == Some(&Phase::Replacing) {
+                let reason = format!("could not delete the Job of an earlier run or template: {e}; delete it by hand and re-run");
+                self.finish(now, node, Outcome::Failed(reason), out);
+            }
+        }
     }
 
     fn phase(&self, node: &str) -> Option<&Phase> {
@@ -1414,7 +1449,6 @@ impl Lifecycle {
 
     /// Moves `node` to `new`, keeping every counter and index in step (the only place that does).
     fn set_phase(&mut self, now: Instant, node: &str, new: Phase, out: &mut Vec<Action>) {
-        let timeout = self.cfg.node_timeout;
         let rec = self.rec(node);
         let old = std::mem::replace(&mut rec.phase, new.clone());
         if matches!(new, Phase::Creating) && rec.started.is_none() {
@@ -1423,14 +1457,35 @@ impl Lifecycle {
         if matches!(new, Phase::Queued) {
             rec.started = None;
         }
-        // One per-node timeout from dispatch to the end, whatever the node waits for.
+        self.time_dispatch(now, node, &old, &new);
+        if old.in_flight() {
+            self.in_flight -= 1;
+        }
+        if new.in_flight() {
+            self.in_flight += 1;
+        }
+        let targeted = |p: &Phase| !matches!(p, Phase::Untargeted);
+        match (targeted(&old), targeted(&new)) {
+            (false, true) => self.total += 1,
+            (true, false) => self.total -= 1,
+            _ => {}
+        }
+        self.count_results(&old, &new);
+        self.count_queue(node, &old, &new);
+        self.refresh(now, node, out);
+    }
+
+    /// One per-node timeout from dispatch to the end, whatever the node waits for.
+    fn time_dispatch(&mut self, now: Instant, node: &str, old: &Phase, new: &Phase) {
+        let timeout = self.cfg.node_timeout;
         let timed = |p: &Phase| matches!(p, Phase::Replacing | Phase::Running | Phase::Abandoning);
-        let old_deadline = if timed(&old) && !timed(&new) {
+        let rec = self.rec(node);
+        let old_deadline = if timed(old) && !timed(new) {
             rec.deadline.take()
         } else {
             None
         };
-        let new_deadline = if timed(&new) && !timed(&old) {
+        let new_deadline = if timed(new) && !timed(old) {
             timeout.map(|t| now + t)
         } else {
             None
@@ -1444,65 +1499,72 @@ impl Lifecycle {
         if let Some(t) = new_deadline {
             self.deadlines.insert((t, node.to_owned()));
         }
-        if old.in_flight() {
-            self.in_flight -= 1;
-        }
-        if new.in_flight() {
-            self.in_flight += 1;
-        }
-        let targeted = |p: &Phase| !matches!(p, Phase::Untargeted);
-        match (targeted(&old), targeted(&new)) {
-            (false, true) => self.total += 1,
-            (true, false) => self.total -= 1,
-            _ => {}
-        }
-        if let Phase::Done(o) = &old {
+    }
+
+    /// Keeps the result counters and the failure budget in step with a phase change.
+    fn count_results(&mut self, old: &Phase, new: &Phase) {
+        if let Phase::Done(o) = old {
             if o.is_ok() {
                 self.ok -= 1;
             } else {
                 self.failed -= 1;
             }
         }
-        if let Phase::Done(o) = &new {
-            if o.is_ok() {
-                self.ok += 1;
-            } else {
-                self.failed += 1;
-                if old.in_flight() {
-                    self.failed_budget += 1;
-                    if let Some(limit) = self.cfg.budget.limit(self.total) {
-                        if self.failed_budget >= limit
-                            && self.stopped.is_none()
-                            && self.queued > usize::from(old == Phase::Queued)
-                        {
-                            self.stopped = Some(StopReason::FailureBudget(self.failed_budget));
-                        }
-                    }
-                }
+        let Phase::Done(o) = new else {
+            return;
+        };
+        if o.is_ok() {
+            self.ok += 1;
+            return;
+        }
+        self.failed += 1;
+        // Only Jobs that were dispatched spend the budget.
+        if !old.in_flight() {
+            return;
+        }
+        self.failed_budget += 1;
+        if let Some(limit) = self.cfg.budget.limit(self.total) {
+            if self.failed_budget >= limit
+                && self.stopped.is_none()
+                && self.queued > usize::from(*old == Phase::Queued)
+            {
+                self.stopped = Some(StopReason::FailureBudget(self.failed_budget));
             }
         }
-        if old == Phase::Queued {
+    }
+
+    /// Keeps the queue counters in step; a node (re-)queued goes to the back.
+    fn count_queue(&mut self, node: &str, old: &Phase, new: &Phase) {
+        if *old == Phase::Queued {
             self.queued -= 1;
         }
-        if (old == Phase::Queued) != (new == Phase::Queued) {
+        if (*old == Phase::Queued) != (*new == Phase::Queued) {
             self.changes += 1;
         }
-        if new == Phase::Queued {
+        if *new == Phase::Queued {
             self.queued += 1;
             let seq = self.next_seq;
             self.next_seq += 1;
             self.rec(node).seq = seq;
         }
-        self.refresh(now, node, out);
     }
 
     /// Re-derives the node's busy flag and queue class, and moves a node waiting for its
     /// name or host to be free on to its next step.
     fn refresh(&mut self, now: Instant, node: &str, out: &mut Vec<Action>) {
         let our_name = self.names.assign(node);
-        let Some(rec) = self.nodes.get(node) else {
+        let Some(v) = self.derive(node, &our_name) else {
             return;
         };
+        self.reclass(node, v.counts, v.class);
+        self.time_parked_wait(now, node, v.class == Some(Class::Parked));
+        self.time_busy_wait(now, node, v.class == Some(Class::Busy));
+        self.advance(now, node, our_name, &v, out);
+    }
+
+    /// What the node's records say now (see [`Derived`]).
+    fn derive(&self, node: &str, our_name: &str) -> Option<Derived> {
+        let rec = self.nodes.get(node)?;
         let current = rec.current.as_deref();
         let old_job_alive = rec.jobs.iter().any(|j| {
             self.jobs.get(j).is_some_and(|r| {
@@ -1515,13 +1577,11 @@ impl Lifecycle {
                 .is_some_and(|r| Some(r.job_uid.as_str()) != current)
         });
         let busy = old_job_alive || old_pod_alive || rec.delete_on_create;
-        let name_taken = self
-            .jobs
-            .get(&our_name)
-            .is_some_and(|j| Some(j.uid.as_str()) != current);
+        let named = self.jobs.get(our_name);
+        let name_taken = named.is_some_and(|j| Some(j.uid.as_str()) != current);
         let phase = rec.phase.clone();
         // Our own Job of this run is adopted rather than skipped (its result is the truer one).
-        let adoptable = self.jobs.get(&our_name).is_some_and(|j| j.ours);
+        let adoptable = named.is_some_and(|j| j.ours);
         let installed = !adoptable && rec.obs.as_ref().is_some_and(|o| self.is_installed(o));
         // Busy nodes we are not (or no longer) working on still run a Job: they take a slot
         // until it is gone, except once we gave up on it (a pod stuck on an unreachable machine
@@ -1529,7 +1589,7 @@ impl Lifecycle {
         let counts = busy && !phase.in_flight() && phase != Phase::Missing && !rec.gave_up;
         let class = (phase == Phase::Queued).then(|| {
             let o = rec.obs.as_ref();
-            if busy || name_taken && self.jobs.get(&our_name).is_some_and(|j| j.deleting) {
+            if busy || name_taken && named.is_some_and(|j| j.deleting) {
                 Class::Busy
             } else if o.is_some_and(|o| o.selected && o.ready && o.untolerated.is_none()) {
                 Class::Ready
@@ -1537,7 +1597,22 @@ impl Lifecycle {
                 Class::Parked
             }
         });
+        Some(Derived {
+            busy,
+            name_taken,
+            installed,
+            counts,
+            class,
+            phase,
+        })
+    }
+
+    /// Moves the node between the slot count, the ready queue and the busy count.
+    fn reclass(&mut self, node: &str, counts: bool, class: Option<Class>) {
+        let rec = self.nodes.get_mut(node).expect("present");
         let (old_counts, old_class, seq) = (rec.busy_counted, rec.class, rec.seq);
+        rec.busy_counted = counts;
+        rec.class = class;
         if counts != old_counts {
             if counts {
                 self.foreign_busy += 1;
@@ -1545,25 +1620,29 @@ impl Lifecycle {
                 self.foreign_busy -= 1;
             }
         }
-        if class != old_class {
-            match old_class {
-                Some(Class::Ready) => {
-                    self.ready.remove(&(seq, node.to_owned()));
-                }
-                Some(Class::Busy) => self.queued_busy -= 1,
-                _ => {}
-            }
-            match class {
-                Some(Class::Ready) => {
-                    self.ready.insert((seq, node.to_owned()));
-                }
-                Some(Class::Busy) => self.queued_busy += 1,
-                _ => {}
-            }
+        if class == old_class {
+            return;
         }
-        // A parked node keeps the run waiting for the grace period, then stops counting.
+        match old_class {
+            Some(Class::Ready) => {
+                self.ready.remove(&(seq, node.to_owned()));
+            }
+            Some(Class::Busy) => self.queued_busy -= 1,
+            _ => {}
+        }
+        match class {
+            Some(Class::Ready) => {
+                self.ready.insert((seq, node.to_owned()));
+            }
+            Some(Class::Busy) => self.queued_busy += 1,
+            _ => {}
+        }
+    }
+
+    /// A parked node keeps the run waiting for the grace period, then stops counting.
+    fn time_parked_wait(&mut self, now: Instant, node: &str, parked: bool) {
         let park_until = self.nodes[node].park_until;
-        match (class == Some(Class::Parked), park_until) {
+        match (parked, park_until) {
             (true, None) if self.started => {
                 let t = now + self.cfg.unready_grace;
                 self.deadlines.insert((t, node.to_owned()));
@@ -1578,11 +1657,24 @@ impl Lifecycle {
             }
             _ => {}
         }
-        self.time_busy_wait(now, node, class == Some(Class::Busy));
-        let rec = self.nodes.get_mut(node).expect("present");
-        rec.busy_counted = counts;
-        rec.class = class;
-        match phase {
+    }
+
+    /// Moves a node whose wait is over on to its next step.
+    fn advance(
+        &mut self,
+        now: Instant,
+        node: &str,
+        job: String,
+        v: &Derived,
+        out: &mut Vec<Action>,
+    ) {
+        let free = !v.name_taken && !v.busy;
+        let obs = self.nodes[node].obs.as_ref();
+        let (facts, selected) = (
+            obs.map(|o| o.facts.clone()),
+            obs.is_some_and(|o| o.selected),
+        );
+        match v.phase {
             // The superseded install left something stuck there: never overlap with it.
             Phase::Queued if self.started && self.cfg.held.contains_key(node) => {
                 let why = self.cfg.held[node].clone();
@@ -1590,37 +1682,31 @@ impl Lifecycle {
             }
             // Installed and unchanged: nothing to do there, whether the node is Ready or not
             // (a NotReady node must not fail a run that has nothing to change on it).
-            Phase::Queued if self.started && class != Some(Class::Busy) && installed => {
+            Phase::Queued if self.started && v.class != Some(Class::Busy) && v.installed => {
                 self.finish(now, node, Outcome::AlreadyInstalled, out)
             }
-            Phase::Replacing if !name_taken && !busy => {
-                let facts = rec.obs.as_ref().map(|o| o.facts.clone());
-                match facts {
-                    Some(facts) => {
-                        self.set_phase(now, node, Phase::Creating, out);
-                        self.rec(node).create_pending = true;
-                        out.push(Action::Create {
-                            node: node.into(),
-                            job: our_name,
-                            facts,
-                        });
-                    }
-                    None => self.finish(
-                        now,
-                        node,
-                        Outcome::Removed("node was deleted before its Job was created".into()),
-                        out,
-                    ),
+            Phase::Replacing if free => match facts {
+                Some(facts) => {
+                    self.set_phase(now, node, Phase::Creating, out);
+                    self.rec(node).create_pending = true;
+                    out.push(Action::Create {
+                        node: node.into(),
+                        job,
+                        facts,
+                    });
                 }
-            }
-            Phase::Abandoning if !name_taken && !busy => {
-                let selected = rec.obs.as_ref().is_some_and(|o| o.selected);
-                if selected {
-                    self.set_phase(now, node, Phase::Queued, out);
-                } else {
-                    let o = Outcome::Removed("node was re-created under the same name and no longer matches the selection".into());
-                    self.finish(now, node, o, out);
+                None => {
+                    let o = Outcome::Removed("node was deleted before its Job was created".into());
+                    self.finish(now, node, o, out)
                 }
+            },
+            Phase::Abandoning if free && selected => self.set_phase(now, node, Phase::Queued, out),
+            Phase::Abandoning if free => {
+                let o = Outcome::Removed(
+                    "node was re-created under the same name and no longer matches the selection"
+                        .into(),
+                );
+                self.finish(now, node, o, out);
             }
             _ => {}
         }
