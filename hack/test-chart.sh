@@ -255,7 +255,7 @@ def t_default():
     check("templates: one ConfigMap with install-job.yaml and cleanup-job.yaml", set(cm["data"]) == {"install-job.yaml", "cleanup-job.yaml"}, set(cm["data"]))
     vol = [v for v in inst["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
     check("templates: the dispatcher mounts that ConfigMap", vol and vol[0]["configMap"]["name"] == cm["metadata"]["name"], vol)
-    for role, job, inits, main in [("install", ij, ["host-check", "claim", "artifacts", "cri"], "label"),
+    for role, job, inits, main in [("install", ij, ["host-check", "claim", "artifacts", "cri", "prune-artifacts"], "label"),
                                    ("cleanup", cj, ["unlabel", "revert-cri", "remove-artifacts"], "unclaim")]:
         pod = job["spec"]["template"]["spec"]
         check(f"{role} template: batch/v1 Job", job["apiVersion"] == "batch/v1" and job["kind"] == "Job")
@@ -283,15 +283,17 @@ def t_default():
               any(v.get("configMap", {}).get("name") == "kata-deploy-stage-config" for v in pod["volumes"])
               and any(v.get("hostPath", {}).get("path") == "/" for v in pod["volumes"]), pod["volumes"])
         # stage.hostMounts: precise (default): each host-writing stage writes only these host directories.
-        WRITES = {"artifacts": {"/host/opt/kata", "/host/var/lib/kata-deploy", "/host/run/lock", "/host/etc/systemd/system"},
+        # No /etc/systemd/system: the nydus unit file lives under the prefix and systemd links it.
+        WRITES = {"artifacts": {"/host/opt/kata", "/host/var/lib/kata-deploy", "/host/run/lock"},
                   "cri": {"/host/etc", "/host/var/lib/kata-deploy", "/host/run/lock"}}
-        WRITES["remove-artifacts"], WRITES["revert-cri"] = WRITES["artifacts"], WRITES["cri"]
+        WRITES["prune-artifacts"] = WRITES["remove-artifacts"] = WRITES["artifacts"]
+        WRITES["revert-cri"] = WRITES["cri"]
         vols = {v["name"]: v.get("hostPath") for v in pod["volumes"] if v.get("hostPath")}
         check(f"{role} template: the writable host directories are created when missing only where that is harmless",
               vols["host-install"] == {"path": "/opt/kata", "type": "DirectoryOrCreate"} and vols["host-state"]["type"] == "DirectoryOrCreate"
               and vols["host-lock"] == {"path": "/run/lock", "type": "DirectoryOrCreate"}
               and vols["host-cri-config"] == {"path": "/etc", "type": "Directory"}
-              and vols["host-systemd-units"] == {"path": "/etc/systemd/system", "type": "Directory"}, vols)
+              and "host-systemd-units" not in vols, vols)
         for c in pod["initContainers"] + pod["containers"]:
             n = c["name"]
             check(f"{role}/{n}: stage image and command line",
@@ -317,7 +319,7 @@ def t_default():
                 check(f"{role}/{n}: host root read-only, not privileged",
                       mounts.get("/host", {}).get("readOnly") is True and sc.get("privileged") is False
                       and sc.get("allowPrivilegeEscalation") is False, (mounts, sc))
-            else:  # cri, revert-cri restart the CRI; artifacts, remove-artifacts manage the nydus unit (systemd)
+            else:  # cri, revert-cri restart the CRI; the artifacts stages manage the nydus unit (systemd)
                 check(f"{role}/{n}: root with the host root read-only plus writable mounts of what it writes, NOT privileged, no escalation, only file capabilities",
                       mounts.get("/host", {}).get("readOnly") is True and mounts["/host"].get("recursiveReadOnly") == "IfPossible"
                       and WRITES[n] == {p for p, m in mounts.items() if p.startswith("/host/") and not m.get("readOnly")}
@@ -511,7 +513,7 @@ def t_values():
     check("stage.restart=none: per-node pods get no hostPID", not ij["spec"]["template"]["spec"].get("hostPID")
           and not cj["spec"]["template"]["spec"].get("hostPID"))
     ctrs = {c["name"]: c for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
-    for n in ("artifacts", "remove-artifacts"):
+    for n in ("artifacts", "prune-artifacts", "remove-artifacts"):
         sc = ctrs[n]["securityContext"]
         check(f"stage.restart=none: {n} is root with the host root read-only and its prefix writable, NOT privileged",
               sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False and sc["capabilities"]["drop"] == ["ALL"]
@@ -541,7 +543,7 @@ def t_values():
     ctrs = {c["name"]: c for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
     check("stage.systemdAccess=pid1 (the 0.1 shape): hostPID, and the stages that talk to systemd are privileged",
           ij["spec"]["template"]["spec"].get("hostPID") is True and cj["spec"]["template"]["spec"].get("hostPID") is True
-          and all(ctrs[n]["securityContext"].get("privileged") is True for n in ("cri", "revert-cri", "artifacts", "remove-artifacts"))
+          and all(ctrs[n]["securityContext"].get("privileged") is True for n in ("cri", "revert-cri", "artifacts", "prune-artifacts", "remove-artifacts"))
           and all(ctrs[n]["securityContext"].get("privileged") is False for n in ("host-check", "label", "unlabel")), ctrs)
     objs = render({"shims": {"qemu": {"allowedHypervisorAnnotations": ["path", "kernel_params"], "allowRestrictedAnnotations": True}}})
     q = next(s for s in stage_config(objs)[0]["shims"] if s["name"] == "qemu")
@@ -1090,7 +1092,7 @@ def t_stage_parses():
             ij, cj, _ = templates(objs)
             got = {c["name"]: sorted(m["mountPath"][len("/host"):] for m in c["volumeMounts"] if m["mountPath"].startswith("/host/") and not m.get("readOnly"))
                    for j in (ij, cj) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]
-                   if c["name"] in ("artifacts", "cri", "revert-cri", "remove-artifacts")}
+                   if c["name"] in ("artifacts", "cri", "prune-artifacts", "revert-cri", "remove-artifacts")}
             check(f"stage.cri={cri}{' + suffix, no nydus' if extra else ''}: the chart's writable mounts are the stage's writable-dirs",
                   isinstance(want, dict) and got == {k: sorted(v) for k, v in want.items()}, (got, want))
 guarded("stage parses config", t_stage_parses)

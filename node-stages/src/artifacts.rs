@@ -59,8 +59,16 @@ pub enum Action {
 
 /// Payload directory holding the nydus snapshotter (installed only for guest pull).
 pub const NYDUS_PAYLOAD_DIR: &str = "nydus-snapshotter";
-/// Where the nydus snapshotter's systemd unit is written.
-pub const SYSTEMD_UNIT_DIR: &str = "/etc/systemd/system";
+
+/// Where the nydus snapshotter's systemd unit file lives: under the install prefix, linked into
+/// systemd's configuration by systemd itself (`LinkUnitFiles` over D-Bus), so no stage needs
+/// `/etc/systemd/system` writable and removing the prefix's files removes the unit's too.
+pub fn nydus_unit_file(install: &Install) -> PathBuf {
+    install
+        .prefix
+        .join(NYDUS_PAYLOAD_DIR)
+        .join(install.nydus_unit())
+}
 
 /// Renders the nydus snapshotter configuration (proxy mode: images are pulled in the guest).
 pub fn render_nydus_config(install: &Install) -> String {
@@ -140,10 +148,7 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
                     .join("config-proxy.toml"),
                 render_nydus_config(&install),
             ),
-            (
-                Path::new(SYSTEMD_UNIT_DIR).join(install.nydus_unit()),
-                render_nydus_unit(&install),
-            ),
+            (nydus_unit_file(&install), render_nydus_unit(&install)),
         ] {
             out.push(DesiredFile {
                 path,
@@ -300,16 +305,18 @@ pub fn apply_artifacts(
     let unit = install.nydus_unit();
     let want_unit = cfg.uses_nydus();
 
-    // Upgrade order: while the runtime may still serve handlers this configuration dropped (the
-    // cri stage removes them next), their shims, configs and the nydus unit stay; the cri stage
-    // runs this stage again once it has dropped them.
-    let stale_handlers = registered_but_unconfigured_handlers(fs, cfg)?;
+    // Upgrade order: while the runtime may still serve handlers this configuration dropped, or
+    // still route one to nydus (the cri stage changes that next), their shims, configs and the
+    // nydus snapshotter stay; prune-artifacts removes them once cri has verified the change.
+    let routed = routed_by_runtime(fs, cfg, &old)?;
+    let stale_handlers = routed.unconfigured_handlers(cfg);
+    let keep_nydus = routed.nydus && !want_unit;
     let mut deferred = Vec::new();
-    if !stale_handlers.is_empty() && !removes.is_empty() {
-        tracing::info!(stage = "artifacts", files = removes.len(), handlers = ?stale_handlers, "keeping the files of removed shims until the cri stage has dropped their handlers");
+    if (!stale_handlers.is_empty() || keep_nydus) && !removes.is_empty() {
+        tracing::info!(stage = "artifacts", files = removes.len(), handlers = ?stale_handlers, nydus = keep_nydus, "keeping files the runtime may still use until the cri stage has dropped them (prune-artifacts removes them)");
         deferred = std::mem::take(&mut removes);
     }
-    let defer_unit = !stale_handlers.is_empty() && !want_unit && old.units.contains(&unit);
+    let defer_unit = keep_nydus && old.units.contains(&unit);
 
     let mut final_manifest = ArtifactsManifest {
         files: desired
@@ -358,7 +365,7 @@ pub fn apply_artifacts(
         );
         write_json(fs, &stamp_cache_path(&install), &fresh)?;
         if want_unit {
-            ensure_unit_running(fs, restarter, &unit, false)?;
+            ensure_unit_running(fs, restarter, &unit, &nydus_unit_file(&install), false)?;
         }
         return Ok(ArtifactsOutcome {
             kept,
@@ -483,8 +490,10 @@ pub fn apply_artifacts(
     write_json(fs, &mpath, &final_manifest)?;
     record_stamps(fs, &install, &desired)?;
     if want_unit {
-        let unit_written = written.iter().any(|p| p.ends_with(&unit));
-        ensure_unit_running(fs, restarter, &unit, unit_written)?;
+        // A new binary, configuration or unit is used only after a restart.
+        let nydus_dir = install.prefix.join(NYDUS_PAYLOAD_DIR);
+        let changed = written.iter().any(|p| p.starts_with(&nydus_dir));
+        ensure_unit_running(fs, restarter, &unit, &nydus_unit_file(&install), changed)?;
     }
     tracing::info!(
         stage = "artifacts",
@@ -500,35 +509,73 @@ pub fn apply_artifacts(
     })
 }
 
-/// Handlers the cri stage registered with the runtime that this configuration no longer has.
-pub fn registered_but_unconfigured_handlers(fs: &HostFs, cfg: &ValidConfig) -> Result<Vec<String>> {
+/// What the runtime may still use of this install, from the cri stage's record: while a restart
+/// is unverified, what it served before counts too (a rollback may bring it back).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutedByRuntime {
+    /// Handlers the runtime may serve.
+    pub handlers: Vec<String>,
+    /// Whether a handler may be routed to this install's nydus snapshotter.
+    pub nydus: bool,
+}
+
+impl RoutedByRuntime {
+    /// The handlers this configuration no longer has.
+    pub fn unconfigured_handlers(&self, cfg: &ValidConfig) -> Vec<String> {
+        let install = cfg.install();
+        let configured: Vec<String> = cfg
+            .cfg
+            .shims
+            .iter()
+            .map(|s| install.handler_of(s))
+            .collect();
+        self.handlers
+            .iter()
+            .filter(|h| !configured.contains(h))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Reads [`RoutedByRuntime`] from the cri state; `installed` says whether a nydus unit was set up
+/// (what records of older versions, which lack the nydus flag, go by).
+pub fn routed_by_runtime(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    installed: &ArtifactsManifest,
+) -> Result<RoutedByRuntime> {
     let install = cfg.install();
-    let state: Option<CriState> = read_json(fs, &install.state_dir().join(CRI_STATE))?;
-    let configured: Vec<String> = cfg
-        .cfg
-        .shims
-        .iter()
-        .map(|s| install.handler_of(s))
-        .collect();
-    Ok(state
-        .map(|s| s.handlers)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|h| !configured.contains(h))
-        .collect())
+    let Some(state) = read_json::<CriState>(fs, &install.state_dir().join(CRI_STATE))? else {
+        return Ok(RoutedByRuntime::default());
+    };
+    let unit_installed = installed.units.contains(&install.nydus_unit());
+    let mut out = RoutedByRuntime {
+        handlers: state.handlers.clone(),
+        nydus: state.nydus.unwrap_or(unit_installed),
+    };
+    if let Some(prev) = state.pending.and_then(|p| p.previous_state) {
+        for h in prev.handlers {
+            if !out.handlers.contains(&h) {
+                out.handlers.push(h);
+            }
+        }
+        out.nydus |= prev.nydus.unwrap_or(unit_installed);
+    }
+    Ok(out)
 }
 
 fn ensure_unit_running(
     fs: &HostFs,
     restarter: &dyn Restarter,
     unit: &str,
+    unit_file: &Path,
     changed: bool,
 ) -> Result<()> {
     if fs.dry_run() {
         return Ok(());
     }
     if changed || !restarter.status(unit)?.active {
-        restarter.enable_now(unit)?;
+        restarter.enable_now(unit, unit_file)?;
         if changed {
             restarter.restart(unit)?;
         }

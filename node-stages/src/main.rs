@@ -19,6 +19,8 @@ enum Stage {
     HostCheck,
     Artifacts,
     Cri,
+    /// After cri: remove the files artifacts kept while the runtime still used them.
+    PruneArtifacts,
     Label,
     Unlabel,
     RevertCri,
@@ -227,6 +229,7 @@ fn run(cli: &Cli) -> Result<(), StageError> {
         Stage::HostCheck => host_check(),
         Stage::Artifacts => stages::run_artifacts(&env).map(|r| print(&r, cli.output)),
         Stage::Cri => stages::run_cri(&env).map(|r| print(&r, cli.output)),
+        Stage::PruneArtifacts => stages::run_prune_artifacts(&env).map(|r| print(&r, cli.output)),
         Stage::Label => label(true),
         Stage::Unlabel => label(false),
         Stage::RevertCri => stages::run_revert_cri(&env).map(|r| print(&r, cli.output)),
@@ -249,6 +252,7 @@ fn run(cli: &Cli) -> Result<(), StageError> {
             host_check()?;
             print(&stages::run_artifacts(&env)?, cli.output);
             print(&stages::run_cri(&env)?, cli.output);
+            print(&stages::run_prune_artifacts(&env)?, cli.output);
             if facts.name.is_some() {
                 label(true)
             } else {

@@ -23,8 +23,9 @@ pub trait Restarter: Send + Sync {
     fn restart(&self, unit: &str) -> Result<()>;
     /// Current status of a unit.
     fn status(&self, unit: &str) -> Result<UnitStatus>;
-    /// Reloads unit files, enables and starts a unit we installed.
-    fn enable_now(&self, unit: &str) -> Result<()>;
+    /// Links the unit file we installed (a host path) into systemd's configuration, reloads,
+    /// enables and starts the unit.
+    fn enable_now(&self, unit: &str, unit_file: &Path) -> Result<()>;
     /// Stops and disables a unit we installed (missing units are fine).
     fn disable_now(&self, unit: &str) -> Result<()>;
     /// The runtime handlers the runtime behind `unit` serves, if this restarter can ask it
@@ -253,8 +254,12 @@ impl Restarter for SystemdRestarter {
             s.unit_status(unit).await
         })
     }
-    fn enable_now(&self, unit: &str) -> Result<()> {
-        self.with_systemd(&format!("enabling {unit}"), async |s| {
+    fn enable_now(&self, unit: &str, unit_file: &Path) -> Result<()> {
+        let file = unit_file.display().to_string();
+        self.with_systemd(&format!("enabling {unit} ({file})"), async |s| {
+            // systemd writes the links itself: the stage needs no write to /etc/systemd/system.
+            s.manager("LinkUnitFiles", &(vec![file.as_str()], false, true))
+                .await?;
             s.manager("Reload", &()).await?;
             s.manager("EnableUnitFiles", &(vec![unit], false, true))
                 .await?;
@@ -267,6 +272,7 @@ impl Restarter for SystemdRestarter {
     fn disable_now(&self, unit: &str) -> Result<()> {
         self.with_systemd(&format!("disabling {unit}"), async |s| {
             // A unit that is already gone is fine (removal must be a no-op on a clean node).
+            // DisableUnitFiles also removes the link LinkUnitFiles made.
             let _ = s.run_job("StopUnit", unit).await;
             let _ = s.manager("DisableUnitFiles", &(vec![unit], false)).await;
             s.manager("Reload", &()).await.map(drop)
@@ -286,8 +292,9 @@ pub fn cri_served_handlers(socket: Option<&Path>) -> Result<Option<Vec<String>>>
         .map_err(|message| StageError::Restarter { message })
 }
 
-/// `exec:<script>`: `<script> restart|status|enable|disable <unit>`; `status` prints
-/// `active <monotonic µs>` or `inactive`; `handlers <unit>` may print the served handlers.
+/// `exec:<script>`: `<script> restart|status|disable <unit>`, `<script> enable <unit> <unit file>`;
+/// `status` prints `active <monotonic µs>` or `inactive`; `handlers <unit>` may print the served
+/// handlers.
 #[derive(Debug, Clone)]
 pub struct ExecRestarter {
     /// The script.
@@ -296,8 +303,13 @@ pub struct ExecRestarter {
 
 impl ExecRestarter {
     fn run(&self, verb: &str, unit: &str) -> Result<String> {
+        self.run_with(verb, unit, &[])
+    }
+
+    fn run_with(&self, verb: &str, unit: &str, extra: &[&str]) -> Result<String> {
         let out = Command::new(&self.script)
             .args([verb, unit])
+            .args(extra)
             .output()
             .map_err(|e| StageError::Restarter {
                 message: format!("cannot run {} {verb} {unit}: {e}", self.script.display()),
@@ -328,8 +340,9 @@ impl Restarter for ExecRestarter {
             active_since_mono_us: it.next().and_then(|v| v.parse().ok()),
         })
     }
-    fn enable_now(&self, unit: &str) -> Result<()> {
-        self.run("enable", unit).map(drop)
+    fn enable_now(&self, unit: &str, unit_file: &Path) -> Result<()> {
+        let file = unit_file.display().to_string();
+        self.run_with("enable", unit, &[&file]).map(drop)
     }
     fn disable_now(&self, unit: &str) -> Result<()> {
         self.run("disable", unit).map(drop)
@@ -351,7 +364,7 @@ impl Restarter for NoRestarter {
             active_since_mono_us: None,
         })
     }
-    fn enable_now(&self, unit: &str) -> Result<()> {
+    fn enable_now(&self, unit: &str, _unit_file: &Path) -> Result<()> {
         tracing::warn!(
             unit,
             "restart: none: not starting the unit; start it yourself"

@@ -192,6 +192,17 @@ pub fn host_check(env: &StageEnv) -> HostCheckReport {
 
 /// artifacts stage.
 pub fn run_artifacts(env: &StageEnv) -> Result<StageReport> {
+    artifacts_report("artifacts", env)
+}
+
+/// prune-artifacts stage (after cri): removes what artifacts kept while the runtime still used
+/// it (files of dropped shims, the nydus snapshotter), now that cri verified the runtime no
+/// longer does. The same convergent install as artifacts: a no-op when nothing was kept.
+pub fn run_prune_artifacts(env: &StageEnv) -> Result<StageReport> {
+    artifacts_report("prune-artifacts", env)
+}
+
+fn artifacts_report(stage: &str, env: &StageEnv) -> Result<StageReport> {
     let payload = Payload::open(env.payload_dir)?;
     artifacts::desired_files(env.cfg, &payload)?; // bad input fails before the lock/claim
     env.check_identity()?;
@@ -210,7 +221,7 @@ pub fn run_artifacts(env: &StageEnv) -> Result<StageReport> {
         out.kept
     );
     Ok(env.report(
-        "artifacts",
+        stage,
         summary,
         json!({"written": out.written, "removed": out.removed, "unchanged": out.kept}),
     ))
@@ -230,15 +241,7 @@ pub fn run_cri(env: &StageEnv) -> Result<StageReport> {
     env.check_identity()?;
     let _lock = env.lock()?;
     env.claim()?;
-    let dropped = artifacts::registered_but_unconfigured_handlers(env.fs, env.cfg)?;
     let out = cri::apply_cri(&cri_ctx(env))?;
-    if !dropped.is_empty() && !env.fs.dry_run() {
-        // The runtime no longer serves the dropped handlers: the files the artifacts stage kept
-        // for them can go now.
-        let payload = Payload::open(env.payload_dir)?;
-        let pruned = artifacts::apply_artifacts(env.fs, env.cfg, &payload, env.restarter)?;
-        tracing::info!(stage = "cri", handlers = ?dropped, removed = pruned.removed.len(), "removed the files of shims whose handlers were dropped");
-    }
     let summary = if env.fs.dry_run() {
         format!(
             "{} file(s) would change, runtime {} would {}be restarted",
@@ -428,22 +431,16 @@ pub fn writable_dirs(cfg: &ValidConfig) -> BTreeMap<&'static str, Vec<PathBuf>> 
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let mut artifacts = vec![
+    // The nydus unit file lives under the prefix; systemd links it (no /etc/systemd/system).
+    let artifacts = vec![
         install.prefix.clone(),
         install.state_dir(),
         lock_dir.clone(),
     ];
-    if cfg
-        .cfg
-        .shims
-        .iter()
-        .any(|s| s.containerd_snapshotter == "nydus")
-    {
-        artifacts.push(PathBuf::from(artifacts::SYSTEMD_UNIT_DIR));
-    }
     let cri = vec![cri::config_dir(cfg.cri), install.state_dir(), lock_dir];
     BTreeMap::from([
         ("artifacts", artifacts.clone()),
+        ("prune-artifacts", artifacts.clone()),
         ("remove-artifacts", artifacts),
         ("cri", cri.clone()),
         ("revert-cri", cri),

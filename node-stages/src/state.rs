@@ -103,6 +103,10 @@ pub struct CriState {
     /// Directories we created for our files (removed on revert when empty).
     #[serde(default)]
     pub created_dirs: Vec<PathBuf>,
+    /// Whether what we wrote routes a handler to this install's nydus snapshotter (None in
+    /// records of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nydus: Option<bool>,
 }
 
 /// What `stat` says about an installed file: if all of it is unchanged since we recorded it,

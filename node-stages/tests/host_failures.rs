@@ -8,13 +8,16 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use kata_deploy_stage::config::{NodeFacts, ValidConfig};
 use kata_deploy_stage::hostfs::HostFs;
 use kata_deploy_stage::stages::{
-    run_artifacts, run_cri, run_remove_artifacts, run_revert_cri, writable_dirs, NoClaims, StageEnv,
+    run_artifacts, run_cri, run_prune_artifacts, run_remove_artifacts, run_revert_cri,
+    writable_dirs, NoClaims, StageEnv, StageReport,
 };
 
-/// Mounts with `mount <args> <target>`; unmounted on drop.
-struct Mount(std::path::PathBuf);
+/// Mounts with `mount <args> <target>`; unmounted on drop, also when a test panics (lazily if
+/// busy, so no mount outlives the test). A remount changes a mount and has nothing to unmount.
+struct Mount(Option<std::path::PathBuf>);
 
 impl Mount {
     fn new(args: &[&str], target: &Path) -> Option<Mount> {
@@ -23,13 +26,25 @@ impl Mount {
             .arg(target)
             .status()
             .is_ok_and(|s| s.success());
-        ok.then(|| Mount(target.to_path_buf()))
+        let remount = args.iter().any(|a| a.contains("remount"));
+        ok.then(|| Mount((!remount).then(|| target.to_path_buf())))
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let Some(target) = &self.0 else { return };
+        let quiet = |args: &[&str]| {
+            Command::new("umount")
+                .args(args)
+                .arg(target)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !quiet(&[]) && !quiet(&["--lazy"]) {
+            eprintln!("could not unmount {}", target.display());
+        }
     }
 }
 
@@ -151,29 +166,15 @@ fn precise_mounts_suffice_on_every_flavour() {
         let before = snapshot(host.path());
         let facts = facts(&f);
         let rt = FakeRuntime::default();
-        let payload = payload_dir();
-        let run = |name: &str, stage: fn(&StageEnv) -> kata_deploy_stage::error::Result<_>| {
-            let fs = HostFs::new(host.path(), false);
-            let env = StageEnv {
-                cfg: &cfg,
-                facts: &facts,
-                fs: &fs,
-                payload_dir: &payload,
-                restarter: &rt,
-                claims: &NoClaims,
-                lock_wait: std::time::Duration::from_secs(5),
-            };
-            let Some(r) = with_precise_mounts(host.path(), &dirs[name], || stage(&env)) else {
-                return false;
-            };
-            r.map(drop)
-                .unwrap_or_else(|e| panic!("{}: {name} with precise mounts: {e}", f.name));
-            true
+        let run = |name: &str, stage: StageFn| {
+            run_precise(host.path(), &cfg, &facts, &rt, name, stage)
+                .unwrap_or_else(|e| panic!("{}: {name} with precise mounts: {e}", f.name))
         };
         if !run("artifacts", run_artifacts) {
             return skip_or_fail("cannot bind-mount (needs root and mount permission)");
         }
         run("cri", run_cri);
+        run("prune-artifacts", run_prune_artifacts);
         assert!(
             handler_written(host.path(), f.handler_file),
             "{}: the cri stage wrote {}",
@@ -195,4 +196,113 @@ fn precise_mounts_suffice_on_every_flavour() {
 fn handler_written(root: &Path, file: &str) -> bool {
     std::fs::read_to_string(root.join(file.trim_start_matches('/')))
         .is_ok_and(|t| t.contains("kata-qemu"))
+}
+
+type StageFn = fn(&StageEnv) -> kata_deploy_stage::error::Result<StageReport>;
+
+/// Runs the host stage `name` of `cfg` with only its writable directories (the chart's precise
+/// mounts for that configuration) writable. Ok(false): mounting is not permitted here.
+fn run_precise(
+    host: &Path,
+    cfg: &ValidConfig,
+    facts: &NodeFacts,
+    rt: &FakeRuntime,
+    name: &str,
+    stage: StageFn,
+) -> kata_deploy_stage::error::Result<bool> {
+    let dirs = writable_dirs(cfg);
+    for d in dirs.values().flatten() {
+        std::fs::create_dir_all(host.join(d.strip_prefix("/").unwrap())).unwrap();
+    }
+    let payload = payload_dir();
+    let fs = HostFs::new(host, false);
+    let env = StageEnv {
+        cfg,
+        facts,
+        fs: &fs,
+        payload_dir: &payload,
+        restarter: rt,
+        claims: &NoClaims,
+        lock_wait: std::time::Duration::from_secs(5),
+    };
+    match with_precise_mounts(host, &dirs[name], || stage(&env)) {
+        None => Ok(false),
+        Some(r) => r.map(|_| true),
+    }
+}
+
+/// The coco shim stays but stops pulling images in the guest.
+const COCO_WITHOUT_GUEST_PULL: &str =
+    "runtimeReadyTimeoutSeconds: 2\nshims:\n  - name: qemu\n  - name: qemu-coco-dev\n";
+
+/// Day-2 transitions with the default precise mounts, each stage mounted as the chart mounts it
+/// for the NEW configuration: a shim (with guest pull) dropped, guest pull turned off for a shim
+/// that stays, guest pull turned on. Every stage succeeds on its first run (no retry hides a
+/// read-only error), the runtime ends up serving exactly the new shims, nothing of a dropped
+/// shim or of nydus stays, and uninstall restores the host.
+#[test]
+fn precise_mounts_suffice_for_day_two_transitions() {
+    let transitions = [
+        ("shim dropped", TWO_SHIMS, ONE_SHIM),
+        ("guest pull off", TWO_SHIMS, COCO_WITHOUT_GUEST_PULL),
+        ("guest pull on", COCO_WITHOUT_GUEST_PULL, TWO_SHIMS),
+    ];
+    for fname in ["containerd-1.7", "containerd-2.0", "k3s", "crio"] {
+        for (what, from, to) in transitions {
+            let f = flavour(fname);
+            let (a, b) = (
+                config(&format!("cri: {}\n{from}", cri_of(fname))),
+                config(&format!("cri: {}\n{to}", cri_of(fname))),
+            );
+            let host = make_host(&f);
+            for c in [&a, &b] {
+                for d in writable_dirs(c).values().flatten() {
+                    std::fs::create_dir_all(host.path().join(d.strip_prefix("/").unwrap()))
+                        .unwrap();
+                }
+            }
+            let before = snapshot(host.path());
+            let facts = facts(&f);
+            let rt = FakeRuntime::default();
+            let run = |cfg: &ValidConfig, name: &str, stage: StageFn| {
+                run_precise(host.path(), cfg, &facts, &rt, name, stage)
+                    .unwrap_or_else(|e| panic!("{fname}, {what}: {name} with precise mounts: {e}"))
+            };
+            if !run(&a, "artifacts", run_artifacts) {
+                return skip_or_fail("cannot bind-mount (needs root and mount permission)");
+            }
+            run(&a, "cri", run_cri);
+            run(&a, "prune-artifacts", run_prune_artifacts);
+            // The upgrade, each stage once.
+            run(&b, "artifacts", run_artifacts);
+            run(&b, "cri", run_cri);
+            run(&b, "prune-artifacts", run_prune_artifacts);
+            let coco = host
+                .path()
+                .join("opt/kata/share/defaults/kata-containers/runtimes/qemu-coco-dev");
+            assert_eq!(
+                coco.exists(),
+                to.contains("qemu-coco-dev"),
+                "{fname}, {what}: the coco shim's files"
+            );
+            let nydus = host.path().join("opt/kata/nydus-snapshotter");
+            let nydus_enabled = rt
+                .enabled
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|u| u.contains("nydus"));
+            let wants_nydus = to.contains("nydus");
+            assert_eq!(nydus.exists(), wants_nydus, "{fname}, {what}: nydus files");
+            assert_eq!(nydus_enabled, wants_nydus, "{fname}, {what}: nydus unit");
+            run(&b, "revert-cri", run_revert_cri);
+            run(&b, "remove-artifacts", run_remove_artifacts);
+            let after = snapshot(host.path());
+            assert!(
+                after == before,
+                "{fname}, {what}: uninstall left differences:\n{}",
+                snapshot_diff(&before, &after)
+            );
+        }
+    }
 }

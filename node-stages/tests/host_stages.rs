@@ -649,12 +649,16 @@ fn upgrade_drops_a_removed_shims_handler_before_its_files() {
                 .any(|u| u.contains("nydus")),
             "{name}: nydus unit disabled while a handler uses it"
         );
-        // cri drops the handler (runtime restarted without it), then the files go.
+        // cri drops the handler (runtime restarted without it); it writes nothing under the
+        // prefix (read-only there with precise mounts), so the files are still there.
         stages::run_cri(&env).unwrap();
         assert!(
             !handler_in(host.path(), f.handler_file, "kata-qemu-coco-dev"),
             "{name}"
         );
+        assert!(coco.exists(), "{name}: cri must not write under the prefix");
+        // prune-artifacts, after cri, removes them.
+        stages::run_prune_artifacts(&env).unwrap();
         assert!(
             !coco.exists(),
             "{name}: files of the dropped shim left behind"

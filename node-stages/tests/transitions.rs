@@ -166,3 +166,103 @@ fn a_crash_in_a_rollback_never_leaves_an_import_of_a_missing_file() {
         );
     }
 }
+
+/// The coco shim stays but stops pulling images in the guest (no nydus snapshotter).
+const COCO_WITHOUT_GUEST_PULL: &str = "runtimeReadyTimeoutSeconds: 2\nshims:\n  - name: qemu\n  - name: qemu-coco-dev\n    dropIn: |\n      [agent.kata]\n      dial_timeout = 90\n";
+const NYDUS_BIN: &str = "opt/kata/nydus-snapshotter/containerd-nydus-grpc";
+
+fn nydus_enabled(rt: &FakeRuntime) -> bool {
+    rt.enabled
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|u| u.contains("nydus"))
+}
+
+fn stage_env<'a>(
+    fs: &'a HostFs,
+    cfg: &'a kata_deploy_stage::config::ValidConfig,
+    facts: &'a kata_deploy_stage::config::NodeFacts,
+    payload: &'a Path,
+    rt: &'a FakeRuntime,
+) -> kata_deploy_stage::stages::StageEnv<'a> {
+    kata_deploy_stage::stages::StageEnv {
+        cfg,
+        facts,
+        fs,
+        payload_dir: payload,
+        restarter: rt,
+        claims: &kata_deploy_stage::stages::NoClaims,
+        lock_wait: std::time::Duration::from_secs(5),
+    }
+}
+
+/// Guest pull turned off for a shim that stays: the runtime routes that handler to nydus until
+/// cri rewrote and reloaded its configuration, so artifacts keeps nydus running and installed;
+/// prune-artifacts removes it after cri.
+#[test]
+fn guest_pull_turned_off_keeps_nydus_until_the_runtime_no_longer_routes_to_it() {
+    use kata_deploy_stage::stages::{run_artifacts, run_cri, run_prune_artifacts};
+    for name in ["containerd-1.7", "containerd-2.0", "k3s"] {
+        let f = flavour(name);
+        let host = make_host(&f);
+        let original = snapshot(host.path());
+        let facts = facts(&f);
+        let rt = FakeRuntime::default();
+        install(&hfs(host.path()), &config(TWO_SHIMS), &facts, &rt).unwrap();
+        assert!(nydus_enabled(&rt) && host.path().join(NYDUS_BIN).exists());
+        let cfg = config(COCO_WITHOUT_GUEST_PULL);
+        let payload = payload_dir();
+        let fs = hfs(host.path());
+        let env = stage_env(&fs, &cfg, &facts, &payload, &rt);
+        run_artifacts(&env).unwrap();
+        assert!(
+            nydus_enabled(&rt),
+            "{name}: nydus stopped while the runtime still routes {COCO} to it"
+        );
+        assert!(host.path().join(NYDUS_BIN).exists(), "{name}");
+        run_cri(&env).unwrap();
+        run_prune_artifacts(&env).unwrap();
+        assert!(!nydus_enabled(&rt), "{name}: nydus still enabled");
+        assert!(
+            !host.path().join("opt/kata/nydus-snapshotter").exists(),
+            "{name}: nydus left behind"
+        );
+        assert!(host.path().join(COCO_CONFIG).exists(), "{name}");
+        uninstall(&hfs(host.path()), &cfg, &facts, &rt).unwrap();
+        let end = snapshot(host.path());
+        assert!(
+            end == original,
+            "{name}:\n{}",
+            snapshot_diff(&original, &end)
+        );
+    }
+}
+
+/// nydus is restarted when its binary or configuration changes, not only its unit file: an
+/// upgraded snapshotter is used at once, not after the next reboot.
+#[test]
+fn a_changed_nydus_binary_restarts_nydus() {
+    let f = flavour("containerd-2.0");
+    let host = make_host(&f);
+    let facts = facts(&f);
+    let rt = FakeRuntime::default();
+    let cfg = config(TWO_SHIMS);
+    install(&hfs(host.path()), &cfg, &facts, &rt).unwrap();
+    let unit = "nydus-for-kata-tee.service";
+    let first = rt.restart_count(unit);
+    // Another payload version's binary (the install converges it back to the payload's).
+    let bin = host.path().join(NYDUS_BIN);
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::write(&bin, b"#!/bin/sh\n# an older nydus\n").unwrap();
+    install(&hfs(host.path()), &cfg, &facts, &rt).unwrap();
+    assert_eq!(
+        rt.restart_count(unit),
+        first + 1,
+        "nydus must be restarted to run its new binary ({:?})",
+        rt.restarts.lock().unwrap()
+    );
+    // Unchanged: no restart.
+    install(&hfs(host.path()), &cfg, &facts, &rt).unwrap();
+    assert_eq!(rt.restart_count(unit), first + 1);
+}

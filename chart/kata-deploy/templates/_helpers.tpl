@@ -846,15 +846,13 @@ volume name -> {path, type, stages}. stages: the stage containers that mount it 
 {{- define "kata-deploy.hostWrites" -}}
 {{- $v := .Values -}}
 {{- $prefix := include "kata-deploy.suffixed" (dict "root" . "base" (include "kata-deploy.installDir" . | trimSuffix "/")) -}}
-{{- $art := list "artifacts" "remove-artifacts" -}}
+{{- $art := list "artifacts" "prune-artifacts" "remove-artifacts" -}}
 {{- $cri := list "cri" "revert-cri" -}}
 {{- $out := dict
       "host-install" (dict "path" $prefix "type" "DirectoryOrCreate" "stages" $art)
       "host-state" (dict "path" (include "kata-deploy.suffixed" (dict "root" . "base" "/var/lib/kata-deploy")) "type" "DirectoryOrCreate" "stages" (concat $art $cri))
       "host-lock" (dict "path" "/run/lock" "type" "DirectoryOrCreate" "stages" (concat $art $cri)) -}}
-{{- if eq (include "kata-deploy.usesNydus" .) "true" -}}
-{{- $_ := set $out "host-systemd-units" (dict "path" "/etc/systemd/system" "type" "Directory" "stages" $art) -}}
-{{- end -}}
+{{- /* The nydus unit file lives under the prefix; systemd links it itself (LinkUnitFiles). */ -}}
 {{- $dirs := dict
       "auto" "/etc"
       "containerd" "/etc/containerd"

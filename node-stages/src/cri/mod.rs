@@ -189,6 +189,8 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     state.cri = kind.as_str().into();
     state.unit = target.unit.clone();
     state.handlers = union(&prev_state.handlers, &target.handlers);
+    // While the files change, the runtime may route to nydus under either configuration.
+    state.nydus = Some(prev_state.nydus.unwrap_or(false) || ctx.cfg.uses_nydus());
     state.files = changes.iter().filter_map(|c| c.entry.clone()).collect();
     // Record the directories we are about to create before creating them (crash safety).
     for c in changes
@@ -221,6 +223,7 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let result = write_changes(ctx, &mut state, &state_path, &changes, &install);
     let changed = result?;
     state.handlers = target.handlers.clone();
+    state.nydus = Some(ctx.cfg.uses_nydus());
     write_state(fs, &state_path, &state)?;
 
     // 3. Make the runtime load it (or verify it already has).

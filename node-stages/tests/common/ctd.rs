@@ -392,7 +392,7 @@ impl Restarter for RealContainerd {
             active_since_mono_us: Some(self.started_us.load(Ordering::SeqCst)),
         })
     }
-    fn enable_now(&self, _unit: &str) -> Result<()> {
+    fn enable_now(&self, _unit: &str, _unit_file: &Path) -> Result<()> {
         Ok(())
     }
     fn disable_now(&self, _unit: &str) -> Result<()> {

@@ -304,7 +304,12 @@ impl Restarter for FakeRuntime {
             active_since_mono_us: Some(t),
         })
     }
-    fn enable_now(&self, unit: &str) -> Result<()> {
+    fn enable_now(&self, unit: &str, unit_file: &Path) -> Result<()> {
+        assert!(
+            unit_file.ends_with(unit),
+            "the unit file {} is not named {unit}",
+            unit_file.display()
+        );
         self.enabled.lock().unwrap().push(unit.to_string());
         Ok(())
     }
@@ -335,7 +340,7 @@ pub fn facts(f: &Flavour) -> NodeFacts {
     }
 }
 
-/// Runs the install stages (artifacts, cri) against a host root.
+/// Runs the install host stages (artifacts, cri, prune-artifacts) against a host root.
 pub fn install(
     fs: &HostFs,
     cfg: &ValidConfig,
@@ -352,7 +357,11 @@ pub fn install(
         claims: &NoClaims,
         lock_wait: Duration::from_secs(5),
     };
-    Ok(vec![stages::run_artifacts(&env)?, stages::run_cri(&env)?])
+    Ok(vec![
+        stages::run_artifacts(&env)?,
+        stages::run_cri(&env)?,
+        stages::run_prune_artifacts(&env)?,
+    ])
 }
 
 /// Runs the uninstall host stages (revert-cri, remove-artifacts).
