@@ -360,71 +360,19 @@ impl Shell {
     fn carry_out(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Create { node, job, facts } => {
-                    info!(node = %node, job = %job, "creating per-node Job");
-                    let body = self.template.specialise(&self.run, &facts, &job);
-                    let api = self.api.clone();
-                    self.ops.push(Box::pin(async move {
-                        let result = match api.create_job(&body).await {
-                            Ok(uid) => Created::Ok(uid),
-                            Err(kube::Error::Api(s)) if s.code == 409 => Created::Conflict,
-                            Err(e) => Created::Err(e.to_string()),
-                        };
-                        Some(Input::Created { node, result })
-                    }));
-                }
+                Action::Create { node, job, facts } => self.create(node, job, &facts),
                 Action::Delete {
                     node,
                     job,
                     uid,
                     why,
-                } => {
-                    info!(node = %node, job = %job, why, "deleting Job (foreground)");
-                    let api = self.api.clone();
-                    self.ops.push(Box::pin(async move {
-                        let result = api.delete_job_uid(&job, Some(&uid)).await.map_err(|e| e.to_string());
-                        if let Err(e) = &result {
-                            warn!(job = %job, error = %e, "could not delete the Job; delete it by hand");
-                        }
-                        Some(Input::Deleted { node, result })
-                    }));
-                }
-                Action::ReadConflict { node, job } => {
-                    let api = self.api.clone();
-                    let prefix = self.run.prefix.clone();
-                    let tr = self.translate_job_fn();
-                    self.ops.push(Box::pin(async move {
-                        let found = match api.get_job(&job).await {
-                            Ok(None) => Conflicting::Gone,
-                            Ok(Some(j))
-                                if j.metadata
-                                    .labels
-                                    .as_ref()
-                                    .and_then(|l| l.get(template::LABEL_DISPATCHER))
-                                    != Some(&prefix) =>
-                            {
-                                Conflicting::Foreign
-                            }
-                            Ok(Some(j)) => Conflicting::Managed(tr.job(&j)),
-                            Err(e) => Conflicting::Err(e.to_string()),
-                        };
-                        Some(Input::ConflictRead { node, found })
-                    }));
-                }
+                } => self.delete(node, job, uid, why),
+                Action::ReadConflict { node, job } => self.read_conflict(node, job),
                 Action::ReadFailure {
                     node,
                     job,
                     condition,
-                } => {
-                    let api = self.api.clone();
-                    self.ops.push(Box::pin(async move {
-                        let reason = match api.failure_detail(&job).await {
-                            Some(detail) => format!("{condition}; {detail}"),
-                            None => condition,
-                        };
-                        Some(Input::FailureDetail { node, reason })
-                    }));
-                }
+                } => self.read_failure(node, job, condition),
                 Action::Adopted { node, job } => {
                     info!(node = %node, job = %job, "adopting this run's Job")
                 }
@@ -450,6 +398,69 @@ impl Shell {
         }
     }
 
+    fn create(&mut self, node: String, job: String, facts: &NodeFacts) {
+        info!(node = %node, job = %job, "creating per-node Job");
+        let body = self.template.specialise(&self.run, facts, &job);
+        let api = self.api.clone();
+        self.ops.push(Box::pin(async move {
+            let result = match api.create_job(&body).await {
+                Ok(uid) => Created::Ok(uid),
+                Err(kube::Error::Api(s)) if s.code == 409 => Created::Conflict,
+                Err(e) => Created::Err(e.to_string()),
+            };
+            Some(Input::Created { node, result })
+        }));
+    }
+
+    fn delete(&mut self, node: String, job: String, uid: String, why: &'static str) {
+        info!(node = %node, job = %job, why, "deleting Job (foreground)");
+        let api = self.api.clone();
+        self.ops.push(Box::pin(async move {
+            let result = api
+                .delete_job_uid(&job, Some(&uid))
+                .await
+                .map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                warn!(job = %job, error = %e, "could not delete the Job; delete it by hand");
+            }
+            Some(Input::Deleted { node, result })
+        }));
+    }
+
+    fn read_conflict(&mut self, node: String, job: String) {
+        let api = self.api.clone();
+        let prefix = self.run.prefix.clone();
+        let tr = self.translate_job_fn();
+        self.ops.push(Box::pin(async move {
+            let found = match api.get_job(&job).await {
+                Ok(None) => Conflicting::Gone,
+                Ok(Some(j))
+                    if j.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(template::LABEL_DISPATCHER))
+                        != Some(&prefix) =>
+                {
+                    Conflicting::Foreign
+                }
+                Ok(Some(j)) => Conflicting::Managed(tr.job(&j)),
+                Err(e) => Conflicting::Err(e.to_string()),
+            };
+            Some(Input::ConflictRead { node, found })
+        }));
+    }
+
+    fn read_failure(&mut self, node: String, job: String, condition: String) {
+        let api = self.api.clone();
+        self.ops.push(Box::pin(async move {
+            let reason = match api.failure_detail(&job).await {
+                Some(detail) => format!("{condition}; {detail}"),
+                None => condition,
+            };
+            Some(Input::FailureDetail { node, reason })
+        }));
+    }
+
     fn translate_job_fn(&self) -> Translate {
         Translate {
             selection: Targets {
@@ -466,71 +477,63 @@ impl Shell {
 
     /// Logs a node's result, records it as an Event on the Node, and keeps the install record.
     fn report(&mut self, r: NodeReport) {
-        let NodeReport {
-            node,
-            job,
-            node_uid,
-            record: record_value,
-            outcome,
-            took,
-        } = r;
-        match &outcome {
-            o if o.is_ok() => {
-                info!(node = %node, job = %job, took = ?took, result = o.word(), reason = o.reason(), "node done")
-            }
-            o => {
-                warn!(node = %node, job = %job, took = ?took, result = o.word(), reason = o.reason(), "node failed")
-            }
+        let o = &r.outcome;
+        if o.is_ok() {
+            info!(node = %r.node, job = %r.job, took = ?r.took, result = o.word(), reason = o.reason(), "node done")
+        } else {
+            warn!(node = %r.node, job = %r.job, took = ?r.took, result = o.word(), reason = o.reason(), "node failed")
         }
-        let api = self.api.clone();
-        let prefix = self.run.prefix.clone();
-        let record = matches!(outcome, Outcome::Succeeded)
-            .then(|| self.record_key.clone())
-            .flatten();
-        let forget = matches!(outcome, Outcome::Succeeded)
-            .then(|| self.forget_key.clone())
-            .flatten();
-        let hash = self.template.hash().to_owned();
+        let succeeded = matches!(o, Outcome::Succeeded);
+        let record = succeeded.then(|| self.record_key.clone()).flatten();
+        let forget = succeeded.then(|| self.forget_key.clone()).flatten();
         // An Event for what happened on (or was refused for) the node; none for a node that is
         // gone, nor for one already up to date (an unchanged upgrade writes nothing per node).
-        let events = self.node_events
-            && !matches!(outcome, Outcome::Removed(_) | Outcome::AlreadyInstalled)
-            && !node_uid.is_empty();
-        if !(events || record.is_some() || forget.is_some()) {
+        let event = (self.node_events
+            && !matches!(o, Outcome::Removed(_) | Outcome::AlreadyInstalled)
+            && !r.node_uid.is_empty())
+        .then(|| node_event(&self.run.prefix, self.template.hash(), &r.job, o));
+        if event.is_none() && record.is_none() && forget.is_none() {
             return;
         }
-        let limit = self.report_slots.clone();
+        let (api, limit) = (self.api.clone(), self.report_slots.clone());
         self.ops.push(Box::pin(async move {
             // Bounded: many nodes can finish at once (adoption of a finished run).
             let _slot = limit.acquire_owned().await;
+            let (node, uid) = (&r.node, &r.node_uid);
             if let Some(key) = record {
-                if let Err(e) = api.annotate_node(&node, &node_uid, &key, Some(&record_value)).await {
+                if let Err(e) = api.annotate_node(node, uid, &key, Some(&r.record)).await {
                     warn!(node = %node, error = %e, "could not record the install on the Node; the next run re-installs it");
                 }
             }
             if let Some(key) = forget {
-                if let Err(e) = api.annotate_node(&node, &node_uid, &key, None).await {
+                if let Err(e) = api.annotate_node(node, uid, &key, None).await {
                     warn!(node = %node, error = %e, "could not remove the install record from the Node");
                 }
             }
-            if events {
-                let reason = match outcome {
-                    Outcome::Succeeded => "KataDeploySucceeded",
-                    Outcome::AlreadyInstalled => "KataDeployUpToDate",
-                    Outcome::Skipped(_) => "KataDeploySkipped",
-                    _ => "KataDeployFailed",
-                };
-                let message = match outcome.reason() {
-                    "" => format!("{prefix}: Job {job} succeeded (template {hash})"),
-                    r => format!("{prefix}: {} ({r})", outcome.word()),
-                };
-                if let Err(e) = api.node_event(&node, &node_uid, !outcome.is_ok(), reason, &message).await {
+            if let Some((reason, message)) = event {
+                let warning = !r.outcome.is_ok();
+                if let Err(e) = api.node_event(node, uid, warning, reason, &message).await {
                     tracing::debug!(node = %node, error = %e, "could not record the Event on the Node");
                 }
             }
             None
         }));
     }
+}
+
+/// The Event recorded on the Node for a result: reason and message.
+fn node_event(prefix: &str, hash: &str, job: &str, outcome: &Outcome) -> (&'static str, String) {
+    let reason = match outcome {
+        Outcome::Succeeded => "KataDeploySucceeded",
+        Outcome::AlreadyInstalled => "KataDeployUpToDate",
+        Outcome::Skipped(_) => "KataDeploySkipped",
+        _ => "KataDeployFailed",
+    };
+    let message = match outcome.reason() {
+        "" => format!("{prefix}: Job {job} succeeded (template {hash})"),
+        r => format!("{prefix}: {} ({r})", outcome.word()),
+    };
+    (reason, message)
 }
 
 /// Deletes the superseded dispatcher's Job, waits until it is gone, then deletes its per-node
@@ -629,9 +632,50 @@ async fn wait_for_leftovers(
     Ok(wait.stuck_nodes())
 }
 
+/// What a run is made of, read and checked before anything is watched or created.
+struct Prepared {
+    api: ClusterApi,
+    template: JobTemplate,
+    admission: Admission,
+    selection: Targets,
+    run: RunIdentity,
+    node_timeout: Duration,
+}
+
 /// Runs the dispatcher to the end.
 pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let started = Instant::now();
+    let p = prepare(&args, client).await?;
+    let api = p.api.clone();
+    let deadline = tokio::time::Instant::from_std(started + args.deadline);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    let mut held = BTreeMap::new();
+    if !args.dry_run && (args.supersede_job.is_some() || args.supersede_prefix.is_some()) {
+        held = tokio::select! {
+            r = supersede(&api, &args, p.node_timeout, deadline) => r?,
+            _ = sigterm.recv() => return Ok(interrupted(&api)),
+            _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
+        };
+    }
+    // Discovery's own bound starts once the superseded dispatcher is stopped.
+    let discovery_until = tokio::time::Instant::now() + args.discovery_timeout;
+    let selection = p.selection.to_string();
+    let mut d = Driver::new(&args, p, held, sigterm);
+    if !d.discover(&args, discovery_until.min(deadline)).await? || !d.settle(args.settle).await {
+        return Ok(interrupted(&api));
+    }
+    if let Some(early) = d.before_rollout(&args, &selection).await? {
+        return Ok(early);
+    }
+    d.rollout(deadline, args.progress_interval).await;
+    let summary = d.summary();
+    Ok(remove_after_success(&api, &args.remove_on_success, summary).await)
+}
+
+/// Reads the template and the selection, checks the rights and identifies the run: everything
+/// that can refuse the run before anything is created (exit code 2).
+async fn prepare(args: &Args, client: Client) -> Result<Prepared, StartError> {
     validate_prefix(&args.name_prefix)?;
     let path = args.template.display().to_string();
     let text =
@@ -656,8 +700,27 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let namespace = resolve_namespace(args.namespace.as_deref())?;
     let api = ClusterApi::new(client, &namespace);
     if !args.dry_run {
-        api.preflight(&rights(&args, &namespace)).await?;
+        api.preflight(&rights(args, &namespace)).await?;
     }
+    let run = identify(&api, args, namespace).await?;
+    let node_timeout = node_timeout(args, &template);
+    info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, budget = %args.max_failures, node_timeout = %humantime::format_duration(node_timeout), "dispatcher starting");
+    Ok(Prepared {
+        api,
+        template,
+        admission,
+        selection,
+        run,
+        node_timeout,
+    })
+}
+
+/// The run's identity: prefix, run id (given, else the owner Job's UID, else random), owner.
+async fn identify(
+    api: &ClusterApi,
+    args: &Args,
+    namespace: String,
+) -> Result<RunIdentity, StartError> {
     let owner = match &args.owner_job {
         Some(name) => Some((name.clone(), api.owner_uid(name).await?)),
         None => None,
@@ -667,267 +730,350 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         .clone()
         .or_else(|| owner.as_ref().map(|(_, uid)| uid.clone()))
         .unwrap_or_else(random_run_id);
-    let run = RunIdentity {
+    Ok(RunIdentity {
         prefix: args.name_prefix.clone(),
         run_id,
         owner,
         namespace,
-    };
-    let node_timeout = args
-        .node_timeout
+    })
+}
+
+/// `--node-timeout`, else the template's `activeDeadlineSeconds` plus 2 minutes, else 1 hour.
+fn node_timeout(args: &Args, template: &JobTemplate) -> Duration {
+    args.node_timeout
         .or_else(|| {
             template
                 .active_deadline()
                 .map(|d| d + Duration::from_secs(120))
         })
-        .unwrap_or(Duration::from_secs(3600));
-    info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, budget = %args.max_failures, node_timeout = %humantime::format_duration(node_timeout), "dispatcher starting");
+        .unwrap_or(Duration::from_secs(3600))
+}
 
-    let deadline = tokio::time::Instant::from_std(started + args.deadline);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    let mut held = BTreeMap::new();
-    if !args.dry_run && (args.supersede_job.is_some() || args.supersede_prefix.is_some()) {
-        held = tokio::select! {
-            r = supersede(&api, &args, node_timeout, deadline) => r?,
-            _ = sigterm.recv() => return Ok(interrupted(&api)),
-            _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
+type Watch<K> = futures::stream::BoxStream<'static, Result<Event<K>, watcher::Error>>;
+
+/// Three watches: nodes (selection, taints, late, deleted or re-created nodes), this
+/// dispatcher's Jobs (adoption, tracking) and their pods (a node is busy while one runs).
+/// Each re-lists by itself after an expiry; the lifecycle diffs every re-list.
+struct Watches {
+    nodes: Watch<Node>,
+    jobs: Watch<Job>,
+    pods: Watch<Pod>,
+}
+
+impl Watches {
+    fn start(api: &ClusterApi, prefix: &str) -> Self {
+        // Pages bound the memory of a (re-)list: Nodes are small (~3.5 KB), Jobs and pods carry
+        // a whole pod template or status (~7 KB), so their pages are smaller.
+        let page = 500;
+        let small_page = 100;
+        let own = format!("{}={prefix}", template::LABEL_DISPATCHER);
+        let owned = || {
+            watcher::Config::default()
+                .labels(&own)
+                .page_size(small_page)
         };
+        Self {
+            nodes: watcher::watcher(
+                api.nodes.clone(),
+                watcher::Config::default().page_size(page),
+            )
+            .default_backoff()
+            .boxed(),
+            jobs: watcher::watcher(api.jobs.clone(), owned())
+                .default_backoff()
+                .boxed(),
+            pods: watcher::watcher(api.pods.clone(), owned())
+                .default_backoff()
+                .boxed(),
+        }
     }
-    // Discovery's own bound starts once the superseded dispatcher is stopped.
-    let discovery_until = tokio::time::Instant::now() + args.discovery_timeout;
+}
 
-    let named = match &selection.selection {
-        NodeSelection::Names(n) => Some(n.clone()),
-        _ => None,
-    };
-    let cfg = Config {
-        parallelism: args.parallelism as usize,
-        budget: args.max_failures,
-        node_timeout: Some(node_timeout),
-        skip_installed: skip_rule(&args, template.hash()),
-        unready_grace: args.unready_grace,
-        named,
-        held,
-    };
-    let mut lc = Lifecycle::new(cfg, &run.prefix);
-    let tr = Translate {
-        selection: selection.clone(),
-        admission,
-        installed_key: installed_annotation(&run.prefix),
-        marker: args.installed_label.clone(),
-        run_id: run.run_id.clone(),
-        template_hash: template.hash().to_owned(),
-    };
-    let mut shell = Shell {
-        api: api.clone(),
-        template,
-        run,
-        ops: FuturesUnordered::new(),
-        node_events: args.node_events && !args.dry_run,
-        record_key: args
-            .skip_installed
-            .then(|| installed_annotation(&args.name_prefix)),
-        forget_key: args
-            .forget_record
-            .as_deref()
-            .or(args.supersede_prefix.as_deref())
-            .map(installed_annotation),
-        report_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(16)),
-    };
-
-    // Three watches: nodes (selection, taints, late, deleted or re-created nodes), this
-    // dispatcher's Jobs (adoption, tracking) and their pods (a node is busy while one runs).
-    // Each re-lists by itself after an expiry; the lifecycle diffs every re-list.
-    // Pages bound the memory of a (re-)list: Nodes are small (~3.5 KB), Jobs and pods carry a
-    // whole pod template or status (~7 KB), so their pages are smaller.
-    let page = 500;
-    let small_page = 100;
-    let mut node_events = watcher::watcher(
-        api.nodes.clone(),
-        watcher::Config::default().page_size(page),
-    )
-    .default_backoff()
-    .boxed();
-    let own = format!("{}={}", template::LABEL_DISPATCHER, shell.run.prefix);
-    let mut job_events = watcher::watcher(
-        api.jobs.clone(),
-        watcher::Config::default()
-            .labels(&own)
-            .page_size(small_page),
-    )
-    .default_backoff()
-    .boxed();
-    let mut pod_events = watcher::watcher(
-        api.pods.clone(),
-        watcher::Config::default()
-            .labels(&own)
-            .page_size(small_page),
-    )
-    .default_backoff()
-    .boxed();
-    let node_input = |tr: &Translate, ev: Event<Node>| match ev {
+fn node_input(tr: &Translate, ev: Event<Node>) -> Input {
+    match ev {
         Event::Init => Input::NodeListStarted,
         Event::InitApply(n) | Event::Apply(n) => Input::NodeSeen(tr.node(&n)),
         Event::Delete(n) => Input::NodeGone(n.metadata.name.unwrap_or_default()),
         Event::InitDone => Input::NodeListDone,
-    };
-    let job_input = |tr: &Translate, ev: Event<Job>| match ev {
+    }
+}
+
+fn job_input(tr: &Translate, ev: Event<Job>) -> Input {
+    match ev {
         Event::Init => Input::JobListStarted,
         Event::InitApply(j) | Event::Apply(j) => Input::JobSeen(tr.job(&j)),
         Event::Delete(j) => Input::JobGone(j.metadata.name.unwrap_or_default()),
         Event::InitDone => Input::JobListDone,
-    };
-    let pod_input = |ev: Event<Pod>| match ev {
+    }
+}
+
+fn pod_input(ev: Event<Pod>) -> Input {
+    match ev {
         Event::Init => Input::PodListStarted,
         Event::InitApply(p) | Event::Apply(p) => Input::PodSeen(pod_obs(&p)),
         Event::Delete(p) => Input::PodGone(p.metadata.name.unwrap_or_default()),
         Event::InitDone => Input::PodListDone,
-    };
+    }
+}
 
-    // --- discovery: the three initial lists, bounded, then optional settling ---
-    let (mut nodes_ready, mut jobs_ready, mut pods_ready) = (false, false, false);
-    let mut last_error = String::from("no answer yet");
-    let discovery_limit = discovery_until.min(deadline);
-    while !(nodes_ready && jobs_ready && pods_ready) {
-        let input = tokio::select! {
-            Some(ev) = node_events.next() => match ev {
-                Ok(ev) => { nodes_ready |= matches!(ev, Event::InitDone); Some(node_input(&tr, ev)) }
-                Err(e) => { discovery_error(&api, "nodes", &e, &mut last_error)?; None }
-            },
-            Some(ev) = job_events.next() => match ev {
-                Ok(ev) => { jobs_ready |= matches!(ev, Event::InitDone); Some(job_input(&tr, ev)) }
-                Err(e) => { discovery_error(&api, "jobs", &e, &mut last_error)?; None }
-            },
-            Some(ev) = pod_events.next() => match ev {
-                Ok(ev) => { pods_ready |= matches!(ev, Event::InitDone); Some(pod_input(ev)) }
-                Err(e) => { discovery_error(&api, "pods", &e, &mut last_error)?; None }
-            },
-            _ = tokio::time::sleep_until(discovery_limit) => {
-                let limit = humantime::format_duration(args.discovery_timeout).to_string();
-                return Err(SetupError::DiscoveryTimeout { what: "listing nodes, Jobs and pods".into(), limit, last: last_error }.into());
-            }
-            _ = sigterm.recv() => return Ok(interrupted(&api)),
-            _ = tokio::signal::ctrl_c() => return Ok(interrupted(&api)),
+/// What one turn of a watch loop produced.
+// One short-lived value per turn, never stored: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Turn {
+    /// An input for the lifecycle (or nothing: a retried watch error, a timer, a progress line).
+    Input(Option<Input>),
+    /// Stop (interrupted, or the run deadline).
+    Stop(StopReason),
+}
+
+/// The lifecycle, the shell carrying out its actions and the watches feeding it.
+struct Driver {
+    lc: Lifecycle,
+    shell: Shell,
+    tr: Translate,
+    watches: Watches,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl Driver {
+    fn new(
+        args: &Args,
+        p: Prepared,
+        held: BTreeMap<String, String>,
+        sigterm: tokio::signal::unix::Signal,
+    ) -> Self {
+        let named = match &p.selection.selection {
+            NodeSelection::Names(n) => Some(n.clone()),
+            _ => None,
         };
-        if let Some(input) = input {
-            let actions = lc.handle(Instant::now(), input);
-            shell.carry_out(actions);
+        let cfg = Config {
+            parallelism: args.parallelism as usize,
+            budget: args.max_failures,
+            node_timeout: Some(p.node_timeout),
+            skip_installed: skip_rule(args, p.template.hash()),
+            unready_grace: args.unready_grace,
+            named,
+            held,
+        };
+        let tr = Translate {
+            selection: p.selection,
+            admission: p.admission,
+            installed_key: installed_annotation(&p.run.prefix),
+            marker: args.installed_label.clone(),
+            run_id: p.run.run_id.clone(),
+            template_hash: p.template.hash().to_owned(),
+        };
+        let shell = Shell {
+            api: p.api.clone(),
+            template: p.template,
+            ops: FuturesUnordered::new(),
+            node_events: args.node_events && !args.dry_run,
+            record_key: args
+                .skip_installed
+                .then(|| installed_annotation(&args.name_prefix)),
+            forget_key: args
+                .forget_record
+                .as_deref()
+                .or(args.supersede_prefix.as_deref())
+                .map(installed_annotation),
+            report_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(16)),
+            run: p.run,
+        };
+        Self {
+            lc: Lifecycle::new(cfg, &shell.run.prefix),
+            watches: Watches::start(&p.api, &shell.run.prefix),
+            shell,
+            tr,
+            sigterm,
         }
     }
-    if !args.settle.is_zero() {
-        let cap = Instant::now() + args.settle * 5;
-        let mut last_change = Instant::now();
-        let mut seen = lc.selection_changes();
-        info!(settle = ?args.settle, "waiting for the selection to settle");
-        while Instant::now() < cap && last_change.elapsed() < args.settle {
-            let wait = args.settle.saturating_sub(last_change.elapsed());
+
+    fn feed(&mut self, input: Input) {
+        let actions = self.lc.handle(Instant::now(), input);
+        self.shell.carry_out(actions);
+    }
+
+    /// The three initial lists, bounded by `limit`. `Ok(false)`: interrupted.
+    async fn discover(
+        &mut self,
+        args: &Args,
+        limit: tokio::time::Instant,
+    ) -> Result<bool, StartError> {
+        let (mut nodes_ready, mut jobs_ready, mut pods_ready) = (false, false, false);
+        let mut last_error = String::from("no answer yet");
+        let api = self.shell.api.clone();
+        while !(nodes_ready && jobs_ready && pods_ready) {
+            let w = &mut self.watches;
             let input = tokio::select! {
-                Some(ev) = node_events.next() => ev.ok().map(|ev| node_input(&tr, ev)),
-                Some(ev) = job_events.next() => ev.ok().map(|ev| job_input(&tr, ev)),
-                Some(ev) = pod_events.next() => ev.ok().map(pod_input),
-                _ = tokio::time::sleep(wait) => None,
-                _ = sigterm.recv() => return Ok(interrupted(&api)),
+                Some(ev) = w.nodes.next() => match ev {
+                    Ok(ev) => { nodes_ready |= matches!(ev, Event::InitDone); Some(node_input(&self.tr, ev)) }
+                    Err(e) => { discovery_error(&api, "nodes", &e, &mut last_error)?; None }
+                },
+                Some(ev) = w.jobs.next() => match ev {
+                    Ok(ev) => { jobs_ready |= matches!(ev, Event::InitDone); Some(job_input(&self.tr, ev)) }
+                    Err(e) => { discovery_error(&api, "jobs", &e, &mut last_error)?; None }
+                },
+                Some(ev) = w.pods.next() => match ev {
+                    Ok(ev) => { pods_ready |= matches!(ev, Event::InitDone); Some(pod_input(ev)) }
+                    Err(e) => { discovery_error(&api, "pods", &e, &mut last_error)?; None }
+                },
+                _ = tokio::time::sleep_until(limit) => {
+                    let limit = humantime::format_duration(args.discovery_timeout).to_string();
+                    return Err(SetupError::DiscoveryTimeout { what: "listing nodes, Jobs and pods".into(), limit, last: last_error }.into());
+                }
+                _ = self.sigterm.recv() => return Ok(false),
+                _ = tokio::signal::ctrl_c() => return Ok(false),
             };
             if let Some(input) = input {
-                let actions = lc.handle(Instant::now(), input);
-                shell.carry_out(actions);
-                if lc.selection_changes() != seen {
-                    seen = lc.selection_changes();
+                self.feed(input);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits until the selection has not changed for `settle` (at most 5 × `settle`).
+    /// `false`: interrupted.
+    async fn settle(&mut self, settle: Duration) -> bool {
+        if settle.is_zero() {
+            return true;
+        }
+        let cap = Instant::now() + settle * 5;
+        let mut last_change = Instant::now();
+        let mut seen = self.lc.selection_changes();
+        info!(settle = ?settle, "waiting for the selection to settle");
+        while Instant::now() < cap && last_change.elapsed() < settle {
+            let wait = settle.saturating_sub(last_change.elapsed());
+            let w = &mut self.watches;
+            let input = tokio::select! {
+                Some(ev) = w.nodes.next() => ev.ok().map(|ev| node_input(&self.tr, ev)),
+                Some(ev) = w.jobs.next() => ev.ok().map(|ev| job_input(&self.tr, ev)),
+                Some(ev) = w.pods.next() => ev.ok().map(pod_input),
+                _ = tokio::time::sleep(wait) => None,
+                _ = self.sigterm.recv() => return false,
+            };
+            if let Some(input) = input {
+                self.feed(input);
+                if self.lc.selection_changes() != seen {
+                    seen = self.lc.selection_changes();
                     last_change = Instant::now();
                 }
             }
         }
-        info!(nodes = lc.targets().len(), "selection settled");
+        info!(nodes = self.lc.targets().len(), "selection settled");
+        true
     }
-    if lc.targets().is_empty() && lc.missing() == 0 {
-        if args.require_nodes {
-            return Err(StartError::NoNodes(selection.to_string()));
-        }
-        warn!(selection = %selection, "no node matches the selection; nothing to do");
-        let summary = Summary {
+
+    /// The checks between discovery and rollout: an empty selection, a dry run. `Some`: the
+    /// run ends here with this summary; `None`: dispatching has started.
+    async fn before_rollout(
+        &mut self,
+        args: &Args,
+        selection: &str,
+    ) -> Result<Option<Summary>, StartError> {
+        let api = self.shell.api.clone();
+        let empty = || Summary {
             results: BTreeMap::new(),
             stopped: None,
             retries: api.stats.count(),
         };
-        return Ok(remove_after_success(&api, &args.remove_on_success, summary).await);
+        if self.lc.targets().is_empty() && self.lc.missing() == 0 {
+            if args.require_nodes {
+                return Err(StartError::NoNodes(selection.to_owned()));
+            }
+            warn!(selection = %selection, "no node matches the selection; nothing to do");
+            return Ok(Some(
+                remove_after_success(&api, &args.remove_on_success, empty()).await,
+            ));
+        }
+        if self.lc.targets().is_empty() && args.require_nodes {
+            return Err(StartError::NoNodes(selection.to_owned()));
+        }
+        if args.dry_run {
+            print_plan(&mut self.lc, args.parallelism);
+            return Ok(Some(empty()));
+        }
+        info!(
+            nodes = self.lc.targets().len(),
+            parallelism = args.parallelism,
+            "rollout planned"
+        );
+        self.feed(Input::DiscoveryDone);
+        Ok(None)
     }
-    if lc.targets().is_empty() && args.require_nodes {
-        return Err(StartError::NoNodes(selection.to_string()));
-    }
-    if args.dry_run {
-        print_plan(&mut lc, args.parallelism);
-        return Ok(Summary {
-            results: BTreeMap::new(),
-            stopped: None,
-            retries: api.stats.count(),
-        });
-    }
-    info!(
-        nodes = lc.targets().len(),
-        parallelism = args.parallelism,
-        "rollout planned"
-    );
-    let actions = lc.handle(Instant::now(), Input::DiscoveryDone);
-    shell.carry_out(actions);
 
-    // --- rollout ---
-    let mut progress = tokio::time::interval(args.progress_interval);
-    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let rollout_started = Instant::now();
-    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    while !(lc.is_done() && shell.ops.is_empty()) {
-        let next_timer = lc
+    /// Dispatches and tracks until every node is done, the run deadline or a signal.
+    async fn rollout(&mut self, deadline: tokio::time::Instant, progress_interval: Duration) {
+        let mut progress = tokio::time::interval(progress_interval);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = Instant::now();
+        while !(self.lc.is_done() && self.shell.ops.is_empty()) {
+            match self.next_turn(deadline, &mut progress, started).await {
+                Turn::Input(Some(input)) => self.feed(input),
+                Turn::Input(None) => {}
+                Turn::Stop(reason) => {
+                    self.lc.handle(Instant::now(), Input::Stop(reason));
+                    break;
+                }
+            }
+            if self.lc.is_done() && self.lc.stopped().is_some() {
+                // Stopped by the budget: in-flight nodes are done; reports may still be written.
+                while let Some(done) = self.shell.ops.next().await {
+                    if let Some(input) = done {
+                        self.feed(input);
+                    }
+                }
+                break;
+            }
+        }
+        info!(
+            peak_busy = self.lc.peak(),
+            "{}",
+            report::progress_line(&self.lc.progress(), started.elapsed())
+        );
+    }
+
+    /// Waits for the next thing that happens during the rollout.
+    async fn next_turn(
+        &mut self,
+        deadline: tokio::time::Instant,
+        progress: &mut tokio::time::Interval,
+        started: Instant,
+    ) -> Turn {
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let next_timer = self
+            .lc
             .next_deadline()
             .map(tokio::time::Instant::from_std)
             .unwrap_or(far);
-        let input = tokio::select! {
-            Some(done) = shell.ops.next(), if !shell.ops.is_empty() => done,
-            Some(ev) = job_events.next() => match ev {
-                Ok(ev) => Some(job_input(&tr, ev)),
-                Err(e) => { api.stats.record(); warn!(error = %e, "job watch error; the watch resumes by itself"); None }
-            },
-            Some(ev) = pod_events.next() => match ev {
-                Ok(ev) => Some(pod_input(ev)),
-                Err(e) => { api.stats.record(); warn!(error = %e, "pod watch error; the watch resumes by itself"); None }
-            },
-            Some(ev) = node_events.next() => match ev {
-                Ok(ev) => Some(node_input(&tr, ev)),
-                Err(e) => { api.stats.record(); warn!(error = %e, "node watch error; the watch resumes by itself"); None }
-            },
-            _ = tokio::time::sleep_until(next_timer) => Some(Input::Tick),
-            _ = progress.tick() => { info!("{}", report::progress_line(&lc.progress(), rollout_started.elapsed())); None }
-            _ = tokio::time::sleep_until(deadline) => { warn!("run deadline reached; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Deadline)); break; }
-            _ = tokio::signal::ctrl_c() => { warn!("interrupted; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Interrupted)); break; }
-            _ = sigterm.recv() => { warn!("SIGTERM; stopping"); lc.handle(Instant::now(), Input::Stop(StopReason::Interrupted)); break; }
+        let (w, stats) = (&mut self.watches, &self.shell.api.stats);
+        let watch_error = |what: &str, e: watcher::Error| {
+            stats.record();
+            warn!(error = %e, watch = what, "watch error; the watch resumes by itself");
+            None
         };
-        if let Some(input) = input {
-            let actions = lc.handle(Instant::now(), input);
-            shell.carry_out(actions);
-        }
-        if lc.is_done() && lc.stopped().is_some() {
-            // Stopped by the budget: in-flight nodes are done; reports may still be written.
-            while let Some(done) = shell.ops.next().await {
-                if let Some(input) = done {
-                    let actions = lc.handle(Instant::now(), input);
-                    shell.carry_out(actions);
-                }
-            }
-            break;
+        let input = tokio::select! {
+            Some(done) = self.shell.ops.next(), if !self.shell.ops.is_empty() => done,
+            Some(ev) = w.jobs.next() => ev.map_or_else(|e| watch_error("jobs", e), |ev| Some(job_input(&self.tr, ev))),
+            Some(ev) = w.pods.next() => ev.map_or_else(|e| watch_error("pods", e), |ev| Some(pod_input(ev))),
+            Some(ev) = w.nodes.next() => ev.map_or_else(|e| watch_error("nodes", e), |ev| Some(node_input(&self.tr, ev))),
+            _ = tokio::time::sleep_until(next_timer) => Some(Input::Tick),
+            _ = progress.tick() => { info!("{}", report::progress_line(&self.lc.progress(), started.elapsed())); None }
+            _ = tokio::time::sleep_until(deadline) => { warn!("run deadline reached; stopping"); return Turn::Stop(StopReason::Deadline) }
+            _ = tokio::signal::ctrl_c() => { warn!("interrupted; stopping"); return Turn::Stop(StopReason::Interrupted) }
+            _ = self.sigterm.recv() => { warn!("SIGTERM; stopping"); return Turn::Stop(StopReason::Interrupted) }
+        };
+        Turn::Input(input)
+    }
+
+    /// The per-node results.
+    fn summary(self) -> Summary {
+        let stopped = self.lc.stopped().map(ToString::to_string);
+        Summary {
+            retries: self.shell.api.stats.count(),
+            results: self.lc.into_results(),
+            stopped,
         }
     }
-    info!(
-        peak_busy = lc.peak(),
-        "{}",
-        report::progress_line(&lc.progress(), rollout_started.elapsed())
-    );
-    let stopped = lc.stopped().map(ToString::to_string);
-    let summary = Summary {
-        results: lc.into_results(),
-        stopped,
-        retries: api.stats.count(),
-    };
-    Ok(remove_after_success(&api, &args.remove_on_success, summary).await)
 }
 
 fn discovery_error(
