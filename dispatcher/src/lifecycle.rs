@@ -1276,14 +1276,20 @@ impl Lifecycle {
     }
 
     /// What keeps a node busy: an earlier Job (named first: it says most), else a pod.
-    fn holder(&self, node: &str) -> Holder {
+    fn holder(&mut self, node: &str) -> Holder {
+        let our_name = self.names.assign(node);
         let rec = &self.nodes[node];
         let current = rec.current.as_deref();
-        let job = rec.jobs.iter().find(|j| {
-            self.jobs.get(*j).is_some_and(|r| {
-                Some(r.uid.as_str()) != current && (r.phase == JobPhase::Running || r.deleting)
-            })
-        });
+        let alive = |j: &JobRec| {
+            Some(j.uid.as_str()) != current && (j.phase == JobPhase::Running || j.deleting)
+        };
+        if self.jobs.get(&our_name).is_some_and(alive) {
+            return Holder::Job(our_name);
+        }
+        let job = rec
+            .jobs
+            .iter()
+            .find(|j| self.jobs.get(*j).is_some_and(alive));
         let pod = rec.pods.iter().find(|p| {
             self.pods
                 .get(*p)
@@ -1589,7 +1595,9 @@ impl Lifecycle {
         let counts = busy && !phase.in_flight() && phase != Phase::Missing && !rec.gave_up;
         let class = (phase == Phase::Queued).then(|| {
             let o = rec.obs.as_ref();
-            if busy || name_taken && named.is_some_and(|j| j.deleting) {
+            // A Job under our name that runs (wherever it is pinned) is never cut short: wait.
+            let name_busy = named.is_some_and(|j| j.deleting || j.phase == JobPhase::Running);
+            if busy || name_taken && name_busy {
                 Class::Busy
             } else if o.is_some_and(|o| o.selected && o.ready && o.untolerated.is_none()) {
                 Class::Ready

@@ -570,6 +570,33 @@ fn conflict_with_a_running_job_of_another_run_waits_for_it_and_never_deletes_it(
     assert_eq!(creates(&t.feed(Input::JobGone("kd-b".into()))), ["b"]);
 }
 
+/// The Job under our name runs, but for another node (its node annotation says so): the node is
+/// not busy by its own records, yet that Job must not be deleted either.
+#[test]
+fn a_running_job_under_our_name_is_never_deleted_even_when_pinned_elsewhere() {
+    let mut c = cfg(2);
+    c.node_timeout = Some(Duration::from_secs(60));
+    let mut t = T::with_nodes(c, &["a"]);
+    t.feed(Input::JobSeen(JobObs {
+        ours: false,
+        uid: "old".into(),
+        node: "elsewhere".into(),
+        ..t.job("a", JobPhase::Running)
+    }));
+    let out = t.start();
+    assert!(
+        deletes(&out).is_empty() && creates(&out).is_empty(),
+        "{out:?}"
+    );
+    t.advance(Duration::from_secs(61));
+    assert!(deletes(&t.log).is_empty(), "{:?}", t.log);
+    assert!(
+        matches!(t.result("a"), Some(Outcome::Failed(r)) if r.contains("Job kd-a")),
+        "{:?}",
+        t.result("a")
+    );
+}
+
 #[test]
 fn a_running_job_of_another_run_that_never_ends_fails_its_node_after_the_per_node_timeout() {
     let mut c = cfg(1);
