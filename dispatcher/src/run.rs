@@ -628,8 +628,14 @@ async fn wait_for_leftovers(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    info!(prefix = %prefix, "no Job or pod of the superseded dispatcher is left (but those given up on)");
-    Ok(wait.stuck_nodes())
+    let stuck = wait.stuck_nodes();
+    if stuck.is_empty() {
+        info!(prefix = %prefix, "no Job or pod of the superseded dispatcher is left");
+    } else {
+        let nodes: Vec<&String> = stuck.keys().collect();
+        warn!(prefix = %prefix, nodes = ?nodes, "the superseded dispatcher is stopped but for Jobs or pods stuck on these nodes; they are reported failed and not cleaned, the other nodes are");
+    }
+    Ok(stuck)
 }
 
 /// What a run is made of, read and checked before anything is watched or created.
