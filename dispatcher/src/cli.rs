@@ -78,8 +78,10 @@ pub struct Args {
     pub max_failures: Budget,
 
     /// A node whose Job has not finished this long after dispatch fails and its Job is deleted,
-    /// freeing the slot (a pod stuck on an unreachable node) [default: the template's
-    /// activeDeadlineSeconds plus 2m, else 1h].
+    /// freeing the slot (a pod stuck on an unreachable node). It also bounds a queued node's wait
+    /// for a Job or pod of an earlier run (then the node fails naming it, which is left alone),
+    /// and, with --supersede-prefix, the wait for each Job or pod of the superseded dispatcher
+    /// [default: the template's activeDeadlineSeconds plus 2m, else 1h].
     #[arg(long, env = "DISPATCHER_NODE_TIMEOUT", value_parser = parse_duration)]
     pub node_timeout: Option<Duration>,
 

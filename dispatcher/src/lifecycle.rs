@@ -13,7 +13,10 @@
 //! - every selected node ends with a result (or, when the run stops early, "not started" /
 //!   "still running");
 //! - a Job this dispatcher did not create is never deleted (only Jobs seen through the watch of
-//!   our own label, and only by UID).
+//!   our own label, and only by UID), and a Job of another run is never deleted while it runs:
+//!   the node waits for it, within the per-node timeout;
+//! - no wait is unbounded: waiting for an earlier Job or pod, like running our own Job, ends
+//!   with the per-node timeout.
 //!
 //! Cost: every input costs O(log N) (ordered sets for the queue and the per-node deadlines,
 //! counters for the progress), so a run is O(N log N).
@@ -72,7 +75,9 @@ impl Outcome {
     pub fn reason(&self) -> &str {
         match self {
             Self::Succeeded => "",
-            Self::AlreadyInstalled => "its last successful Job ran this template; no Job created",
+            Self::AlreadyInstalled => {
+                "the Node shows this template installed on this machine; no Job created"
+            }
             Self::Failed(r)
             | Self::Skipped(r)
             | Self::Removed(r)
