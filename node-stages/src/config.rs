@@ -9,7 +9,7 @@
 //! imagePullTimeoutSeconds: 1200    # create_container_timeout + agent.image_pull_timeout
 //! cri: auto                        # auto | containerd | k3s | k3s-agent | rke2 | k0s | microk8s | crio
 //! restart: systemd                 # systemd | none | exec:/path/to/script (tests, custom hosts)
-//! runtimeReadyTimeoutSeconds: 60
+//! runtimeReadyTimeoutSeconds: 0      # 0: per flavour (300 s k3s/rke2/microk8s, else 120 s)
 //! labelReadyTimeoutSeconds: 120
 //! shims:
 //!   - name: qemu-nvidia-gpu        # handler = kata-<name>[-<suffix>]
@@ -50,8 +50,9 @@ pub struct StageConfig {
     /// How the runtime is restarted: `systemd`, `none`, or `exec:<path>`.
     #[serde(default = "default_restart")]
     pub restart: String,
-    /// How long the runtime may take to come back after a restart.
-    #[serde(default = "default_runtime_ready")]
+    /// How long the runtime may take to come back after a restart; 0 (the default): per flavour
+    /// (see [`ValidConfig::runtime_ready_timeout`]).
+    #[serde(default)]
     pub runtime_ready_timeout_seconds: u64,
     /// How long the label stage waits for the node to report Ready and our handlers.
     #[serde(default = "default_label_ready")]
@@ -108,9 +109,6 @@ fn default_cri() -> String {
 }
 fn default_restart() -> String {
     "systemd".into()
-}
-fn default_runtime_ready() -> u64 {
-    60
 }
 fn default_label_ready() -> u64 {
     120
@@ -236,6 +234,19 @@ impl ValidConfig {
         Install::new(&self.cfg.multi_install_suffix, &self.cfg.install_prefix)
     }
 
+    /// How long the runtime of `kind` may take to come back after a restart: the configured
+    /// value, else 300 s where the restart is the whole distribution's agent (k3s, rke2,
+    /// microk8s: upstream waits as long) and 120 s for a plain runtime. Too short a deadline
+    /// rolls back a healthy slow restart, at the cost of two more restarts.
+    pub fn runtime_ready_timeout(&self, kind: Option<CriKind>) -> std::time::Duration {
+        let secs = match (self.cfg.runtime_ready_timeout_seconds, kind) {
+            (0, Some(CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 | CriKind::Microk8s)) => 300,
+            (0, _) => 120,
+            (s, _) => s,
+        };
+        std::time::Duration::from_secs(secs)
+    }
+
     /// Whether any shim pulls images in the guest via nydus (containerd).
     pub fn uses_nydus(&self) -> bool {
         self.cfg
@@ -310,12 +321,6 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
         return Err(err(
             "imagePullTimeoutSeconds",
             "must be greater than 0 (default 1200)".into(),
-        ));
-    }
-    if cfg.runtime_ready_timeout_seconds == 0 {
-        return Err(err(
-            "runtimeReadyTimeoutSeconds",
-            "must be greater than 0 (default 60)".into(),
         ));
     }
     let cri = CriKind::parse(&cfg.cri).ok_or_else(|| {

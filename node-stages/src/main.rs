@@ -11,7 +11,9 @@ use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::hostcheck;
 use kata_deploy_stage::hostfs::HostFs;
 use kata_deploy_stage::label::NodeLabeler;
-use kata_deploy_stage::restart::{ExecRestarter, NoRestarter, Restarter, SystemdRestarter};
+use kata_deploy_stage::restart::{
+    ExecRestarter, NoRestarter, Restarter, SystemdRestarter, SYSTEMD_CALL_DEADLINE,
+};
 use kata_deploy_stage::stages::{self, Claims, StageEnv, StageReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -165,10 +167,16 @@ fn run(cli: &Cli) -> Result<(), StageError> {
     let fs = HostFs::new(&cli.host_root, cli.dry_run);
     let restarter: Box<dyn Restarter> = match &cfg.restart {
         RestartMode::Systemd => {
-            let socket = cri::resolve_cri(&fs, &cfg, &facts)
-                .ok()
-                .map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
-            Box::new(SystemdRestarter::new(&cli.host_root).with_cri_socket(socket))
+            let kind = cri::resolve_cri(&fs, &cfg, &facts).ok();
+            let socket = kind.map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
+            // A restart job of a slow flavour (k3s's unit is ready only when k3s is) may take
+            // as long as the runtime may take to be ready.
+            let deadline = cfg.runtime_ready_timeout(kind).max(SYSTEMD_CALL_DEADLINE);
+            Box::new(
+                SystemdRestarter::new(&cli.host_root)
+                    .with_cri_socket(socket)
+                    .with_deadline(deadline),
+            )
         }
         RestartMode::None => Box::new(NoRestarter),
         RestartMode::Exec(p) => Box::new(ExecRestarter { script: p.clone() }),

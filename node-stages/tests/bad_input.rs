@@ -56,11 +56,6 @@ const CONFIG_CASES: &[(&str, &str, &[&str])] = &[
         &["imagePullTimeoutSeconds", "greater than 0"],
     ),
     (
-        "zero runtime-ready timeout",
-        "runtimeReadyTimeoutSeconds: 0\nshims: [{name: qemu}]\n",
-        &["runtimeReadyTimeoutSeconds"],
-    ),
-    (
         "unknown CRI",
         "cri: docker\nshims: [{name: qemu}]\n",
         &["cri", "docker"],

@@ -266,3 +266,70 @@ fn a_changed_nydus_binary_restarts_nydus() {
     install(&hfs(host.path()), &cfg, &facts, &rt).unwrap();
     assert_eq!(rt.restart_count(unit), first + 1);
 }
+
+/// With no active unit among a flavour's candidates, the cri stage starts nothing (a guessed
+/// k3s server unit on an agent node would start a second runtime) and changes nothing: it fails
+/// with a message naming the units and what to set.
+#[test]
+fn no_active_runtime_unit_is_an_error_and_nothing_is_started_or_written() {
+    let f = flavour("k3s");
+    let host = make_host(&f);
+    let facts = facts(&f);
+    let rt = FakeRuntime::default();
+    rt.inactive
+        .lock()
+        .unwrap()
+        .extend(["k3s.service".to_string(), "k3s-agent.service".to_string()]);
+    let cfg = config(&ONE_SHIM.replace(
+        "runtimeReadyTimeoutSeconds: 2",
+        "runtimeReadyTimeoutSeconds: 1",
+    ));
+    let payload = payload_dir();
+    let fs = hfs(host.path());
+    let env = stage_env(&fs, &cfg, &facts, &payload, &rt);
+    kata_deploy_stage::stages::run_artifacts(&env).unwrap();
+    let before = snapshot(host.path());
+    let e = kata_deploy_stage::stages::run_cri(&env).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("k3s.service")
+            && msg.contains("k3s-agent.service")
+            && msg.contains("stage.cri"),
+        "{msg}"
+    );
+    assert!(rt.restarts.lock().unwrap().is_empty(), "a unit was started");
+    let after = snapshot(host.path());
+    assert!(after == before, "{}", snapshot_diff(&before, &after));
+}
+
+/// The per-flavour restart deadlines: a k3s/rke2/microk8s restart is the whole agent's.
+#[test]
+fn restart_deadlines_follow_the_flavour_unless_configured() {
+    use kata_deploy_stage::config::CriKind;
+    use std::time::Duration;
+    let auto = config("shims:\n  - name: qemu\n");
+    for k in [
+        CriKind::K3s,
+        CriKind::K3sAgent,
+        CriKind::Rke2,
+        CriKind::Microk8s,
+    ] {
+        assert_eq!(
+            auto.runtime_ready_timeout(Some(k)),
+            Duration::from_secs(300),
+            "{k:?}"
+        );
+    }
+    for k in [CriKind::Containerd, CriKind::Crio, CriKind::K0s] {
+        assert_eq!(
+            auto.runtime_ready_timeout(Some(k)),
+            Duration::from_secs(120),
+            "{k:?}"
+        );
+    }
+    let set = config("runtimeReadyTimeoutSeconds: 45\nshims:\n  - name: qemu\n");
+    assert_eq!(
+        set.runtime_ready_timeout(Some(CriKind::K3s)),
+        Duration::from_secs(45)
+    );
+}

@@ -70,7 +70,8 @@ impl CriContext<'_> {
         self.cfg.install().state_dir().join(CRI_STATE)
     }
     fn timeout(&self) -> Duration {
-        Duration::from_secs(self.cfg.cfg.runtime_ready_timeout_seconds)
+        self.cfg
+            .runtime_ready_timeout(resolve_cri(self.fs, self.cfg, self.facts).ok())
     }
 }
 
@@ -102,9 +103,7 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let mut state: CriState = read_json(fs, &state_path)?.unwrap_or_default();
     let mut target = plan_cri_target(fs, ctx.cfg, ctx.facts, kind)?;
     // The unit that runs the runtime now (an rke2 agent may also have rke2-server's unit file).
-    target.unit = choose_active_unit(&unit_candidates(&target.unit, kind), &|u| {
-        ctx.restarter.status(u).is_ok_and(|s| s.active)
-    });
+    target.unit = verify::running_unit(ctx, &unit_candidates(&target.unit, kind))?;
     for n in &target.notes {
         tracing::warn!(stage = "cri", "{n}");
     }

@@ -12,6 +12,31 @@ use crate::error::{Result, StageError};
 use crate::restart::{boot_id, monotonic_now_us};
 use crate::state::{CriState, PendingRestart, PreviousFile};
 
+/// The unit among `candidates` that runs the runtime now. Waits (up to the ready timeout) for
+/// one to be active, so a runtime still restarting after an earlier run is waited for; an
+/// inactive unit is never started (a guessed one, e.g. k3s's server unit on an agent node, would
+/// start a second runtime), and nothing is written.
+pub(super) fn running_unit(ctx: &CriContext, candidates: &[String]) -> Result<String> {
+    let active = |u: &str| ctx.restarter.status(u).is_ok_and(|s| s.active);
+    if ctx.cfg.restart == RestartMode::None || ctx.fs.dry_run() {
+        return Ok(super::choose_active_unit(candidates, &active));
+    }
+    let deadline = Instant::now() + ctx.timeout();
+    loop {
+        if let Some(u) = candidates.iter().find(|u| active(u)) {
+            return Ok(u.clone());
+        }
+        if Instant::now() >= deadline {
+            return Err(StageError::Runtime {
+                unit: candidates.join(" or "),
+                message: format!("none of these units is active after {}s: the runtime does not run under systemd as this flavour's unit", ctx.timeout().as_secs()),
+                hint: "Nothing was changed or started. Start the runtime, or set stage.cri (or k8sDistribution) to this node's CRI; for a runtime systemd does not manage, set stage.restart: none and restart it yourself".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// What the runtime must serve once it is back.
 #[derive(Debug, Clone)]
 pub(super) enum Expect {
@@ -116,8 +141,8 @@ pub(super) fn converge_runtime(
             Err(StageError::Runtime {
                 unit: unit.to_string(),
                 message: format!(
-                    "did not come back with the new configuration within {}s: {e}",
-                    ctx.cfg.cfg.runtime_ready_timeout_seconds
+                    "did not come back with the new configuration within {}s (stage.runtimeReadyTimeoutSeconds): {e}",
+                    ctx.timeout().as_secs()
                 ),
                 hint,
             })
