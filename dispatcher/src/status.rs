@@ -73,11 +73,11 @@ const ORDINARY_WAITS: [&str; 2] = ["PodInitializing", "ContainerCreating"];
 fn pod_not_running(pod: &Pod) -> Option<String> {
     let status = pod.status.as_ref()?;
     if let Some(reason) = status.reason.as_deref().filter(|r| !r.is_empty()) {
-        let head = "pod rejected by the kubelet".to_owned();
-        let line = with_reason(head, Some(reason), status.message.as_deref());
-        return Some(format!(
-            "{line}; free the node's resources or fix the template's constraints"
-        ));
+        let line = with_reason("pod failed".into(), Some(reason), status.message.as_deref());
+        return Some(match pod_reason_hint(reason) {
+            Some(hint) => format!("{line}; {hint}"),
+            None => line,
+        });
     }
     let lists = [
         status.init_container_statuses.as_ref(),
@@ -106,6 +106,20 @@ fn pod_not_running(pod: &Pod) -> Option<String> {
                 c.message.as_deref(),
             )
         })
+}
+
+/// What to do about a pod the kubelet refused or stopped (`status.reason`), when it is clear.
+fn pod_reason_hint(reason: &str) -> Option<&'static str> {
+    match reason {
+        r if r.starts_with("OutOf") => {
+            Some("the kubelet rejected it: free resources on the node or lower the template's requests")
+        }
+        "NodeAffinity" | "NodeSelector" | "NodeName" => {
+            Some("the kubelet rejected it: the node no longer matches the template's node constraints; fix the template or the node's labels")
+        }
+        "Evicted" => Some("the node is under resource pressure; check kubectl describe node"),
+        _ => None,
+    }
 }
 
 /// `head (reason): message`, on one line, leaving out what is empty.
