@@ -234,6 +234,17 @@ mod tests {
             d.contains("OutOfcpu") && d.contains("requested: 500"),
             "{d}"
         );
+        assert!(
+            d.contains("lower the template's requests"),
+            "what to do: {d}"
+        );
+        let deadline = pod(json!({"phase": "Failed", "reason": "DeadlineExceeded",
+            "message": "Pod was active on the node longer than the specified deadline"}));
+        let d = pod_failure_detail(&[deadline]).unwrap();
+        assert!(
+            d.contains("DeadlineExceeded") && !d.contains("rejected"),
+            "{d}"
+        );
         let affinity = pod(json!({"phase": "Failed", "reason": "NodeAffinity",
             "message": "Pod Predicate NodeAffinity failed"}));
         let d = pod_failure_detail(&[affinity]).unwrap();
