@@ -204,6 +204,100 @@ dropped then.
 {{- end -}}
 
 {{/*
+The node architectures the install selection can contain, as a JSON list (sorted): the four the
+shims know, narrowed by kubernetes.io/arch in the selection (job.nodeSelector / nodeSelector
+equality, job.nodeSelectorExpressions, and per term of affinity.nodeAffinity, terms ORed).
+job.nodes names nodes of any architecture.
+*/}}
+{{- define "kata-deploy.selectionArches" -}}
+{{- $all := list "amd64" "arm64" "ppc64le" "s390x" -}}
+{{- if .Values.job.nodes -}}
+{{- $all | toJson -}}
+{{- else -}}
+{{- $eq := merge (dict) (.Values.job.nodeSelector | default dict) (.Values.nodeSelector | default dict) -}}
+{{- $base := $all -}}
+{{- if hasKey $eq "kubernetes.io/arch" -}}
+{{- $base = include "kata-deploy.narrowArches" (dict "arches" $all "exprs" (list (dict "key" "kubernetes.io/arch" "operator" "In" "values" (list (index $eq "kubernetes.io/arch"))))) | fromJsonArray -}}
+{{- end -}}
+{{- $base = include "kata-deploy.narrowArches" (dict "arches" $base "exprs" (.Values.job.nodeSelectorExpressions | default list)) | fromJsonArray -}}
+{{- $terms := dig "nodeAffinity" "requiredDuringSchedulingIgnoredDuringExecution" "nodeSelectorTerms" list (.Values.affinity | default dict) -}}
+{{- if $terms -}}
+{{- $union := list -}}
+{{- range $t := $terms -}}
+{{- $union = concat $union (include "kata-deploy.narrowArches" (dict "arches" $base "exprs" ($t.matchExpressions | default list)) | fromJsonArray) -}}
+{{- end -}}
+{{- $base = $union -}}
+{{- end -}}
+{{- $base | uniq | sortAlpha | toJson -}}
+{{- end -}}
+{{- end -}}
+{{/* The architectures of .arches that satisfy every kubernetes.io/arch requirement of .exprs (JSON list). */}}
+{{- define "kata-deploy.narrowArches" -}}
+{{- $out := .arches -}}
+{{- range $e := .exprs -}}
+{{- if eq (toString $e.key) "kubernetes.io/arch" -}}
+{{- $op := toString $e.operator -}}
+{{- $vals := list -}}{{- range ($e.values | default list) -}}{{- $vals = append $vals (toString .) -}}{{- end -}}
+{{- $keep := list -}}
+{{- range $a := $out -}}
+{{- if or (eq $op "Exists") (and (eq $op "In") (has $a $vals)) (and (eq $op "NotIn") (not (has $a $vals))) -}}{{- $keep = append $keep $a -}}{{- end -}}
+{{- end -}}
+{{- $out = $keep -}}
+{{- end -}}
+{{- end -}}
+{{- $out | toJson -}}
+{{- end -}}
+
+{{/*
+The runtime handlers an installed node of the install selection reports (--expect-handler): the
+handler of every enabled shim and custom runtime that the stage installs on EVERY architecture
+the selection can contain. The stage leaves a shim out on a node whose architecture is not in its
+supportedArches (e.g. qemu-se, s390x only, on amd64), so expecting it there would re-run that
+node on every upgrade. As a JSON list (sorted).
+*/}}
+{{- define "kata-deploy.expectedHandlers" -}}
+{{- $arches := include "kata-deploy.selectionArches" . | fromJsonArray -}}
+{{- $defaults := (include "kata-deploy.defaults" . | fromYaml).shims -}}
+{{- $out := list -}}
+{{- $entries := list -}}
+{{- range $name := include "kata-deploy.enabledShims" . | fromJsonArray -}}
+{{- $cfg := index $.Values.shims $name | default dict -}}
+{{- $entries = append $entries (dict "handler" (include "kata-deploy.handler" (dict "root" $ "name" $name))
+      "arches" ($cfg.supportedArches | default (index $defaults $name).supportedArches)) -}}
+{{- end -}}
+{{- range $name := include "kata-deploy.enabledCustomRuntimes" . | fromJsonArray -}}
+{{- $cfg := index $.Values.customRuntimes.runtimes $name | default dict -}}
+{{- $base := toString $cfg.baseConfig -}}
+{{- $entries = append $entries (dict "handler" (include "kata-deploy.customHandler" (dict "root" $ "name" $name))
+      "arches" ($cfg.supportedArches | default (index $.Values.shims $base | default dict).supportedArches | default (index $defaults $base | default dict).supportedArches)) -}}
+{{- end -}}
+{{- range $e := $entries -}}
+{{- $supported := list -}}{{- range ($e.arches | default list) -}}{{- $supported = append $supported (toString .) -}}{{- end -}}
+{{- $everywhere := true -}}
+{{- range $a := $arches -}}{{- if not (has $a $supported) -}}{{- $everywhere = false -}}{{- end -}}{{- end -}}
+{{- if $everywhere -}}{{- $out = append $out $e.handler -}}{{- end -}}
+{{- end -}}
+{{- $out | uniq | sortAlpha | toJson -}}
+{{- end -}}
+
+{{/*
+Tolerations of the per-node install Jobs: what the DaemonSet controller gives every daemon pod
+(the dispatcher places install Jobs by DaemonSet rules and assumes these; carrying them keeps the
+kubelet and the taint manager in agreement: a node NotReady while the cri stage restarts the
+runtime does not evict the stage), plus the user's tolerations and job.nodeJobs.tolerations.
+*/}}
+{{- define "kata-deploy.installTolerations" -}}
+{{- $ds := list
+      (dict "key" "node.kubernetes.io/not-ready" "operator" "Exists" "effect" "NoExecute")
+      (dict "key" "node.kubernetes.io/unreachable" "operator" "Exists" "effect" "NoExecute")
+      (dict "key" "node.kubernetes.io/disk-pressure" "operator" "Exists" "effect" "NoSchedule")
+      (dict "key" "node.kubernetes.io/memory-pressure" "operator" "Exists" "effect" "NoSchedule")
+      (dict "key" "node.kubernetes.io/pid-pressure" "operator" "Exists" "effect" "NoSchedule")
+      (dict "key" "node.kubernetes.io/unschedulable" "operator" "Exists" "effect" "NoSchedule") -}}
+{{- concat $ds (.Values.tolerations | default list) (.Values.job.nodeJobs.tolerations | default list) | uniq | toJson -}}
+{{- end -}}
+
+{{/*
 The cleanup selectors. Default (nothing configured): nodes with the kata-runtime label OR this
 install's claimed marker (katacontainers.io/kata-deploy-claimed[-<suffix>], set by the stages
 before the host is touched).
@@ -696,9 +790,22 @@ spec:
             - --require-nodes
             {{- end }}
             {{- if eq .role "install" }}
-            # A node whose last successful install ran this very template gets no Job (recorded
-            # on the Node as katacontainers.io/installed-by-<prefix>): an unchanged upgrade is a no-op.
+            # A node gets no Job only when the whole Node shows this very template installed: its
+            # record katacontainers.io/installed-by-<prefix> (written after each success) names this
+            # template and the node's current machine ID, it carries this install's marker label,
+            # and its runtime handlers (when it reports any) include ours. An unchanged upgrade is a
+            # no-op; anything else re-runs the node.
             - --skip-installed
+            - --installed-label
+            - {{ printf "%s=true" (include "kata-deploy.markerLabel" .root) | quote }}
+            {{- range include "kata-deploy.expectedHandlers" .root | fromJsonArray }}
+            - --expect-handler
+            - {{ . | quote }}
+            {{- end }}
+            {{- if eq (include "kata-deploy.bool" ($v.job.reinstallAll | default false)) "true" }}
+            # job.reinstallAll: every selected node runs again, whatever its record says.
+            - --reinstall-all
+            {{- end }}
             {{- end }}
             {{- if eq .role "cleanup" }}
             # Uninstall reaches every node it must clean, tainted or not; it first stops this
@@ -805,7 +912,6 @@ The upstream keys that are set but have no effect in this chart, with the reason
 {{- if or $aff.podAffinity $aff.podAntiAffinity (dig "nodeAffinity" "preferredDuringSchedulingIgnoredDuringExecution" list $aff) -}}
 {{- $out = append $out "affinity.podAffinity / podAntiAffinity / nodeAffinity.preferred*: per-node Jobs are pinned to their node by name" -}}
 {{- end -}}
-{{- with $v.tolerations -}}{{- $out = append $out "tolerations: used for the dispatcher pods, and tolerating the control-plane taint makes control-plane nodes eligible (as upstream); other taints do not narrow the selection here: per-node Jobs tolerate every taint" -}}{{- end -}}
 {{- if hasKey ($v.verification | default dict) "daemonsetTimeout" -}}{{- $out = append $out "verification.daemonsetTimeout: there is no DaemonSet rollout to wait for" -}}{{- end -}}
 {{- if and (eq (include "kata-deploy.bool" $v.runtimeClasses.createDefault) "true") $v.env.multiInstallSuffix -}}
 {{- $out = append $out "runtimeClasses.createDefault: the default RuntimeClass is not created with env.multiInstallSuffix (its name would clash between installs)" -}}
