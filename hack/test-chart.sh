@@ -138,6 +138,13 @@ GUEST_PULL = ["qemu-snp", "qemu-snp-runtime-rs", "qemu-tdx", "qemu-tdx-runtime-r
               "qemu-coco-dev", "qemu-coco-dev-runtime-rs", "remote", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-snp-runtime-rs",
               "qemu-nvidia-gpu-tdx", "qemu-nvidia-gpu-tdx-runtime-rs"]
 GATE = {"katacontainers.io/kata-runtime": "true", "katacontainers.io/kata-deploy-installed": "true"}
+# What the DaemonSet controller gives every daemon pod (the dispatcher's admission assumes them).
+DS_TOLERATIONS = [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+                  {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+                  {"key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule"},
+                  {"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"},
+                  {"key": "node.kubernetes.io/pid-pressure", "operator": "Exists", "effect": "NoSchedule"},
+                  {"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"}]
 FIXTURES = os.path.join(os.environ["REPO"], "chart", "fixtures")
 STAGE_KEYS = {"multiInstallSuffix", "debug", "installPrefix", "imagePullTimeoutSeconds", "cri", "restart",
               "runtimeReadyTimeoutSeconds", "labelReadyTimeoutSeconds", "shims"}
@@ -171,7 +178,8 @@ def t_default():
               find(objs, kind) and all("helm.sh/hook" not in o["metadata"].get("annotations", {}) for o in find(objs, kind)))
     inst, clean = dispatcher(objs, "install"), dispatcher(objs, "cleanup")
     a = inst["metadata"]["annotations"]
-    check("install dispatcher: post-install,post-upgrade hook", a.get("helm.sh/hook") == "post-install,post-upgrade", a)
+    check("install dispatcher: post-install,post-upgrade,post-rollback hook (helm rollback re-installs the revision rolled back to)",
+          a.get("helm.sh/hook") == "post-install,post-upgrade,post-rollback", a)
     check("install dispatcher: before-hook-creation only (kept for logs, replaced by the next upgrade)",
           a.get("helm.sh/hook-delete-policy") == "before-hook-creation", a)
     a = clean["metadata"]["annotations"]
@@ -270,7 +278,12 @@ def t_default():
         check(f"{role} template: no parallelism/completions other than 1",
               job["spec"].get("parallelism", 1) == 1 and job["spec"].get("completions", 1) == 1)
         check(f"{role} template: node ServiceAccount", pod["serviceAccountName"] == "kata-deploy-node")
-        check(f"{role} template: tolerates every taint (pinned Jobs must reach tainted nodes)", {"operator": "Exists"} in pod.get("tolerations", []), pod.get("tolerations"))
+        if role == "install":
+            check("install template: DaemonSet rules by default: exactly the daemon pods' implied tolerations, no blanket operator: Exists",
+                  pod.get("tolerations") == DS_TOLERATIONS, pod.get("tolerations"))
+        else:
+            check(f"{role} template: tolerates every taint (a node tainted after install must still be cleaned)",
+                  pod.get("tolerations") == [{"operator": "Exists"}], pod.get("tolerations"))
         check(f"{role} template: no automatic ServiceAccount token (pod automountServiceAccountToken: false)",
               pod.get("automountServiceAccountToken") is False, pod.get("automountServiceAccountToken"))
         vol = next((v for v in pod["volumes"] if v["name"] == "api-access"), {})
@@ -442,8 +455,8 @@ def t_retire():
     a = args_of(r)
     inst = args_of(dispatcher(objs, "install"))
     ann = r["metadata"]["annotations"]
-    check("retire: a post-upgrade hook after the install dispatcher (weight 1 > 0), removed when it succeeded",
-          ann["helm.sh/hook"] == "post-upgrade" and ann["helm.sh/hook-weight"] == "1"
+    check("retire: a post-upgrade,post-rollback hook after the install dispatcher (weight 1 > 0), removed when it succeeded",
+          ann["helm.sh/hook"] == "post-upgrade,post-rollback" and ann["helm.sh/hook-weight"] == "1"
           and dispatcher(objs, "install")["metadata"]["annotations"]["helm.sh/hook-weight"] == "0"
           and ann["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded", ann)
     check("retire: the cleanup template on this install's claimed nodes, minus the install selection, tainted or not, forgetting the install record",
@@ -466,6 +479,105 @@ def t_retire():
     check("cleanup: removes the install and a failed retire dispatcher once every node is clean",
           flag_values(a, "--remove-on-success") == ["kata-deploy-dispatch-install,kata-deploy-dispatch-retire"], a)
 guarded("retire", t_retire)
+
+# ------------------------------------------- what an upgrade re-runs (--skip-installed and its checks)
+def t_skip_installed():
+    objs = render()
+    a = args_of(dispatcher(objs, "install"))
+    check("install dispatcher: --skip-installed with the marker label the label stage sets (--installed-label <marker>=true)",
+          "--skip-installed" in a and flag_values(a, "--installed-label") == ["katacontainers.io/kata-deploy-installed=true"], a)
+    marker = flag_values(a, "--installed-label")[0].split("=")[0]
+    check("install dispatcher: the checked marker is the one every RuntimeClass selects (this install's own label)",
+          all(r["scheduling"]["nodeSelector"].get(marker) == "true" for r in rcs(objs).values()), marker)
+    check("install dispatcher: default (any architecture): only the handlers of the enabled shims installed on every architecture",
+          flag_values(a, "--expect-handler") == ["kata-qemu", "kata-qemu-runtime-rs"], flag_values(a, "--expect-handler"))
+    check("install dispatcher: every expected handler is the handler of a rendered RuntimeClass",
+          set(flag_values(a, "--expect-handler")) <= {r["handler"] for r in rcs(objs).values()}, a)
+    check("install dispatcher: no --reinstall-all by default", "--reinstall-all" not in a, a)
+    for role in ("cleanup", "retire"):
+        ra = args_of(dispatcher(objs, role))
+        check(f"{role} dispatcher: none of the install's skip flags, and --ignore-taints (tainted nodes are still cleaned)",
+              not {"--skip-installed", "--installed-label", "--expect-handler", "--reinstall-all"} & set(ra) and "--ignore-taints" in ra, ra)
+    check("install dispatcher: no --ignore-taints (DaemonSet rules)", "--ignore-taints" not in a, a)
+    for v in (True, "true"):
+        a = args_of(dispatcher(render({"job": {"reinstallAll": v}}), "install"))
+        check(f"job.reinstallAll={v!r}: --reinstall-all (records still written: --skip-installed stays)",
+              "--reinstall-all" in a and "--skip-installed" in a, a)
+    a = args_of(dispatcher(render({"job": {"reinstallAll": "false"}}), "install"))
+    check("job.reinstallAll='false' (string): no --reinstall-all", "--reinstall-all" not in a, a)
+    err = render_err({"job": {"reinstallAll": "yes"}})
+    check("schema rejects job.reinstallAll that is not a boolean", "/job/reinstallAll" in err, err)
+    # The architecture of the selection decides which handlers every selected node must report.
+    objs = render({"job": {"nodeSelector": {"kubernetes.io/arch": "amd64"}}})
+    amd64 = sorted(f"kata-{x['name']}" for x in stage_config(objs)[0]["shims"] if "amd64" in x["supportedArches"])
+    got = flag_values(args_of(dispatcher(objs, "install")), "--expect-handler")
+    check("job.nodeSelector kubernetes.io/arch=amd64: every enabled amd64 shim's handler (not qemu-se, s390x only)",
+          got == amd64 and "kata-qemu-se" not in got and "kata-clh" in got, got)
+    got = flag_values(args_of(dispatcher(render({"nodeSelector": {"kubernetes.io/arch": "s390x"}}), "install")), "--expect-handler")
+    check("nodeSelector (upstream) kubernetes.io/arch=s390x: the s390x shims' handlers",
+          "kata-qemu-se" in got and "kata-clh" not in got and "kata-qemu" in got, got)
+    got = flag_values(args_of(dispatcher(render({"job": {"nodeSelectorExpressions": [
+        {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}}), "install")), "--expect-handler")
+    check("job.nodeSelectorExpressions arch In (amd64, arm64): handlers of shims installed on both",
+          "kata-qemu-nvidia-gpu-runtime-rs" in got and "kata-qemu-nvidia-gpu" not in got and "kata-qemu-coco-dev-runtime-rs" in got, got)
+    got = flag_values(args_of(dispatcher(render({"job": {"nodeSelectorExpressions": [
+        {"key": "kubernetes.io/arch", "operator": "NotIn", "values": ["arm64", "ppc64le", "s390x"]}]}}), "install")), "--expect-handler")
+    check("job.nodeSelectorExpressions arch NotIn (all but amd64): the amd64 handlers", got == amd64, got)
+    aff = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]},
+        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["s390x"]}]}]}}}
+    got = flag_values(args_of(dispatcher(render({"affinity": aff}), "install")), "--expect-handler")
+    check("affinity.nodeAffinity terms (ORed) amd64 | s390x: handlers of shims installed on both",
+          "kata-qemu-coco-dev" in got and "kata-qemu-se" not in got and "kata-clh" not in got, got)
+    got = flag_values(args_of(dispatcher(render({"job": {"nodes": ["w1"], "nodeSelector": {"kubernetes.io/arch": "amd64"}}}), "install")), "--expect-handler")
+    check("job.nodes (any architecture): only the every-architecture handlers", got == ["kata-qemu", "kata-qemu-runtime-rs"], got)
+    objs = render({"env": {"multiInstallSuffix": "cicd"}, "shims": {"disableAll": True, "qemu": {"enabled": True}, "clh": {"enabled": True}},
+                   "job": {"nodeSelector": {"kubernetes.io/arch": "amd64"}},
+                   "customRuntimes": {"enabled": True, "runtimes": {
+                       "mine": {"baseConfig": "qemu", "runtimeClass": "kind: RuntimeClass\nmetadata: {name: team}\nhandler: team-sandbox\n"},
+                       "small": {"baseConfig": "clh"}, "s390": {"baseConfig": "qemu-se"}}}})
+    a = args_of(dispatcher(objs, "install"))
+    check("suffix + custom runtimes: the suffixed marker; shims' suffixed handlers; a custom runtime's own handler; an s390x-only one left out on amd64",
+          flag_values(a, "--installed-label") == ["katacontainers.io/kata-deploy-installed-cicd=true"]
+          and flag_values(a, "--expect-handler") == ["kata-clh-cicd", "kata-qemu-cicd", "kata-small-cicd", "team-sandbox"], a)
+    check("custom runtimes: every expected handler is one the stage config registers (own handler, or kata-<name>-<suffix>)",
+          set(flag_values(a, "--expect-handler")) <= {x.get("handler") or f"kata-{x['name']}-cicd" for x in stage_config(objs)[0]["shims"]},
+          stage_config(objs)[0]["shims"])
+    n = notes_of()
+    check("NOTES: what an upgrade re-runs (record, machine, marker label, handlers), how to force every node",
+          "What an upgrade (or helm rollback) re-runs" in n and "katacontainers.io/kata-deploy-installed=true" in n
+          and "(kata-qemu, kata-qemu-runtime-rs)" in n and "--set job.reinstallAll=true" in n and "EVERY selected node is re-run" not in n, n)
+    check("NOTES: job.reinstallAll=true is called out (--reuse-values keeps it)",
+          "EVERY selected node is re-run on each upgrade" in notes_of({"job": {"reinstallAll": True}}))
+
+# --------------------------------------------------------------------- taints: DaemonSet rules
+def t_taints():
+    tol = [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]
+    objs = render({"tolerations": tol, "job": {"nodeJobs": {"tolerations": [{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}]}}})
+    ij, cj, _ = templates(objs)
+    check("tolerations (upstream) + job.nodeJobs.tolerations reach the install Jobs after the daemon pods' implied ones",
+          ij["spec"]["template"]["spec"]["tolerations"] == DS_TOLERATIONS + tol + [{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}],
+          ij["spec"]["template"]["spec"]["tolerations"])
+    check("tolerations: control-plane eligible (selector drops the exclusion) AND its taint tolerated by the install Jobs (single-node CI)",
+          "--selector" not in args_of(dispatcher(objs, "install")), args_of(dispatcher(objs, "install")))
+    check("tolerations: cleanup Jobs still tolerate every taint", cj["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}])
+    ij, _, _ = templates(render({"tolerations": tol, "job": {"nodeJobs": {"tolerations": tol}}}))
+    check("the same toleration in both lists appears once", ij["spec"]["template"]["spec"]["tolerations"] == DS_TOLERATIONS + tol,
+          ij["spec"]["template"]["spec"]["tolerations"])
+    ij, _, _ = templates(render({"job": {"nodeJobs": {"tolerations": [{"operator": "Exists"}]}}}))
+    check("job.nodeJobs.tolerations [{operator: Exists}] (the earlier default) still installs on every node whatever its taints",
+          {"operator": "Exists"} in ij["spec"]["template"]["spec"]["tolerations"], ij["spec"]["template"]["spec"]["tolerations"])
+    n = notes_of({"job": {"nodeJobs": {"tolerations": [{"operator": "Exists"}]}}})
+    check("NOTES: an every-taint toleration in job.nodeJobs.tolerations is called out, with how to get DaemonSet rules",
+          "job.nodeJobs.tolerations has {operator: Exists}" in n and "job.nodeJobs.tolerations=[]" in n, n[-1500:])
+    n = notes_of()
+    check("NOTES: DaemonSet taint rules explained; no every-taint warning by default",
+          "Install Jobs follow DaemonSet taint rules" in n and "has {operator: Exists}" not in n, n[-1500:])
+    d = dispatcher(render({"job": {"nodeJobs": {"tolerations": [{"key": "x", "operator": "Exists"}]}}}), "install")["spec"]["template"]["spec"]
+    check("job.nodeJobs.tolerations do not reach the dispatcher pod", not d.get("tolerations"), d.get("tolerations"))
+    ij1 = templates(render())[0]
+    ij2 = templates(render({"job": {"nodeJobs": {"tolerations": [{"key": "x", "operator": "Exists"}]}}}))[0]
+    check("a toleration change changes the install template (so its hash: the next upgrade re-runs the nodes)", ij1 != ij2)
 
 # ------------------------------------------------------------------- suffix, shims, stage knobs
 def t_values():
@@ -936,6 +1048,10 @@ def t_upstream():
         check(f"reuse {ver}: VAP and state record present (our keys filled)", find(objs, "ValidatingAdmissionPolicy")
               and one(objs, "ConfigMap", "kata-deploy-kata-deploy-state"))
         check(f"reuse {ver}: upstream's remote shim stays off, fc on", "kata-remote" not in rcs(objs) and "kata-fc" in rcs(objs))
+        ia = args_of(dispatcher(objs, "install"))
+        check(f"reuse {ver}: install Jobs follow DaemonSet taint rules (upstream's tolerations: []), the skip checks are passed",
+              ij.get("tolerations") == DS_TOLERATIONS and flag_values(ia, "--installed-label") == ["katacontainers.io/kata-deploy-installed=true"]
+              and "--reinstall-all" not in ia, (ij.get("tolerations"), ia))
         a = args_of(dispatcher(objs, "cleanup"))
         check(f"reuse {ver}: upstream's cleanup default (kata-runtime Exists) also takes the claimed marker",
               flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], a)
@@ -948,7 +1064,12 @@ def t_upstream():
     objs = [d for d in yaml.safe_load_all(out) if d] if rc == 0 else []
     check("--reuse-values over this chart's 0.1.0 release renders; its old shim names are not installed",
           rc == 0 and "kata-cloud-hypervisor" not in rcs(objs) and "kata-stratovirt" not in rcs(objs) and "kata-clh-runtime-rs" in rcs(objs), err)
+    ij = templates(objs)[0]["spec"]["template"]["spec"] if objs else {}
+    check("reuse 0.1.0: its job.nodeJobs.tolerations [{operator: Exists}] (that version's default) is kept: install Jobs tolerate every taint",
+          {"operator": "Exists"} in ij.get("tolerations", []) and ij.get("tolerations", [])[:len(DS_TOLERATIONS)] == DS_TOLERATIONS, ij.get("tolerations"))
     notes = notes_of(chart=chart)
+    check("reuse 0.1.0: NOTES says install Jobs tolerate every taint and how to get DaemonSet rules",
+          "job.nodeJobs.tolerations has {operator: Exists}" in notes and "job.nodeJobs.tolerations=[]" in notes, notes[-1500:])
     check("reuse 0.1.0: NOTES names the old shim names and the new one",
           "  - shims.cloud-hypervisor: not a shim of this chart (ignored); it is called clh-runtime-rs" in notes
           and "  - shims.stratovirt: not a shim of this chart (ignored)" in notes, notes[-800:])
@@ -1008,9 +1129,10 @@ def t_upstream():
           d.get("nodeSelector") == {"node-role.kubernetes.io/control-plane": ""} and d["tolerations"][0]["key"] == "node-role.kubernetes.io/control-plane", d)
     objs = render({"job": {"nodeJobs": {"tolerations": [{"key": "only-this", "operator": "Exists"}]}}})
     ij, cj, _ = templates(objs)
-    check("uninstall Jobs tolerate every taint even when job.nodeJobs.tolerations is narrowed",
+    check("job.nodeJobs.tolerations are added to the install Jobs' DaemonSet tolerations; uninstall Jobs still tolerate every taint",
           cj["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
-          and ij["spec"]["template"]["spec"]["tolerations"] == [{"key": "only-this", "operator": "Exists"}])
+          and ij["spec"]["template"]["spec"]["tolerations"] == DS_TOLERATIONS + [{"key": "only-this", "operator": "Exists"}],
+          (ij["spec"]["template"]["spec"]["tolerations"], cj["spec"]["template"]["spec"]["tolerations"]))
     objs = render({"shims": {"qemu": {"runtimeClass": {"overheadEnabled": False}}, "clh": {"crio": {"guestPull": True}, "containerd": {"snapshotter": "erofs"}}}})
     check("shims.<s>.runtimeClass.overheadEnabled=false drops that class's overhead only",
           "overhead" not in rcs(objs)["kata-qemu"] and "overhead" in rcs(objs)["kata-clh"])
@@ -1027,8 +1149,8 @@ def t_upstream():
     pod_yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: kata-check\nspec:\n  runtimeClassName: kata-qemu\n  containers:\n  - name: c\n    image: busybox\n"
     objs = render({"verification": {"pod": pod_yaml, "namespace": "checks", "timeout": 240}})
     v = find(objs, "Pod", "kata-check")
-    check("verification.pod: a post-install/post-upgrade hook Pod after the dispatcher (weight 10), in verification.namespace, bounded by verification.timeout",
-          len(v) == 1 and v[0]["metadata"]["namespace"] == "checks" and v[0]["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    check("verification.pod: a post-install/post-upgrade/post-rollback hook Pod after the dispatcher (weight 10), in verification.namespace, bounded by verification.timeout",
+          len(v) == 1 and v[0]["metadata"]["namespace"] == "checks" and v[0]["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade,post-rollback"
           and int(v[0]["metadata"]["annotations"]["helm.sh/hook-weight"]) > 0 and v[0]["spec"]["activeDeadlineSeconds"] == 240
           and v[0]["spec"]["restartPolicy"] == "Never", v)
     err = render_err({"verification": {"pod": "kind: Deployment\nmetadata: {name: x}\n"}})
@@ -1044,6 +1166,8 @@ def t_upstream():
           "job.nodeSelectorExpressions=[]" in n0 and "job.requireNodes=false" in n0
           and "job.requireNodes=false" not in notes_of({"job": {"requireNodes": False}}), n0)
 guarded("upstream", t_upstream)
+guarded("skip-installed", t_skip_installed)  # after notes_of is defined
+guarded("taints", t_taints)
 
 # ----------------------------------------------- the real stage binary parses the rendered config
 def t_stage_parses():
