@@ -206,6 +206,12 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         "stage.restart=none",
         "--set",
         "job.parallelism=2",
+        // Install Jobs follow DaemonSet taint rules: the simulated nodes' kwok taint must be
+        // tolerated for them to get their Job (cleanup and retire tolerate every taint anyway).
+        "--set",
+        "job.nodeJobs.tolerations[0].key=kwok.x-k8s.io/node",
+        "--set",
+        "job.nodeJobs.tolerations[0].operator=Exists",
         "--set-string",
         &group_sel,
         "--set-string",
