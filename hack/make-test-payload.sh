@@ -45,6 +45,9 @@ exe "$out/bin/containerd-shim-kata-v2" "containerd-shim-kata-v2 (go runtime)"
 exe "$out/bin/qemu-system-x86_64" "qemu-system-x86_64"
 exe "$out/runtime-rs/bin/containerd-shim-kata-v2" "containerd-shim-kata-v2 (runtime-rs)"
 exe "$out/nydus-snapshotter/containerd-nydus-grpc" "containerd-nydus-grpc"
+# Started by its unit (--config ...), the snapshotter stays up as the real daemon does, so a test
+# sees whether systemd runs it.
+printf 'case "$1" in --config) exec sleep infinity ;; esac\n' >>"$out/nydus-snapshotter/containerd-nydus-grpc"
 exe "$out/nydus-snapshotter/nydus-overlayfs" "nydus-overlayfs"
 
 # config <shim> <hypervisor table> <kernel_params> <create_container_timeout>

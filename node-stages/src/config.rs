@@ -54,6 +54,13 @@ pub struct StageConfig {
     /// (see [`ValidConfig::runtime_ready_timeout`]).
     #[serde(default)]
     pub runtime_ready_timeout_seconds: u64,
+    /// How long the cri / revert-cri stages wait for running pods of a handler they are about
+    /// to remove to go away before failing (default 60).
+    #[serde(default = "default_running_pods_wait")]
+    pub running_pods_wait_seconds: u64,
+    /// Remove handlers even under running pods (those pods lose their runtime).
+    #[serde(default)]
+    pub force_handler_removal: bool,
     /// How long the label stage waits for the node to report Ready and our handlers.
     #[serde(default = "default_label_ready")]
     pub label_ready_timeout_seconds: u64,
@@ -109,6 +116,9 @@ fn default_cri() -> String {
 }
 fn default_restart() -> String {
     "systemd".into()
+}
+fn default_running_pods_wait() -> u64 {
+    60
 }
 fn default_label_ready() -> u64 {
     120

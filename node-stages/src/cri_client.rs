@@ -121,6 +121,65 @@ pub fn decode_status(msg: &[u8]) -> Option<RuntimeReport> {
     Some(r)
 }
 
+/// A pod sandbox the runtime runs, as `ListPodSandbox` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// The runtime handler that runs it ("" for the default runtime).
+    pub handler: String,
+    /// SANDBOX_READY (running), not NOTREADY (stopped, only its record is left).
+    pub ready: bool,
+}
+
+/// Decodes a ListPodSandboxResponse { repeated PodSandbox items = 1 }; PodSandbox: metadata = 2
+/// (PodSandboxMetadata: name = 1, namespace = 3), state = 3 (READY = 0, so absent when ready),
+/// runtime_handler = 7.
+pub fn decode_sandboxes(msg: &[u8]) -> Option<Vec<Sandbox>> {
+    let mut out = Vec::new();
+    for (f, v) in fields(msg)? {
+        let (1, Err(item)) = (f, v) else { continue };
+        let item_fields = fields(item)?;
+        let meta = item_fields.iter().find_map(|(n, v)| match (n, v) {
+            (2, Err(b)) => Some(*b),
+            _ => None,
+        });
+        let state = item_fields.iter().find_map(|(n, v)| match (n, v) {
+            (3, Ok(s)) => Some(*s),
+            _ => None,
+        });
+        out.push(Sandbox {
+            namespace: meta.and_then(|m| string_field(m, 3)).unwrap_or_default(),
+            name: meta.and_then(|m| string_field(m, 1)).unwrap_or_default(),
+            handler: string_field(item, 7).unwrap_or_default(),
+            ready: state.unwrap_or(0) == 0,
+        });
+    }
+    Some(out)
+}
+
+/// Lists the runtime's pod sandboxes (bounded by `timeout`).
+pub fn list_sandboxes(socket: &Path, timeout: Duration) -> Result<Vec<Sandbox>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let call = unary_call(socket, "/runtime.v1.RuntimeService/ListPodSandbox", &[]);
+        let msg = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| format!("CRI ListPodSandbox on {} timed out", socket.display()))??;
+        decode_sandboxes(&msg).ok_or_else(|| {
+            format!(
+                "CRI ListPodSandbox on {}: malformed response",
+                socket.display()
+            )
+        })
+    })
+}
+
 /// Handler names from containerd's verbose CRI config JSON (`containerd.runtimes` keys).
 pub fn handlers_from_config_json(json: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
@@ -258,6 +317,49 @@ mod tests {
         assert!(r.runtime_ready);
         assert_eq!(r.config_handlers, ["kata-qemu", "runc"]);
         assert_eq!(r.handlers(), ["kata-clh", "kata-qemu", "runc"]);
+    }
+
+    #[test]
+    fn decodes_pod_sandboxes_with_their_handler_and_state() {
+        let sandbox = |name: &[u8], ns: &[u8], handler: &[u8], notready: bool| {
+            let meta = [ld(1, name), ld(2, b"uid"), ld(3, ns)].concat();
+            let state = if notready { vec![0x18, 0x01] } else { vec![] };
+            ld(
+                1,
+                &[ld(1, b"id"), ld(2, &meta), state, ld(7, handler)].concat(),
+            )
+        };
+        let msg = [
+            sandbox(b"web", b"team", b"kata-qemu", false),
+            sandbox(b"old", b"team", b"kata-qemu", true),
+            sandbox(b"plain", b"default", b"", false),
+        ]
+        .concat();
+        let got = decode_sandboxes(&msg).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Sandbox {
+                    namespace: "team".into(),
+                    name: "web".into(),
+                    handler: "kata-qemu".into(),
+                    ready: true
+                },
+                Sandbox {
+                    namespace: "team".into(),
+                    name: "old".into(),
+                    handler: "kata-qemu".into(),
+                    ready: false
+                },
+                Sandbox {
+                    namespace: "default".into(),
+                    name: "plain".into(),
+                    handler: "".into(),
+                    ready: true
+                },
+            ]
+        );
+        assert_eq!(decode_sandboxes(&[]).unwrap(), vec![]);
     }
 
     #[test]

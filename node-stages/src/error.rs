@@ -45,6 +45,16 @@ pub enum StageError {
         summary: String,
     },
 
+    /// Pods still run on handlers the stage was about to remove.
+    #[error("node {node}: {count} running pod(s) still use the runtime handler(s) {handlers} that this run removes: {pods}. Waited {waited}s (stage.runningKataPods.waitSeconds); nothing was changed. Move those pods off this node (kubectl drain {node}, or delete them) and re-run, or set stage.runningKataPods.force: true to remove the handlers anyway (those pods then lose their runtime)")]
+    HandlersInUse {
+        node: String,
+        handlers: String,
+        count: usize,
+        pods: String,
+        waited: u64,
+    },
+
     /// This host is not the machine the dispatcher targeted (reused node name).
     #[error("node {node}: host machine ID {host} differs from the node's reported machine ID {expected}: the node name was reused by another machine. Nothing was changed; re-run the install (helm upgrade) so the dispatcher targets the current node")]
     IdentityMismatch {

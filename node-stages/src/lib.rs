@@ -12,6 +12,7 @@ pub mod crio;
 pub mod error;
 pub mod hostcheck;
 pub mod hostfs;
+pub mod inuse;
 pub mod katacfg;
 pub mod label;
 pub mod lock;
@@ -20,3 +21,15 @@ pub mod restart;
 pub mod shims;
 pub mod stages;
 pub mod state;
+
+/// Fault-test hook: with `KATA_STAGE_STOP_AT=<point>` the process stops itself (SIGSTOP) on
+/// reaching that point, so a test can SIGKILL it exactly there and prove the kill landed before
+/// the work after it. Points: each stage's name once it finished (`install` pipeline), and
+/// `cri-restarted` right after the runtime's restart job finished, before it is verified.
+pub fn checkpoint(point: &str) {
+    if std::env::var("KATA_STAGE_STOP_AT").is_ok_and(|p| p == point) {
+        tracing::warn!(point, "KATA_STAGE_STOP_AT: stopped here for a fault test");
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+    }
+}

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use kata_deploy_stage::config::{load_config, NodeFacts, RestartMode, ValidConfig};
-use kata_deploy_stage::cri;
 use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::hostcheck;
 use kata_deploy_stage::hostfs::HostFs;
@@ -15,6 +14,7 @@ use kata_deploy_stage::restart::{
     ExecRestarter, NoRestarter, Restarter, SystemdRestarter, SYSTEMD_CALL_DEADLINE,
 };
 use kata_deploy_stage::stages::{self, Claims, StageEnv, StageReport};
+use kata_deploy_stage::{checkpoint, cri};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Stage {
@@ -258,9 +258,13 @@ fn run(cli: &Cli) -> Result<(), StageError> {
         Stage::Unclaim => claims.set(false),
         Stage::Install => {
             host_check()?;
+            checkpoint("host-check");
             print(&stages::run_artifacts(&env)?, cli.output);
+            checkpoint("artifacts");
             print(&stages::run_cri(&env)?, cli.output);
+            checkpoint("cri");
             print(&stages::run_prune_artifacts(&env)?, cli.output);
+            checkpoint("prune-artifacts");
             if facts.name.is_some() {
                 label(true)
             } else {
@@ -273,6 +277,7 @@ fn run(cli: &Cli) -> Result<(), StageError> {
                 label(false)?;
             }
             print(&stages::run_revert_cri(&env)?, cli.output);
+            checkpoint("revert-cri");
             print(&stages::run_remove_artifacts(&env)?, cli.output);
             Ok(())
         }

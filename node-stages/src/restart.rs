@@ -33,6 +33,10 @@ pub trait Restarter: Send + Sync {
     fn served_handlers(&self, _unit: &str) -> Result<Option<Vec<String>>> {
         Ok(None)
     }
+    /// The pod sandboxes the runtime runs, if this restarter can ask it (None: unknown).
+    fn sandboxes(&self) -> Result<Option<Vec<crate::cri_client::Sandbox>>> {
+        Ok(None)
+    }
 }
 
 /// CLOCK_MONOTONIC now, in µs (same clock as systemd's *TimestampMonotonic).
@@ -205,33 +209,51 @@ impl Systemd {
         Ok(parse_unit_state(&state, since))
     }
 
-    /// Waits until a job systemd queued is done (its object is gone), as `systemctl` does.
-    async fn wait_job(
-        &self,
-        job: &zbus::zvariant::OwnedObjectPath,
-    ) -> std::result::Result<(), String> {
-        loop {
-            match self
-                .call(
-                    job,
-                    "org.freedesktop.DBus.Properties",
-                    "Get",
-                    &("org.freedesktop.systemd1.Job", "State"),
-                )
-                .await
-            {
-                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                // The job object disappears when the job finished (done, failed or canceled).
-                Err(_) => return Ok(()),
-            }
-        }
-    }
-
+    /// Queues `method` (RestartUnit, StartUnit, StopUnit) for `unit` and waits for its job's
+    /// result from systemd's `JobRemoved` signal, as `systemctl` does: a unit that fails to start
+    /// (e.g. a runtime refusing its new configuration) is known at once, not at a deadline.
     async fn run_job(&self, method: &str, unit: &str) -> std::result::Result<(), String> {
+        use futures::StreamExt;
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface(MANAGER)
+            .and_then(|b| b.member("JobRemoved"))
+            .and_then(|b| b.path(SYSTEMD_PATH))
+            .map_err(|e| e.to_string())?
+            .build();
+        // Subscribed before the job exists, so its signal cannot be missed.
+        let mut removed = zbus::MessageStream::for_match_rule(rule, &self.conn, Some(64))
+            .await
+            .map_err(|e| format!("subscribing to systemd's job signals: {e}"))?;
+        self.manager("Subscribe", &()).await?;
         let reply = self.manager(method, &(unit, "replace")).await?;
         let job: zbus::zvariant::OwnedObjectPath =
             reply.body().deserialize().map_err(|e| e.to_string())?;
-        self.wait_job(&job).await
+        while let Some(msg) = removed.next().await {
+            let msg = msg.map_err(|e| e.to_string())?;
+            let Ok((_, path, _, result)) =
+                msg.body()
+                    .deserialize::<(u32, zbus::zvariant::OwnedObjectPath, String, String)>()
+            else {
+                continue;
+            };
+            if path == job {
+                return job_result(method, unit, &result);
+            }
+        }
+        Err(format!(
+            "{method} {unit}: the connection to systemd closed before the job ended"
+        ))
+    }
+}
+
+/// What a finished systemd job's result (`JobRemoved`) means: only `done` is success.
+pub fn job_result(method: &str, unit: &str, result: &str) -> std::result::Result<(), String> {
+    match result {
+        "done" | "skipped" => Ok(()),
+        other => Err(format!(
+            "{method} {unit}: systemd's job ended {other:?} (see journalctl -u {unit} on the node)"
+        )),
     }
 }
 
@@ -268,6 +290,14 @@ impl Restarter for SystemdRestarter {
     }
     fn served_handlers(&self, _unit: &str) -> Result<Option<Vec<String>>> {
         cri_served_handlers(self.cri_socket.as_deref())
+    }
+    fn sandboxes(&self) -> Result<Option<Vec<crate::cri_client::Sandbox>>> {
+        let Some(socket) = self.cri_socket.as_deref().filter(|s| s.exists()) else {
+            return Ok(None);
+        };
+        crate::cri_client::list_sandboxes(socket, Duration::from_secs(10))
+            .map(Some)
+            .map_err(|message| StageError::Restarter { message })
     }
     fn disable_now(&self, unit: &str) -> Result<()> {
         self.with_systemd(&format!("disabling {unit}"), async |s| {
@@ -403,6 +433,19 @@ mod tests {
                 active_since_mono_us: Some(5)
             }
         );
+    }
+
+    #[test]
+    fn only_a_done_job_is_success() {
+        assert!(job_result("RestartUnit", "containerd.service", "done").is_ok());
+        let e = job_result("RestartUnit", "containerd.service", "failed").unwrap_err();
+        assert!(
+            e.contains("failed") && e.contains("journalctl -u containerd.service"),
+            "{e}"
+        );
+        for r in ["timeout", "canceled", "dependency"] {
+            assert!(job_result("StartUnit", "x.service", r).is_err(), "{r}");
+        }
     }
 
     #[test]

@@ -333,3 +333,86 @@ fn restart_deadlines_follow_the_flavour_unless_configured() {
         Duration::from_secs(45)
     );
 }
+
+fn running(name: &str, handler: &str) -> kata_deploy_stage::cri_client::Sandbox {
+    kata_deploy_stage::cri_client::Sandbox {
+        namespace: "team".into(),
+        name: name.into(),
+        handler: handler.into(),
+        ready: true,
+    }
+}
+
+/// A shim disabled (or uninstalled) while pods still run on its handler: the stage waits, then
+/// fails naming them and changes nothing; once they are gone (or with force) it goes ahead.
+/// Pods of handlers that stay, and stopped sandboxes, do not hold it.
+#[test]
+fn a_handler_is_never_removed_under_running_pods_unless_forced() {
+    let f = flavour("containerd-2.0");
+    let host = make_host(&f);
+    let facts = facts(&f);
+    let rt = FakeRuntime::default();
+    let two = TWO_SHIMS.replace(
+        "runtimeReadyTimeoutSeconds: 2",
+        "runtimeReadyTimeoutSeconds: 2\nrunningPodsWaitSeconds: 1",
+    );
+    let one = ONE_SHIM.replace(
+        "runtimeReadyTimeoutSeconds: 2",
+        "runtimeReadyTimeoutSeconds: 2\nrunningPodsWaitSeconds: 1",
+    );
+    install(&hfs(host.path()), &config(&two), &facts, &rt).unwrap();
+    *rt.sandboxes.lock().unwrap() = Some(vec![
+        running("confidential", COCO),
+        running("web", "kata-qemu"),
+        kata_deploy_stage::cri_client::Sandbox {
+            ready: false,
+            ..running("done", COCO)
+        },
+    ]);
+    let restarts = rt.restart_count("containerd.service");
+    let before = snapshot(host.path());
+    let e = install(&hfs(host.path()), &config(&one), &facts, &rt).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, StageError::HandlersInUse { .. })
+            && msg.contains("team/confidential")
+            && !msg.contains("team/web")
+            && !msg.contains("team/done")
+            && msg.contains(COCO)
+            && msg.contains("stage.runningKataPods.force"),
+        "{msg}"
+    );
+    assert_eq!(
+        rt.restart_count("containerd.service"),
+        restarts,
+        "no restart"
+    );
+    let cri_before: std::collections::BTreeMap<_, _> = before
+        .iter()
+        .filter(|(p, _)| p.contains("etc/containerd") || p.contains("cri.json"))
+        .collect();
+    let after = snapshot(host.path());
+    let cri_after: std::collections::BTreeMap<_, _> = after
+        .iter()
+        .filter(|(p, _)| p.contains("etc/containerd") || p.contains("cri.json"))
+        .collect();
+    assert_eq!(
+        cri_before, cri_after,
+        "the runtime configuration must not change"
+    );
+    assert!(
+        host.path().join(COCO_CONFIG).exists(),
+        "the served shim's files stay"
+    );
+    // The pod goes: the upgrade proceeds.
+    *rt.sandboxes.lock().unwrap() = Some(vec![running("web", "kata-qemu")]);
+    install(&hfs(host.path()), &config(&one), &facts, &rt).unwrap();
+    assert!(!host.path().join(COCO_CONFIG).exists());
+    // Uninstall under a running pod fails the same way; forced, it goes ahead.
+    let e = uninstall(&hfs(host.path()), &config(&one), &facts, &rt).unwrap_err();
+    assert!(e.to_string().contains("team/web"), "{e}");
+    assert!(cri_state(host.path()).is_some(), "nothing reverted");
+    let forced = format!("{one}forceHandlerRemoval: true\n");
+    uninstall(&hfs(host.path()), &config(&forced), &facts, &rt).unwrap();
+    assert!(cri_state(host.path()).is_none());
+}

@@ -226,6 +226,20 @@ impl RealNode {
         )
     }
 
+    /// Powers the node off and boots it again on the same root: its files stay, its processes
+    /// and /run start afresh (what a reboot does). Returns once containerd answers again.
+    pub fn reboot(&self) -> Result<()> {
+        run(
+            Command::new("bash")
+                .arg(script("node.sh"))
+                .arg("reboot")
+                .arg(&self.state)
+                .arg(&self.name),
+            &format!("rebooting real node {}", self.name),
+        )
+        .map(drop)
+    }
+
     fn stop(&self) -> Result<()> {
         run(
             Command::new("bash")

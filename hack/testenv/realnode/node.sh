@@ -8,6 +8,9 @@
 #                                            imports the images of images.sh build, returns once
 #                                            the node is Ready and schedulable
 #   node.sh stop STATE NAME                  stops the node and removes everything it made
+#   node.sh reboot STATE NAME                powers the node off and boots it again on the same
+#                                            root (its files kept, /run and processes fresh);
+#                                            returns once containerd answers again
 #   node.sh exec STATE NAME CMD...           runs CMD inside the node (its namespaces)
 #   node.sh import STATE NAME ARCHIVE NAME.. imports an OCI archive into the node's containerd
 #                                            (namespace k8s.io) under each image NAME
@@ -22,7 +25,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/../lib.sh"
 
 cmd=${1:-} state=${2:-} name=${3:-}
-[ -n "$cmd" ] && [ -n "$state" ] && [ -n "$name" ] || die "usage: node.sh start|stop|exec|import STATE NAME ... (see the header of $0)"
+[ -n "$cmd" ] && [ -n "$state" ] && [ -n "$name" ] || die "usage: node.sh start|stop|reboot|exec|import STATE NAME ... (see the header of $0)"
 dir="$state/nodes/$name"
 rootfs="$TESTENV_CACHE/realnode/rootfs"
 cgname="kata-node-$name"
@@ -256,16 +259,7 @@ print(json.dumps({"spec": {"taints": keep or None}}))')
   log "node $name Ready and schedulable in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s"
 }
 
-stop_node() {
-  [ -d "$dir" ] || { log "node $name: nothing to stop"; return 0; }
-  local npid; npid=$(cat "$dir/nspawn.pid" 2>/dev/null || true)
-  if [ -n "$npid" ] && kill -0 "$npid" 2>/dev/null; then
-    # SIGTERM asks nspawn to power the node off (systemd stops kubelet, containerd, pods).
-    kill -TERM "$npid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$npid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$npid" 2>/dev/null || true
-  fi
-  # Whatever is left in the node's cgroups (shims, containers) is killed, then the cgroups go.
+kill_node_processes() { # whatever is left in the node's cgroups (shims, containers); the cgroups go
   local h
   for h in $(v1_hierarchies); do
     [ -d "$h/$cgname" ] || continue
@@ -276,6 +270,39 @@ stop_node() {
       sleep 0.2
     done
   done
+}
+
+power_off() { # SIGTERM asks nspawn to power the node off (systemd stops kubelet, containerd, pods)
+  local npid; npid=$(cat "$dir/nspawn.pid" 2>/dev/null || true)
+  if [ -n "$npid" ] && kill -0 "$npid" 2>/dev/null; then
+    kill -TERM "$npid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$npid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$npid" 2>/dev/null || true
+  fi
+  kill_node_processes
+}
+
+reboot_node() {
+  [ -x "$dir/launch.sh" ] || die "node $name was never started (no $dir/launch.sh)"
+  local t0; t0=$(date +%s.%N)
+  power_off
+  awk -v d="$dir/merged" '$5 == d || $5 ~ "^"d"/" {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  rm -f "$dir/run-containerd/containerd.sock"
+  mount -t overlay "kata-node-$name" -o "lowerdir=$rootfs,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged" ||
+    die "mounting the overlay root of $name again failed"
+  setsid "$dir/launch.sh" >>"$dir/console.log" 2>&1 </dev/null &
+  echo $! >"$dir/nspawn.pid"
+  local deadline=$(( $(date +%s) + 90 ))
+  until [ -S "$dir/run-containerd/containerd.sock" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$dir/console.log" >&2; die "node $name: containerd did not come back within 90s after the reboot"; }
+    sleep 0.2
+  done
+  log "node $name rebooted, containerd up in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s"
+}
+
+stop_node() {
+  [ -d "$dir" ] || { log "node $name: nothing to stop"; return 0; }
+  power_off
   # Mounts under the node's directory (the overlay root; anything propagated), deepest first.
   awk -v d="$dir/" '$5 ~ "^"d {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   local index; index=$(awk '{print $1}' "$dir/meta" 2>/dev/null || true)
@@ -288,6 +315,7 @@ stop_node() {
 case "$cmd" in
   start) start_node "$@" ;;
   stop) stop_node ;;
+  reboot) reboot_node ;;
   exec) shift 3; in_node "$@" ;;
   import)
     shift 3; archive=${1:-}; shift || true
@@ -306,5 +334,5 @@ case "$cmd" in
       "$ctr_bin" --address "$sock" -n k8s.io images tag --force "$source" "$image" >/dev/null 2>&1 || die "tagging $source as $image in $name failed"
     done
     ;;
-  *) die "unknown command '$cmd' (start|stop|exec|import)" ;;
+  *) die "unknown command '$cmd' (start|stop|reboot|exec|import)" ;;
 esac

@@ -30,6 +30,7 @@ pub use plan::*;
 use crate::config::{Install, NodeFacts, ValidConfig};
 use crate::error::{Result, StageError};
 use crate::hostfs::{sha256_hex, HostFs};
+use crate::inuse;
 use crate::restart::{boot_id, monotonic_now_us, Restarter};
 use crate::state::{
     read_json, CriFile, CriState, Original, PendingRestart, PreviousFile, CRI_STATE,
@@ -183,6 +184,17 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
         changes.push(restore_change(fs, &state, old, &old_imports, &proxy_name)?);
     }
 
+    // Never under running pods: the handlers this run drops must run none (nothing written yet).
+    if !fs.dry_run() {
+        let dropped: Vec<String> = state
+            .handlers
+            .iter()
+            .filter(|h| !target.handlers.contains(h))
+            .cloned()
+            .collect();
+        inuse::ensure_unused(ctx.restarter, ctx.cfg, &ctx.facts.display_name(), &dropped)?;
+    }
+
     // 2. Record originals (backups first) and what we are about to write, then write.
     let prev_state = state.clone();
     state.cri = kind.as_str().into();
@@ -316,6 +328,14 @@ pub fn revert_cri(ctx: &CriContext) -> Result<CriOutcome> {
         cleanup_state_leftovers(fs, &install)?;
         return Ok(CriOutcome::default());
     };
+    if !fs.dry_run() {
+        inuse::ensure_unused(
+            ctx.restarter,
+            ctx.cfg,
+            &ctx.facts.display_name(),
+            &state.handlers,
+        )?;
+    }
     let imports = whole_paths_imported(&state);
     let proxy = install.nydus_snapshotter();
     let mut changes = Vec::new();

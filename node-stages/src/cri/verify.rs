@@ -115,10 +115,10 @@ pub(super) fn converge_runtime(
         unit,
         "restarting the runtime to load the new configuration"
     );
-    let outcome = ctx
-        .restarter
-        .restart(unit)
-        .and_then(|()| wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect));
+    let outcome = ctx.restarter.restart(unit).and_then(|()| {
+        crate::checkpoint("cri-restarted");
+        wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect)
+    });
     match outcome {
         Ok(()) => {
             state.loaded = Some(hash.to_string());

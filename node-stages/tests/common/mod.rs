@@ -269,6 +269,8 @@ pub struct FakeRuntime {
     pub enabled: Mutex<Vec<String>>,
     /// Units reported inactive (all others are active).
     pub inactive: Mutex<Vec<String>>,
+    /// What the runtime reports to ListPodSandbox (None: it cannot be asked).
+    pub sandboxes: Mutex<Option<Vec<kata_deploy_stage::cri_client::Sandbox>>>,
 }
 
 impl FakeRuntime {
@@ -319,6 +321,9 @@ impl Restarter for FakeRuntime {
     }
     fn served_handlers(&self, _unit: &str) -> Result<Option<Vec<String>>> {
         Ok(self.served.lock().unwrap().clone())
+    }
+    fn sandboxes(&self) -> Result<Option<Vec<kata_deploy_stage::cri_client::Sandbox>>> {
+        Ok(self.sandboxes.lock().unwrap().clone())
     }
 }
 
