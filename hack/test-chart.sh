@@ -147,7 +147,7 @@ DS_TOLERATIONS = [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", 
                   {"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"}]
 FIXTURES = os.path.join(os.environ["REPO"], "chart", "fixtures")
 STAGE_KEYS = {"multiInstallSuffix", "debug", "installPrefix", "imagePullTimeoutSeconds", "cri", "restart",
-              "runtimeReadyTimeoutSeconds", "labelReadyTimeoutSeconds", "shims"}
+              "runtimeReadyTimeoutSeconds", "labelReadyTimeoutSeconds", "runningPodsWaitSeconds", "forceHandlerRemoval", "shims"}
 SHIM_KEYS = {"name", "baseConfig", "supportedArches", "dropIn", "allowedHypervisorAnnotations",
              "containerdSnapshotter", "crioPullType"}
 
@@ -347,7 +347,8 @@ def t_default():
     check("stage config: exactly the documented keys", set(cfg) == STAGE_KEYS, set(cfg) ^ STAGE_KEYS)
     check("stage config: defaults", cfg["multiInstallSuffix"] == "" and cfg["debug"] is False and cfg["installPrefix"] == "/opt/kata"
           and cfg["imagePullTimeoutSeconds"] == 1200 and cfg["cri"] == "auto" and cfg["restart"] == "systemd"
-          and cfg["runtimeReadyTimeoutSeconds"] == 0 and cfg["labelReadyTimeoutSeconds"] == 120, cfg)
+          and cfg["runtimeReadyTimeoutSeconds"] == 0 and cfg["labelReadyTimeoutSeconds"] == 120
+          and cfg["runningPodsWaitSeconds"] == 60 and cfg["forceHandlerRemoval"] is False, cfg)
     check("stage config: every shim but remote enabled by default", sorted(s["name"] for s in cfg["shims"]) == sorted(DEFAULT_ON))
     gp = {s["name"]: (s["containerdSnapshotter"], s["crioPullType"]) for s in cfg["shims"]}
     check("stage config: TEE and confidential-GPU shims pull in the guest by default (nydus / guest-pull), others on the host",

@@ -517,6 +517,8 @@ cri: {{ include "kata-deploy.cri" . | toJson }}
 restart: {{ .Values.stage.restart | toJson }}
 runtimeReadyTimeoutSeconds: {{ .Values.stage.runtimeReadyTimeoutSeconds | int }}
 labelReadyTimeoutSeconds: {{ include "kata-deploy.labelReadyTimeout" . }}
+runningPodsWaitSeconds: {{ .Values.stage.runningKataPods.waitSeconds | int }}
+forceHandlerRemoval: {{ include "kata-deploy.bool" .Values.stage.runningKataPods.force }}
 {{- if or $shims $customs }}
 shims:
 {{- range $name := $shims }}
