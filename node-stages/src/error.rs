@@ -83,6 +83,10 @@ pub enum StageError {
     #[error("restarter: {message}. Check that the host's /run/dbus is mounted under the host root and the stage runs as root, or set restart: none and restart the runtime yourself")]
     Restarter { message: String },
 
+    /// systemd ran a unit's job and the unit failed (e.g. a runtime refusing its configuration).
+    #[error("{message}: systemd ran the job and the unit failed (a runtime refusing its configuration does this); see the unit's journal on the node")]
+    UnitFailed { message: String },
+
     /// A Kubernetes API call failed.
     #[error("node {node}: {message}. {hint}")]
     Kube {

@@ -97,15 +97,20 @@ impl SystemdRestarter {
     fn with_systemd<T>(
         &self,
         what: &str,
-        f: impl AsyncFnOnce(&Systemd) -> std::result::Result<T, String>,
+        f: impl AsyncFnOnce(&Systemd) -> std::result::Result<T, SdError>,
     ) -> Result<T> {
-        let fail = |m: String| StageError::Restarter {
-            message: format!("{what}: {m}"),
+        let fail = |e: SdError| match e {
+            SdError::Bus(m) => StageError::Restarter {
+                message: format!("{what}: {m}"),
+            },
+            SdError::Job(m) => StageError::UnitFailed {
+                message: format!("{what}: {m}"),
+            },
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(SdError::Bus(e.to_string())))?;
         rt.block_on(async {
             let systemd = tokio::time::timeout(
                 self.deadline,
@@ -118,6 +123,20 @@ impl SystemdRestarter {
                 .map_err(|_| format!("systemd did not finish within {:?}", self.deadline))?
         })
         .map_err(fail)
+    }
+}
+
+/// Why a systemd call failed: reaching systemd (the bus, a call), or the job systemd ran.
+enum SdError {
+    /// The bus or a call failed: systemd was not reached or refused the call.
+    Bus(String),
+    /// systemd ran the job and it did not succeed (the unit failed to start or stop).
+    Job(String),
+}
+
+impl From<String> for SdError {
+    fn from(m: String) -> Self {
+        SdError::Bus(m)
     }
 }
 
@@ -212,7 +231,7 @@ impl Systemd {
     /// Queues `method` (RestartUnit, StartUnit, StopUnit) for `unit` and waits for its job's
     /// result from systemd's `JobRemoved` signal, as `systemctl` does: a unit that fails to start
     /// (e.g. a runtime refusing its new configuration) is known at once, not at a deadline.
-    async fn run_job(&self, method: &str, unit: &str) -> std::result::Result<(), String> {
+    async fn run_job(&self, method: &str, unit: &str) -> std::result::Result<(), SdError> {
         use futures::StreamExt;
         let rule = zbus::MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
@@ -238,12 +257,13 @@ impl Systemd {
                 continue;
             };
             if path == job {
-                return job_result(method, unit, &result);
+                return job_result(method, unit, &result).map_err(SdError::Job);
             }
         }
-        Err(format!(
-            "{method} {unit}: the connection to systemd closed before the job ended"
-        ))
+        Err(
+            format!("{method} {unit}: the connection to systemd closed before the job ended")
+                .into(),
+        )
     }
 }
 
@@ -273,7 +293,7 @@ impl Restarter for SystemdRestarter {
     }
     fn status(&self, unit: &str) -> Result<UnitStatus> {
         self.with_systemd(&format!("reading the status of {unit}"), async |s| {
-            s.unit_status(unit).await
+            Ok(s.unit_status(unit).await?)
         })
     }
     fn enable_now(&self, unit: &str, unit_file: &Path) -> Result<()> {
@@ -305,7 +325,7 @@ impl Restarter for SystemdRestarter {
             // DisableUnitFiles also removes the link LinkUnitFiles made.
             let _ = s.run_job("StopUnit", unit).await;
             let _ = s.manager("DisableUnitFiles", &(vec![unit], false)).await;
-            s.manager("Reload", &()).await.map(drop)
+            Ok(s.manager("Reload", &()).await.map(drop)?)
         })
     }
 }

@@ -1,5 +1,6 @@
 //! A seeded random walk of day-2 transitions on REAL nodes (systemd + containerd + kubelet,
-//! hack/testenv/realnode/): containerd 1.6 (config version 2) and 2.4.2 (version 3). Each step
+//! hack/testenv/realnode/): containerd 1.6 (config version 2), 2.4.2 (version 3) and 2.0.5 with a
+//! version-2 root configuration. Each step
 //! installs a configuration that differs from the last in what day two changes (shims enabled and
 //! disabled, guest pull toggled for a shim that stays, a custom runtime added and removed, debug,
 //! allowed hypervisor annotations) or uninstalls, running the stage binary on the node as an
@@ -182,7 +183,13 @@ impl<'a> Walker<'a> {
             .status()?;
         ensure!(ok.success(), "hack/make-test-payload.sh failed");
         std::fs::create_dir_all(node.path("/etc/kata-deploy"))?;
-        let version = node.exec(&["containerd", "--version"])?;
+        // The node's own containerd: a Go-proxy build under /opt/containerd/bin, else Debian's.
+        let bin = if node.flavour == "debian" {
+            "containerd"
+        } else {
+            "/opt/containerd/bin/containerd"
+        };
+        let version = node.exec(&[bin, "--version"])?;
         let version = version
             .split_whitespace()
             .nth(2)
@@ -477,6 +484,23 @@ impl Walker<'_> {
     }
 }
 
+/// containerd 2.0.5 with a version-2 root configuration (a node upgraded from 1.x that kept its
+/// file): 2.0.5 drops a version-2 root's own settings when a version-3 drop-in is imported, so the
+/// stage must write a version-2 drop-in there.
+fn version_2_root(node: &RealNode) -> Result<()> {
+    std::fs::write(
+        node.path("/etc/containerd/config.toml"),
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  max_container_log_line_size = 12345\n  sandbox_image = \"registry.k8s.io/pause:3.10\"\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    default_runtime_name = \"runc\"\n    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n      runtime_type = \"io.containerd.runc.v2\"\n",
+    )?;
+    node.exec(&["systemctl", "restart", "containerd"])?;
+    let active = node.exec(&["systemctl", "is-active", "containerd"])?;
+    ensure!(
+        active.trim() == "active",
+        "containerd 2.0.5 did not start with a version-2 root: {active}"
+    );
+    Ok(())
+}
+
 /// What a walk exercised, for the report (and RELIABILITY.md).
 #[derive(Debug, Default)]
 struct Tally {
@@ -491,6 +515,10 @@ struct Tally {
 impl Walker<'_> {
     /// Runs one step and checks the node after it.
     fn step(&mut self, n: usize, step: &Step, tally: &mut Tally) -> Result<()> {
+        // The walk restarts containerd far more often than any cluster does: systemd's start
+        // rate limit (5 starts in 10 s) is not what it tests, so its counter starts afresh.
+        self.node
+            .exec(&["systemctl", "reset-failed", "containerd.service"])?;
         let t0 = Instant::now();
         match step {
             Step::Install(shape, fault) => self.install(n, shape, *fault, tally)?,
@@ -560,11 +588,16 @@ impl Walker<'_> {
             .into_iter()
             .find(|h| !served.contains(h))
             .context("a refusal needs an added handler")?;
+        // A handler table of exactly that name (not a longer name it prefixes).
+        std::fs::write(
+            self.node.path("/usr/local/sbin/walk-refuse"),
+            format!("#!/bin/sh\n! grep -rqsE 'runtimes[.][\"]?{added}[\"]?[]]' /etc/containerd\n"),
+        )?;
+        self.node
+            .exec(&["chmod", "+x", "/usr/local/sbin/walk-refuse"])?;
         self.containerd_dropin(
             "90-walk-refuse.conf",
-            Some(&format!(
-                "[Service]\nExecStartPre=/bin/sh -c '! grep -rqs {added} /etc/containerd'\n"
-            )),
+            Some("[Service]\nExecStartPre=/usr/local/sbin/walk-refuse\n"),
         )?;
         let out = self.run_stage(&["install"]);
         self.containerd_dropin("90-walk-refuse.conf", None)?;
@@ -678,7 +711,7 @@ fn plan_step(rng: &mut Rng, w: &Walker, fault: Fault) -> Step {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
-    if !require_real_nodes(&["debian", "v2.4.2"]) {
+    if !require_real_nodes(&["debian", "v2.4.2", "v2.0.5"]) {
         return Ok(());
     }
     let seed: u64 = std::env::var("KATA_WALK_SEED")
@@ -700,13 +733,15 @@ async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
     let cluster = TestCluster::private().await?;
     let n16 = RealNode::start(&cluster, "rn-walk16", 31, "debian").await?;
     let n24 = RealNode::start(&cluster, "rn-walk24", 32, "v2.4.2").await?;
-    let mut walkers = [Walker::new(&n16)?, Walker::new(&n24)?];
+    let n20 = RealNode::start(&cluster, "rn-walk20", 33, "v2.0.5").await?;
+    version_2_root(&n20)?;
+    let mut walkers = [Walker::new(&n16)?, Walker::new(&n24)?, Walker::new(&n20)?];
     let mut rng = Rng(seed);
     let faults = plan_faults(&mut rng, steps);
     let mut tally = Tally::default();
     let t0 = Instant::now();
     for (n, fault) in faults.into_iter().enumerate() {
-        let w = &mut walkers[rng.below(2) as usize];
+        let w = &mut walkers[rng.below(3) as usize];
         let step = plan_step(&mut rng, w, fault);
         w.step(n, &step, &mut tally)
             .with_context(|| format!("walk seed {seed}, step {n}: {step:?} on {}", w.node.name))?;

@@ -140,10 +140,7 @@ pub(super) fn converge_runtime(
             };
             Err(StageError::Runtime {
                 unit: unit.to_string(),
-                message: format!(
-                    "did not come back with the new configuration within {}s (stage.runtimeReadyTimeoutSeconds): {e}",
-                    ctx.timeout().as_secs()
-                ),
+                message: format!("did not come back with the new configuration: {e}"),
                 hint,
             })
         }
@@ -182,7 +179,10 @@ fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expec
         if Instant::now() >= deadline {
             return Err(StageError::Runtime {
                 unit: unit.into(),
-                message: format!("not back: {last}"),
+                message: format!(
+                    "not back within {}s (stage.runtimeReadyTimeoutSeconds): {last}",
+                    ctx.timeout().as_secs()
+                ),
                 hint: "see the runtime's logs".into(),
             });
         }
