@@ -261,6 +261,30 @@ impl Drop for RealNode {
     }
 }
 
+/// The host PID of a `kata-deploy-stage` process stopped at its `KATA_STAGE_STOP_AT` checkpoint
+/// (state T), if any: a fault test kills it there.
+pub fn stopped_stage_pid() -> Result<Option<u32>> {
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if stat.contains("(kata-deploy-sta") && state == Some("T") {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
+}
+
 /// Whether the machine has no leftovers of real nodes: no node mounts, cgroups, bridges or
 /// test-bed firewall rules (checked after teardown).
 pub fn leftovers() -> Vec<String> {

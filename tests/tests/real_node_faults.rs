@@ -5,7 +5,9 @@
 
 use anyhow::{Context, Result};
 use kata_testbed::cluster::{repo_root, workspace_bin, TestCluster};
-use kata_testbed::realnode::{file_identity, real_node_lock, require_real_nodes, RealNode};
+use kata_testbed::realnode::{
+    file_identity, real_node_lock, require_real_nodes, stopped_stage_pid, RealNode,
+};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -229,23 +231,49 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     node.exec(&["systemctl", "daemon-reload"])?;
     provision(&node, 40)?;
 
-    // --- 3. the stage is killed right after it asked systemd for the restart; the retry converges ---
+    // --- 3. the stage is killed right after the restart, before it verified it; the retry converges ---
+    // KATA_STAGE_STOP_AT stops the stage there (state T), so the kill provably lands before the
+    // stage verified the runtime or recorded it as loaded.
     let since = node.unit_active_since("containerd")?;
     let mut stage = stage_command(&node, &version, "cri")
+        .env("KATA_STAGE_STOP_AT", "cri-restarted")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while node.unit_active_since("containerd")? == since {
+    let pid = loop {
+        if let Some(pid) = stopped_stage_pid()? {
+            break pid;
+        }
+        anyhow::ensure!(
+            stage.try_wait()?.is_none(),
+            "the cri stage ended before its restart checkpoint"
+        );
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the cri stage never restarted containerd"
+            "the cri stage never reached its restart checkpoint"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-    // nsenter's child is the stage: kill every kata-deploy-stage process on the node.
-    let _ = node.exec(&["pkill", "-KILL", "-f", "kata-deploy-stage"]);
-    let _ = stage.wait();
+    };
+    assert_ne!(
+        node.unit_active_since("containerd")?,
+        since,
+        "the restart happened before the checkpoint"
+    );
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(killed.success(), "kill -KILL {pid}");
+    let st = stage.wait()?;
+    assert!(
+        !st.success(),
+        "the stage killed at its checkpoint cannot have succeeded"
+    );
+    let state = std::fs::read_to_string(node.path("/var/lib/kata-deploy/cri.json"))?;
+    assert!(
+        state.contains("\"pending\":{") || state.contains("\"pending\": {"),
+        "the killed stage left its restart unverified (pending): {state}"
+    );
     let out = run_stage(&node, &version, "cri")?;
     assert!(
         out.status.success(),

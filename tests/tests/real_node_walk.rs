@@ -17,7 +17,9 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use kata_testbed::cluster::{repo_root, workspace_bin, TestCluster};
-use kata_testbed::realnode::{file_identity, real_node_lock, require_real_nodes, RealNode};
+use kata_testbed::realnode::{
+    file_identity, real_node_lock, require_real_nodes, stopped_stage_pid, RealNode,
+};
 use std::collections::BTreeSet;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -277,29 +279,6 @@ impl<'a> Walker<'a> {
         }
         self.node.exec(&["systemctl", "daemon-reload"]).map(drop)
     }
-}
-
-/// The host PID of a stage process stopped at its checkpoint (state T), if any.
-fn stopped_stage_pid() -> Result<Option<u32>> {
-    for e in std::fs::read_dir("/proc")? {
-        let e = e?;
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        if stat.contains("(kata-deploy-sta") && state == Some("T") {
-            return Ok(Some(pid));
-        }
-    }
-    Ok(None)
 }
 
 impl Walker<'_> {

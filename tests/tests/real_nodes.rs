@@ -84,6 +84,36 @@ async fn assert_sleeper_kept(
     Ok(())
 }
 
+/// Per real node: the run label of its install Job, which must have succeeded.
+async fn install_job_runs(
+    cluster: &TestCluster,
+    ns: &str,
+    real: &[&RealNode],
+) -> Result<Vec<String>> {
+    let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
+    let mut out = Vec::new();
+    for n in real {
+        let lp = ListParams::default().labels(&format!(
+            "katacontainers.io/dispatcher=kata-deploy-install,katacontainers.io/node={}",
+            n.name
+        ));
+        let list = jobs.list(&lp).await?;
+        let job = list
+            .items
+            .first()
+            .with_context(|| format!("{}: no install Job", n.name))?;
+        let succeeded = job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0);
+        anyhow::ensure!(succeeded == 1, "{}: install Job not succeeded", n.name);
+        let run = job
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("katacontainers.io/run"));
+        out.push(run.cloned().unwrap_or_default());
+    }
+    Ok(out)
+}
+
 fn container_id(pod: &Pod) -> Option<(String, i32)> {
     let cs = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
     Some((cs.container_id.clone()?, cs.restart_count))
@@ -502,15 +532,26 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
         .delete("kata-probe", &Default::default())
         .await?;
 
-    // --- upgrade with nothing changed: converges without a second restart ---
+    // --- upgrade with nothing changed, every node re-run (job.reinstallAll): each node's stages
+    //     run again and converge without a second restart ---
     let since_installed: Vec<u64> = real
         .iter()
         .map(|n| n.unit_active_since("containerd"))
         .collect::<Result<_>>()?;
+    let runs_before = install_job_runs(&cluster, ns, &real).await?;
     let mut args = vec!["upgrade", "kata-deploy", chart];
     args.extend(common);
+    args.extend(["--set", "job.reinstallAll=true"]);
     let (ok, out) = cluster.run_helm(&args).await?;
     assert!(ok, "helm upgrade (no change) failed: {out}");
+    let runs_after = install_job_runs(&cluster, ns, &real).await?;
+    for (n, (before, after)) in real.iter().zip(runs_before.iter().zip(&runs_after)) {
+        assert_ne!(
+            before, after,
+            "{}: the unchanged upgrade must run the node's stages again (a new, succeeded Job)",
+            n.name
+        );
+    }
     for (i, n) in real.iter().enumerate() {
         assert_eq!(
             n.unit_active_since("containerd")?,
