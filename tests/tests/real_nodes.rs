@@ -561,6 +561,32 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
         );
     }
 
+    // --- the 2.x node loses Kata behind the release's back (its original containerd config put
+    //     back, containerd restarted): a plain `helm upgrade` re-installs exactly that node, since
+    //     its runtimeHandlers no longer agree with its install record ---
+    let runs_before = install_job_runs(&cluster, ns, &real).await?;
+    let (orig, _, _, _) = &config_before[1];
+    std::fs::write(node2.path("/etc/containerd/config.toml"), orig)?;
+    node2.exec(&["systemctl", "restart", "containerd"])?;
+    wait_handlers(&nodes, n2, "kata handlers gone with the config", |h| {
+        !h.contains("kata-qemu")
+    })
+    .await?;
+    let mut args = vec!["upgrade", "kata-deploy", chart];
+    args.extend(common);
+    let (ok, out) = cluster.run_helm(&args).await?;
+    assert!(ok, "helm upgrade (node lost Kata) failed: {out}");
+    wait_handlers(&nodes, n2, "kata handlers back", |h| {
+        h.contains("kata-qemu") && h.contains("kata-qemu-runtime-rs")
+    })
+    .await?;
+    let runs_after = install_job_runs(&cluster, ns, &real).await?;
+    assert_ne!(runs_before[1], runs_after[1], "{n2}: re-installed by a new Job");
+    assert_eq!(
+        runs_before[0], runs_after[0],
+        "{n1}: in agreement with its record (its kubelet reports no handlers), not re-run"
+    );
+
     // --- upgrade with a shim disabled: its handler disappears ---
     let mut args = vec!["upgrade", "kata-deploy", chart];
     args.extend(common);
