@@ -1238,6 +1238,38 @@ def t_notes():
     check("NOTES: how to re-run (adding nodes / failed dispatcher)", "helm upgrade kata-deploy" in notes and "--reuse-values" in notes, notes)
 guarded("notes", t_notes)
 
+def t_nulls():
+    # `--set <key>=null` (Helm's "not set", the usual way to clear an upstream default) for every
+    # key down to the second level of values.yaml and of the upstream values files users bring
+    # (chart/fixtures), and the nested upstream keys users clear (affinity.nodeAffinity...): the
+    # objects AND NOTES.txt render, or the install fails with a message naming that key. Never a
+    # Go template error about a nil.
+    import shutil, concurrent.futures
+    copy = os.path.join(TMP, "nulls-chart")
+    shutil.copytree(CHART, copy)
+    shutil.copy(os.path.join(CHART, "templates", "NOTES.txt"), os.path.join(copy, "notes.txt"))
+    with open(os.path.join(copy, "templates", "zz-notes.yaml"), "w") as f:
+        f.write('apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    import glob
+    paths = {"affinity.nodeAffinity", "affinity.podAffinity", "affinity.podAntiAffinity",
+             "job.nodeSelectorExpressions", "job.cleanup.nodeSelector", "job.cleanup.nodeAffinity",
+             "verification.pod", "snapshotter.setup", "env.multiInstallSuffix"}
+    for path in [os.path.join(CHART, "values.yaml")] + sorted(glob.glob(os.path.join(FIXTURES, "*.values.yaml"))):
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        for k, v in values.items():
+            paths.add(k)
+            paths.update(f"{k}.{k2}" for k2 in (v if isinstance(v, dict) else {}) if "." not in k2 and "/" not in k2)
+    paths = sorted(paths)
+    def render(path):
+        rc, _, err = helm("template", "kata-deploy", copy, "-n", "kata-system", "--kube-version", KUBE, "--set", f"{path}=null")
+        return path, rc, err
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(render, paths))
+    bad = [(p, err.strip()[-300:]) for p, rc, err in results if rc != 0 and (p.split(".")[-1] not in err or "nil" in err)]
+    check(f"every values key set to null ({len(paths)} keys): renders (objects and NOTES) or names the key", not bad, bad[:3])
+guarded("nulls", t_nulls)
+
 # ------------------------------------------------------- hack/wait-for-kata.sh (curl mode, fake API)
 def t_wait():
     # A tiny fake API server: nodes (labelled or not), one failed Job, one pod with logs; token auth.

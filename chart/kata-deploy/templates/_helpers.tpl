@@ -21,7 +21,21 @@ older version of this chart, keys this chart added would otherwise be missing. E
 calls it first; it is idempotent.
 */}}
 {{- define "kata-deploy.init" -}}
+{{- include "kata-deploy.dropNulls" .Values -}}
 {{- include "kata-deploy.fill" (dict "dst" .Values "src" (include "kata-deploy.defaults" . | fromYaml)) -}}
+{{- end -}}
+{{- /* A key set to null (`--set affinity.nodeAffinity=null`, the usual way to clear an upstream
+       default) means "not set", as Helm documents: the key is dropped (then filled from this
+       chart's defaults where it has one), so no template meets a nil. */ -}}
+{{- define "kata-deploy.dropNulls" -}}
+{{- $m := . -}}
+{{- range $k, $v := $m -}}
+{{- if kindIs "invalid" $v -}}
+{{- $_ := unset $m $k -}}
+{{- else if kindIs "map" $v -}}
+{{- include "kata-deploy.dropNulls" $v -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- define "kata-deploy.fill" -}}
 {{- $dst := .dst -}}
