@@ -416,3 +416,37 @@ fn a_handler_is_never_removed_under_running_pods_unless_forced() {
     uninstall(&hfs(host.path()), &config(&forced), &facts, &rt).unwrap();
     assert!(cri_state(host.path()).is_none());
 }
+
+/// k3s moving from containerd 1.7 to 2.x switches the file we manage (config.toml.tmpl to
+/// config-v3.toml.tmpl): the old file stays recorded until it is restored, so a crash at any
+/// operation of that run still leaves an uninstall that restores every byte.
+#[test]
+fn a_crash_anywhere_in_a_version_switch_still_uninstalls_to_the_original() {
+    let f = flavour("k3s");
+    let cfg = config(ONE_SHIM);
+    let mut points = 0;
+    for n in 0.. {
+        let host = make_host(&f);
+        let original = snapshot(host.path());
+        let rt = FakeRuntime::default();
+        install(&hfs(host.path()), &cfg, &facts(&f), &rt).unwrap();
+        let mut v2 = facts(&f);
+        v2.container_runtime_version = Some("containerd://2.0.5-k3s1".into());
+        let fs = hfs(host.path());
+        fs.fail_at_op(Some(n));
+        match install(&fs, &cfg, &v2, &rt) {
+            Ok(_) => break,
+            Err(StageError::InjectedFault { .. }) => points += 1,
+            Err(e) => panic!("crash at op {n}: unexpected error {e}"),
+        }
+        uninstall(&hfs(host.path()), &cfg, &v2, &rt)
+            .unwrap_or_else(|e| panic!("uninstall after a crash at op {n}: {e}"));
+        let after = snapshot(host.path());
+        assert!(
+            after == original,
+            "crash at op {n} of the version switch, then uninstall:\n{}",
+            snapshot_diff(&original, &after)
+        );
+    }
+    assert!(points > 3, "only {points} crash points");
+}

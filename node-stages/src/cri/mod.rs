@@ -202,7 +202,15 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     state.handlers = union(&prev_state.handlers, &target.handlers);
     // While the files change, the runtime may route to nydus under either configuration.
     state.nydus = Some(prev_state.nydus.unwrap_or(false) || ctx.cfg.uses_nydus());
-    state.files = changes.iter().filter_map(|c| c.entry.clone()).collect();
+    // A file being restored (flavour or version changed) stays recorded until it is: a crash
+    // before that leaves it for revert-cri to restore.
+    let kept: Vec<CriFile> = changes.iter().filter_map(|c| c.entry.clone()).collect();
+    let restoring = prev_state
+        .files
+        .iter()
+        .filter(|f| !kept.iter().any(|k| k.path == f.path))
+        .cloned();
+    state.files = kept.iter().cloned().chain(restoring).collect();
     // Record the directories we are about to create before creating them (crash safety).
     for c in changes
         .iter()
@@ -233,6 +241,7 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     }
     let result = write_changes(ctx, &mut state, &state_path, &changes, &install);
     let changed = result?;
+    state.files = kept;
     state.handlers = target.handlers.clone();
     state.nydus = Some(ctx.cfg.uses_nydus());
     write_state(fs, &state_path, &state)?;
