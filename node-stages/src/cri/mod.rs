@@ -104,7 +104,10 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let mut state: CriState = read_json(fs, &state_path)?.unwrap_or_default();
     let mut target = plan_cri_target(fs, ctx.cfg, ctx.facts, kind)?;
     // The unit that runs the runtime now (an rke2 agent may also have rke2-server's unit file).
-    target.unit = verify::running_unit(ctx, &unit_candidates(&target.unit, kind))?;
+    // A unit we restarted with a configuration not yet verified may be down because of it: that
+    // one is ours to bring back (verify or roll back), active or not.
+    let ours_down = state.pending.as_ref().map(|_| state.unit.as_str());
+    target.unit = verify::running_unit(ctx, &unit_candidates(&target.unit, kind), ours_down)?;
     for n in &target.notes {
         tracing::warn!(stage = "cri", "{n}");
     }

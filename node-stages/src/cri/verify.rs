@@ -15,11 +15,20 @@ use crate::state::{CriState, PendingRestart, PreviousFile};
 /// The unit among `candidates` that runs the runtime now. Waits (up to the ready timeout) for
 /// one to be active, so a runtime still restarting after an earlier run is waited for; an
 /// inactive unit is never started (a guessed one, e.g. k3s's server unit on an agent node, would
-/// start a second runtime), and nothing is written.
-pub(super) fn running_unit(ctx: &CriContext, candidates: &[String]) -> Result<String> {
+/// start a second runtime), and nothing is written. `ours_down`: the unit an earlier run
+/// restarted with a configuration it did not verify; it may be down because of that, and is the
+/// one to verify or roll back.
+pub(super) fn running_unit(
+    ctx: &CriContext,
+    candidates: &[String],
+    ours_down: Option<&str>,
+) -> Result<String> {
     let active = |u: &str| ctx.restarter.status(u).is_ok_and(|s| s.active);
     if ctx.cfg.restart == RestartMode::None || ctx.fs.dry_run() {
         return Ok(super::choose_active_unit(candidates, &active));
+    }
+    if let Some(u) = ours_down.filter(|u| candidates.iter().any(|c| c == u)) {
+        return Ok(u.to_string());
     }
     let deadline = Instant::now() + ctx.timeout();
     loop {
