@@ -64,16 +64,54 @@ impl Admission {
         })
     }
 
-    /// The first taint that keeps the pod off the node, described for the report.
+    /// The taints that keep the pod off the node (NoSchedule / NoExecute, not tolerated).
+    fn blocking<'a>(&'a self, taints: &'a [Taint]) -> impl Iterator<Item = &'a Taint> + 'a {
+        taints
+            .iter()
+            .filter(|_| !self.ignore)
+            .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            .filter(|t| !self.tolerations.iter().any(|tol| tolerates(tol, t)))
+    }
+
+    /// The first taint that keeps the pod off the node, described for the report; a taint of
+    /// [`NOT_READY_TAINTS`] is named first (it says the node is not ready, see [`Self::not_ready`]).
     pub fn untolerated(&self, taints: &[Taint]) -> Option<String> {
-        if self.ignore {
-            return None;
-        }
-        taints.iter().filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute").find(|t| !self.tolerations.iter().any(|tol| tolerates(tol, t))).map(|t| {
-            let value = t.value.as_deref().filter(|v| !v.is_empty()).map(|v| format!("={v}")).unwrap_or_default();
-            format!("node has taint {}{value}:{} that the Job template does not tolerate (add a toleration to job.nodeJobs.tolerations, or untaint the node)", t.key, t.effect)
+        let first = self
+            .blocking(taints)
+            .find(|t| is_not_ready_taint(t))
+            .or_else(|| self.blocking(taints).next())?;
+        let value = first
+            .value
+            .as_deref()
+            .filter(|v| !v.is_empty())
+            .map(|v| format!("={v}"))
+            .unwrap_or_default();
+        let (key, effect) = (&first.key, &first.effect);
+        Some(if is_not_ready_taint(first) {
+            format!("node has taint {key}{value}:{effect}: the node controller does not (yet) see it Ready and lifts this taint itself once it does (check the node's conditions and kube-controller-manager)")
+        } else {
+            format!("node has taint {key}{value}:{effect} that the Job template does not tolerate (add a toleration to job.nodeJobs.tolerations, or untaint the node)")
         })
     }
+
+    /// Whether a taint of [`NOT_READY_TAINTS`] keeps the pod off the node: the node is not ready
+    /// (whatever its Ready condition says right now), rather than not meant for this template.
+    pub fn not_ready(&self, taints: &[Taint]) -> bool {
+        self.blocking(taints).any(is_not_ready_taint)
+    }
+}
+
+/// Taints the node lifecycle controller keeps on a node while it does not see it Ready, and lifts
+/// by itself once it does (the API server also puts `not-ready` on every new Node). A daemon pod
+/// does not tolerate them with effect NoSchedule, yet they are a node's state, not a rule: a node
+/// that keeps one is reported not started (a failure, like a NotReady node), never skipped.
+pub const NOT_READY_TAINTS: [&str; 2] = [
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
+
+fn is_not_ready_taint(t: &Taint) -> bool {
+    NOT_READY_TAINTS.contains(&t.key.as_str())
 }
 
 /// Kubernetes' toleration matching (`ToleratesTaint`).
@@ -117,6 +155,38 @@ mod tests {
             false,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_node_controllers_not_ready_taints_mean_not_ready() {
+        let a = admission(json!([{"key": "kwok", "operator": "Exists"}]));
+        for key in NOT_READY_TAINTS {
+            let taints = [
+                taint("kwok", "fake", "NoSchedule"),
+                taint(key, "", "NoSchedule"),
+            ];
+            assert!(a.not_ready(&taints), "{key}");
+            let why = a.untolerated(&taints).unwrap();
+            assert!(
+                why.contains(&format!("{key}:NoSchedule")) && !why.contains("job.nodeJobs"),
+                "{why}"
+            );
+            assert!(!a.not_ready(&[taint(key, "", "NoExecute")]), "implied");
+        }
+        let rule = [
+            taint("dedicated", "db", "NoSchedule"),
+            taint("node.kubernetes.io/not-ready", "", "NoSchedule"),
+        ];
+        assert!(
+            a.untolerated(&rule).unwrap().contains("not-ready"),
+            "named first: it is why the node waits"
+        );
+        assert!(!a.not_ready(&[taint("dedicated", "db", "NoSchedule")]));
+        let tolerated =
+            admission(json!([{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}]));
+        assert!(!tolerated.not_ready(&rule) && tolerated.untolerated(&rule).is_some());
+        let ignoring = Admission::from_template(&json!({}), true).unwrap();
+        assert!(!ignoring.not_ready(&rule) && ignoring.untolerated(&rule).is_none());
     }
 
     #[test]

@@ -193,7 +193,8 @@ pub struct NodeObs {
     pub facts: NodeFacts,
     /// Whether it matches the selection.
     pub selected: bool,
-    /// `Ready=True`.
+    /// `Ready=True` (or no Ready condition yet), and no not-ready taint of the node controller
+    /// that the template does not tolerate (`admission::NOT_READY_TAINTS`).
     pub ready: bool,
     /// The first taint the Job template does not tolerate (DaemonSet rules), if any.
     pub untolerated: Option<String>,
@@ -1823,7 +1824,10 @@ impl Lifecycle {
                 Phase::Missing => Outcome::Failed(format!("node not found: no Node named {node:?} exists; check job.nodes (--nodes) for a typo")),
                 Phase::Queued => {
                     let parked = match &rec.obs {
-                        Some(o) if !o.ready => Some("node stayed NotReady; not dispatched. Fix the node and re-run".to_owned()),
+                        Some(o) if !o.ready => Some(match &o.untolerated {
+                            Some(t) => format!("node stayed NotReady ({t}); not dispatched. Fix the node and re-run"),
+                            None => "node stayed NotReady; not dispatched. Fix the node and re-run".to_owned(),
+                        }),
                         Some(o) => o.untolerated.as_ref().map(|t| format!("{t}; not dispatched (as a DaemonSet would not place a pod there)")),
                         None => None,
                     };

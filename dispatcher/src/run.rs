@@ -171,7 +171,9 @@ impl Translate {
             .unwrap_or_default();
         NodeObs {
             selected: self.selection.matches(&facts.name, labels),
-            ready: node_ready(node),
+            // A Ready condition with the node controller's not-ready taint still on is not ready
+            // yet: the node waits, and one that keeps it is not started rather than skipped.
+            ready: node_ready(node) && !self.admission.not_ready(taints),
             untolerated: self.admission.untolerated(taints),
             record: node
                 .metadata
@@ -1208,6 +1210,44 @@ mod tests {
         let mut t = translate();
         t.marker = None;
         assert!(t.node(&node).marked, "no --installed-label: not checked");
+    }
+
+    #[test]
+    fn a_ready_node_with_the_not_ready_taint_still_on_is_not_ready_yet() {
+        // Was: read as Ready with an untolerated taint, so the run ended reporting it "skipped"
+        // (a success, advising a toleration) though the node controller had only not lifted the
+        // taint the API server puts on every new Node (chart e2e: simulated nodes got no Job).
+        let node = |taints: serde_json::Value| -> Node {
+            serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {"zone": "a"}},
+                "spec": {"taints": taints},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]}}))
+            .unwrap()
+        };
+        let t = translate();
+        let o = t.node(&node(json!([{"key": "kwok", "effect": "NoSchedule"},
+            {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}])));
+        assert!(!o.ready, "{o:?}");
+        let why = o.untolerated.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("node.kubernetes.io/not-ready:NoSchedule")
+                && !why.contains("job.nodeJobs.tolerations"),
+            "{why}"
+        );
+        // A rule taint is still a rule taint: the node is Ready and skipped by the lifecycle.
+        let o = t.node(&node(json!([{"key": "gpu", "effect": "NoSchedule"}])));
+        assert!(o.ready && o.untolerated.is_some(), "{o:?}");
+        // The DaemonSet's implied not-ready:NoExecute toleration still applies.
+        let o = t.node(&node(
+            json!([{"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]),
+        ));
+        assert!(o.ready && o.untolerated.is_none(), "{o:?}");
+        // The cleanup dispatcher (--ignore-taints) reaches the node as before.
+        let mut ignoring = translate();
+        ignoring.admission = Admission::from_template(&json!({}), true).unwrap();
+        let o = ignoring.node(&node(
+            json!([{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]),
+        ));
+        assert!(o.ready && o.untolerated.is_none(), "{o:?}");
     }
 
     #[test]

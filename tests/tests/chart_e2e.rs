@@ -140,6 +140,29 @@ impl Bed {
     }
 }
 
+/// Removes `node.kubernetes.io/not-ready` from the taints of Ready nodes, as the node-lifecycle
+/// controller (not run by the test bed) would.
+async fn lift_not_ready_taint(nodes: &Api<Node>, names: &[String]) -> Result<()> {
+    for name in names {
+        let node = nodes.get(name).await?;
+        let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+        let kept: Vec<_> = taints
+            .iter()
+            .filter(|t| t.key != "node.kubernetes.io/not-ready")
+            .collect();
+        if kept.len() != taints.len() {
+            // A merge patch of the whole list (no resourceVersion: kwok's heartbeats do not
+            // make it conflict).
+            let patch = serde_json::json!({"spec": {"taints": kept}});
+            nodes
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .with_context(|| format!("lifting the not-ready taint of {name}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// The Node API as ServiceAccount `sa`: through a pod-bound token of a probe pod pinned to `node`
 /// (what a pod of that ServiceAccount on that node would hold).
 async fn nodes_as(
@@ -186,6 +209,11 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         ..Default::default()
     };
     let sim = cluster.sim_nodes(&format!("{ns}-s"), 2, &sim_spec).await?;
+    // Install Jobs follow DaemonSet taint rules, and the test bed runs no node-lifecycle
+    // controller: the not-ready taint the API server puts on every new Node is never lifted from
+    // a simulated node (the local kubelet stand-in lifts it from its own nodes). Lift it as that
+    // controller would once the node is Ready, or the dispatcher (rightly) never dispatches there.
+    lift_not_ready_taint(nodes, &sim).await?;
     let original: Vec<_> = local
         .iter()
         .map(|n| snapshot(&hosts.join(n)))

@@ -304,6 +304,34 @@ fn taint_added_while_queued_blocks_dispatch_and_is_reported() {
 }
 
 #[test]
+fn node_keeping_the_not_ready_taint_is_not_started_not_skipped() {
+    // Ready condition True, but the node controller's not-ready taint still on (the shell reads
+    // that as not ready, naming the taint): the run waits the grace, then fails the node rather
+    // than report it skipped (a success) as if the template were not meant for it.
+    let mut t = T::with_nodes(cfg(2), &["a", "b"]);
+    let mut b = node("b");
+    b.ready = false;
+    b.untolerated = Some("node has taint node.kubernetes.io/not-ready:NoSchedule: the node controller does not (yet) see it Ready".into());
+    t.feed(Input::NodeSeen(b));
+    assert_eq!(creates(&t.start()), ["a"]);
+    t.created("a");
+    assert!(creates(&t.finish_ok("a")).is_empty());
+    assert!(
+        !t.lc.is_done(),
+        "the taint is usually lifted within seconds"
+    );
+    t.advance(Duration::from_secs(61));
+    assert!(t.lc.is_done());
+    let r = t.lc.into_results();
+    assert!(
+        matches!(&r["b"].0, Outcome::NotStarted(m)
+            if m.contains("NotReady") && m.contains("node.kubernetes.io/not-ready:NoSchedule")),
+        "{r:?}"
+    );
+    assert!(!r["b"].0.is_ok());
+}
+
+#[test]
 fn not_ready_node_takes_no_slot_and_is_dispatched_once_ready() {
     let mut t = T::new(cfg(1));
     let mut a = node("a");
