@@ -447,8 +447,10 @@ impl Walker<'_> {
             }
         }
         if want.is_none() {
+            // A failed first install may leave its recorded files (a re-run or an uninstall
+            // removes them); a finished uninstall leaves nothing.
             ensure!(
-                files.is_empty(),
+                files.is_empty() || failed_towards.is_some(),
                 "{}: files of ours left after uninstall: {files:?}",
                 ctx("uninstall")
             );

@@ -581,7 +581,10 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     })
     .await?;
     let runs_after = install_job_runs(&cluster, ns, &real).await?;
-    assert_ne!(runs_before[1], runs_after[1], "{n2}: re-installed by a new Job");
+    assert_ne!(
+        runs_before[1], runs_after[1],
+        "{n2}: re-installed by a new Job"
+    );
     assert_eq!(
         runs_before[0], runs_after[0],
         "{n1}: in agreement with its record (its kubelet reports no handlers), not re-run"

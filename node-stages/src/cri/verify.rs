@@ -124,10 +124,27 @@ pub(super) fn converge_runtime(
         unit,
         "restarting the runtime to load the new configuration"
     );
-    let outcome = ctx.restarter.restart(unit).and_then(|()| {
-        crate::checkpoint("cri-restarted");
-        wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect)
-    });
+    let outcome = match ctx.restarter.restart(unit) {
+        Ok(()) => {
+            crate::checkpoint("cri-restarted");
+            wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect, ctx.timeout())
+        }
+        // The start failed: a runtime refusing its configuration, or one that crashed while
+        // starting and that systemd brings back. A short grace tells them apart without
+        // waiting the whole deadline for a refusal.
+        Err(e @ StageError::UnitFailed { .. }) => {
+            let grace = ctx.timeout().min(FAILED_START_GRACE);
+            tracing::warn!(stage = "cri", unit, error = %e, grace_s = grace.as_secs(), "the runtime's start failed; giving systemd a moment to bring it back");
+            wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect, grace).map_err(|w| {
+                StageError::Runtime {
+                    unit: unit.to_string(),
+                    message: format!("{e}; then {w}"),
+                    hint: "see the runtime's logs".into(),
+                }
+            })
+        }
+        Err(e) => Err(e),
+    };
     match outcome {
         Ok(()) => {
             state.loaded = Some(hash.to_string());
@@ -164,8 +181,18 @@ fn matches_expect(served: Option<Vec<String>>, expect: &Expect) -> bool {
     }
 }
 
-fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expect) -> Result<()> {
-    let deadline = Instant::now() + ctx.timeout();
+/// How long a runtime whose start failed may take to come back on its own (systemd's
+/// `Restart=` brings a crashed containerd back within seconds; a refused configuration never).
+const FAILED_START_GRACE: Duration = Duration::from_secs(30);
+
+fn wait_until_loaded(
+    ctx: &CriContext,
+    unit: &str,
+    since_us: u64,
+    expect: &Expect,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
     let mut last: String;
     loop {
         match ctx.restarter.status(unit) {
@@ -188,10 +215,7 @@ fn wait_until_loaded(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expec
         if Instant::now() >= deadline {
             return Err(StageError::Runtime {
                 unit: unit.into(),
-                message: format!(
-                    "not back within {}s (stage.runtimeReadyTimeoutSeconds): {last}",
-                    ctx.timeout().as_secs()
-                ),
+                message: format!("not back within {}s: {last}", within.as_secs()),
                 hint: "see the runtime's logs".into(),
             });
         }
@@ -249,5 +273,5 @@ fn rollback(ctx: &CriContext, unit: &str, previous: &[PreviousFile]) -> Result<(
     }
     let since = monotonic_now_us();
     ctx.restarter.restart(unit)?;
-    wait_until_loaded(ctx, unit, since, &Expect::Lacks(vec![]))
+    wait_until_loaded(ctx, unit, since, &Expect::Lacks(vec![]), ctx.timeout())
 }
