@@ -51,6 +51,10 @@ fn stage_command(node: &RealNode, version: &str, stage: &str) -> Command {
         "env",
         &version,
         "KATA_NODE_ARCH=amd64",
+        // A bound on every run; also the stage's parent inside the node, so a stage stopped at
+        // its KATA_STAGE_STOP_AT checkpoint does not stop nsenter with it.
+        "timeout",
+        "600",
         "kata-deploy-stage",
         "--host-root",
         "/",
