@@ -1223,14 +1223,20 @@ def t_stage_parses():
 guarded("stage parses config", t_stage_parses)
 
 # --------------------------------------------------------------------------------------- NOTES
-def t_notes():
-    # helm template does not render NOTES.txt: render it through tpl from a scratch copy of the chart.
+def chart_with_notes(name):
+    # helm template does not render NOTES.txt: a scratch copy of the chart renders it into a
+    # ConfigMap through tpl.
     import shutil
-    copy = os.path.join(TMP, "notes-chart")
+    copy = os.path.join(TMP, name)
     shutil.copytree(CHART, copy)
     shutil.copy(os.path.join(CHART, "templates", "NOTES.txt"), os.path.join(copy, "notes.txt"))
     with open(os.path.join(copy, "templates", "zz-notes.yaml"), "w") as f:
         f.write('apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    return copy
+
+def t_notes():
+    # helm template does not render NOTES.txt: render it through tpl from a scratch copy of the chart.
+    copy = chart_with_notes("notes-chart")
     rc, out, err = helm("template", "kata-deploy", copy, "-n", "kata-system", "--kube-version", KUBE)
     notes = next((d["data"]["notes"] for d in yaml.safe_load_all(out) if d and d["metadata"]["name"] == "notes"), "") if rc == 0 else ""
     check("NOTES: how to follow the dispatcher logs", "kubectl -n kata-system logs -f job/kata-deploy-dispatch-install" in notes, err or notes)
@@ -1244,12 +1250,8 @@ def t_nulls():
     # (chart/fixtures), and the nested upstream keys users clear (affinity.nodeAffinity...): the
     # objects AND NOTES.txt render, or the install fails with a message naming that key. Never a
     # Go template error about a nil.
-    import shutil, concurrent.futures
-    copy = os.path.join(TMP, "nulls-chart")
-    shutil.copytree(CHART, copy)
-    shutil.copy(os.path.join(CHART, "templates", "NOTES.txt"), os.path.join(copy, "notes.txt"))
-    with open(os.path.join(copy, "templates", "zz-notes.yaml"), "w") as f:
-        f.write('apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    import concurrent.futures
+    copy = chart_with_notes("nulls-chart")
     import glob
     paths = {"affinity.nodeAffinity", "affinity.podAffinity", "affinity.podAntiAffinity",
              "job.nodeSelectorExpressions", "job.cleanup.nodeSelector", "job.cleanup.nodeAffinity",

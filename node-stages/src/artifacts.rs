@@ -373,40 +373,7 @@ pub fn apply_artifacts(
         });
     }
     if fs.dry_run() {
-        for w in &writes {
-            let old_bytes = fs.read(&w.path)?;
-            let new_bytes = match &w.source {
-                Source::Inline(b) => b.clone(),
-                Source::Payload(p) if w.path.extension().is_some_and(|e| e == "toml") => {
-                    std::fs::read(p).unwrap_or_default()
-                }
-                Source::Symlink(target) => {
-                    fs.plan(format!("link {} -> {}", w.path.display(), target.display()));
-                    continue;
-                }
-                Source::Payload(_) => {
-                    fs.plan(format!(
-                        "{} {} (from payload, sha256 {})",
-                        if old_bytes.is_some() {
-                            "replace"
-                        } else {
-                            "install"
-                        },
-                        w.path.display(),
-                        &w.sha256[..12]
-                    ));
-                    continue;
-                }
-            };
-            fs.plan(crate::hostfs::describe_change(
-                &w.path,
-                old_bytes.as_deref(),
-                Some(&new_bytes),
-            ));
-        }
-        for r in &removes {
-            fs.plan(format!("remove {}", r.display()));
-        }
+        plan_dry_run(fs, &writes, &removes)?;
         return Ok(ArtifactsOutcome {
             written: writes.iter().map(|w| w.path.clone()).collect(),
             removed: removes,
@@ -507,6 +474,45 @@ pub fn apply_artifacts(
         removed: removes,
         kept,
     })
+}
+
+/// Dry run: says what the install would write and remove, changing nothing.
+fn plan_dry_run(fs: &HostFs, writes: &[&DesiredFile], removes: &[PathBuf]) -> Result<()> {
+    for w in writes {
+        let old_bytes = fs.read(&w.path)?;
+        let new_bytes = match &w.source {
+            Source::Inline(b) => b.clone(),
+            Source::Payload(p) if w.path.extension().is_some_and(|e| e == "toml") => {
+                std::fs::read(p).unwrap_or_default()
+            }
+            Source::Symlink(target) => {
+                fs.plan(format!("link {} -> {}", w.path.display(), target.display()));
+                continue;
+            }
+            Source::Payload(_) => {
+                fs.plan(format!(
+                    "{} {} (from payload, sha256 {})",
+                    if old_bytes.is_some() {
+                        "replace"
+                    } else {
+                        "install"
+                    },
+                    w.path.display(),
+                    &w.sha256[..12]
+                ));
+                continue;
+            }
+        };
+        fs.plan(crate::hostfs::describe_change(
+            &w.path,
+            old_bytes.as_deref(),
+            Some(&new_bytes),
+        ));
+    }
+    for r in removes {
+        fs.plan(format!("remove {}", r.display()));
+    }
+    Ok(())
 }
 
 /// What the runtime may still use of this install, from the cri stage's record: while a restart
