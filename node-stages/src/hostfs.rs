@@ -299,11 +299,9 @@ impl HostFs {
         expected_sha: &str,
         mode: u32,
     ) -> Result<PathBuf> {
-        let tmp = Self::temp_for(dest);
         if self.dry_run {
-            return Ok(tmp);
+            return Ok(Self::temp_for(dest));
         }
-        self.fault_point()?;
         let mut input = File::open(src).map_err(|e| {
             StageError::bad_input(
                 src,
@@ -311,44 +309,73 @@ impl HostFs {
                 "The stage image is incomplete: rebuild or re-pull it",
             )
         })?;
-        let res = (|| -> std::io::Result<String> {
-            let mut out = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode)
-                .open(self.host(&tmp))?;
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = input.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                out.write_all(&buf[..n])?;
+        let (tmp, got) = self.stage_reader(&mut input, dest, mode)?;
+        if got == expected_sha {
+            return Ok(tmp);
+        }
+        let _ = fs::remove_file(self.host(&tmp));
+        Err(StageError::bad_input(
+            src,
+            format!("payload file is corrupt: sha256 {got} but SHA256SUMS says {expected_sha}"),
+            "The stage image is damaged: re-pull it (nothing on the host was changed)",
+        ))
+    }
+
+    /// Streams `input` to a temp file beside the host path `dest`, returning the temp path and
+    /// the sha256 of what was written (the caller compares it and discards a mismatch). A read
+    /// error (a truncated or corrupt stream) removes the temp and is bad input about `dest`'s
+    /// source; a write error is an I/O error about `dest`.
+    pub fn stage_reader(
+        &self,
+        input: &mut dyn Read,
+        dest: &Path,
+        mode: u32,
+    ) -> Result<(PathBuf, String)> {
+        let tmp = Self::temp_for(dest);
+        if self.dry_run {
+            return Ok((tmp, String::new()));
+        }
+        self.fault_point()?;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(self.host(&tmp))
+            .map_err(|e| StageError::io("write", dest, e))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let res = loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(Err(e)),
+            };
+            h.update(&buf[..n]);
+            if let Err(e) = out.write_all(&buf[..n]) {
+                break Err(Ok(e));
             }
-            out.set_permissions(fs::Permissions::from_mode(mode))?;
+        };
+        let res = res.and_then(|()| {
+            out.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(Ok)?;
             if self.durable() {
-                out.sync_all()?;
+                out.sync_all().map_err(Ok)?;
             }
-            Ok(hex::encode(h.finalize()))
-        })();
+            Ok(())
+        });
         match res {
-            Ok(got) if got == expected_sha => Ok(tmp),
-            Ok(got) => {
+            Ok(()) => Ok((tmp, hex::encode(h.finalize()))),
+            Err(read_or_write) => {
                 let _ = fs::remove_file(self.host(&tmp));
-                Err(StageError::bad_input(
-                    src,
-                    format!(
-                        "payload file is corrupt: sha256 {got} but SHA256SUMS says {expected_sha}"
+                Err(match read_or_write {
+                    Err(e) => StageError::bad_input(
+                        dest,
+                        format!("its source could not be read: {e}"),
+                        "The payload is damaged: re-pull the image (nothing on the host was changed)",
                     ),
-                    "The stage image is damaged: re-pull it (nothing on the host was changed)",
-                ))
-            }
-            Err(e) => {
-                let _ = fs::remove_file(self.host(&tmp));
-                Err(StageError::io("write", dest, e))
+                    Ok(e) => StageError::io("write", dest, e),
+                })
             }
         }
     }

@@ -17,6 +17,8 @@ pub mod katacfg;
 pub mod label;
 pub mod lock;
 pub mod payload;
+pub mod release;
+pub mod release_io;
 pub mod restart;
 pub mod shims;
 pub mod stages;
