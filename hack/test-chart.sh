@@ -1315,6 +1315,22 @@ def t_wait():
     srv.shutdown()
 guarded("wait-for-kata", t_wait)
 
+# ------------------------------------------- rollout controls (issue 23): per-node Job failure policy
+def t_failure_policy():
+    for kube, replacement in [("1.34.0", True), ("1.29.0", True), ("1.28.0", False)]:
+        # Before 1.30 the chart needs nodeScopePolicy.enabled=false (no node-bound tokens).
+        rc, out, err = helm("template", "kata-deploy", CHART, "--kube-version", kube, "--set", "nodeScopePolicy.enabled=false")
+        check(f"renders for Kubernetes {kube}", rc == 0, err)
+        ij, cj, _ = templates([d for d in yaml.safe_load_all(out) if d])
+        for role, job in [("install", ij), ("cleanup", cj)]:
+            rules = job["spec"].get("podFailurePolicy", {}).get("rules", [])
+            check(f"{role} template (Kubernetes {kube}): an eviction (DisruptionTarget) is ignored first, exit code 2 fails the Job",
+                  rules[:2] == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                                {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}], rules)
+            check(f"{role} template (Kubernetes {kube}): podReplacementPolicy Failed {'set' if replacement else 'not set (field unknown before 1.29)'}",
+                  job["spec"].get("podReplacementPolicy") == ("Failed" if replacement else None), job["spec"].get("podReplacementPolicy"))
+guarded("per-node Job failure policy", t_failure_policy)
+
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
 PY

@@ -1090,3 +1090,148 @@ async fn upstream_release_switch_identity_and_empty_selection() -> Result<()> {
     bed.kubelet.shutdown().await;
     Ok(())
 }
+
+/// The chart's per-node install Job template as rendered with `sets`, as JSON.
+async fn rendered_install_template(
+    cluster: &TestCluster,
+    sets: &[&str],
+) -> Result<serde_json::Value> {
+    let chart = repo_root().join("chart/kata-deploy");
+    let mut cmd = cluster.helm();
+    cmd.args(["template", "kd", chart.to_str().expect("utf-8")])
+        // --validate: the real API server's version and APIs (Capabilities), as helm install.
+        .args(["--validate", "--show-only", "templates/job-templates.yaml"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .context("helm template timed out")??;
+    if !out.status.success() {
+        bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let cm: serde_json::Value = serde_yaml::from_slice(&out.stdout)?;
+    let text = cm["data"]["install-job.yaml"]
+        .as_str()
+        .context("install-job.yaml in the job-templates ConfigMap")?;
+    Ok(serde_yaml::from_str(text)?)
+}
+
+/// Sets a pod's status as the kubelet does when it ends: phase Failed, its container terminated
+/// with `exit`, and, for an eviction, the DisruptionTarget condition the eviction API adds.
+async fn end_pod(pods: &Api<Pod>, name: &str, exit: i32, evicted: bool) -> Result<()> {
+    let mut conditions = vec![serde_json::json!({"type": "Ready", "status": "False"})];
+    if evicted {
+        conditions.push(
+            serde_json::json!({"type": "DisruptionTarget", "status": "True",
+            "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}),
+        );
+    }
+    let patch = serde_json::json!({"status": {"phase": "Failed", "conditions": conditions,
+        "containerStatuses": [{"name": "label", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": exit, "reason": "Error"}}}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("ending pod {name}"))?;
+    Ok(())
+}
+
+/// Pods of Job `job`, by name, oldest first.
+async fn job_pods(pods: &Api<Pod>, job: &str) -> Result<Vec<Pod>> {
+    let mut items = pods
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await?
+        .items;
+    items.sort_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
+    Ok(items)
+}
+
+/// The chart's per-node Job spec on the real Job controller: an evicted pod (DisruptionTarget)
+/// is replaced without spending backoffLimit (here 0), the replacement starts only once the pod
+/// is terminal (podReplacementPolicy: Failed, kept by the API server), and a real failure still
+/// fails the Job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_per_node_pod_is_replaced_without_spending_a_retry() -> Result<()> {
+    let cluster = TestCluster::get().await?;
+    let ns = cluster.namespace("evict").await?;
+    let sim = cluster
+        .sim_nodes(&format!("{ns}-s"), 1, &SimNode::default())
+        .await?;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    lift_not_ready_taint(&nodes, &sim).await?;
+    let mut job = rendered_install_template(&cluster, &["job.backoffLimit=0"]).await?;
+    job["metadata"]["name"] = "evict".into();
+    let pod = &mut job["spec"]["template"];
+    pod["metadata"]["annotations"] = serde_json::json!({"kata-testbed/duration": "1h"});
+    pod["spec"]["nodeName"] = sim[0].clone().into();
+    pod["spec"]["serviceAccountName"] = "default".into();
+    pod["spec"]["tolerations"] = serde_json::json!([{"operator": "Exists"}]);
+    let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), &ns);
+    let created = jobs
+        .create(&PostParams::default(), &serde_json::from_value(job)?)
+        .await
+        .context("the API server admits the chart's per-node Job spec")?;
+    let spec = created.spec.context("spec")?;
+    assert_eq!(spec.pod_replacement_policy.as_deref(), Some("Failed"));
+    let rules = spec.pod_failure_policy.context("podFailurePolicy")?.rules;
+    assert_eq!(rules[0].action, "Ignore", "{rules:?}");
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns);
+    let running = |n: usize| {
+        let pods = pods.clone();
+        async move {
+            let all = job_pods(&pods, "evict").await?;
+            Ok(all.len() == n
+                && all[n - 1].status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        }
+    };
+    wait_until(Duration::from_secs(60), "the first pod running", || {
+        running(1)
+    })
+    .await?;
+    let first = job_pods(&pods, "evict").await?[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_default();
+    end_pod(&pods, &first, 137, true).await?;
+    wait_until(
+        Duration::from_secs(60),
+        "a replacement pod after the eviction",
+        || running(2),
+    )
+    .await?;
+    let j = jobs.get("evict").await?;
+    let failed_cond = |j: &Job| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+    };
+    assert!(
+        !failed_cond(&j),
+        "an eviction must not fail a Job with backoffLimit 0: {:?}",
+        j.status
+    );
+    // The control: the same Job, a real failure (exit 1, no disruption) fails it at once.
+    let second = job_pods(&pods, "evict").await?[1]
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_default();
+    end_pod(&pods, &second, 1, false).await?;
+    wait_until(
+        Duration::from_secs(60),
+        "the Job failed by a real failure",
+        || {
+            let jobs = jobs.clone();
+            async move { Ok(failed_cond(&jobs.get("evict").await?)) }
+        },
+    )
+    .await?;
+    assert_eq!(
+        job_pods(&pods, "evict").await?.len(),
+        2,
+        "no retry after a real failure with backoffLimit 0"
+    );
+    Ok(())
+}
