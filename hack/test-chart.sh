@@ -17,7 +17,7 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
   exit 1
 fi
 exec python3 - "$@" <<'PY'
-import json, os, re, subprocess, sys, tempfile
+import atexit, json, os, re, shutil, subprocess, sys, tempfile
 import yaml
 
 HELM = os.environ["HELM"]
@@ -26,6 +26,7 @@ KUBE = "1.34.0"
 VAP = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
 passed = failed = 0
 TMP = tempfile.mkdtemp(prefix="kata-chart-test.")
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)
 
 
 def check(name, cond, detail=""):

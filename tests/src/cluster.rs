@@ -334,9 +334,12 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         if self.owned {
+            // KATA_KEEP_TESTBED=1 keeps the state directory (audit log, component logs) to debug.
+            let keep = std::env::var_os("KATA_KEEP_TESTBED").is_some_and(|v| v == "1");
             let _ = std::process::Command::new("bash")
                 .arg(repo_root().join("hack/testenv/stop.sh"))
                 .arg(&self.state)
+                .args(keep.then_some("--keep"))
                 .stdout(std::process::Stdio::null())
                 .status();
         }

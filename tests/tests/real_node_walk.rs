@@ -658,17 +658,25 @@ fn plan_faults(rng: &mut Rng, steps: usize) -> Vec<Fault> {
     faults
 }
 
+/// What the planner knows of a walker: its containerd major and what it serves now.
+#[derive(Debug, Clone)]
+struct Planned {
+    containerd2: bool,
+    current: Option<Shape>,
+}
+
 /// Step `fault`'s transition for `w`: an uninstall now and then (only where no fault is planned),
 /// else a new configuration; a refusal needs one that adds a handler, the faults around the
 /// runtime restart one that changes the runtime's configuration (else there is no restart).
-fn plan_step(rng: &mut Rng, w: &Walker, fault: Fault) -> Step {
+/// None when `w` cannot take `fault` (a refusal on a node already serving every handler).
+fn plan_step(rng: &mut Rng, w: &Planned, fault: Fault) -> Option<Step> {
     if fault == Fault::None && w.current.is_some() && rng.chance(15) {
         let fault = if rng.chance(40) {
             Fault::Kill("revert-cri")
         } else {
             Fault::None
         };
-        return Step::Uninstall(fault);
+        return Some(Step::Uninstall(fault));
     }
     let served = w.current.as_ref().map(Shape::handlers).unwrap_or_default();
     let restarts = matches!(
@@ -684,10 +692,24 @@ fn plan_step(rng: &mut Rng, w: &Walker, fault: Fault) -> Step {
             && (fault != Fault::Refuse || adds)
             && (!restarts || changes_runtime)
         {
-            return Step::Install(shape, fault);
+            return Some(Step::Install(shape, fault));
         }
     }
-    unreachable!("200 random shapes, none new")
+    None
+}
+
+/// The walker and step for `fault`: a random walker, else the next one that can take it; when
+/// none can (every node serves every handler before a refusal), a plain uninstall on the random
+/// one first, and `fault` stays pending.
+fn plan_next(rng: &mut Rng, walkers: &[Planned], fault: Fault) -> (usize, Step, bool) {
+    let first = rng.below(walkers.len() as u64) as usize;
+    for k in 0..walkers.len() {
+        let i = (first + k) % walkers.len();
+        if let Some(step) = plan_step(rng, &walkers[i], fault) {
+            return (i, step, true);
+        }
+    }
+    (first, Step::Uninstall(Fault::None), false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,16 +743,29 @@ async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
     let faults = plan_faults(&mut rng, steps);
     let mut tally = Tally::default();
     let t0 = Instant::now();
-    for (n, fault) in faults.into_iter().enumerate() {
-        let w = &mut walkers[rng.below(3) as usize];
-        let step = plan_step(&mut rng, w, fault);
+    let mut faults: std::collections::VecDeque<Fault> = faults.into();
+    let mut n = 0;
+    while let Some(fault) = faults.pop_front() {
+        let planned: Vec<Planned> = walkers
+            .iter()
+            .map(|w| Planned {
+                containerd2: w.containerd2,
+                current: w.current.clone(),
+            })
+            .collect();
+        let (i, step, taken) = plan_next(&mut rng, &planned, fault);
+        if !taken {
+            faults.push_front(fault);
+        }
+        let w = &mut walkers[i];
         w.step(n, &step, &mut tally)
             .with_context(|| format!("walk seed {seed}, step {n}: {step:?} on {}", w.node.name))?;
+        n += 1;
     }
     for w in &mut walkers {
         if w.current.is_some() {
             let mut t = Tally::default();
-            w.step(steps, &Step::Uninstall(Fault::None), &mut t)?;
+            w.step(n, &Step::Uninstall(Fault::None), &mut t)?;
         }
     }
     eprintln!(
@@ -744,4 +779,45 @@ async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
         "walk seed {seed} exercised too few faults: {tally:?}"
     );
     Ok(())
+}
+
+/// A refusal needs a node where a handler can be added: with every node serving every handler the
+/// planner uninstalls one first and keeps the refusal pending (it panicked: "200 random shapes,
+/// none new", CI seed 1796523020557337631).
+#[test]
+fn a_refusal_with_every_handler_served_waits_for_an_uninstall() {
+    let full = Shape {
+        qemu: true,
+        runtime_rs: true,
+        coco: true,
+        guest_pull: true,
+        custom: true,
+        debug: false,
+        annotations: false,
+    };
+    let all_full = vec![
+        Planned {
+            containerd2: true,
+            current: Some(full.clone()),
+        };
+        3
+    ];
+    let mut rng = Rng(1796523020557337631);
+    for _ in 0..50 {
+        assert!(plan_step(&mut rng, &all_full[0], Fault::Refuse).is_none());
+        let (_, step, taken) = plan_next(&mut rng, &all_full, Fault::Refuse);
+        assert!(
+            !taken && matches!(step, Step::Uninstall(Fault::None)),
+            "{step:?}"
+        );
+    }
+    let mut one_empty = all_full.clone();
+    one_empty[2].current = None;
+    for _ in 0..50 {
+        let (i, step, taken) = plan_next(&mut rng, &one_empty, Fault::Refuse);
+        assert!(
+            taken && i == 2 && matches!(step, Step::Install(_, Fault::Refuse)),
+            "{step:?}"
+        );
+    }
 }

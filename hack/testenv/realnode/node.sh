@@ -180,7 +180,10 @@ imageGCLowThresholdPercent: 99
 podPidsLimit: -1
 resolvConf: /etc/resolv.conf
 fileCheckFrequency: 5s
-syncFrequency: 5s"
+syncFrequency: 5s
+# The node shares the host's network namespace: the kubelet's KUBE-FIREWALL/KUBE-KUBELET-CANARY
+# chains would land in the host's iptables and outlive the run.
+makeIPTablesUtilChains: false"
   # The kubelet's identity: a client certificate of the test-bed CA (system:masters: a test bed,
   # not a hardened node; the per-node Jobs' own identity is what the chart confines).
   mkdir -p "$dir/upper/etc/kubernetes/pki"
