@@ -22,10 +22,36 @@ pub struct RealNode {
     state: PathBuf,
 }
 
-/// Serialises the tests that start real nodes (one Service IP mapping on the machine).
-pub async fn real_node_lock() -> tokio::sync::MutexGuard<'static, ()> {
+/// The machine-wide lock file of the real-node tests (taken by the tests themselves: a shell
+/// `flock` on this path around a test run would deadlock with it).
+pub const REAL_NODE_LOCK_FILE: &str = "/run/lock/kata-deploy-realnode-tests.lock";
+
+/// Held while a test runs real nodes: the in-process mutex and the machine-wide file lock.
+pub struct RealNodeLock {
+    _in_process: tokio::sync::MutexGuard<'static, ()>,
+    _machine: std::fs::File,
+}
+
+/// Serialises the tests that start real nodes (one Service IP mapping on the machine), within
+/// this process and across processes (two test runs on one machine wait for each other instead
+/// of failing in net.sh). The file lock dies with the process, so a killed run never blocks.
+pub async fn real_node_lock() -> RealNodeLock {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+    let in_process = LOCK.lock().await;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(REAL_NODE_LOCK_FILE)
+        .unwrap_or_else(|e| panic!("opening {REAL_NODE_LOCK_FILE}: {e}"));
+    let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .expect("the lock task")
+        .unwrap_or_else(|e| panic!("locking {REAL_NODE_LOCK_FILE}: {e}"));
+    RealNodeLock {
+        _in_process: in_process,
+        _machine: file,
+    }
 }
 
 /// What is missing to run real nodes here, if anything (None: everything is there).
