@@ -10,7 +10,7 @@ use crate::config::{Install, ValidConfig};
 use crate::error::{Result, StageError};
 use crate::hostfs::{sha256_hex, HostFs};
 use crate::katacfg;
-use crate::payload::Payload;
+use crate::payload::{Origin, Payload};
 use crate::restart::Restarter;
 use crate::state::{
     read_json, write_json, ArtifactsManifest, CriState, InstalledFile, StampCache,
@@ -26,6 +26,13 @@ pub enum Source {
     Inline(Vec<u8>),
     /// A symbolic link to this (relative) target.
     Symlink(PathBuf),
+    /// An entry of a release component tarball (verified against its index while staged).
+    Tarball {
+        /// The `.tar.zst` file.
+        tarball: PathBuf,
+        /// The entry carrying the bytes, relative to `opt/kata`.
+        from: PathBuf,
+    },
 }
 
 /// What the manifest records for a symbolic link (in place of a content hash).
@@ -104,7 +111,13 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
             path: install.prefix.join(&f.rel),
             sha256: f.sha256.clone(),
             mode: f.mode,
-            source: Source::Payload(payload.dir.join(&f.rel)),
+            source: match &f.origin {
+                Origin::Dir(p) => Source::Payload(p.clone()),
+                Origin::Tarball { tarball, from } => Source::Tarball {
+                    tarball: tarball.clone(),
+                    from: from.clone(),
+                },
+            },
         });
     }
     for (rel, target) in &payload.symlinks {
@@ -123,7 +136,9 @@ pub fn desired_files(cfg: &ValidConfig, payload: &Payload) -> Result<Vec<Desired
                 "Use a stage image that ships this shim, or disable the shim in the chart values",
             ));
         }
-        payload.read_text(rel)
+        let text = payload.read_text(rel)?;
+        crate::payload::check_references(payload, rel, &text)?;
+        Ok(text)
     };
     for g in katacfg::plan_shim_files(&cfg.cfg, &install, &read_base)? {
         out.push(DesiredFile {
@@ -364,6 +379,7 @@ pub fn apply_artifacts(
             "all files already installed; nothing to do"
         );
         write_json(fs, &stamp_cache_path(&install), &fresh)?;
+        write_release_index(fs, &install, payload)?;
         if want_unit {
             ensure_unit_running(fs, restarter, &unit, &nydus_unit_file(&install), false)?;
         }
@@ -411,13 +427,27 @@ pub fn apply_artifacts(
         for d in &new_dirs {
             fs.create_dir_all(d)?;
         }
+        let mut from_tarballs: BTreeMap<&Path, crate::release_io::Wanted> = BTreeMap::new();
         for w in &writes {
             let tmp = match &w.source {
                 Source::Payload(src) => fs.stage_copy(src, &w.path, &w.sha256, w.mode)?,
                 Source::Inline(bytes) => fs.stage_bytes(&w.path, bytes, w.mode)?,
                 Source::Symlink(target) => fs.stage_symlink(&w.path, target)?,
+                Source::Tarball { tarball, from } => {
+                    let dests = from_tarballs.entry(tarball).or_default();
+                    dests.entry(from.clone()).or_default().push((
+                        w.path.clone(),
+                        w.sha256.clone(),
+                        w.mode,
+                    ));
+                    continue;
+                }
             };
             staged.push((tmp, w.path.clone()));
+        }
+        // Each tarball is read once, front to back, staging only what changed.
+        for (tarball, wanted) in &from_tarballs {
+            crate::release_io::stage_from_tarball(fs, tarball, wanted, staged)?;
         }
         Ok(())
     };
@@ -456,6 +486,7 @@ pub fn apply_artifacts(
     }
     write_json(fs, &mpath, &final_manifest)?;
     record_stamps(fs, &install, &desired)?;
+    write_release_index(fs, &install, payload)?;
     if want_unit {
         // A new binary, configuration or unit is used only after a restart.
         let nydus_dir = install.prefix.join(NYDUS_PAYLOAD_DIR);
@@ -489,7 +520,7 @@ fn plan_dry_run(fs: &HostFs, writes: &[&DesiredFile], removes: &[PathBuf]) -> Re
                 fs.plan(format!("link {} -> {}", w.path.display(), target.display()));
                 continue;
             }
-            Source::Payload(_) => {
+            Source::Payload(_) | Source::Tarball { .. } => {
                 fs.plan(format!(
                     "{} {} (from payload, sha256 {})",
                     if old_bytes.is_some() {
@@ -678,10 +709,27 @@ pub fn remove_artifacts(
 }
 
 fn remove_stamp_cache(fs: &HostFs, install: &Install) -> Result<()> {
-    let cpath = stamp_cache_path(install);
-    fs.remove_file(&cpath)?;
-    fs.remove_file(&HostFs::temp_for(&cpath))?;
+    for cpath in [
+        stamp_cache_path(install),
+        install.state_dir().join(crate::release::RELEASE_INDEX),
+    ] {
+        fs.remove_file(&cpath)?;
+        fs.remove_file(&HostFs::temp_for(&cpath))?;
+    }
     Ok(())
+}
+
+/// Caches the release components' indexes (digest per file, keyed by each tarball's sha256) so
+/// the next run compares without decompressing anything; a cache, never the record of truth.
+fn write_release_index(fs: &HostFs, install: &Install, payload: &Payload) -> Result<()> {
+    match &payload.release {
+        Some(idx) => write_json(
+            fs,
+            &install.state_dir().join(crate::release::RELEASE_INDEX),
+            idx,
+        ),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! The payload shipped in the stage image: a directory with a `SHA256SUMS` manifest
-//! (`<hex>  <relative path>` lines, sha256sum format).
+//! The payload: either our own directory with a `SHA256SUMS` manifest (`<hex>  <relative path>`
+//! lines, sha256sum format; the stage image's `/opt/kata-payload`, air-gapped bundles, tests) or
+//! the official Kata release image's layout (`release`, opened by `release_io::open_release`).
+//! Both are read into the same listing: every file with its digest and where its bytes are.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -18,6 +20,22 @@ pub struct PayloadFile {
     pub size: u64,
     /// Unix mode bits to install with.
     pub mode: u32,
+    /// Where the bytes are.
+    pub origin: Origin,
+}
+
+/// Where a payload file's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A file in the payload image.
+    Dir(PathBuf),
+    /// An entry of a component tarball of the release (`from`: relative to `opt/kata`).
+    Tarball {
+        /// The `.tar.zst` file.
+        tarball: PathBuf,
+        /// The entry carrying the bytes.
+        from: PathBuf,
+    },
 }
 
 /// The verified listing of a payload directory.
@@ -30,6 +48,11 @@ pub struct Payload {
     /// Symbolic links (`SYMLINKS`: `<relative path> -> <relative target>`), installed as links
     /// (a Kata release links `vmlinux.container` and `kata-containers.img` to versioned files).
     pub symlinks: BTreeMap<PathBuf, PathBuf>,
+    /// Text of files read without their own file in the image (the release's base
+    /// configurations, kept by the index).
+    pub texts: BTreeMap<PathBuf, String>,
+    /// The release layout: the selected components' indexes (cached on the host by digest).
+    pub release: Option<BTreeMap<String, crate::release::ComponentIndex>>,
 }
 
 /// Parses `SYMLINKS` lines (`<relative path> -> <target>`): both relative, the target resolving
@@ -143,6 +166,7 @@ impl Payload {
             files.insert(
                 rel.clone(),
                 PayloadFile {
+                    origin: Origin::Dir(full),
                     rel,
                     sha256,
                     size: md.len(),
@@ -152,20 +176,38 @@ impl Payload {
         }
         let mut symlinks = BTreeMap::new();
         let links_file = dir.join("SYMLINKS");
-        if let Ok(text) = std::fs::read_to_string(&links_file) {
-            for (link, target) in parse_symlinks(&text, &links_file)? {
-                let full = dir.join(&link);
-                match std::fs::read_link(&full) {
-                    Ok(t) if t == target => {}
-                    other => return Err(StageError::bad_input(&full, format!("listed in SYMLINKS as a link to {} but is {other:?}", target.display()), "The stage image is incomplete: rebuild or re-pull it (nothing on the host was changed)")),
+        match std::fs::read_to_string(&links_file) {
+            Ok(text) => {
+                for (link, target) in parse_symlinks(&text, &links_file)? {
+                    let full = dir.join(&link);
+                    match std::fs::read_link(&full) {
+                        Ok(t) if t == target => {}
+                        other => return Err(StageError::bad_input(&full, format!("listed in SYMLINKS as a link to {} but is {other:?}", target.display()), "The stage image is incomplete: rebuild or re-pull it (nothing on the host was changed)")),
+                    }
+                    symlinks.insert(link, target);
                 }
-                symlinks.insert(link, target);
+            }
+            // No SYMLINKS (a payload made by hand from a release tarball): the links are the
+            // directory's own, each checked to stay inside the payload. A configuration naming
+            // a kernel or image the payload still lacks is refused later (`check_references`).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                symlinks = derive_symlinks(dir)?;
+                tracing::info!(payload = %dir.display(), links = symlinks.len(), "no SYMLINKS file: installing the payload directory's own symbolic links");
+            }
+            Err(e) => {
+                return Err(StageError::bad_input(
+                    &links_file,
+                    format!("cannot be read: {e}"),
+                    "Rebuild the stage image",
+                ))
             }
         }
         Ok(Payload {
             dir: dir.to_path_buf(),
             files,
             symlinks,
+            texts: BTreeMap::new(),
+            release: None,
         })
     }
 
@@ -176,7 +218,13 @@ impl Payload {
 
     /// Reads a payload file as text (base configurations).
     pub fn read_text(&self, rel: &Path) -> Result<String> {
-        let full = self.dir.join(rel);
+        if let Some(t) = self.texts.get(rel) {
+            return Ok(t.clone());
+        }
+        let full = match self.files.get(rel).map(|f| &f.origin) {
+            Some(Origin::Dir(p)) => p.clone(),
+            _ => self.dir.join(rel),
+        };
         std::fs::read_to_string(&full).map_err(|e| {
             StageError::bad_input(
                 &full,
@@ -185,6 +233,86 @@ impl Payload {
             )
         })
     }
+}
+
+/// The symbolic links of a payload directory, by path relative to it; each target must stay
+/// inside the payload (an absolute `/opt/kata/...` target is made relative).
+pub fn derive_symlinks(dir: &Path) -> Result<BTreeMap<PathBuf, PathBuf>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let full = dir.join(&rel_dir);
+        let rd = std::fs::read_dir(&full).map_err(|e| {
+            StageError::bad_input(
+                &full,
+                format!("cannot be listed: {e}"),
+                "Rebuild the stage image",
+            )
+        })?;
+        for ent in rd.flatten() {
+            let rel = rel_dir.join(ent.file_name());
+            let Ok(ft) = ent.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(rel);
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(ent.path()).unwrap_or_default();
+                let target = crate::release::symlink_target(&rel, &target).map_err(|why| {
+                    StageError::bad_input(
+                        ent.path(),
+                        format!("symbolic link refused: {why}"),
+                        "Make the payload's links relative and inside it, or list them in SYMLINKS",
+                    )
+                })?;
+                out.insert(rel, target);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The kernel, image and initrd a shim's base configuration names under `/opt/kata` must be in
+/// the payload (a file or a link): a payload made by hand without its links, or a release image
+/// missing a component, is refused here, before any host change.
+pub fn check_references(payload: &Payload, rel: &Path, text: &str) -> Result<()> {
+    let Ok(doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return Ok(()); // katacfg reports invalid TOML with its own message
+    };
+    let Some(hvs) = doc.get("hypervisor").and_then(|h| h.as_table_like()) else {
+        return Ok(());
+    };
+    for (_, hv) in hvs.iter() {
+        for key in ["kernel", "image", "initrd"] {
+            let Some(path) = hv.get(key).and_then(|v| v.as_str()) else {
+                continue;
+            };
+            let Some(inside) = path
+                .strip_prefix(crate::katacfg::PAYLOAD_PREFIX)
+                .and_then(|p| p.strip_prefix('/'))
+            else {
+                continue;
+            };
+            let inside = Path::new(inside);
+            if !payload.files.contains_key(inside) && !payload.symlinks.contains_key(inside) {
+                let what = if payload.release.is_some() {
+                    "The release image lacks the component carrying it: use a complete kata-deploy image (payload.image)"
+                } else {
+                    "A payload directory made from a release must keep the release's symbolic links (tar keeps them) or list them in SYMLINKS (\"<path> -> <target>\" lines)"
+                };
+                let (file, whose) = match payload.files.get(rel).map(|f| &f.origin) {
+                    Some(Origin::Tarball { tarball, from }) => {
+                        (tarball.clone(), format!("its opt/kata/{} ", from.display()))
+                    }
+                    _ => (payload.dir.join(rel), String::new()),
+                };
+                return Err(StageError::bad_input(
+                    file,
+                    format!("{whose}names {key} = {path:?}, which the payload does not contain"),
+                    format!("{what}; nothing on the host was changed"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

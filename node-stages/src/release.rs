@@ -26,6 +26,8 @@ pub const SHIM_COMPONENTS: &str = "shim-components.json";
 pub const TARBALLS_DIR: &str = "tarballs";
 /// 4.x: the release's versions.yaml, installed as `<prefix>/versions.yaml` (as upstream does).
 pub const VERSIONS_YAML: &str = "versions.yaml";
+/// The host cache of the selected components' indexes, in the install's state directory.
+pub const RELEASE_INDEX: &str = "release-index.json";
 /// Every tarball entry the install takes lives under this directory (`./opt/kata` also accepted).
 pub const TAR_PREFIX: &str = "opt/kata";
 /// Absolute symlink targets under this prefix point into the install.

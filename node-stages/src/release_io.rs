@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
+use crate::artifacts::NYDUS_PAYLOAD_DIR;
 use crate::error::{Result, StageError};
 use crate::hostfs::HostFs;
+use crate::payload::{Origin, Payload, PayloadFile};
 use crate::release::{self, ComponentIndex, IndexEntry};
 
 const DAMAGED: &str =
@@ -190,6 +192,128 @@ pub fn stage_from_tarball(
         ));
     }
     Ok(())
+}
+
+/// The tarball of a component in a release payload directory.
+pub fn tarball_path(dir: &Path, component: &str) -> PathBuf {
+    dir.join(release::TARBALLS_DIR)
+        .join(release::tarball_name(component))
+}
+
+/// The components the enabled (base) shims need, each tarball checked present: what host-check
+/// verifies without reading any tarball, and the first step of `open_release`.
+pub fn select_release(dir: &Path, shims: &[&str], kube_arch: &str) -> Result<BTreeSet<String>> {
+    let mpath = dir.join(release::SHIM_COMPONENTS);
+    let text =
+        std::fs::read_to_string(&mpath).map_err(|e| bad(&mpath, format!("cannot be read: {e}")))?;
+    let sc = release::parse_shim_components(&text, &mpath)?;
+    let comps = release::select_components(&sc, shims, kube_arch, &mpath)?;
+    for c in &comps {
+        let p = tarball_path(dir, c);
+        if !p.is_file() {
+            return Err(StageError::bad_input(
+                &p,
+                format!("component {c:?}, which {} lists for the enabled shims, is missing from the payload image", mpath.display()),
+                "Use a complete release image (payload.image), or disable the shims that need it (nothing on the host was changed)",
+            ));
+        }
+    }
+    Ok(comps)
+}
+
+/// Opens a release payload for the enabled (base) shims on this architecture: the selected
+/// components' indexes (from `cache` when a tarball's sha256 is unchanged, else by reading it
+/// once), merged; the nydus snapshotter's binaries when `nydus`; 4.x's `versions.yaml`. Every
+/// tarball is validated here, before any host change.
+pub fn open_release(
+    dir: &Path,
+    shims: &[&str],
+    kube_arch: &str,
+    cache: &BTreeMap<String, ComponentIndex>,
+    nydus: bool,
+) -> Result<Payload> {
+    let mut indexes = BTreeMap::new();
+    for c in select_release(dir, shims, kube_arch)? {
+        let p = tarball_path(dir, &c);
+        let sha = sha256_path(&p)?;
+        let idx = match cache.get(&c) {
+            Some(i) if i.tarball_sha256 == sha => i.clone(),
+            _ => {
+                tracing::info!(component = %c, "indexing the component tarball (validated and hashed, nothing written)");
+                index_tarball(&p, sha)?
+            }
+        };
+        indexes.insert(c, idx);
+    }
+    let (merged, clashes) = release::merge(&indexes);
+    if !clashes.is_empty() {
+        tracing::warn!(paths = ?clashes, "several components carry these files with different content: the last component in name order wins, as upstream extracts them");
+    }
+    let mut payload = Payload {
+        dir: dir.to_path_buf(),
+        files: BTreeMap::new(),
+        symlinks: BTreeMap::new(),
+        texts: BTreeMap::new(),
+        release: None,
+    };
+    for (rel, m) in merged {
+        match m.entry {
+            IndexEntry::File {
+                sha256,
+                size,
+                mode,
+                from,
+            } => {
+                if let Some(t) = indexes[&m.component].texts.get(&rel) {
+                    payload.texts.insert(rel.clone(), t.clone());
+                }
+                let tarball = tarball_path(dir, &m.component);
+                payload.files.insert(
+                    rel.clone(),
+                    PayloadFile {
+                        rel,
+                        sha256,
+                        size,
+                        mode,
+                        origin: Origin::Tarball { tarball, from },
+                    },
+                );
+            }
+            IndexEntry::Symlink { target } => {
+                payload.symlinks.insert(rel, target);
+            }
+        }
+    }
+    let mut plain = vec![PathBuf::from(release::VERSIONS_YAML)];
+    if nydus {
+        for bin in ["containerd-nydus-grpc", "nydus-overlayfs"] {
+            plain.push(Path::new(NYDUS_PAYLOAD_DIR).join(bin));
+        }
+    }
+    for rel in plain {
+        let full = dir.join(&rel);
+        let Ok(md) = std::fs::metadata(&full) else {
+            continue;
+        };
+        if !md.is_file() {
+            continue;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = release::install_mode(md.permissions().mode());
+        let sha256 = sha256_path(&full)?;
+        payload.files.insert(
+            rel.clone(),
+            PayloadFile {
+                rel,
+                sha256,
+                size: md.len(),
+                mode,
+                origin: Origin::Dir(full),
+            },
+        );
+    }
+    payload.release = Some(indexes);
+    Ok(payload)
 }
 
 #[cfg(test)]

@@ -167,10 +167,70 @@ impl HostCheckReport {
     }
 }
 
+/// Whether the payload directory has the official release's layout (`shim-components.json`).
+pub fn is_release_payload(dir: &Path) -> bool {
+    dir.join(crate::release::SHIM_COMPONENTS).is_file()
+}
+
+fn node_arch(facts: &NodeFacts) -> String {
+    facts
+        .arch
+        .clone()
+        .unwrap_or_else(|| crate::shims::kube_arch(std::env::consts::ARCH).to_string())
+}
+
+fn base_shims(cfg: &ValidConfig) -> Vec<&str> {
+    let mut v: Vec<&str> = cfg.cfg.shims.iter().map(|s| s.base()).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Opens the payload: our directory (SHA256SUMS) or the release layout, where only the
+/// components the enabled shims need on this architecture are read (indexes cached on the host).
+pub fn open_payload(env: &StageEnv) -> Result<Payload> {
+    if !is_release_payload(env.payload_dir) {
+        return Payload::open(env.payload_dir);
+    }
+    let cache = read_json(
+        env.fs,
+        &env.cfg
+            .install()
+            .state_dir()
+            .join(crate::release::RELEASE_INDEX),
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default(); // a corrupt cache is only a slower run
+    crate::release_io::open_release(
+        env.payload_dir,
+        &base_shims(env.cfg),
+        &node_arch(env.facts),
+        &cache,
+        env.cfg.uses_nydus(),
+    )
+}
+
 /// host-check: read-only, lists every problem.
 pub fn host_check(env: &StageEnv) -> HostCheckReport {
-    let payload = Payload::open(env.payload_dir);
-    let facts = hostcheck::collect_facts(env.fs, env.cfg, env.facts, payload.as_ref().ok());
+    // A release is only checked for its manifest and the tarballs the shims need (reading them
+    // is the artifacts stage's first, still read-only, step): no size is known before that.
+    let payload = if is_release_payload(env.payload_dir) {
+        crate::release_io::select_release(
+            env.payload_dir,
+            &base_shims(env.cfg),
+            &node_arch(env.facts),
+        )
+        .map(|_| None)
+    } else {
+        Payload::open(env.payload_dir).map(Some)
+    };
+    let facts = hostcheck::collect_facts(
+        env.fs,
+        env.cfg,
+        env.facts,
+        payload.as_ref().ok().and_then(Option::as_ref),
+    );
     let mut findings = hostcheck::evaluate(env.cfg, &facts);
     if let Err(e) = &payload {
         findings.insert(
@@ -203,7 +263,7 @@ pub fn run_prune_artifacts(env: &StageEnv) -> Result<StageReport> {
 }
 
 fn artifacts_report(stage: &str, env: &StageEnv) -> Result<StageReport> {
-    let payload = Payload::open(env.payload_dir)?;
+    let payload = open_payload(env)?;
     artifacts::desired_files(env.cfg, &payload)?; // bad input fails before the lock/claim
     env.check_identity()?;
     let _lock = env.lock()?;
