@@ -13,6 +13,7 @@ use kata_deploy_stage::label::NodeLabeler;
 use kata_deploy_stage::restart::{
     ExecRestarter, NoRestarter, Restarter, SystemdRestarter, SYSTEMD_CALL_DEADLINE,
 };
+use kata_deploy_stage::selfreload::SelfReloading;
 use kata_deploy_stage::stages::{self, Claims, StageEnv, StageReport};
 use kata_deploy_stage::{checkpoint, cri};
 
@@ -172,11 +173,17 @@ fn run(cli: &Cli) -> Result<(), StageError> {
             // A restart job of a slow flavour (k3s's unit is ready only when k3s is) may take
             // as long as the runtime may take to be ready.
             let deadline = cfg.runtime_ready_timeout(kind).max(SYSTEMD_CALL_DEADLINE);
-            Box::new(
+            let systemd = Box::new(
                 SystemdRestarter::new(&cli.host_root)
                     .with_cri_socket(socket)
                     .with_deadline(deadline),
-            )
+            );
+            // k0s restarts its containerd itself when a drop-in changes.
+            if kind == Some(kata_deploy_stage::config::CriKind::K0s) {
+                Box::new(SelfReloading::k0s(systemd, &cli.host_root))
+            } else {
+                systemd
+            }
         }
         RestartMode::None => Box::new(NoRestarter),
         RestartMode::Exec(p) => Box::new(ExecRestarter { script: p.clone() }),

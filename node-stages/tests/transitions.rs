@@ -450,3 +450,87 @@ fn a_crash_anywhere_in_a_version_switch_still_uninstalls_to_the_original() {
     }
     assert!(points > 3, "only {points} crash points");
 }
+
+/// k0s restarts the containerd it supervises when a file in containerd.d changes; restarting the
+/// k0s unit would restart the whole worker (kubelet included). The stage writes the drop-in,
+/// never restarts k0s, and waits for k0s's own reload (a new containerd process, k0s's pid file)
+/// before it calls the configuration loaded; when k0s never reloads, the node fails and the
+/// drop-in is rolled back. (Before: `k0sworker.service` was restarted.)
+#[test]
+fn k0s_reloads_its_containerd_itself_and_the_stage_waits_for_it() {
+    use kata_deploy_stage::selfreload::SelfReloading;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let f = flavour("k0s");
+    let host = make_host(&f);
+    let root = host.path().to_path_buf();
+    let hz = rustix::param::clock_ticks_per_second();
+    // The supervised containerd: pid file and /proc/<pid>/stat with a start time (ticks).
+    let start_process = move |root: &Path, pid: u32, ticks: u64| {
+        let dir = root.join(format!("proc/{pid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stat =
+            format!("{pid} (containerd) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {ticks} 0 0");
+        std::fs::write(dir.join("stat"), stat).unwrap();
+        std::fs::create_dir_all(root.join("run/k0s")).unwrap();
+        std::fs::write(root.join("run/k0s/containerd.pid"), format!("{pid}\n")).unwrap();
+    };
+    start_process(&root, 100, 1);
+    // k0s's watcher: on a change in containerd.d, after its debounce, a new containerd.
+    let watching = Arc::new(AtomicBool::new(true));
+    let reloads = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let k0s = {
+        let (root, watching, reloads, stop) = (
+            root.clone(),
+            watching.clone(),
+            reloads.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let dropin = root.join("etc/k0s/containerd.d/kata-deploy.toml");
+            let mut seen = std::fs::read(&dropin).ok();
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                let now = std::fs::read(&dropin).ok();
+                if now == seen || !watching.load(Ordering::SeqCst) {
+                    continue;
+                }
+                seen = now;
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let n = reloads.fetch_add(1, Ordering::SeqCst) as u32 + 1;
+                let ticks = kata_deploy_stage::restart::monotonic_now_us() * hz / 1_000_000 + 1;
+                start_process(&root, 100 + n, ticks);
+            }
+        })
+    };
+    let rt = Arc::new(FakeRuntime::default());
+    let k0s_rt = SelfReloading::k0s(Box::new(SharedRuntime(rt.clone())), &root);
+    let facts = facts(&f);
+
+    install(&hfs(&root), &config(TWO_SHIMS), &facts, &k0s_rt).unwrap();
+    assert_eq!(
+        rt.restart_count("k0sworker.service"),
+        0,
+        "k0s is never restarted"
+    );
+    assert!(
+        reloads.load(Ordering::SeqCst) >= 1,
+        "the stage returned before k0s reloaded its containerd"
+    );
+    let dropin = root.join("etc/k0s/containerd.d/kata-deploy.toml");
+    assert!(dropin.exists());
+
+    // k0s stops watching (a user-managed containerd.toml): the upgrade is not loaded in time,
+    // fails, and the drop-in goes back to what it was.
+    watching.store(false, Ordering::SeqCst);
+    let before = std::fs::read(&dropin).unwrap();
+    let e = install(&hfs(&root), &config(ONE_SHIM), &facts, &k0s_rt).unwrap_err();
+    assert!(matches!(e, StageError::Runtime { .. }), "{e}");
+    assert!(e.to_string().contains("not back within"), "{e}");
+    assert_eq!(std::fs::read(&dropin).unwrap(), before, "rolled back");
+    assert_eq!(rt.restart_count("k0sworker.service"), 0);
+    stop.store(true, Ordering::SeqCst);
+    k0s.join().unwrap();
+}

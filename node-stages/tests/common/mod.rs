@@ -327,6 +327,31 @@ impl Restarter for FakeRuntime {
     }
 }
 
+/// A shared [`FakeRuntime`] as a boxed restarter (wrappers own their inner restarter; the test
+/// keeps reading the fake's record).
+pub struct SharedRuntime(pub std::sync::Arc<FakeRuntime>);
+
+impl Restarter for SharedRuntime {
+    fn restart(&self, unit: &str) -> Result<()> {
+        self.0.restart(unit)
+    }
+    fn status(&self, unit: &str) -> Result<UnitStatus> {
+        self.0.status(unit)
+    }
+    fn enable_now(&self, unit: &str, unit_file: &Path) -> Result<()> {
+        self.0.enable_now(unit, unit_file)
+    }
+    fn disable_now(&self, unit: &str) -> Result<()> {
+        self.0.disable_now(unit)
+    }
+    fn served_handlers(&self, unit: &str) -> Result<Option<Vec<String>>> {
+        self.0.served_handlers(unit)
+    }
+    fn sandboxes(&self) -> Result<Option<Vec<kata_deploy_stage::cri_client::Sandbox>>> {
+        self.0.sandboxes()
+    }
+}
+
 pub fn config(yaml: &str) -> ValidConfig {
     parse_config(yaml, Path::new("test-config.yaml")).unwrap()
 }
