@@ -20,6 +20,7 @@ pub mod payload;
 pub mod release;
 pub mod release_io;
 pub mod restart;
+pub mod selfcopy;
 pub mod selfreload;
 pub mod shims;
 pub mod stages;

@@ -37,6 +37,8 @@ enum Stage {
     Install,
     Uninstall,
     Status,
+    /// Copy this binary to --copy-to (the chart's emptyDir), to run it in the release image.
+    CopySelf,
 }
 
 /// Who marks the node claimed around the host stages.
@@ -69,9 +71,13 @@ struct Cli {
     /// Prefix of every host path.
     #[arg(long, env = "KATA_HOST_ROOT", default_value = "/host")]
     host_root: PathBuf,
-    /// The payload shipped in the stage image (a directory with SHA256SUMS).
+    /// The payload: a directory with SHA256SUMS (the stage image's own) or the official Kata
+    /// release image's /opt/kata-artifacts (shim-components.json and tarballs/).
     #[arg(long, env = "KATA_PAYLOAD_DIR", default_value = "/opt/kata-payload")]
     payload: PathBuf,
+    /// copy-self: where to write the copy of this binary.
+    #[arg(long, env = "KATA_STAGE_COPY_TO", default_value = kata_deploy_stage::selfcopy::DEFAULT_DEST)]
+    copy_to: PathBuf,
     /// Print what would change (file diffs, restart or not) and change nothing.
     #[arg(long, env = "KATA_STAGE_DRY_RUN")]
     dry_run: bool,
@@ -250,6 +256,7 @@ fn run(cli: &Cli) -> Result<(), StageError> {
         Stage::RevertCri => stages::run_revert_cri(&env).map(|r| print(&r, cli.output)),
         Stage::RemoveArtifacts => stages::run_remove_artifacts(&env).map(|r| print(&r, cli.output)),
         Stage::Status => stages::status(&env).map(|r| print(&r, cli.output)),
+        Stage::CopySelf => unreachable!("copy-self runs before the configuration is read"),
         Stage::Claim | Stage::Unclaim if cli.dry_run => {
             println!("{:?}: dry run, labels not changed", cli.stage);
             Ok(())
@@ -305,7 +312,14 @@ fn main() -> anyhow::Result<()> {
     } else {
         sub.init()
     }
-    if let Err(e) = run(&cli) {
+    let result = if cli.stage == Stage::CopySelf {
+        kata_deploy_stage::selfcopy::copy_self(&cli.copy_to).map(|n| {
+            println!("copy-self: {} bytes to {}", n, cli.copy_to.display());
+        })
+    } else {
+        run(&cli)
+    };
+    if let Err(e) = result {
         let code = e.exit_code();
         tracing::error!(stage = ?cli.stage, error = %e, "stage failed");
         eprintln!("error: {e}");

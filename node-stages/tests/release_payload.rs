@@ -484,3 +484,32 @@ fn an_unchanged_tarball_is_compared_from_the_cached_index_without_decompressing_
         .contains_key(Path::new("bin/only-in-cache")));
     assert_eq!(open(&cache).files, fresh.files);
 }
+
+#[test]
+fn copy_self_writes_a_runnable_copy_without_reading_any_configuration() {
+    let d = tempfile::tempdir().unwrap();
+    let dest = d.path().join("kata-deploy-stage");
+    let out = Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
+        .args([
+            "--config",
+            "/nonexistent/config.yaml",
+            "copy-self",
+            "--copy-to",
+        ])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = Command::new(&dest).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("kata-deploy-stage "));
+    let bad = Command::new(env!("CARGO_BIN_EXE_kata-deploy-stage"))
+        .args(["copy-self", "--copy-to", "/nonexistent-dir/x"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent-dir/x"));
+}
