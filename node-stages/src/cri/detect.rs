@@ -187,6 +187,12 @@ pub fn config_dir(kind: Option<CriKind>) -> PathBuf {
     }
 }
 
+/// k3s/rke2's containerd template for containerd 1.x, also rendered by k3s on containerd 2 when
+/// there is no [`K3S_TEMPLATE_V3`].
+pub const K3S_TEMPLATE_V2: &str = "config.toml.tmpl";
+/// k3s/rke2's containerd template for containerd 2 (wins over [`K3S_TEMPLATE_V2`]).
+pub const K3S_TEMPLATE_V3: &str = "config-v3.toml.tmpl";
+
 /// k3s/rke2's containerd directory.
 pub fn k3s_dir(dist: &str) -> PathBuf {
     PathBuf::from(format!("/var/lib/rancher/{dist}/agent/etc/containerd"))
@@ -202,6 +208,8 @@ pub struct HostView {
     pub crio_config: Option<String>,
     /// The unit guessed from unit files (the cri stage then prefers the active one).
     pub unit_guess: String,
+    /// k3s/rke2: the containerd templates present in the distribution's directory (file names).
+    pub templates: Vec<String>,
 }
 
 /// Reads what the plan needs.
@@ -222,10 +230,22 @@ pub fn host_view(fs: &HostFs, kind: CriKind) -> Result<HostView> {
     } else {
         None
     };
+    let templates = match kind {
+        CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 => {
+            let dir = k3s_dir(if kind == CriKind::Rke2 { "rke2" } else { "k3s" });
+            [K3S_TEMPLATE_V2, K3S_TEMPLATE_V3]
+                .into_iter()
+                .filter(|t| fs.exists(&dir.join(t)))
+                .map(str::to_string)
+                .collect()
+        }
+        _ => Vec::new(),
+    };
     Ok(HostView {
         runtime_config,
         crio_config,
         unit_guess: runtime_unit(fs, kind),
+        templates,
     })
 }
 

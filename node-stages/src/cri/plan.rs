@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use super::detect::{
     containerd_major, host_view, k3s_dir, HostView, CONTAINERD_CONFIG, CONTAINERD_CONF_D,
-    CRIO_CONFIG, CRIO_CONF_D, K0S_CONTAINERD_D, MICROK8S_TEMPLATE,
+    CRIO_CONFIG, CRIO_CONF_D, K0S_CONTAINERD_D, K3S_TEMPLATE_V2, K3S_TEMPLATE_V3,
+    MICROK8S_TEMPLATE,
 };
 use crate::config::{CriKind, Install, NodeFacts, ValidConfig};
 use crate::containerd::{self, ConfigVersion, KataContainerd, KataHandler, ProxySnapshotter};
@@ -159,10 +160,16 @@ pub fn plan(
             let dist = if kind == CriKind::Rke2 { "rke2" } else { "k3s" };
             let dir = k3s_dir(dist);
             let version = ConfigVersion::for_containerd_major(major);
-            let tmpl = dir.join(if major >= 2 {
-                "config-v3.toml.tmpl"
+            let has = |t: &str| view.templates.iter().any(|x| x == t);
+            // On containerd 2, k3s renders config.toml.tmpl when there is no config-v3.toml.tmpl:
+            // a node's own config.toml.tmpl is edited, never shadowed by a new v3 template.
+            let tmpl = dir.join(if major < 2 {
+                K3S_TEMPLATE_V2
+            } else if !has(K3S_TEMPLATE_V3) && has(K3S_TEMPLATE_V2) {
+                notes.push(format!("{dist}: the node's own {K3S_TEMPLATE_V2} is edited ({dist} renders it while there is no {K3S_TEMPLATE_V3}; creating one would silently replace it)"));
+                K3S_TEMPLATE_V2
             } else {
-                "config.toml.tmpl"
+                K3S_TEMPLATE_V3
             });
             if cfg.uses_nydus() {
                 notes.push(format!("{dist}: the base template owns the CRI image settings; disable_snapshot_annotations/discard_unpacked_layers are left to {dist}"));
@@ -318,7 +325,8 @@ pub fn render_desired(
             };
             // A template has no version key of its own (k3s's base carries it): its schema is the
             // distribution's for the containerd it runs.
-            let version = if base.is_some() && !*template {
+            // (A template that states its own schema, a node's hand-written one, keeps it.)
+            let version = if base.is_some() && (!*template || doc.contains_key("version")) {
                 containerd::detect_version(&doc)
             } else {
                 *new_version
@@ -413,6 +421,72 @@ mod tests {
         );
     }
 
+    /// On containerd 2, k3s renders a node's own config.toml.tmpl while there is no
+    /// config-v3.toml.tmpl: that template is edited (a new v3 one would silently replace it, the
+    /// node's customisations gone); an existing v3 template, or none at all, gets the v3 one.
+    #[test]
+    fn k3s_on_containerd_2_edits_the_nodes_own_template_instead_of_shadowing_it() {
+        let cfg = parse_config("shims:\n  - name: qemu\n", Path::new("c")).unwrap();
+        let facts = NodeFacts {
+            container_runtime_version: Some("containerd://2.0.5-k3s1".into()),
+            ..Default::default()
+        };
+        let target = |templates: &[&str]| {
+            let view = HostView {
+                templates: templates.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
+            };
+            let t = plan(&cfg, &facts, CriKind::K3s, &view).unwrap();
+            let name = t.files[0]
+                .0
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (name, t.notes)
+        };
+        let (own, notes) = target(&[K3S_TEMPLATE_V2]);
+        assert_eq!(own, K3S_TEMPLATE_V2);
+        assert!(
+            notes.iter().any(|n| n.contains("silently replace")),
+            "{notes:?}"
+        );
+        assert_eq!(
+            target(&[K3S_TEMPLATE_V2, K3S_TEMPLATE_V3]).0,
+            K3S_TEMPLATE_V3
+        );
+        assert_eq!(target(&[]).0, K3S_TEMPLATE_V3);
+        // A hand-written template stating version 2 keeps its schema; the base-include one gets
+        // the schema of the base k3s renders for containerd 2.
+        let t = plan(
+            &cfg,
+            &facts,
+            CriKind::K3s,
+            &HostView {
+                templates: vec![K3S_TEMPLATE_V2.into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (p, d) = &t.files[0];
+        let own = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n";
+        let out = String::from_utf8(render_desired(p, d, Some(own.as_bytes()), &t.kata).unwrap())
+            .unwrap();
+        assert!(
+            out.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]"),
+            "{out}"
+        );
+        let based = K3S_BASE_TEMPLATE.to_string();
+        let out = String::from_utf8(render_desired(p, d, Some(based.as_bytes()), &t.kata).unwrap())
+            .unwrap();
+        assert!(
+            out.contains(
+                "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata-qemu]"
+            ),
+            "{out}"
+        );
+    }
+
     /// Every fixture: the files planned, how, the unit, and that each renders from the fixture.
     #[test]
     fn plan_on_every_fixture() {
@@ -426,6 +500,7 @@ mod tests {
             runtime_config: cfg.map(fixture),
             crio_config: None,
             unit_guess: unit.into(),
+            templates: Vec::new(),
         };
         struct Case {
             fixture: Option<&'static str>,
@@ -583,6 +658,7 @@ mod tests {
             runtime_config: None,
             crio_config: Some("[crio\n".into()),
             unit_guess: "crio.service".into(),
+            templates: Vec::new(),
         };
         assert!(plan(&cfg, &facts("cri-o://1.31.2"), CriKind::Crio, &bad).is_err());
     }
