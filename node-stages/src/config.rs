@@ -631,6 +631,9 @@ pub struct NodeFacts {
     pub kubelet_version: Option<String>,
     /// KATA_NODE_ARCH.
     pub arch: Option<String>,
+    /// The runtime units systemd reports active (None: not asked, e.g. no systemd): a flavour's
+    /// leftover directories do not make it the node's CRI when its units do not run.
+    pub active_units: Option<Vec<String>>,
 }
 
 impl NodeFacts {
@@ -644,6 +647,7 @@ impl NodeFacts {
             container_runtime_version: get("KATA_NODE_CONTAINER_RUNTIME_VERSION"),
             kubelet_version: get("KATA_NODE_KUBELET_VERSION"),
             arch: get("KATA_NODE_ARCH"),
+            active_units: None,
         }
     }
 

@@ -158,8 +158,26 @@ fn print(report: &StageReport, output: Output) {
     }
 }
 
+/// The runtime units systemd reports active (None when systemd cannot be asked): detection then
+/// prefers the flavour that runs over a leftover one's directories.
+fn active_runtime_units(host_root: &std::path::Path) -> Option<Vec<String>> {
+    let systemd = SystemdRestarter::new(host_root).with_deadline(Duration::from_secs(5));
+    let mut active = Vec::new();
+    for unit in cri::all_runtime_units() {
+        match systemd.status(unit) {
+            Ok(st) if st.active => active.push(unit.to_string()),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "systemd not asked about runtime units");
+                return None;
+            }
+        }
+    }
+    Some(active)
+}
+
 fn run(cli: &Cli) -> Result<(), StageError> {
-    let facts = NodeFacts::from_env();
+    let mut facts = NodeFacts::from_env();
     let arch = facts
         .arch
         .clone()
@@ -174,6 +192,9 @@ fn run(cli: &Cli) -> Result<(), StageError> {
     let fs = HostFs::new(&cli.host_root, cli.dry_run);
     let restarter: Box<dyn Restarter> = match &cfg.restart {
         RestartMode::Systemd => {
+            if cfg.cri.is_none() {
+                facts.active_units = active_runtime_units(&cli.host_root);
+            }
             let kind = cri::resolve_cri(&fs, &cfg, &facts).ok();
             let socket = kind.map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
             // A restart job of a slow flavour (k3s's unit is ready only when k3s is) may take

@@ -185,6 +185,11 @@ impl<'a> Walker<'a> {
             .status()?;
         ensure!(ok.success(), "hack/make-test-payload.sh failed");
         std::fs::create_dir_all(node.path("/etc/kata-deploy"))?;
+        // Leftovers of other distributions (a reimaged or converted node): `cri: auto` must pick
+        // the runtime systemd runs, not the first distribution whose directory exists.
+        for leftover in ["/etc/rancher/rke2", "/etc/k0s", "/var/snap/microk8s/current/args"] {
+            std::fs::create_dir_all(node.path(leftover))?;
+        }
         // The node's own containerd: a Go-proxy build under /opt/containerd/bin, else Debian's.
         let bin = if node.flavour == "debian" {
             "containerd"

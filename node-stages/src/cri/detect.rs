@@ -25,16 +25,26 @@ pub const K0S_CONTAINERD_D: &str = "/etc/k0s/containerd.d";
 pub fn detect_cri_from(
     runtime_version: Option<&str>,
     exists: &dyn Fn(&str) -> bool,
+    active_units: Option<&[String]>,
 ) -> std::result::Result<CriKind, String> {
     let v = runtime_version.unwrap_or("");
     if v.starts_with("cri-o://") {
         return Ok(CriKind::Crio);
     }
+    // A distribution's directories may outlive it (a reimaged or converted node): when systemd
+    // was asked, they count only while one of the distribution's units is active.
+    let runs = |kind: CriKind| {
+        active_units.is_none_or(|a| flavour_units(kind).iter().any(|u| a.iter().any(|x| x == u)))
+    };
     // rke2's containerd also reports "-k3s" versions: check rke2's tree first.
-    if exists("/var/lib/rancher/rke2/agent/etc/containerd") || exists("/etc/rancher/rke2") {
+    if (exists("/var/lib/rancher/rke2/agent/etc/containerd") || exists("/etc/rancher/rke2"))
+        && runs(CriKind::Rke2)
+    {
         return Ok(CriKind::Rke2);
     }
-    if exists("/var/lib/rancher/k3s/agent/etc/containerd") || exists("/etc/rancher/k3s") {
+    if (exists("/var/lib/rancher/k3s/agent/etc/containerd") || exists("/etc/rancher/k3s"))
+        && runs(CriKind::K3s)
+    {
         let agent = [
             "/etc/systemd/system/k3s-agent.service",
             "/usr/lib/systemd/system/k3s-agent.service",
@@ -47,16 +57,19 @@ pub fn detect_cri_from(
         ]
         .iter()
         .any(|p| exists(p));
-        return Ok(if agent && !server {
+        let agent_runs = active_units.map(|a| a.iter().any(|u| u == "k3s-agent.service"));
+        let server_runs = active_units.map(|a| a.iter().any(|u| u == "k3s.service"));
+        let agent = agent_runs.map_or(agent && !server, |a| a && server_runs != Some(true));
+        return Ok(if agent {
             CriKind::K3sAgent
         } else {
             CriKind::K3s
         });
     }
-    if exists("/var/snap/microk8s/current/args") {
+    if exists("/var/snap/microk8s/current/args") && runs(CriKind::Microk8s) {
         return Ok(CriKind::Microk8s);
     }
-    if exists("/etc/k0s") || exists("/var/lib/k0s") {
+    if (exists("/etc/k0s") || exists("/var/lib/k0s")) && runs(CriKind::K0s) {
         return Ok(CriKind::K0s);
     }
     if v.starts_with("containerd://") || exists("/etc/containerd") {
@@ -75,9 +88,11 @@ pub fn resolve_cri(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts) -> Result<
     if let Some(k) = cfg.cri {
         return Ok(k);
     }
-    detect_cri_from(facts.container_runtime_version.as_deref(), &|p| {
-        fs.exists(Path::new(p))
-    })
+    detect_cri_from(
+        facts.container_runtime_version.as_deref(),
+        &|p| fs.exists(Path::new(p)),
+        facts.active_units.as_deref(),
+    )
     .map_err(|m| StageError::config(&cfg.file, "cri", m))
 }
 
@@ -114,12 +129,40 @@ pub fn runtime_unit(fs: &HostFs, kind: CriKind) -> String {
     }
 }
 
-/// Units that may run a flavour's runtime: the one guessed from unit files first.
-pub fn unit_candidates(guess: &str, kind: CriKind) -> Vec<String> {
-    let all: &[&str] = match kind {
+/// Every unit that runs a flavour's runtime (what detection asks systemd about).
+pub fn flavour_units(kind: CriKind) -> &'static [&'static str] {
+    match kind {
+        CriKind::Containerd => &["containerd.service"],
         CriKind::K3s | CriKind::K3sAgent => &["k3s.service", "k3s-agent.service"],
         CriKind::Rke2 => &["rke2-server.service", "rke2-agent.service"],
         CriKind::K0s => &["k0scontroller.service", "k0sworker.service"],
+        CriKind::Microk8s => &["snap.microk8s.daemon-containerd.service"],
+        CriKind::Crio => &["crio.service"],
+    }
+}
+
+/// Every runtime unit of every flavour, once.
+pub fn all_runtime_units() -> Vec<&'static str> {
+    let mut v: Vec<&str> = [
+        CriKind::Containerd,
+        CriKind::K3s,
+        CriKind::Rke2,
+        CriKind::K0s,
+        CriKind::Microk8s,
+        CriKind::Crio,
+    ]
+    .into_iter()
+    .flat_map(flavour_units)
+    .copied()
+    .collect();
+    v.dedup();
+    v
+}
+
+/// Units that may run a flavour's runtime: the one guessed from unit files first.
+pub fn unit_candidates(guess: &str, kind: CriKind) -> Vec<String> {
+    let all: &[&str] = match kind {
+        CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 | CriKind::K0s => flavour_units(kind),
         _ => &[],
     };
     let mut out = vec![guess.to_string()];
@@ -257,16 +300,60 @@ mod tests {
         move |p| paths.contains(&p)
     }
 
+    /// Leftover directories of a distribution (a reimaged or converted node) do not make it the
+    /// node's CRI when systemd says its units do not run; the running flavour wins.
+    #[test]
+    fn leftover_directories_do_not_win_over_the_active_unit() {
+        let units = |u: &[&str]| u.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let leftovers = exists_in(&[
+            "/etc/k0s",
+            "/var/snap/microk8s/current/args",
+            "/etc/rancher/rke2",
+            "/etc/containerd",
+        ]);
+        let plain = units(&["containerd.service"]);
+        assert_eq!(
+            detect_cri_from(Some("containerd://2.0.5"), &leftovers, Some(&plain)).unwrap(),
+            CriKind::Containerd
+        );
+        // Not asked (no systemd): directories decide, as before.
+        assert_eq!(
+            detect_cri_from(Some("containerd://2.0.5"), &leftovers, None).unwrap(),
+            CriKind::Rke2
+        );
+        let k0s = units(&["k0sworker.service"]);
+        assert_eq!(
+            detect_cri_from(Some("containerd://1.7.2"), &leftovers, Some(&k0s)).unwrap(),
+            CriKind::K0s
+        );
+        // k3s agent vs server by which unit runs, whatever unit files exist.
+        let both_files = exists_in(&[
+            "/var/lib/rancher/k3s/agent/etc/containerd",
+            "/etc/systemd/system/k3s.service",
+            "/etc/systemd/system/k3s-agent.service",
+        ]);
+        let agent = units(&["k3s-agent.service"]);
+        assert_eq!(
+            detect_cri_from(Some("containerd://2.0.5-k3s1"), &both_files, Some(&agent)).unwrap(),
+            CriKind::K3sAgent
+        );
+        assert_eq!(
+            detect_cri_from(Some("containerd://2.0.5-k3s1"), &both_files, None).unwrap(),
+            CriKind::K3s
+        );
+    }
+
     #[test]
     fn detects_distributions() {
         assert_eq!(
-            detect_cri_from(Some("cri-o://1.31.0"), &exists_in(&[])).unwrap(),
+            detect_cri_from(Some("cri-o://1.31.0"), &exists_in(&[]), None).unwrap(),
             CriKind::Crio
         );
         assert_eq!(
             detect_cri_from(
                 Some("containerd://1.7.27-k3s1"),
-                &exists_in(&["/var/lib/rancher/rke2/agent/etc/containerd"])
+                &exists_in(&["/var/lib/rancher/rke2/agent/etc/containerd"]),
+                None
             )
             .unwrap(),
             CriKind::Rke2
@@ -277,7 +364,8 @@ mod tests {
                 &exists_in(&[
                     "/var/lib/rancher/k3s/agent/etc/containerd",
                     "/etc/systemd/system/k3s-agent.service"
-                ])
+                ]),
+                None
             )
             .unwrap(),
             CriKind::K3sAgent
@@ -288,24 +376,25 @@ mod tests {
                 &exists_in(&[
                     "/var/lib/rancher/k3s/agent/etc/containerd",
                     "/etc/systemd/system/k3s.service"
-                ])
+                ]),
+                None
             )
             .unwrap(),
             CriKind::K3s
         );
         assert_eq!(
-            detect_cri_from(None, &exists_in(&["/var/snap/microk8s/current/args"])).unwrap(),
+            detect_cri_from(None, &exists_in(&["/var/snap/microk8s/current/args"]), None).unwrap(),
             CriKind::Microk8s
         );
         assert_eq!(
-            detect_cri_from(Some("containerd://1.7.2"), &exists_in(&["/etc/k0s"])).unwrap(),
+            detect_cri_from(Some("containerd://1.7.2"), &exists_in(&["/etc/k0s"]), None).unwrap(),
             CriKind::K0s
         );
         assert_eq!(
-            detect_cri_from(Some("containerd://2.0.5"), &exists_in(&[])).unwrap(),
+            detect_cri_from(Some("containerd://2.0.5"), &exists_in(&[]), None).unwrap(),
             CriKind::Containerd
         );
-        assert!(detect_cri_from(None, &exists_in(&[]))
+        assert!(detect_cri_from(None, &exists_in(&[]), None)
             .unwrap_err()
             .contains("cri:"));
     }

@@ -367,6 +367,7 @@ pub fn facts(f: &Flavour) -> NodeFacts {
         container_runtime_version: Some(f.runtime_version.into()),
         kubelet_version: Some("v1.34.1".into()),
         arch: Some("amd64".into()),
+        active_units: None,
     }
 }
 
