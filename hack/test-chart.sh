@@ -264,7 +264,7 @@ def t_default():
     check("templates: one ConfigMap with install-job.yaml and cleanup-job.yaml", set(cm["data"]) == {"install-job.yaml", "cleanup-job.yaml"}, set(cm["data"]))
     vol = [v for v in inst["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
     check("templates: the dispatcher mounts that ConfigMap", vol and vol[0]["configMap"]["name"] == cm["metadata"]["name"], vol)
-    for role, job, inits, main in [("install", ij, ["host-check", "claim", "artifacts", "cri", "prune-artifacts"], "label"),
+    for role, job, inits, main in [("install", ij, ["copy-stage", "host-check", "claim", "artifacts", "cri", "prune-artifacts"], "label"),
                                    ("cleanup", cj, ["unlabel", "revert-cri", "remove-artifacts"], "unclaim")]:
         pod = job["spec"]["template"]["spec"]
         check(f"{role} template: batch/v1 Job", job["apiVersion"] == "batch/v1" and job["kind"] == "Job")
@@ -310,10 +310,30 @@ def t_default():
               and "host-systemd-units" not in vols, vols)
         for c in pod["initContainers"] + pod["containers"]:
             n = c["name"]
-            check(f"{role}/{n}: stage image and command line",
-                  c["image"] == "quay.io/kata-containers/kata-deploy-stage:0.1.0"
-                  and c["args"] == ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", n]
-                  and "command" not in c, (c["image"], c.get("command"), c["args"]))
+            if n == "copy-stage":  # the stage binary copies itself into the emptyDir; no host, no token, non-root
+                sc = c["securityContext"]
+                check("install/copy-stage: stage image copies itself into the kata-stage emptyDir, non-root, no host, no token",
+                      c["image"] == "quay.io/kata-containers/kata-deploy-stage:0.1.0" and "command" not in c
+                      and c["args"] == ["copy-self", "--copy-to", "/kata-stage/kata-deploy-stage"]
+                      and c["volumeMounts"] == [{"name": "kata-stage", "mountPath": "/kata-stage"}]
+                      and sc.get("runAsNonRoot") is True and sc.get("privileged") is False and sc.get("readOnlyRootFilesystem") is True
+                      and sc["capabilities"]["drop"] == ["ALL"], c)
+                check("install: the kata-stage emptyDir exists in the install pod only",
+                      {"name": "kata-stage", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+                      and not any(v["name"] == "kata-stage" for v in cj["spec"]["template"]["spec"]["volumes"]), pod["volumes"])
+                continue
+            if n in ("host-check", "artifacts", "prune-artifacts"):  # the payload: the official release image, unchanged
+                check(f"{role}/{n}: runs the copied stage binary in the Kata release image quay.io/kata-containers/kata-deploy:4.1.0",
+                      c["image"] == "quay.io/kata-containers/kata-deploy:4.1.0" and c.get("command") == ["/kata-stage/kata-deploy-stage"]
+                      and c["args"] == ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", "--payload", "/opt/kata-artifacts", n]
+                      and {"name": "kata-stage", "mountPath": "/kata-stage", "readOnly": True} in c["volumeMounts"],
+                      (c["image"], c.get("command"), c["args"], c["volumeMounts"]))
+            else:
+                check(f"{role}/{n}: stage image and command line",
+                      c["image"] == "quay.io/kata-containers/kata-deploy-stage:0.1.0"
+                      and c["args"] == ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", n]
+                      and "command" not in c and "/kata-stage" not in {m["mountPath"] for m in c["volumeMounts"]},
+                      (c["image"], c.get("command"), c["args"]))
             mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
             check(f"{role}/{n}: stage config at /etc/kata-deploy (read-only)", mounts.get("/etc/kata-deploy", {}).get("readOnly") is True, mounts)
             api = n in ("claim", "label", "unlabel", "unclaim")  # the stages that patch the Node (none sees the host)
@@ -1058,9 +1078,13 @@ def t_upstream():
         check(f"reuse {ver}: upstream's cleanup default (kata-runtime Exists) also takes the claimed marker",
               flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], a)
         notes = notes_of(chart=chart)
-        for k in ["updateStrategy", "health", "kubectlImage", "monitor.*", "verification.daemonsetTimeout", "image.reference=quay.io/kata-containers/kata-deploy",
+        for k in ["updateStrategy", "health", "kubectlImage", "monitor.*", "verification.daemonsetTimeout",
                   "shims.fc.containerd.snapshotter=devmapper"]:
             check(f"reuse {ver}: NOTES lists {k} as having no effect", f"  - {k}" in notes, notes[-1500:])
+        check(f"reuse {ver}: upstream's image.reference (untagged) is the Kata release installed, at this chart's release",
+              "Kata release installed on the nodes: quay.io/kata-containers/kata-deploy:4.1.0 " in notes
+              and "image.reference=" not in notes
+              and ij["initContainers"][1]["image"] == "quay.io/kata-containers/kata-deploy:4.1.0", notes[:600])
     chart = reuse_chart("chart-0.1.0.values.yaml")
     rc, out, err = helm("template", "kata-deploy", chart, "-n", "kata-system", "--kube-version", KUBE)
     objs = [d for d in yaml.safe_load_all(out) if d] if rc == 0 else []
@@ -1091,7 +1115,8 @@ def t_upstream():
         ({"shims": {"qemu-tdx": {"agent": {"noProxy": "10.0.0.0/8"}}}}, ["shims.qemu-tdx.agent.noProxy", "dropIn"]),
         ({"node-feature-discovery": {"enabled": True}}, ["node-feature-discovery.enabled=true", "helm install nfd"]),
         ({"nodeFeatureRules": {"create": True}}, ["nodeFeatureRules.create=true", "auto or false"]),
-        ({"image": {"reference": "quay.io/kata-containers/kata-deploy", "tag": "3.32.0"}}, ["image.reference=quay.io/kata-containers/kata-deploy", "kata-deploy-stage"]),
+        ({"image": {"reference": "quay.io/kata-containers/kata-deploy", "tag": "3.32.0"}, "payload": {"image": {"reference": "registry.example.com/kata-deploy-mirror"}}},
+         ["image.reference=quay.io/kata-containers/kata-deploy", "payload.image.reference=\"registry.example.com/kata-deploy-mirror\"", "one place"]),
         ({"shims": {"cloud-hypervisor": {"enabled": True}}}, ["shims.cloud-hypervisor", "clh-runtime-rs"]),
         ({"runtimeClasses": {"createDefault": True}, "defaultShim": {"amd64": "qemu"}, "shims": {"qemu": {"enabled": False}}},
          ["runtimeClasses.createDefault=true", "defaultShim", "shims.qemu"]),
@@ -1331,6 +1356,52 @@ def t_failure_policy():
             check(f"{role} template (Kubernetes {kube}): podReplacementPolicy Failed {'set' if replacement else 'not set (field unknown before 1.29)'}",
                   job["spec"].get("podReplacementPolicy") == ("Failed" if replacement else None), job["spec"].get("podReplacementPolicy"))
 guarded("per-node Job failure policy", t_failure_policy)
+
+# ------------------------------------- the Kata release image is the payload (issue 22)
+def t_payload():
+    def payload_images(objs):
+        pod = templates(objs)[0]["spec"]["template"]["spec"]
+        return {c["name"]: c["image"] for c in pod["initContainers"]}
+    rel = "quay.io/kata-containers/kata-deploy"
+    digest = "sha256:" + "ab" * 32
+    for values, want_payload, what in [
+        ({}, f"{rel}:4.1.0", "default: the official release image at the Kata version the chart targets"),
+        ({"image": {"reference": rel, "tag": "3.32.0"}}, f"{rel}:3.32.0", "upstream's image.reference + image.tag select that release"),
+        ({"image": {"reference": rel, "tag": ""}}, f"{rel}:4.1.0", "upstream's untagged image.reference: the chart's release"),
+        ({"image": {"reference": "registry.example.com/mirror/kata-deploy", "tag": "4.0.0"}}, "registry.example.com/mirror/kata-deploy:4.0.0",
+         "a mirror of the release image (last path part kata-deploy) is the release"),
+        ({"payload": {"image": {"tag": "3.32.0"}}}, f"{rel}:3.32.0", "payload.image.tag"),
+        ({"payload": {"image": {"digest": digest}}}, f"{rel}@{digest}", "payload.image.digest pins the image (wins over the tag)"),
+        ({"image": {"reference": rel, "tag": "3.32.0"}, "payload": {"image": {"digest": digest}}}, f"{rel}@{digest}", "upstream's image.* with a digest pin"),
+    ]:
+        objs = render(values)
+        imgs = payload_images(objs)
+        check(f"payload: {what} -> {want_payload}",
+              imgs["host-check"] == imgs["artifacts"] == imgs["prune-artifacts"] == want_payload
+              and imgs["copy-stage"] == imgs["claim"] == imgs["cri"] == "quay.io/kata-containers/kata-deploy-stage:0.1.0", imgs)
+        notes = notes_of(values)
+        check(f"payload NOTES: {what}", f"Kata release installed on the nodes: {want_payload} " in notes, notes[:500])
+    # Our own stage image's payload directory (air-gapped bundles, tests): no copy, no release image.
+    objs = render({"payload": {"image": {"reference": ""}}})
+    pod = templates(objs)[0]["spec"]["template"]["spec"]
+    check("payload.image.reference='': the stage image's own /opt/kata-payload, no copy-stage, no emptyDir",
+          [c["name"] for c in pod["initContainers"]] == ["host-check", "claim", "artifacts", "cri", "prune-artifacts"]
+          and all(c["image"] == "quay.io/kata-containers/kata-deploy-stage:0.1.0" and "--payload" not in c["args"] for c in pod["initContainers"])
+          and not any(v["name"] == "kata-stage" for v in pod["volumes"]), pod["initContainers"])
+    check("payload.image.reference='': NOTES say the stage image's payload is installed",
+          "the payload directory of the stage image quay.io/kata-containers/kata-deploy-stage:0.1.0" in notes_of({"payload": {"image": {"reference": ""}}}))
+    objs = render({"image": {"reference": "registry.example.com/kata-deploy-stage", "tag": "t1"}})
+    check("our stage image under image.* stays the stage image; the release is payload.image's",
+          payload_images(objs)["copy-stage"] == "registry.example.com/kata-deploy-stage:t1" and payload_images(objs)["artifacts"] == f"{rel}:4.1.0",
+          payload_images(objs))
+    for bad in ["sha256:abc", "md5:" + "a" * 64, "ab" * 32]:
+        err = render_err({"payload": {"image": {"digest": bad}}})
+        check(f"schema refuses payload.image.digest={bad[:12]}...", "digest" in err, err)
+    # A changed release re-runs every node: it is part of the per-node Job template.
+    a = templates(render({}))[2]["data"]["install-job.yaml"]
+    b = templates(render({"payload": {"image": {"tag": "4.1.1"}}}))[2]["data"]["install-job.yaml"]
+    check("a new payload.image changes the per-node Job template (the dispatcher re-runs every node)", a != b)
+guarded("the Kata release image is the payload", t_payload)
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -106,17 +106,41 @@ over an upstream release is checked against what that release recorded).
 {{- printf "%s-kata-deploy-state" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Upstream's images: they do not contain this chart's binaries. */}}
+{{/* Upstream's images. Its kata-deploy image is the Kata release (this chart's payload); its
+dispatcher does not contain this chart's binary. */}}
 {{- define "kata-deploy.upstreamStageImage" -}}quay.io/kata-containers/kata-deploy{{- end -}}
 {{- define "kata-deploy.upstreamDispatcherImage" -}}ghcr.io/kata-containers/k8s-job-dispatcher{{- end -}}
 
-{{/* Images. Upstream's own references are read as this chart's defaults (validate.yaml refuses a tagged one). */}}
-{{- define "kata-deploy.stageImage" -}}
-{{- $ref := .Values.image.reference -}}
-{{- if eq (toString $ref) (include "kata-deploy.upstreamStageImage" .) -}}
-{{- $ref = (include "kata-deploy.defaults" . | fromYaml).image.reference -}}
+{{/* Whether image.reference names a Kata release image (upstream's values): its last path part is kata-deploy. */}}
+{{- define "kata-deploy.imageIsRelease" -}}
+{{- include "kata-deploy.bool" (eq (regexReplaceAll ":[^:/]*$" (toString .Values.image.reference) "" | splitList "/" | last) "kata-deploy") -}}
 {{- end -}}
-{{- printf "%s:%s" $ref (.Values.image.tag | default .Chart.AppVersion) -}}
+
+{{/* Images. A release image named by image.* (upstream's values) is the payload; the stage image is then this chart's default. */}}
+{{- define "kata-deploy.stageImage" -}}
+{{- if eq (include "kata-deploy.imageIsRelease" .) "true" -}}
+{{- printf "%s:%s" (include "kata-deploy.defaults" . | fromYaml).image.reference .Chart.AppVersion -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.reference (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Kata release image the host-check / artifacts / prune-artifacts containers run in ("" when
+the stage image's own /opt/kata-payload is installed): payload.image, or upstream's
+image.reference / image.tag when they name a release image. A digest wins over the tag.
+*/}}
+{{- define "kata-deploy.payloadImage" -}}
+{{- $p := .Values.payload.image -}}
+{{- $ref := toString ($p.reference | default "") -}}
+{{- $tag := toString ($p.tag | default "") -}}
+{{- if eq (include "kata-deploy.imageIsRelease" .) "true" -}}
+{{- $ref = toString .Values.image.reference -}}
+{{- $tag = toString (.Values.image.tag | default $tag) -}}
+{{- end -}}
+{{- if $ref -}}
+{{- if $p.digest -}}{{- printf "%s@%s" $ref $p.digest -}}{{- else -}}{{- printf "%s:%s" $ref $tag -}}{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- define "kata-deploy.dispatcherImage" -}}
 {{- $img := .Values.job.dispatcherImage -}}
@@ -554,7 +578,8 @@ shims: []
 {{- end -}}
 
 {{/*
-Pod-level settings shared by both per-node Job templates. Params: dict "root" "tolerations".
+Pod-level settings shared by both per-node Job templates. Params: dict "root" "tolerations"
+"payload" (the install Job: the kata-stage emptyDir when the payload is a release image).
 No ServiceAccount token is mounted by default: only the containers that change the Node get
 the projected, pod-bound token volume below (stageContainer "api": true).
 */}}
@@ -583,6 +608,12 @@ volumes:
   - name: stage-config
     configMap:
       name: {{ include "kata-deploy.stageConfigName" .root }}
+{{- if and .payload (include "kata-deploy.payloadImage" .root) }}
+  # The stage binary, copied by copy-stage, run by the containers in the release image.
+  - name: kata-stage
+    emptyDir:
+      sizeLimit: 64Mi
+{{- end }}
   - name: host-root
     hostPath:
       path: /
@@ -623,17 +654,29 @@ annotations:
 {{- end -}}
 
 {{/*
-One per-node stage container. Params: dict "root" "name" "stage" "access" "api".
+One per-node stage container. Params: dict "root" "name" "stage" "access" "api" "payload".
+payload: the stage reads the payload (host-check, artifacts, prune-artifacts): with a release
+image (payload.image) it runs in that image, from the kata-stage emptyDir.
 api: mount the projected ServiceAccount token (only the stages that change the Node).
 access: none (API only, non-root), read (host root read-only), write (host root read-write, root),
 privileged (host root read-write, privileged: restarts the CRI).
 */}}
 {{- define "kata-deploy.stageContainer" -}}
 {{- $v := .root.Values -}}
+{{- $release := and .payload (include "kata-deploy.payloadImage" .root) -}}
 - name: {{ .name }}
+  {{- if $release }}
+  # Our static stage binary (copied by copy-stage) run inside the Kata release image, where the
+  # payload is (/opt/kata-artifacts); the image itself has no shell and is used unchanged.
+  image: {{ include "kata-deploy.payloadImage" .root }}
+  imagePullPolicy: {{ $v.imagePullPolicy }}
+  command: ["/kata-stage/kata-deploy-stage"]
+  args: ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", "--payload", "/opt/kata-artifacts", {{ .stage | quote }}]
+  {{- else }}
   image: {{ include "kata-deploy.stageImage" .root }}
   imagePullPolicy: {{ $v.imagePullPolicy }}
   args: ["--config", "/etc/kata-deploy/config.yaml", "--host-root", "/host", {{ .stage | quote }}]
+  {{- end }}
   env:
     # The claim / unclaim containers mark the node: the host stages make no API call.
     - name: KATA_STAGE_CLAIMS
@@ -646,6 +689,11 @@ privileged (host root read-write, privileged: restarts the CRI).
     - name: stage-config
       mountPath: /etc/kata-deploy
       readOnly: true
+  {{- if $release }}
+    - name: kata-stage
+      mountPath: /kata-stage
+      readOnly: true
+  {{- end }}
   {{- if .api }}
     - name: api-access
       mountPath: /var/run/secrets/kubernetes.io/serviceaccount
@@ -712,6 +760,36 @@ privileged (host root read-write, privileged: restarts the CRI).
     privileged: true
     readOnlyRootFilesystem: true
   {{- end }}
+{{- end -}}
+
+{{/*
+The install Job's first init container when the payload is a release image: the stage binary
+copies itself into the kata-stage emptyDir (no shell needed). Non-root, no host, no token.
+*/}}
+{{- define "kata-deploy.copyStageContainer" -}}
+{{- $v := .Values -}}
+- name: copy-stage
+  image: {{ include "kata-deploy.stageImage" . }}
+  imagePullPolicy: {{ $v.imagePullPolicy }}
+  args: ["copy-self", "--copy-to", "/kata-stage/kata-deploy-stage"]
+  {{- with ($v.resources | default $v.job.nodeJobs.resources) }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: kata-stage
+      mountPath: /kata-stage
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65532
+    runAsGroup: 65532
+    privileged: false
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+    seccompProfile:
+      type: RuntimeDefault
 {{- end -}}
 
 {{/*
@@ -937,9 +1015,6 @@ The upstream keys that are set but have no effect in this chart, with the reason
 {{- end -}}
 {{- if gt (len (keys (index $v "node-feature-discovery" | default dict))) 1 -}}
 {{- $out = append $out "node-feature-discovery.* (subchart values): this chart does not deploy NFD" -}}
-{{- end -}}
-{{- if and (eq (toString $v.image.reference) (include "kata-deploy.upstreamStageImage" .)) (not $v.image.tag) -}}
-{{- $out = append $out (printf "image.reference=%s (upstream's image): read as this chart's stage image %s" $v.image.reference (include "kata-deploy.stageImage" .)) -}}
 {{- end -}}
 {{- if eq (toString $v.job.dispatcherImage.reference) (include "kata-deploy.upstreamDispatcherImage" .) -}}
 {{- $out = append $out (printf "job.dispatcherImage=%s (upstream's dispatcher): read as this chart's dispatcher %s" $v.job.dispatcherImage.reference (include "kata-deploy.dispatcherImage" .)) -}}
