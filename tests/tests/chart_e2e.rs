@@ -72,6 +72,17 @@ impl Bed {
         if !status.success() {
             bail!("hack/make-test-payload.sh failed");
         }
+        // The chart's default payload is the Kata release image: its layout, at the path the
+        // release-image containers read (they run the stage binary copy-stage put in an emptyDir).
+        let release = scratch.path().join("release");
+        let status = std::process::Command::new("timeout")
+            .args(["120", "bash"])
+            .arg(repo_root().join("hack/make-release-payload.sh"))
+            .arg(&release)
+            .status()?;
+        if !status.success() {
+            bail!("hack/make-release-payload.sh failed");
+        }
         let group: BTreeMap<String, String> = [("kata-test/group".to_string(), ns.clone())].into();
         let local = cluster
             .local_nodes(&format!("{ns}-l"), n, &hosts, &ns, &group)
@@ -86,6 +97,8 @@ impl Bed {
         ]);
         config.binds = vec![
             parse_bind(&format!("{}=/opt/kata-payload:ro", payload.display()))
+                .map_err(anyhow::Error::msg)?,
+            parse_bind(&format!("{}=/opt/kata-artifacts:ro", release.display()))
                 .map_err(anyhow::Error::msg)?,
         ];
         config.node_selector = format!("{LOCAL_LABEL}={ns}");
