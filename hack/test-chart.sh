@@ -104,7 +104,7 @@ def flag_values(args, flag):
 
 
 def templates(objs):
-    cm = [o for o in find(objs, "ConfigMap") if "install-job.yaml" in o["data"]]
+    cm = [o for o in find(objs, "ConfigMap") if "install-job.yaml" in o.get("data", {})]
     assert len(cm) == 1, f"expected one job-templates ConfigMap, found {len(cm)}"
     return yaml.safe_load(cm[0]["data"]["install-job.yaml"]), yaml.safe_load(cm[0]["data"]["cleanup-job.yaml"]), cm[0]
 
@@ -226,7 +226,7 @@ def t_default():
     check("install dispatcher: default selector excludes control-plane nodes",
           flag_values(args_of(inst), "--selector") == ["!node-role.kubernetes.io/control-plane"] and "--nodes" not in args_of(inst), args_of(inst))
     check("cleanup dispatcher: default selector is kata-runtime OR claimed (two --selector = union)",
-          flag_values(args_of(clean), "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], args_of(clean))
+          flag_values(args_of(clean), "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed", "katacontainers.io/kata-deploy-state"], args_of(clean))
 
     # RBAC: exact verbs.
     def rules_of(kind, name):
@@ -235,9 +235,10 @@ def t_default():
     check("RBAC: dispatcher ClusterRole = nodes list/watch + patch (its install record annotation) only",
           rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher") == [(("",), ("nodes",), ("list", "patch", "watch"), ())],
           rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher"))
-    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete + pods list/watch (leftover pods, failure messages) in the namespace only",
+    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete + pods list/watch (leftover pods, failure messages) + patch of the rollout summary ConfigMap only, in the namespace only",
           rules_of("Role", "kata-deploy-dispatcher") == [(("batch",), ("jobs",), ("create", "delete", "get", "list", "watch"), ()),
-                                                          (("",), ("pods",), ("list", "watch"), ())]
+                                                          (("",), ("pods",), ("list", "watch"), ()),
+                                                          (("",), ("configmaps",), ("patch",), ("kata-deploy-rollout",))]
           and one(objs, "Role", "kata-deploy-dispatcher")["metadata"]["namespace"] == "kata-system",
           rules_of("Role", "kata-deploy-dispatcher"))
     check("RBAC: node ClusterRole = nodes get/patch only",
@@ -434,7 +435,7 @@ def t_selectors():
     check("cleanup selector: cleanup.nodes", flag_values(a, "--nodes") == ["worker-1"] and "--selector" not in a, a)
     a = args_of(dispatcher(render({"job": {"nodes": ["w1"], "nodeSelector": {"x": "y"}}}), "cleanup"))
     check("cleanup selector: independent of the install selection (still the union)",
-          flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], a)
+          flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed", "katacontainers.io/kata-deploy-state"], a)
     objs = render({"job": {"settle": "30s", "parallelism": 3, "logFormat": "json"}})
     a = args_of(dispatcher(objs, "install"))
     check("install dispatcher: --settle/--parallelism/--log-format from values",
@@ -610,8 +611,8 @@ def t_values():
     cfg, _ = stage_config(objs)
     check("multiInstallSuffix/debug: in the stage config", cfg["multiInstallSuffix"] == "cicd" and cfg["debug"] is True, cfg)
     a = args_of(dispatcher(objs, "cleanup"))
-    check("multiInstallSuffix: cleanup default = kata-runtime OR this install's claimed-<suffix> marker",
-          flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed-cicd"], a)
+    check("multiInstallSuffix: cleanup default = kata-runtime OR this install's claimed-<suffix> marker OR its state-<suffix> label",
+          flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed-cicd", "katacontainers.io/kata-deploy-state-cicd"], a)
 
     check("multiInstallSuffix: RuntimeClasses select this install's own marker",
           all(r["scheduling"]["nodeSelector"].get("katacontainers.io/kata-deploy-installed-cicd") == "true"
@@ -1076,7 +1077,7 @@ def t_upstream():
               and "--reinstall-all" not in ia, (ij.get("tolerations"), ia))
         a = args_of(dispatcher(objs, "cleanup"))
         check(f"reuse {ver}: upstream's cleanup default (kata-runtime Exists) also takes the claimed marker",
-              flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed"], a)
+              flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed", "katacontainers.io/kata-deploy-state"], a)
         notes = notes_of(chart=chart)
         for k in ["updateStrategy", "health", "kubectlImage", "monitor.*", "verification.daemonsetTimeout",
                   "shims.fc.containerd.snapshotter=devmapper"]:
@@ -1356,6 +1357,29 @@ def t_failure_policy():
             check(f"{role} template (Kubernetes {kube}): podReplacementPolicy Failed {'set' if replacement else 'not set (field unknown before 1.29)'}",
                   job["spec"].get("podReplacementPolicy") == ("Failed" if replacement else None), job["spec"].get("podReplacementPolicy"))
 guarded("per-node Job failure policy", t_failure_policy)
+
+# ------------------------------------- rollout controls (issue 23): node state label and summary
+def t_visibility():
+    for suffix, key in [("", "katacontainers.io/kata-deploy-state"), ("blue", "katacontainers.io/kata-deploy-state-blue")]:
+        objs = render({"env": {"multiInstallSuffix": suffix}, "job": {"nodeSelector": {"pool": "kata"}}})
+        for role in ["install", "retire", "cleanup"]:
+            a = args_of(dispatcher(objs, role))
+            check(f"{role} dispatcher{' (suffix ' + suffix + ')' if suffix else ''}: --state-label {key}, summary under key {role} of kata-deploy-rollout",
+                  flag_values(a, "--state-label") == [key] and flag_values(a, "--summary-configmap") == ["kata-deploy-rollout"]
+                  and flag_values(a, "--summary-key") == [role], a)
+        cm = one(objs, "ConfigMap", "kata-deploy-rollout")
+        check("rollout ConfigMap: a regular resource with no data (helm never resets what the dispatchers wrote)",
+              "data" not in cm and "helm.sh/hook" not in cm["metadata"].get("annotations", {}), cm)
+        vap = find(render({"env": {"multiInstallSuffix": suffix}}, api_vap=True), "ValidatingAdmissionPolicy")
+        rec = [p for p in vap if p["metadata"]["name"].endswith("-record-scope")][0]
+        var = {v["name"]: v["expression"] for v in rec["spec"]["variables"]}
+        check(f"record-scope policy: the dispatcher may set only {key}, to pending or failed",
+              var.get("state") == json.dumps(key) and any("['pending', 'failed']" in v["expression"] for v in rec["spec"]["validations"]), var)
+        notes = notes_of({"env": {"multiInstallSuffix": suffix}})
+        check(f"NOTES print the node state and summary commands{' (suffix ' + suffix + ')' if suffix else ''}",
+              f"kubectl get nodes -L {key}" in notes
+              and "kubectl -n kata-system get configmap kata-deploy-rollout -o jsonpath='{.data.install}'" in notes, notes)
+guarded("node state label and rollout summary", t_visibility)
 
 # ------------------------------------- the Kata release image is the payload (issue 22)
 def t_payload():

@@ -163,6 +163,23 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_REMOVE_ON_SUCCESS", value_delimiter = ',')]
     pub remove_on_success: Vec<String>,
 
+    /// The per-node state label (e.g. katacontainers.io/kata-deploy-state): set to `pending`
+    /// right before a node's Job is created and to `failed` when the node fails; the per-node
+    /// stages write `installing`, `installed` and `cleaning` themselves. Without it no state is
+    /// written.
+    #[arg(long, env = "DISPATCHER_STATE_LABEL")]
+    pub state_label: Option<String>,
+
+    /// A ConfigMap in the namespace whose key --summary-key receives the rollout summary (counts,
+    /// ETA, canary, failed nodes with their reasons) at the start, on every progress line that
+    /// changed it and at the end: `kubectl get configmap NAME -o jsonpath='{.data.KEY}'`.
+    #[arg(long, env = "DISPATCHER_SUMMARY_CONFIGMAP")]
+    pub summary_configmap: Option<String>,
+
+    /// The key of --summary-configmap this run writes (one per dispatcher role).
+    #[arg(long, env = "DISPATCHER_SUMMARY_KEY", default_value = "summary", value_parser = parse_configmap_key)]
+    pub summary_key: String,
+
     /// Log format.
     #[arg(long, env = "DISPATCHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -206,6 +223,21 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         _ => Err(format!(
             "invalid label {s:?}: use KEY=VALUE, e.g. katacontainers.io/kata-runtime=true"
         )),
+    }
+}
+
+/// A ConfigMap data key: alphanumerics, '-', '_' or '.', at most 253 characters.
+pub fn parse_configmap_key(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "invalid ConfigMap key {s:?}: use letters, digits, '-', '_' or '.', e.g. install"
+        ))
     }
 }
 
@@ -293,6 +325,22 @@ mod tests {
         let e = Args::try_parse_from(["d", "--template", "t", "--installed-label", "no-value"])
             .unwrap_err();
         assert!(e.to_string().contains("KEY=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn the_summary_key_is_a_configmap_key() {
+        let a = Args::try_parse_from(["d", "--template", "t"]).unwrap();
+        assert_eq!(a.summary_key, "summary");
+        let a = Args::try_parse_from(["d", "--template", "t", "--summary-key", "install"]).unwrap();
+        assert_eq!(a.summary_key, "install");
+        for bad in ["", "a/b", "a b"] {
+            let e =
+                Args::try_parse_from(["d", "--template", "t", "--summary-key", bad]).unwrap_err();
+            assert!(
+                e.to_string().contains("invalid ConfigMap key"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

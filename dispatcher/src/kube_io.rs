@@ -5,7 +5,7 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
@@ -191,6 +191,8 @@ pub struct Right {
     pub resource: &'static str,
     /// Namespace, or the cluster.
     pub namespace: Option<String>,
+    /// One object by name (RBAC `resourceNames`), or every object.
+    pub name: Option<String>,
 }
 
 impl ClusterApi {
@@ -220,6 +222,7 @@ impl ClusterApi {
                         resource: Some(r.resource.into()),
                         group: Some(r.group.into()),
                         namespace: r.namespace.clone(),
+                        name: r.name.clone(),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -385,6 +388,50 @@ impl ClusterApi {
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Sets (or, with `None`, removes) a label on a Node, only if it still has `uid`.
+    pub async fn label_node(
+        &self,
+        node: &str,
+        uid: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({"metadata": {"uid": uid, "labels": {key: value}}});
+        let pp = PatchParams::default();
+        let patch = Patch::Merge(&patch);
+        match with_retry("label node", &self.stats, Duration::from_secs(15), || {
+            self.nodes.patch(node, &pp, &patch)
+        })
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `text` under `key` of ConfigMap `name` in the namespace (a merge patch: the other
+    /// keys, written by the other dispatcher roles, are left alone).
+    pub async fn write_summary(
+        &self,
+        name: &str,
+        key: &str,
+        text: &str,
+    ) -> Result<(), kube::Error> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = serde_json::json!({"data": {key: text}});
+        let pp = PatchParams::default();
+        let patch = Patch::Merge(&patch);
+        with_retry(
+            "write summary",
+            &self.stats,
+            Duration::from_secs(15),
+            || api.patch(name, &pp, &patch),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The Jobs and live pods carrying `selector`, in this namespace: metadata only and page by

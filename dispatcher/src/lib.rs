@@ -3,16 +3,18 @@
 //! Pure core: [`select`] (which nodes), [`admission`] (taints, DaemonSet rules), [`naming`] (Job
 //! names), [`template`] (per-node Jobs), [`lifecycle`] (the per-node state machine: dispatch,
 //! replace, adopt, finish, abandon), [`status`] (reading Jobs and Pods), [`report`] (what a
-//! person reads), [`supersede`] (stopping the superseded dispatcher). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
+//! person reads), [`summary`] (the rollout summary in a ConfigMap), [`supersede`] (stopping the superseded dispatcher). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
 
 pub mod admission;
 pub mod cli;
 pub mod kube_io;
 pub mod lifecycle;
 pub mod naming;
+pub mod progress_io;
 pub mod report;
 pub mod run;
 pub mod select;
 pub mod status;
+pub mod summary;
 pub mod supersede;
 pub mod template;

@@ -10,6 +10,7 @@ use crate::lifecycle::{
     Outcome, PodObs, Results, SkipRule, StopReason,
 };
 use crate::naming::{validate_prefix, NamingError};
+use crate::progress_io::{Visibility, VisibilityConfig};
 use crate::report;
 use crate::select::{NodeSelection, SelectorError, Targets};
 use crate::status::job_phase;
@@ -284,51 +285,38 @@ fn fatal_watch_error(e: &watcher::Error) -> Option<String> {
 
 /// The rights this run uses, for the preflight.
 pub fn rights(args: &Args, namespace: &str) -> Vec<Right> {
-    let ns = || Some(namespace.to_owned());
+    let right = |verb, group, resource, namespace: Option<&str>| Right {
+        verb,
+        group,
+        resource,
+        namespace: namespace.map(str::to_owned),
+        name: None,
+    };
+    let ns = Some(namespace);
     let mut r = vec![
-        Right {
-            verb: "list",
-            group: "",
-            resource: "nodes",
-            namespace: None,
-        },
-        Right {
-            verb: "watch",
-            group: "",
-            resource: "nodes",
-            namespace: None,
-        },
+        right("list", "", "nodes", None),
+        right("watch", "", "nodes", None),
     ];
     for verb in ["create", "get", "list", "watch", "delete"] {
-        r.push(Right {
-            verb,
-            group: "batch",
-            resource: "jobs",
-            namespace: ns(),
-        });
+        r.push(right(verb, "batch", "jobs", ns));
     }
     for verb in ["list", "watch"] {
-        r.push(Right {
-            verb,
-            group: "",
-            resource: "pods",
-            namespace: ns(),
-        });
+        r.push(right(verb, "", "pods", ns));
     }
     if args.node_events {
-        r.push(Right {
-            verb: "create",
-            group: "",
-            resource: "events",
-            namespace: Some(NODE_EVENTS_NAMESPACE.into()),
-        });
+        r.push(right("create", "", "events", Some(NODE_EVENTS_NAMESPACE)));
     }
-    if args.skip_installed || args.supersede_prefix.is_some() || args.forget_record.is_some() {
+    if args.skip_installed
+        || args.supersede_prefix.is_some()
+        || args.forget_record.is_some()
+        || args.state_label.is_some()
+    {
+        r.push(right("patch", "", "nodes", None));
+    }
+    if let Some(cm) = &args.summary_configmap {
         r.push(Right {
-            verb: "patch",
-            group: "",
-            resource: "nodes",
-            namespace: None,
+            name: Some(cm.clone()),
+            ..right("patch", "", "configmaps", ns)
         });
     }
     r
@@ -356,6 +344,7 @@ struct Shell {
     record_key: Option<String>,
     forget_key: Option<String>,
     report_slots: std::sync::Arc<tokio::sync::Semaphore>,
+    vis: Visibility,
 }
 
 impl Shell {
@@ -404,7 +393,11 @@ impl Shell {
         info!(node = %node, job = %job, "creating per-node Job");
         let body = self.template.specialise(&self.run, facts, &job);
         let api = self.api.clone();
+        let (state, uid) = (self.vis.state_key(), facts.uid.clone());
         self.ops.push(Box::pin(async move {
+            // The state label says pending before the Job exists, so the stages' installing
+            // (written by its claim container) always comes after it.
+            Visibility::mark_pending(&api, state.as_deref(), &node, &uid).await;
             let result = match api.create_job(&body).await {
                 Ok(uid) => Created::Ok(uid),
                 Err(kube::Error::Api(s)) if s.code == 409 => Created::Conflict,
@@ -486,6 +479,9 @@ impl Shell {
             warn!(node = %r.node, job = %r.job, took = ?r.took, result = o.word(), reason = o.reason(), "node failed")
         }
         let succeeded = matches!(o, Outcome::Succeeded);
+        let failed_state = (self.vis.on_result(&r.node, o, r.took) && !r.node_uid.is_empty())
+            .then(|| self.vis.state_key())
+            .flatten();
         let record = succeeded.then(|| self.record_key.clone()).flatten();
         let forget = succeeded.then(|| self.forget_key.clone()).flatten();
         // An Event for what happened on (or was refused for) the node; none for a node that is
@@ -494,7 +490,7 @@ impl Shell {
             && !matches!(o, Outcome::Removed(_) | Outcome::AlreadyInstalled)
             && !r.node_uid.is_empty())
         .then(|| node_event(&self.run.prefix, self.template.hash(), &r.job, o));
-        if event.is_none() && record.is_none() && forget.is_none() {
+        if event.is_none() && record.is_none() && forget.is_none() && failed_state.is_none() {
             return;
         }
         let (api, limit) = (self.api.clone(), self.report_slots.clone());
@@ -511,6 +507,9 @@ impl Shell {
                 if let Err(e) = api.annotate_node(node, uid, &key, None).await {
                     warn!(node = %node, error = %e, "could not remove the install record from the Node");
                 }
+            }
+            if failed_state.is_some() {
+                Visibility::mark_failed(&api, failed_state.as_deref(), node, uid).await;
             }
             if let Some((reason, message)) = event {
                 let warning = !r.outcome.is_ok();
@@ -677,7 +676,7 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
         return Ok(early);
     }
     d.rollout(deadline, args.progress_interval).await;
-    let summary = d.summary();
+    let summary = d.summary().await;
     Ok(remove_after_success(&api, &args.remove_on_success, summary).await)
 }
 
@@ -885,6 +884,20 @@ impl Driver {
                 .or(args.supersede_prefix.as_deref())
                 .map(installed_annotation),
             report_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(16)),
+            vis: Visibility::new(
+                p.api.clone(),
+                VisibilityConfig {
+                    state_label: args.state_label.clone().filter(|_| !args.dry_run),
+                    summary: args
+                        .summary_configmap
+                        .clone()
+                        .filter(|_| !args.dry_run)
+                        .map(|cm| (cm, args.summary_key.clone())),
+                    prefix: p.run.prefix.clone(),
+                    run: p.run.run_id.clone(),
+                    parallelism: args.parallelism as usize,
+                },
+            ),
             run: p.run,
         };
         Self {
@@ -1006,6 +1019,7 @@ impl Driver {
             "rollout planned"
         );
         self.feed(Input::DiscoveryDone);
+        self.write_summary();
         Ok(None)
     }
 
@@ -1065,7 +1079,7 @@ impl Driver {
             Some(ev) = w.pods.next() => ev.map_or_else(|e| watch_error("pods", e), |ev| Some(pod_input(ev))),
             Some(ev) = w.nodes.next() => ev.map_or_else(|e| watch_error("nodes", e), |ev| Some(node_input(&self.tr, ev))),
             _ = tokio::time::sleep_until(next_timer) => Some(Input::Tick),
-            _ = progress.tick() => { info!("{}", report::progress_line(&self.lc.progress(), started.elapsed())); None }
+            _ = progress.tick() => { info!("{}", report::progress_line(&self.lc.progress(), started.elapsed())); self.write_summary(); None }
             _ = tokio::time::sleep_until(deadline) => { warn!("run deadline reached; stopping"); return Turn::Stop(StopReason::Deadline) }
             _ = tokio::signal::ctrl_c() => { warn!("interrupted; stopping"); return Turn::Stop(StopReason::Interrupted) }
             _ = self.sigterm.recv() => { warn!("SIGTERM; stopping"); return Turn::Stop(StopReason::Interrupted) }
@@ -1073,12 +1087,28 @@ impl Driver {
         Turn::Input(input)
     }
 
-    /// The per-node results.
-    fn summary(self) -> Summary {
+    /// Writes the rollout summary when it changed (in the background, one write at a time).
+    fn write_summary(&mut self) {
+        if let Some(text) = self.shell.vis.running_text(&self.lc.progress(), None) {
+            let write = self.shell.vis.write(text);
+            self.shell.ops.push(Box::pin(async move {
+                write.await;
+                None
+            }));
+        }
+    }
+
+    /// The per-node results, once the final summary is written.
+    async fn summary(self) -> Summary {
         let stopped = self.lc.stopped().map(ToString::to_string);
+        let mut vis = self.shell.vis.clone();
+        let results = self.lc.into_results();
+        if let Some(text) = vis.final_text(&results, stopped.as_deref(), None) {
+            vis.write(text).await;
+        }
         Summary {
             retries: self.shell.api.stats.count(),
-            results: self.lc.into_results(),
+            results,
             stopped,
         }
     }

@@ -602,6 +602,13 @@ impl Install {
         format!("katacontainers.io/{}", self.suffixed("kata-deploy-claimed"))
     }
 
+    /// Per-install state label (`kubectl get nodes -L <key>`): `installing` (claim), `installed`
+    /// (label), `cleaning` (unlabel), gone after unclaim; the dispatcher writes `pending` before
+    /// it creates a node's Job and `failed` when the Job failed.
+    pub fn state_label(&self) -> String {
+        format!("katacontainers.io/{}", self.suffixed("kata-deploy-state"))
+    }
+
     /// Per-install marker label (tells whether another install still serves the node).
     pub fn marker_label(&self) -> String {
         format!(

@@ -48,12 +48,33 @@ pub fn build_label_patch(
     (ops.len() > 1).then_some(Value::Array(ops))
 }
 
-/// Labels the install sets once its handlers are served.
+/// Values of the per-install state label ([`Install::state_label`]) the stages write.
+pub const STATE_INSTALLING: &str = "installing";
+/// The install's last stage labelled the node.
+pub const STATE_INSTALLED: &str = "installed";
+/// The uninstall's first stage removed the labels; the host is being cleaned.
+pub const STATE_CLEANING: &str = "cleaning";
+
+/// Labels the install sets once its handlers are served (the state label says `installed`).
 pub fn install_labels(install: &Install) -> Vec<(String, String)> {
     vec![
         (RUNTIME_LABEL.to_string(), "true".to_string()),
         (install.marker_label(), "true".to_string()),
+        (install.state_label(), STATE_INSTALLED.to_string()),
     ]
+}
+
+/// Labels the claim sets before the first host change (the state label says `installing`).
+pub fn claim_labels(install: &Install) -> Vec<(String, String)> {
+    vec![
+        (install.claimed_label(), "true".to_string()),
+        (install.state_label(), STATE_INSTALLING.to_string()),
+    ]
+}
+
+/// Labels unclaim removes once nothing of this install is left on the host.
+pub fn unclaim_removals(install: &Install) -> Vec<String> {
+    vec![install.claimed_label(), install.state_label()]
 }
 
 /// Labels unlabel removes: our marker, and the shared runtime label only when no other
@@ -68,6 +89,29 @@ pub fn uninstall_removals(install: &Install, labels: &BTreeMap<String, String>) 
         v.push(RUNTIME_LABEL.to_string());
     }
     v
+}
+
+/// What to set and what to remove, from the labels read.
+pub type LabelEdit<'a> =
+    dyn Fn(&BTreeMap<String, String>) -> (Vec<(String, String)>, Vec<String>) + 'a;
+
+/// unlabel: the removals of [`uninstall_removals`], and state `cleaning` when anything of this
+/// install is on the node (a node that never had it stays untouched: no API write).
+pub fn unlabel_edit(
+    install: &Install,
+    labels: &BTreeMap<String, String>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let ours = [
+        install.claimed_label(),
+        install.marker_label(),
+        install.state_label(),
+    ];
+    let set = if ours.iter().any(|k| labels.contains_key(k)) {
+        vec![(install.state_label(), STATE_CLEANING.to_string())]
+    } else {
+        vec![]
+    };
+    (set, uninstall_removals(install, labels))
 }
 
 /// A kube client bound to one node.
@@ -156,12 +200,18 @@ impl NodeLabeler {
         set: &[(String, String)],
         remove_fn: &dyn Fn(&BTreeMap<String, String>) -> Vec<String>,
     ) -> Result<bool> {
+        self.change_with(&|labels| (set.to_vec(), remove_fn(labels)))
+            .await
+    }
+
+    /// [`Self::change`] where what is set also depends on the labels read.
+    pub async fn change_with(&self, edit: &LabelEdit<'_>) -> Result<bool> {
         let mut last = String::new();
         for attempt in 0..5 {
             let node = self.get_retrying().await?;
             let labels = node.metadata.labels.clone();
-            let remove = remove_fn(labels.as_ref().unwrap_or(&BTreeMap::new()));
-            let Some(patch) = build_label_patch(&self.uid, labels.as_ref(), set, &remove) else {
+            let (set, remove) = edit(labels.as_ref().unwrap_or(&BTreeMap::new()));
+            let Some(patch) = build_label_patch(&self.uid, labels.as_ref(), &set, &remove) else {
                 return Ok(false);
             };
             let patch: json_patch::Patch = serde_json::from_value(patch).expect("valid JSON patch");
@@ -192,16 +242,15 @@ impl NodeLabeler {
         ))
     }
 
-    /// Marks the node claimed by this install (before the first host change).
+    /// Marks the node claimed by this install (before the first host change), state `installing`.
     pub async fn claim(&self, install: &Install) -> Result<bool> {
-        self.change(&[(install.claimed_label(), "true".into())], &|_| vec![])
-            .await
+        self.change(&claim_labels(install), &|_| vec![]).await
     }
 
-    /// Drops the claim (after the last host cleanup).
+    /// Drops the claim and the state label (after the last host cleanup).
     pub async fn unclaim(&self, install: &Install) -> Result<bool> {
-        let k = install.claimed_label();
-        self.change(&[], &move |_| vec![k.clone()]).await
+        let keys = unclaim_removals(install);
+        self.change(&[], &move |_| keys.clone()).await
     }
 
     /// Waits (bounded) until the node is Ready and, when it reports runtime handlers at all,
@@ -260,10 +309,10 @@ impl NodeLabeler {
         Ok(())
     }
 
-    /// Removes our marker and, when no other install serves the node, the shared runtime label.
+    /// Removes our marker and, when no other install serves the node, the shared runtime label;
+    /// the state label says `cleaning` until unclaim removes it.
     pub async fn unlabel(&self, install: &Install) -> Result<bool> {
-        let i = install.clone();
-        self.change(&[], &move |labels| uninstall_removals(&i, labels))
+        self.change_with(&|labels| unlabel_edit(install, labels))
             .await
     }
 }
@@ -289,6 +338,7 @@ mod tests {
                 {"op": "test", "path": "/metadata/uid", "value": "uid-1"},
                 {"op": "add", "path": "/metadata/labels/katacontainers.io~1kata-runtime", "value": "true"},
                 {"op": "add", "path": "/metadata/labels/katacontainers.io~1kata-deploy-installed", "value": "true"},
+                {"op": "add", "path": "/metadata/labels/katacontainers.io~1kata-deploy-state", "value": "installed"},
             ])
         );
         // Parses as a JSON patch kube can send.
@@ -301,6 +351,7 @@ mod tests {
         let cur = labels(&[
             ("katacontainers.io/kata-runtime", "true"),
             ("katacontainers.io/kata-deploy-installed", "true"),
+            ("katacontainers.io/kata-deploy-state", "installed"),
         ]);
         assert!(build_label_patch("u", Some(&cur), &install_labels(&install), &[]).is_none());
         let p = build_label_patch("u", None, &install_labels(&install), &[]).unwrap();
@@ -344,9 +395,52 @@ mod tests {
     }
 
     #[test]
+    fn the_state_label_follows_claim_label_unlabel_unclaim_per_install() {
+        let a = Install::new("cicd", "/opt/kata");
+        let key = "katacontainers.io/kata-deploy-state-cicd";
+        let value =
+            |set: &[(String, String)]| set.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        assert_eq!(value(&claim_labels(&a)).as_deref(), Some("installing"));
+        assert_eq!(value(&install_labels(&a)).as_deref(), Some("installed"));
+        // unclaim removes the claim and the state, nothing else.
+        let claimed = labels(&[
+            ("katacontainers.io/kata-deploy-claimed-cicd", "true"),
+            (key, "cleaning"),
+            ("katacontainers.io/kata-deploy-state", "installed"),
+        ]);
+        let p = build_label_patch("u", Some(&claimed), &[], &unclaim_removals(&a)).unwrap();
+        let removed: Vec<&str> = p
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|op| op["op"] == "remove")
+            .map(|op| op["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            removed,
+            [
+                "/metadata/labels/katacontainers.io~1kata-deploy-claimed-cicd",
+                "/metadata/labels/katacontainers.io~1kata-deploy-state-cicd"
+            ]
+        );
+    }
+
+    #[test]
     fn unlabel_on_clean_node_is_a_noop() {
         let a = Install::new("", "/opt/kata");
         let none = BTreeMap::new();
         assert!(build_label_patch("u", Some(&none), &[], &uninstall_removals(&a, &none)).is_none());
+        let (set, remove) = unlabel_edit(&a, &none);
+        assert!(build_label_patch("u", Some(&none), &set, &remove).is_none());
+        // A claimed node (an install that died half-way) says cleaning while it is cleaned.
+        let claimed = labels(&[("katacontainers.io/kata-deploy-claimed", "true")]);
+        let (set, _) = unlabel_edit(&a, &claimed);
+        assert_eq!(
+            set,
+            [(
+                "katacontainers.io/kata-deploy-state".to_string(),
+                "cleaning".to_string()
+            )]
+        );
     }
 }

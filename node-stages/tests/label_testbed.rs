@@ -126,14 +126,28 @@ async fn label_lifecycle_against_a_real_api_server() {
     la.unclaim(&a).await.unwrap();
     let l = labels(&api, &name).await;
     assert_eq!(
+        l.get("katacontainers.io/kata-deploy-state-cicd")
+            .map(String::as_str),
+        Some("installed"),
+        "the second install's state: {l:?}"
+    );
+    assert_eq!(
         ours(&l),
         [
             "katacontainers.io/kata-deploy-claimed-cicd",
             "katacontainers.io/kata-deploy-installed-cicd",
+            "katacontainers.io/kata-deploy-state-cicd",
             "katacontainers.io/kata-runtime"
         ]
     );
     lb.unlabel(&b).await.unwrap();
+    assert_eq!(
+        labels(&api, &name)
+            .await
+            .get("katacontainers.io/kata-deploy-state-cicd")
+            .map(String::as_str),
+        Some("cleaning")
+    );
     lb.unclaim(&b).await.unwrap();
     assert!(ours(&labels(&api, &name).await).is_empty());
     // Unlabel on a clean node: no-op.

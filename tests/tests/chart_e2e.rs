@@ -1248,3 +1248,164 @@ async fn an_evicted_per_node_pod_is_replaced_without_spending_a_retry() -> Resul
     );
     Ok(())
 }
+
+const STATE_LABEL: &str = "katacontainers.io/kata-deploy-state";
+
+/// Every value the state label of each watched node took, in order (`None`: no label), as an
+/// independent watcher of the Nodes saw them.
+#[derive(Clone, Default)]
+struct StateRecorder(std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<Option<String>>>>>);
+
+impl StateRecorder {
+    fn start(nodes: Api<Node>, selector: &str) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::{watcher, WatchStreamExt};
+        let me = Self::default();
+        let seen = me.0.clone();
+        let stream = watcher::watcher(nodes, watcher::Config::default().labels(selector))
+            .default_backoff()
+            .applied_objects();
+        tokio::spawn(async move {
+            let mut stream = Box::pin(stream);
+            while let Some(Ok(node)) = stream.next().await {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                let value = labels_of(&node).get(STATE_LABEL).cloned();
+                let mut s = seen.lock().expect("recorder lock");
+                let v = s.entry(name).or_default();
+                if v.last() != Some(&value) {
+                    v.push(value);
+                }
+            }
+        });
+        me
+    }
+
+    /// The values seen for `node`, `-` for no label.
+    fn of(&self, node: &str) -> Vec<String> {
+        let s = self.0.lock().expect("recorder lock");
+        s.get(node)
+            .into_iter()
+            .flatten()
+            .map(|v| v.clone().unwrap_or_else(|| "-".into()))
+            .collect()
+    }
+}
+
+/// `data[key]` of the release's rollout summary ConfigMap, parsed.
+async fn rollout_summary(cluster: &TestCluster, ns: &str, key: &str) -> Result<serde_yaml::Value> {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(cluster.client.clone(), ns);
+    let cm = cms.get("kata-deploy-rollout").await?;
+    let text = cm
+        .data
+        .unwrap_or_default()
+        .get(key)
+        .cloned()
+        .with_context(|| format!("no {key} summary in the rollout ConfigMap"))?;
+    Ok(serde_yaml::from_str(&text)?)
+}
+
+/// The node state label and the rollout summary on the real API server, with the real stages on
+/// local nodes: each node goes pending → installing → installed, a node whose host-check fails
+/// goes pending → failed and the summary names it with the reason after the dispatcher's pod and
+/// Job are gone; uninstall goes cleaning → no label on every node it cleans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_state_and_rollout_summary_follow_install_failure_and_uninstall() -> Result<()> {
+    let bed = Bed::start("state", 2).await?;
+    let (cluster, ns, local) = (&bed.cluster, bed.ns.as_str(), &bed.local);
+    let chart = repo_root().join("chart/kata-deploy");
+    let chart = chart.to_str().expect("utf-8");
+    let scope = bed.scope();
+    let mut args = vec!["install", "kata-deploy", chart];
+    args.extend(scope.iter().map(String::as_str));
+    args.extend([
+        "--set",
+        "shims.disableAll=true",
+        "--set",
+        "shims.qemu.enabled=true",
+        "--wait",
+        "--timeout",
+        "3m",
+    ]);
+    let recorder = StateRecorder::start(bed.nodes.clone(), &format!("kata-test/group={ns}"));
+    std::fs::remove_file(bed.hosts.join(&local[1]).join("dev/kvm"))?;
+    let (ok, out) = cluster.run_helm(&args).await?;
+    assert!(
+        !ok,
+        "the install must fail on the node without /dev/kvm: {out}"
+    );
+    assert_eq!(
+        recorder.of(&local[0]),
+        ["-", "pending", "installing", "installed"],
+        "the healthy node"
+    );
+    assert_eq!(
+        recorder.of(&local[1]),
+        ["-", "pending", "failed"],
+        "host-check fails before the claim"
+    );
+    // The dispatcher's Job (and its pod) gone: the summary still tells what happened and why.
+    let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
+    jobs.delete(
+        "kata-deploy-dispatch-install",
+        &kube::api::DeleteParams::foreground(),
+    )
+    .await?;
+    wait_until(
+        Duration::from_secs(60),
+        "the install dispatcher gone",
+        || async {
+            Ok(jobs
+                .get_opt("kata-deploy-dispatch-install")
+                .await?
+                .is_none())
+        },
+    )
+    .await?;
+    let s = rollout_summary(cluster, ns, "install").await?;
+    assert_eq!(s["phase"], "failed", "{s:?}");
+    assert_eq!(s["total"], 2, "{s:?}");
+    assert_eq!(s["counts"]["succeeded"], 1, "{s:?}");
+    assert_eq!(s["counts"]["failed"], 1, "{s:?}");
+    let reason = s["failedNodes"][local[1].as_str()]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("kvm"),
+        "the failed node with its reason: {s:?}"
+    );
+    assert!(s["failedNodes"].get(local[0].as_str()).is_none(), "{s:?}");
+
+    let (ok, out) = cluster
+        .run_helm(&[
+            "uninstall",
+            "kata-deploy",
+            "--namespace",
+            ns,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .await?;
+    assert!(ok, "helm uninstall failed: {out}");
+    assert_eq!(
+        recorder.of(&local[0]),
+        [
+            "-",
+            "pending",
+            "installing",
+            "installed",
+            "pending",
+            "cleaning",
+            "-"
+        ],
+        "the installed node through uninstall"
+    );
+    assert_eq!(
+        recorder.of(&local[1]),
+        ["-", "pending", "failed", "pending", "cleaning", "-"],
+        "the failed node is cleaned of its state too"
+    );
+    bed.kubelet.shutdown().await;
+    Ok(())
+}

@@ -82,6 +82,7 @@ releases in one namespace never share a prefix.
 {{- define "kata-deploy.dispatcherServiceAccount" -}}{{ include "kata-deploy.base" . }}-dispatcher{{- end -}}
 {{- define "kata-deploy.nodeServiceAccount" -}}{{ include "kata-deploy.base" . }}-node{{- end -}}
 {{- define "kata-deploy.stageConfigName" -}}{{ include "kata-deploy.base" . }}-stage-config{{- end -}}
+{{- define "kata-deploy.rolloutSummaryName" -}}{{ include "kata-deploy.base" . }}-rollout{{- end -}}
 {{- define "kata-deploy.jobTemplatesName" -}}{{ include "kata-deploy.base" . }}-job-templates{{- end -}}
 
 {{/* Common labels. */}}
@@ -347,11 +348,13 @@ before the host is touched).
 {{- if eq ($sel | toJson) (list "katacontainers.io/kata-runtime" | toJson) -}}
 {{- /* Upstream's default (kata-runtime Exists) means "every node an install touched": here that
        also takes this install's claimed marker (upstream marks with kata-runtime=false instead). */ -}}
-{{- append $sel (include "kata-deploy.claimedLabel" .) | toJson -}}
+{{- concat $sel (list (include "kata-deploy.claimedLabel" .) (include "kata-deploy.stateLabel" .)) | toJson -}}
 {{- else if $sel -}}
 {{- $sel | toJson -}}
 {{- else -}}
-{{- list "katacontainers.io/kata-runtime" (include "kata-deploy.claimedLabel" .) | toJson -}}
+{{- /* The state label too: a node whose install failed before its claim (host-check) says
+       failed; uninstall cleans it (nothing to undo) and removes that state. */ -}}
+{{- list "katacontainers.io/kata-runtime" (include "kata-deploy.claimedLabel" .) (include "kata-deploy.stateLabel" .) | toJson -}}
 {{- end -}}
 {{- end -}}
 
@@ -361,6 +364,10 @@ before the host is touched).
 {{- end -}}
 {{- define "kata-deploy.markerLabel" -}}
 {{- include "kata-deploy.suffixed" (dict "root" . "base" "katacontainers.io/kata-deploy-installed") -}}
+{{- end -}}
+{{/* Per-install node state (kubectl get nodes -L <key>): pending / failed (dispatcher), installing / installed / cleaning (stages). */}}
+{{- define "kata-deploy.stateLabel" -}}
+{{- include "kata-deploy.suffixed" (dict "root" . "base" "katacontainers.io/kata-deploy-state") -}}
 {{- end -}}
 {{- define "kata-deploy.suffixed" -}}
 {{- if .root.Values.env.multiInstallSuffix -}}{{- printf "%s-%s" .base .root.Values.env.multiInstallSuffix -}}{{- else -}}{{- .base -}}{{- end -}}
@@ -930,6 +937,15 @@ spec:
             - {{ . | quote }}
             {{- end }}
             {{- end }}
+            # What kubectl shows of the run: the node state label (pending before a node's Job is
+            # created, failed when it failed) and the summary under the role's key of the
+            # rollout ConfigMap (counts, ETA, failed nodes with their reasons).
+            - --state-label
+            - {{ include "kata-deploy.stateLabel" .root | quote }}
+            - --summary-configmap
+            - {{ include "kata-deploy.rolloutSummaryName" .root }}
+            - --summary-key
+            - {{ .role }}
             - --log-format
             - {{ $v.job.logFormat }}
           env:
