@@ -4,7 +4,9 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod helmsteps;
 pub mod hostroot;
 pub mod local_kubelet;
+pub mod probe;
 pub mod realnode;
 pub mod rollout;

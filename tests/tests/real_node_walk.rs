@@ -17,6 +17,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use kata_testbed::cluster::{repo_root, workspace_bin, TestCluster};
+use kata_testbed::probe::probe_handlers;
 use kata_testbed::realnode::{
     file_identity, real_node_lock, require_real_nodes, stopped_stage_pid, RealNode,
 };
@@ -121,6 +122,22 @@ impl Shape {
             .collect()
     }
 
+    /// Each handler with the shim binary containerd must start for it (the Go shim, or the
+    /// runtime-rs one).
+    fn shim_binaries(&self) -> Vec<(String, String)> {
+        self.handlers()
+            .into_iter()
+            .map(|h| {
+                let shim = if h.ends_with("runtime-rs") {
+                    "/opt/kata/runtime-rs/bin/containerd-shim-kata-v2"
+                } else {
+                    "/opt/kata/bin/containerd-shim-kata-v2"
+                };
+                (h, shim.to_string())
+            })
+            .collect()
+    }
+
     /// The shims whose configuration directories must exist under the prefix.
     fn shims(&self) -> BTreeSet<&'static str> {
         [
@@ -187,7 +204,11 @@ impl<'a> Walker<'a> {
         std::fs::create_dir_all(node.path("/etc/kata-deploy"))?;
         // Leftovers of other distributions (a reimaged or converted node): `cri: auto` must pick
         // the runtime systemd runs, not the first distribution whose directory exists.
-        for leftover in ["/etc/rancher/rke2", "/etc/k0s", "/var/snap/microk8s/current/args"] {
+        for leftover in [
+            "/etc/rancher/rke2",
+            "/etc/k0s",
+            "/var/snap/microk8s/current/args",
+        ] {
             std::fs::create_dir_all(node.path(leftover))?;
         }
         // The node's own containerd: a Go-proxy build under /opt/containerd/bin, else Debian's.
@@ -496,6 +517,8 @@ struct Tally {
     refusals: usize,
     slow: usize,
     reboots: usize,
+    /// Probe pods that reached our shim (one per served handler after each install step).
+    pods: usize,
 }
 
 impl Walker<'_> {
@@ -765,6 +788,19 @@ async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
         let w = &mut walkers[i];
         w.step(n, &step, &mut tally)
             .with_context(|| format!("walk seed {seed}, step {n}: {step:?} on {}", w.node.name))?;
+        // A pod of each served handler reaches our shim, through the kubelet and containerd.
+        if let Some(shape) = &w.current {
+            let t = Instant::now();
+            let probed = probe_handlers(&cluster, w.node, &shape.shim_binaries(), &n.to_string())
+                .await
+                .with_context(|| format!("walk seed {seed}, step {n}: pods on {}", w.node.name))?;
+            tally.pods += probed.len();
+            eprintln!(
+                "        {} pod(s) reached our shims in {:.1}s",
+                probed.len(),
+                t.elapsed().as_secs_f64()
+            );
+        }
         n += 1;
     }
     for w in &mut walkers {

@@ -4,14 +4,16 @@
 //! chart: the dispatcher and every stage run as real containers of our images; the cri stage
 //! restarts, through systemd over D-Bus, the containerd that runs its own pod.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kata_testbed::cluster::{repo_root, wait_until, TestCluster};
+use kata_testbed::helmsteps::{check_release, upgrade_to, ReleaseShape, NARROW_LABEL};
+use kata_testbed::probe::probe_handlers;
 use kata_testbed::realnode::{
     build_images, file_identity, leftovers, real_node_lock, require_real_nodes, RealNode,
 };
-use kube::api::{Api, ListParams, LogParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -133,6 +135,104 @@ async fn install_job_runs_if_any(
 fn container_id(pod: &Pod) -> Option<(String, i32)> {
     let cs = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
     Some((cs.container_id.clone()?, cs.restart_count))
+}
+
+/// Day-2 transitions through `helm` (the release starts at {qemu}, 4 revisions so far): debug
+/// and a custom runtime added; the selection narrowed to the 2.x node (the 1.6 node is retired)
+/// with guest pull on; guest pull off with its shim kept; shims swapped; the selection widened
+/// again; a shim dropped; `helm rollback` to the widened revision. After each: every node serves
+/// exactly its shape ([`check_release`]).
+async fn day_two_through_helm(
+    cluster: &TestCluster,
+    real: &[&RealNode],
+    chart: &str,
+) -> Result<()> {
+    let (n2, _) = (real[1], real[0]);
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    nodes
+        .patch(
+            &n2.name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {NARROW_LABEL: "true"}}})),
+        )
+        .await?;
+    let base = ReleaseShape {
+        qemu: true,
+        ..Default::default()
+    };
+    let s1 = ReleaseShape {
+        custom: true,
+        debug: true,
+        ..base
+    };
+    let s2 = ReleaseShape {
+        narrowed: true,
+        coco: true,
+        guest_pull: true,
+        ..s1
+    };
+    let s3 = ReleaseShape {
+        guest_pull: false,
+        ..s2
+    };
+    let s4 = ReleaseShape {
+        runtime_rs: true,
+        custom: false,
+        ..s3
+    };
+    let s5 = ReleaseShape {
+        narrowed: false,
+        ..s4
+    };
+    let s6 = ReleaseShape {
+        qemu: false,
+        debug: false,
+        ..s5
+    };
+    let steps = [
+        ("debug and a custom runtime added", s1),
+        ("selection narrowed, guest pull on", s2),
+        ("guest pull off, its shim kept", s3),
+        ("runtime-rs added, the custom runtime removed", s4),
+        ("selection widened", s5),
+        ("qemu removed, debug off", s6),
+    ];
+    let selected =
+        |shape: ReleaseShape| move |n: &RealNode| !shape.narrowed || n.name == real[1].name;
+    for (what, shape) in steps {
+        let t = std::time::Instant::now();
+        upgrade_to(cluster, chart, &shape).await?;
+        check_release(cluster, real, &selected(shape), &shape, what).await?;
+        eprintln!("helm step: {what} ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    // Revisions: install 1, reinstall 2, node lost 3, shim disabled 4, then 5..10 above.
+    let t = std::time::Instant::now();
+    let (ok, out) = cluster
+        .run_helm(&[
+            "rollback",
+            "kata-deploy",
+            "9",
+            "--namespace",
+            "kata-system",
+            "--wait",
+            "--timeout",
+            "5m",
+        ])
+        .await?;
+    ensure!(ok, "helm rollback to revision 9 failed: {out}");
+    check_release(
+        cluster,
+        real,
+        &selected(s5),
+        &s5,
+        "rollback to the widened revision",
+    )
+    .await?;
+    eprintln!(
+        "helm step: rollback ok in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,69 +584,36 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     })
     .await?;
 
-    // A kata-qemu pod is routed by containerd to the shim our artifacts stage installed.
-    let kata_pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "kata-probe"},
-        "spec": {"nodeName": n2, "runtimeClassName": "kata-qemu",
-                 "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "imagePullPolicy": "Never"}]}
-    }))?;
-    default_pods
-        .create(&PostParams::default(), &kata_pod)
-        .await?;
-    let shim = format!("{INSTALL_PREFIX}/bin/containerd-shim-kata-v2");
-    // The test payload's shims append "$0 $@" to this file on the node (hack/make-test-payload.sh);
-    // they are stand-ins that cannot start a VM, so the sandbox must fail in our shim.
-    let shim_log = || {
-        node2
-            .exec(&["cat", "/run/kata-deploy-test-payload.log"])
-            .unwrap_or_default()
-    };
-    let events: Api<k8s_openapi::api::core::v1::Event> =
-        Api::namespaced(cluster.client.clone(), "default");
-    let sandbox_error = || async {
-        let list = events
-            .list(&ListParams::default().fields("involvedObject.name=kata-probe"))
-            .await?;
-        Ok::<_, anyhow::Error>(
-            list.items
-                .iter()
-                .filter(|e| e.reason.as_deref() == Some("FailedCreatePodSandBox"))
-                .filter_map(|e| e.message.clone())
-                .next(),
-        )
-    };
-    wait_until(
-        Duration::from_secs(90),
-        "the kata-qemu pod's sandbox to fail in our shim",
-        || async { Ok(sandbox_error().await?.is_some()) },
+    // A pod of each handler is routed by containerd to the shim our artifacts stage installed
+    // (the test payload's shims cannot start a VM: the sandbox fails in our shim, which records
+    // the call).
+    let probed = probe_handlers(
+        &cluster,
+        &node2,
+        &[
+            (
+                "kata-qemu".to_string(),
+                format!("{INSTALL_PREFIX}/bin/containerd-shim-kata-v2"),
+            ),
+            (
+                "kata-qemu-runtime-rs".to_string(),
+                format!("{INSTALL_PREFIX}/runtime-rs/bin/containerd-shim-kata-v2"),
+            ),
+        ],
+        "install",
     )
     .await?;
-    let message = sandbox_error().await?.unwrap_or_default();
-    eprintln!(
-        "kata-qemu sandbox on {n2}: {message}\nshim runs: {}",
-        shim_log()
-    );
-    assert!(
-        message.contains("kata"),
-        "containerd used the kata-qemu handler: {message}"
-    );
-    // The sandbox's own shim start: our installed path, called with that sandbox's id.
-    let sandbox = message
-        .split("failed to start sandbox \"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap_or("?")
-        .to_string();
-    assert!(
-        shim_log()
-            .lines()
-            .any(|l| l.starts_with(&shim) && l.contains(&format!("-id {sandbox} start"))),
-        "containerd started our installed shim {shim} for sandbox {sandbox}: {:?}",
-        shim_log()
-    );
-    default_pods
-        .delete("kata-probe", &Default::default())
-        .await?;
+    for (handler, p) in &probed {
+        eprintln!(
+            "{handler} sandbox on {n2}: {}\nshim call: {}",
+            p.message, p.shim_call
+        );
+        assert!(
+            p.message.contains("kata"),
+            "containerd used the {handler} handler: {}",
+            p.message
+        );
+    }
 
     // --- upgrade with nothing changed, every node re-run (job.reinstallAll): each node's stages
     //     run again and converge without a second restart ---
@@ -620,6 +687,13 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
         |h| h.contains("kata-qemu") && !h.contains("kata-qemu-runtime-rs"),
     )
     .await?;
+
+    // --- day 2 through helm and the dispatcher: each step a `helm upgrade -f` to a new release
+    //     shape (or a rollback), then every real node serves exactly that shape ---
+    day_two_through_helm(&cluster, &real, chart).await?;
+    for (i, n) in real.iter().enumerate() {
+        assert_sleeper_kept(&default_pods, n, &sleepers[i], "every day-2 step").await?;
+    }
 
     // --- uninstall: handlers gone, containerd serving, config byte-identical, nothing left ---
     let (ok, out) = cluster
