@@ -1427,6 +1427,19 @@ def t_payload():
     check("a new payload.image changes the per-node Job template (the dispatcher re-runs every node)", a != b)
 guarded("the Kata release image is the payload", t_payload)
 
+# --------------------------------------------------------------- rollout controls (issue 23): canary
+def t_canary():
+    for values, want in [(None, "auto"), ({"job": {"canary": 0}}, "0"), ({"job": {"canary": 3}}, "3"), ({"job": {"canary": "auto"}}, "auto")]:
+        objs = render(values)
+        check(f"install dispatcher: --canary {want} for job.canary={values and values['job']['canary']}",
+              flag_values(args_of(dispatcher(objs, "install")), "--canary") == [want], args_of(dispatcher(objs, "install")))
+    objs = render({"job": {"nodeSelector": {"pool": "kata"}}})
+    for role in ["retire", "cleanup"]:
+        check(f"{role} dispatcher: no canary (uninstall reaches every node)", "--canary" not in args_of(dispatcher(objs, role)))
+    for bad in [-1, "sometimes", 1.5]:
+        check(f"schema refuses job.canary={bad!r}", render_err({"job": {"canary": bad}}) != "")
+guarded("canary", t_canary)
+
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
 PY

@@ -1,5 +1,6 @@
 //! Command line: every flag has an environment fallback so the chart can configure it either way.
 
+use crate::canary::CanarySize;
 use crate::lifecycle::Budget;
 use clap::{ArgAction, Parser, ValueEnum};
 use std::path::PathBuf;
@@ -76,6 +77,13 @@ pub struct Args {
     /// node): a count (5), a percentage of the targeted nodes (10%), or 0 to never stop early.
     #[arg(long, env = "DISPATCHER_MAX_FAILURES", default_value = "5", value_parser = Budget::parse)]
     pub max_failures: Budget,
+
+    /// The canary: this many nodes are dispatched first and must all succeed before any other
+    /// node starts; one canary failure stops the run (whatever --max-failures says) and the
+    /// report names the canary nodes. `auto`: 1 when more nodes need a Job than --parallelism
+    /// starts at once, else none; `0`: no canary.
+    #[arg(long, env = "DISPATCHER_CANARY", default_value = "0", value_parser = CanarySize::parse)]
+    pub canary: CanarySize,
 
     /// A node whose Job has not finished this long after dispatch fails and its Job is deleted,
     /// freeing the slot (a pod stuck on an unreachable node). It also bounds a queued node's wait
@@ -325,6 +333,20 @@ mod tests {
         let e = Args::try_parse_from(["d", "--template", "t", "--installed-label", "no-value"])
             .unwrap_err();
         assert!(e.to_string().contains("KEY=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn the_canary_is_a_count_or_auto() {
+        let a = Args::try_parse_from(["d", "--template", "t"]).unwrap();
+        assert_eq!(
+            a.canary,
+            CanarySize::Nodes(0),
+            "off by default for the bare binary"
+        );
+        let a = Args::try_parse_from(["d", "--template", "t", "--canary", "auto"]).unwrap();
+        assert_eq!(a.canary, CanarySize::Auto);
+        let e = Args::try_parse_from(["d", "--template", "t", "--canary", "x"]).unwrap_err();
+        assert!(e.to_string().contains("invalid canary"), "{e}");
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //!
 //! Pure core: [`select`] (which nodes), [`admission`] (taints, DaemonSet rules), [`naming`] (Job
 //! names), [`template`] (per-node Jobs), [`lifecycle`] (the per-node state machine: dispatch,
-//! replace, adopt, finish, abandon), [`status`] (reading Jobs and Pods), [`report`] (what a
+//! replace, adopt, finish, abandon), [`canary`] (the first wave), [`status`] (reading Jobs and Pods), [`report`] (what a
 //! person reads), [`summary`] (the rollout summary in a ConfigMap), [`supersede`] (stopping the superseded dispatcher). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
 
 pub mod admission;
+pub mod canary;
 pub mod cli;
 pub mod kube_io;
 pub mod lifecycle;

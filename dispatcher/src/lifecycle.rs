@@ -21,8 +21,10 @@
 //! Cost: every input costs O(log N) (ordered sets for the queue and the per-node deadlines,
 //! counters for the progress), so a run is O(N log N).
 
+use crate::canary::{Canary, CanaryEnd, CanarySize};
 use crate::naming::NameBook;
 use crate::status::JobPhase;
+use crate::summary::CanaryView;
 use crate::template::NodeFacts;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -96,6 +98,8 @@ pub enum StopReason {
     Deadline,
     /// SIGTERM / SIGINT.
     Interrupted,
+    /// A node of the canary wave failed: no other node was started.
+    CanaryFailed(String),
 }
 
 impl fmt::Display for StopReason {
@@ -112,6 +116,10 @@ impl fmt::Display for StopReason {
             Self::Interrupted => write!(
                 f,
                 "dispatcher interrupted; re-run (helm upgrade) to continue"
+            ),
+            Self::CanaryFailed(node) => write!(
+                f,
+                "canary node {node} failed, so no other node was started; fix the cause (see its reason) and re-run (helm upgrade)"
             ),
         }
     }
@@ -449,6 +457,8 @@ pub struct Config {
     /// Nodes not to dispatch to, with why (a Job or pod of the superseded install is stuck
     /// there): they fail with that reason instead.
     pub held: BTreeMap<String, String>,
+    /// The canary wave: how many dispatched nodes must succeed before any other starts.
+    pub canary: CanarySize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -617,6 +627,8 @@ pub struct Lifecycle {
     changes: u64,
     /// Parked nodes still within their grace period.
     parked_waiting: usize,
+    /// The canary wave (sized when discovery is done).
+    canary: Canary,
 }
 
 /// Per-node results of a run, in node order.
@@ -649,6 +661,7 @@ impl Lifecycle {
             peak: 0,
             changes: 0,
             parked_waiting: 0,
+            canary: Canary::default(),
             cfg,
         };
         for name in me.cfg.named.clone().unwrap_or_default() {
@@ -715,6 +728,11 @@ impl Lifecycle {
     /// When the next per-node deadline falls.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// The canary wave, for the summary (`None` without one).
+    pub fn canary(&self) -> Option<CanaryView> {
+        self.canary.view()
     }
 
     /// Why dispatching stopped, if it did.
@@ -1368,6 +1386,9 @@ impl Lifecycle {
                 _ => {}
             }
         }
+        // Sized now that the nodes needing a Job are known (installed ones are done already).
+        let size = self.cfg.canary.resolve(self.queued, self.cfg.parallelism);
+        self.canary = Canary::new(size);
     }
 
     // ----- the core of the state machine -----
@@ -1456,6 +1477,16 @@ impl Lifecycle {
             outcome: outcome.clone(),
             took,
         });
+        let end = match outcome {
+            Outcome::Succeeded => CanaryEnd::Passed,
+            Outcome::Failed(_) | Outcome::StillRunning(_) | Outcome::NotStarted(_) => {
+                CanaryEnd::Failed
+            }
+            _ => CanaryEnd::Void,
+        };
+        if let Some(failed) = self.canary.finished(node, end) {
+            self.stopped.get_or_insert(StopReason::CanaryFailed(failed));
+        }
         self.set_phase(now, node, Phase::Done(outcome), out);
     }
 
@@ -1732,7 +1763,10 @@ impl Lifecycle {
         if !self.started {
             return;
         }
-        while self.stopped.is_none() && self.taken() < self.cfg.parallelism {
+        while self.stopped.is_none()
+            && self.taken() < self.cfg.parallelism
+            && self.canary.may_dispatch()
+        {
             let Some((_, node)) = self.ready.first().cloned() else {
                 break;
             };
@@ -1751,6 +1785,7 @@ impl Lifecycle {
                 .clone()
                 .expect("ready nodes have a view");
             let job = self.names.assign(&node);
+            self.canary.dispatched(&node);
             match self.jobs.get(&job).cloned() {
                 Some(stale) => {
                     self.set_phase(now, &node, Phase::Replacing, out);

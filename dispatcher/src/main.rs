@@ -62,7 +62,11 @@ fn main() -> ExitCode {
             if !summary.results.is_empty() {
                 print!("{}", report::node_table(&summary.results));
             }
-            let text = report::termination_summary(&summary.results, summary.stopped.as_deref());
+            let mut text =
+                report::termination_summary(&summary.results, summary.stopped.as_deref());
+            if let Some(c) = &summary.canary {
+                text = format!("canary ({}): {}\n{text}", c.state, c.nodes.join(", "));
+            }
             println!("{text}");
             if summary.retries > 0 {
                 println!(

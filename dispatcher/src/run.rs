@@ -83,6 +83,8 @@ pub struct Summary {
     pub stopped: Option<String>,
     /// Transient API errors retried and watches resumed.
     pub retries: usize,
+    /// The canary nodes and how the wave ended (`None` without a canary).
+    pub canary: Option<crate::summary::CanaryView>,
 }
 
 impl Summary {
@@ -861,6 +863,7 @@ impl Driver {
             unready_grace: args.unready_grace,
             named,
             held,
+            canary: args.canary,
         };
         let tr = Translate {
             selection: p.selection,
@@ -996,6 +999,7 @@ impl Driver {
             results: BTreeMap::new(),
             stopped: None,
             retries: api.stats.count(),
+            canary: None,
         };
         if self.lc.targets().is_empty() && self.lc.missing() == 0 {
             if args.require_nodes {
@@ -1089,7 +1093,8 @@ impl Driver {
 
     /// Writes the rollout summary when it changed (in the background, one write at a time).
     fn write_summary(&mut self) {
-        if let Some(text) = self.shell.vis.running_text(&self.lc.progress(), None) {
+        let canary = self.lc.canary();
+        if let Some(text) = self.shell.vis.running_text(&self.lc.progress(), canary) {
             let write = self.shell.vis.write(text);
             self.shell.ops.push(Box::pin(async move {
                 write.await;
@@ -1102,14 +1107,19 @@ impl Driver {
     async fn summary(self) -> Summary {
         let stopped = self.lc.stopped().map(ToString::to_string);
         let mut vis = self.shell.vis.clone();
+        let canary = self.lc.canary();
+        if let Some(c) = &canary {
+            info!(canary = ?c.nodes, state = %c.state, "canary");
+        }
         let results = self.lc.into_results();
-        if let Some(text) = vis.final_text(&results, stopped.as_deref(), None) {
+        if let Some(text) = vis.final_text(&results, stopped.as_deref(), canary.clone()) {
             vis.write(text).await;
         }
         Summary {
             retries: self.shell.api.stats.count(),
             results,
             stopped,
+            canary,
         }
     }
 }
@@ -1141,6 +1151,7 @@ fn interrupted(api: &ClusterApi) -> Summary {
         results: BTreeMap::new(),
         stopped: Some(StopReason::Interrupted.to_string()),
         retries: api.stats.count(),
+        canary: None,
     }
 }
 

@@ -1480,3 +1480,111 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
     assert!(left.is_empty(), "{left:?}");
     Ok(())
 }
+
+/// Lets the case's dispatcher patch ConfigMap `name` (what the chart grants for the rollout
+/// summary) and creates it empty, as the chart does.
+async fn summary_configmap(c: &Case, name: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::PostParams;
+    let ns = &c.env.namespace;
+    let client = c.cluster.client.clone();
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &cm)
+        .await?;
+    let role: Role = serde_json::from_value(serde_json::json!({"metadata": {"name": "summary"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name], "verbs": ["patch"]}]}))?;
+    Api::<Role>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let rb: RoleBinding = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "summary"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "summary"},
+        "subjects": [{"kind": "ServiceAccount", "name": kata_testbed::rollout::DISPATCHER_SA, "namespace": ns}]}),
+    )?;
+    Api::<RoleBinding>::namespaced(client, ns)
+        .create(&PostParams::default(), &rb)
+        .await?;
+    Ok(())
+}
+
+/// The canary on the real control plane: the first node's Job fails, so no other node ever gets
+/// a Job (the failure budget allows more), the run fails naming the canary node, and the rollout
+/// summary (written by the dispatcher as its ServiceAccount) names the canary and its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failure_stops_the_rollout_before_any_other_node_gets_a_job() -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let c = case(
+        "canary",
+        6,
+        EnvOptions {
+            duration: "2s".into(),
+        },
+    )
+    .await?;
+    summary_configmap(&c, "rollout").await?;
+    let observer = ActiveObserver::start(
+        &c.cluster,
+        &c.env.namespace,
+        "katacontainers.io/dispatcher=kd-install",
+    );
+    kata_testbed::rollout::fail_pods_on(&c.cluster, &c.env.namespace, &c.nodes, "bad template");
+    let out = c
+        .env
+        .run(&[
+            "--selector",
+            &c.selector,
+            "--name-prefix",
+            "kd-install",
+            "--parallelism",
+            "3",
+            "--max-failures",
+            "0",
+            "--canary",
+            "auto",
+            "--summary-configmap",
+            "rollout",
+            "--summary-key",
+            "install",
+        ])
+        .await?;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let jobs = jobs_by_node(&c.cluster, &c.env.namespace).await?;
+    assert_eq!(jobs.len(), 1, "only the canary got a Job: {jobs:?}\n{t}");
+    assert_eq!(observer.jobs_seen(), 1, "no other Job ever existed");
+    let canary = &jobs[0].1;
+    assert!(
+        t.contains(&format!("canary node {canary} failed")) && t.contains("5 not started"),
+        "{t}"
+    );
+    assert!(t.contains(&format!("canary (failed): {canary}")), "{t}");
+    let cm = Api::<ConfigMap>::namespaced(c.cluster.client.clone(), &c.env.namespace)
+        .get("rollout")
+        .await?;
+    let s: serde_yaml::Value = serde_yaml::from_str(
+        cm.data
+            .unwrap_or_default()
+            .get("install")
+            .map(String::as_str)
+            .unwrap_or_default(),
+    )?;
+    assert_eq!(s["phase"], "failed", "{s:?}");
+    assert_eq!(
+        s["canary"]["nodes"][0].as_str(),
+        Some(canary.as_str()),
+        "{s:?}"
+    );
+    assert_eq!(s["canary"]["state"], "failed", "{s:?}");
+    assert_eq!(s["counts"]["not-started"], 5, "{s:?}");
+    let reason = s["failedNodes"][canary.as_str()]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("bad template"), "{s:?}");
+    assert!(
+        s["stopped"].as_str().unwrap_or_default().contains("canary"),
+        "{s:?}"
+    );
+    Ok(())
+}

@@ -82,6 +82,11 @@ releases in one namespace never share a prefix.
 {{- define "kata-deploy.dispatcherServiceAccount" -}}{{ include "kata-deploy.base" . }}-dispatcher{{- end -}}
 {{- define "kata-deploy.nodeServiceAccount" -}}{{ include "kata-deploy.base" . }}-node{{- end -}}
 {{- define "kata-deploy.stageConfigName" -}}{{ include "kata-deploy.base" . }}-stage-config{{- end -}}
+{{/* job.canary: auto (also when unset, e.g. --reuse-values over an older chart) or a count. */}}
+{{- define "kata-deploy.canary" -}}
+{{- $c := .Values.job.canary -}}
+{{- if or (kindIs "invalid" $c) (eq (toString $c) "auto") -}}auto{{- else -}}{{ $c | int }}{{- end -}}
+{{- end -}}
 {{- define "kata-deploy.rolloutSummaryName" -}}{{ include "kata-deploy.base" . }}-rollout{{- end -}}
 {{- define "kata-deploy.jobTemplatesName" -}}{{ include "kata-deploy.base" . }}-job-templates{{- end -}}
 
@@ -903,6 +908,9 @@ spec:
             - --expect-handler
             - {{ . | quote }}
             {{- end }}
+            # job.canary: the first wave must succeed before any other node starts.
+            - --canary
+            - {{ include "kata-deploy.canary" .root | quote }}
             {{- if eq (include "kata-deploy.bool" ($v.job.reinstallAll | default false)) "true" }}
             # job.reinstallAll: every selected node runs again, whatever its record says.
             - --reinstall-all

@@ -42,6 +42,7 @@ fn cfg(parallelism: usize) -> Config {
         unready_grace: Duration::from_secs(60),
         named: None,
         held: BTreeMap::new(),
+        canary: CanarySize::Nodes(0),
     }
 }
 
@@ -1283,6 +1284,7 @@ fn random_run(seed: u64) {
             unready_grace: Duration::from_secs(60),
             named: None,
             held: BTreeMap::new(),
+            canary: CanarySize::Nodes(0),
         },
         "kd",
     );
@@ -1451,5 +1453,65 @@ fn random_interleavings_keep_the_invariants() {
         .unwrap_or(3000);
     for seed in 0..seeds {
         random_run(seed);
+    }
+}
+
+#[test]
+fn the_canary_goes_alone_and_the_rest_start_only_once_it_succeeded() {
+    let mut c = cfg(3);
+    c.canary = CanarySize::Nodes(1);
+    let mut t = T::with_nodes(c, &["a", "b", "c", "d", "e"]);
+    assert_eq!(creates(&t.start()), ["a"], "the canary alone, whatever P");
+    t.created("a");
+    assert_eq!(t.lc.canary().unwrap().state, "running");
+    let next = t.finish_ok("a");
+    assert_eq!(creates(&next), ["b", "c", "d"], "then P at a time");
+    let v = t.lc.canary().unwrap();
+    assert_eq!((v.nodes, v.state.as_str()), (vec!["a".into()], "passed"));
+}
+
+#[test]
+fn a_canary_failure_stops_the_rollout_before_any_other_node_gets_a_job() {
+    let mut c = cfg(3);
+    c.canary = CanarySize::Nodes(2);
+    c.budget = Budget::Unlimited;
+    let mut t = T::with_nodes(c, &["a", "b", "c", "d", "e"]);
+    assert_eq!(creates(&t.start()), ["a", "b"]);
+    t.created("a");
+    t.created("b");
+    let next = t.finish_ok("a");
+    assert!(creates(&next).is_empty(), "b, a canary, still runs");
+    t.feed(Input::JobSeen(t.job("b", JobPhase::Failed("x".into()))));
+    let next = t.feed(Input::FailureDetail {
+        node: "b".into(),
+        reason: "boom".into(),
+    });
+    assert!(creates(&next).is_empty());
+    assert_eq!(
+        t.lc.stopped(),
+        Some(&StopReason::CanaryFailed("b".into())),
+        "stopped although the failure budget is unlimited"
+    );
+    assert!(t.lc.is_done());
+    assert_eq!(creates(&t.log), ["a", "b"], "no other node ever got a Job");
+    let r = t.lc.into_results();
+    for n in ["c", "d", "e"] {
+        assert!(
+            matches!(&r[n].0, Outcome::NotStarted(w) if w.contains("canary node b failed")),
+            "{n}: {:?}",
+            r[n]
+        );
+    }
+}
+
+#[test]
+fn auto_canary_is_one_node_only_when_the_run_has_more_than_one_wave() {
+    for (nodes, first) in [(3, 3), (4, 1)] {
+        let mut c = cfg(3);
+        c.canary = CanarySize::Auto;
+        let names: Vec<String> = (0..nodes).map(|i| format!("n{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut t = T::with_nodes(c, &refs);
+        assert_eq!(creates(&t.start()).len(), first, "{nodes} nodes, P = 3");
     }
 }
