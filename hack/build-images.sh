@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Build the two job-mode images with buildah (no container engine or registry needed):
 #   quay.io/kata-containers/kata-deploy-job-dispatcher:<appVersion>   static dispatcher, FROM scratch
-#   quay.io/kata-containers/kata-deploy-stage:<appVersion>            static stage binary + payload
+#   quay.io/kata-containers/kata-deploy-stage:<appVersion>            static stage binary + payload dir
 # <appVersion> is read from chart/kata-deploy/Chart.yaml, so the chart's defaults match the tags.
+# The Kata release the chart installs is NOT built here: by default the chart pulls the official
+# release image (payload.image, quay.io/kata-containers/kata-deploy:<Kata version>). The stage
+# image's /opt/kata-payload is installed only with payload.image.reference: "" (air-gapped bundles).
 #
 #   hack/build-images.sh [--payload DIR] [--skip-cargo] [--registry REG]
 #
-#   --payload DIR   payload for /opt/kata-payload (must hold SHA256SUMS). Default: a synthetic test
-#                   payload made by hack/make-test-payload.sh into .cache/images/test-payload.
+#   --payload DIR   payload for /opt/kata-payload (must hold SHA256SUMS). Default: a SYNTHETIC TEST
+#                   payload (shell scripts in place of the shims) made by hack/make-test-payload.sh
+#                   into .cache/images/test-payload; the build says so loudly.
 #   --skip-cargo    use the release binaries already built for the target.
 #   --registry REG  tag as REG/kata-deploy-*:<appVersion> instead of quay.io/kata-containers.
 # Environment: KATA_RUST_TARGET (default x86_64-unknown-linux-musl; if that target cannot be
@@ -17,13 +21,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
-payload="" skip_cargo=false registry=quay.io/kata-containers
+payload="" skip_cargo=false registry=quay.io/kata-containers test_payload=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --payload) payload=$2; shift 2 ;;
     --skip-cargo) skip_cargo=true; shift ;;
     --registry) registry=${2%/}; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-images: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -70,7 +74,13 @@ done
 if [ -z "$payload" ]; then
   payload=$repo/.cache/images/test-payload
   [ -x hack/make-test-payload.sh ] || die "hack/make-test-payload.sh is missing; pass --payload DIR"
-  log "no --payload: generating the synthetic test payload in $payload"
+  test_payload=true
+  log "################################################################################################"
+  log "# no --payload: the stage image gets a SYNTHETIC TEST PAYLOAD (shell scripts in place of the   #"
+  log "# Kata shims, placeholder kernel and image), made by hack/make-test-payload.sh. It is installed #"
+  log "# only with payload.image.reference=\"\"; the chart's default installs the official Kata release #"
+  log "# image (payload.image). For an air-gapped bundle of a real release pass --payload DIR.        #"
+  log "################################################################################################"
   rm -rf "$payload"
   hack/make-test-payload.sh "$payload" >&2
 fi
@@ -97,5 +107,8 @@ echo "built (target $target):"
 for img in "$dispatcher_image" "$stage_image"; do
   printf '  %-70s %s\n' "$img" "$(bud images --format '{{.Size}}' "$img")"
 done
+if $test_payload; then
+  printf '  WARNING: %s carries the SYNTHETIC TEST PAYLOAD in /opt/kata-payload (see above)\n' "$stage_image"
+fi
 printf '  binaries: dispatcher %s bytes, stage %s bytes\n' \
   "$(stat -c %s "$bindir/kata-deploy-job-dispatcher")" "$(stat -c %s "$bindir/kata-deploy-stage")"

@@ -3,7 +3,9 @@
 # entrypoint, labels), the dispatcher image holds nothing but its binary (no shell), the stage
 # image holds its payload with a valid SHA256SUMS, each binary answers --version and --help inside
 # its image (buildah run --isolation chroot), the dispatcher fits the 15 MB budget, and the chart's
-# default image names are exactly what the build script tags.
+# default image names are exactly what the build script tags. The TEST release image
+# (hack/build-release-test-image.sh: upstream's layout, no shell) builds, and the stage binary,
+# copied out of the stage image by copy-self, installs from it as the chart runs it.
 #
 #   hack/test-images.sh [--no-build]     # --no-build: test the images already built
 #
@@ -104,5 +106,35 @@ for word in --config --host-root host-check artifacts cri label unlabel revert-c
   grep -q -- "$word" <<<"$out" && ok "stage --help lists $word (used by the chart)" || ko "stage --help lists $word (used by the chart)"
 done
 check "no shell runs in the dispatcher image" bash -c "! timeout 60 buildah --storage-driver $STORAGE_DRIVER run --isolation chroot $dc -- /bin/sh -c true"
+
+# ---- the TEST release image (upstream's layout) and the stage binary run inside it --------------
+release_image=$(hack/build-release-test-image.sh 2>/dev/null | tail -1)
+if [ -n "$release_image" ] && rc_=$(new_ctr "$release_image") && rm_=$(bud mount "$rc_"); then
+  ok "test release image $release_image builds"
+  art=$rm_/opt/kata-artifacts
+  check "release image: no shell" bash -c "[ ! -e '$rm_/bin/sh' ] && [ ! -e '$rm_/usr/bin/sh' ] && [ ! -e '$rm_/bin/busybox' ]"
+  check "release image: shim-components.json and versions.yaml (4.x layout)" test -f "$art/shim-components.json" -a -f "$art/versions.yaml"
+  check "release image: every x86_64 component of shim-components.json has its kata-static-<component>.tar.zst" python3 -c "
+import json,os,sys; d=json.load(open('$art/shim-components.json'))
+need={c for s in d['shims'].values() for c in s.get('x86_64',[])}
+sys.exit(0 if need and all(os.path.isfile('$art/tarballs/kata-static-%s.tar.zst' % c) for c in need) else 1)"
+  check "release image: nydus-snapshotter binaries" test -x "$art/nydus-snapshotter/containerd-nydus-grpc" -a -x "$art/nydus-snapshotter/nydus-overlayfs"
+  # The chart's way: copy-stage (stage image) copies the binary into an emptyDir, the artifacts
+  # container runs it inside the release image. Here: a directory shared by both buildah runs.
+  work=$(mktemp -d); mkdir -p "$work/stage" "$work/host/run/lock" "$work/host/etc" "$work/cfg"; chmod 0777 "$work/stage"
+  printf 'restart: none\nshims:\n  - name: qemu\n' >"$work/cfg/config.yaml"
+  out=$(timeout 60 buildah --storage-driver "$STORAGE_DRIVER" run --isolation chroot --user 65532:65532 -v "$work/stage:/kata-stage" "$sc" -- /usr/local/bin/kata-deploy-stage copy-self --copy-to /kata-stage/kata-deploy-stage 2>&1)
+  [ -x "$work/stage/kata-deploy-stage" ] && ok "copy-self as 65532 in the stage image writes the binary to the shared directory" || ko "copy-self in the stage image" "$out"
+  out=$(timeout 120 buildah --storage-driver "$STORAGE_DRIVER" run --isolation chroot --user 0:0 -v "$work/stage:/kata-stage:ro" \
+        -v "$work/host:/host" -v "$work/cfg:/etc/kata-deploy:ro" "$rc_" -- /kata-stage/kata-deploy-stage \
+        --config /etc/kata-deploy/config.yaml --host-root /host --payload /opt/kata-artifacts artifacts 2>&1); rc=$?
+  if [ $rc -eq 0 ] && [ -x "$work/host/opt/kata/bin/containerd-shim-kata-v2" ] && [ -L "$work/host/opt/kata/share/kata-containers/vmlinux.container" ] \
+     && [ ! -e "$work/host/opt/kata/share/kata-test-components/firecracker" ]; then
+    ok "the copied stage binary runs in the release image and installs qemu's components only ($(grep -o '^artifacts: [0-9]* written' <<<"$out"))"
+  else ko "the copied stage binary installs from the release image" "rc=$rc: $(tail -3 <<<"$out")"; fi
+  rm -rf "$work"
+else
+  ko "test release image builds (hack/build-release-test-image.sh)" "$release_image"
+fi
 
 finish

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Images for the real nodes, without a registry:
 #
-#   images.sh build             the pause image (scratch + static busybox sleeping forever) and the
-#                               project's images (hack/build-images.sh, if not built yet), each
-#                               saved as an OCI archive under $TESTENV_CACHE/realnode/images
+#   images.sh build             the pause image (scratch + static busybox sleeping forever), the
+#                               project's images (hack/build-images.sh, if not built yet) and the
+#                               TEST release image the chart installs by default (payload.image,
+#                               hack/build-release-test-image.sh: synthetic Kata in upstream's
+#                               layout), each saved as an OCI archive under $TESTENV_CACHE/realnode/images
 #   images.sh import STATE NODE imports them into NODE's containerd (namespace k8s.io) under the
 #                               names the chart and containerd ask for, so `IfNotPresent` resolves
 #
@@ -16,7 +18,12 @@ export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 bud() { buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
 out="$TESTENV_CACHE/realnode/images"
 app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$REPO_ROOT/chart/kata-deploy/Chart.yaml")
-project_images=("quay.io/kata-containers/kata-deploy-job-dispatcher:$app_version" "quay.io/kata-containers/kata-deploy-stage:$app_version")
+read -r release_ref release_tag < <(python3 -c "import yaml; i=yaml.safe_load(open('$REPO_ROOT/chart/kata-deploy/values.yaml'))['payload']['image']; print(i['reference'], i['tag'])")
+# TEST releases (synthetic, upstream's layout): the chart's default, the 3.32 layout (no
+# versions.yaml) and a second version of the default whose Go shim differs (upgrade tests).
+release_builds=("4.x::$release_tag" "3.32::3.32.0" "4.x:two:$release_tag-two")
+project_images=("quay.io/kata-containers/kata-deploy-job-dispatcher:$app_version" "quay.io/kata-containers/kata-deploy-stage:$app_version"
+                "$release_ref:$release_tag" "$release_ref:3.32.0" "$release_ref:$release_tag-two")
 PAUSE_NAMES=(registry.k8s.io/pause:3.6 registry.k8s.io/pause:3.10)
 
 archive_of() { echo "$out/$(echo "$1" | tr '/:' '__').oci.tar"; }
@@ -37,11 +44,17 @@ build() {
     save "$pause"
   fi
   local img missing=false
-  for img in "${project_images[@]}"; do bud inspect --type image "$img" >/dev/null 2>&1 || missing=true; done
+  for img in "${project_images[@]:0:2}"; do bud inspect --type image "$img" >/dev/null 2>&1 || missing=true; done
   if $missing; then
     log "building the project's images (hack/build-images.sh)"
     bash "$REPO_ROOT/hack/build-images.sh" >&2
   fi
+  # Always rebuilt (seconds each): the test releases follow hack/make-test-payload.sh.
+  local b layout variant tag
+  for b in "${release_builds[@]}"; do
+    IFS=: read -r layout variant tag <<<"$b"
+    bash "$REPO_ROOT/hack/build-release-test-image.sh" --layout "$layout" --variant "$variant" --tag "$tag" >/dev/null
+  done
   # Always re-saved: the project's images change with the code.
   for img in "${project_images[@]}"; do save "$img"; done
 }
