@@ -19,6 +19,9 @@
 //!     allowedHypervisorAnnotations: []
 //!     containerdSnapshotter: ""    # "" | nydus
 //!     crioPullType: ""             # "" | guest-pull
+//!     agentHttpsProxy: ""          # optional: agent.https_proxy=<v> in kernel_params
+//!     agentNoProxy: ""             # optional: agent.no_proxy=<v> in kernel_params
+//!     forceGuestPull: false        # optional: [runtime] experimental_force_guest_pull = true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -67,6 +70,10 @@ pub struct StageConfig {
     /// The enabled shims (built-in and custom runtimes).
     #[serde(default)]
     pub shims: Vec<ShimConfig>,
+    /// Taints the label stage removes from its own Node once it labelled it
+    /// (`key[=value][:Effect]`, upstream's startupTaints).
+    #[serde(default)]
+    pub startup_taints: Vec<String>,
 }
 
 /// Name of our nydus snapshotter everywhere (containerd proxy plugin, socket and state
@@ -103,6 +110,18 @@ pub struct ShimConfig {
     /// CRI-O pull type: "" or "guest-pull".
     #[serde(default)]
     pub crio_pull_type: String,
+    /// The guest agent's HTTPS proxy (chart: `shims.<shim>.agent.httpsProxy`), passed as upstream
+    /// does: `agent.https_proxy=<value>` in the shim's kernel_params; "" sets nothing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_https_proxy: String,
+    /// The guest agent's no-proxy list (chart: `shims.<shim>.agent.noProxy`):
+    /// `agent.no_proxy=<value>` in the shim's kernel_params; "" sets nothing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_no_proxy: String,
+    /// Forced guest pull (chart: `shims.<shim>.containerd.forceGuestPull`): the shim's
+    /// configuration gets `[runtime] experimental_force_guest_pull = true`, as upstream writes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_guest_pull: bool,
 }
 
 fn default_prefix() -> String {
@@ -327,6 +346,9 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
             ),
         ));
     }
+    for t in &cfg.startup_taints {
+        crate::label::TaintMatch::parse(t).map_err(|m| err("startupTaints", m))?;
+    }
     if cfg.image_pull_timeout_seconds == 0 {
         return Err(err(
             "imagePullTimeoutSeconds",
@@ -447,6 +469,18 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
                     &f("crioPullType"),
                     format!("{s:?} is not supported; use \"\" or \"guest-pull\""),
                 ))
+            }
+        }
+        for (field, chart_key, value) in [
+            (
+                "agentHttpsProxy",
+                "agent.httpsProxy",
+                &shim.agent_https_proxy,
+            ),
+            ("agentNoProxy", "agent.noProxy", &shim.agent_no_proxy),
+        ] {
+            if let Some(why) = crate::katacfg::kernel_param_value_problem(value) {
+                return Err(err(&f(field), format!("{value:?} (chart: shims.{}.{chart_key}) cannot go on the guest kernel command line, where the stage passes it (kernel_params of the shim's configuration): it contains {why}. Remove it (a no-proxy list is comma-separated, without spaces)", shim.name)));
             }
         }
         let _: &ShimInfo = info;
@@ -756,6 +790,43 @@ mod tests {
         let v = parse("shims: [{name: my-gpu, baseConfig: qemu-nvidia-gpu}]\n").unwrap();
         assert!(v.cfg.shims[0].is_gpu_passthrough());
         assert!(parse("shims: [{name: qemu, baseConfig: clh}]\n").is_err());
+    }
+
+    #[test]
+    fn agent_proxy_and_forced_guest_pull_are_read_and_checked_per_shim() {
+        let v = parse("shims: [{name: qemu-tdx, agentHttpsProxy: 'http://proxy:3128', agentNoProxy: '.svc,10.0.0.0/8', forceGuestPull: true}, {name: qemu}]\n").unwrap();
+        let (tdx, qemu) = (&v.cfg.shims[0], &v.cfg.shims[1]);
+        assert_eq!(
+            (tdx.agent_https_proxy.as_str(), tdx.agent_no_proxy.as_str()),
+            ("http://proxy:3128", ".svc,10.0.0.0/8")
+        );
+        assert!(tdx.force_guest_pull && !qemu.force_guest_pull);
+        assert!(qemu.agent_https_proxy.is_empty() && qemu.agent_no_proxy.is_empty());
+        for (bad, field, key) in [
+            (
+                "[{name: qemu, agentHttpsProxy: 'http://a b:1'}]",
+                "shims[0].agentHttpsProxy",
+                "shims.qemu.agent.httpsProxy",
+            ),
+            (
+                "[{name: qemu}, {name: qemu-snp, agentNoProxy: '\"10.0.0.0/8\"'}]",
+                "shims[1].agentNoProxy",
+                "shims.qemu-snp.agent.noProxy",
+            ),
+        ] {
+            let e = parse(&format!("shims: {bad}\n")).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            let e = e.to_string();
+            assert!(
+                e.contains(field) && e.contains(key) && e.contains("kernel command line"),
+                "{bad}: {e}"
+            );
+        }
+        // upstream's spelling is the chart's, not the stage's
+        let e = parse("shims: [{name: qemu, httpsProxy: x}]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("httpsProxy"), "{e}");
     }
 
     #[test]

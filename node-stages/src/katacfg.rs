@@ -45,16 +45,7 @@ pub fn relocate_config(base_text: &str, prefix: &Path) -> String {
 
 /// The `[hypervisor.<name>]` table name used by a base configuration.
 pub fn hypervisor_table(base_text: &str, file: &Path) -> Result<String> {
-    let doc: DocumentMut = base_text.parse().map_err(|e: toml_edit::TomlError| {
-        StageError::bad_input(
-            file,
-            format!(
-                "base configuration is not valid TOML: {}",
-                e.to_string().trim()
-            ),
-            "Rebuild the stage image",
-        )
-    })?;
+    let doc = parse_base(base_text, file)?;
     doc.get("hypervisor")
         .and_then(Item::as_table_like)
         .and_then(|t| t.iter().next().map(|(k, _)| k.to_string()))
@@ -67,31 +58,68 @@ pub fn hypervisor_table(base_text: &str, file: &Path) -> Result<String> {
         })
 }
 
-/// Sets `agent.image_pull_timeout` (and debug logging) in a kernel_params string, keeping the rest.
-pub fn kernel_params_with_timeout(base: &str, timeout_secs: u64, debug: bool) -> String {
-    let mut params: Vec<String> = base
-        .split_whitespace()
-        .filter(|p| {
-            !(p.starts_with("agent.image_pull_timeout=") || debug && p.starts_with("agent.log="))
-        })
-        .map(str::to_string)
-        .collect();
+/// Why `v` cannot be the value of a kernel command-line parameter, or None when it can: the
+/// kernel splits its command line at whitespace and gives quotes a meaning of their own, and the
+/// agent reads `agent.<key>=<value>` from it verbatim.
+pub fn kernel_param_value_problem(v: &str) -> Option<&'static str> {
+    if v.chars().any(char::is_whitespace) {
+        Some("whitespace")
+    } else if v.contains(['"', '\'']) {
+        Some("a quote")
+    } else if v.chars().any(char::is_control) {
+        Some("a control character")
+    } else {
+        None
+    }
+}
+
+/// The agent parameters a shim's configuration puts on the guest kernel command line, in
+/// upstream's order (kata-deploy's generate_kernel_params_drop_in): the HTTPS proxy, then the
+/// no-proxy list; unset ones are left out.
+pub fn agent_params(shim: &ShimConfig) -> Vec<(&'static str, &str)> {
+    [
+        ("agent.https_proxy", shim.agent_https_proxy.as_str()),
+        ("agent.no_proxy", shim.agent_no_proxy.as_str()),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
+    .collect()
+}
+
+/// Sets `agent.image_pull_timeout` (and debug logging) in a kernel_params string, keeping the rest
+/// in its order. Each `agent` parameter (key, value) replaces the base's parameter of that key
+/// where it stands, else is appended after the timeout; without any, nothing else changes.
+pub fn kernel_params_with_timeout(
+    base: &str,
+    timeout_secs: u64,
+    debug: bool,
+    agent: &[(&str, &str)],
+) -> String {
+    let mut pending = agent.to_vec();
+    let mut params: Vec<String> = Vec::new();
+    for p in base.split_whitespace() {
+        if p.starts_with("agent.image_pull_timeout=") || debug && p.starts_with("agent.log=") {
+            continue;
+        }
+        let key = p.split_once('=').map_or(p, |(k, _)| k);
+        if let Some(i) = pending.iter().position(|(k, _)| *k == key) {
+            let (k, v) = pending.remove(i);
+            params.push(format!("{k}={v}"));
+        } else if !agent.iter().any(|(k, _)| *k == key) {
+            // (a repeated key we already replaced is dropped: the agent would read one of them)
+            params.push(p.to_string());
+        }
+    }
     params.push(format!("agent.image_pull_timeout={timeout_secs}"));
+    params.extend(pending.iter().map(|(k, v)| format!("{k}={v}")));
     if debug {
         params.push("agent.log=debug".into());
     }
     params.join(" ")
 }
 
-/// Renders config.d/10-kata-deploy.toml: the image-pull timeout set consistently in the shim
-/// (create_container_timeout) and the agent (kernel parameter), allowed annotations, debug.
-pub fn render_kata_dropin(
-    base_text: &str,
-    base_file: &Path,
-    shim: &ShimConfig,
-    cfg: &StageConfig,
-) -> Result<String> {
-    let doc: DocumentMut = base_text.parse().map_err(|e: toml_edit::TomlError| {
+fn parse_base(base_text: &str, base_file: &Path) -> Result<DocumentMut> {
+    base_text.parse().map_err(|e: toml_edit::TomlError| {
         StageError::bad_input(
             base_file,
             format!(
@@ -100,19 +128,26 @@ pub fn render_kata_dropin(
             ),
             "Rebuild the stage image",
         )
-    })?;
-    let hv = hypervisor_table(base_text, base_file)?;
-    let hv_base = doc.get("hypervisor").and_then(|h| h.get(&hv));
+    })
+}
+
+/// The strings of a base array value (empty when absent).
+fn base_strings(item: Option<&Item>) -> Vec<String> {
+    item.and_then(Item::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Our `[hypervisor.<name>]` settings: kernel_params, allowed annotations, debug.
+fn hypervisor_dropin(hv_base: Option<&Item>, shim: &ShimConfig, cfg: &StageConfig) -> Table {
     let base_params = hv_base
         .and_then(|t| t.get("kernel_params"))
         .and_then(Item::as_str)
         .unwrap_or("");
-
-    let mut out = DocumentMut::new();
-    out.decor_mut().set_prefix(format!(
-        "# Generated by kata-deploy-stage for shim {:?}; rewritten on every install, do not edit.\n# Put your own settings in 50-user-overrides.toml (chart: shims.<shim>.dropIn).\n",
-        shim.name
-    ));
     let mut hv_table = Table::new();
     hv_table.insert(
         "kernel_params",
@@ -120,19 +155,12 @@ pub fn render_kata_dropin(
             base_params,
             cfg.image_pull_timeout_seconds,
             cfg.debug,
+            &agent_params(shim),
         )),
     );
     if !shim.allowed_hypervisor_annotations.is_empty() {
         // Keep the base list and add the allowed ones (dropping a base entry would be surprising).
-        let mut names: Vec<String> = hv_base
-            .and_then(|t| t.get("enable_annotations"))
-            .and_then(Item::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut names = base_strings(hv_base.and_then(|t| t.get("enable_annotations")));
         for a in &shim.allowed_hypervisor_annotations {
             if !names.contains(a) {
                 names.push(a.clone());
@@ -146,19 +174,74 @@ pub fn render_kata_dropin(
     if cfg.debug {
         hv_table.insert("enable_debug", value(true));
     }
+    hv_table
+}
+
+/// Our `[runtime]` settings: the Go runtime's timeout, debug, forced guest pull.
+fn runtime_dropin(base: &DocumentMut, shim: &ShimConfig, cfg: &StageConfig) -> Table {
+    let runtime_rs = shim.info().runtime_rs;
+    let mut runtime = Table::new();
+    if !runtime_rs {
+        runtime.insert(
+            "create_container_timeout",
+            value(cfg.image_pull_timeout_seconds as i64),
+        );
+    }
+    if cfg.debug {
+        runtime.insert("enable_debug", value(true));
+    }
+    if shim.force_guest_pull {
+        // Upstream's key (configure_experimental_force_guest_pull), read by the Go runtime.
+        runtime.insert("experimental_force_guest_pull", value(true));
+        if runtime_rs {
+            // runtime-rs reads it from its experimental features instead; a drop-in replaces
+            // the whole list, so the base's entries are kept.
+            let mut features =
+                base_strings(base.get("runtime").and_then(|r| r.get("experimental")));
+            if !features.iter().any(|f| f == "force_guest_pull") {
+                features.push("force_guest_pull".into());
+            }
+            runtime.insert(
+                "experimental",
+                value(features.into_iter().collect::<Array>()),
+            );
+        }
+    }
+    runtime
+}
+
+/// Renders config.d/10-kata-deploy.toml: the image-pull timeout set consistently in the shim
+/// (create_container_timeout) and the agent (kernel parameter), the agent's proxy parameters,
+/// allowed annotations, debug, forced guest pull.
+pub fn render_kata_dropin(
+    base_text: &str,
+    base_file: &Path,
+    shim: &ShimConfig,
+    cfg: &StageConfig,
+) -> Result<String> {
+    let doc = parse_base(base_text, base_file)?;
+    let hv = hypervisor_table(base_text, base_file)?;
+    let hv_base = doc.get("hypervisor").and_then(|h| h.get(&hv));
+
+    let mut out = DocumentMut::new();
+    out.decor_mut().set_prefix(format!(
+        "# Generated by kata-deploy-stage for shim {:?}; rewritten on every install, do not edit.\n# Put your own settings in 50-user-overrides.toml (chart: shims.<shim>.dropIn).\n",
+        shim.name
+    ));
     let mut hypervisor = Table::new();
     hypervisor.set_implicit(true);
-    hypervisor.insert(&hv, Item::Table(hv_table));
+    hypervisor.insert(&hv, Item::Table(hypervisor_dropin(hv_base, shim, cfg)));
     out.insert("hypervisor", Item::Table(hypervisor));
     // The Go runtime reads create_container_timeout from [runtime], runtime-rs from [agent.kata].
-    let runtime_rs = shim.info().runtime_rs;
-    let timeout = value(cfg.image_pull_timeout_seconds as i64);
     let mut kata = Table::new();
     if cfg.debug {
         kata.insert("enable_debug", value(true));
     }
-    if runtime_rs {
-        kata.insert("create_container_timeout", timeout.clone());
+    if shim.info().runtime_rs {
+        kata.insert(
+            "create_container_timeout",
+            value(cfg.image_pull_timeout_seconds as i64),
+        );
     }
     if !kata.is_empty() {
         let mut agent = Table::new();
@@ -166,13 +249,7 @@ pub fn render_kata_dropin(
         agent.insert("kata", Item::Table(kata));
         out.insert("agent", Item::Table(agent));
     }
-    let mut runtime = Table::new();
-    if !runtime_rs {
-        runtime.insert("create_container_timeout", timeout);
-    }
-    if cfg.debug {
-        runtime.insert("enable_debug", value(true));
-    }
+    let runtime = runtime_dropin(&doc, shim, cfg);
     if !runtime.is_empty() {
         out.insert("runtime", Item::Table(runtime));
     }
@@ -330,6 +407,140 @@ create_container_timeout = 60
             ]
         );
         assert_eq!(files[2].content, b"[agent.kata]\ndial_timeout = 999\n");
+    }
+
+    /// The drop-in the stage writes for shim `i` of `c` (through plan_shim_files, as installed).
+    fn written_dropin(c: &StageConfig, i: usize, base: &str) -> DocumentMut {
+        let install = Install::new("", "/opt/kata");
+        let files = plan_shim_files(c, &install, &|_| Ok(base.to_string())).unwrap();
+        let path = install
+            .shim_config_dir(&c.shims[i].name)
+            .join("config.d/10-kata-deploy.toml");
+        let f = files.iter().find(|f| f.path == path).unwrap();
+        String::from_utf8(f.content.clone())
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn kernel_params(doc: &DocumentMut) -> &str {
+        doc["hypervisor"]["qemu"]["kernel_params"].as_str().unwrap()
+    }
+
+    #[test]
+    fn agent_proxies_reach_that_shims_kernel_params_as_upstream_passes_them() {
+        let c = cfg(concat!(
+            "imagePullTimeoutSeconds: 1800\nshims:\n",
+            "- {name: qemu-tdx, agentHttpsProxy: 'http://user:p=w@proxy.example:3128', agentNoProxy: '10.0.0.0/8,.svc,.cluster.local'}\n",
+            "- {name: qemu-snp, agentNoProxy: localhost}\n",
+            "- {name: qemu}\n",
+        ));
+        assert_eq!(
+            kernel_params(&written_dropin(&c, 0, BASE)),
+            "nvrc.smi.srs=1 agent.image_pull_timeout=1800 agent.https_proxy=http://user:p=w@proxy.example:3128 agent.no_proxy=10.0.0.0/8,.svc,.cluster.local"
+        );
+        assert_eq!(
+            kernel_params(&written_dropin(&c, 1, BASE)),
+            "nvrc.smi.srs=1 agent.image_pull_timeout=1800 agent.no_proxy=localhost"
+        );
+        // Another shim is left alone: exactly what it got before these keys existed.
+        assert_eq!(
+            kernel_params(&written_dropin(&c, 2, BASE)),
+            "nvrc.smi.srs=1 agent.image_pull_timeout=1800"
+        );
+        // With debug, upstream's order: proxies, then agent.log=debug.
+        let d = cfg("debug: true\nshims: [{name: qemu, agentHttpsProxy: 'http://p:1'}]\n");
+        assert_eq!(
+            kernel_params(&written_dropin(&d, 0, BASE)),
+            "nvrc.smi.srs=1 agent.image_pull_timeout=1200 agent.https_proxy=http://p:1 agent.log=debug"
+        );
+    }
+
+    #[test]
+    fn kernel_params_keep_their_order_and_a_base_proxy_is_replaced_where_it_stands() {
+        let base = "a=1 agent.https_proxy=http://old:1 b agent.image_pull_timeout=5 c=3";
+        // Nothing set: the base parameters stay in order, only the timeout moves (as before).
+        assert_eq!(
+            kernel_params_with_timeout(base, 60, false, &[]),
+            "a=1 agent.https_proxy=http://old:1 b c=3 agent.image_pull_timeout=60"
+        );
+        assert_eq!(
+            kernel_params_with_timeout(
+                base,
+                60,
+                false,
+                &[
+                    ("agent.https_proxy", "http://new:2"),
+                    ("agent.no_proxy", "x")
+                ]
+            ),
+            "a=1 agent.https_proxy=http://new:2 b c=3 agent.image_pull_timeout=60 agent.no_proxy=x"
+        );
+        // Rendering twice gives the same bytes (nothing rewritten on a re-run).
+        let c = cfg("shims: [{name: qemu, agentNoProxy: '.svc'}]\n");
+        let once = render_kata_dropin(BASE, Path::new("b"), &c.shims[0], &c).unwrap();
+        assert_eq!(
+            once,
+            render_kata_dropin(BASE, Path::new("b"), &c.shims[0], &c).unwrap()
+        );
+    }
+
+    #[test]
+    fn kernel_param_values_that_cannot_go_on_a_command_line_are_named() {
+        for (v, why) in [
+            ("http://a b", "whitespace"),
+            ("x\ty", "whitespace"),
+            ("\"http://p\"", "a quote"),
+            ("it's", "a quote"),
+            ("a\u{7}b", "a control character"),
+        ] {
+            assert_eq!(kernel_param_value_problem(v), Some(why), "{v:?}");
+        }
+        assert_eq!(
+            kernel_param_value_problem("http://u:p@h:3128/?a=b,.svc"),
+            None
+        );
+    }
+
+    const BASE_RS: &str = r#"
+[hypervisor.qemu]
+kernel_params = ""
+
+[runtime]
+experimental = ["some_feature"]
+"#;
+
+    #[test]
+    fn force_guest_pull_sets_the_runtimes_forced_guest_pull_for_that_shim_only() {
+        let c = cfg("shims: [{name: qemu-coco-dev, forceGuestPull: true}, {name: qemu-coco-dev-runtime-rs, forceGuestPull: true}, {name: qemu}]\n");
+        let go = written_dropin(&c, 0, BASE);
+        assert_eq!(
+            go["runtime"]["experimental_force_guest_pull"].as_bool(),
+            Some(true),
+            "{go}"
+        );
+        assert!(go["runtime"].get("experimental").is_none(), "{go}");
+        // runtime-rs reads its experimental list: the base's features kept, force_guest_pull added.
+        let rs = written_dropin(&c, 1, BASE_RS);
+        assert_eq!(
+            rs["runtime"]["experimental_force_guest_pull"].as_bool(),
+            Some(true),
+            "{rs}"
+        );
+        let features: Vec<_> = rs["runtime"]["experimental"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(features, ["some_feature", "force_guest_pull"]);
+        let plain = written_dropin(&c, 2, BASE);
+        assert!(
+            plain["runtime"]
+                .get("experimental_force_guest_pull")
+                .is_none(),
+            "{plain}"
+        );
     }
 
     #[test]
