@@ -959,7 +959,7 @@ UPSTREAM_KEYS = {
     "imagePullPolicy": "impl", "imagePullSecrets": "impl", "image.reference": "impl", "image.tag": "impl",
     "kubectlImage": "noeffect", "monitor.enabled": "refused", "monitor": "noeffect", "k8sDistribution": "impl",
     "containerd.configDir": "refused", "containerd.runtimeSocket": "refused", "containerd.configFileName": "refused",
-    "containerd.userDropIn": "noeffect", "nodeSelector": "impl", "tolerations": "impl", "startupTaints": "refused",
+    "containerd.userDropIn": "noeffect", "nodeSelector": "impl", "tolerations": "impl", "startupTaints": "impl",
     "podLabels": "impl", "podAnnotations": "impl", "affinity.nodeAffinity": "impl", "affinity.podAffinity": "noeffect",
     "affinity.podAntiAffinity": "noeffect", "affinity": "impl", "priorityClassName": "impl", "updateStrategy": "noeffect",
     "resources": "impl", "debug": "impl", "devkit": "noeffect", "logLevel": "noeffect", "health": "noeffect",
@@ -1110,7 +1110,7 @@ def t_upstream():
         ({"containerd": {"configDir": "/etc/my-containerd/"}}, ["containerd.configDir", "stage.cri"]),
         ({"containerd": {"runtimeSocket": "unix:///run/x.sock"}}, ["containerd.runtimeSocket", "stage.cri"]),
         ({"containerd": {"configFileName": "my.toml"}}, ["containerd.configFileName", "stage.cri"]),
-        ({"startupTaints": ["katacontainers.io/kata-runtime:NoSchedule"]}, ["startupTaints", "katacontainers.io/kata-runtime=true"]),
+        ({"startupTaints": ["katacontainers.io/kata-runtime:Sometimes"]}, ["startupTaints", "key[=value][:Effect]"]),
         ({"shims": {"qemu-snp": {"containerd": {"forceGuestPull": True}}}}, ["shims.qemu-snp.containerd.forceGuestPull", "snapshotter: nydus"]),
         ({"shims": {"qemu-tdx": {"agent": {"httpsProxy": "http://proxy:3128"}}}}, ["shims.qemu-tdx.agent.httpsProxy", "dropIn"]),
         ({"shims": {"qemu-tdx": {"agent": {"noProxy": "10.0.0.0/8"}}}}, ["shims.qemu-tdx.agent.noProxy", "dropIn"]),
@@ -1439,6 +1439,31 @@ def t_canary():
     for bad in [-1, "sometimes", 1.5]:
         check(f"schema refuses job.canary={bad!r}", render_err({"job": {"canary": bad}}) != "")
 guarded("canary", t_canary)
+
+# ------------------------------------------------------- rollout controls (issue 23): startupTaints
+def t_startup_taints():
+    objs = render({"startupTaints": ["example.com/kata-not-ready:NoSchedule", "b=1"]}, api_vap=True)
+    cfg, _ = stage_config(objs)
+    check("startupTaints reach the stage configuration verbatim", cfg.get("startupTaints") == ["example.com/kata-not-ready:NoSchedule", "b=1"], cfg.get("startupTaints"))
+    ij, cj, _ = templates(objs)
+    tol = ij["spec"]["template"]["spec"]["tolerations"]
+    check("install Jobs tolerate the startup taints (they lift them)",
+          {"key": "example.com/kata-not-ready", "operator": "Exists", "effect": "NoSchedule"} in tol
+          and {"key": "b", "operator": "Exists"} in tol and tol[:len(DS_TOLERATIONS)] == DS_TOLERATIONS, tol)
+    pol = [p for p in find(objs, "ValidatingAdmissionPolicy") if p["metadata"]["name"].endswith("-node-scope")][0]
+    var = {v["name"]: v["expression"] for v in pol["spec"]["variables"]}
+    check("node-scope policy: the startup taints as a CEL list, and a taint rule that removes only them",
+          json.loads(var.get("startup", "[]")) == [{"key": "example.com/kata-not-ready", "effect": "NoSchedule", "value": "", "hasValue": "false"},
+                                                   {"key": "b", "effect": "", "value": "1", "hasValue": "true"}]
+          and any("variables.startup.exists" in v["expression"] for v in pol["spec"]["validations"]), var)
+    cfg, _ = stage_config(render())
+    pol = [p for p in find(render(api_vap=True), "ValidatingAdmissionPolicy") if p["metadata"]["name"].endswith("-node-scope")][0]
+    check("no startupTaints: nothing in the stage configuration, the spec stays frozen",
+          "startupTaints" not in cfg and any(v["expression"] == "object.spec == oldObject.spec" for v in pol["spec"]["validations"]), pol["spec"]["validations"])
+    for bad in ["k:Sometimes", ":NoSchedule", "a b"]:
+        err = render_err({"startupTaints": [bad]})
+        check(f"startupTaints {bad!r} refused naming the form", "key[=value][:Effect]" in err, err)
+guarded("startupTaints", t_startup_taints)
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{json, Value};
 
@@ -112,6 +112,84 @@ pub fn unlabel_edit(
         vec![]
     };
     (set, uninstall_removals(install, labels))
+}
+
+/// One startup taint to lift: `key[=value][:Effect]` (no value: any value; no effect: any effect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaintMatch {
+    /// Taint key.
+    pub key: String,
+    /// Taint value, when given.
+    pub value: Option<String>,
+    /// NoSchedule, PreferNoSchedule or NoExecute, when given.
+    pub effect: Option<String>,
+}
+
+impl TaintMatch {
+    /// Parses `key[=value][:Effect]` (kubectl taint syntax, without the trailing `-`).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "{s:?} {why}: use key[=value][:Effect], e.g. example.com/kata-not-ready:NoSchedule"
+            )
+        };
+        let (rest, effect) = match s.rsplit_once(':') {
+            Some((r, e)) if ["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&e) => {
+                (r, Some(e.to_owned()))
+            }
+            Some((_, e)) => {
+                return Err(bad(&format!(
+                    "has the effect {e:?}, not NoSchedule, PreferNoSchedule or NoExecute"
+                )))
+            }
+            None => (s, None),
+        };
+        let (key, value) = match rest.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_owned())),
+            None => (rest, None),
+        };
+        let key_ok = !key.is_empty()
+            && key.len() <= 317
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        if !key_ok {
+            return Err(bad("has no valid taint key"));
+        }
+        Ok(Self {
+            key: key.to_owned(),
+            value,
+            effect,
+        })
+    }
+
+    /// Whether `t` is this startup taint.
+    pub fn matches(&self, t: &Taint) -> bool {
+        t.key == self.key
+            && self
+                .value
+                .as_ref()
+                .is_none_or(|v| t.value.as_deref().unwrap_or("") == v)
+            && self.effect.as_ref().is_none_or(|e| t.effect == *e)
+    }
+}
+
+/// The JSON patch removing the taints `lift` matches from `current` (guarded by the node UID and
+/// by the taint list as read, so a concurrent change makes it fail and be re-read); `None` when
+/// none of them is on the node.
+pub fn build_untaint_patch(uid: &str, current: &[Taint], lift: &[TaintMatch]) -> Option<Value> {
+    let kept: Vec<&Taint> = current
+        .iter()
+        .filter(|t| !lift.iter().any(|m| m.matches(t)))
+        .collect();
+    if kept.len() == current.len() {
+        return None;
+    }
+    Some(json!([
+        {"op": "test", "path": "/metadata/uid", "value": uid},
+        {"op": "test", "path": "/spec/taints", "value": current},
+        {"op": "replace", "path": "/spec/taints", "value": kept},
+    ]))
 }
 
 /// A kube client bound to one node.
@@ -309,6 +387,47 @@ impl NodeLabeler {
         Ok(())
     }
 
+    /// Removes the startup taints from the node (after it was labelled): exactly those, nothing
+    /// else; returns whether anything was removed.
+    pub async fn lift_startup_taints(&self, lift: &[TaintMatch]) -> Result<bool> {
+        if lift.is_empty() {
+            return Ok(false);
+        }
+        let mut last = String::new();
+        for attempt in 0..5 {
+            let node = self.get_retrying().await?;
+            let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+            let Some(patch) = build_untaint_patch(&self.uid, &taints, lift) else {
+                return Ok(false);
+            };
+            let patch: json_patch::Patch = serde_json::from_value(patch).expect("valid JSON patch");
+            match self
+                .api
+                .patch(
+                    &self.name,
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(stage = "label", node = %self.name, ?lift, "startup taints lifted");
+                    return Ok(true);
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    tracing::warn!(stage = "label", node = %self.name, attempt, error = %e, "taint patch failed; re-reading the node");
+                    tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
+                }
+            }
+        }
+        Err(kube_err(
+            &self.name,
+            format!("could not lift the startup taints: {last}"),
+            "Check the node-scope admission policy lists these startupTaints (helm upgrade renders it) and RBAC (nodes patch)",
+        ))
+    }
+
     /// Removes our marker and, when no other install serves the node, the shared runtime label;
     /// the state label says `cleaning` until unclaim removes it.
     pub async fn unlabel(&self, install: &Install) -> Result<bool> {
@@ -391,6 +510,61 @@ mod tests {
         assert_eq!(
             p[2],
             json!({"op": "remove", "path": "/metadata/labels/katacontainers.io~1kata-deploy-installed-cicd"})
+        );
+    }
+
+    fn taint(key: &str, value: Option<&str>, effect: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            value: value.map(str::to_owned),
+            effect: effect.into(),
+            time_added: None,
+        }
+    }
+
+    #[test]
+    fn startup_taints_parse_like_kubectl_and_bad_ones_are_named() {
+        let m = TaintMatch::parse("example.com/kata:NoSchedule").unwrap();
+        assert_eq!(
+            (m.key.as_str(), m.value, m.effect.as_deref()),
+            ("example.com/kata", None, Some("NoSchedule"))
+        );
+        let m = TaintMatch::parse("k=v").unwrap();
+        assert_eq!((m.value.as_deref(), m.effect), (Some("v"), None));
+        for bad in ["", ":NoSchedule", "k:Sometimes", "bad key:NoExecute"] {
+            let e = TaintMatch::parse(bad).unwrap_err();
+            assert!(e.contains("key[=value][:Effect]"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_untaint_patch_removes_exactly_the_startup_taints() {
+        let lift = [
+            TaintMatch::parse("kata/not-ready:NoSchedule").unwrap(),
+            TaintMatch::parse("kata/x=1").unwrap(),
+        ];
+        let current = [
+            taint("kata/not-ready", None, "NoSchedule"),
+            taint("kata/not-ready", None, "NoExecute"),
+            taint("kata/x", Some("1"), "NoExecute"),
+            taint("kata/x", Some("2"), "NoExecute"),
+            taint("other", None, "NoSchedule"),
+        ];
+        let p = build_untaint_patch("u", &current, &lift).unwrap();
+        assert_eq!(
+            p[0],
+            json!({"op": "test", "path": "/metadata/uid", "value": "u"})
+        );
+        assert_eq!(p[1]["op"], "test", "guarded by the list as read");
+        let kept: Vec<Taint> = serde_json::from_value(p[2]["value"].clone()).unwrap();
+        assert_eq!(
+            kept,
+            [current[1].clone(), current[3].clone(), current[4].clone()]
+        );
+        let _: json_patch::Patch = serde_json::from_value(p).unwrap();
+        assert!(
+            build_untaint_patch("u", &current[3..], &lift).is_none(),
+            "nothing to lift: no write"
         );
     }
 

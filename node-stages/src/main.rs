@@ -9,7 +9,7 @@ use kata_deploy_stage::config::{load_config, NodeFacts, RestartMode, ValidConfig
 use kata_deploy_stage::error::StageError;
 use kata_deploy_stage::hostcheck;
 use kata_deploy_stage::hostfs::HostFs;
-use kata_deploy_stage::label::NodeLabeler;
+use kata_deploy_stage::label::{NodeLabeler, TaintMatch};
 use kata_deploy_stage::restart::{
     ExecRestarter, NoRestarter, Restarter, SystemdRestarter, SYSTEMD_CALL_DEADLINE,
 };
@@ -253,7 +253,15 @@ fn run(cli: &Cli) -> Result<(), StageError> {
                     Duration::from_secs(cfg.cfg.label_ready_timeout_seconds),
                     Duration::from_secs(cli.label_recheck_seconds),
                 )
-                .await
+                .await?;
+                // The last step: Kata pods may land on the node from now on.
+                let lift: Vec<TaintMatch> = cfg
+                    .cfg
+                    .startup_taints
+                    .iter()
+                    .filter_map(|t| TaintMatch::parse(t).ok())
+                    .collect();
+                l.lift_startup_taints(&lift).await.map(drop)
             } else {
                 l.unlabel(&i).await.map(drop)
             }

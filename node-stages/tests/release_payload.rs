@@ -196,6 +196,31 @@ fn release_4x_installs_only_what_the_shims_need_reruns_as_no_op_and_upgrades_exa
 }
 
 #[test]
+fn the_remote_shim_needs_only_its_shim_component() {
+    // Upstream's remote configuration names a kernel and an image (the peer-pods VM's), yet its
+    // components are only shim-v2-go: installed without them, not refused.
+    let host = make_host(&flavour("containerd-2.0"));
+    let r = artifacts(
+        "artifacts",
+        host.path(),
+        "shims:\n  - name: remote\n",
+        &release("4.x", ""),
+    )
+    .unwrap();
+    let files = written(&r);
+    assert!(
+        files
+            .iter()
+            .any(|f| f == "/opt/kata/bin/containerd-shim-kata-v2"),
+        "{files:?}"
+    );
+    assert!(
+        !files.iter().any(|f| f.contains("share/kata-containers/")),
+        "{files:?}"
+    );
+}
+
+#[test]
 fn release_3_32_under_a_custom_prefix_and_suffix() {
     let host = make_host(&flavour("containerd-2.0"));
     let yaml = "installPrefix: /opt/kata-rel\nmultiInstallSuffix: t\nshims:\n  - name: qemu\n  - name: clh\n";

@@ -1249,15 +1249,14 @@ async fn an_evicted_per_node_pod_is_replaced_without_spending_a_retry() -> Resul
     Ok(())
 }
 
-const STATE_LABEL: &str = "katacontainers.io/kata-deploy-state";
-
 /// Every value the state label of each watched node took, in order (`None`: no label), as an
 /// independent watcher of the Nodes saw them.
 #[derive(Clone, Default)]
 struct StateRecorder(std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<Option<String>>>>>);
 
 impl StateRecorder {
-    fn start(nodes: Api<Node>, selector: &str) -> Self {
+    fn start(nodes: Api<Node>, selector: &str, key: &str) -> Self {
+        let key = key.to_owned();
         use futures::StreamExt;
         use kube::runtime::{watcher, WatchStreamExt};
         let me = Self::default();
@@ -1269,7 +1268,7 @@ impl StateRecorder {
             let mut stream = Box::pin(stream);
             while let Some(Ok(node)) = stream.next().await {
                 let name = node.metadata.name.clone().unwrap_or_default();
-                let value = labels_of(&node).get(STATE_LABEL).cloned();
+                let value = labels_of(&node).get(&key).cloned();
                 let mut s = seen.lock().expect("recorder lock");
                 let v = s.entry(name).or_default();
                 if v.last() != Some(&value) {
@@ -1316,9 +1315,15 @@ async fn node_state_and_rollout_summary_follow_install_failure_and_uninstall() -
     let chart = repo_root().join("chart/kata-deploy");
     let chart = chart.to_str().expect("utf-8");
     let scope = bed.scope();
+    // Its own suffix: RuntimeClasses are cluster-scoped and tests run side by side.
+    let suffix = ns.replacen("state-", "st", 1);
+    let key = format!("katacontainers.io/kata-deploy-state-{suffix}");
+    let suffix_set = format!("env.multiInstallSuffix={suffix}");
     let mut args = vec!["install", "kata-deploy", chart];
     args.extend(scope.iter().map(String::as_str));
     args.extend([
+        "--set",
+        &suffix_set,
         "--set",
         "shims.disableAll=true",
         "--set",
@@ -1327,7 +1332,7 @@ async fn node_state_and_rollout_summary_follow_install_failure_and_uninstall() -
         "--timeout",
         "3m",
     ]);
-    let recorder = StateRecorder::start(bed.nodes.clone(), &format!("kata-test/group={ns}"));
+    let recorder = StateRecorder::start(bed.nodes.clone(), &format!("kata-test/group={ns}"), &key);
     std::fs::remove_file(bed.hosts.join(&local[1]).join("dev/kvm"))?;
     let (ok, out) = cluster.run_helm(&args).await?;
     assert!(
@@ -1406,6 +1411,167 @@ async fn node_state_and_rollout_summary_follow_install_failure_and_uninstall() -
         ["-", "pending", "failed", "pending", "cleaning", "-"],
         "the failed node is cleaned of its state too"
     );
+    bed.kubelet.shutdown().await;
+    Ok(())
+}
+
+/// Taints of `node`.
+async fn taints_of(
+    nodes: &Api<Node>,
+    node: &str,
+) -> Result<Vec<k8s_openapi::api::core::v1::Taint>> {
+    Ok(nodes
+        .get(node)
+        .await?
+        .spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default())
+}
+
+/// Sets the taints of `node` to exactly `taints` (a merge patch of the whole list).
+async fn set_taints(
+    nodes: &Api<Node>,
+    node: &str,
+    taints: &[k8s_openapi::api::core::v1::Taint],
+) -> kube::Result<Node> {
+    let patch = serde_json::json!({"spec": {"taints": taints}});
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+}
+
+fn taint(key: &str, effect: &str) -> k8s_openapi::api::core::v1::Taint {
+    k8s_openapi::api::core::v1::Taint {
+        key: key.into(),
+        effect: effect.into(),
+        ..Default::default()
+    }
+}
+
+/// startupTaints on the real API server: the real label stage lifts exactly the startup taint
+/// from its own Node as the install's last step (another taint stays); with a per-node token,
+/// removing the startup taint from its own Node is admitted, while adding a taint, removing
+/// another taint, or removing the startup taint from another Node is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_taints_are_lifted_and_the_node_token_can_remove_nothing_else() -> Result<()> {
+    const STARTUP: &str = "example.com/kata-not-ready";
+    const KEEP: &str = "example.com/keep";
+    let bed = Bed::start("taint", 1).await?;
+    let (cluster, ns, local) = (&bed.cluster, bed.ns.as_str(), &bed.local);
+    let nodes = &bed.nodes;
+    let mut with_startup = taints_of(nodes, &local[0]).await?;
+    with_startup.extend([
+        taint(STARTUP, "NoSchedule"),
+        taint(KEEP, "PreferNoSchedule"),
+    ]);
+    set_taints(nodes, &local[0], &with_startup).await?;
+    let sim_spec = SimNode {
+        labels: [("kata-test/none".to_string(), ns.to_string())].into(),
+        taints: vec![(STARTUP.into(), String::new(), "NoSchedule".into())],
+        ..Default::default()
+    };
+    let sim = cluster.sim_nodes(&format!("{ns}-s"), 2, &sim_spec).await?;
+    let chart = repo_root().join("chart/kata-deploy");
+    let chart = chart.to_str().expect("utf-8");
+    let suffix = ns.replacen("taint-", "tt", 1);
+    let suffix_set = format!("env.multiInstallSuffix={suffix}");
+    let startup_set = format!("startupTaints[0]={STARTUP}:NoSchedule");
+    let tolerate = format!("job.dispatcher.tolerations[0].key={STARTUP}");
+    let mut args = vec!["install", "kata-deploy", chart];
+    let scope = bed.scope();
+    args.extend(scope.iter().map(String::as_str));
+    args.extend([
+        "--set",
+        &suffix_set,
+        "--set",
+        &startup_set,
+        // The dispatcher pod runs on the local node, which carries the startup taint.
+        "--set",
+        &tolerate,
+        "--set",
+        "job.dispatcher.tolerations[0].operator=Exists",
+        "--set",
+        "shims.disableAll=true",
+        "--set",
+        "shims.qemu.enabled=true",
+        "--wait",
+        "--timeout",
+        "3m",
+    ]);
+    let (ok, out) = cluster.run_helm(&args).await?;
+    assert!(ok, "helm install failed: {out}");
+    let after: Vec<String> = taints_of(nodes, &local[0])
+        .await?
+        .iter()
+        .map(|t| format!("{}:{}", t.key, t.effect))
+        .collect();
+    assert!(
+        !after.contains(&format!("{STARTUP}:NoSchedule")),
+        "lifted: {after:?}"
+    );
+    assert!(
+        after.contains(&format!("{KEEP}:PreferNoSchedule")),
+        "the other taint stays: {after:?}"
+    );
+    assert_eq!(
+        labels_of(&nodes.get(&local[0]).await?)
+            .get(KATA_LABEL)
+            .map(String::as_str),
+        Some("true"),
+        "labelled before the taint was lifted"
+    );
+
+    // The per-node token on a simulated node (kwok's own taint + the startup taint).
+    let node_sa = format!("kata-deploy-{suffix}-node");
+    let node_sa = Api::<ServiceAccount>::namespaced(cluster.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|sa| sa.metadata.name)
+        .find(|n| n.ends_with("-node"))
+        .with_context(|| format!("the per-node ServiceAccount ({node_sa})"))?;
+    let as_node = nodes_as(cluster, ns, &node_sa, "taint-probe", &sim[0]).await?;
+    let own = taints_of(nodes, &sim[0]).await?;
+    assert!(
+        own.iter().any(|t| t.key == STARTUP) && own.len() >= 2,
+        "{own:?}"
+    );
+    let refused = |r: &kube::Result<Node>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422);
+    let mut added = own.clone();
+    added.push(taint("example.com/added", "NoSchedule"));
+    let r = set_taints(&as_node, &sim[0], &added).await;
+    assert!(refused(&r), "adding a taint must be refused: {r:?}");
+    let other_removed: Vec<_> = own.iter().filter(|t| t.key == STARTUP).cloned().collect();
+    let r = set_taints(&as_node, &sim[0], &other_removed).await;
+    assert!(refused(&r), "removing another taint must be refused: {r:?}");
+    let theirs: Vec<_> = taints_of(nodes, &sim[1])
+        .await?
+        .into_iter()
+        .filter(|t| t.key != STARTUP)
+        .collect();
+    let r = set_taints(&as_node, &sim[1], &theirs).await;
+    assert!(
+        refused(&r),
+        "another node's startup taint must be refused: {r:?}"
+    );
+    let lifted: Vec<_> = own.iter().filter(|t| t.key != STARTUP).cloned().collect();
+    let r = set_taints(&as_node, &sim[0], &lifted).await;
+    assert!(r.is_ok(), "its own node's startup taint: {r:?}");
+    assert_eq!(taints_of(nodes, &sim[0]).await?, lifted);
+
+    let (ok, out) = cluster
+        .run_helm(&[
+            "uninstall",
+            "kata-deploy",
+            "--namespace",
+            ns,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .await?;
+    assert!(ok, "helm uninstall failed: {out}");
     bed.kubelet.shutdown().await;
     Ok(())
 }

@@ -338,7 +338,33 @@ runtime does not evict the stage), plus the user's tolerations and job.nodeJobs.
       (dict "key" "node.kubernetes.io/memory-pressure" "operator" "Exists" "effect" "NoSchedule")
       (dict "key" "node.kubernetes.io/pid-pressure" "operator" "Exists" "effect" "NoSchedule")
       (dict "key" "node.kubernetes.io/unschedulable" "operator" "Exists" "effect" "NoSchedule") -}}
-{{- concat $ds (.Values.tolerations | default list) (.Values.job.nodeJobs.tolerations | default list) | uniq | toJson -}}
+{{- /* startupTaints: the install Jobs must reach the nodes that carry them (they lift them). */ -}}
+{{- $startup := list -}}
+{{- range include "kata-deploy.startupTaints" . | fromJsonArray -}}
+{{- $t := dict "key" .key "operator" "Exists" -}}
+{{- if .effect }}{{ $_ := set $t "effect" .effect }}{{ end -}}
+{{- $startup = append $startup $t -}}
+{{- end -}}
+{{- concat $ds (.Values.tolerations | default list) (.Values.job.nodeJobs.tolerations | default list) $startup | uniq | toJson -}}
+{{- end -}}
+
+{{/* startupTaints (upstream's key: key[=value][:Effect] strings) as a JSON list of
+     {key, effect ("" = any), value, hasValue ("true"/"false")}; a malformed entry fails. */}}
+{{- define "kata-deploy.startupTaints" -}}
+{{- $out := list -}}
+{{- range $t := .Values.startupTaints | default list -}}
+{{- $s := toString $t -}}
+{{- if not (regexMatch "^[A-Za-z0-9._/-]+(=[^:]*)?(:(NoSchedule|PreferNoSchedule|NoExecute))?$" $s) -}}
+{{- fail (printf "startupTaints: %q is not key[=value][:Effect] (Effect: NoSchedule, PreferNoSchedule or NoExecute), e.g. example.com/kata-not-ready:NoSchedule" $s) -}}
+{{- end -}}
+{{- $effect := "" -}}{{- $rest := $s -}}
+{{- if regexMatch ":(NoSchedule|PreferNoSchedule|NoExecute)$" $s -}}
+{{- $effect = regexFind "[A-Za-z]+$" $s -}}{{- $rest = trimSuffix (printf ":%s" $effect) $s -}}
+{{- end -}}
+{{- $kv := splitn "=" 2 $rest -}}
+{{- $out = append $out (dict "key" $kv._0 "effect" $effect "value" ($kv._1 | default "") "hasValue" (ternary "true" "false" (contains "=" $rest))) -}}
+{{- end -}}
+{{- $out | toJson -}}
 {{- end -}}
 
 {{/*
@@ -567,6 +593,9 @@ cri: {{ include "kata-deploy.cri" . | toJson }}
 restart: {{ .Values.stage.restart | toJson }}
 runtimeReadyTimeoutSeconds: {{ .Values.stage.runtimeReadyTimeoutSeconds | int }}
 labelReadyTimeoutSeconds: {{ include "kata-deploy.labelReadyTimeout" . }}
+{{- with .Values.startupTaints }}
+startupTaints: {{ toJson . }}
+{{- end }}
 runningPodsWaitSeconds: {{ .Values.stage.runningKataPods.waitSeconds | int }}
 forceHandlerRemoval: {{ include "kata-deploy.bool" .Values.stage.runningKataPods.force }}
 {{- if or $shims $customs }}
