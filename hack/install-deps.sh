@@ -7,7 +7,8 @@ log() { printf '[install-deps %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 need_apt=()
 # debootstrap, systemd-container (systemd-nspawn), iptables, busybox-static: the real nodes
 # (hack/testenv/realnode/: their rootfs, the node containers, the Service IP, the pause image).
-for pkg in containerd buildah openssl curl python3-yaml musl-tools debootstrap systemd-container iptables busybox-static; do
+# zstd: the test release images' kata-static-<component>.tar.zst (hack/make-release-payload.sh).
+for pkg in containerd buildah openssl curl python3-yaml musl-tools debootstrap systemd-container iptables busybox-static zstd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

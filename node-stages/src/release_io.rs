@@ -66,26 +66,11 @@ pub fn index_tarball(tarball: &Path, tarball_sha256: String) -> Result<Component
             EntryType::Regular | EntryType::Continuous => {
                 let size = e.size();
                 let mode = release::install_mode(e.header().mode().map_err(corrupt)?);
-                let keep = release::keeps_text(&rel, size);
-                let mut h = Sha256::new();
-                let mut text = Vec::new();
-                let mut buf = vec![0u8; 1 << 16];
-                loop {
-                    let n = e.read(&mut buf).map_err(corrupt)?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                    if keep {
-                        text.write_all(&buf[..n]).map_err(corrupt)?;
-                    }
+                let (sha256, text) =
+                    hash_entry(&mut e, release::keeps_text(&rel, size)).map_err(corrupt)?;
+                if let Some(t) = text {
+                    idx.texts.insert(rel.clone(), t);
                 }
-                if keep {
-                    if let Ok(t) = String::from_utf8(text) {
-                        idx.texts.insert(rel.clone(), t);
-                    }
-                }
-                let sha256 = hex::encode(h.finalize());
                 let from = rel.clone();
                 idx.entries.insert(
                     rel,
@@ -131,6 +116,25 @@ pub fn index_tarball(tarball: &Path, tarball_sha256: String) -> Result<Component
         }
     }
     Ok(idx)
+}
+
+/// sha256 of an entry's bytes, and the bytes as text when `keep` (and UTF-8).
+fn hash_entry(e: &mut dyn Read, keep: bool) -> std::io::Result<(String, Option<String>)> {
+    let mut h = Sha256::new();
+    let mut text = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = e.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        if keep {
+            text.write_all(&buf[..n])?;
+        }
+    }
+    let text = keep.then(|| String::from_utf8(text).ok()).flatten();
+    Ok((hex::encode(h.finalize()), text))
 }
 
 /// Where the bytes of one tarball entry go: host path, expected sha256, mode.
@@ -284,12 +288,21 @@ pub fn open_release(
             }
         }
     }
+    payload.files.extend(plain_files(dir, nydus)?);
+    payload.release = Some(indexes);
+    Ok(payload)
+}
+
+/// The release's files outside the tarballs: 4.x's `versions.yaml` and, when a shim uses guest
+/// pull, the nydus snapshotter's binaries (its templates are not used: the stage renders its own).
+fn plain_files(dir: &Path, nydus: bool) -> Result<BTreeMap<PathBuf, PayloadFile>> {
     let mut plain = vec![PathBuf::from(release::VERSIONS_YAML)];
     if nydus {
         for bin in ["containerd-nydus-grpc", "nydus-overlayfs"] {
             plain.push(Path::new(NYDUS_PAYLOAD_DIR).join(bin));
         }
     }
+    let mut out = BTreeMap::new();
     for rel in plain {
         let full = dir.join(&rel);
         let Ok(md) = std::fs::metadata(&full) else {
@@ -301,19 +314,16 @@ pub fn open_release(
         use std::os::unix::fs::PermissionsExt;
         let mode = release::install_mode(md.permissions().mode());
         let sha256 = sha256_path(&full)?;
-        payload.files.insert(
-            rel.clone(),
-            PayloadFile {
-                rel,
-                sha256,
-                size: md.len(),
-                mode,
-                origin: Origin::Dir(full),
-            },
-        );
+        let file = PayloadFile {
+            rel: rel.clone(),
+            sha256,
+            size: md.len(),
+            mode,
+            origin: Origin::Dir(full),
+        };
+        out.insert(rel, file);
     }
-    payload.release = Some(indexes);
-    Ok(payload)
+    Ok(out)
 }
 
 #[cfg(test)]
