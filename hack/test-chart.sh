@@ -133,7 +133,7 @@ ALL_SHIMS = ["clh", "clh-azure", "clh-runtime-rs", "clh-azure-runtime-rs", "drag
              "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-snp-runtime-rs", "qemu-nvidia-gpu-tdx", "qemu-nvidia-gpu-tdx-runtime-rs",
              "qemu-snp", "qemu-snp-runtime-rs", "qemu-tdx", "qemu-tdx-runtime-rs", "qemu-se", "qemu-se-runtime-rs",
              "qemu-coco-dev", "qemu-coco-dev-runtime-rs", "remote", "openvmm-azure-runtime-rs"]
-DEFAULT_ON = [s for s in ALL_SHIMS if s != "remote"]  # upstream: remote is off unless enabled
+DEFAULT_ON = [s for s in ALL_SHIMS if s not in ("remote", "fc")]  # upstream: remote is off unless enabled; fc: off here (values.yaml says why)
 # Guest pull by default (nydus on containerd, guest pull on CRI-O): TEE and confidential-GPU shims.
 GUEST_PULL = ["qemu-snp", "qemu-snp-runtime-rs", "qemu-tdx", "qemu-tdx-runtime-rs", "qemu-se", "qemu-se-runtime-rs",
               "qemu-coco-dev", "qemu-coco-dev-runtime-rs", "remote", "qemu-nvidia-gpu-snp", "qemu-nvidia-gpu-snp-runtime-rs",
@@ -166,7 +166,7 @@ def t_default():
     objs = render()
     kinds = sorted(o["kind"] for o in objs)
     check("default: no DaemonSet/Deployment (job mode only)", not any(k in ("DaemonSet", "Deployment") for k in kinds), kinds)
-    check("default: one RuntimeClass per enabled built-in shim (upstream's list; remote off)",
+    check("default: one RuntimeClass per enabled built-in shim (upstream's list; remote and fc off)",
           sorted(rcs(objs)) == sorted(f"kata-{s}" for s in DEFAULT_ON), sorted(rcs(objs)))
     check("default: both ValidatingAdmissionPolicies (per-node token, dispatcher record) rendered on Kubernetes >= 1.30", len(find(objs, "ValidatingAdmissionPolicy")) == 2)
 
@@ -371,7 +371,7 @@ def t_default():
           and cfg["imagePullTimeoutSeconds"] == 1200 and cfg["cri"] == "auto" and cfg["restart"] == "systemd"
           and cfg["runtimeReadyTimeoutSeconds"] == 0 and cfg["labelReadyTimeoutSeconds"] == 120
           and cfg["runningPodsWaitSeconds"] == 60 and cfg["forceHandlerRemoval"] is False, cfg)
-    check("stage config: every shim but remote enabled by default", sorted(s["name"] for s in cfg["shims"]) == sorted(DEFAULT_ON))
+    check("stage config: every shim but remote and fc enabled by default", sorted(s["name"] for s in cfg["shims"]) == sorted(DEFAULT_ON))
     gp = {s["name"]: (s["containerdSnapshotter"], s["crioPullType"]) for s in cfg["shims"]}
     check("stage config: TEE and confidential-GPU shims pull in the guest by default (nydus / guest-pull), others on the host",
           all(gp[n] == ("nydus", "guest-pull") for n in GUEST_PULL if n in gp)
@@ -966,8 +966,8 @@ UPSTREAM_KEYS = {
     "snapshotter.setup": "impl", "snapshotter.erofsMergeMode": "noeffect", "snapshotter.erofsSnapshotterMode": "noeffect",
     "snapshotter.erofsDmverity": "noeffect", "shims.disableAll": "impl", "shims.*.enabled": "impl", "shims.*.supportedArches": "impl",
     "shims.*.allowedHypervisorAnnotations": "impl", "shims.*.dropIn": "impl", "shims.*.containerd.snapshotter": "impl",
-    "shims.*.containerd.forceGuestPull": "refused", "shims.*.crio.guestPull": "impl", "shims.*.agent.httpsProxy": "refused",
-    "shims.*.agent.noProxy": "refused", "shims.*.runtimeClass.nodeSelector": "impl", "shims.*.runtimeClass.overhead": "impl",
+    "shims.*.containerd.forceGuestPull": "impl", "shims.*.crio.guestPull": "impl", "shims.*.agent.httpsProxy": "impl",
+    "shims.*.agent.noProxy": "impl", "shims.*.runtimeClass.nodeSelector": "impl", "shims.*.runtimeClass.overhead": "impl",
     "shims.*.runtimeClass.overheadEnabled": "impl", "defaultShim": "impl", "runtimeClasses.enabled": "impl",
     "runtimeClasses.createDefault": "impl", "runtimeClasses.defaultName": "impl", "runtimeClasses.overheadEnabled": "impl",
     "env.installationPrefix": "impl", "env.hostOS": "noeffect", "env.multiInstallSuffix": "impl",
@@ -1070,7 +1070,7 @@ def t_upstream():
         check(f"reuse {ver}: our stage keys filled from this chart's defaults", set(cfg) == STAGE_KEYS and cfg["restart"] == "systemd", cfg)
         check(f"reuse {ver}: VAP and state record present (our keys filled)", find(objs, "ValidatingAdmissionPolicy")
               and one(objs, "ConfigMap", "kata-deploy-kata-deploy-state"))
-        check(f"reuse {ver}: upstream's remote shim stays off, fc on", "kata-remote" not in rcs(objs) and "kata-fc" in rcs(objs))
+        check(f"reuse {ver}: upstream's remote shim stays off, and fc (on upstream, devmapper) is off here", "kata-remote" not in rcs(objs) and "kata-fc" not in rcs(objs))
         ia = args_of(dispatcher(objs, "install"))
         check(f"reuse {ver}: install Jobs follow DaemonSet taint rules (upstream's tolerations: []), the skip checks are passed",
               ij.get("tolerations") == DS_TOLERATIONS and flag_values(ia, "--installed-label") == ["katacontainers.io/kata-deploy-installed=true"]
@@ -1080,7 +1080,7 @@ def t_upstream():
               flag_values(a, "--selector") == ["katacontainers.io/kata-runtime", "katacontainers.io/kata-deploy-claimed", "katacontainers.io/kata-deploy-state"], a)
         notes = notes_of(chart=chart)
         for k in ["updateStrategy", "health", "kubectlImage", "monitor.*", "verification.daemonsetTimeout",
-                  "shims.fc.containerd.snapshotter=devmapper"]:
+                  "shims.fc (upstream: on by default, snapshotter devmapper): off by default in this chart"]:
             check(f"reuse {ver}: NOTES lists {k} as having no effect", f"  - {k}" in notes, notes[-1500:])
         check(f"reuse {ver}: upstream's image.reference (untagged) is the Kata release installed, at this chart's release",
               "Kata release installed on the nodes: quay.io/kata-containers/kata-deploy:4.1.0 " in notes
@@ -1111,9 +1111,6 @@ def t_upstream():
         ({"containerd": {"runtimeSocket": "unix:///run/x.sock"}}, ["containerd.runtimeSocket", "stage.cri"]),
         ({"containerd": {"configFileName": "my.toml"}}, ["containerd.configFileName", "stage.cri"]),
         ({"startupTaints": ["katacontainers.io/kata-runtime:Sometimes"]}, ["startupTaints", "key[=value][:Effect]"]),
-        ({"shims": {"qemu-snp": {"containerd": {"forceGuestPull": True}}}}, ["shims.qemu-snp.containerd.forceGuestPull", "snapshotter: nydus"]),
-        ({"shims": {"qemu-tdx": {"agent": {"httpsProxy": "http://proxy:3128"}}}}, ["shims.qemu-tdx.agent.httpsProxy", "dropIn"]),
-        ({"shims": {"qemu-tdx": {"agent": {"noProxy": "10.0.0.0/8"}}}}, ["shims.qemu-tdx.agent.noProxy", "dropIn"]),
         ({"node-feature-discovery": {"enabled": True}}, ["node-feature-discovery.enabled=true", "helm install nfd"]),
         ({"nodeFeatureRules": {"create": True}}, ["nodeFeatureRules.create=true", "auto or false"]),
         ({"image": {"reference": "quay.io/kata-containers/kata-deploy", "tag": "3.32.0"}, "payload": {"image": {"reference": "registry.example.com/kata-deploy-mirror"}}},
@@ -1194,6 +1191,88 @@ def t_upstream():
           "job.nodeSelectorExpressions=[]" in n0 and "job.requireNodes=false" in n0
           and "job.requireNodes=false" not in notes_of({"job": {"requireNodes": False}}), n0)
 guarded("upstream", t_upstream)
+
+# ----------------------------------- upstream keys (issue 24): agent proxy, forceGuestPull, fc, NFD
+def t_upstream_shim_keys():
+    base_text = stage_config(render())[1]["data"]["config.yaml"]
+    objs = render({"shims": {
+        "qemu-tdx": {"agent": {"httpsProxy": "http://user:p=w@proxy.example:3128", "noProxy": "10.0.0.0/8,.svc,.cluster.local"}},
+        "qemu-snp": {"agent": {"noProxy": "localhost"}, "containerd": {"forceGuestPull": True}},
+        "qemu-coco-dev": {"containerd": {"forceGuestPull": "true"}}},
+        "customRuntimes": {"enabled": True, "runtimes": {"my-tdx": {"baseConfig": "qemu-tdx", "agent": {"httpsProxy": "http://p2:8080"}}}}})
+    shims = {x["name"]: x for x in stage_config(objs)[0]["shims"]}
+    check("agent.httpsProxy / noProxy reach that shim's stage entry (agentHttpsProxy / agentNoProxy), verbatim",
+          shims["qemu-tdx"].get("agentHttpsProxy") == "http://user:p=w@proxy.example:3128"
+          and shims["qemu-tdx"].get("agentNoProxy") == "10.0.0.0/8,.svc,.cluster.local"
+          and shims["qemu-snp"].get("agentNoProxy") == "localhost" and "agentHttpsProxy" not in shims["qemu-snp"]
+          and shims["my-tdx"].get("agentHttpsProxy") == "http://p2:8080", {k: shims[k] for k in ["qemu-tdx", "qemu-snp", "my-tdx"]})
+    check("containerd.forceGuestPull: true (or \"true\") reaches that shim's stage entry as forceGuestPull: true",
+          shims["qemu-snp"].get("forceGuestPull") is True and shims["qemu-coco-dev"].get("forceGuestPull") is True, shims["qemu-snp"])
+    # The stage parses what the chart renders (deny_unknown_fields: the key names agree).
+    cands = [os.environ.get("KATA_STAGE_BIN", ""), os.path.join(os.environ["REPO"], "target/debug/kata-deploy-stage")]
+    stage = next((c for c in cands if c and os.access(c, os.X_OK)), None)
+    if check("upstream shim keys: a kata-deploy-stage binary (KATA_STAGE_BIN, or cargo build -p kata-deploy-stage)", stage, cands):
+        path = os.path.join(TMP, "agent-config.yaml")
+        with open(path, "w") as f:
+            f.write(stage_config(objs)[1]["data"]["config.yaml"])
+        p = subprocess.run([stage, "--config", path, "--host-root", tempfile.mkdtemp(dir=TMP), "--payload", tempfile.mkdtemp(dir=TMP), "status"],
+                           capture_output=True, text=True, timeout=60)
+        check("the stage binary accepts the rendered agentHttpsProxy / agentNoProxy / forceGuestPull", p.returncode == 0, (p.stdout + p.stderr)[-400:])
+    others = [n for n, x in shims.items() if n not in ("qemu-tdx", "qemu-snp", "qemu-coco-dev", "my-tdx")]
+    check("the other shims' entries are untouched (no new keys)", others and all(set(shims[n]) == SHIM_KEYS for n in others),
+          [shims[n] for n in others if set(shims[n]) != SHIM_KEYS])
+    same = stage_config(render({"shims": {"qemu": {"agent": {"httpsProxy": "", "noProxy": ""}, "containerd": {"forceGuestPull": False}}}}))[1]["data"]["config.yaml"]
+    check("unset / empty / false values leave the stage configuration byte-identical (its hash: no node re-runs)", same == base_text)
+    for where, values in [
+        ("shims.qemu-tdx.agent.httpsProxy", {"shims": {"qemu-tdx": {"agent": {"httpsProxy": "http://a b:3128"}}}}),
+        ("shims.qemu-tdx.agent.noProxy", {"shims": {"qemu-tdx": {"agent": {"noProxy": "10.0.0.0/8, .svc"}}}}),
+        ("shims.qemu.agent.httpsProxy", {"shims": {"qemu": {"agent": {"httpsProxy": '"http://p:1"'}}}}),
+        ("shims.qemu.agent.noProxy", {"shims": {"qemu": {"agent": {"noProxy": "a\tb"}}}}),
+        ("customRuntimes.runtimes.c.agent.noProxy", {"customRuntimes": {"enabled": True, "runtimes": {"c": {"baseConfig": "qemu", "agent": {"noProxy": "it's"}}}}}),
+    ]:
+        err = render_err(values)
+        check(f"{where}: a value the kernel command line cannot carry is refused naming the key",
+              f"{where}=" in err and "kernel command line" in err and "agent." in err, err)
+    # fc: off by default (the stage does not configure the devmapper snapshotter it needs).
+    objs = render()
+    check("fc: off by default (no RuntimeClass, no stage entry)", "kata-fc" not in rcs(objs)
+          and "fc" not in [x["name"] for x in stage_config(objs)[0]["shims"]])
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        vtext = f.read()
+    check("values.yaml gives the reason next to fc's enabled: false",
+          re.search(r"#[^\n]*devmapper[^\n]*\n(  #[^\n]*\n)*  fc:\n    enabled: false\n", vtext) is not None)
+    for values, label in [({"shims": {"fc": {"enabled": True}}}, "enabled: true"),
+                          ({"shims": {"disableAll": True, "fc": {"enabled": True}}}, "disableAll + enabled: true")]:
+        objs = render(values)
+        check(f"fc {label}: still installed (RuntimeClass and stage entry)", "kata-fc" in rcs(objs)
+              and "fc" in [x["name"] for x in stage_config(objs)[0]["shims"]])
+    notes = notes_of({"shims": {"fc": {"enabled": True, "containerd": {"snapshotter": "devmapper"}}}})
+    check("fc enabled: NOTES says the devmapper snapshotter is not configured and where kata-fc pods start",
+          "  - shims.fc.containerd.snapshotter=devmapper: the devmapper snapshotter Firecracker needs is not configured by the stage" in notes
+          and "containerd uses devmapper as its default snapshotter" in notes, notes[-1200:])
+    notes = notes_of(files=[os.path.join(FIXTURES, "upstream-4.x-job.values.yaml")])
+    check("upstream's values (fc on, devmapper): fc off, and NOTES says so with how to turn it on",
+          "  - shims.fc (upstream: on by default, snapshotter devmapper): off by default in this chart" in notes
+          and "shims.fc.enabled=true" in notes, notes[-1200:])
+    check("default values: no fc line in NOTES", "shims.fc" not in notes_of())
+    # NFD: injected on the pure TEE classes only; a confidential-GPU class keeps only its own
+    # runtimeClass.nodeSelector, also when a default label of it is cleared (upstream's chart).
+    gpu = {"disableAll": True, "qemu-snp": {"enabled": True}, "qemu-tdx-runtime-rs": {"enabled": True}}
+    for nfd in (True, False):
+        objs = render({"nfd": {"enabled": nfd}, "shims": {**gpu,
+            "qemu-nvidia-gpu-snp": {"enabled": True, "runtimeClass": {"nodeSelector": None}},
+            "qemu-nvidia-gpu-tdx": {"enabled": True, "runtimeClass": {"nodeSelector": {"intel.feature.node.kubernetes.io/tdx": None}}}}})
+        sel = {n: r["scheduling"]["nodeSelector"] for n, r in rcs(objs).items()}
+        check(f"NFD {'on' if nfd else 'off'}: a confidential-GPU class whose default nodeSelector is cleared gets no feature label back",
+              sel["kata-qemu-nvidia-gpu-snp"] == GATE and sel["kata-qemu-nvidia-gpu-tdx"] == {**GATE, "nvidia.com/cc.ready.state": "true"}, sel)
+        pure = {**GATE, "amd.feature.node.kubernetes.io/snp": "true"} if nfd else GATE
+        check(f"NFD {'on' if nfd else 'off'}: pure TEE classes {'get' if nfd else 'do not get'} the feature label",
+              sel["kata-qemu-snp"] == pure and sel["kata-qemu-tdx-runtime-rs"] == ({**GATE, "intel.feature.node.kubernetes.io/tdx": "true"} if nfd else GATE), sel)
+    objs = render({"nfd": {"enabled": True}, "shims": {"disableAll": True, "qemu-nvidia-gpu-snp": {"enabled": True}}})
+    check("NFD on, defaults: the confidential-GPU class has exactly upstream's values selector",
+          rcs(objs)["kata-qemu-nvidia-gpu-snp"]["scheduling"]["nodeSelector"]
+          == {**GATE, "nvidia.com/cc.ready.state": "true", "amd.feature.node.kubernetes.io/snp": "true"})
+guarded("upstream shim keys", t_upstream_shim_keys)
 guarded("skip-installed", t_skip_installed)  # after notes_of is defined
 guarded("taints", t_taints)
 

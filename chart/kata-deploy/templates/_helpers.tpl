@@ -37,13 +37,19 @@ calls it first; it is idempotent.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* A RuntimeClass's nodeSelector is the user's label data, not a key of ours: inside a
+       runtimeClass that the values have, it is never filled, so clearing a default label
+       (`--set shims.qemu-nvidia-gpu-snp.runtimeClass.nodeSelector=null`, or one key of it) leaves
+       it cleared, as upstream's chart does. */ -}}
 {{- define "kata-deploy.fill" -}}
 {{- $dst := .dst -}}
 {{- range $k, $d := .src -}}
-{{- if not (hasKey $dst $k) -}}
-{{- $_ := set $dst $k $d -}}
+{{- if and $.rc (eq $k "nodeSelector") -}}
+{{- else if not (hasKey $dst $k) -}}
+{{- if and (eq $k "runtimeClass") (kindIs "map" $d) -}}{{- $_ := set $dst $k (omit $d "nodeSelector") -}}
+{{- else -}}{{- $_ := set $dst $k $d -}}{{- end -}}
 {{- else if and (kindIs "map" $d) (kindIs "map" (index $dst $k)) -}}
-{{- include "kata-deploy.fill" (dict "dst" (index $dst $k) "src" $d) -}}
+{{- include "kata-deploy.fill" (dict "dst" (index $dst $k) "src" $d "rc" (eq $k "runtimeClass")) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -495,7 +501,9 @@ runtime's key in customRuntimes.runtimes.
 
 {{/*
 The NFD node selector auto-injected for a TEE shim (empty for others), as YAML.
-SEV-SNP and TDX by name; IBM SEL for -se / -se-runtime-rs. GPU shims carry their own selectors.
+SEV-SNP and TDX by name; IBM SEL for -se / -se-runtime-rs. Pure TEE shims only, as upstream's
+$isPureTeeShim: the confidential-GPU classes get only their own runtimeClass.nodeSelector (GPU
+Operator's labels, and the feature label upstream's values put there), never an injected one.
 */}}
 {{- define "kata-deploy.nfdSelector" -}}
 {{- $s := .shim -}}
@@ -553,6 +561,16 @@ true
   allowedHypervisorAnnotations: {{ $cfg.allowedHypervisorAnnotations | default list | toJson }}
   containerdSnapshotter: {{ include "kata-deploy.stageSnapshotter" $cfg | toJson }}
   crioPullType: {{ include "kata-deploy.stagePullType" $cfg | toJson }}
+  {{- /* Upstream's agent.* and containerd.forceGuestPull: written only when set, so the configuration (and its hash) of installs without them stays the same. */}}
+  {{- with dig "agent" "httpsProxy" "" $cfg | default "" | toString }}
+  agentHttpsProxy: {{ . | toJson }}
+  {{- end }}
+  {{- with dig "agent" "noProxy" "" $cfg | default "" | toString }}
+  agentNoProxy: {{ . | toJson }}
+  {{- end }}
+  {{- if eq (include "kata-deploy.bool" (dig "containerd" "forceGuestPull" false $cfg)) "true" }}
+  forceGuestPull: true
+  {{- end }}
 {{- end -}}
 
 {{/* Effective settings that upstream spells differently (upstream's key wins when present). */}}
@@ -1048,9 +1066,17 @@ The upstream keys that are set but have no effect in this chart, with the reason
 {{- else if not (has "nydus" $setup) -}}
 {{- $out = append $out "snapshotter.setup without nydus: the stage still sets up nydus on a node when an enabled shim uses it" -}}
 {{- end -}}
-{{- range $name := include "kata-deploy.enabledShims" . | fromJsonArray -}}
+{{- $enabled := include "kata-deploy.enabledShims" . | fromJsonArray -}}
+{{- range $name := $enabled -}}
 {{- $s := dig "containerd" "snapshotter" "" (index $v.shims $name | default dict) | toString -}}
-{{- if and $s (ne $s "nydus") -}}{{- $out = append $out (printf "shims.%s.containerd.snapshotter=%s: not configured by the stage; the shim uses containerd's default snapshotter" $name $s) -}}{{- end -}}
+{{- if and $s (ne $s "nydus") (ne $name "fc") -}}{{- $out = append $out (printf "shims.%s.containerd.snapshotter=%s: not configured by the stage; the shim uses containerd's default snapshotter" $name $s) -}}{{- end -}}
+{{- end -}}
+{{- /* fc: off by default here (values.yaml says why); upstream's values carry snapshotter: devmapper. */ -}}
+{{- $fcSnap := dig "containerd" "snapshotter" "" ($v.shims.fc | default dict) | toString -}}
+{{- if has "fc" $enabled -}}
+{{- $out = append $out (printf "shims.fc.containerd.snapshotter%s: the devmapper snapshotter Firecracker needs is not configured by the stage; kata-fc pods start only on nodes whose containerd uses devmapper as its default snapshotter" (ternary (printf "=%s" $fcSnap) "" (ne $fcSnap ""))) -}}
+{{- else if and (eq $fcSnap "devmapper") (ne (include "kata-deploy.bool" ($v.shims.disableAll | default false)) "true") -}}
+{{- $out = append $out "shims.fc (upstream: on by default, snapshotter devmapper): off by default in this chart, whose stage does not configure devmapper; set shims.fc.enabled=true to install it anyway" -}}
 {{- end -}}
 {{- range $old, $new := include "kata-deploy.legacyShims" . | fromJson -}}
 {{- if hasKey $v.shims $old -}}{{- $out = append $out (printf "shims.%s: not a shim of this chart (ignored)%s" $old (ternary (printf "; it is called %s" $new) "" (ne $new ""))) -}}{{- end -}}
