@@ -226,9 +226,12 @@ async fn bad_values_are_refused_and_install_nothing() -> Result<()> {
             "containerd.configDir",
         ),
         (
-            "upstream forceGuestPull",
-            &["--set", "shims.qemu-snp.containerd.forceGuestPull=true"],
-            "shims.qemu-snp.containerd.forceGuestPull",
+            "agent proxy the kernel command line cannot carry",
+            &[
+                "--set",
+                "shims.qemu-snp.agent.httpsProxy=http://proxy:3128 x",
+            ],
+            "shims.qemu-snp.agent.httpsProxy",
         ),
     ];
     for (i, (name, values, want)) in cases.iter().enumerate() {
