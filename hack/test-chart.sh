@@ -1544,6 +1544,50 @@ def t_startup_taints():
         check(f"startupTaints {bad!r} refused naming the form", "key[=value][:Effect]" in err, err)
 guarded("startupTaints", t_startup_taints)
 
+# --------------------------------------------------- rollout controls (issue 23): reconcile CronJob
+def t_reconcile():
+    objs = render()
+    check("reconcile: no CronJob unless job.reconcile.schedule is set", not find(objs, "CronJob"))
+    check("reconcile off: the cleanup removes no CronJob and the dispatcher may delete none",
+          "--remove-cronjob" not in args_of(dispatcher(objs, "cleanup"))
+          and not any("cronjobs" in r["resources"] for r in one(objs, "Role", "kata-deploy-dispatcher")["rules"]))
+    objs = render({"job": {"reconcile": {"schedule": "*/15 * * * *"}, "nodeSelector": {"pool": "kata"}}})
+    cj = one(objs, "CronJob", "kata-deploy-reconcile")
+    spec = cj["spec"]
+    check("reconcile: the schedule, concurrencyPolicy Forbid, bounded history",
+          spec["schedule"] == "*/15 * * * *" and spec["concurrencyPolicy"] == "Forbid"
+          and spec["successfulJobsHistoryLimit"] == 1 and spec["failedJobsHistoryLimit"] == 1, spec)
+    job = spec["jobTemplate"]
+    a = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    inst = args_of(dispatcher(objs, "install"))
+    same = ["--template", "--name-prefix", "--selector", "--installed-label", "--expect-handler", "--canary", "--state-label", "--summary-configmap"]
+    check("reconcile: the install dispatcher's template, prefix, selection and skip rule (the release's current template)",
+          all(flag_values(a, f) == flag_values(inst, f) for f in same) and "--skip-installed" in a, a)
+    a2 = one(render({"job": {"reconcile": {"schedule": "@hourly"}, "reinstallAll": True}}), "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    check("reconcile: no --reinstall-all even with job.reinstallAll, no --require-nodes", "--reinstall-all" not in a2 and "--require-nodes" not in a2, a2)
+    check("reconcile: yields to an active hook run of the release, its summary key is reconcile, no fixed owner name",
+          flag_values(a, "--yield-to") == ["app.kubernetes.io/instance=kata-deploy,katacontainers.io/dispatcher-role in (install,retire,cleanup)"]
+          and flag_values(a, "--summary-key") == ["reconcile"] and "--owner-job" not in a, a)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    check("reconcile: the owner is the CronJob's Job, read from the pod's job-name label",
+          env.get("DISPATCHER_OWNER_JOB", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.labels['batch.kubernetes.io/job-name']", env)
+    check("reconcile: its Jobs carry dispatcher-role=reconcile (what the hooks stop)",
+          job["metadata"]["labels"].get("katacontainers.io/dispatcher-role") == "reconcile"
+          and "helm.sh/hook" not in job["metadata"].get("annotations", {}), job["metadata"])
+    for role in ["install", "retire", "cleanup"]:
+        check(f"{role} hook: first stops the release's reconcile runs",
+              flag_values(args_of(dispatcher(objs, role)), "--supersede-runs") == ["app.kubernetes.io/instance=kata-deploy,katacontainers.io/dispatcher-role in (reconcile)"])
+    check("cleanup: removes the reconcile CronJob first, and only that one may be deleted",
+          flag_values(args_of(dispatcher(objs, "cleanup")), "--remove-cronjob") == ["kata-deploy-reconcile"]
+          and {"apiGroups": ["batch"], "resources": ["cronjobs"], "resourceNames": ["kata-deploy-reconcile"], "verbs": ["delete"]}
+              in one(objs, "Role", "kata-deploy-dispatcher")["rules"], one(objs, "Role", "kata-deploy-dispatcher")["rules"])
+    check("schema refuses an unknown job.reconcile key", render_err({"job": {"reconcile": {"every": "5m"}}}) != "")
+    notes = notes_of({"job": {"reconcile": {"schedule": "*/15 * * * *"}}})
+    check("NOTES with reconcile: how to run it now and read its summary",
+          "kubectl -n kata-system create job --from=cronjob/kata-deploy-reconcile" in notes and "{.data.reconcile}" in notes, notes)
+    check("NOTES without reconcile: say nothing watches for new nodes", "set job.reconcile.schedule" in notes_of(), "")
+guarded("reconcile CronJob", t_reconcile)
+
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
 PY

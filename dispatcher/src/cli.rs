@@ -166,6 +166,22 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_DRY_RUN")]
     pub dry_run: bool,
 
+    /// Single flight (a scheduled reconcile run): when a Job matching this label selector (a
+    /// Helm hook dispatcher of the release) is active, exit 0 at once having touched nothing.
+    #[arg(long, env = "DISPATCHER_YIELD_TO")]
+    pub yield_to: Option<String>,
+
+    /// Single flight (a Helm hook run): first delete every Job matching this label selector (the
+    /// release's reconcile runs; their per-node Jobs are orphaned, never cut short) other than
+    /// --owner-job, and wait until they are gone (within --discovery-timeout).
+    #[arg(long, env = "DISPATCHER_SUPERSEDE_RUNS")]
+    pub supersede_runs: Option<String>,
+
+    /// Before anything else, delete this CronJob (the release's reconcile CronJob, on
+    /// uninstall) so no scheduled run starts any more; already gone is fine.
+    #[arg(long, env = "DISPATCHER_REMOVE_CRONJOB")]
+    pub remove_cronjob: Option<String>,
+
     /// Jobs to delete once every targeted node succeeded (the cleanup hook removes the install
     /// dispatcher's Job, which Helm leaves behind); their per-node Jobs are garbage-collected.
     #[arg(long, env = "DISPATCHER_REMOVE_ON_SUCCESS", value_delimiter = ',')]

@@ -4,7 +4,7 @@ use crate::supersede::{Kind, Leftover};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
@@ -142,6 +142,8 @@ pub struct ClusterApi {
     pub nodes: Api<Node>,
     /// Jobs in the run's namespace (typed, for reading).
     pub jobs: Api<Job>,
+    /// CronJobs in the run's namespace (the release's reconcile CronJob, removed on uninstall).
+    pub cronjobs: Api<CronJob>,
     /// Jobs as untyped objects (for creating from the template without dropping fields).
     pub raw_jobs: Api<DynamicObject>,
     /// Pods in the namespace (watched: a node is busy while a pod of ours runs there).
@@ -202,6 +204,7 @@ impl ClusterApi {
         Self {
             nodes: Api::all(client.clone()),
             jobs: Api::namespaced(client.clone(), namespace),
+            cronjobs: Api::namespaced(client.clone(), namespace),
             raw_jobs: Api::namespaced_with(client.clone(), namespace, &ar),
             pods: Api::namespaced(client.clone(), namespace),
             node_events: Api::namespaced(client.clone(), NODE_EVENTS_NAMESPACE),

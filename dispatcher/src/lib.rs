@@ -3,7 +3,7 @@
 //! Pure core: [`select`] (which nodes), [`admission`] (taints, DaemonSet rules), [`naming`] (Job
 //! names), [`template`] (per-node Jobs), [`lifecycle`] (the per-node state machine: dispatch,
 //! replace, adopt, finish, abandon), [`canary`] (the first wave), [`status`] (reading Jobs and Pods), [`report`] (what a
-//! person reads), [`summary`] (the rollout summary in a ConfigMap), [`supersede`] (stopping the superseded dispatcher). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
+//! person reads), [`summary`] (the rollout summary in a ConfigMap), [`supersede`] (stopping the superseded dispatcher), [`single_flight`] (one dispatcher of a release at a time). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
 
 pub mod admission;
 pub mod canary;
@@ -15,6 +15,7 @@ pub mod progress_io;
 pub mod report;
 pub mod run;
 pub mod select;
+pub mod single_flight;
 pub mod status;
 pub mod summary;
 pub mod supersede;

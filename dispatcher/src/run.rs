@@ -72,6 +72,9 @@ pub enum StartError {
     /// Empty selection with --require-nodes.
     #[error("no node matches {0}; label the nodes or change the selection, or drop --require-nodes to accept an empty run")]
     NoNodes(String),
+    /// Another dispatcher run of the release could not be checked or stopped.
+    #[error("single flight: {0}; check the release's dispatcher Jobs (kubectl get jobs -l katacontainers.io/dispatcher-role) and re-run")]
+    SingleFlight(String),
 }
 
 /// The result of a finished run.
@@ -315,6 +318,12 @@ pub fn rights(args: &Args, namespace: &str) -> Vec<Right> {
     {
         r.push(right("patch", "", "nodes", None));
     }
+    if let Some(cj) = &args.remove_cronjob {
+        r.push(Right {
+            name: Some(cj.clone()),
+            ..right("delete", "batch", "cronjobs", ns)
+        });
+    }
     if let Some(cm) = &args.summary_configmap {
         r.push(Right {
             name: Some(cm.clone()),
@@ -539,6 +548,34 @@ fn node_event(prefix: &str, hash: &str, job: &str, outcome: &Outcome) -> (&'stat
     (reason, message)
 }
 
+/// The release's single-flight rule ([`crate::single_flight`]): `true` when this run must yield
+/// (an active hook run of the release) and ends here, having touched nothing.
+async fn single_flight(api: &ClusterApi, args: &Args) -> Result<bool, StartError> {
+    let own = args.owner_job.as_deref();
+    let err = |what: &str, e: String| StartError::SingleFlight(format!("{what}: {e}"));
+    if let Some(sel) = &args.yield_to {
+        match crate::single_flight::must_yield(api, sel, own).await {
+            Ok(Some(job)) => {
+                warn!(job = %job, "a Helm hook run of this release is in progress: this run yields and does nothing (the next one reconciles)");
+                return Ok(true);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(err(&format!("listing Jobs {sel}"), e.to_string())),
+        }
+    }
+    if let Some(cj) = &args.remove_cronjob {
+        crate::single_flight::remove_cronjob(api, cj)
+            .await
+            .map_err(|e| err(&format!("deleting CronJob {cj}"), e.to_string()))?;
+    }
+    if let Some(sel) = &args.supersede_runs {
+        crate::single_flight::stop_runs(api, sel, own, args.discovery_timeout)
+            .await
+            .map_err(|e| err(&format!("stopping the runs {sel}"), e))?;
+    }
+    Ok(false)
+}
+
 /// Deletes the superseded dispatcher's Job, waits until it is gone, then deletes its per-node
 /// Jobs and waits until no Job or pod of it is left: an uninstall never interleaves with an
 /// install still running on the same node. Returns the nodes where something of it stayed past
@@ -659,6 +696,14 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let deadline = tokio::time::Instant::from_std(started + args.deadline);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
+    if !args.dry_run && single_flight(&api, &args).await? {
+        return Ok(Summary {
+            results: BTreeMap::new(),
+            stopped: None,
+            retries: api.stats.count(),
+            canary: None,
+        });
+    }
     let mut held = BTreeMap::new();
     if !args.dry_run && (args.supersede_job.is_some() || args.supersede_prefix.is_some()) {
         held = tokio::select! {

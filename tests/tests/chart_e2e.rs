@@ -1575,3 +1575,194 @@ async fn startup_taints_are_lifted_and_the_node_token_can_remove_nothing_else() 
     bed.kubelet.shutdown().await;
     Ok(())
 }
+
+/// Creates a Job from the CronJob's jobTemplate, as `kubectl create job --from=cronjob/<name>`
+/// (the test bed runs no CronJob controller; this is exactly the Job it would create).
+async fn trigger(cluster: &TestCluster, ns: &str, cronjob: &str, name: &str) -> Result<()> {
+    let cjs: Api<k8s_openapi::api::batch::v1::CronJob> =
+        Api::namespaced(cluster.client.clone(), ns);
+    let cj = cjs.get(cronjob).await?;
+    let tpl = cj
+        .spec
+        .as_ref()
+        .map(|s| s.job_template.clone())
+        .context("jobTemplate")?;
+    let mut meta = tpl.metadata.unwrap_or_default();
+    meta.name = Some(name.into());
+    meta.owner_references = Some(vec![
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "batch/v1".into(),
+            kind: "CronJob".into(),
+            name: cronjob.into(),
+            uid: cj.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        },
+    ]);
+    let job = Job {
+        metadata: meta,
+        spec: tpl.spec,
+        status: None,
+    };
+    Api::<Job>::namespaced(cluster.client.clone(), ns)
+        .create(&PostParams::default(), &job)
+        .await?;
+    Ok(())
+}
+
+/// Waits until Job `name` finished; whether it succeeded.
+async fn finished(cluster: &TestCluster, ns: &str, name: &str) -> Result<bool> {
+    let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
+    let cond = |j: &Job, t: &str| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
+    };
+    wait_until(
+        Duration::from_secs(180),
+        "the reconcile Job to finish",
+        || {
+            let jobs = jobs.clone();
+            async move {
+                let j = jobs.get(name).await?;
+                Ok(cond(&j, "Complete") || cond(&j, "Failed"))
+            }
+        },
+    )
+    .await?;
+    Ok(cond(&jobs.get(name).await?, "Complete"))
+}
+
+/// The reconcile CronJob on the real API server with the real stages: a node added after
+/// install gets Kata from a run of the CronJob's Job (no helm command), the installed node gets
+/// no Job; a run yields while a hook dispatcher of the release is active; uninstall's cleanup
+/// dispatcher deletes the CronJob itself (the audit log says who deleted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_after_install_is_installed_by_the_reconcile_cronjob() -> Result<()> {
+    let bed = Bed::start("recon", 1).await?;
+    let (cluster, ns, local, hosts) = (&bed.cluster, bed.ns.as_str(), &bed.local, &bed.hosts);
+    let chart = repo_root().join("chart/kata-deploy");
+    let chart = chart.to_str().expect("utf-8");
+    let suffix = ns.replacen("recon-", "rc", 1);
+    let suffix_set = format!("env.multiInstallSuffix={suffix}");
+    let mut args = vec!["install", "kata-deploy", chart];
+    let scope = bed.scope();
+    args.extend(scope.iter().map(String::as_str));
+    args.extend([
+        "--set",
+        &suffix_set,
+        "--set",
+        "job.reconcile.schedule=*/1 * * * *",
+        "--set",
+        "shims.disableAll=true",
+        "--set",
+        "shims.qemu.enabled=true",
+        "--wait",
+        "--timeout",
+        "3m",
+    ]);
+    let (ok, out) = cluster.run_helm(&args).await?;
+    assert!(ok, "helm install failed: {out}");
+    // Names derive from the release name (kata-deploy); the suffix only from labels and paths.
+    let cronjob = "kata-deploy-reconcile".to_string();
+    let cjs: Api<k8s_openapi::api::batch::v1::CronJob> =
+        Api::namespaced(cluster.client.clone(), ns);
+    assert!(
+        cjs.get_opt(&cronjob).await?.is_some(),
+        "the reconcile CronJob"
+    );
+    let marker = format!("katacontainers.io/kata-deploy-installed-{suffix}");
+
+    // A node joins after install: no helm command, one run of the CronJob's Job.
+    let added = cluster
+        .local_nodes(&format!("{ns}-n"), 1, hosts, ns, &bed.group)
+        .await?;
+    wait_until(Duration::from_secs(60), "the added node Ready", || async {
+        let node = bed.nodes.get(&added[0]).await?;
+        Ok(node
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await?;
+    assert!(!labels_of(&bed.nodes.get(&added[0]).await?).contains_key(&marker));
+    trigger(cluster, ns, &cronjob, "reconcile-1").await?;
+    assert!(
+        finished(cluster, ns, "reconcile-1").await?,
+        "the reconcile run failed"
+    );
+    let l = labels_of(&bed.nodes.get(&added[0]).await?);
+    assert_eq!(l.get(KATA_LABEL).map(String::as_str), Some("true"), "{l:?}");
+    assert_eq!(l.get(&marker).map(String::as_str), Some("true"), "{l:?}");
+    assert!(
+        hosts
+            .join(&added[0])
+            .join(format!("opt/kata-{suffix}"))
+            .exists()
+            || hosts.join(&added[0]).join("opt/kata").exists(),
+        "payload installed on the added node"
+    );
+    let s = rollout_summary(cluster, ns, "reconcile").await?;
+    assert_eq!(s["phase"], "succeeded", "{s:?}");
+    assert_eq!(
+        s["counts"]["succeeded"], 1,
+        "only the added node ran: {s:?}"
+    );
+    assert_eq!(s["counts"]["already-installed"], 1, "{s:?}");
+
+    // Single flight: while a hook dispatcher of the release is active, a run does nothing.
+    let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
+    let hook: Job = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "hook-standin", "labels": {"app.kubernetes.io/instance": "kata-deploy", "katacontainers.io/dispatcher-role": "install"}},
+        "spec": {"suspend": true, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "d", "image": "quay.io/kata-containers/kata-deploy-job-dispatcher:test"}]}}}
+    }))?;
+    jobs.create(&PostParams::default(), &hook).await?;
+    let before = rollout_summary(cluster, ns, "reconcile").await?;
+    trigger(cluster, ns, &cronjob, "reconcile-2").await?;
+    assert!(
+        finished(cluster, ns, "reconcile-2").await?,
+        "a yielding run succeeds"
+    );
+    assert_eq!(
+        rollout_summary(cluster, ns, "reconcile").await?["run"],
+        before["run"],
+        "the yielding run wrote nothing"
+    );
+    jobs.delete("hook-standin", &kube::api::DeleteParams::background())
+        .await?;
+
+    let (ok, out) = cluster
+        .run_helm(&[
+            "uninstall",
+            "kata-deploy",
+            "--namespace",
+            ns,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .await?;
+    assert!(ok, "helm uninstall failed: {out}");
+    assert!(
+        cjs.get_opt(&cronjob).await?.is_none(),
+        "the CronJob is gone"
+    );
+    let dispatcher_sa = format!("system:serviceaccount:{ns}:kata-deploy-dispatcher");
+    let by_dispatcher = kata_testbed::rollout::audit_by_resource(cluster, &dispatcher_sa)?;
+    assert!(
+        by_dispatcher
+            .get(&("delete".to_string(), "cronjobs".to_string()))
+            .is_some_and(|n| *n >= 1),
+        "the cleanup dispatcher deleted the CronJob (before cleaning): {by_dispatcher:?}"
+    );
+    for n in [&local[0], &added[0]] {
+        let l = labels_of(&bed.nodes.get(n).await?);
+        assert!(!l.contains_key(&marker), "{n} cleaned: {l:?}");
+    }
+    bed.kubelet.shutdown().await;
+    Ok(())
+}

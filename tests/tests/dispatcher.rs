@@ -1204,7 +1204,8 @@ async fn preflight_checks_every_right_and_discovery_is_bounded() -> Result<()> {
     // sometimes won, failing this check with "RBAC denied").
     let mut back = role.get("dispatcher").await?;
     back.rules = full.rules;
-    role.replace("dispatcher", &Default::default(), &back).await?;
+    role.replace("dispatcher", &Default::default(), &back)
+        .await?;
     let out = c
         .env
         .run(&[
@@ -1590,6 +1591,65 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_node_gets_a_job() -
     assert!(
         s["stopped"].as_str().unwrap_or_default().contains("canary"),
         "{s:?}"
+    );
+    Ok(())
+}
+
+/// Creates a suspended Job with these labels (an active dispatcher run of another role).
+async fn fake_run(c: &Case, name: &str, role: &str) -> Result<()> {
+    use kube::api::PostParams;
+    let job: Job = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/instance": "rel", "katacontainers.io/dispatcher-role": role}},
+        "spec": {"suspend": true, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "dispatcher", "image": "quay.io/kata-containers/kata-deploy-job-dispatcher:test"}]}}}
+    }))?;
+    Api::<Job>::namespaced(c.cluster.client.clone(), &c.env.namespace)
+        .create(&PostParams::default(), &job)
+        .await?;
+    Ok(())
+}
+
+/// Single flight on the real control plane: a reconcile run yields (exit 0, no Job) while a hook
+/// run of the release is active; a hook run first deletes the release's reconcile runs (waiting
+/// until they are gone) and then dispatches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_runs_yield_to_hook_runs_and_hook_runs_stop_reconcile_runs() -> Result<()> {
+    let c = case("flight", 2, EnvOptions::default()).await?;
+    let hooks = "app.kubernetes.io/instance=rel,katacontainers.io/dispatcher-role in (install,retire,cleanup)";
+    let reconciles =
+        "app.kubernetes.io/instance=rel,katacontainers.io/dispatcher-role in (reconcile)";
+    fake_run(&c, "hook-install", "install").await?;
+    let t = run_ok(&c, &["--selector", &c.selector, "--yield-to", hooks]).await?;
+    assert!(t.contains("yields and does nothing"), "{t}");
+    let per_node = |jobs: Vec<(String, String)>| {
+        jobs.into_iter()
+            .filter(|(n, _)| !n.starts_with("hook-") && !n.starts_with("rec-"))
+            .count()
+    };
+    assert_eq!(
+        per_node(jobs_by_node(&c.cluster, &c.env.namespace).await?),
+        0,
+        "a yielding run creates nothing"
+    );
+
+    let jobs: Api<Job> = Api::namespaced(c.cluster.client.clone(), &c.env.namespace);
+    jobs.delete("hook-install", &DeleteParams::background())
+        .await?;
+    fake_run(&c, "rec-1", "reconcile").await?;
+    let t = run_ok(
+        &c,
+        &["--selector", &c.selector, "--supersede-runs", reconciles],
+    )
+    .await?;
+    assert!(t.contains("stopping a scheduled reconcile run"), "{t}");
+    assert!(
+        jobs.get_opt("rec-1").await?.is_none(),
+        "the reconcile run is gone"
+    );
+    assert_eq!(
+        per_node(jobs_by_node(&c.cluster, &c.env.namespace).await?),
+        2,
+        "then the hook run dispatched"
     );
     Ok(())
 }

@@ -93,6 +93,11 @@ releases in one namespace never share a prefix.
 {{- $c := .Values.job.canary -}}
 {{- if or (kindIs "invalid" $c) (eq (toString $c) "auto") -}}auto{{- else -}}{{ $c | int }}{{- end -}}
 {{- end -}}
+{{- define "kata-deploy.reconcileName" -}}{{ include "kata-deploy.base" . }}-reconcile{{- end -}}
+{{/* The release's dispatcher Jobs of these roles (single flight). */}}
+{{- define "kata-deploy.runsSelector" -}}
+{{- printf "app.kubernetes.io/instance=%s,katacontainers.io/dispatcher-role in (%s)" .root.Release.Name (join "," .roles) -}}
+{{- end -}}
 {{- define "kata-deploy.rolloutSummaryName" -}}{{ include "kata-deploy.base" . }}-rollout{{- end -}}
 {{- define "kata-deploy.jobTemplatesName" -}}{{ include "kata-deploy.base" . }}-job-templates{{- end -}}
 
@@ -866,10 +871,12 @@ metadata:
   labels:
     {{- include "kata-deploy.labels" $r | nindent 4 }}
     katacontainers.io/dispatcher-role: {{ .role }}
+  {{- if .hook }}
   annotations:
     "helm.sh/hook": {{ .hook }}
     "helm.sh/hook-weight": {{ ternary "1" "0" (eq .role "retire") | quote }}
     "helm.sh/hook-delete-policy": {{ .deletePolicy }}
+  {{- end }}
 spec:
   # A dead dispatcher is not retried blindly: the failure surfaces in helm; re-run helm upgrade.
   backoffLimit: 0
@@ -918,8 +925,10 @@ spec:
             - {{ .prefix }}
             - --parallelism
             - {{ $v.job.parallelism | int | quote }}
+            {{- if .name }}
             - --owner-job
             - {{ .name }}
+            {{- end }}
             {{- if .nodes }}
             - --nodes
             - {{ join "," .nodes | quote }}
@@ -942,7 +951,7 @@ spec:
             {{- if and (eq .role "install") (eq (include "kata-deploy.requireNodes" $r) "true") }}
             - --require-nodes
             {{- end }}
-            {{- if eq .role "install" }}
+            {{- if has .role (list "install" "reconcile") }}
             # A node gets no Job only when the whole Node shows this very template installed: its
             # record katacontainers.io/installed-by-<prefix> (written after each success) names this
             # template and the node's current machine ID, it carries this install's marker label,
@@ -958,7 +967,7 @@ spec:
             # job.canary: the first wave must succeed before any other node starts.
             - --canary
             - {{ include "kata-deploy.canary" .root | quote }}
-            {{- if eq (include "kata-deploy.bool" ($v.job.reinstallAll | default false)) "true" }}
+            {{- if and (eq .role "install") (eq (include "kata-deploy.bool" ($v.job.reinstallAll | default false)) "true") }}
             # job.reinstallAll: every selected node runs again, whatever its record says.
             - --reinstall-all
             {{- end }}
@@ -976,6 +985,20 @@ spec:
             # their ownerReference).
             - --remove-on-success
             - {{ printf "%s,%s" (include "kata-deploy.installDispatcherName" .root) (include "kata-deploy.retireDispatcherName" .root) }}
+            {{- if (($v.job.reconcile | default dict).schedule) }}
+            # The reconcile CronJob goes first, so no scheduled run starts during or after uninstall.
+            - --remove-cronjob
+            - {{ include "kata-deploy.reconcileName" .root }}
+            {{- end }}
+            {{- end }}
+            {{- if has .role (list "install" "retire" "cleanup") }}
+            # Single flight: a hook run first stops the release's scheduled reconcile runs.
+            - --supersede-runs
+            - {{ include "kata-deploy.runsSelector" (dict "root" .root "roles" (list "reconcile")) | quote }}
+            {{- else }}
+            # Single flight: a scheduled run yields to an active hook run of the release.
+            - --yield-to
+            - {{ include "kata-deploy.runsSelector" (dict "root" .root "roles" (list "install" "retire" "cleanup")) | quote }}
             {{- end }}
             {{- if eq .role "retire" }}
             # Nodes this install claimed that the install selection no longer covers get the
@@ -1008,6 +1031,13 @@ spec:
               valueFrom:
                 fieldRef:
                   fieldPath: metadata.namespace
+            {{- if not .name }}
+            # A CronJob's Job has a generated name: the owner is the Job this pod belongs to.
+            - name: DISPATCHER_OWNER_JOB
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.labels['batch.kubernetes.io/job-name']
+            {{- end }}
           {{- with $v.job.dispatcher.resources }}
           resources:
             {{- toYaml . | nindent 12 }}
