@@ -131,7 +131,7 @@ wait_for kube-apiserver 60 curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.cr
 
 log "starting kube-controller-manager, kube-scheduler, kwok"
 start kube-controller-manager "$TESTENV_BIN/kube-controller-manager" --kubeconfig="$state/kcm.kubeconfig" \
-  --controllers=job-controller,garbage-collector-controller,ttl-after-finished-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller,pod-garbage-collector-controller \
+  --controllers=job-controller,cronjob-controller,garbage-collector-controller,ttl-after-finished-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller,pod-garbage-collector-controller \
   --leader-elect=false --use-service-account-credentials=false \
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --kube-api-qps=1000 --kube-api-burst=2000 --concurrent-job-syncs=50 --concurrent-gc-syncs=50 \
