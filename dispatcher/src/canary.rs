@@ -85,10 +85,26 @@ impl Canary {
         self.passed.len() >= self.size
     }
 
-    /// Whether another node may be dispatched now: always once the canary passed; before, only
-    /// to fill the wave (never after a canary failure).
-    pub fn may_dispatch(&self) -> bool {
+    /// Whether any node may be dispatched now: always once the canary passed; before, only to
+    /// fill the wave (never after a canary failure). While closed, only a wave member that went
+    /// back to the queue (its machine was re-created) may be dispatched again ([`Self::members`]).
+    pub fn open(&self) -> bool {
         self.failed.is_none() && (self.passed() || self.members.len() < self.size)
+    }
+
+    /// Whether `node` may be dispatched now ([`Self::open`], or a member of the wave).
+    pub fn may_dispatch(&self, node: &str) -> bool {
+        self.open() || (self.failed.is_none() && self.members.contains(node))
+    }
+
+    /// A canary node failed: nothing is dispatched any more.
+    pub fn failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
+    /// The wave's nodes.
+    pub fn members(&self) -> impl Iterator<Item = &String> {
+        self.members.iter()
     }
 
     /// A node was dispatched: it joins the wave while the wave is not full.
@@ -167,16 +183,20 @@ mod tests {
     fn the_wave_fills_then_waits_until_every_canary_node_passed() {
         let mut c = Canary::new(2);
         assert_eq!(c.view().unwrap().state, "waiting");
-        assert!(c.may_dispatch());
+        assert!(c.open());
         c.dispatched("a");
-        assert!(c.may_dispatch(), "the wave is not full");
+        assert!(c.open(), "the wave is not full");
         c.dispatched("b");
-        assert!(!c.may_dispatch(), "full: nothing else until it passed");
+        assert!(!c.open(), "full: nothing else until it passed");
+        assert!(
+            c.may_dispatch("b") && !c.may_dispatch("x"),
+            "a member may go again"
+        );
         assert_eq!(c.finished("a", CanaryEnd::Passed), None);
-        assert!(!c.may_dispatch(), "b still runs");
+        assert!(!c.open(), "b still runs");
         assert_eq!(c.view().unwrap().state, "running");
         assert_eq!(c.finished("b", CanaryEnd::Passed), None);
-        assert!(c.may_dispatch() && c.passed());
+        assert!(c.open() && c.passed());
         c.dispatched("c");
         let v = c.view().unwrap();
         assert_eq!(
@@ -185,7 +205,7 @@ mod tests {
         );
         // A later node's failure is the failure budget's business, not the canary's.
         assert_eq!(c.finished("c", CanaryEnd::Failed), None);
-        assert!(c.may_dispatch());
+        assert!(c.open());
     }
 
     #[test]
@@ -194,11 +214,11 @@ mod tests {
         c.dispatched("a");
         c.dispatched("b");
         assert_eq!(c.finished("a", CanaryEnd::Void), None);
-        assert!(c.may_dispatch(), "a proved nothing: its place is free");
+        assert!(c.open(), "a proved nothing: its place is free");
         c.dispatched("c");
-        assert!(!c.may_dispatch());
+        assert!(!c.open());
         assert_eq!(c.finished("c", CanaryEnd::Failed), Some("c".into()));
-        assert!(!c.may_dispatch(), "never again after a canary failure");
+        assert!(!c.open(), "never again after a canary failure");
         assert_eq!(c.finished("b", CanaryEnd::Failed), None, "reported once");
         let v = c.view().unwrap();
         assert_eq!(
@@ -210,10 +230,10 @@ mod tests {
     #[test]
     fn no_canary_never_holds_anything_back() {
         let mut c = Canary::new(0);
-        assert!(!c.enabled() && c.may_dispatch() && c.view().is_none());
+        assert!(!c.enabled() && c.open() && c.view().is_none());
         c.dispatched("a");
         assert_eq!(c.finished("a", CanaryEnd::Failed), None);
-        assert!(c.may_dispatch());
+        assert!(c.open());
     }
 
     #[test]
@@ -222,6 +242,6 @@ mod tests {
         c.dispatched("a");
         c.finished("a", CanaryEnd::Passed);
         assert_eq!(c.view().unwrap().state, "passed");
-        assert!(c.may_dispatch(), "a late node may still join the wave");
+        assert!(c.open(), "a late node may still join the wave");
     }
 }

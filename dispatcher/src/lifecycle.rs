@@ -1763,11 +1763,8 @@ impl Lifecycle {
         if !self.started {
             return;
         }
-        while self.stopped.is_none()
-            && self.taken() < self.cfg.parallelism
-            && self.canary.may_dispatch()
-        {
-            let Some((_, node)) = self.ready.first().cloned() else {
+        while self.stopped.is_none() && self.taken() < self.cfg.parallelism {
+            let Some(node) = self.next_ready() else {
                 break;
             };
             if self
@@ -1810,6 +1807,25 @@ impl Lifecycle {
             }
             self.peak = self.peak.max(self.taken());
         }
+    }
+
+    /// The next node to dispatch: the head of the ready queue, or, while the canary wave is
+    /// full and has not passed, only a wave member back in the queue (its machine re-created).
+    fn next_ready(&self) -> Option<String> {
+        if self.canary.open() {
+            return self.ready.first().map(|(_, n)| n.clone());
+        }
+        if self.canary.failed() {
+            return None;
+        }
+        self.canary
+            .members()
+            .find(|m| {
+                self.nodes
+                    .get(*m)
+                    .is_some_and(|r| r.class == Some(Class::Ready))
+            })
+            .cloned()
     }
 
     /// Queued nodes with their class and what keeps them (for test failure messages).
