@@ -445,6 +445,31 @@ pub fn render_containerd_dropin(
 }
 
 /// Parses a containerd version string (`containerd://1.7.27-k3s1`, `2.0.5`) into (major, minor).
+/// Whether this containerd starts a handler's shim from its `runtime_path`. containerd 1.6 (and
+/// 1.7.0) parse the key but drop it when creating the task (containerd#8207, fixed in 1.7.1 and
+/// never in 1.6): the shim is then looked up by the name `runtime_type` implies
+/// (`containerd-shim-kata-qemu-v2` in PATH), which nothing installs. 1.6 does run an absolute
+/// path given as `runtime_type` (its shim manager's "custom path to runtime binary"), so that is
+/// what such a containerd gets. Unknown versions count by their config's schema (a version-3
+/// config is containerd 2).
+pub fn honours_runtime_path(runtime_version: Option<&str>, major_from_config: u64) -> bool {
+    let Some(v) = runtime_version.filter(|v| v.starts_with("containerd://")) else {
+        return major_from_config >= 2;
+    };
+    let v = v
+        .trim_start_matches("containerd://")
+        .trim_start_matches('v');
+    let mut it = v
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let parts = (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    );
+    parts >= (1, 7, 1)
+}
+
 pub fn parse_runtime_version(s: &str) -> Option<(u64, u64)> {
     let v = s.rsplit("://").next().unwrap_or(s).trim_start_matches('v');
     let mut it = v.split(|c: char| !c.is_ascii_digit());
@@ -756,5 +781,24 @@ mod tests {
         assert_eq!(parse_runtime_version("cri-o://1.31.2"), Some((1, 31)));
         assert_eq!(parse_runtime_version("v1.6.20"), Some((1, 6)));
         assert_eq!(parse_runtime_version("garbage"), None);
+    }
+
+    #[test]
+    fn runtime_path_is_honoured_from_containerd_1_7_1() {
+        for (v, want) in [
+            ("containerd://1.6.20", false),
+            ("containerd://1.6.20~ds1", false),
+            ("containerd://1.7.0", false),
+            ("containerd://1.7.1", true),
+            ("containerd://1.7.27-k3s1", true),
+            ("containerd://2.0.5", true),
+            ("containerd://v2.4.2", true),
+        ] {
+            assert_eq!(honours_runtime_path(Some(v), 0), want, "{v}");
+        }
+        // Unknown version: the config's schema decides (v3 = containerd 2; v2 may be 1.6).
+        assert!(honours_runtime_path(None, 2));
+        assert!(!honours_runtime_path(None, 1));
+        assert!(!honours_runtime_path(Some("cri-o://1.31.2"), 1));
     }
 }

@@ -130,7 +130,20 @@ async fn collect(
                         .collect()
                 })
                 .unwrap_or_default();
-            bail!("{e:#}; the pod's events: {seen:?}");
+            // What containerd runs with (its effective configuration) says why a handler failed.
+            let dump = ["/opt/containerd/bin/containerd", "containerd"]
+                .iter()
+                .find_map(|bin| node.exec(&[bin, "config", "dump"]).ok())
+                .unwrap_or_default();
+            let runtime: Vec<&str> = dump
+                .lines()
+                .skip_while(|l| !l.contains(&format!("runtimes.{handler}]")))
+                .take(12)
+                .collect();
+            bail!(
+                "{e:#}; the pod's events: {seen:?}; containerd's effective {handler} runtime:\n{}",
+                runtime.join("\n")
+            );
         }
         let message = failure(pod.clone()).await?.unwrap_or_default();
         let sandbox = sandbox_id(&message).unwrap_or_default();

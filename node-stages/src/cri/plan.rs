@@ -20,6 +20,7 @@ pub fn kata_containerd(
     install: &Install,
     containerd_major: u64,
     arch: Option<&str>,
+    runtime_path_honoured: bool,
 ) -> KataContainerd {
     let snapshotter = install.nydus_snapshotter();
     let arch = arch
@@ -33,7 +34,13 @@ pub fn kata_containerd(
             .iter()
             .map(|s| KataHandler {
                 name: install.handler_of(s),
-                runtime_type: install.runtime_type(s),
+                // A containerd that ignores runtime_path runs the shim named by an absolute
+                // runtime_type (containerd::honours_runtime_path).
+                runtime_type: if runtime_path_honoured {
+                    install.runtime_type(s)
+                } else {
+                    install.shim_binary(s).display().to_string()
+                },
                 runtime_path: install.shim_binary(s).display().to_string(),
                 config_path: install.shim_config_path(&s.name).display().to_string(),
                 snapshotter: (s.containerd_snapshotter == "nydus").then(|| snapshotter.clone()),
@@ -113,6 +120,7 @@ pub fn plan(
         &install,
         if kind.is_containerd() { major } else { 0 },
         facts.arch.as_deref(),
+        containerd::honours_runtime_path(facts.container_runtime_version.as_deref(), major),
     );
     let handlers: Vec<String> = kata.handlers.iter().map(|h| h.name.clone()).collect();
     let dropin = install.dropin_file_name();
@@ -484,6 +492,35 @@ mod tests {
                 "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata-qemu]"
             ),
             "{out}"
+        );
+    }
+
+    /// containerd 1.6 drops runtime_path when it starts a shim (containerd#8207): there the
+    /// handler's runtime_type is the shim's absolute path (which 1.6 runs); from 1.7.1 the usual
+    /// `io.containerd.<handler>.v2` with runtime_path.
+    #[test]
+    fn containerd_1_6_gets_the_shim_path_as_runtime_type() {
+        let cfg = parse_config("shims:\n  - name: qemu\n", Path::new("c")).unwrap();
+        let types = |v: &str| {
+            let facts = NodeFacts {
+                container_runtime_version: Some(v.into()),
+                ..Default::default()
+            };
+            let t = plan(&cfg, &facts, CriKind::Containerd, &HostView::default()).unwrap();
+            (
+                t.kata.handlers[0].runtime_type.clone(),
+                t.kata.handlers[0].runtime_path.clone(),
+            )
+        };
+        let shim = "/opt/kata/bin/containerd-shim-kata-v2".to_string();
+        assert_eq!(types("containerd://1.6.20"), (shim.clone(), shim.clone()));
+        assert_eq!(
+            types("containerd://1.7.35"),
+            ("io.containerd.kata-qemu.v2".to_string(), shim.clone())
+        );
+        assert_eq!(
+            types("containerd://2.4.2"),
+            ("io.containerd.kata-qemu.v2".to_string(), shim)
         );
     }
 
