@@ -2,7 +2,7 @@
 # Generate a synthetic payload in the layout of the OFFICIAL Kata release image
 # (quay.io/kata-containers/kata-deploy, tools/packaging/kata-deploy/Dockerfile upstream), for tests:
 #
-#   hack/make-release-payload.sh <dir> [--layout 3.32|4.x] [--variant STR] [--size-mib N]
+#   hack/make-release-payload.sh <dir> [--layout 3.32|4.x] [--variant STR] [--size-mib N] [--damage truncate]
 #
 # <dir> becomes what the image holds at /opt/kata-artifacts:
 #   tarballs/kata-static-<component>.tar.zst   one per component named in shim-components.json
@@ -22,20 +22,23 @@
 #   any other      share/kata-test-components/<component> (one small file naming it)
 # --variant STR changes the Go shim's bytes only (and versions.yaml), so an upgrade between two
 # variants changes exactly bin/containerd-shim-kata-v2 (and versions.yaml in 4.x).
+# --damage truncate cuts the end off kata-static-shim-v2-go.tar.zst (a broken image, for the tests
+# that prove a bad tarball fails the node before any host change).
 # Deterministic: same arguments, same bytes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
-usage() { echo "usage: $0 <dir> [--layout 3.32|4.x] [--variant STR] [--size-mib N]" >&2; exit 2; }
+usage() { echo "usage: $0 <dir> [--layout 3.32|4.x] [--variant STR] [--size-mib N] [--damage truncate]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 out=$1; shift
-layout=4.x variant="" size_mib=0
+layout=4.x variant="" size_mib=0 damage=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --layout) [ $# -ge 2 ] || usage; layout=$2; shift 2 ;;
     --variant) [ $# -ge 2 ] || usage; variant=$2; shift 2 ;;
     --size-mib) [ $# -ge 2 ] || usage; size_mib=$2; shift 2 ;;
+    --damage) [ $# -ge 2 ] || usage; damage=$2; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -98,5 +101,10 @@ printf '[Unit]\nDescription=Nydus snapshotter\n[Service]\nExecStart=@CONTAINERD_
 if [ "$layout" = 4.x ]; then
   printf '# kata-deploy test release (synthetic)\nreleases:\n  kata-containers:\n    version: "4.1.0%s"\n' "${variant:+-$variant}" >"$out/versions.yaml"
 fi
+case "$damage" in
+  "") ;;
+  truncate) f="$out/tarballs/kata-static-shim-v2-go.tar.zst"; truncate -s "$(( $(stat -c %s "$f") - 64 ))" "$f" ;;
+  *) echo "--damage must be truncate" >&2; exit 2 ;;
+esac
 chmod -R a+rX "$out"
 echo "release payload ($layout layout) written to $out: $(ls "$out/tarballs" | wc -l) component tarballs, $(du -sk "$out" | cut -f1) KiB"

@@ -1,11 +1,12 @@
 //! The official Kata release image as the payload, on a REAL node (containerd 2.x, real kubelet):
 //! `helm install` with upstream's values (`image.reference: quay.io/kata-containers/kata-deploy`,
 //! `image.tag`) installs from a TEST image in upstream's layout (hack/build-release-test-image.sh:
-//! kata-static-<component>.tar.zst tarballs, upstream's shim-components.json, no shell), 3.32
-//! layout first; containerd serves the handler and starts the installed test shim; an upgrade to
+//! kata-static-<component>.tar.zst tarballs, upstream's shim-components.json, no shell). A broken
+//! release (a truncated tarball) fails the node with the tarball named and nothing on the host;
+//! then the 3.32 layout; containerd serves the handler and starts the installed test shim; an upgrade to
 //! the 4.x layout adds exactly versions.yaml, one to a second 4.x version replaces exactly the
 //! changed files; uninstall restores the node. The images are built and imported by
-//! hack/testenv/realnode/images.sh (`:3.32.0`, `:<default tag>`, `:<default tag>-two`).
+//! hack/testenv/realnode/images.sh (`:3.32.0`, `:<tag>`, `:<tag>-two`, `:<tag>-broken`).
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -130,6 +131,25 @@ async fn shim_reached(cluster: &TestCluster, node: &RealNode, tag: &str) -> Resu
         .to_string())
 }
 
+/// The termination message of the failed artifacts container of a per-node install pod (exit 2).
+async fn artifacts_failure(cluster: &TestCluster) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "kata-system");
+    for p in pods.list(&Default::default()).await?.items {
+        let statuses = p
+            .status
+            .and_then(|s| s.init_container_statuses)
+            .unwrap_or_default();
+        for st in statuses.into_iter().filter(|s| s.name == "artifacts") {
+            if let Some(t) = st.state.and_then(|s| s.terminated) {
+                if t.exit_code == 2 {
+                    return Ok(t.message.unwrap_or_default());
+                }
+            }
+        }
+    }
+    bail!("no install pod whose artifacts container failed with exit code 2")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_image_install_upgrade_uninstall_on_a_real_node() -> Result<()> {
     if !require_real_nodes(&[CONTAINERD2]) {
@@ -193,6 +213,41 @@ async fn release_image_install_upgrade_uninstall_on_a_real_node() -> Result<()> 
             Ok(out)
         }
     };
+
+    // --- a broken release (a truncated tarball) fails the node before any host change ---
+    let (ok, out) = {
+        let args = helm("install", format!("{tag}-broken"));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        cluster.run_helm(&refs).await?
+    };
+    assert!(!ok, "helm install of a broken release must fail: {out}");
+    let message = artifacts_failure(&cluster).await?;
+    assert!(
+        message.contains("kata-static-shim-v2-go.tar.zst")
+            && message.contains("truncated or corrupt"),
+        "the node's failure names the tarball: {message}"
+    );
+    assert!(
+        tree(&prefix).unwrap_or_default().is_empty(),
+        "nothing installed"
+    );
+    assert_eq!(
+        file_identity(&node.path("/etc/containerd/config.toml"))?,
+        config_before,
+        "containerd config untouched by the failed install"
+    );
+    let (ok, out) = cluster
+        .run_helm(&[
+            "uninstall",
+            "kata-deploy",
+            "--namespace",
+            "kata-system",
+            "--wait",
+            "--timeout",
+            "5m",
+        ])
+        .await?;
+    assert!(ok, "helm uninstall of the failed release: {out}");
 
     // --- 3.32 layout, named as upstream's values name it ---
     let out = run(helm("install", "3.32.0".into())).await?;

@@ -20,10 +20,11 @@ out="$TESTENV_CACHE/realnode/images"
 app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$REPO_ROOT/chart/kata-deploy/Chart.yaml")
 read -r release_ref release_tag < <(python3 -c "import yaml; i=yaml.safe_load(open('$REPO_ROOT/chart/kata-deploy/values.yaml'))['payload']['image']; print(i['reference'], i['tag'])")
 # TEST releases (synthetic, upstream's layout): the chart's default, the 3.32 layout (no
-# versions.yaml) and a second version of the default whose Go shim differs (upgrade tests).
-release_builds=("4.x::$release_tag" "3.32::3.32.0" "4.x:two:$release_tag-two")
+# versions.yaml), a second version of the default whose Go shim differs (upgrade tests) and a
+# broken one (a truncated tarball: failure tests). layout:variant:tag:damage
+release_builds=("4.x::$release_tag:" "3.32::3.32.0:" "4.x:two:$release_tag-two:" "4.x::$release_tag-broken:truncate")
 project_images=("quay.io/kata-containers/kata-deploy-job-dispatcher:$app_version" "quay.io/kata-containers/kata-deploy-stage:$app_version"
-                "$release_ref:$release_tag" "$release_ref:3.32.0" "$release_ref:$release_tag-two")
+                "$release_ref:$release_tag" "$release_ref:3.32.0" "$release_ref:$release_tag-two" "$release_ref:$release_tag-broken")
 PAUSE_NAMES=(registry.k8s.io/pause:3.6 registry.k8s.io/pause:3.10)
 
 archive_of() { echo "$out/$(echo "$1" | tr '/:' '__').oci.tar"; }
@@ -50,10 +51,10 @@ build() {
     bash "$REPO_ROOT/hack/build-images.sh" >&2
   fi
   # Always rebuilt (seconds each): the test releases follow hack/make-test-payload.sh.
-  local b layout variant tag
+  local b layout variant tag damage
   for b in "${release_builds[@]}"; do
-    IFS=: read -r layout variant tag <<<"$b"
-    bash "$REPO_ROOT/hack/build-release-test-image.sh" --layout "$layout" --variant "$variant" --tag "$tag" >/dev/null
+    IFS=: read -r layout variant tag damage <<<"$b"
+    bash "$REPO_ROOT/hack/build-release-test-image.sh" --layout "$layout" --variant "$variant" --tag "$tag" ${damage:+--damage "$damage"} >/dev/null
   done
   # Always re-saved: the project's images change with the code.
   for img in "${project_images[@]}"; do save "$img"; done
