@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 
 use crate::cluster::{wait_until, TestCluster};
-use crate::probe::probe_handlers;
+use crate::probe::{probe_handlers, Reach};
 use crate::realnode::RealNode;
 
 /// The node label a narrowed selection adds to `job.nodeSelector`.
@@ -21,6 +21,8 @@ pub const KATA_LABEL: &str = "katacontainers.io/kata-runtime";
 pub const PREFIX: &str = "/opt/kata";
 /// The unit of the nydus snapshotter the chart installs for guest pull.
 pub const NYDUS_UNIT: &str = "nydus-for-kata-tee.service";
+/// Its socket.
+pub const NYDUS_SOCKET: &str = "/run/nydus-for-kata-tee/containerd-nydus-grpc.sock";
 
 /// One configuration of the release: what a day-2 `helm upgrade` changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,19 +78,25 @@ job:
         )
     }
 
-    /// Each handler the release serves, with the shim binary containerd must start for it.
-    pub fn handlers(&self) -> Vec<(String, String)> {
-        let go = format!("{PREFIX}/bin/containerd-shim-kata-v2");
-        let rs = format!("{PREFIX}/runtime-rs/bin/containerd-shim-kata-v2");
+    /// Each handler the release serves, with what its pod must reach: the shim binary
+    /// containerd starts for it, or, with guest pull, our nydus snapshotter.
+    pub fn handlers(&self) -> Vec<(String, Reach)> {
+        let go = Reach::Shim(format!("{PREFIX}/bin/containerd-shim-kata-v2"));
+        let rs = Reach::Shim(format!("{PREFIX}/runtime-rs/bin/containerd-shim-kata-v2"));
+        let coco = if self.guest_pull {
+            Reach::Snapshotter(NYDUS_SOCKET.into())
+        } else {
+            go.clone()
+        };
         [
-            (self.qemu, "kata-qemu", &go),
-            (self.runtime_rs, "kata-qemu-runtime-rs", &rs),
-            (self.coco, "kata-qemu-coco-dev", &go),
-            (self.custom, "team-sandbox", &go),
+            (self.qemu, "kata-qemu", go.clone()),
+            (self.runtime_rs, "kata-qemu-runtime-rs", rs),
+            (self.coco, "kata-qemu-coco-dev", coco),
+            (self.custom, "team-sandbox", go),
         ]
         .into_iter()
         .filter(|(on, _, _)| *on)
-        .map(|(_, h, shim)| (h.to_string(), shim.clone()))
+        .map(|(_, h, reach)| (h.to_string(), reach))
         .collect()
     }
 }

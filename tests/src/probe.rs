@@ -35,17 +35,112 @@ pub fn sandbox_id(message: &str) -> Option<String> {
     rest.split('"').next().map(str::to_string)
 }
 
-/// For each `(handler, shim binary)`: a pod with that RuntimeClass on `node`, and the shim
-/// call containerd made for its sandbox, which must be that binary's `start` for the sandbox id.
-/// The pods are deleted afterwards. `tag` keeps pod names unique across calls.
+/// For each `(handler, shim binary)`, one after the other: a pod with that RuntimeClass on
+/// `node`, and the shim calls containerd made for its sandbox, which must be that binary's
+/// `start`. containerd >= 1.7 names the sandbox in the kubelet's message; 1.6 does not, so the
+/// calls are those recorded while the pod existed (each pod is gone before the next starts).
+/// `tag` keeps pod names unique across calls.
 pub async fn probe_handlers(
     cluster: &TestCluster,
     node: &RealNode,
-    handlers: &[(String, String)],
+    handlers: &[(String, Reach)],
     tag: &str,
 ) -> Result<BTreeMap<String, ProbeResult>> {
     ensure_runtime_classes(cluster, handlers.iter().map(|(h, _)| h.as_str())).await?;
-    // A node just rebooted takes a moment to report Ready again; its kubelet admits pods then.
+    wait_node_ready(cluster, node).await?;
+    let mut out = BTreeMap::new();
+    for (handler, reach) in handlers {
+        let shim = match reach {
+            Reach::Shim(shim) => shim,
+            Reach::Snapshotter(socket) => {
+                let message = probe_snapshotter(cluster, node, handler, socket, tag).await?;
+                out.insert(
+                    handler.clone(),
+                    ProbeResult {
+                        message,
+                        sandbox: String::new(),
+                        shim_call: String::new(),
+                    },
+                );
+                continue;
+            }
+        };
+        let name = format!("probe-{}-{tag}", handler.replace('_', "-")).to_lowercase();
+        let before = shim_record(node).lines().count();
+        create_probe_pod(cluster, node, handler, &name).await?;
+        let found = sandbox_failure(cluster, node, handler, &name).await;
+        let after = shim_record(node);
+        delete_and_wait(cluster, &name).await?;
+        let message = found?;
+        let sandbox = sandbox_id(&message);
+        let calls: Vec<&str> = after
+            .lines()
+            .skip(before)
+            .filter(|l| l.ends_with(" start"))
+            .filter(|l| {
+                sandbox
+                    .as_ref()
+                    .is_none_or(|id| l.contains(&format!("-id {id} ")))
+            })
+            .collect();
+        let Some(call) = calls.first() else {
+            bail!("{handler} on {}: no shim start for its sandbox {sandbox:?} (message: {message}); shim record:\n{after}", node.name);
+        };
+        if let Some(other) = calls.iter().find(|c| !c.starts_with(shim.as_str())) {
+            bail!(
+                "{handler} on {}: containerd started {other:?}, not our shim {shim}",
+                node.name
+            );
+        }
+        out.insert(
+            handler.clone(),
+            ProbeResult {
+                message,
+                sandbox: sandbox.unwrap_or_default(),
+                shim_call: call.to_string(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// What a handler's pod must reach on a node whose Kata is the test payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// This shim binary is started for the pod's sandbox.
+    Shim(String),
+    /// The pod's image is unpacked through the snapshotter at this socket (guest pull: the test
+    /// payload's nydus stand-in does not serve it, so the sandbox fails there, naming it).
+    Snapshotter(String),
+}
+
+/// A guest-pull handler's pod: containerd prepares its sandbox image through our snapshotter.
+async fn probe_snapshotter(
+    cluster: &TestCluster,
+    node: &RealNode,
+    handler: &str,
+    socket: &str,
+    tag: &str,
+) -> Result<String> {
+    let name = format!("probe-{}-{tag}", handler.replace('_', "-")).to_lowercase();
+    create_probe_pod(cluster, node, handler, &name).await?;
+    let found = sandbox_failure(cluster, node, handler, &name).await;
+    delete_and_wait(cluster, &name).await?;
+    let message = found?;
+    anyhow::ensure!(
+        message.contains(socket),
+        "{handler} on {}: the sandbox did not go through our snapshotter {socket}: {message}",
+        node.name
+    );
+    Ok(message)
+}
+
+fn shim_record(node: &RealNode) -> String {
+    node.exec(&["cat", SHIM_RECORD]).unwrap_or_default()
+}
+
+/// A node just rebooted takes a moment to report Ready again; its kubelet admits pods then.
+async fn wait_node_ready(cluster: &TestCluster, node: &RealNode) -> Result<()> {
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     wait_until(
         Duration::from_secs(120),
@@ -62,114 +157,93 @@ pub async fn probe_handlers(
                 .any(|c| c.type_ == "Ready" && c.status == "True"))
         },
     )
-    .await?;
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
-    let mut names = BTreeMap::new();
-    for (handler, _) in handlers {
-        let name = format!("probe-{}-{tag}", handler.replace('_', "-")).to_lowercase();
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
-            "spec": {"nodeName": node.name, "runtimeClassName": handler,
-                     "terminationGracePeriodSeconds": 0,
-                     "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10",
-                                     "imagePullPolicy": "Never"}]}
-        }))?;
-        pods.create(&PostParams::default(), &pod)
-            .await
-            .with_context(|| format!("creating probe pod {name}"))?;
-        names.insert(handler.clone(), name);
-    }
-    let outcome = collect(cluster, node, handlers, &names).await;
-    for name in names.values() {
-        let _ = pods
-            .delete(name, &DeleteParams::default().grace_period(0))
-            .await;
-    }
-    outcome
+    .await
 }
 
-async fn collect(
+async fn create_probe_pod(
     cluster: &TestCluster,
     node: &RealNode,
-    handlers: &[(String, String)],
-    names: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, ProbeResult>> {
-    let events: Api<Event> = Api::namespaced(cluster.client.clone(), "default");
-    let failure = |pod: String| {
-        let events = events.clone();
-        async move {
-            let list = events
-                .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
-                .await?;
-            Ok::<_, anyhow::Error>(
-                list.items
-                    .iter()
-                    .filter(|e| e.reason.as_deref() == Some("FailedCreatePodSandBox"))
-                    .filter_map(|e| e.message.clone())
-                    .find(|m| sandbox_id(m).is_some()),
-            )
-        }
-    };
-    let mut out = BTreeMap::new();
-    for (handler, shim) in handlers {
-        let pod = names[handler].clone();
-        let waited = wait_until(
-            Duration::from_secs(60),
-            &format!("the sandbox of probe pod {pod} ({handler}) to fail in our shim"),
-            || async { Ok(failure(pod.clone()).await?.is_some()) },
-        )
+    handler: &str,
+    name: &str,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"nodeName": node.name, "runtimeClassName": handler,
+                 "terminationGracePeriodSeconds": 0,
+                 "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10",
+                                 "imagePullPolicy": "Never"}]}
+    }))?;
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("creating probe pod {name}"))?;
+    Ok(())
+}
+
+/// Deletes the pod and waits until it is gone: its kubelet then makes no further attempt.
+async fn delete_and_wait(cluster: &TestCluster, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let _ = pods
+        .delete(name, &DeleteParams::default().grace_period(0))
         .await;
-        if let Err(e) = waited {
-            let seen: Vec<_> = events
-                .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
-                .await
-                .map(|l| {
-                    l.items
-                        .into_iter()
-                        .map(|e| format!("{:?}: {:?}", e.reason, e.message))
-                        .collect()
-                })
-                .unwrap_or_default();
-            // What containerd runs with (its effective configuration) says why a handler failed.
-            let dump = ["/opt/containerd/bin/containerd", "containerd"]
-                .iter()
-                .find_map(|bin| node.exec(&[bin, "config", "dump"]).ok())
-                .unwrap_or_default();
-            let runtime: Vec<&str> = dump
-                .lines()
-                .skip_while(|l| !l.contains(&format!("runtimes.{handler}]")))
-                .take(12)
-                .collect();
-            bail!(
-                "{e:#}; the pod's events: {seen:?}; containerd's effective {handler} runtime:\n{}",
-                runtime.join("\n")
-            );
-        }
-        let message = failure(pod.clone()).await?.unwrap_or_default();
-        let sandbox = sandbox_id(&message).unwrap_or_default();
-        let record = node.exec(&["cat", SHIM_RECORD]).unwrap_or_default();
-        let Some(call) = record
+    wait_until(
+        Duration::from_secs(60),
+        &format!("probe pod {name} gone"),
+        || async { Ok(pods.get_opt(name).await?.is_none()) },
+    )
+    .await
+}
+
+/// The pod's FailedCreatePodSandBox message; on a timeout, its events and containerd's
+/// effective configuration of the handler (what explains a handler that does not start).
+async fn sandbox_failure(
+    cluster: &TestCluster,
+    node: &RealNode,
+    handler: &str,
+    pod: &str,
+) -> Result<String> {
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), "default");
+    let list = || async {
+        let l = events
+            .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
+            .await?;
+        Ok::<_, anyhow::Error>(l.items)
+    };
+    let failure = |items: &[Event]| {
+        items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("FailedCreatePodSandBox"))
+            .filter_map(|e| e.message.clone())
+            .find(|m| m.contains("start"))
+    };
+    let waited = wait_until(
+        Duration::from_secs(60),
+        &format!("the sandbox of probe pod {pod} ({handler}) to fail in our shim"),
+        || async { Ok(failure(&list().await?).is_some()) },
+    )
+    .await;
+    if let Err(e) = waited {
+        let seen: Vec<_> = list()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| format!("{:?}: {:?}", e.reason, e.message))
+            .collect();
+        let dump = ["/opt/containerd/bin/containerd", "containerd"]
+            .iter()
+            .find_map(|bin| node.exec(&[bin, "config", "dump"]).ok())
+            .unwrap_or_default();
+        let runtime: Vec<&str> = dump
             .lines()
-            .find(|l| l.contains(&format!("-id {sandbox} start")))
-        else {
-            bail!("{handler} on {}: no shim call for sandbox {sandbox} (message: {message}); shim record:\n{record}", node.name);
-        };
-        if !call.starts_with(shim.as_str()) {
-            bail!(
-                "{handler} on {}: containerd started {call:?}, not our shim {shim}",
-                node.name
-            );
-        }
-        out.insert(
-            handler.clone(),
-            ProbeResult {
-                message,
-                sandbox,
-                shim_call: call.to_string(),
-            },
+            .skip_while(|l| !l.contains(&format!("runtimes.{handler}]")))
+            .take(12)
+            .collect();
+        bail!(
+            "{e:#}; the pod's events: {seen:?}; containerd's effective {handler} runtime:\n{}",
+            runtime.join("\n")
         );
     }
-    Ok(out)
+    Ok(failure(&list().await?).unwrap_or_default())
 }
 
 /// A RuntimeClass per handler (named after it), created when missing.

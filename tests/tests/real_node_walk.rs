@@ -17,7 +17,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use kata_testbed::cluster::{repo_root, workspace_bin, TestCluster};
-use kata_testbed::probe::probe_handlers;
+use kata_testbed::probe::{probe_handlers, Reach};
 use kata_testbed::realnode::{
     file_identity, real_node_lock, require_real_nodes, stopped_stage_pid, RealNode,
 };
@@ -26,6 +26,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const NYDUS_UNIT: &str = "nydus-for-kata-tee.service";
+/// The nydus snapshotter's socket the chart's default install configures.
+const NYDUS_SOCKET: &str = "/run/nydus-for-kata-tee/containerd-nydus-grpc.sock";
 const RUNTIMES_DIR: &str = "/opt/kata/share/defaults/kata-containers/runtimes";
 
 /// A small deterministic generator (xorshift64*): the walk reproduces from its seed.
@@ -122,18 +124,20 @@ impl Shape {
             .collect()
     }
 
-    /// Each handler with the shim binary containerd must start for it (the Go shim, or the
-    /// runtime-rs one).
-    fn shim_binaries(&self) -> Vec<(String, String)> {
+    /// What each handler's pod must reach: the shim binary containerd starts for it (the Go
+    /// shim, or the runtime-rs one), or, with guest pull, our nydus snapshotter.
+    fn reaches(&self) -> Vec<(String, Reach)> {
         self.handlers()
             .into_iter()
             .map(|h| {
-                let shim = if h.ends_with("runtime-rs") {
-                    "/opt/kata/runtime-rs/bin/containerd-shim-kata-v2"
+                let reach = if h == "kata-qemu-coco-dev" && self.guest_pull {
+                    Reach::Snapshotter(NYDUS_SOCKET.into())
+                } else if h.ends_with("runtime-rs") {
+                    Reach::Shim("/opt/kata/runtime-rs/bin/containerd-shim-kata-v2".into())
                 } else {
-                    "/opt/kata/bin/containerd-shim-kata-v2"
+                    Reach::Shim("/opt/kata/bin/containerd-shim-kata-v2".into())
                 };
-                (h, shim.to_string())
+                (h, reach)
             })
             .collect()
     }
@@ -791,7 +795,7 @@ async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
         // A pod of each served handler reaches our shim, through the kubelet and containerd.
         if let Some(shape) = &w.current {
             let t = Instant::now();
-            let probed = probe_handlers(&cluster, w.node, &shape.shim_binaries(), &n.to_string())
+            let probed = probe_handlers(&cluster, w.node, &shape.reaches(), &n.to_string())
                 .await
                 .with_context(|| format!("walk seed {seed}, step {n}: pods on {}", w.node.name))?;
             tally.pods += probed.len();

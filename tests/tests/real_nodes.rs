@@ -9,7 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kata_testbed::cluster::{repo_root, wait_until, TestCluster};
 use kata_testbed::helmsteps::{check_release, upgrade_to, ReleaseShape, NARROW_LABEL};
-use kata_testbed::probe::probe_handlers;
+use kata_testbed::probe::{probe_handlers, Reach};
 use kata_testbed::realnode::{
     build_images, file_identity, leftovers, real_node_lock, require_real_nodes, RealNode,
 };
@@ -593,11 +593,13 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
         &[
             (
                 "kata-qemu".to_string(),
-                format!("{INSTALL_PREFIX}/bin/containerd-shim-kata-v2"),
+                Reach::Shim(format!("{INSTALL_PREFIX}/bin/containerd-shim-kata-v2")),
             ),
             (
                 "kata-qemu-runtime-rs".to_string(),
-                format!("{INSTALL_PREFIX}/runtime-rs/bin/containerd-shim-kata-v2"),
+                Reach::Shim(format!(
+                    "{INSTALL_PREFIX}/runtime-rs/bin/containerd-shim-kata-v2"
+                )),
             ),
         ],
         "install",
