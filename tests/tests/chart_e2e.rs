@@ -235,6 +235,10 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
     let chart = repo_root().join("chart/kata-deploy");
     let chart = chart.to_str().expect("utf-8");
     let group_sel = format!("job.nodeSelector.kata-test/group={ns}");
+    // The default uninstall selection (kata-runtime OR this install's claim/state labels) would
+    // also take the Kata nodes of the tests running beside this one (the shared kata-runtime
+    // label), whose kubelets may be gone by then: the uninstall then hangs on their pods.
+    let cleanup_sel = format!("job.cleanup.nodeSelector.kata-test/group={ns}");
     // Tests share one cluster: the hook pods must land on this test's local nodes.
     let dispatcher_on = format!(
         "job.dispatcher.nodeSelector.{}={ns}",
@@ -255,6 +259,8 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         "job.nodeJobs.tolerations[0].operator=Exists",
         "--set-string",
         &group_sel,
+        "--set-string",
+        &cleanup_sel,
         "--set-string",
         &dispatcher_on,
         "--set",
@@ -1690,7 +1696,10 @@ async fn a_node_added_after_install_is_installed_by_the_reconcile_cronjob() -> R
     .await?;
     assert!(!labels_of(&bed.nodes.get(&added[0]).await?).contains_key(&marker));
     // The CronJob controller runs it on its schedule (every minute here): within one period
-    // (plus the controller's own delay) a Job of the CronJob installs the added node.
+    // (plus the controller's own delay) a Job of the CronJob installs the added node. A run
+    // scheduled before the node was there (right after install) does not count.
+    let joined =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(1);
     let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
     let scheduled = || async {
         Ok::<_, anyhow::Error>(
@@ -1704,6 +1713,10 @@ async fn a_node_added_after_install_is_installed_by_the_reconcile_cronjob() -> R
                         .iter()
                         .flatten()
                         .any(|o| o.kind == "CronJob" && o.name == cronjob)
+                        && j.metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .is_some_and(|t| t.0 >= joined)
                 })
                 .filter_map(|j| j.metadata.name)
                 .collect::<Vec<_>>(),

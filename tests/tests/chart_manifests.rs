@@ -213,12 +213,12 @@ async fn bad_values_are_refused_and_install_nothing() -> Result<()> {
             "helm install nfd",
         ),
         (
-            "upstream startupTaints",
+            "a malformed startupTaints entry",
             &[
                 "--set-json",
-                r#"startupTaints=["katacontainers.io/kata-runtime:NoSchedule"]"#,
+                r#"startupTaints=["katacontainers.io/kata-runtime:Sometimes"]"#,
             ],
-            "startupTaints",
+            "key[=value][:Effect]",
         ),
         (
             "upstream containerd.configDir",
