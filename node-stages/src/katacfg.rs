@@ -267,9 +267,21 @@ pub fn plan_shim_files(
         let rel = base_config_rel(shim.base());
         let base_text = read_base(&rel)?;
         let dir = install.shim_config_dir(&shim.name);
+        let mut relocated = relocate_config(&base_text, &install.prefix);
+        // A custom prefix: QEMU through upstream's wrapper adding its firmware directory (-L).
+        if let Some((w, cfg_text)) = crate::qemuprefix::wrap_qemu(&relocated, &install.prefix) {
+            relocated = cfg_text;
+            if !out.iter().any(|f: &GeneratedFile| f.path == w.path) {
+                out.push(GeneratedFile {
+                    path: w.path,
+                    content: w.content.into_bytes(),
+                    mode: 0o755,
+                });
+            }
+        }
         out.push(GeneratedFile {
             path: install.shim_config_path(&shim.name),
-            content: relocate_config(&base_text, &install.prefix).into_bytes(),
+            content: relocated.into_bytes(),
             mode: 0o644,
         });
         out.push(GeneratedFile {

@@ -17,6 +17,7 @@ pub mod katacfg;
 pub mod label;
 pub mod lock;
 pub mod payload;
+pub mod qemuprefix;
 pub mod release;
 pub mod release_io;
 pub mod restart;

@@ -254,6 +254,21 @@ fn release_3_32_under_a_custom_prefix_and_suffix() {
         "{cfg}"
     );
     assert!(!cfg.contains("\"/opt/kata/"), "{cfg}");
+    // QEMU built for /opt/kata finds its firmware through upstream's -L wrapper.
+    let wrapper = "/opt/kata-rel-t/bin/qemu-system-x86_64-installation-prefix";
+    assert!(cfg.contains(&format!("path = \"{wrapper}\"")), "{cfg}");
+    let script = std::fs::read_to_string(h(wrapper)).unwrap();
+    assert!(
+        script.ends_with(
+            "exec /opt/kata-rel-t/bin/qemu-system-x86_64 \"$@\" -L /opt/kata-rel-t/share/kata-qemu/qemu/\n"
+        ),
+        "{script}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(h(wrapper)).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
 }
 
 /// Runs the real binary's `install` and asserts: exit 2, every word in the error, host unchanged.
