@@ -43,7 +43,7 @@ limit_of() {
   if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
   case $1 in
     real_node_walk) echo 900 ;;
-    runtime_matrix | real_nodes | real_node_faults | chart_e2e | dispatcher | faults) echo 600 ;;
+    runtime_matrix | real_nodes | real_node_faults | real_reconcile | chart_e2e | dispatcher | faults) echo 600 ;;
     *) echo 420 ;;
   esac
 }
