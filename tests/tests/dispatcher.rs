@@ -1653,3 +1653,79 @@ async fn reconcile_runs_yield_to_hook_runs_and_hook_runs_stop_reconcile_runs() -
     );
     Ok(())
 }
+
+/// The dispatcher's share of the node state label on the real API server, as its
+/// ServiceAccount: `pending` on every node right before its Job is created, `failed` on a node
+/// whose Job failed (simulated nodes run no stage, so nothing writes installing/installed), one
+/// node patch per created Job plus one per failure, and nothing at all per node on an unchanged
+/// re-run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_writes_pending_and_failed_and_nothing_on_an_unchanged_rerun() -> Result<()>
+{
+    const KEY: &str = "katacontainers.io/kata-deploy-state";
+    let c = case("state", 4, EnvOptions::default()).await?;
+    kata_testbed::rollout::fail_pods_on(&c.cluster, &c.env.namespace, &c.nodes[..1], "no /dev/kvm");
+    let patches = || -> Result<usize> {
+        Ok(audit_by_resource(&c.cluster, &c.env.user)?
+            .get(&("patch".to_string(), "nodes".to_string()))
+            .copied()
+            .unwrap_or(0))
+    };
+    let flags = |run: &'static str| {
+        vec![
+            "--selector".to_string(),
+            c.selector.clone(),
+            "--skip-installed".into(),
+            "--state-label".into(),
+            KEY.into(),
+            "--max-failures".into(),
+            "0".into(),
+            "--run-id".into(),
+            run.into(),
+        ]
+    };
+    let args = flags("first");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.env.run(&args).await?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let nodes: Api<Node> = Api::all(c.cluster.client.clone());
+    let state = |n: &String| {
+        let nodes = nodes.clone();
+        let n = n.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                nodes
+                    .get(&n)
+                    .await?
+                    .metadata
+                    .labels
+                    .unwrap_or_default()
+                    .get(KEY)
+                    .cloned(),
+            )
+        }
+    };
+    assert_eq!(state(&c.nodes[0]).await?.as_deref(), Some("failed"));
+    for n in &c.nodes[1..] {
+        assert_eq!(
+            state(n).await?.as_deref(),
+            Some("pending"),
+            "{n}: no stage runs on kwok"
+        );
+    }
+    // 4 pending + 1 failed + 3 install records.
+    let first = patches()?;
+    assert_eq!(first, 8, "node patches of the first run");
+    // Unchanged re-run: the failed node runs again (pending, then failed), the others get nothing.
+    let args = flags("second");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.env.run(&args).await?;
+    let t = text(&out);
+    assert!(t.contains("3 already installed"), "{t}");
+    assert_eq!(
+        patches()? - first,
+        2,
+        "only the failed node's pending and failed: {t}"
+    );
+    Ok(())
+}
