@@ -23,8 +23,10 @@ fn release(layout: &str, variant: &str) -> PathBuf {
     let mut dirs = DIRS.lock().unwrap();
     dirs.entry(key.clone())
         .or_insert_with(|| {
-            let dir =
-                std::env::temp_dir().join(format!("kata-release-{}-{key}", std::process::id()));
+            // Under target/tmp (cargo's scratch for integration tests), not /tmp: nothing is
+            // left on the host (hack/test.sh checks /tmp for leftovers).
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("kata-release-{}-{key}", std::process::id()));
             let script =
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-release-payload.sh");
             let out = Command::new("timeout")
