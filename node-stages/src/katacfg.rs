@@ -142,6 +142,20 @@ fn base_strings(item: Option<&Item>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Whether the shim's guest is measured (AMD SEV-SNP, Intel TDX, IBM Secure Execution, and their
+/// GPU variants): its kernel command line is part of what attestation checks, so `debug` leaves
+/// the guest alone there (no debug kernel parameters, no agent or hypervisor debug, as upstream's
+/// normal RuntimeClasses stay measurement-stable); the host-side runtime still logs at debug.
+pub fn measured_guest(shim: &ShimConfig) -> bool {
+    let b = shim.base();
+    b.contains("-snp") || b.contains("-tdx") || b == "qemu-se" || b.starts_with("qemu-se-")
+}
+
+/// `debug` for what runs in or shapes the guest (see [`measured_guest`]).
+fn guest_debug(shim: &ShimConfig, cfg: &StageConfig) -> bool {
+    cfg.debug && !measured_guest(shim)
+}
+
 /// Our `[hypervisor.<name>]` settings: kernel_params, allowed annotations, debug.
 fn hypervisor_dropin(hv_base: Option<&Item>, shim: &ShimConfig, cfg: &StageConfig) -> Table {
     let base_params = hv_base
@@ -154,7 +168,7 @@ fn hypervisor_dropin(hv_base: Option<&Item>, shim: &ShimConfig, cfg: &StageConfi
         value(kernel_params_with_timeout(
             base_params,
             cfg.image_pull_timeout_seconds,
-            cfg.debug,
+            guest_debug(shim, cfg),
             &agent_params(shim),
         )),
     );
@@ -171,7 +185,7 @@ fn hypervisor_dropin(hv_base: Option<&Item>, shim: &ShimConfig, cfg: &StageConfi
             value(names.into_iter().collect::<Array>()),
         );
     }
-    if cfg.debug {
+    if guest_debug(shim, cfg) {
         hv_table.insert("enable_debug", value(true));
     }
     hv_table
@@ -234,7 +248,7 @@ pub fn render_kata_dropin(
     out.insert("hypervisor", Item::Table(hypervisor));
     // The Go runtime reads create_container_timeout from [runtime], runtime-rs from [agent.kata].
     let mut kata = Table::new();
-    if cfg.debug {
+    if guest_debug(shim, cfg) {
         kata.insert("enable_debug", value(true));
     }
     if shim.info().runtime_rs {
@@ -393,6 +407,45 @@ create_container_timeout = 60
         let doc: DocumentMut = out.parse().unwrap();
         assert_eq!(doc["agent"]["kata"]["enable_debug"].as_bool(), Some(true));
         assert_eq!(doc["runtime"]["enable_debug"].as_bool(), Some(true));
+    }
+
+    #[test]
+    fn debug_leaves_the_measured_guest_of_tee_shims_alone() {
+        let c = cfg("debug: true\nshims: [{name: qemu-snp}, {name: qemu-tdx-runtime-rs}, {name: qemu-nvidia-gpu-snp}, {name: qemu-se}, {name: qemu-coco-dev}]\n");
+        for shim in &c.shims {
+            let out = render_kata_dropin(BASE, Path::new("b"), shim, &c).unwrap();
+            let doc: DocumentMut = out.parse().unwrap();
+            let hv = &doc["hypervisor"]["qemu"];
+            if shim.name == "qemu-coco-dev" {
+                // Not a TEE (nothing is measured): debug as everywhere else.
+                assert!(out.contains("agent.log=debug"), "{out}");
+                assert_eq!(hv["enable_debug"].as_bool(), Some(true));
+                continue;
+            }
+            assert_eq!(
+                hv["kernel_params"].as_str(),
+                Some("nvrc.smi.srs=1 agent.image_pull_timeout=1200"),
+                "{}: the measured command line gets no debug parameter: {out}",
+                shim.name
+            );
+            assert!(hv.get("enable_debug").is_none(), "{}: {out}", shim.name);
+            assert!(
+                doc.get("agent")
+                    .and_then(|a| a.get("kata"))
+                    .and_then(|k| k.get("enable_debug"))
+                    .is_none(),
+                "{}: {out}",
+                shim.name
+            );
+            // The host side still logs at debug: the Go runtime's [runtime] enable_debug.
+            if !shim.info().runtime_rs {
+                assert_eq!(
+                    doc["runtime"]["enable_debug"].as_bool(),
+                    Some(true),
+                    "{out}"
+                );
+            }
+        }
     }
 
     #[test]
