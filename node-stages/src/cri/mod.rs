@@ -27,7 +27,7 @@ pub mod verify;
 pub use detect::*;
 pub use plan::*;
 
-use crate::config::{Install, NodeFacts, ValidConfig};
+use crate::config::{CriKind, Install, NodeFacts, ValidConfig};
 use crate::error::{Result, StageError};
 use crate::hostfs::{sha256_hex, HostFs};
 use crate::inuse;
@@ -99,94 +99,12 @@ fn content_hash(changes: &[Change]) -> String {
 pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let fs = ctx.fs;
     let install = ctx.cfg.install();
-    let kind = resolve_cri(fs, ctx.cfg, ctx.facts)?;
     let state_path = ctx.state_path();
     let mut state: CriState = read_json(fs, &state_path)?.unwrap_or_default();
-    let mut target = plan_cri_target(fs, ctx.cfg, ctx.facts, kind)?;
-    // The unit that runs the runtime now (an rke2 agent may also have rke2-server's unit file).
-    // A unit we restarted with a configuration not yet verified may be down because of it: that
-    // one is ours to bring back (verify or roll back), active or not.
-    let ours_down = state.pending.as_ref().map(|_| state.unit.as_str());
-    target.unit = verify::running_unit(ctx, &unit_candidates(&target.unit, kind), ours_down)?;
-    for n in &target.notes {
-        tracing::warn!(stage = "cri", "{n}");
-    }
-    let proxy_name = install.nydus_snapshotter();
-    let old_imports = whole_paths_imported(&state);
+    let (kind, target) = resolve_target(ctx, &state)?;
 
     // 1. Compute every change first (parsing everything) so bad input changes nothing.
-    let mut changes = Vec::new();
-    for (path, desired) in &target.files {
-        let current = fs.read(path)?;
-        let cur_sha = current.as_deref().map(sha256_hex);
-        let entry = state.files.iter().find(|f| &f.path == path).cloned();
-        let whole = matches!(desired, Desired::Whole(_));
-        let (base, original, backup) = match &entry {
-            None => {
-                let original = match &current {
-                    None => Original::Absent,
-                    Some(b) => Original::Backup {
-                        backup: backup_path(&install, path),
-                        sha256: sha256_hex(b),
-                    },
-                };
-                let backup = current.clone().map(|b| (backup_path(&install, path), b));
-                (current.clone(), original, backup)
-            }
-            Some(e) => {
-                let orig_sha = match &e.original {
-                    Original::Absent => None,
-                    Original::Backup { sha256, .. } => Some(sha256.clone()),
-                };
-                let pristine =
-                    cur_sha == orig_sha || (cur_sha.is_some() && cur_sha == e.written_sha256);
-                if pristine || whole {
-                    let base = match &e.original {
-                        Original::Absent => None,
-                        Original::Backup { backup, .. } => Some(fs.read(backup)?.ok_or_else(|| {
-                            StageError::bad_input(backup, "backup recorded in the state but missing", "Restore the original runtime configuration by hand, delete the state directory and re-run")
-                        })?),
-                    };
-                    (base, e.original.clone(), None)
-                } else {
-                    // Someone changed the file since we wrote it: keep their change, drop ours,
-                    // and make that the new pristine base.
-                    let cur = current.clone().unwrap_or_default();
-                    let stripped = strip_ours(path, &cur, &state, &old_imports, Some(&proxy_name))?;
-                    tracing::warn!(stage = "cri", file = %path.display(), "file changed since kata-deploy wrote it; keeping those changes");
-                    let bp = backup_path(&install, path);
-                    let original = Original::Backup {
-                        backup: bp.clone(),
-                        sha256: sha256_hex(&stripped),
-                    };
-                    (Some(stripped.clone()), original, Some((bp, stripped)))
-                }
-            }
-        };
-        let new = render_desired(path, desired, base.as_deref(), &target.kata)?;
-        let entry = CriFile {
-            path: path.clone(),
-            original,
-            written_sha256: Some(sha256_hex(&new)),
-            whole_file: whole,
-        };
-        changes.push(Change {
-            path: path.clone(),
-            current,
-            new: Some(new),
-            entry: Some(entry),
-            backup,
-        });
-    }
-    // Files we managed before but no longer want (flavour or version changed): restore them.
-    for old in state
-        .files
-        .iter()
-        .filter(|f| !target.files.iter().any(|(p, _)| p == &f.path))
-    {
-        changes.push(restore_change(fs, &state, old, &old_imports, &proxy_name)?);
-    }
-
+    let changes = plan_changes(ctx, &state, &target)?;
     // Never under running pods: the handlers this run drops must run none (nothing written yet).
     if !fs.dry_run() {
         let dropped: Vec<String> = state
@@ -199,51 +117,9 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     }
 
     // 2. Record originals (backups first) and what we are about to write, then write.
-    let prev_state = state.clone();
-    state.cri = kind.as_str().into();
-    state.unit = target.unit.clone();
-    state.handlers = union(&prev_state.handlers, &target.handlers);
-    // While the files change, the runtime may route to nydus under either configuration.
-    state.nydus = Some(prev_state.nydus.unwrap_or(false) || ctx.cfg.uses_nydus());
-    // A file being restored (flavour or version changed) stays recorded until it is: a crash
-    // before that leaves it for revert-cri to restore.
-    let kept: Vec<CriFile> = changes.iter().filter_map(|c| c.entry.clone()).collect();
-    let restoring = prev_state
-        .files
-        .iter()
-        .filter(|f| !kept.iter().any(|k| k.path == f.path))
-        .cloned();
-    state.files = kept.iter().cloned().chain(restoring).collect();
-    // Record the directories we are about to create before creating them (crash safety).
-    for c in changes
-        .iter()
-        .filter(|c| c.new.is_some() && c.current != c.new)
-    {
-        let mut cur = c.path.parent();
-        while let Some(d) = cur {
-            if d == Path::new("/") || fs.exists(d) {
-                break;
-            }
-            if !state.created_dirs.iter().any(|x| x == d) {
-                state.created_dirs.push(d.to_path_buf());
-            }
-            cur = d.parent();
-        }
-    }
-    // The runtime has not loaded what we are about to write: record, in the same state write as
-    // the intent (before any file changes), what to go back to if it does not come back with it.
-    // A previous unverified write keeps its record (its "previous" is the last known good).
     let hash = content_hash(&changes);
-    if changes.iter().any(|c| c.current != c.new) {
-        state.pending = Some(pending_restart(
-            state.pending.as_ref(),
-            &hash,
-            &changes,
-            &prev_state,
-        ));
-    }
-    let result = write_changes(ctx, &mut state, &state_path, &changes, &install);
-    let changed = result?;
+    let kept = record_intent(ctx, &mut state, kind, &target, &changes, &hash);
+    let changed = write_changes(ctx, &mut state, &state_path, &changes, &install)?;
     state.files = kept;
     state.handlers = target.handlers.clone();
     state.nydus = Some(ctx.cfg.uses_nydus());
@@ -265,6 +141,193 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
         unit: target.unit,
         notes: target.notes,
     })
+}
+
+/// The CRI flavour and what to write for it, with the unit that runs the runtime now (an rke2
+/// agent may also have rke2-server's unit file). A unit we restarted with a configuration not yet
+/// verified may be down because of it: that one is ours to bring back, active or not.
+fn resolve_target(ctx: &CriContext, state: &CriState) -> Result<(CriKind, CriTarget)> {
+    let kind = resolve_cri(ctx.fs, ctx.cfg, ctx.facts)?;
+    let mut target = plan_cri_target(ctx.fs, ctx.cfg, ctx.facts, kind)?;
+    let ours_down = state.pending.as_ref().map(|_| state.unit.as_str());
+    target.unit = verify::running_unit(ctx, &unit_candidates(&target.unit, kind), ours_down)?;
+    for n in &target.notes {
+        tracing::warn!(stage = "cri", "{n}");
+    }
+    Ok((kind, target))
+}
+
+/// Every file change of this run: each target file rendered on its pristine base, and the files
+/// we managed before but no longer want (flavour or version changed) restored.
+fn plan_changes(ctx: &CriContext, state: &CriState, target: &CriTarget) -> Result<Vec<Change>> {
+    let proxy_name = ctx.cfg.install().nydus_snapshotter();
+    let old_imports = whole_paths_imported(state);
+    let mut changes = Vec::new();
+    for (path, desired) in &target.files {
+        let Pristine {
+            base,
+            original,
+            backup,
+        } = pristine_base(ctx, state, path, desired, &old_imports, &proxy_name)?;
+        let current = ctx.fs.read(path)?;
+        let new = render_desired(path, desired, base.as_deref(), &target.kata)?;
+        let entry = CriFile {
+            path: path.clone(),
+            original,
+            written_sha256: Some(sha256_hex(&new)),
+            whole_file: matches!(desired, Desired::Whole(_)),
+        };
+        changes.push(Change {
+            path: path.clone(),
+            current,
+            new: Some(new),
+            entry: Some(entry),
+            backup,
+        });
+    }
+    for old in state
+        .files
+        .iter()
+        .filter(|f| !target.files.iter().any(|(p, _)| p == &f.path))
+    {
+        changes.push(restore_change(
+            ctx.fs,
+            state,
+            old,
+            &old_imports,
+            &proxy_name,
+        )?);
+    }
+    Ok(changes)
+}
+
+/// A file's base to render ours on, its original as recorded, and the backup to take: the file
+/// as found (first run), the recorded original (unchanged since we wrote it, or a file we own
+/// whole), or the file with our part stripped when someone changed it since (their change kept).
+fn pristine_base(
+    ctx: &CriContext,
+    state: &CriState,
+    path: &Path,
+    desired: &Desired,
+    old_imports: &[String],
+    proxy_name: &str,
+) -> Result<Pristine> {
+    let (fs, install) = (ctx.fs, ctx.cfg.install());
+    let current = fs.read(path)?;
+    let cur_sha = current.as_deref().map(sha256_hex);
+    let Some(e) = state.files.iter().find(|f| f.path == path) else {
+        let original = match &current {
+            None => Original::Absent,
+            Some(b) => Original::Backup {
+                backup: backup_path(&install, path),
+                sha256: sha256_hex(b),
+            },
+        };
+        let backup = current.clone().map(|b| (backup_path(&install, path), b));
+        return Ok(Pristine {
+            base: current,
+            original,
+            backup,
+        });
+    };
+    let orig_sha = match &e.original {
+        Original::Absent => None,
+        Original::Backup { sha256, .. } => Some(sha256.clone()),
+    };
+    let pristine = cur_sha == orig_sha || (cur_sha.is_some() && cur_sha == e.written_sha256);
+    if pristine || matches!(desired, Desired::Whole(_)) {
+        let base = match &e.original {
+            Original::Absent => None,
+            Original::Backup { backup, .. } => Some(fs.read(backup)?.ok_or_else(|| {
+                StageError::bad_input(backup, "backup recorded in the state but missing", "Restore the original runtime configuration by hand, delete the state directory and re-run")
+            })?),
+        };
+        return Ok(Pristine {
+            base,
+            original: e.original.clone(),
+            backup: None,
+        });
+    }
+    // Someone changed the file since we wrote it: keep their change, drop ours, and make that
+    // the new pristine base.
+    let cur = current.unwrap_or_default();
+    let stripped = strip_ours(path, &cur, state, old_imports, Some(proxy_name))?;
+    tracing::warn!(stage = "cri", file = %path.display(), "file changed since kata-deploy wrote it; keeping those changes");
+    let bp = backup_path(&install, path);
+    let original = Original::Backup {
+        backup: bp.clone(),
+        sha256: sha256_hex(&stripped),
+    };
+    Ok(Pristine {
+        base: Some(stripped.clone()),
+        original,
+        backup: Some((bp, stripped)),
+    })
+}
+
+/// What [`pristine_base`] found for a file.
+struct Pristine {
+    /// The bytes ours is rendered on (None: no file).
+    base: Option<Vec<u8>>,
+    /// The original as the state records it.
+    original: Original,
+    /// A backup to take before writing (path, bytes).
+    backup: Option<(PathBuf, Vec<u8>)>,
+}
+
+/// Puts into `state` (written before any file changes) what this run is about to do: the files
+/// it manages (a file being restored stays recorded until it is), the directories it will create,
+/// the handlers of either configuration, and the pending restart with what to go back to. Returns
+/// the files recorded once the writes are done.
+fn record_intent(
+    ctx: &CriContext,
+    state: &mut CriState,
+    kind: CriKind,
+    target: &CriTarget,
+    changes: &[Change],
+    hash: &str,
+) -> Vec<CriFile> {
+    let prev_state = state.clone();
+    state.cri = kind.as_str().into();
+    state.unit = target.unit.clone();
+    state.handlers = union(&prev_state.handlers, &target.handlers);
+    // While the files change, the runtime may route to nydus under either configuration.
+    state.nydus = Some(prev_state.nydus.unwrap_or(false) || ctx.cfg.uses_nydus());
+    let kept: Vec<CriFile> = changes.iter().filter_map(|c| c.entry.clone()).collect();
+    let restoring = prev_state
+        .files
+        .iter()
+        .filter(|f| !kept.iter().any(|k| k.path == f.path))
+        .cloned();
+    state.files = kept.iter().cloned().chain(restoring).collect();
+    // Record the directories we are about to create before creating them (crash safety).
+    for c in changes
+        .iter()
+        .filter(|c| c.new.is_some() && c.current != c.new)
+    {
+        let mut cur = c.path.parent();
+        while let Some(d) = cur {
+            if d == Path::new("/") || ctx.fs.exists(d) {
+                break;
+            }
+            if !state.created_dirs.iter().any(|x| x == d) {
+                state.created_dirs.push(d.to_path_buf());
+            }
+            cur = d.parent();
+        }
+    }
+    // The runtime has not loaded what we are about to write: record, in the same state write as
+    // the intent, what to go back to if it does not come back with it. A previous unverified
+    // write keeps its record (its "previous" is the last known good).
+    if changes.iter().any(|c| c.current != c.new) {
+        state.pending = Some(pending_restart(
+            state.pending.as_ref(),
+            hash,
+            changes,
+            &prev_state,
+        ));
+    }
+    kept
 }
 
 /// The pending-restart record for writing `changes`: the files and the state record as they were
