@@ -176,7 +176,10 @@ fn real_containerd_loads_our_handlers_converges_and_reverts() {
     } else {
         "io.containerd.team-sandbox.v2"
     };
-    assert_eq!(runtimes["team-sandbox"]["runtime_type"].as_str(), Some(want_type));
+    assert_eq!(
+        runtimes["team-sandbox"]["runtime_type"].as_str(),
+        Some(want_type)
+    );
     assert_eq!(
         runtimes["team-sandbox"]["options"]["ConfigPath"].as_str(),
         Some(
