@@ -87,33 +87,40 @@ pub fn agent_params(shim: &ShimConfig) -> Vec<(&'static str, &str)> {
 }
 
 /// Sets `agent.image_pull_timeout` (and debug logging) in a kernel_params string, keeping the rest
-/// in its order. Each `agent` parameter (key, value) replaces the base's parameter of that key
-/// where it stands, else is appended after the timeout; without any, nothing else changes.
+/// in its order. The timeout, each `agent` parameter (key, value) and, with `debug`,
+/// `agent.log=debug` replace the base's parameter of that key where it stands, else are appended
+/// in that order: a base that already says all of it comes back byte for byte (a measured guest's
+/// command line does not move when nothing changed).
 pub fn kernel_params_with_timeout(
     base: &str,
     timeout_secs: u64,
     debug: bool,
     agent: &[(&str, &str)],
 ) -> String {
-    let mut pending = agent.to_vec();
+    let timeout = timeout_secs.to_string();
+    let mut ours: Vec<(&str, &str)> = vec![("agent.image_pull_timeout", timeout.as_str())];
+    ours.extend_from_slice(agent);
+    if debug {
+        ours.push(("agent.log", "debug"));
+    }
+    let mut pending = ours.clone();
     let mut params: Vec<String> = Vec::new();
     for p in base.split_whitespace() {
-        if p.starts_with("agent.image_pull_timeout=") || debug && p.starts_with("agent.log=") {
-            continue;
-        }
         let key = p.split_once('=').map_or(p, |(k, _)| k);
         if let Some(i) = pending.iter().position(|(k, _)| *k == key) {
             let (k, v) = pending.remove(i);
             params.push(format!("{k}={v}"));
-        } else if !agent.iter().any(|(k, _)| *k == key) {
+        } else if !ours.iter().any(|(k, _)| *k == key) {
             // (a repeated key we already replaced is dropped: the agent would read one of them)
             params.push(p.to_string());
         }
     }
-    params.push(format!("agent.image_pull_timeout={timeout_secs}"));
     params.extend(pending.iter().map(|(k, v)| format!("{k}={v}")));
-    if debug {
-        params.push("agent.log=debug".into());
+    if base
+        .split_whitespace()
+        .eq(params.iter().map(String::as_str))
+    {
+        return base.to_string();
     }
     params.join(" ")
 }
@@ -524,11 +531,14 @@ create_container_timeout = 60
     #[test]
     fn kernel_params_keep_their_order_and_a_base_proxy_is_replaced_where_it_stands() {
         let base = "a=1 agent.https_proxy=http://old:1 b agent.image_pull_timeout=5 c=3";
-        // Nothing set: the base parameters stay in order, only the timeout moves (as before).
+        // Nothing else set: the base parameters stay in order, the timeout replaced where it is.
         assert_eq!(
             kernel_params_with_timeout(base, 60, false, &[]),
-            "a=1 agent.https_proxy=http://old:1 b c=3 agent.image_pull_timeout=60"
+            "a=1 agent.https_proxy=http://old:1 b agent.image_pull_timeout=60 c=3"
         );
+        // A base that already says it all comes back unchanged, spacing included.
+        let same = "a=1  agent.image_pull_timeout=60 agent.log=debug";
+        assert_eq!(kernel_params_with_timeout(same, 60, true, &[]), same);
         assert_eq!(
             kernel_params_with_timeout(
                 base,
@@ -539,7 +549,7 @@ create_container_timeout = 60
                     ("agent.no_proxy", "x")
                 ]
             ),
-            "a=1 agent.https_proxy=http://new:2 b c=3 agent.image_pull_timeout=60 agent.no_proxy=x"
+            "a=1 agent.https_proxy=http://new:2 b agent.image_pull_timeout=60 c=3 agent.no_proxy=x"
         );
         // Rendering twice gives the same bytes (nothing rewritten on a re-run).
         let c = cfg("shims: [{name: qemu, agentNoProxy: '.svc'}]\n");
