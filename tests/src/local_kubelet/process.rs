@@ -174,10 +174,14 @@ mod tests {
         assert_eq!(exit_code(s), (137, Some(9)));
     }
 
-    /// Needs root (mount namespaces); skipped otherwise.
+    /// Needs root (mount namespaces): skipped otherwise, except in CI, where it fails.
     #[tokio::test]
     async fn runs_with_private_binds() {
         if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                !crate::cluster::in_ci(),
+                "runs_with_private_binds needs root (mount namespaces); CI runs as root"
+            );
             eprintln!("skipped: needs root for mount namespaces");
             return;
         }
