@@ -307,8 +307,13 @@ def t_default():
         check(f"{role} template: the writable host directories are created when missing only where that is harmless",
               vols["host-install"] == {"path": "/opt/kata", "type": "DirectoryOrCreate"} and vols["host-state"]["type"] == "DirectoryOrCreate"
               and vols["host-lock"] == {"path": "/run/lock", "type": "DirectoryOrCreate"}
-              and vols["host-cri-config"] == {"path": "/etc", "type": "Directory"}
+              and vols["host-cri-config"] == {"path": "/etc", "type": "DirectoryOrCreate"}
               and "host-systemd-units" not in vols, vols)
+        # stage.cri auto: the template names the CRI volume; the dispatcher points it (and its mount
+        # under /host) at each node's own CRI directory, so no node gets the whole /etc writable.
+        check(f"{role} template: stage.cri auto: the dispatcher chooses each node's CRI directory (pod annotation names the volume)",
+              job["spec"]["template"]["metadata"]["annotations"].get("katacontainers.io/cri-config-volume") == "host-cri-config",
+              job["spec"]["template"]["metadata"]["annotations"])
         for c in pod["initContainers"] + pod["containers"]:
             n = c["name"]
             if n == "copy-stage":  # the stage binary copies itself into the emptyDir; no host, no token, non-root
@@ -665,6 +670,8 @@ def t_values():
     check("stage.cri=containerd + suffix, no nydus shim: /etc/containerd, the suffixed prefix and state dir; no systemd unit directory",
           w("cri") == {"/host/etc/containerd", "/host/var/lib/kata-deploy-blue", "/host/run/lock"}
           and w("artifacts") == {"/host/opt/kata-blue", "/host/var/lib/kata-deploy-blue", "/host/run/lock"}, (w("cri"), w("artifacts")))
+    check("stage.cri set: the dispatcher does not choose the CRI directory (no cri-config-volume annotation)",
+          all("katacontainers.io/cri-config-volume" not in (j["spec"]["template"]["metadata"].get("annotations") or {}) for j in (ij, ij2, cj2)))
     ij3, cj3, _ = templates(render({"stage": {"hostMounts": "root"}}))
     c3 = {c["name"]: c for j in (ij3, cj3) for c in j["spec"]["template"]["spec"]["initContainers"] + j["spec"]["template"]["spec"]["containers"]}
     check("stage.hostMounts=root: the host root read-write, no other host mount (uninstall leaves no empty directory)",

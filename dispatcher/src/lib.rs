@@ -1,13 +1,14 @@
 //! kata-deploy job mode: the dispatcher that creates exactly one node-pinned Job per node.
 //!
 //! Pure core: [`select`] (which nodes), [`admission`] (taints, DaemonSet rules), [`naming`] (Job
-//! names), [`template`] (per-node Jobs), [`lifecycle`] (the per-node state machine: dispatch,
+//! names), [`template`] (per-node Jobs), [`cri_dir`] (each node's CRI configuration directory), [`lifecycle`] (the per-node state machine: dispatch,
 //! replace, adopt, finish, abandon), [`canary`] (the first wave), [`status`] (reading Jobs and Pods), [`report`] (what a
 //! person reads), [`summary`] (the rollout summary in a ConfigMap), [`supersede`] (stopping the superseded dispatcher), [`single_flight`] (one dispatcher of a release at a time). I/O shell: [`kube_io`] (API calls with retries) and [`run`].
 
 pub mod admission;
 pub mod canary;
 pub mod cli;
+pub mod cri_dir;
 pub mod kube_io;
 pub mod lifecycle;
 pub mod naming;

@@ -135,6 +135,14 @@ fn node_facts(node: &Node) -> NodeFacts {
         container_runtime_version: get(|i| &i.container_runtime_version),
         kubelet_version: get(|i| &i.kubelet_version),
         architecture: get(|i| &i.architecture),
+        cri_dir: crate::cri_dir::CriDir::of_node(
+            &get(|i| &i.container_runtime_version),
+            node.metadata.labels.as_ref().unwrap_or(&Default::default()),
+            node.metadata
+                .annotations
+                .as_ref()
+                .unwrap_or(&Default::default()),
+        ),
     }
 }
 

@@ -60,6 +60,8 @@ pub struct NodeFacts {
     pub kubelet_version: String,
     /// `status.nodeInfo.architecture`.
     pub architecture: String,
+    /// Its CRI configuration directory (the volume the template names for it).
+    pub cri_dir: crate::cri_dir::CriDir,
 }
 
 /// Who the per-node Jobs belong to.
@@ -217,7 +219,10 @@ impl JobTemplate {
             .and_then(Value::as_object_mut)
             .expect("validated in parse");
         pod_spec.insert("nodeName".into(), json!(node.name));
-        let env = node_env(node);
+        let mut env = node_env(node);
+        if let Some(reason) = point_cri_volume(&self.job, pod_spec, &node.cri_dir) {
+            env.push((crate::cri_dir::ENV_CRI_UNKNOWN, reason));
+        }
         for list in ["initContainers", "containers"] {
             if let Some(containers) = pod_spec.get_mut(list).and_then(Value::as_array_mut) {
                 for c in containers.iter_mut().filter_map(Value::as_object_mut) {
@@ -234,6 +239,53 @@ impl JobTemplate {
             }
         }
         job
+    }
+}
+
+/// Points the hostPath volume the template names (pod-template annotation
+/// [`crate::cri_dir::ANNOTATION_CRI_VOLUME`]) at the node's CRI configuration directory. Returns
+/// why it is unknown, for the stages to fail on before any host change (the volume stays as the
+/// template has it, unused).
+fn point_cri_volume(
+    template: &Value,
+    pod_spec: &mut Map<String, Value>,
+    dir: &crate::cri_dir::CriDir,
+) -> Option<String> {
+    let volume = template
+        .pointer("/spec/template/metadata/annotations")
+        .and_then(|a| a.get(crate::cri_dir::ANNOTATION_CRI_VOLUME))
+        .and_then(Value::as_str)?;
+    match dir {
+        crate::cri_dir::CriDir::NotRead => None,
+        crate::cri_dir::CriDir::Unknown(why) => Some(why.clone()),
+        crate::cri_dir::CriDir::Known(path) => {
+            let vols = pod_spec.get_mut("volumes").and_then(Value::as_array_mut)?;
+            let host_path = vols
+                .iter_mut()
+                .find(|v| v.get("name").and_then(Value::as_str) == Some(volume))
+                .and_then(|v| v.get_mut("hostPath"))
+                .and_then(Value::as_object_mut)?;
+            let old = host_path.get("path").and_then(Value::as_str)?.to_string();
+            host_path.insert("path".into(), json!(path));
+            // Each mount keeps its place under the container's host root (/host/etc -> /host/etc/containerd).
+            for list in ["initContainers", "containers"] {
+                let containers = pod_spec.get_mut(list).and_then(Value::as_array_mut);
+                for c in containers.into_iter().flatten() {
+                    let mounts = c.get_mut("volumeMounts").and_then(Value::as_array_mut);
+                    for m in mounts.into_iter().flatten() {
+                        if m.get("name").and_then(Value::as_str) != Some(volume) {
+                            continue;
+                        }
+                        let at = m.get("mountPath").and_then(Value::as_str).unwrap_or("");
+                        if let Some(root) = at.strip_suffix(old.as_str()) {
+                            let moved = format!("{root}{path}");
+                            m["mountPath"] = json!(moved);
+                        }
+                    }
+                }
+            }
+            None
+        }
     }
 }
 
@@ -318,7 +370,73 @@ spec:
             container_runtime_version: "containerd://2.0.5".into(),
             kubelet_version: "v1.34.4".into(),
             architecture: "amd64".into(),
+            cri_dir: Default::default(),
         }
+    }
+
+    /// With `stage.cri: auto` the chart names its CRI volume: each node's Job mounts that node's
+    /// own CRI directory; a node whose CRI cannot be told gets the reason for its stages, which
+    /// fail before any host change; a template without the annotation is left alone.
+    #[test]
+    fn the_cri_volume_points_at_each_nodes_own_directory() {
+        use crate::cri_dir::{CriDir, ANNOTATION_CRI_VOLUME, ENV_CRI_UNKNOWN};
+        let text = format!(
+            "apiVersion: batch/v1\nkind: Job\nspec:\n  template:\n    metadata:\n      annotations: {{\"{ANNOTATION_CRI_VOLUME}\": host-cri-config}}\n    spec:\n      restartPolicy: Never\n      containers: [{{name: cri, image: x, volumeMounts: [{{name: host-cri-config, mountPath: /host/etc}}, {{name: other, mountPath: /host/etc}}]}}]\n      volumes:\n      - {{name: host-cri-config, hostPath: {{path: /etc, type: Directory}}}}\n      - {{name: other, hostPath: {{path: /etc}}}}\n"
+        );
+        let t = JobTemplate::parse("t.yaml", &text).unwrap();
+        let run = RunIdentity {
+            prefix: "p".into(),
+            run_id: "r".into(),
+            owner: None,
+            namespace: "ns".into(),
+        };
+        let with = |dir: CriDir| {
+            let n = NodeFacts {
+                cri_dir: dir,
+                ..node()
+            };
+            t.specialise(&run, &n, "j")
+        };
+        let job = with(CriDir::Known(
+            "/var/lib/rancher/k3s/agent/etc/containerd".into(),
+        ));
+        assert_eq!(
+            job.pointer("/spec/template/spec/volumes/0/hostPath/path"),
+            Some(&json!("/var/lib/rancher/k3s/agent/etc/containerd"))
+        );
+        assert_eq!(
+            job.pointer("/spec/template/spec/volumes/1/hostPath/path"),
+            Some(&json!("/etc")),
+            "only the named volume"
+        );
+        assert_eq!(
+            job.pointer("/spec/template/spec/containers/0/volumeMounts/0/mountPath"),
+            Some(&json!("/host/var/lib/rancher/k3s/agent/etc/containerd")),
+            "mounted where the host has it, under the container's host root"
+        );
+        assert_eq!(
+            job.pointer("/spec/template/spec/containers/0/volumeMounts/1/mountPath"),
+            Some(&json!("/host/etc"))
+        );
+        let job = with(CriDir::Unknown("its runtime \"docker://24\"".into()));
+        assert_eq!(
+            job.pointer("/spec/template/spec/volumes/0/hostPath/path"),
+            Some(&json!("/etc"))
+        );
+        let env = job.pointer("/spec/template/spec/containers/0/env").unwrap();
+        assert!(
+            env.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == ENV_CRI_UNKNOWN
+                    && e["value"].as_str().unwrap().contains("docker://24")),
+            "{env}"
+        );
+        let job = with(CriDir::NotRead);
+        assert_eq!(
+            job.pointer("/spec/template/spec/volumes/0/hostPath/path"),
+            Some(&json!("/etc"))
+        );
     }
 
     #[test]

@@ -675,6 +675,9 @@ pub struct NodeFacts {
     /// The runtime units systemd reports active (None: not asked, e.g. no systemd): a flavour's
     /// leftover directories do not make it the node's CRI when its units do not run.
     pub active_units: Option<Vec<String>>,
+    /// KATA_NODE_CRI_UNKNOWN: why the dispatcher could not tell this node's CRI configuration
+    /// directory (with `cri: auto` the Job then mounts none of it writable).
+    pub cri_unknown: Option<String>,
 }
 
 impl NodeFacts {
@@ -689,6 +692,7 @@ impl NodeFacts {
             kubelet_version: get("KATA_NODE_KUBELET_VERSION"),
             arch: get("KATA_NODE_ARCH"),
             active_units: None,
+            cri_unknown: get("KATA_NODE_CRI_UNKNOWN"),
         }
     }
 

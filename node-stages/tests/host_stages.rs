@@ -806,3 +806,42 @@ fn rke2_agent_with_a_server_unit_file_restarts_the_active_agent() {
     uninstall(&hfs(host.path(), false), &config(ONE_SHIM), &facts(&f), &rt).unwrap();
     assert_eq!(rt.restart_count("rke2-agent.service"), 2);
 }
+
+/// With `cri: auto` the dispatcher mounts each node's own CRI directory writable; a node whose CRI
+/// it cannot tell gets none and the reason (KATA_NODE_CRI_UNKNOWN): host-check fails on it naming
+/// what to set, and the cri stage refuses before writing anything.
+#[test]
+fn a_node_whose_cri_directory_the_dispatcher_cannot_tell_fails_before_any_change() {
+    let f = flavour("containerd-2.0");
+    let host = make_host(&f);
+    let before = snapshot(host.path());
+    let mut facts = facts(&f);
+    facts.cri_unknown =
+        Some("its runtime \"docker://24.0.7\" is neither containerd nor CRI-O".into());
+    let fs = hfs(host.path(), false);
+    let cfg = config(ONE_SHIM);
+    let payload = payload_dir();
+    let rt = FakeRuntime::default();
+    let env = kata_deploy_stage::stages::StageEnv {
+        cfg: &cfg,
+        facts: &facts,
+        fs: &fs,
+        payload_dir: &payload,
+        restarter: &rt,
+        claims: &kata_deploy_stage::stages::NoClaims,
+        lock_wait: std::time::Duration::from_secs(5),
+    };
+    let report = kata_deploy_stage::stages::host_check(&env);
+    let errors: Vec<String> = report.errors().iter().map(|f| format!("{f:?}")).collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("docker://24.0.7") && e.contains("stage.cri")),
+        "{errors:?}"
+    );
+    let e = kata_deploy_stage::stages::run_cri(&env).unwrap_err();
+    assert!(matches!(e, StageError::Config { .. }), "{e}");
+    assert!(e.to_string().contains("stage.cri"), "{e}");
+    assert_eq!(snapshot(host.path()), before);
+    assert_eq!(rt.restarts.lock().unwrap().len(), 0);
+}

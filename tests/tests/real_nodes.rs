@@ -445,9 +445,14 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
                     "/host/run/lock",
                 ],
             ),
+            // stage.cri auto: the dispatcher mounts the node's own CRI directory, not /etc.
             (
                 "cri",
-                ["/host/etc", "/host/var/lib/kata-deploy", "/host/run/lock"],
+                [
+                    "/host/etc/containerd",
+                    "/host/var/lib/kata-deploy",
+                    "/host/run/lock",
+                ],
             ),
         ]
         .into_iter()

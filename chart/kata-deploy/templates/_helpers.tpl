@@ -713,8 +713,20 @@ volumes:
 {{- $labels := merge (dict "katacontainers.io/stages" .stages) (include "kata-deploy.selectorLabels" .root | fromYaml) (omit (.root.Values.podLabels | default dict) "name") -}}
 labels:
   {{- toYaml $labels | nindent 2 }}
+{{- $ours := dict "katacontainers.io/config-hash" .hash -}}
+{{- /* stage.cri auto with precise mounts: the dispatcher points this volume at each node's own
+       CRI configuration directory (from the node's runtime version, labels and annotations). */ -}}
+{{- if eq (include "kata-deploy.criDirPerNode" .root) "true" -}}
+{{- $_ := set $ours "katacontainers.io/cri-config-volume" "host-cri-config" -}}
+{{- end }}
 annotations:
-  {{- toYaml (merge (dict "katacontainers.io/config-hash" .hash) (.root.Values.podAnnotations | default dict)) | nindent 2 }}
+  {{- toYaml (merge $ours (.root.Values.podAnnotations | default dict)) | nindent 2 }}
+{{- end -}}
+
+{{/* Whether the dispatcher chooses each node's CRI configuration directory (stage.cri auto). */}}
+{{- define "kata-deploy.criDirPerNode" -}}
+{{- $flavour := include "kata-deploy.cri" . -}}
+{{- include "kata-deploy.bool" (and (eq (include "kata-deploy.preciseMounts" .) "true") (eq $flavour "auto") (ne (toString .Values.k8sDistribution) "k3s")) -}}
 {{- end -}}
 
 {{/*
@@ -1170,7 +1182,8 @@ volume name -> {path, type, stages}. stages: the stage containers that mount it 
       "microk8s" "/var/snap/microk8s/current/args" -}}
 {{- $flavour := include "kata-deploy.cri" . -}}
 {{- if and (eq $flavour "auto") (eq (toString $v.k8sDistribution) "k3s") -}}{{- $flavour = "k3s" -}}{{- end -}}
-{{- $cfgType := ternary "DirectoryOrCreate" "Directory" (has $flavour (list "containerd" "crio" "k0s")) -}}
+{{- /* auto: the dispatcher replaces "/etc" with the node's own directory, which may not exist yet. */ -}}
+{{- $cfgType := ternary "DirectoryOrCreate" "Directory" (has $flavour (list "auto" "containerd" "crio" "k0s")) -}}
 {{- $_ := set $out "host-cri-config" (dict "path" (index $dirs $flavour) "type" $cfgType "stages" $cri) -}}
 {{- $out | toJson -}}
 {{- end -}}

@@ -88,6 +88,13 @@ pub fn resolve_cri(fs: &HostFs, cfg: &ValidConfig, facts: &NodeFacts) -> Result<
     if let Some(k) = cfg.cri {
         return Ok(k);
     }
+    if let Some(why) = &facts.cri_unknown {
+        return Err(StageError::config(
+            &cfg.file,
+            "cri",
+            format!("cri: auto, but the dispatcher could not tell which CRI configuration directory this node uses ({why}), so none is mounted writable. Set stage.cri to this node's CRI (containerd, crio, k3s, k3s-agent, rke2, k0s, microk8s)"),
+        ));
+    }
     detect_cri_from(
         facts.container_runtime_version.as_deref(),
         &|p| fs.exists(Path::new(p)),

@@ -368,6 +368,7 @@ pub fn facts(f: &Flavour) -> NodeFacts {
         kubelet_version: Some("v1.34.1".into()),
         arch: Some("amd64".into()),
         active_units: None,
+        cri_unknown: None,
     }
 }
 
