@@ -65,7 +65,7 @@ pub async fn probe_handlers(
                 continue;
             }
         };
-        let name = format!("probe-{}-{tag}", handler.replace('_', "-")).to_lowercase();
+        let name = pod_name(handler, tag);
         let before = shim_record(node).lines().count();
         create_probe_pod(cluster, node, handler, &name).await?;
         let found = sandbox_failure(cluster, node, handler, &name).await;
@@ -122,7 +122,7 @@ async fn probe_snapshotter(
     socket: &str,
     tag: &str,
 ) -> Result<String> {
-    let name = format!("probe-{}-{tag}", handler.replace('_', "-")).to_lowercase();
+    let name = pod_name(handler, tag);
     create_probe_pod(cluster, node, handler, &name).await?;
     let found = sandbox_failure(cluster, node, handler, &name).await;
     delete_and_wait(cluster, &name).await?;
@@ -133,6 +133,17 @@ async fn probe_snapshotter(
         node.name
     );
     Ok(message)
+}
+
+/// A valid pod name for `handler`'s probe (`tag` may be any text: a step's description).
+fn pod_name(handler: &str, tag: &str) -> String {
+    let raw = format!("probe-{handler}-{tag}").to_lowercase();
+    let mut name: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
 }
 
 fn shim_record(node: &RealNode) -> String {
@@ -269,6 +280,16 @@ async fn ensure_runtime_classes<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_pod_names_are_valid_whatever_the_tag() {
+        assert_eq!(
+            pod_name("kata-qemu", "selection narrowed, guest pull on"),
+            "probe-kata-qemu-selection-narrowed--guest-pull-on"
+        );
+        let long = pod_name("kata-qemu-runtime-rs", &"x".repeat(100));
+        assert!(long.len() <= 63 && !long.ends_with('-'), "{long}");
+    }
 
     #[test]
     fn the_sandbox_id_is_read_from_the_kubelets_message() {
