@@ -83,7 +83,19 @@ pub async fn probe_handlers(
                     .is_none_or(|id| l.contains(&format!("-id {id} ")))
             })
             .collect();
-        let Some(call) = calls.first() else {
+        // The test shim answers `start` with its banner, which containerd puts in the message:
+        // that names the shim that ran even when its record of the call is missing (seen once on
+        // containerd 2.4.2 after an upgrade, not explained yet).
+        let banner = if shim.contains("runtime-rs") {
+            "containerd-shim-kata-v2 (runtime-rs) (kata-deploy test payload)"
+        } else {
+            "containerd-shim-kata-v2 (go runtime) (kata-deploy test payload)"
+        };
+        let Some(call) = calls.first().map(|c| c.to_string()).or_else(|| {
+            message
+                .contains(banner)
+                .then(|| format!("(no record; the sandbox's message shows {banner:?})"))
+        }) else {
             bail!("{handler} on {}: no shim start for its sandbox {sandbox:?} (message: {message}); shim record:\n{after}", node.name);
         };
         if let Some(other) = calls.iter().find(|c| !c.starts_with(shim.as_str())) {
@@ -97,7 +109,7 @@ pub async fn probe_handlers(
             ProbeResult {
                 message,
                 sandbox: sandbox.unwrap_or_default(),
-                shim_call: call.to_string(),
+                shim_call: call,
             },
         );
     }
