@@ -66,6 +66,13 @@ if [ "$local_nodes" -gt 0 ]; then
   echo "$! kata-local-kubelet" >>"$demo/cluster/pids"
 fi
 for n in "${real_names[@]}"; do kubectl wait --for=condition=Ready "node/$n" --timeout=120s >/dev/null; done
+# The test bed runs no node-lifecycle controller: the not-ready taint the API server puts on every
+# new Node is never lifted from a simulated node. Lift it once kwok reports the node Ready, as that
+# controller would, or install Jobs (DaemonSet taint rules) rightly skip those nodes.
+for n in $(kubectl get nodes -o name | grep -- '-sim-'); do
+  kubectl wait --for=condition=Ready "$n" --timeout=60s >/dev/null
+  kubectl taint nodes "${n#node/}" node.kubernetes.io/not-ready:NoSchedule- >/dev/null 2>&1 || true
+done
 
 log "helm install kata-deploy (job mode) — the dispatcher hook rolls out one Job per node"
 values=(--set job.parallelism=5)
@@ -76,6 +83,8 @@ values+=(--set shims.disableAll=true --set shims.qemu.enabled=true --set shims.q
 # The dispatcher runs on a real node (real container, real logs); local nodes cannot restart a runtime.
 [ "$real_nodes" = 0 ] || values+=(--set-string "job.dispatcher.nodeSelector.kata-testbed/real=true")
 [ "$local_nodes" = 0 ] || values+=(--set stage.restart=none)
+# kwok marks its simulated nodes with a NoSchedule taint; install Jobs follow DaemonSet taint rules.
+[ "$sim_nodes" = 0 ] || values+=(--set "job.nodeJobs.tolerations[0].key=kwok.x-k8s.io/node" --set "job.nodeJobs.tolerations[0].operator=Exists")
 start=$(date +%s)
 if ! helm install kata-deploy chart/kata-deploy --namespace kata-system --create-namespace "${values[@]}" --wait --timeout 8m; then
   log "helm install failed; the dispatcher's report:"
