@@ -178,43 +178,9 @@ fn active_runtime_units(host_root: &std::path::Path) -> Option<Vec<String>> {
 
 fn run(cli: &Cli) -> Result<(), StageError> {
     let mut facts = NodeFacts::from_env();
-    let arch = facts
-        .arch
-        .clone()
-        .unwrap_or_else(|| kata_deploy_stage::shims::kube_arch(std::env::consts::ARCH).to_string());
-    let (cfg, skipped) = load_config(&cli.config)?.for_arch(&arch)?;
-    for w in &cfg.warnings {
-        tracing::warn!("{w}");
-    }
-    if !skipped.is_empty() {
-        tracing::info!(arch = %arch, shims = %skipped.join(","), "shims not supported on this architecture are skipped");
-    }
+    let cfg = load_for_arch(cli, &facts)?;
     let fs = HostFs::new(&cli.host_root, cli.dry_run);
-    let restarter: Box<dyn Restarter> = match &cfg.restart {
-        RestartMode::Systemd => {
-            if cfg.cri.is_none() {
-                facts.active_units = active_runtime_units(&cli.host_root);
-            }
-            let kind = cri::resolve_cri(&fs, &cfg, &facts).ok();
-            let socket = kind.map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
-            // A restart job of a slow flavour (k3s's unit is ready only when k3s is) may take
-            // as long as the runtime may take to be ready.
-            let deadline = cfg.runtime_ready_timeout(kind).max(SYSTEMD_CALL_DEADLINE);
-            let systemd = Box::new(
-                SystemdRestarter::new(&cli.host_root)
-                    .with_cri_socket(socket)
-                    .with_deadline(deadline),
-            );
-            // k0s restarts its containerd itself when a drop-in changes.
-            if kind == Some(kata_deploy_stage::config::CriKind::K0s) {
-                Box::new(SelfReloading::k0s(systemd, &cli.host_root))
-            } else {
-                systemd
-            }
-        }
-        RestartMode::None => Box::new(NoRestarter),
-        RestartMode::Exec(p) => Box::new(ExecRestarter { script: p.clone() }),
-    };
+    let restarter = build_restarter(cli, &cfg, &fs, &mut facts);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -234,81 +200,150 @@ fn run(cli: &Cli) -> Result<(), StageError> {
         claims: &claims,
         lock_wait: Duration::from_secs(cli.lock_timeout_seconds),
     };
-    let label = |install: bool| -> Result<(), StageError> {
-        if cli.dry_run {
-            println!(
-                "{}: dry run, labels not changed",
-                if install { "label" } else { "unlabel" }
-            );
-            return Ok(());
-        }
-        rt.block_on(async {
-            let l = NodeLabeler::connect(&facts).await?;
-            let i = cfg.install();
-            if install {
-                let handlers: Vec<String> = cfg.cfg.shims.iter().map(|s| i.handler_of(s)).collect();
-                l.label_installed(
-                    &i,
-                    &handlers,
-                    Duration::from_secs(cfg.cfg.label_ready_timeout_seconds),
-                    Duration::from_secs(cli.label_recheck_seconds),
-                )
-                .await?;
-                // The last step: Kata pods may land on the node from now on.
-                let lift: Vec<TaintMatch> = cfg
-                    .cfg
-                    .startup_taints
-                    .iter()
-                    .filter_map(|t| TaintMatch::parse(t).ok())
-                    .collect();
-                l.lift_startup_taints(&lift).await.map(drop)
-            } else {
-                l.unlabel(&i).await.map(drop)
+    let label = |install: bool| run_label(cli, &rt, &facts, &cfg, install);
+    run_stage(cli, &env, &claims, &label)
+}
+
+/// The configuration for this node's architecture (shims it does not support are skipped).
+fn load_for_arch(cli: &Cli, facts: &NodeFacts) -> Result<ValidConfig, StageError> {
+    let arch = facts
+        .arch
+        .clone()
+        .unwrap_or_else(|| kata_deploy_stage::shims::kube_arch(std::env::consts::ARCH).to_string());
+    let (cfg, skipped) = load_config(&cli.config)?.for_arch(&arch)?;
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    if !skipped.is_empty() {
+        tracing::info!(arch = %arch, shims = %skipped.join(","), "shims not supported on this architecture are skipped");
+    }
+    Ok(cfg)
+}
+
+/// How the runtime is restarted: systemd over D-Bus (asked first which runtime units are active,
+/// for detection; k0s reloads its containerd itself), nothing, or an exec script.
+fn build_restarter(
+    cli: &Cli,
+    cfg: &ValidConfig,
+    fs: &HostFs,
+    facts: &mut NodeFacts,
+) -> Box<dyn Restarter> {
+    match &cfg.restart {
+        RestartMode::Systemd => {
+            if cfg.cri.is_none() {
+                facts.active_units = active_runtime_units(&cli.host_root);
             }
-        })
-    };
-    let host_check = || -> Result<(), StageError> {
-        let r = stages::host_check(&env);
-        match cli.output {
-            Output::Text => print!("{}", hostcheck::render_text(&r.node, &r.findings)),
-            Output::Json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+            let kind = cri::resolve_cri(fs, cfg, facts).ok();
+            let socket = kind.map(|k| fs.host(std::path::Path::new(cri::cri_socket(k))));
+            // A restart job of a slow flavour (k3s's unit is ready only when k3s is) may take
+            // as long as the runtime may take to be ready.
+            let deadline = cfg.runtime_ready_timeout(kind).max(SYSTEMD_CALL_DEADLINE);
+            let systemd = Box::new(
+                SystemdRestarter::new(&cli.host_root)
+                    .with_cri_socket(socket)
+                    .with_deadline(deadline),
+            );
+            if kind == Some(kata_deploy_stage::config::CriKind::K0s) {
+                Box::new(SelfReloading::k0s(systemd, &cli.host_root))
+            } else {
+                systemd
+            }
         }
-        r.into_result()
-    };
+        RestartMode::None => Box::new(NoRestarter),
+        RestartMode::Exec(p) => Box::new(ExecRestarter { script: p.clone() }),
+    }
+}
+
+/// The label (install) or unlabel stage: the node's labels through the API.
+fn run_label(
+    cli: &Cli,
+    rt: &tokio::runtime::Runtime,
+    facts: &NodeFacts,
+    cfg: &ValidConfig,
+    install: bool,
+) -> Result<(), StageError> {
+    if cli.dry_run {
+        let stage = if install { "label" } else { "unlabel" };
+        println!("{stage}: dry run, labels not changed");
+        return Ok(());
+    }
+    rt.block_on(async {
+        let l = NodeLabeler::connect(facts).await?;
+        let i = cfg.install();
+        if !install {
+            return l.unlabel(&i).await.map(drop);
+        }
+        let handlers: Vec<String> = cfg.cfg.shims.iter().map(|s| i.handler_of(s)).collect();
+        l.label_installed(
+            &i,
+            &handlers,
+            Duration::from_secs(cfg.cfg.label_ready_timeout_seconds),
+            Duration::from_secs(cli.label_recheck_seconds),
+        )
+        .await?;
+        // The last step: Kata pods may land on the node from now on.
+        let lift: Vec<TaintMatch> = cfg
+            .cfg
+            .startup_taints
+            .iter()
+            .filter_map(|t| TaintMatch::parse(t).ok())
+            .collect();
+        l.lift_startup_taints(&lift).await.map(drop)
+    })
+}
+
+fn run_host_check(cli: &Cli, env: &StageEnv) -> Result<(), StageError> {
+    let r = stages::host_check(env);
+    match cli.output {
+        Output::Text => print!("{}", hostcheck::render_text(&r.node, &r.findings)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+    }
+    r.into_result()
+}
+
+/// Runs the stage the command line names (install / uninstall: the whole pipeline).
+fn run_stage(
+    cli: &Cli,
+    env: &StageEnv,
+    claims: &KubeClaims,
+    label: &dyn Fn(bool) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let out = cli.output;
     match cli.stage {
-        Stage::HostCheck => host_check(),
-        Stage::Artifacts => stages::run_artifacts(&env).map(|r| print(&r, cli.output)),
-        Stage::Cri => stages::run_cri(&env).map(|r| print(&r, cli.output)),
-        Stage::PruneArtifacts => stages::run_prune_artifacts(&env).map(|r| print(&r, cli.output)),
+        Stage::HostCheck => run_host_check(cli, env),
+        Stage::Artifacts => stages::run_artifacts(env).map(|r| print(&r, out)),
+        Stage::Cri => stages::run_cri(env).map(|r| print(&r, out)),
+        Stage::PruneArtifacts => stages::run_prune_artifacts(env).map(|r| print(&r, out)),
         Stage::Label => label(true),
         Stage::Unlabel => label(false),
-        Stage::RevertCri => stages::run_revert_cri(&env).map(|r| print(&r, cli.output)),
-        Stage::RemoveArtifacts => stages::run_remove_artifacts(&env).map(|r| print(&r, cli.output)),
-        Stage::Status => stages::status(&env).map(|r| print(&r, cli.output)),
+        Stage::RevertCri => stages::run_revert_cri(env).map(|r| print(&r, out)),
+        Stage::RemoveArtifacts => stages::run_remove_artifacts(env).map(|r| print(&r, out)),
+        Stage::Status => stages::status(env).map(|r| print(&r, out)),
         Stage::CopySelf => unreachable!("copy-self runs before the configuration is read"),
         Stage::Claim | Stage::Unclaim if cli.dry_run => {
             println!("{:?}: dry run, labels not changed", cli.stage);
             Ok(())
         }
         Stage::Claim => claims.set(true),
+        Stage::Unclaim => claims.set(false),
         Stage::WritableDirs => {
+            let dirs = stages::writable_dirs(env.cfg);
             println!(
                 "{}",
-                serde_json::to_string_pretty(&stages::writable_dirs(&cfg)).unwrap_or_default()
+                serde_json::to_string_pretty(&dirs).unwrap_or_default()
             );
             Ok(())
         }
-        Stage::Unclaim => claims.set(false),
         Stage::Install => {
-            host_check()?;
+            run_host_check(cli, env)?;
             checkpoint("host-check");
-            print(&stages::run_artifacts(&env)?, cli.output);
+            print(&stages::run_artifacts(env)?, out);
             checkpoint("artifacts");
-            print(&stages::run_cri(&env)?, cli.output);
+            print(&stages::run_cri(env)?, out);
             checkpoint("cri");
-            print(&stages::run_prune_artifacts(&env)?, cli.output);
+            print(&stages::run_prune_artifacts(env)?, out);
             checkpoint("prune-artifacts");
-            if facts.name.is_some() {
+            if env.facts.name.is_some() {
                 label(true)
             } else {
                 tracing::warn!("KATA_NODE_NAME not set: skipping the label stage");
@@ -316,12 +351,12 @@ fn run(cli: &Cli) -> Result<(), StageError> {
             }
         }
         Stage::Uninstall => {
-            if facts.name.is_some() {
+            if env.facts.name.is_some() {
                 label(false)?;
             }
-            print(&stages::run_revert_cri(&env)?, cli.output);
+            print(&stages::run_revert_cri(env)?, out);
             checkpoint("revert-cri");
-            print(&stages::run_remove_artifacts(&env)?, cli.output);
+            print(&stages::run_remove_artifacts(env)?, out);
             Ok(())
         }
     }
