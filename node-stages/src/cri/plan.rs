@@ -113,8 +113,8 @@ pub fn plan(
     view: &HostView,
 ) -> Result<CriTarget> {
     let install = cfg.install();
-    let existing = &view.runtime_config;
-    let major = containerd_major(facts, existing.as_deref());
+    let existing = view.runtime_config.as_deref();
+    let major = containerd_major(facts, existing);
     let kata = kata_containerd(
         cfg,
         &install,
@@ -127,71 +127,10 @@ pub fn plan(
     let mut notes = Vec::new();
     let files = match kind {
         CriKind::Containerd => {
-            let main = PathBuf::from(CONTAINERD_CONFIG);
-            if major >= 2 {
-                let path = Path::new(CONTAINERD_CONF_D).join(&dropin);
-                let root_version = existing
-                    .as_deref()
-                    .and_then(|t| containerd::parse(t).ok())
-                    .map(|d| containerd::detect_version(&d));
-                let version = containerd::dropin_version_for_root(root_version);
-                vec![
-                    (
-                        path.clone(),
-                        Desired::Whole(
-                            containerd::render_containerd_dropin(version, &kata, true).into_bytes(),
-                        ),
-                    ),
-                    (
-                        main,
-                        Desired::AddImport {
-                            import: path.display().to_string(),
-                            new_version: ConfigVersion::V3,
-                        },
-                    ),
-                ]
-            } else {
-                if !install.suffix.is_empty() {
-                    notes.push("containerd 1.x has no usable drop-ins: the shared config.toml is edited in place (multi-install is only fully isolated on containerd >= 2.0)".into());
-                }
-                vec![(
-                    main,
-                    Desired::EditKata {
-                        set_flags: true,
-                        new_version: ConfigVersion::V2,
-                        template: false,
-                    },
-                )]
-            }
+            containerd_files(&install, major, existing, &kata, &dropin, &mut notes)
         }
         CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2 => {
-            let dist = if kind == CriKind::Rke2 { "rke2" } else { "k3s" };
-            let dir = k3s_dir(dist);
-            let version = ConfigVersion::for_containerd_major(major);
-            let has = |t: &str| view.templates.iter().any(|x| x == t);
-            // On containerd 2, k3s renders config.toml.tmpl when there is no config-v3.toml.tmpl:
-            // a node's own config.toml.tmpl is edited, never shadowed by a new v3 template.
-            let tmpl = dir.join(if major < 2 {
-                K3S_TEMPLATE_V2
-            } else if !has(K3S_TEMPLATE_V3) && has(K3S_TEMPLATE_V2) {
-                notes.push(format!("{dist}: the node's own {K3S_TEMPLATE_V2} is edited ({dist} renders it while there is no {K3S_TEMPLATE_V3}; creating one would silently replace it)"));
-                K3S_TEMPLATE_V2
-            } else {
-                K3S_TEMPLATE_V3
-            });
-            if cfg.uses_nydus() {
-                notes.push(format!("{dist}: the base template owns the CRI image settings; disable_snapshot_annotations/discard_unpacked_layers are left to {dist}"));
-            }
-            // Always an edit, never a file we own whole: another install (multi-install suffix)
-            // may have its handlers in the same template.
-            vec![(
-                tmpl,
-                Desired::EditKata {
-                    set_flags: false,
-                    new_version: version,
-                    template: true,
-                },
-            )]
+            k3s_files(cfg, kind, major, view, &mut notes)
         }
         CriKind::K0s => {
             let version = ConfigVersion::for_containerd_major(major);
@@ -210,29 +149,7 @@ pub fn plan(
                 template: false,
             },
         )],
-        CriKind::Crio => {
-            // CRI-O refuses to start with a malformed main config; say so before touching anything.
-            if let Some(b) = &view.crio_config {
-                if let Err(e) = b.parse::<toml_edit::DocumentMut>() {
-                    return Err(StageError::bad_input(CRIO_CONFIG, format!("is not valid TOML: {}", e.to_string().trim()), "Fix the CRI-O configuration (CRI-O cannot start with it either) and re-run; nothing was changed"));
-                }
-            }
-            let crio: Vec<CrioHandler> = cfg
-                .cfg
-                .shims
-                .iter()
-                .map(|s| CrioHandler {
-                    name: install.handler_of(s),
-                    runtime_path: install.shim_binary(s).display().to_string(),
-                    config_path: install.shim_config_path(&s.name).display().to_string(),
-                    guest_pull: s.crio_pull_type == "guest-pull",
-                })
-                .collect();
-            vec![(
-                Path::new(CRIO_CONF_D).join(format!("50-{dropin}")),
-                Desired::Whole(render_crio_dropin(&crio).into_bytes()),
-            )]
-        }
+        CriKind::Crio => crio_files(cfg, &install, view, &dropin)?,
     };
     Ok(CriTarget {
         kind,
@@ -242,6 +159,101 @@ pub fn plan(
         kata,
         notes,
     })
+}
+
+/// Plain containerd: a drop-in imported by config.toml on 2.x; config.toml edited on 1.x.
+fn containerd_files(
+    install: &Install,
+    major: u64,
+    existing: Option<&str>,
+    kata: &KataContainerd,
+    dropin: &str,
+    notes: &mut Vec<String>,
+) -> Vec<(PathBuf, Desired)> {
+    let main = PathBuf::from(CONTAINERD_CONFIG);
+    if major < 2 {
+        if !install.suffix.is_empty() {
+            notes.push("containerd 1.x has no usable drop-ins: the shared config.toml is edited in place (multi-install is only fully isolated on containerd >= 2.0)".into());
+        }
+        let edit = Desired::EditKata {
+            set_flags: true,
+            new_version: ConfigVersion::V2,
+            template: false,
+        };
+        return vec![(main, edit)];
+    }
+    let path = Path::new(CONTAINERD_CONF_D).join(dropin);
+    let root_version = existing
+        .and_then(|t| containerd::parse(t).ok())
+        .map(|d| containerd::detect_version(&d));
+    let version = containerd::dropin_version_for_root(root_version);
+    let whole = containerd::render_containerd_dropin(version, kata, true).into_bytes();
+    let import = Desired::AddImport {
+        import: path.display().to_string(),
+        new_version: ConfigVersion::V3,
+    };
+    vec![(path, Desired::Whole(whole)), (main, import)]
+}
+
+/// k3s / rke2: their containerd template, always edited (another install may share it). On
+/// containerd 2, k3s renders config.toml.tmpl when there is no config-v3.toml.tmpl: a node's own
+/// config.toml.tmpl is edited, never shadowed by a new v3 template.
+fn k3s_files(
+    cfg: &ValidConfig,
+    kind: CriKind,
+    major: u64,
+    view: &HostView,
+    notes: &mut Vec<String>,
+) -> Vec<(PathBuf, Desired)> {
+    let dist = if kind == CriKind::Rke2 { "rke2" } else { "k3s" };
+    let has = |t: &str| view.templates.iter().any(|x| x == t);
+    let tmpl = k3s_dir(dist).join(if major < 2 {
+        K3S_TEMPLATE_V2
+    } else if !has(K3S_TEMPLATE_V3) && has(K3S_TEMPLATE_V2) {
+        notes.push(format!("{dist}: the node's own {K3S_TEMPLATE_V2} is edited ({dist} renders it while there is no {K3S_TEMPLATE_V3}; creating one would silently replace it)"));
+        K3S_TEMPLATE_V2
+    } else {
+        K3S_TEMPLATE_V3
+    });
+    if cfg.uses_nydus() {
+        notes.push(format!("{dist}: the base template owns the CRI image settings; disable_snapshot_annotations/discard_unpacked_layers are left to {dist}"));
+    }
+    let edit = Desired::EditKata {
+        set_flags: false,
+        new_version: ConfigVersion::for_containerd_major(major),
+        template: true,
+    };
+    vec![(tmpl, edit)]
+}
+
+/// CRI-O: our drop-in in crio.conf.d; a malformed main config is refused before anything is
+/// touched (CRI-O cannot start with it either).
+fn crio_files(
+    cfg: &ValidConfig,
+    install: &Install,
+    view: &HostView,
+    dropin: &str,
+) -> Result<Vec<(PathBuf, Desired)>> {
+    if let Some(b) = &view.crio_config {
+        if let Err(e) = b.parse::<toml_edit::DocumentMut>() {
+            return Err(StageError::bad_input(CRIO_CONFIG, format!("is not valid TOML: {}", e.to_string().trim()), "Fix the CRI-O configuration (CRI-O cannot start with it either) and re-run; nothing was changed"));
+        }
+    }
+    let crio: Vec<CrioHandler> = cfg
+        .cfg
+        .shims
+        .iter()
+        .map(|s| CrioHandler {
+            name: install.handler_of(s),
+            runtime_path: install.shim_binary(s).display().to_string(),
+            config_path: install.shim_config_path(&s.name).display().to_string(),
+            guest_pull: s.crio_pull_type == "guest-pull",
+        })
+        .collect();
+    Ok(vec![(
+        Path::new(CRIO_CONF_D).join(format!("50-{dropin}")),
+        Desired::Whole(render_crio_dropin(&crio).into_bytes()),
+    )])
 }
 
 pub(super) fn parse_existing(path: &Path, bytes: &[u8]) -> Result<toml_edit::DocumentMut> {
