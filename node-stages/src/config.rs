@@ -321,9 +321,64 @@ pub fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Builds the error for a field of the configuration file.
+type FieldError<'a> = &'a dyn Fn(&str, String) -> StageError;
+
 fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
     let err = |field: &str, msg: String| StageError::config(file, field, msg);
+    validate_install(&cfg, &err)?;
+    let cri = CriKind::parse(&cfg.cri).ok_or_else(|| {
+        err(
+            "cri",
+            format!(
+                "{:?} is not one of auto, containerd, k3s, k3s-agent, rke2, k0s, microk8s, crio",
+                cfg.cri
+            ),
+        )
+    })?;
+    let restart = match cfg.restart.as_str() {
+        "systemd" => RestartMode::Systemd,
+        "none" => RestartMode::None,
+        s if s.starts_with("exec:") && s.len() > 5 => RestartMode::Exec(PathBuf::from(&s[5..])),
+        s => {
+            return Err(err(
+                "restart",
+                format!("{s:?} is not one of systemd, none, exec:<path>"),
+            ))
+        }
+    };
+    if cfg.shims.is_empty() {
+        return Err(err(
+            "shims",
+            "no shim is enabled; enable at least one shim in the chart values".into(),
+        ));
+    }
+    let install = Install::new(&cfg.multi_install_suffix, &cfg.install_prefix);
     let mut warnings = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut handlers = std::collections::BTreeSet::new();
+    for (i, shim) in cfg.shims.iter().enumerate() {
+        let f = |name: &str| format!("shims[{i}].{name}");
+        if !seen.insert(shim.name.clone()) {
+            return Err(err(&f("name"), format!("{:?} is listed twice", shim.name)));
+        }
+        let handler = validate_shim_identity(shim, &install, &f, &err)?;
+        if !handlers.insert(handler.clone()) {
+            return Err(err(&f("handler"), format!("handler {handler:?} is registered by another shim of this configuration; every shim needs its own handler")));
+        }
+        validate_shim_options(shim, &f, &err, &mut warnings)?;
+    }
+    Ok(ValidConfig {
+        cfg,
+        file: file.to_path_buf(),
+        cri,
+        restart,
+        warnings,
+    })
+}
+
+/// The install-wide fields: suffix, prefix, startup taints, image-pull timeout.
+fn validate_install(cfg: &StageConfig, err: FieldError) -> Result<()> {
     let suffix = &cfg.multi_install_suffix;
     if !suffix.is_empty() {
         if !is_dns_label(suffix) {
@@ -355,143 +410,116 @@ fn validate(cfg: StageConfig, file: &Path) -> Result<ValidConfig> {
             "must be greater than 0 (default 1200)".into(),
         ));
     }
-    let cri = CriKind::parse(&cfg.cri).ok_or_else(|| {
-        err(
-            "cri",
-            format!(
-                "{:?} is not one of auto, containerd, k3s, k3s-agent, rke2, k0s, microk8s, crio",
-                cfg.cri
-            ),
-        )
-    })?;
-    let restart = match cfg.restart.as_str() {
-        "systemd" => RestartMode::Systemd,
-        "none" => RestartMode::None,
-        s if s.starts_with("exec:") && s.len() > 5 => RestartMode::Exec(PathBuf::from(&s[5..])),
-        s => {
-            return Err(err(
-                "restart",
-                format!("{s:?} is not one of systemd, none, exec:<path>"),
-            ))
-        }
-    };
-    if cfg.shims.is_empty() {
+    Ok(())
+}
+
+/// A shim's name, handler and base configuration; returns its handler.
+fn validate_shim_identity(
+    shim: &ShimConfig,
+    install: &Install,
+    f: &dyn Fn(&str) -> String,
+    err: FieldError,
+) -> Result<String> {
+    if !is_dns_label(&shim.name) {
         return Err(err(
-            "shims",
-            "no shim is enabled; enable at least one shim in the chart values".into(),
+            &f("name"),
+            format!("{:?} is not a DNS label", shim.name),
         ));
     }
-    let install = Install::new(suffix, &cfg.install_prefix);
-    let mut seen = std::collections::BTreeSet::new();
-    let mut handlers = std::collections::BTreeSet::new();
-    for (i, shim) in cfg.shims.iter().enumerate() {
-        let f = |name: &str| format!("shims[{i}].{name}");
-        if !is_dns_label(&shim.name) {
-            return Err(err(
-                &f("name"),
-                format!("{:?} is not a DNS label", shim.name),
-            ));
+    let handler = install.handler_of(shim);
+    let built_in = shims::lookup(&shim.name).is_some();
+    if !shim.handler.is_empty() {
+        if !is_dns_label(&shim.handler) {
+            return Err(err(&f("handler"), format!("{:?} is not a handler name: use a DNS label (lowercase letters, digits and '-', at most 63 characters)", shim.handler)));
         }
-        if !seen.insert(shim.name.clone()) {
-            return Err(err(&f("name"), format!("{:?} is listed twice", shim.name)));
+        if built_in {
+            return Err(err(&f("handler"), format!("built-in shim {:?} always registers handler {:?}; leave handler empty, or define a custom runtime with its own name", shim.name, install.handler(&shim.name))));
         }
-        let handler = install.handler_of(shim);
-        if !shim.handler.is_empty() {
-            if !is_dns_label(&shim.handler) {
-                return Err(err(&f("handler"), format!("{:?} is not a handler name: use a DNS label (lowercase letters, digits and '-', at most 63 characters)", shim.handler)));
-            }
-            if shims::lookup(&shim.name).is_some() {
-                return Err(err(&f("handler"), format!("built-in shim {:?} always registers handler {:?}; leave handler empty, or define a custom runtime with its own name", shim.name, install.handler(&shim.name))));
-            }
-        } else if !is_dns_label(&handler) {
-            return Err(err(&f("name"), format!("handler {handler:?} would exceed 63 characters; shorten the shim name or the suffix")));
-        }
-        if !handlers.insert(handler.clone()) {
-            return Err(err(&f("handler"), format!("handler {handler:?} is registered by another shim of this configuration; every shim needs its own handler")));
-        }
-        let base = shim.base();
-        let Some(info) = shims::lookup(base) else {
-            return Err(err(
-                &f("baseConfig"),
-                format!(
-                    "unknown shim {base:?}; known shims: {}",
-                    shims::names().join(", ")
-                ),
-            ));
-        };
-        if shims::lookup(&shim.name).is_some() && base != shim.name {
-            return Err(err(&f("baseConfig"), format!("built-in shim {:?} must use baseConfig {:?} (or be left empty); use a different name for a custom runtime", shim.name, shim.name)));
-        }
-        for arch in &shim.supported_arches {
-            if !["amd64", "arm64", "s390x", "ppc64le"].contains(&arch.as_str()) {
-                return Err(err(
-                    &f("supportedArches"),
-                    format!("{arch:?} is not one of amd64, arm64, s390x, ppc64le"),
-                ));
-            }
-        }
-        if !shim.drop_in.trim().is_empty() {
-            if let Err(e) = shim.drop_in.parse::<toml_edit::DocumentMut>() {
-                return Err(err(
-                    &f("dropIn"),
-                    format!("is not valid TOML: {}", e.to_string().trim()),
-                ));
-            }
-        }
-        for a in &shim.allowed_hypervisor_annotations {
-            if a.is_empty()
-                || !a
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            {
-                return Err(err(&f("allowedHypervisorAnnotations"), format!("{a:?} is not a hypervisor annotation name (e.g. default_memory, kernel_params)")));
-            }
-            if RESTRICTED_ANNOTATIONS.contains(&a.as_str()) {
-                warnings.push(format!(
-                    "shim {}: allowing restricted annotation {a:?} lets pods choose host paths; its values are still limited by the valid_* list in the base configuration",
-                    shim.name
-                ));
-            }
-        }
-        match shim.containerd_snapshotter.as_str() {
-            "" | "nydus" => {}
-            s => {
-                return Err(err(
-                    &f("containerdSnapshotter"),
-                    format!("{s:?} is not supported; use \"\" or \"nydus\""),
-                ))
-            }
-        }
-        match shim.crio_pull_type.as_str() {
-            "" | "guest-pull" => {}
-            s => {
-                return Err(err(
-                    &f("crioPullType"),
-                    format!("{s:?} is not supported; use \"\" or \"guest-pull\""),
-                ))
-            }
-        }
-        for (field, chart_key, value) in [
-            (
-                "agentHttpsProxy",
-                "agent.httpsProxy",
-                &shim.agent_https_proxy,
-            ),
-            ("agentNoProxy", "agent.noProxy", &shim.agent_no_proxy),
-        ] {
-            if let Some(why) = crate::katacfg::kernel_param_value_problem(value) {
-                return Err(err(&f(field), format!("{value:?} (chart: shims.{}.{chart_key}) cannot go on the guest kernel command line, where the stage passes it (kernel_params of the shim's configuration): it contains {why}. Remove it (a no-proxy list is comma-separated, without spaces)", shim.name)));
-            }
-        }
-        let _: &ShimInfo = info;
+    } else if !is_dns_label(&handler) {
+        return Err(err(&f("name"), format!("handler {handler:?} would exceed 63 characters; shorten the shim name or the suffix")));
     }
-    Ok(ValidConfig {
-        cfg,
-        file: file.to_path_buf(),
-        cri,
-        restart,
-        warnings,
-    })
+    let base = shim.base();
+    if shims::lookup(base).is_none() {
+        return Err(err(
+            &f("baseConfig"),
+            format!(
+                "unknown shim {base:?}; known shims: {}",
+                shims::names().join(", ")
+            ),
+        ));
+    }
+    if built_in && base != shim.name {
+        return Err(err(&f("baseConfig"), format!("built-in shim {:?} must use baseConfig {:?} (or be left empty); use a different name for a custom runtime", shim.name, shim.name)));
+    }
+    Ok(handler)
+}
+
+/// A shim's options: architectures, drop-in, annotations, guest pull, agent proxies.
+fn validate_shim_options(
+    shim: &ShimConfig,
+    f: &dyn Fn(&str) -> String,
+    err: FieldError,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    for arch in &shim.supported_arches {
+        if !["amd64", "arm64", "s390x", "ppc64le"].contains(&arch.as_str()) {
+            return Err(err(
+                &f("supportedArches"),
+                format!("{arch:?} is not one of amd64, arm64, s390x, ppc64le"),
+            ));
+        }
+    }
+    if !shim.drop_in.trim().is_empty() {
+        if let Err(e) = shim.drop_in.parse::<toml_edit::DocumentMut>() {
+            return Err(err(
+                &f("dropIn"),
+                format!("is not valid TOML: {}", e.to_string().trim()),
+            ));
+        }
+    }
+    for a in &shim.allowed_hypervisor_annotations {
+        if a.is_empty()
+            || !a
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(err(&f("allowedHypervisorAnnotations"), format!("{a:?} is not a hypervisor annotation name (e.g. default_memory, kernel_params)")));
+        }
+        if RESTRICTED_ANNOTATIONS.contains(&a.as_str()) {
+            warnings.push(format!(
+                "shim {}: allowing restricted annotation {a:?} lets pods choose host paths; its values are still limited by the valid_* list in the base configuration",
+                shim.name
+            ));
+        }
+    }
+    for (field, value, allowed) in [
+        (
+            "containerdSnapshotter",
+            &shim.containerd_snapshotter,
+            "nydus",
+        ),
+        ("crioPullType", &shim.crio_pull_type, "guest-pull"),
+    ] {
+        if !value.is_empty() && value != allowed {
+            return Err(err(
+                &f(field),
+                format!("{value:?} is not supported; use \"\" or \"{allowed}\""),
+            ));
+        }
+    }
+    for (field, chart_key, value) in [
+        (
+            "agentHttpsProxy",
+            "agent.httpsProxy",
+            &shim.agent_https_proxy,
+        ),
+        ("agentNoProxy", "agent.noProxy", &shim.agent_no_proxy),
+    ] {
+        if let Some(why) = crate::katacfg::kernel_param_value_problem(value) {
+            return Err(err(&f(field), format!("{value:?} (chart: shims.{}.{chart_key}) cannot go on the guest kernel command line, where the stage passes it (kernel_params of the shim's configuration): it contains {why}. Remove it (a no-proxy list is comma-separated, without spaces)", shim.name)));
+        }
+    }
+    Ok(())
 }
 
 impl ShimConfig {
