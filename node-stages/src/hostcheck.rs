@@ -213,18 +213,27 @@ fn finding(
 
 /// Evaluates host facts against the configuration. Pure.
 pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
-    use Severity::*;
     let mut out = Vec::new();
-    let shims = &cfg.cfg.shims;
     for w in &cfg.warnings {
         out.push(finding(
-            Warning,
+            Severity::Warning,
             "annotations",
             w.clone(),
             "Remove it from allowedHypervisorAnnotations unless pods really need it",
         ));
     }
-    // Identity: a node name reused by another machine must not be mutated.
+    check_identity(h, &mut out);
+    check_cri(cfg, h, &mut out);
+    check_virtualization(cfg, h, &mut out);
+    check_kubelet(cfg, h, &mut out);
+    check_disk_space(cfg, h, &mut out);
+    out.sort_by_key(|f| f.severity);
+    out
+}
+
+/// A node name reused by another machine must not be mutated.
+fn check_identity(h: &HostFacts, out: &mut Vec<Finding>) {
+    use Severity::*;
     match (&h.host_machine_id, &h.expected_machine_id) {
         (Some(host), Some(exp)) if host != exp => out.push(finding(
             Error,
@@ -235,8 +244,11 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
         (_, None) => out.push(finding(Info, "machine-id", "KATA_NODE_MACHINE_ID not set (standalone run): identity not checked".into(), "")),
         _ => {}
     }
-    // CRI and version support.
-    let version = h.runtime_version.as_deref().and_then(parse_runtime_version);
+}
+
+/// The CRI, its version's support for what the shims ask, and its configuration.
+fn check_cri(cfg: &ValidConfig, h: &HostFacts, out: &mut Vec<Finding>) {
+    use Severity::*;
     match (h.cri, &h.cri_error) {
         (None, Some(e)) => out.push(finding(
             Error,
@@ -256,68 +268,9 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
                 "",
             ));
             if kind.is_containerd() {
-                if let Some((maj, min)) = version {
-                    if (maj, min) < (1, 6) {
-                        out.push(finding(Error, "cri-version", format!("containerd {maj}.{min} is too old: Kata handlers need runtime_path (containerd >= 1.6)"), "Upgrade containerd to 1.7 or 2.x"));
-                    }
-                    if (maj, min) < (1, 7)
-                        && shims.iter().any(|s| s.containerd_snapshotter == "nydus")
-                    {
-                        out.push(finding(Error, "cri-version", format!("containerd {maj}.{min} has no runtime-specific snapshotters; guest pull with nydus needs containerd >= 1.7"), "Upgrade containerd or drop containerdSnapshotter: nydus"));
-                    }
-                    if maj < 2 && !cfg.cfg.multi_install_suffix.is_empty() {
-                        out.push(finding(Warning, "multi-install", format!("containerd {maj}.{min} has no drop-in support: this install edits the shared config in place"), "Multi-install is only fully isolated on containerd >= 2.0"));
-                    }
-                }
-                if matches!(kind, CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2)
-                    && cfg.uses_nydus()
-                {
-                    // Our template extends k3s's base, which defines the table holding the flag:
-                    // we cannot change it (a repeated key is a TOML error that stops k3s).
-                    match h.k3s_snapshot_annotations_disabled {
-                        Some(true) => out.push(finding(Error, "guest-pull", "k3s/rke2 renders containerd with disable_snapshot_annotations = true (its base template's value): images of guest-pull handlers would be pulled on the host, not in the guest".into(), "Provide your own config.toml.tmpl / config-v3.toml.tmpl (not extending {{ template \"base\" . }}) that sets disable_snapshot_annotations = false, or drop containerdSnapshotter: nydus")),
-                        Some(false) => {}
-                        None => out.push(finding(Warning, "guest-pull", "k3s/rke2 has not rendered its containerd config yet: cannot tell whether disable_snapshot_annotations is false, which guest pull needs".into(), "Re-run host-check once k3s/rke2 has started")),
-                    }
-                }
-                if let Some((2, min)) = version {
-                    if min < 2 && cfg.uses_nydus() {
-                        out.push(finding(Warning, "guest-pull", format!("containerd 2.{min} routes a pull to a handler's snapshotter only when the pod carries the annotation io.containerd.cri.runtime-handler (it ignores the CRI field the kubelet sets; proven on 2.0.5, 2.2.9 honours it)"), "Annotate guest-pull pods with io.containerd.cri.runtime-handler: <handler>, or upgrade containerd to >= 2.2"));
-                    }
-                }
-                if shims.iter().any(|s| {
-                    s.crio_pull_type == "guest-pull" && s.containerd_snapshotter.is_empty()
-                }) {
-                    out.push(finding(
-                        Info,
-                        "guest-pull",
-                        "crioPullType is ignored on containerd".into(),
-                        "Use containerdSnapshotter: nydus for guest pull on containerd",
-                    ));
-                }
+                check_containerd(cfg, h, kind, out);
             } else {
-                if let Some((maj, min)) = version {
-                    if (maj, min) < (1, 30)
-                        && shims.iter().any(|s| s.crio_pull_type == "guest-pull")
-                    {
-                        out.push(finding(
-                            Warning,
-                            "cri-version",
-                            format!(
-                                "CRI-O {maj}.{min} may not support runtime_pull_image (guest pull)"
-                            ),
-                            "Use a recent CRI-O for guest pull",
-                        ));
-                    }
-                }
-                if shims.iter().any(|s| !s.containerd_snapshotter.is_empty()) {
-                    out.push(finding(
-                        Info,
-                        "guest-pull",
-                        "containerdSnapshotter is ignored on CRI-O".into(),
-                        "Use crioPullType: guest-pull on CRI-O",
-                    ));
-                }
+                check_crio(cfg, h, out);
             }
         }
         (None, None) => {}
@@ -330,7 +283,88 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
             "Fix the runtime configuration; the install will not touch it while it is malformed",
         ));
     }
-    // Virtualization.
+}
+
+fn check_containerd(cfg: &ValidConfig, h: &HostFacts, kind: CriKind, out: &mut Vec<Finding>) {
+    use Severity::*;
+    let shims = &cfg.cfg.shims;
+    let version = h.runtime_version.as_deref().and_then(parse_runtime_version);
+    if let Some((maj, min)) = version {
+        if (maj, min) < (1, 6) {
+            out.push(finding(Error, "cri-version", format!("containerd {maj}.{min} is too old: Kata handlers need runtime_path (containerd >= 1.6)"), "Upgrade containerd to 1.7 or 2.x"));
+        }
+        if (maj, min) < (1, 7) && shims.iter().any(|s| s.containerd_snapshotter == "nydus") {
+            out.push(finding(Error, "cri-version", format!("containerd {maj}.{min} has no runtime-specific snapshotters; guest pull with nydus needs containerd >= 1.7"), "Upgrade containerd or drop containerdSnapshotter: nydus"));
+        }
+        if maj < 2 && !cfg.cfg.multi_install_suffix.is_empty() {
+            out.push(finding(Warning, "multi-install", format!("containerd {maj}.{min} has no drop-in support: this install edits the shared config in place"), "Multi-install is only fully isolated on containerd >= 2.0"));
+        }
+    }
+    if matches!(kind, CriKind::K3s | CriKind::K3sAgent | CriKind::Rke2) && cfg.uses_nydus() {
+        // Our template extends k3s's base, which defines the table holding the flag: we cannot
+        // change it (a repeated key is a TOML error that stops k3s).
+        match h.k3s_snapshot_annotations_disabled {
+            Some(true) => out.push(finding(Error, "guest-pull", "k3s/rke2 renders containerd with disable_snapshot_annotations = true (its base template's value): images of guest-pull handlers would be pulled on the host, not in the guest".into(), "Provide your own config.toml.tmpl / config-v3.toml.tmpl (not extending {{ template \"base\" . }}) that sets disable_snapshot_annotations = false, or drop containerdSnapshotter: nydus")),
+            Some(false) => {}
+            None => out.push(finding(Warning, "guest-pull", "k3s/rke2 has not rendered its containerd config yet: cannot tell whether disable_snapshot_annotations is false, which guest pull needs".into(), "Re-run host-check once k3s/rke2 has started")),
+        }
+    }
+    if let Some((2, min)) = version {
+        if min < 2 && cfg.uses_nydus() {
+            out.push(finding(Warning, "guest-pull", format!("containerd 2.{min} routes a pull to a handler's snapshotter only when the pod carries the annotation io.containerd.cri.runtime-handler (it ignores the CRI field the kubelet sets; proven on 2.0.5, 2.2.9 honours it)"), "Annotate guest-pull pods with io.containerd.cri.runtime-handler: <handler>, or upgrade containerd to >= 2.2"));
+        }
+    }
+    if shims
+        .iter()
+        .any(|s| s.crio_pull_type == "guest-pull" && s.containerd_snapshotter.is_empty())
+    {
+        out.push(finding(
+            Info,
+            "guest-pull",
+            "crioPullType is ignored on containerd".into(),
+            "Use containerdSnapshotter: nydus for guest pull on containerd",
+        ));
+    }
+}
+
+fn check_crio(cfg: &ValidConfig, h: &HostFacts, out: &mut Vec<Finding>) {
+    use Severity::*;
+    let shims = &cfg.cfg.shims;
+    let version = h.runtime_version.as_deref().and_then(parse_runtime_version);
+    if let Some((maj, min)) = version {
+        if (maj, min) < (1, 30) && shims.iter().any(|s| s.crio_pull_type == "guest-pull") {
+            out.push(finding(
+                Warning,
+                "cri-version",
+                format!("CRI-O {maj}.{min} may not support runtime_pull_image (guest pull)"),
+                "Use a recent CRI-O for guest pull",
+            ));
+        }
+    }
+    if shims.iter().any(|s| !s.containerd_snapshotter.is_empty()) {
+        out.push(finding(
+            Info,
+            "guest-pull",
+            "containerdSnapshotter is ignored on CRI-O".into(),
+            "Use crioPullType: guest-pull on CRI-O",
+        ));
+    }
+}
+
+/// The shims that pass a GPU through to the guest.
+fn gpu_shims(cfg: &ValidConfig) -> Vec<&str> {
+    cfg.cfg
+        .shims
+        .iter()
+        .filter(|s| s.is_gpu_passthrough())
+        .map(|s| s.name.as_str())
+        .collect()
+}
+
+/// KVM, the architecture each shim supports, GPU passthrough prerequisites.
+fn check_virtualization(cfg: &ValidConfig, h: &HostFacts, out: &mut Vec<Finding>) {
+    use Severity::*;
+    let shims = &cfg.cfg.shims;
     if !h.dev_kvm && shims.iter().any(|s| s.base() != "remote") {
         out.push(finding(Error, "kvm", "/dev/kvm is missing: Kata VMs cannot start".into(), "Enable virtualization in the BIOS / use a VM size with nested virtualization, and load kvm_intel or kvm_amd"));
     }
@@ -349,83 +383,84 @@ pub fn evaluate(cfg: &ValidConfig, h: &HostFacts) -> Vec<Finding> {
             ));
         }
     }
-    // GPU passthrough prerequisites.
-    let gpu: Vec<&str> = shims
-        .iter()
-        .filter(|s| s.is_gpu_passthrough())
-        .map(|s| s.name.as_str())
-        .collect();
-    if !gpu.is_empty() {
-        if h.iommu_groups == 0 {
-            // Warnings: the shims install fine; only GPU passthrough pods cannot start here.
-            out.push(finding(Warning, "iommu", format!("/sys/kernel/iommu_groups is empty: GPU passthrough ({}) needs IOMMU", gpu.join(", ")), "Enable VT-d/AMD-Vi and ACS in the BIOS and add intel_iommu=on or amd_iommu=on to the kernel command line"));
-        }
-        if !h.nvidia_modules.is_empty() {
-            out.push(finding(Warning, "nvidia-driver", format!("host NVIDIA driver loaded ({}): VFIO passthrough needs the GPU unbound from it", h.nvidia_modules.join(", ")), "Remove the host NVIDIA driver (and blacklist nouveau) so the GPU Operator's VFIO manager can bind the GPU"));
-        }
+    let gpu = gpu_shims(cfg);
+    if gpu.is_empty() {
+        return;
     }
-    // Kubelet timeouts and feature gates (warnings: the install still works).
-    match &h.kubelet_config {
-        None => out.push(finding(
+    if h.iommu_groups == 0 {
+        // Warnings: the shims install fine; only GPU passthrough pods cannot start here.
+        out.push(finding(Warning, "iommu", format!("/sys/kernel/iommu_groups is empty: GPU passthrough ({}) needs IOMMU", gpu.join(", ")), "Enable VT-d/AMD-Vi and ACS in the BIOS and add intel_iommu=on or amd_iommu=on to the kernel command line"));
+    }
+    if !h.nvidia_modules.is_empty() {
+        out.push(finding(Warning, "nvidia-driver", format!("host NVIDIA driver loaded ({}): VFIO passthrough needs the GPU unbound from it", h.nvidia_modules.join(", ")), "Remove the host NVIDIA driver (and blacklist nouveau) so the GPU Operator's VFIO manager can bind the GPU"));
+    }
+}
+
+/// Kubelet timeouts and feature gates (warnings: the install still works).
+fn check_kubelet(cfg: &ValidConfig, h: &HostFacts, out: &mut Vec<Finding>) {
+    use Severity::*;
+    let Some(text) = &h.kubelet_config else {
+        out.push(finding(
             Info,
             "kubelet",
             "no /var/lib/kubelet/config.yaml: kubelet timeout and feature gates not checked".into(),
             "",
+        ));
+        return;
+    };
+    let doc: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or(serde_yaml::Value::Null);
+    let rrt = doc
+        .get("runtimeRequestTimeout")
+        .and_then(|v| v.as_str())
+        .unwrap_or("2m");
+    let pull = cfg.cfg.image_pull_timeout_seconds;
+    match parse_go_duration(rrt) {
+        Some(secs) if secs < pull => out.push(finding(
+            Warning,
+            "kubelet-timeout",
+            format!("kubelet runtimeRequestTimeout {rrt} ({secs}s) is shorter than imagePullTimeoutSeconds {pull}: the kubelet gives up on large guest pulls first"),
+            format!("Set runtimeRequestTimeout: {}m in /var/lib/kubelet/config.yaml and restart the kubelet", pull.div_ceil(60)),
         )),
-        Some(text) => {
-            let doc: serde_yaml::Value =
-                serde_yaml::from_str(text).unwrap_or(serde_yaml::Value::Null);
-            let rrt = doc
-                .get("runtimeRequestTimeout")
-                .and_then(|v| v.as_str())
-                .unwrap_or("2m");
-            match parse_go_duration(rrt) {
-                Some(secs) if secs < cfg.cfg.image_pull_timeout_seconds => out.push(finding(
-                    Warning,
-                    "kubelet-timeout",
-                    format!("kubelet runtimeRequestTimeout {rrt} ({secs}s) is shorter than imagePullTimeoutSeconds {}: the kubelet gives up on large guest pulls first", cfg.cfg.image_pull_timeout_seconds),
-                    format!("Set runtimeRequestTimeout: {}m in /var/lib/kubelet/config.yaml and restart the kubelet", cfg.cfg.image_pull_timeout_seconds.div_ceil(60)),
-                )),
-                None => out.push(finding(Warning, "kubelet-timeout", format!("cannot parse kubelet runtimeRequestTimeout {rrt:?}"), "")),
-                _ => {}
-            }
-            let gate = |name: &str| {
-                doc.get("featureGates")
-                    .and_then(|g| g.get(name))
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false)
-            };
-            if shims.iter().any(|s| s.uses_guest_pull()) && !gate("RuntimeClassInImageCriApi") {
-                out.push(finding(Warning, "kubelet-feature-gates", "kubelet feature gate RuntimeClassInImageCriApi is not enabled: guest pull with per-runtime snapshotters needs it".into(), "Add featureGates: {RuntimeClassInImageCriApi: true} to /var/lib/kubelet/config.yaml and restart the kubelet"));
-            }
-            let kubelet_minor = h.kubelet_version.as_deref().and_then(parse_runtime_version);
-            if !gpu.is_empty()
-                && kubelet_minor.is_some_and(|v| v < (1, 34))
-                && !gate("KubeletPodResourcesGet")
-            {
-                out.push(finding(Warning, "kubelet-feature-gates", "kubelet feature gate KubeletPodResourcesGet is not enabled (default only from 1.34): GPU shims use it to find allocated devices".into(), "Add featureGates: {KubeletPodResourcesGet: true} and restart the kubelet"));
-            }
-        }
+        None => out.push(finding(Warning, "kubelet-timeout", format!("cannot parse kubelet runtimeRequestTimeout {rrt:?}"), "")),
+        _ => {}
     }
-    // Space for the payload (written beside its target before the rename).
-    if let (Some(free), Some(need)) = (h.free_bytes, h.payload_bytes) {
-        let need = need + need / 10;
-        if free < need {
-            out.push(finding(
-                Error,
-                "disk-space",
-                format!(
-                    "{} MiB free under {}, the payload needs about {} MiB",
-                    free >> 20,
-                    cfg.install().prefix.display(),
-                    need >> 20
-                ),
-                "Free space on that filesystem and re-run",
-            ));
-        }
+    let gate = |name: &str| {
+        doc.get("featureGates")
+            .and_then(|g| g.get(name))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
+    if cfg.cfg.shims.iter().any(|s| s.uses_guest_pull()) && !gate("RuntimeClassInImageCriApi") {
+        out.push(finding(Warning, "kubelet-feature-gates", "kubelet feature gate RuntimeClassInImageCriApi is not enabled: guest pull with per-runtime snapshotters needs it".into(), "Add featureGates: {RuntimeClassInImageCriApi: true} to /var/lib/kubelet/config.yaml and restart the kubelet"));
     }
-    out.sort_by_key(|f| f.severity);
-    out
+    let kubelet_minor = h.kubelet_version.as_deref().and_then(parse_runtime_version);
+    if !gpu_shims(cfg).is_empty()
+        && kubelet_minor.is_some_and(|v| v < (1, 34))
+        && !gate("KubeletPodResourcesGet")
+    {
+        out.push(finding(Warning, "kubelet-feature-gates", "kubelet feature gate KubeletPodResourcesGet is not enabled (default only from 1.34): GPU shims use it to find allocated devices".into(), "Add featureGates: {KubeletPodResourcesGet: true} and restart the kubelet"));
+    }
+}
+
+/// Space for the payload (written beside its target before the rename).
+fn check_disk_space(cfg: &ValidConfig, h: &HostFacts, out: &mut Vec<Finding>) {
+    let (Some(free), Some(need)) = (h.free_bytes, h.payload_bytes) else {
+        return;
+    };
+    let need = need + need / 10;
+    if free < need {
+        out.push(finding(
+            Severity::Error,
+            "disk-space",
+            format!(
+                "{} MiB free under {}, the payload needs about {} MiB",
+                free >> 20,
+                cfg.install().prefix.display(),
+                need >> 20
+            ),
+            "Free space on that filesystem and re-run",
+        ));
+    }
 }
 
 /// Renders findings for humans.
