@@ -273,6 +273,22 @@ fn missing_dirs(fs: &HostFs, desired: &[DesiredFile]) -> Vec<PathBuf> {
     set.into_iter().collect() // sorted: parents before children
 }
 
+/// What one artifacts run will do, decided before anything is written.
+struct ArtifactsRun<'a> {
+    writes: Vec<&'a DesiredFile>,
+    removes: Vec<PathBuf>,
+    kept: usize,
+    /// The manifest once the run is done.
+    final_manifest: ArtifactsManifest,
+    /// Directories to create (recorded first).
+    new_dirs: Vec<PathBuf>,
+    /// Recorded directories no longer needed (removed when empty).
+    stale_dirs: Vec<PathBuf>,
+    /// nydus is configured, or kept while the runtime still routes to it.
+    want_unit: bool,
+    defer_unit: bool,
+}
+
 /// The artifacts stage.
 pub fn apply_artifacts(
     fs: &HostFs,
@@ -298,81 +314,11 @@ pub fn apply_artifacts(
             hash_installed(fs, &cache, &mut fresh, &d.path)?,
         );
     }
-    let actions = plan_artifacts(&desired, &old, &on_host);
-    let writes: Vec<&DesiredFile> = desired
-        .iter()
-        .filter(|d| actions.contains(&Action::Write(d.path.clone())))
-        .collect();
-    let mut removes: Vec<PathBuf> = actions
-        .iter()
-        .filter_map(|a| {
-            if let Action::Remove(p) = a {
-                Some(p.clone())
-            } else {
-                None
-            }
-        })
-        .collect();
-    let kept = actions
-        .iter()
-        .filter(|a| matches!(a, Action::Keep(_)))
-        .count();
+    let run = plan_run(fs, cfg, &desired, &old, &on_host)?;
     let unit = install.nydus_unit();
-    let want_unit = cfg.uses_nydus();
+    let kept = run.kept;
 
-    // Upgrade order: while the runtime may still serve handlers this configuration dropped, or
-    // still route one to nydus (the cri stage changes that next), their shims, configs and the
-    // nydus snapshotter stay; prune-artifacts removes them once cri has verified the change.
-    let routed = routed_by_runtime(fs, cfg, &old)?;
-    let stale_handlers = routed.unconfigured_handlers(cfg);
-    let keep_nydus = routed.nydus && !want_unit;
-    let mut deferred = Vec::new();
-    if (!stale_handlers.is_empty() || keep_nydus) && !removes.is_empty() {
-        tracing::info!(stage = "artifacts", files = removes.len(), handlers = ?stale_handlers, nydus = keep_nydus, "keeping files the runtime may still use until the cri stage has dropped them (prune-artifacts removes them)");
-        deferred = std::mem::take(&mut removes);
-    }
-    let defer_unit = keep_nydus && old.units.contains(&unit);
-
-    let mut final_manifest = ArtifactsManifest {
-        files: desired
-            .iter()
-            .map(|d| {
-                (
-                    d.path.clone(),
-                    InstalledFile {
-                        sha256: Some(d.sha256.clone()),
-                    },
-                )
-            })
-            .collect(),
-        dirs: Vec::new(),
-        units: if want_unit || defer_unit {
-            vec![unit.clone()]
-        } else {
-            vec![]
-        },
-        pending: false,
-    };
-    for p in &deferred {
-        final_manifest.files.insert(p.clone(), old.files[p].clone());
-    }
-    let new_dirs = missing_dirs(fs, &desired);
-    // Keep recorded dirs still needed (ancestors of a desired or deferred file); others go when empty.
-    let needed = |d: &PathBuf| {
-        desired.iter().any(|f| f.path.starts_with(d)) || deferred.iter().any(|f| f.starts_with(d))
-    };
-    final_manifest.dirs = old
-        .dirs
-        .iter()
-        .filter(|d| needed(d))
-        .cloned()
-        .chain(new_dirs.iter().cloned())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let stale_dirs: Vec<PathBuf> = old.dirs.iter().filter(|d| !needed(d)).cloned().collect();
-
-    if writes.is_empty() && removes.is_empty() && old == final_manifest {
+    if run.writes.is_empty() && run.removes.is_empty() && old == run.final_manifest {
         tracing::info!(
             stage = "artifacts",
             files = kept,
@@ -380,7 +326,7 @@ pub fn apply_artifacts(
         );
         write_json(fs, &stamp_cache_path(&install), &fresh)?;
         write_release_index(fs, &install, payload)?;
-        if want_unit {
+        if run.want_unit {
             ensure_unit_running(fs, restarter, &unit, &nydus_unit_file(&install), false)?;
         }
         return Ok(ArtifactsOutcome {
@@ -389,74 +335,26 @@ pub fn apply_artifacts(
         });
     }
     if fs.dry_run() {
-        plan_dry_run(fs, &writes, &removes)?;
+        plan_dry_run(fs, &run.writes, &run.removes)?;
         return Ok(ArtifactsOutcome {
-            written: writes.iter().map(|w| w.path.clone()).collect(),
-            removed: removes,
+            written: run.writes.iter().map(|w| w.path.clone()).collect(),
+            removed: run.removes,
             kept,
         });
     }
 
     // 1. Record intent first: every path we may write and every directory we may create, so an
     //    install that dies half-way is still fully removed by remove-artifacts.
-    let mut pending = old.clone();
-    for w in &writes {
-        pending
-            .files
-            .insert(w.path.clone(), InstalledFile { sha256: None });
-    }
-    pending.dirs = pending
-        .dirs
-        .iter()
-        .chain(new_dirs.iter())
-        .cloned()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    if want_unit && !pending.units.contains(&unit) {
-        pending.units.push(unit.clone());
-    }
-    pending.pending = true;
-    let state_dirs_created = fs.create_dir_all(&install.state_dir())?;
-    write_json(fs, &mpath, &pending)?;
-
+    let state_dirs_created = record_intent(fs, &install, &old, &run)?;
     // 2. Stage every new file beside its target (verifying payload hashes). Any error here
     //    (corrupt payload, disk full, read-only path) undoes everything: the host is as before.
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let stage_all = |staged: &mut Vec<(PathBuf, PathBuf)>| -> Result<()> {
-        for d in &new_dirs {
-            fs.create_dir_all(d)?;
-        }
-        let mut from_tarballs: BTreeMap<&Path, crate::release_io::Wanted> = BTreeMap::new();
-        for w in &writes {
-            let tmp = match &w.source {
-                Source::Payload(src) => fs.stage_copy(src, &w.path, &w.sha256, w.mode)?,
-                Source::Inline(bytes) => fs.stage_bytes(&w.path, bytes, w.mode)?,
-                Source::Symlink(target) => fs.stage_symlink(&w.path, target)?,
-                Source::Tarball { tarball, from } => {
-                    let dests = from_tarballs.entry(tarball).or_default();
-                    dests.entry(from.clone()).or_default().push((
-                        w.path.clone(),
-                        w.sha256.clone(),
-                        w.mode,
-                    ));
-                    continue;
-                }
-            };
-            staged.push((tmp, w.path.clone()));
-        }
-        // Each tarball is read once, front to back, staging only what changed.
-        for (tarball, wanted) in &from_tarballs {
-            crate::release_io::stage_from_tarball(fs, tarball, wanted, staged)?;
-        }
-        Ok(())
-    };
-    if let Err(e) = stage_all(&mut staged) {
+    if let Err(e) = stage_writes(fs, &run, &mut staged) {
         if !matches!(e, StageError::InjectedFault { .. }) {
             undo_staging(
                 fs,
                 &staged,
-                &new_dirs,
+                &run.new_dirs,
                 &mpath,
                 old_manifest_bytes.as_deref(),
                 &state_dirs_created,
@@ -464,7 +362,6 @@ pub fn apply_artifacts(
         }
         return Err(e);
     }
-
     // 3. Rename into place (never writing a running binary in place), then drop what is no
     //    longer wanted.
     let mut written = Vec::new();
@@ -473,21 +370,21 @@ pub fn apply_artifacts(
         tracing::debug!(stage = "artifacts", file = %dest.display(), "installed");
         written.push(dest.clone());
     }
-    if !want_unit && !defer_unit && old.units.contains(&unit) {
+    if !run.want_unit && !run.defer_unit && old.units.contains(&unit) {
         restarter.disable_now(&unit)?;
     }
-    for r in &removes {
+    for r in &run.removes {
         fs.remove_file(r)?;
         fs.remove_file(&HostFs::temp_for(r))?;
         tracing::info!(stage = "artifacts", file = %r.display(), "removed (no longer configured)");
     }
-    for d in stale_dirs.iter().rev() {
+    for d in run.stale_dirs.iter().rev() {
         fs.remove_dir_if_empty(d)?;
     }
-    write_json(fs, &mpath, &final_manifest)?;
+    write_json(fs, &mpath, &run.final_manifest)?;
     record_stamps(fs, &install, &desired)?;
     write_release_index(fs, &install, payload)?;
-    if want_unit {
+    if run.want_unit {
         // A new binary, configuration or unit is used only after a restart.
         let nydus_dir = install.prefix.join(NYDUS_PAYLOAD_DIR);
         let changed = written.iter().any(|p| p.starts_with(&nydus_dir));
@@ -496,15 +393,165 @@ pub fn apply_artifacts(
     tracing::info!(
         stage = "artifacts",
         written = written.len(),
-        removed = removes.len(),
+        removed = run.removes.len(),
         kept,
         "artifacts installed"
     );
     Ok(ArtifactsOutcome {
         written,
-        removed: removes,
+        removed: run.removes,
         kept,
     })
+}
+
+/// Decides the run: what to write, remove or keep, and the manifest after it. Upgrade order:
+/// while the runtime may still serve handlers this configuration dropped, or still route one to
+/// nydus (the cri stage changes that next), their shims, configs and the nydus snapshotter stay;
+/// prune-artifacts removes them once cri has verified the change.
+fn plan_run<'a>(
+    fs: &HostFs,
+    cfg: &ValidConfig,
+    desired: &'a [DesiredFile],
+    old: &ArtifactsManifest,
+    on_host: &BTreeMap<PathBuf, Option<String>>,
+) -> Result<ArtifactsRun<'a>> {
+    let actions = plan_artifacts(desired, old, on_host);
+    let writes: Vec<&DesiredFile> = desired
+        .iter()
+        .filter(|d| actions.contains(&Action::Write(d.path.clone())))
+        .collect();
+    let mut removes: Vec<PathBuf> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Remove(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    let kept = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Keep(_)))
+        .count();
+    let unit = cfg.install().nydus_unit();
+    let want_unit = cfg.uses_nydus();
+    let routed = routed_by_runtime(fs, cfg, old)?;
+    let stale_handlers = routed.unconfigured_handlers(cfg);
+    let keep_nydus = routed.nydus && !want_unit;
+    let mut deferred = Vec::new();
+    if (!stale_handlers.is_empty() || keep_nydus) && !removes.is_empty() {
+        tracing::info!(stage = "artifacts", files = removes.len(), handlers = ?stale_handlers, nydus = keep_nydus, "keeping files the runtime may still use until the cri stage has dropped them (prune-artifacts removes them)");
+        deferred = std::mem::take(&mut removes);
+    }
+    let defer_unit = keep_nydus && old.units.contains(&unit);
+    let mut files: BTreeMap<PathBuf, InstalledFile> = desired
+        .iter()
+        .map(|d| {
+            let f = InstalledFile {
+                sha256: Some(d.sha256.clone()),
+            };
+            (d.path.clone(), f)
+        })
+        .collect();
+    for p in &deferred {
+        files.insert(p.clone(), old.files[p].clone());
+    }
+    let new_dirs = missing_dirs(fs, desired);
+    // Keep recorded dirs still needed (ancestors of a desired or deferred file); others go when empty.
+    let needed = |d: &PathBuf| {
+        desired.iter().any(|f| f.path.starts_with(d)) || deferred.iter().any(|f| f.starts_with(d))
+    };
+    let dirs = old
+        .dirs
+        .iter()
+        .filter(|d| needed(d))
+        .chain(new_dirs.iter())
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let stale_dirs = old.dirs.iter().filter(|d| !needed(d)).cloned().collect();
+    let units = if want_unit || defer_unit {
+        vec![unit]
+    } else {
+        vec![]
+    };
+    Ok(ArtifactsRun {
+        writes,
+        removes,
+        kept,
+        final_manifest: ArtifactsManifest {
+            files,
+            dirs,
+            units,
+            pending: false,
+        },
+        new_dirs,
+        stale_dirs,
+        want_unit,
+        defer_unit,
+    })
+}
+
+/// Writes the pending manifest (every path the run may write, every directory it may create,
+/// the nydus unit) before anything changes; returns the state directories it created.
+fn record_intent(
+    fs: &HostFs,
+    install: &Install,
+    old: &ArtifactsManifest,
+    run: &ArtifactsRun,
+) -> Result<Vec<PathBuf>> {
+    let mut pending = old.clone();
+    for w in &run.writes {
+        pending
+            .files
+            .insert(w.path.clone(), InstalledFile { sha256: None });
+    }
+    pending.dirs = pending
+        .dirs
+        .iter()
+        .chain(run.new_dirs.iter())
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let unit = install.nydus_unit();
+    if run.want_unit && !pending.units.contains(&unit) {
+        pending.units.push(unit);
+    }
+    pending.pending = true;
+    let created = fs.create_dir_all(&install.state_dir())?;
+    write_json(fs, &manifest_path(install), &pending)?;
+    Ok(created)
+}
+
+/// Stages every file the run writes beside its target, into `staged` (temp, target); each
+/// release tarball is read once, front to back, staging only what changed.
+fn stage_writes(
+    fs: &HostFs,
+    run: &ArtifactsRun,
+    staged: &mut Vec<(PathBuf, PathBuf)>,
+) -> Result<()> {
+    for d in &run.new_dirs {
+        fs.create_dir_all(d)?;
+    }
+    let mut from_tarballs: BTreeMap<&Path, crate::release_io::Wanted> = BTreeMap::new();
+    for w in &run.writes {
+        let tmp = match &w.source {
+            Source::Payload(src) => fs.stage_copy(src, &w.path, &w.sha256, w.mode)?,
+            Source::Inline(bytes) => fs.stage_bytes(&w.path, bytes, w.mode)?,
+            Source::Symlink(target) => fs.stage_symlink(&w.path, target)?,
+            Source::Tarball { tarball, from } => {
+                let dests = from_tarballs.entry(tarball).or_default();
+                let dest = (w.path.clone(), w.sha256.clone(), w.mode);
+                dests.entry(from.clone()).or_default().push(dest);
+                continue;
+            }
+        };
+        staged.push((tmp, w.path.clone()));
+    }
+    for (tarball, wanted) in &from_tarballs {
+        crate::release_io::stage_from_tarball(fs, tarball, wanted, staged)?;
+    }
+    Ok(())
 }
 
 /// Dry run: says what the install would write and remove, changing nothing.
