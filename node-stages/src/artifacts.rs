@@ -364,23 +364,7 @@ pub fn apply_artifacts(
     }
     // 3. Rename into place (never writing a running binary in place), then drop what is no
     //    longer wanted.
-    let mut written = Vec::new();
-    for (tmp, dest) in &staged {
-        fs.rename_into_place(tmp, dest)?;
-        tracing::debug!(stage = "artifacts", file = %dest.display(), "installed");
-        written.push(dest.clone());
-    }
-    if !run.want_unit && !run.defer_unit && old.units.contains(&unit) {
-        restarter.disable_now(&unit)?;
-    }
-    for r in &run.removes {
-        fs.remove_file(r)?;
-        fs.remove_file(&HostFs::temp_for(r))?;
-        tracing::info!(stage = "artifacts", file = %r.display(), "removed (no longer configured)");
-    }
-    for d in run.stale_dirs.iter().rev() {
-        fs.remove_dir_if_empty(d)?;
-    }
+    let written = replace_and_prune(fs, &install, restarter, &old, &run, &staged)?;
     write_json(fs, &mpath, &run.final_manifest)?;
     record_stamps(fs, &install, &desired)?;
     write_release_index(fs, &install, payload)?;
@@ -402,6 +386,37 @@ pub fn apply_artifacts(
         removed: run.removes,
         kept,
     })
+}
+
+/// Renames the staged files into place, stops a nydus no longer wanted and removes what the
+/// run drops (files, then emptied directories); returns the files written.
+fn replace_and_prune(
+    fs: &HostFs,
+    install: &Install,
+    restarter: &dyn Restarter,
+    old: &ArtifactsManifest,
+    run: &ArtifactsRun,
+    staged: &[(PathBuf, PathBuf)],
+) -> Result<Vec<PathBuf>> {
+    let unit = install.nydus_unit();
+    let mut written = Vec::new();
+    for (tmp, dest) in staged {
+        fs.rename_into_place(tmp, dest)?;
+        tracing::debug!(stage = "artifacts", file = %dest.display(), "installed");
+        written.push(dest.clone());
+    }
+    if !run.want_unit && !run.defer_unit && old.units.contains(&unit) {
+        restarter.disable_now(&unit)?;
+    }
+    for r in &run.removes {
+        fs.remove_file(r)?;
+        fs.remove_file(&HostFs::temp_for(r))?;
+        tracing::info!(stage = "artifacts", file = %r.display(), "removed (no longer configured)");
+    }
+    for d in run.stale_dirs.iter().rev() {
+        fs.remove_dir_if_empty(d)?;
+    }
+    Ok(written)
 }
 
 /// Decides the run: what to write, remove or keep, and the manifest after it. Upgrade order:
