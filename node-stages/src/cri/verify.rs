@@ -84,24 +84,15 @@ pub(super) fn converge_runtime(
         ));
         return Ok(false);
     }
-    if !wrote {
-        if let Some(p) = state.pending.clone().filter(|p| p.content == hash) {
-            // A previous run requested this restart and may have been killed by it.
-            let st = ctx.restarter.status(unit)?;
-            let restarted_since = p.boot_id != boot_id()
-                || st
-                    .active_since_mono_us
-                    .is_some_and(|t| t >= p.requested_mono_us);
-            let served = ctx.restarter.served_handlers(unit);
-            if st.active && restarted_since && served.is_ok_and(|s| matches_expect(s, &expect)) {
-                tracing::info!(stage = "cri", unit, "runtime already restarted with this configuration by a previous run; not restarting again");
-                fs.plan(format!("restart {unit}: no (restarted by a previous run after the configuration was written)"));
-                state.loaded = Some(hash.to_string());
-                state.pending = None;
-                write_state(fs, state_path, state)?;
-                return Ok(false);
-            }
-        }
+    if !wrote && restarted_by_previous_run(ctx, state, unit, hash, &expect)? {
+        tracing::info!(stage = "cri", unit, "runtime already restarted with this configuration by a previous run; not restarting again");
+        fs.plan(format!(
+            "restart {unit}: no (restarted by a previous run after the configuration was written)"
+        ));
+        state.loaded = Some(hash.to_string());
+        state.pending = None;
+        write_state(fs, state_path, state)?;
+        return Ok(false);
     }
     if fs.dry_run() {
         fs.plan(format!(
@@ -124,28 +115,7 @@ pub(super) fn converge_runtime(
         unit,
         "restarting the runtime to load the new configuration"
     );
-    let outcome = match ctx.restarter.restart(unit) {
-        Ok(()) => {
-            crate::checkpoint("cri-restarted");
-            wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect, ctx.timeout())
-        }
-        // The start failed: a runtime refusing its configuration, or one that crashed while
-        // starting and that systemd brings back. A short grace tells them apart without
-        // waiting the whole deadline for a refusal.
-        Err(e @ StageError::UnitFailed { .. }) => {
-            let grace = ctx.timeout().min(FAILED_START_GRACE);
-            tracing::warn!(stage = "cri", unit, error = %e, grace_s = grace.as_secs(), "the runtime's start failed; giving systemd a moment to bring it back");
-            wait_until_loaded(ctx, unit, stamp.requested_mono_us, &expect, grace).map_err(|w| {
-                StageError::Runtime {
-                    unit: unit.to_string(),
-                    message: format!("{e}; then {w}"),
-                    hint: "see the runtime's logs".into(),
-                }
-            })
-        }
-        Err(e) => Err(e),
-    };
-    match outcome {
+    match restart_and_wait(ctx, unit, stamp.requested_mono_us, &expect) {
         Ok(()) => {
             state.loaded = Some(hash.to_string());
             state.pending = None;
@@ -170,6 +140,49 @@ pub(super) fn converge_runtime(
                 hint,
             })
         }
+    }
+}
+
+/// Whether a previous run requested this very restart (and may have been killed by it) and the
+/// runtime came back since, serving what is expected.
+fn restarted_by_previous_run(
+    ctx: &CriContext,
+    state: &CriState,
+    unit: &str,
+    hash: &str,
+    expect: &Expect,
+) -> Result<bool> {
+    let Some(p) = state.pending.as_ref().filter(|p| p.content == hash) else {
+        return Ok(false);
+    };
+    let st = ctx.restarter.status(unit)?;
+    let restarted_since = p.boot_id != boot_id()
+        || st
+            .active_since_mono_us
+            .is_some_and(|t| t >= p.requested_mono_us);
+    let served = ctx.restarter.served_handlers(unit);
+    Ok(st.active && restarted_since && served.is_ok_and(|s| matches_expect(s, expect)))
+}
+
+/// Restarts the runtime and waits until it serves what is expected. A failed start is a runtime
+/// refusing its configuration, or one that crashed while starting and that systemd brings back:
+/// a short grace tells them apart without waiting the whole deadline for a refusal.
+fn restart_and_wait(ctx: &CriContext, unit: &str, since_us: u64, expect: &Expect) -> Result<()> {
+    match ctx.restarter.restart(unit) {
+        Ok(()) => {
+            crate::checkpoint("cri-restarted");
+            wait_until_loaded(ctx, unit, since_us, expect, ctx.timeout())
+        }
+        Err(e @ StageError::UnitFailed { .. }) => {
+            let grace = ctx.timeout().min(FAILED_START_GRACE);
+            tracing::warn!(stage = "cri", unit, error = %e, grace_s = grace.as_secs(), "the runtime's start failed; giving systemd a moment to bring it back");
+            wait_until_loaded(ctx, unit, since_us, expect, grace).map_err(|w| StageError::Runtime {
+                unit: unit.to_string(),
+                message: format!("{e}; then {w}"),
+                hint: "see the runtime's logs".into(),
+            })
+        }
+        Err(e) => Err(e),
     }
 }
 
