@@ -284,40 +284,54 @@ impl NodeLabeler {
 
     /// [`Self::change`] where what is set also depends on the labels read.
     pub async fn change_with(&self, edit: &LabelEdit<'_>) -> Result<bool> {
+        self.patch_node(
+            "labels updated",
+            "label patch kept failing",
+            "Check RBAC (nodes patch) and whether another controller fights over these labels",
+            &|node| {
+                let labels = node.metadata.labels.as_ref();
+                let (set, remove) = edit(labels.unwrap_or(&BTreeMap::new()));
+                build_label_patch(&self.uid, labels, &set, &remove)
+            },
+        )
+        .await
+    }
+
+    /// Reads the node, builds a JSON patch from it (None: nothing to change) and applies it,
+    /// re-reading and retrying (5 attempts) when the patch fails, e.g. its test op on a node
+    /// changed in between.
+    async fn patch_node(
+        &self,
+        done: &str,
+        failed: &str,
+        hint: &str,
+        build: &dyn Fn(&Node) -> Option<Value>,
+    ) -> Result<bool> {
         let mut last = String::new();
         for attempt in 0..5 {
             let node = self.get_retrying().await?;
-            let labels = node.metadata.labels.clone();
-            let (set, remove) = edit(labels.as_ref().unwrap_or(&BTreeMap::new()));
-            let Some(patch) = build_label_patch(&self.uid, labels.as_ref(), &set, &remove) else {
+            let Some(patch) = build(&node) else {
                 return Ok(false);
             };
             let patch: json_patch::Patch = serde_json::from_value(patch).expect("valid JSON patch");
+            let params = PatchParams::default();
             match self
                 .api
-                .patch(
-                    &self.name,
-                    &PatchParams::default(),
-                    &Patch::Json::<()>(patch),
-                )
+                .patch(&self.name, &params, &Patch::Json::<()>(patch))
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(stage = "label", node = %self.name, ?set, "labels updated");
+                    tracing::info!(stage = "label", node = %self.name, "{done}");
                     return Ok(true);
                 }
                 Err(e) => {
                     last = e.to_string();
-                    tracing::warn!(stage = "label", node = %self.name, attempt, error = %e, "label patch failed; re-reading the node");
+                    tracing::warn!(stage = "label", node = %self.name, attempt, error = %e, "patch failed; re-reading the node");
                     tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
                 }
             }
         }
-        Err(kube_err(
-            &self.name,
-            format!("label patch kept failing: {last}"),
-            "Check RBAC (nodes patch) and whether another controller fights over these labels",
-        ))
+        Err(kube_err(&self.name, format!("{failed}: {last}"), hint))
     }
 
     /// Marks the node claimed by this install (before the first host change), state `installing`.
@@ -393,39 +407,21 @@ impl NodeLabeler {
         if lift.is_empty() {
             return Ok(false);
         }
-        let mut last = String::new();
-        for attempt in 0..5 {
-            let node = self.get_retrying().await?;
-            let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
-            let Some(patch) = build_untaint_patch(&self.uid, &taints, lift) else {
-                return Ok(false);
-            };
-            let patch: json_patch::Patch = serde_json::from_value(patch).expect("valid JSON patch");
-            match self
-                .api
-                .patch(
-                    &self.name,
-                    &PatchParams::default(),
-                    &Patch::Json::<()>(patch),
-                )
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(stage = "label", node = %self.name, ?lift, "startup taints lifted");
-                    return Ok(true);
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    tracing::warn!(stage = "label", node = %self.name, attempt, error = %e, "taint patch failed; re-reading the node");
-                    tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
-                }
-            }
-        }
-        Err(kube_err(
-            &self.name,
-            format!("could not lift the startup taints: {last}"),
+        tracing::info!(stage = "label", node = %self.name, ?lift, "lifting the startup taints");
+        self.patch_node(
+            "startup taints lifted",
+            "could not lift the startup taints",
             "Check the node-scope admission policy lists these startupTaints (helm upgrade renders it) and RBAC (nodes patch)",
-        ))
+            &|node| {
+                let taints = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default();
+                build_untaint_patch(&self.uid, &taints, lift)
+            },
+        )
+        .await
     }
 
     /// Removes our marker and, when no other install serves the node, the shared runtime label;
