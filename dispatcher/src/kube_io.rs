@@ -379,18 +379,8 @@ impl ClusterApi {
         key: &str,
         value: Option<&str>,
     ) -> Result<(), kube::Error> {
-        let patch = serde_json::json!({"metadata": {"uid": uid, "annotations": {key: value}}});
-        let pp = PatchParams::default();
-        let patch = Patch::Merge(&patch);
-        match with_retry("patch node", &self.stats, Duration::from_secs(15), || {
-            self.nodes.patch(node, &pp, &patch)
-        })
-        .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.patch_node_metadata("patch node", node, uid, "annotations", key, value)
+            .await
     }
 
     /// Sets (or, with `None`, removes) a label on a Node, only if it still has `uid`.
@@ -401,10 +391,25 @@ impl ClusterApi {
         key: &str,
         value: Option<&str>,
     ) -> Result<(), kube::Error> {
-        let patch = serde_json::json!({"metadata": {"uid": uid, "labels": {key: value}}});
+        self.patch_node_metadata("label node", node, uid, "labels", key, value)
+            .await
+    }
+
+    /// One key of a Node's `labels` or `annotations` (a merge patch guarded by its uid); a node
+    /// gone since is not an error.
+    async fn patch_node_metadata(
+        &self,
+        what: &'static str,
+        node: &str,
+        uid: &str,
+        map: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({"metadata": {"uid": uid, map: {key: value}}});
         let pp = PatchParams::default();
         let patch = Patch::Merge(&patch);
-        match with_retry("label node", &self.stats, Duration::from_secs(15), || {
+        match with_retry(what, &self.stats, Duration::from_secs(15), || {
             self.nodes.patch(node, &pp, &patch)
         })
         .await
