@@ -58,7 +58,7 @@ impl SelfReloading {
         let Ok(stat) = std::fs::read_to_string(self.proc_dir.join(pid).join("stat")) else {
             return Ok(down);
         };
-        let ticks = rustix_ticks_per_second();
+        let ticks = rustix::param::clock_ticks_per_second();
         Ok(match parse_proc_start_us(&stat, ticks) {
             Some((state, since)) if state != 'Z' && state != 'X' => UnitStatus {
                 active: true,
@@ -67,10 +67,6 @@ impl SelfReloading {
             _ => down,
         })
     }
-}
-
-fn rustix_ticks_per_second() -> u64 {
-    rustix::param::clock_ticks_per_second()
 }
 
 /// A process's state and start time (µs since boot) from its `/proc/<pid>/stat` line (pure).
@@ -178,7 +174,7 @@ mod tests {
         std::fs::create_dir_all(pid_file.parent().unwrap()).unwrap();
         std::fs::write(&pid_file, "4242\n").unwrap();
         write_proc(root.path(), 4242, 'S', 500);
-        let hz = rustix_ticks_per_second();
+        let hz = rustix::param::clock_ticks_per_second();
         let first = r.status(unit).unwrap();
         assert!(first.active);
         assert_eq!(first.active_since_mono_us, Some(500 * 1_000_000 / hz));

@@ -25,7 +25,7 @@ pub const NYDUS_UNIT: &str = "nydus-for-kata-tee.service";
 pub const NYDUS_SOCKET: &str = "/run/nydus-for-kata-tee/containerd-nydus-grpc.sock";
 
 /// One configuration of the release: what a day-2 `helm upgrade` changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ReleaseShape {
     pub qemu: bool,
     pub runtime_rs: bool,
@@ -187,7 +187,7 @@ pub async fn check_release(
 pub async fn upgrade_to(cluster: &TestCluster, chart: &str, shape: &ReleaseShape) -> Result<()> {
     let values = cluster
         .state()
-        .join(format!("values-{:x}.yaml", rand_tag(shape)));
+        .join(format!("values-{:x}.yaml", shape_tag(shape)));
     std::fs::write(&values, shape.values_yaml())?;
     let values = values.to_str().context("utf-8 path")?.to_string();
     let args = [
@@ -207,10 +207,10 @@ pub async fn upgrade_to(cluster: &TestCluster, chart: &str, shape: &ReleaseShape
     Ok(())
 }
 
-fn rand_tag(shape: &ReleaseShape) -> u64 {
+fn shape_tag(shape: &ReleaseShape) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{shape:?}").hash(&mut h);
+    shape.hash(&mut h);
     h.finish()
 }
 
