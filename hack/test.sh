@@ -24,6 +24,9 @@ if [ "$only" = all ] || [ "$only" = rust ] || [ "$only" = images ]; then
   bash hack/testenv/realnode/images.sh build || die "saving the images for the real nodes failed"
 fi
 
+# A run killed before this one (SIGKILL, a machine restart) may have left real nodes, bridges and
+# rules behind: reap what belongs to no live test bed, so that neither blocks this run.
+bash hack/testenv/reap.sh
 # What the host looks like before the run: the end of the run checks that nothing was left behind.
 before=$(mktemp /tmp/kata-leftovers.XXXXXX)
 bash hack/testenv/leftovers.sh snapshot "$before"

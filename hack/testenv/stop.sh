@@ -28,4 +28,4 @@ if [ -s "$state/pids" ]; then
   : >"$state/pids"
 fi
 log "stopped the cluster of $state"
-if [ "$keep" != "--keep" ]; then rm -rf "$state"; fi
+if [ "$keep" != "--keep" ]; then rm -rf "$state"; else touch "$state/kept"; fi

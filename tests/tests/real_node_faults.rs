@@ -297,3 +297,66 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     assert!(out.status.success(), "{}", text(&out));
     Ok(())
 }
+
+/// SIGKILLs a whole test bed, as a machine or session restart does: its control plane, the node's
+/// nspawn and every process in the node's cgroups. Its mounts, bridge and rules stay behind.
+fn kill_test_bed(cluster: &TestCluster, node: &RealNode) -> Result<()> {
+    let script = r#"
+        state=$1 name=$2
+        for p in $(awk '{print $1}' "$state/pids"); do kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
+        kill -KILL "$(cat "$state/nodes/$name/nspawn.pid")" 2>/dev/null
+        for _ in 1 2 3; do
+          find /sys/fs/cgroup/*/"kata-node-$name" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -KILL 2>/dev/null
+          sleep 0.3
+        done
+        true"#;
+    let st = Command::new("bash")
+        .args(["-c", script, "kill"])
+        .arg(cluster.state())
+        .arg(&node.name)
+        .status()?;
+    anyhow::ensure!(st.success(), "killing the test bed failed");
+    Ok(())
+}
+
+/// A run killed mid-test leaves its real node's overlay root, bridge and Service mapping on the
+/// machine (CI once inherited them and every real-node suite refused to start). The next real node
+/// started on the machine reaps what dead test beds left, and nothing of a live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_runs_real_node_is_reaped_when_the_next_one_starts() -> Result<()> {
+    if !require_real_nodes(&["debian"]) {
+        return Ok(());
+    }
+    let _serial = real_node_lock().await;
+    let dead = TestCluster::private().await?;
+    let node = RealNode::start(&dead, "rn-killed", 22, "debian").await?;
+    kill_test_bed(&dead, &node)?;
+    assert!(
+        !kata_testbed::realnode::leftovers().is_empty(),
+        "the kill leaves the node's mounts, bridge and rules behind"
+    );
+    let live = TestCluster::private().await?;
+    let next = RealNode::start(&live, "rn-after-kill", 23, "debian").await?;
+    assert!(
+        !dead.state().exists(),
+        "the dead test bed's state directory is reaped"
+    );
+    assert!(live.state().exists(), "the live test bed is left alone");
+    let kept: Vec<String> = kata_testbed::realnode::leftovers()
+        .into_iter()
+        .filter(|l| l.contains("rn-killed") || l == "kbr22")
+        .collect();
+    assert!(kept.is_empty(), "left of the killed node: {kept:?}");
+    assert!(
+        std::path::Path::new("/sys/class/net/kbr23").exists(),
+        "the live node keeps its bridge"
+    );
+    drop(next);
+    drop(node);
+    let after = kata_testbed::realnode::leftovers();
+    assert!(
+        after.is_empty(),
+        "after both tests beds are gone: {after:?}"
+    );
+    Ok(())
+}

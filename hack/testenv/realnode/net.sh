@@ -43,7 +43,10 @@ service_rules() { # add|del
 case "$cmd" in
   up)
     # One Service IP mapping per machine: real nodes of another test bed would reach the wrong API.
-    other=$(iptables -w -t nat -S OUTPUT | grep -- "--comment $tag" | grep -o 'to-destination 127.0.0.1:[0-9]*' | grep -v ":$api_port\$" || true)
+    other_mapping() { iptables -w -t nat -S OUTPUT | grep -- "--comment $tag" | grep -o 'to-destination 127.0.0.1:[0-9]*' | grep -v ":$api_port\$" || true; }
+    other=$(other_mapping)
+    # A test bed killed mid-run leaves its mapping behind: reap the dead, then look again.
+    if [ -n "$other" ]; then bash "$HERE/../reap.sh"; other=$(other_mapping); fi
     [ -z "$other" ] || die "real nodes of another test bed are running here ($other): stop them first (hack/testenv/stop.sh <its state>, or hack/demo.sh --down)"
     ip link show "$bridge" >/dev/null 2>&1 || ip link add "$bridge" type bridge
     ip link set "$bridge" up

@@ -26,11 +26,14 @@ pub fn fixture(name: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Builds the synthetic payload once per test binary with hack/make-test-payload.sh.
+/// Builds the synthetic payload once per test binary with hack/make-test-payload.sh, under
+/// cargo's target tmp dir (nothing left in /tmp); payloads of dead test processes are removed.
 pub fn payload_dir() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("kata-test-payload-{}", std::process::id()));
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_payloads_of_dead_processes(root);
+        let dir = root.join(format!("test-payload-{}", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-test-payload.sh");
         let st = std::process::Command::new("bash")
             .arg(&script)
@@ -47,6 +50,21 @@ pub fn payload_dir() -> PathBuf {
         dir
     })
     .clone()
+}
+
+fn remove_payloads_of_dead_processes(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("test-payload-") else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A node flavour: which files exist before the install and what the kubelet reports.
