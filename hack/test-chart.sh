@@ -235,10 +235,10 @@ def t_default():
     check("RBAC: dispatcher ClusterRole = nodes list/watch + patch (its install record annotation) only",
           rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher") == [(("",), ("nodes",), ("list", "patch", "watch"), ())],
           rules_of("ClusterRole", "kata-system-kata-deploy-dispatcher"))
-    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete + pods list/watch (leftover pods, failure messages) + patch of the rollout summary ConfigMap only, in the namespace only",
+    check("RBAC: dispatcher Role = jobs create/get/list/watch/delete + pods list/watch (leftover pods, failure messages) + get and patch of the rollout summary ConfigMap only (the recorded selection), in the namespace only",
           rules_of("Role", "kata-deploy-dispatcher") == [(("batch",), ("jobs",), ("create", "delete", "get", "list", "watch"), ()),
                                                           (("",), ("pods",), ("list", "watch"), ()),
-                                                          (("",), ("configmaps",), ("patch",), ("kata-deploy-rollout",))]
+                                                          (("",), ("configmaps",), ("get", "patch"), ("kata-deploy-rollout",))]
           and one(objs, "Role", "kata-deploy-dispatcher")["metadata"]["namespace"] == "kata-system",
           rules_of("Role", "kata-deploy-dispatcher"))
     check("RBAC: node ClusterRole = nodes get/patch only",
@@ -500,9 +500,20 @@ def t_retire():
     a = args_of(dispatcher(render({"job": {"nodes": ["w1", "w2"]}}), "retire"))
     check("retire: named nodes are the exception", flag_values(a, "--except-nodes") == ["w1,w2"]
           and not flag_values(a, "--except-selector"), a)
-    objs = render({"job": {"nodeSelectorExpressions": []}})
-    check("retire: not rendered when the install selects every node (nothing can fall out)",
-          not [o for o in find(objs, "Job") if o["metadata"]["labels"].get("katacontainers.io/dispatcher-role") == "retire"])
+    a = args_of(dispatcher(objs, "retire"))
+    rec = json.loads(flag_values(a, "--record-selection")[0])
+    check("retire: only nodes the recorded selection covered (a change of values dropped them), recording this selection",
+          "--within-recorded" in a and rec == {"nodes": [], "selectors": flag_values(inst, "--selector")}, a)
+    check("install: a first install records its selection, keeping a newer record (a rollback to it)",
+          json.loads(flag_values(inst, "--record-selection")[0]) == rec and "--record-if-absent" in inst, inst)
+    up = args_of(dispatcher(render(extra=["--is-upgrade"]), "install"))
+    check("install: an upgrade records nothing (the retire run moves the record once the dropped nodes are clean)",
+          "--record-selection" not in up and "--record-if-absent" not in up, up)
+    a = args_of(dispatcher(render({"job": {"nodeSelectorExpressions": []}}), "retire"))
+    check("retire: when the install selects every node, an empty run (claimed minus claimed) that records 'every node'",
+          flag_values(a, "--selector") == ["katacontainers.io/kata-deploy-claimed"]
+          and flag_values(a, "--except-selector") == ["katacontainers.io/kata-deploy-claimed"]
+          and json.loads(flag_values(a, "--record-selection")[0]) == {"nodes": [], "selectors": []}, a)
     a = args_of(dispatcher(render(), "cleanup"))
     check("cleanup: removes the install and a failed retire dispatcher once every node is clean",
           flag_values(a, "--remove-on-success") == ["kata-deploy-dispatch-install,kata-deploy-dispatch-retire"], a)

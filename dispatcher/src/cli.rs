@@ -2,6 +2,7 @@
 
 use crate::canary::CanarySize;
 use crate::lifecycle::Budget;
+use crate::recorded_selection::RecordedSelection;
 use clap::{ArgAction, Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,6 +53,19 @@ pub struct Args {
     /// Leave out these nodes (comma-separated) even when selected.
     #[arg(long, env = "DISPATCHER_EXCEPT_NODES", value_delimiter = ',')]
     pub except_nodes: Vec<String>,
+
+    /// Only nodes that also match this label selector; repeat it for a union (the retire run of
+    /// an upgrade passes the previous install selection: only nodes the values dropped).
+    #[arg(
+        long = "within-selector",
+        env = "DISPATCHER_WITHIN_SELECTORS",
+        value_delimiter = ';'
+    )]
+    pub within_selectors: Vec<String>,
+
+    /// Only these nodes (comma-separated) among the selected; a name with no Node is ignored.
+    #[arg(long, env = "DISPATCHER_WITHIN_NODES", value_delimiter = ',')]
+    pub within_nodes: Vec<String>,
 
     /// On each success, remove the install record (annotation katacontainers.io/installed-by-<this
     /// prefix>) from the Node, so a later install of that prefix runs there again (the cleanup and
@@ -204,6 +218,30 @@ pub struct Args {
     #[arg(long, env = "DISPATCHER_SUMMARY_KEY", default_value = "summary", value_parser = parse_configmap_key)]
     pub summary_key: String,
 
+    /// Only nodes the install selection recorded in --summary-configmap (key `selection`) covered:
+    /// the retire run then retires nodes a change of values dropped, never a node whose label is
+    /// missing for a moment. Without a record, no restriction.
+    #[arg(
+        long,
+        env = "DISPATCHER_WITHIN_RECORDED",
+        requires = "summary_configmap"
+    )]
+    pub within_recorded: bool,
+
+    /// Once every targeted node succeeded, record this install selection in --summary-configmap
+    /// (key `selection`), as JSON: {"nodes": [...], "selectors": [...]}.
+    #[arg(long, env = "DISPATCHER_RECORD_SELECTION", requires = "summary_configmap", value_parser = parse_recorded_selection)]
+    pub record_selection: Option<RecordedSelection>,
+
+    /// With --record-selection: keep a record that is already there, and record whatever the
+    /// outcome (a first install: it only ever claims nodes of its own selection).
+    #[arg(
+        long,
+        env = "DISPATCHER_RECORD_IF_ABSENT",
+        requires = "record_selection"
+    )]
+    pub record_if_absent: bool,
+
     /// Log format.
     #[arg(long, env = "DISPATCHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -251,6 +289,12 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 /// A ConfigMap data key: alphanumerics, '-', '_' or '.', at most 253 characters.
+/// Parses --record-selection.
+pub fn parse_recorded_selection(s: &str) -> Result<RecordedSelection, String> {
+    RecordedSelection::parse(s)
+}
+
+/// Parses a ConfigMap key.
 pub fn parse_configmap_key(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 253

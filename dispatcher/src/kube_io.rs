@@ -420,6 +420,23 @@ impl ClusterApi {
         }
     }
 
+    /// The value of `key` in ConfigMap `name` of the namespace (`None`: no such key or ConfigMap).
+    pub async fn read_configmap_key(
+        &self,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<String>, kube::Error> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let cm = with_retry(
+            "read configmap",
+            &self.stats,
+            Duration::from_secs(15),
+            || api.get_opt(name),
+        )
+        .await?;
+        Ok(cm.and_then(|c| c.data).and_then(|mut d| d.remove(key)))
+    }
+
     /// Writes `text` under `key` of ConfigMap `name` in the namespace (a merge patch: the other
     /// keys, written by the other dispatcher roles, are left alone).
     pub async fn write_summary(

@@ -11,6 +11,7 @@ use crate::lifecycle::{
 };
 use crate::naming::{validate_prefix, NamingError};
 use crate::progress_io::{Visibility, VisibilityConfig};
+use crate::recorded_selection::{record, restrict_to_record, RecordError};
 use crate::report;
 use crate::select::{NodeSelection, SelectorError, Targets};
 use crate::status::job_phase;
@@ -69,6 +70,9 @@ pub enum StartError {
         /// What was left.
         last: String,
     },
+    /// The recorded install selection cannot be read or used.
+    #[error(transparent)]
+    Record(#[from] RecordError),
     /// Empty selection with --require-nodes.
     #[error("no node matches {0}; label the nodes or change the selection, or drop --require-nodes to accept an empty run")]
     NoNodes(String),
@@ -337,6 +341,12 @@ pub fn rights(args: &Args, namespace: &str) -> Vec<Right> {
             name: Some(cm.clone()),
             ..right("patch", "", "configmaps", ns)
         });
+        if args.within_recorded || args.record_if_absent {
+            r.push(Right {
+                name: Some(cm.clone()),
+                ..right("get", "", "configmaps", ns)
+            });
+        }
     }
     r
 }
@@ -480,6 +490,7 @@ impl Shell {
             selection: Targets {
                 selection: NodeSelection::All,
                 except: None,
+                within: None,
             },
             admission: Admission::default(),
             installed_key: String::new(),
@@ -727,12 +738,26 @@ pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     if !d.discover(&args, discovery_until.min(deadline)).await? || !d.settle(args.settle).await {
         return Ok(interrupted(&api));
     }
-    if let Some(early) = d.before_rollout(&args, &selection).await? {
-        return Ok(early);
+    let summary = match d.before_rollout(&args, &selection).await? {
+        Some(early) => early,
+        None => {
+            d.rollout(deadline, args.progress_interval).await;
+            let summary = d.summary().await;
+            remove_after_success(&api, &args.remove_on_success, summary).await
+        }
+    };
+    if let (Some(cm), Some(rec), false) = (
+        &args.summary_configmap,
+        &args.record_selection,
+        args.dry_run,
+    ) {
+        // A retire's record moves only once every dropped node is clean; an install only ever
+        // claims nodes of its own selection, so its first record holds whatever the outcome.
+        if summary.all_succeeded() || args.record_if_absent {
+            record(&api, cm, rec, args.record_if_absent).await;
+        }
     }
-    d.rollout(deadline, args.progress_interval).await;
-    let summary = d.summary().await;
-    Ok(remove_after_success(&api, &args.remove_on_success, summary).await)
+    Ok(summary)
 }
 
 /// Reads the template and the selection, checks the rights and identifies the run: everything
@@ -758,12 +783,17 @@ async fn prepare(args: &Args, client: Client) -> Result<Prepared, StartError> {
         &args.selectors,
         &args.except_nodes,
         &args.except_selectors,
-    )?;
+    )?
+    .within(&args.within_nodes, &args.within_selectors)?;
     let namespace = resolve_namespace(args.namespace.as_deref())?;
     let api = ClusterApi::new(client, &namespace);
     if !args.dry_run {
         api.preflight(&rights(args, &namespace)).await?;
     }
+    let selection = match (&args.summary_configmap, args.within_recorded) {
+        (Some(cm), true) => restrict_to_record(&api, cm, selection).await?,
+        _ => selection,
+    };
     let run = identify(&api, args, namespace).await?;
     let node_timeout = node_timeout(args, &template);
     info!(namespace = %run.namespace, run = %run.run_id, template_hash = template.hash(), selection = %selection, budget = %args.max_failures, node_timeout = %humantime::format_duration(node_timeout), "dispatcher starting");

@@ -123,6 +123,11 @@ pub struct Targets {
     pub selection: NodeSelection,
     /// Nodes left out even when selected (`None`: no exception).
     pub except: Option<NodeSelection>,
+    /// Only nodes also in this selection (`None`: no restriction). The retire run of an upgrade
+    /// passes the previous install selection: only nodes that a change of values dropped are
+    /// retired, never one whose label is merely missing for a moment. Names here are a filter:
+    /// a name with no Node is not an error.
+    pub within: Option<NodeSelection>,
 }
 
 impl Targets {
@@ -134,7 +139,6 @@ impl Targets {
         except_names: &[String],
         except_selectors: &[String],
     ) -> Result<Self, SelectorError> {
-        let given = |v: &[String]| v.iter().any(|s| !s.trim().is_empty());
         let except = if given(except_names) || given(except_selectors) {
             Some(NodeSelection::from_inputs(except_names, except_selectors)?)
         } else {
@@ -143,12 +147,23 @@ impl Targets {
         Ok(Self {
             selection: NodeSelection::from_inputs(names, selectors)?,
             except,
+            within: None,
         })
+    }
+
+    /// Restricts the targets to nodes also matching these names or selectors; no restriction
+    /// when both are empty (an empty restriction must not mean "every node" either way).
+    pub fn within(mut self, names: &[String], selectors: &[String]) -> Result<Self, SelectorError> {
+        if given(names) || given(selectors) {
+            self.within = Some(NodeSelection::from_inputs(names, selectors)?);
+        }
+        Ok(self)
     }
 
     /// Whether a node with this name and these labels is targeted.
     pub fn matches(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
         self.selection.matches(name, labels)
+            && self.within.as_ref().is_none_or(|w| w.matches(name, labels))
             && !self
                 .except
                 .as_ref()
@@ -156,12 +171,21 @@ impl Targets {
     }
 }
 
+/// Whether a list input holds anything but blanks.
+fn given(v: &[String]) -> bool {
+    v.iter().any(|s| !s.trim().is_empty())
+}
+
 impl fmt::Display for Targets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.except {
-            None => write!(f, "{}", self.selection),
-            Some(e) => write!(f, "{}, except {}", self.selection, e),
+        write!(f, "{}", self.selection)?;
+        if let Some(w) = &self.within {
+            write!(f, ", within {w}")?;
         }
+        if let Some(e) = &self.except {
+            write!(f, ", except {e}")?;
+        }
+        Ok(())
     }
 }
 
@@ -416,6 +440,41 @@ mod tests {
         assert!(t.matches("w1", &labels(&[(claimed, "true")])));
         let e = Targets::from_inputs(&[], &[], &[], &["a in (x".into()]).unwrap_err();
         assert!(e.to_string().contains("a in (x"), "{e}");
+    }
+
+    #[test]
+    fn a_restriction_keeps_only_nodes_the_previous_selection_had() {
+        let claimed = "katacontainers.io/kata-deploy-claimed";
+        // Previous selection pool in (a,b); now pool=a: only claimed pool=b nodes are retired.
+        let t = Targets::from_inputs(&[], &[claimed.into()], &[], &["pool=a".into()])
+            .unwrap()
+            .within(&[], &["pool in (a,b)".into()])
+            .unwrap();
+        assert!(t.matches("b1", &labels(&[(claimed, "true"), ("pool", "b")])));
+        assert!(!t.matches("a1", &labels(&[(claimed, "true"), ("pool", "a")])));
+        assert!(
+            !t.matches("x1", &labels(&[(claimed, "true")])),
+            "a claimed node whose label is missing for a moment was not dropped by the values"
+        );
+        assert_eq!(
+            t.to_string(),
+            format!("nodes matching ({claimed}), within nodes matching (pool in (a,b)), except nodes matching (pool=a)")
+        );
+        // Previous job.nodes: a filter, so a listed name that is gone is simply not matched.
+        let t = Targets::from_inputs(&[], &[claimed.into()], &["w1".into()], &[])
+            .unwrap()
+            .within(&["w1,w2,gone".into()], &[])
+            .unwrap();
+        assert!(t.matches("w2", &labels(&[(claimed, "true")])));
+        assert!(!t.matches("w1", &labels(&[(claimed, "true")])));
+        assert!(!t.matches("w3", &labels(&[(claimed, "true")])));
+        // Blank restriction inputs restrict nothing.
+        let t = Targets::from_inputs(&[], &[claimed.into()], &[], &[])
+            .unwrap()
+            .within(&["".into()], &[" ".into()])
+            .unwrap();
+        assert_eq!(t.within, None);
+        assert!(t.matches("w3", &labels(&[(claimed, "true")])));
     }
 
     #[test]

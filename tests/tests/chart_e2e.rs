@@ -16,24 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::{labels_of, lift_not_ready_taint, nodes_as, Bed, KATA_LABEL};
-
-/// Every file's content hash and mtime: equal before and after means nothing was written.
-fn mtimes(root: &Path) -> Result<BTreeMap<String, (String, std::time::SystemTime)>> {
-    let content = snapshot(root)?;
-    content
-        .into_iter()
-        .map(|(rel, hash)| {
-            Ok((
-                rel.clone(),
-                (
-                    hash,
-                    std::fs::symlink_metadata(root.join(&rel))?.modified()?,
-                ),
-            ))
-        })
-        .collect()
-}
+use common::{labels_of, lift_not_ready_taint, mtimes, nodes_as, Bed, KATA_LABEL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result<()> {

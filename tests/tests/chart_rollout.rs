@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{bail, Context, Result};
-use common::{labels_of, lift_not_ready_taint, nodes_as, Bed, KATA_LABEL};
+use common::{labels_of, lift_not_ready_taint, mtimes, nodes_as, Bed, KATA_LABEL};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kata_testbed::cluster::{repo_root, wait_until, SimNode, TestCluster};
@@ -709,6 +709,170 @@ async fn a_node_added_after_install_is_installed_by_the_reconcile_cronjob() -> R
     for n in [&local[0], &added[0]] {
         let l = labels_of(&bed.nodes.get(n).await?);
         assert!(!l.contains_key(&marker), "{n} cleaned: {l:?}");
+    }
+    bed.kubelet.shutdown().await;
+    Ok(())
+}
+
+/// Sets (`Some`) or removes (`None`) label `key` on `node`.
+async fn set_label(nodes: &Api<Node>, node: &str, key: &str, value: Option<&str>) -> Result<()> {
+    let patch = serde_json::json!({"metadata": {"labels": {key: value}}});
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// The node's labels and install record under this test's suffix: (marker, claimed, record).
+async fn kata_marks(nodes: &Api<Node>, node: &str, suffix: &str) -> Result<(bool, bool, bool)> {
+    let n = nodes.get(node).await?;
+    let l = labels_of(&n);
+    let a = n.metadata.annotations.unwrap_or_default();
+    Ok((
+        l.contains_key(&format!("katacontainers.io/kata-deploy-installed-{suffix}")),
+        l.contains_key(&format!("katacontainers.io/kata-deploy-claimed-{suffix}")),
+        a.contains_key("katacontainers.io/installed-by-kata-deploy-install"),
+    ))
+}
+
+/// The retire run of an upgrade uninstalls only nodes a change of values dropped (issue 21): a
+/// selection label missing for a moment during an unchanged upgrade retires nothing (the old
+/// retire cleaned every claimed node outside the selection at that instant, under its running
+/// Kata pods); a narrowing upgrade retires the node it dropped, and not a node whose label is
+/// missing at that instant; the recorded selection follows each fully successful run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_selection_label_retires_nothing_and_narrowing_retires_only_what_it_dropped(
+) -> Result<()> {
+    let bed = Bed::start("retire", 3).await?;
+    let (cluster, ns, local, nodes) = (&bed.cluster, bed.ns.as_str(), &bed.local, &bed.nodes);
+    let chart = repo_root().join("chart/kata-deploy");
+    let chart = chart.to_str().expect("utf-8");
+    let suffix = ns.replacen("retire-", "rt", 1);
+    let suffix_set = format!("env.multiInstallSuffix={suffix}");
+    let mut common: Vec<String> = bed.scope();
+    common.extend(
+        [
+            "--set",
+            &suffix_set,
+            "--set",
+            "shims.disableAll=true",
+            "--set",
+            "shims.qemu.enabled=true",
+        ]
+        .map(String::from),
+    );
+    common.extend(["--wait", "--timeout", "3m"].map(String::from));
+    let helm = |verb: &'static str, extra: Vec<String>| {
+        let mut args = vec![verb.to_string(), "kata-deploy".into(), chart.into()];
+        args.extend(common.iter().cloned());
+        args.extend(extra);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (ok, out) = cluster.run_helm(&args).await?;
+            anyhow::ensure!(ok, "helm {verb} failed: {out}");
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    helm("install", vec![]).await?;
+    let recorded = |s: serde_yaml::Value| -> Vec<String> {
+        s["selectors"]
+            .as_sequence()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let group = format!("kata-test/group={ns}");
+    let first = recorded(rollout_summary(cluster, ns, "selection").await?);
+    assert!(
+        first.len() == 1 && first[0].starts_with(&group),
+        "the first install records its selection: {first:?}"
+    );
+    for n in local {
+        assert_eq!(
+            kata_marks(nodes, n, &suffix).await?,
+            (true, true, true),
+            "{n}"
+        );
+    }
+
+    // --- an unchanged upgrade while local[2]'s selection label is missing: nothing retired ---
+    let before = mtimes(&bed.hosts.join(&local[2]))?;
+    set_label(nodes, &local[2], "kata-test/group", None).await?;
+    helm("upgrade", vec!["--reuse-values".into()]).await?;
+    assert_eq!(
+        kata_marks(nodes, &local[2], &suffix).await?,
+        (true, true, true),
+        "a label missing for a moment is not a change of values: the node keeps Kata"
+    );
+    assert_eq!(
+        mtimes(&bed.hosts.join(&local[2]))?,
+        before,
+        "no write on its host"
+    );
+    set_label(nodes, &local[2], "kata-test/group", Some(ns)).await?;
+
+    // --- narrowing to tier=b: local[2] (no tier) is dropped and retired; local[1] has tier=b
+    // but its group label is missing at that instant: not dropped by the values, kept ---
+    set_label(nodes, &local[0], "kata-test/tier", Some("b")).await?;
+    set_label(nodes, &local[1], "kata-test/tier", Some("b")).await?;
+    set_label(nodes, &local[1], "kata-test/group", None).await?;
+    let kept = mtimes(&bed.hosts.join(&local[1]))?;
+    helm(
+        "upgrade",
+        vec![
+            "--reuse-values".into(),
+            "--set-string".into(),
+            "job.nodeSelector.kata-test/tier=b".into(),
+        ],
+    )
+    .await?;
+    assert_eq!(
+        kata_marks(nodes, &local[2], &suffix).await?,
+        (false, false, false),
+        "the node the narrowed values dropped is retired, its record removed"
+    );
+    assert_eq!(
+        kata_marks(nodes, &local[1], &suffix).await?,
+        (true, true, true)
+    );
+    assert_eq!(
+        mtimes(&bed.hosts.join(&local[1]))?,
+        kept,
+        "{}: untouched",
+        local[1]
+    );
+    assert_eq!(
+        kata_marks(nodes, &local[0], &suffix).await?,
+        (true, true, true)
+    );
+    let now = recorded(rollout_summary(cluster, ns, "selection").await?);
+    assert!(
+        now.len() == 1 && now[0].contains("kata-test/tier=b"),
+        "the retire run recorded the narrowed selection: {now:?}"
+    );
+    set_label(nodes, &local[1], "kata-test/group", Some(ns)).await?;
+
+    let (ok, out) = cluster
+        .run_helm(&[
+            "uninstall",
+            "kata-deploy",
+            "--namespace",
+            ns,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .await?;
+    assert!(ok, "helm uninstall failed: {out}");
+    for n in local {
+        assert_eq!(
+            kata_marks(nodes, n, &suffix).await?,
+            (false, false, false),
+            "{n}"
+        );
     }
     bed.kubelet.shutdown().await;
     Ok(())

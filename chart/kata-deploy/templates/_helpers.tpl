@@ -237,6 +237,11 @@ rest). [] = every node. Params: dict "eq" "exprs" "affinity" (a nodeAffinity) "w
 {{- $out | toJson -}}
 {{- end -}}
 
+{{/* The install selection as the dispatchers record it (recorded_selection.rs): names win. */}}
+{{- define "kata-deploy.installSelectionRecord" -}}
+{{- dict "nodes" (.Values.job.nodes | default list) "selectors" (include "kata-deploy.installSelectors" . | fromJsonArray) | toJson -}}
+{{- end -}}
+
 {{/*
 The install selectors: job.nodeSelector + top-level nodeSelector, job.nodeSelectorExpressions,
 top-level affinity. As in upstream 4.x, a top-level toleration of the control-plane taint makes
@@ -1012,9 +1017,20 @@ spec:
             - --yield-to
             - {{ include "kata-deploy.runsSelector" (dict "root" .root "roles" (list "install" "retire" "cleanup")) | quote }}
             {{- end }}
+            {{- if and (eq .role "install") .root.Release.IsInstall }}
+            # A first install records its selection once every node succeeded (the retire run of
+            # a later upgrade compares with it); a rollback to this revision keeps a newer record.
+            - --record-selection
+            - {{ include "kata-deploy.installSelectionRecord" .root | quote }}
+            - --record-if-absent
+            {{- end }}
             {{- if eq .role "retire" }}
-            # Nodes this install claimed that the install selection no longer covers get the
-            # cleanup template (tainted or not) and lose the install record.
+            # Nodes this install claimed that a change of values dropped (covered by the recorded
+            # selection, not by this one) get the cleanup template (tainted or not) and lose the
+            # install record; once all succeeded, this selection is recorded.
+            - --within-recorded
+            - --record-selection
+            - {{ include "kata-deploy.installSelectionRecord" .root | quote }}
             - --ignore-taints
             - --forget-record
             - {{ include "kata-deploy.installPrefix" .root }}

@@ -183,3 +183,20 @@ pub async fn nodes_as(
     let kc = cluster.token_kubeconfig(&token, &format!("{probe}-{ns}"), None)?;
     Ok(Api::<Node>::all(client_from_kubeconfig(&kc).await?))
 }
+
+/// Every file's content hash and mtime: equal before and after means nothing was written.
+pub fn mtimes(root: &std::path::Path) -> Result<BTreeMap<String, (String, std::time::SystemTime)>> {
+    let content = kata_testbed::hostroot::snapshot(root)?;
+    content
+        .into_iter()
+        .map(|(rel, hash)| {
+            Ok((
+                rel.clone(),
+                (
+                    hash,
+                    std::fs::symlink_metadata(root.join(&rel))?.modified()?,
+                ),
+            ))
+        })
+        .collect()
+}
