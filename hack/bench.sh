@@ -6,6 +6,7 @@
 #   hack/bench.sh 50:10:2 500:50:3     custom N:P:D triples (D in seconds)
 #   hack/bench.sh 20000:500:1          the 20,000-node row of BENCHMARKS.md (about 35 min here)
 #   hack/bench.sh 1000:100:1:upgrade   then an upgrade that changed nothing (--skip-installed)
+#   hack/bench.sh 5000:100:3:uninstall then the uninstall with every install Job kept
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . hack/testenv/lib.sh
@@ -19,6 +20,7 @@ for run in "${runs[@]}"; do
   IFS=: read -r n p d mode <<<"$run"
   extra=()
   [ "${mode:-}" = upgrade ] && extra=(--upgrade)
+  [ "${mode:-}" = uninstall ] && extra=(--uninstall)
   state=$(bash hack/testenv/start.sh --owner-pid $$)
   KATA_TESTBED_STATE="$state" target/release/kata-bench --nodes "$n" --parallelism "$p" --duration "$d" $header "${extra[@]}" \
     || { bash hack/testenv/stop.sh "$state"; die "benchmark N=$n P=$p D=$d failed"; }

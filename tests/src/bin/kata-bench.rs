@@ -1,11 +1,13 @@
 //! Rollout benchmark: the real dispatcher against N simulated nodes with parallelism P and a
 //! simulated per-node Job duration D. Prints one Markdown row per run (see BENCHMARKS.md).
 //!
-//!   kata-bench --nodes 1000 --parallelism 100 --duration 3 [--header] [--upgrade]
+//!   kata-bench --nodes 1000 --parallelism 100 --duration 3 [--header] [--upgrade] [--uninstall]
 //!
 //! With `--upgrade`, both runs record installs on the Nodes (`--skip-installed`) and a second
 //! run (a new run id, as after `helm upgrade`) with the same template follows the first; its wall
-//! time, Jobs created and requests are printed as a second line.
+//! time, Jobs created and requests are printed as a second line. With `--uninstall`, the cleanup
+//! dispatcher follows, as the chart runs it, with every install Job still there: its wall time,
+//! requests by verb and peak RSS are printed as a line.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -36,6 +38,9 @@ struct Args {
     /// Then measure an upgrade that changed nothing (see the module doc).
     #[arg(long)]
     upgrade: bool,
+    /// Then measure the uninstall (cleanup dispatcher) with every install Job kept.
+    #[arg(long)]
+    uninstall: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +67,6 @@ async fn main() -> Result<()> {
     .await?;
     let observer = ActiveObserver::start(&cluster, &ns, "katacontainers.io/dispatcher=kata-deploy");
     let first_job = first_job_watch(&cluster, &ns);
-
     let selector = format!("kata-test/group={ns}");
     let par = args.parallelism.to_string();
     let mut flags = vec![
@@ -80,7 +84,63 @@ async fn main() -> Result<()> {
     if args.upgrade {
         flags.push("--skip-installed");
     }
-    let mut cmd = env.command(&flags)?;
+    let install = run_dispatcher(&env, &flags).await?;
+    let first = first_job
+        .lock()
+        .expect("lock")
+        .map(|t| t.duration_since(install.start));
+    print_install_row(&args, &cluster, &env, &observer, &install, first)?;
+    if args.upgrade {
+        let run_id = flags.len() - 2;
+        flags[run_id] = "bench-2";
+        let run = measure(&cluster, &env, &flags).await?;
+        println!(
+            "upgrade with nothing changed: N={} wall {:.1}s, Jobs created {}, requests {} ({:.3} per node), peak RSS {:.1} MiB",
+            args.nodes, run.wall, run.job_creates, run.requests,
+            run.requests as f64 / args.nodes as f64, run.rss_mib
+        );
+    }
+    if args.uninstall {
+        // The cleanup dispatcher as the chart runs it: it first waits until no Job or pod of the
+        // install prefix is left (every per-node Job kept, listed page by page, metadata only),
+        // then one Job per node under its own prefix, tolerating every taint.
+        let uninstall = [
+            "--selector",
+            selector.as_str(),
+            "--parallelism",
+            par.as_str(),
+            "--name-prefix",
+            "kata-cleanup",
+            "--supersede-prefix",
+            "kata-deploy",
+            "--ignore-taints",
+            "--progress-interval",
+            "30s",
+            "--deadline",
+            "2h",
+            "--run-id",
+            "bench-3",
+        ];
+        let run = measure(&cluster, &env, &uninstall).await?;
+        println!(
+            "uninstall with all {} install Jobs kept: N={} P={} wall {:.1}s, Jobs created {}, requests {} ({:.3} per node: {}), peak RSS {:.1} MiB",
+            args.nodes, args.nodes, args.parallelism, run.wall, run.job_creates, run.requests,
+            run.requests as f64 / args.nodes as f64, run.verbs, run.rss_mib
+        );
+    }
+    Ok(())
+}
+
+/// One dispatcher run: when it started, how long it took, its peak RSS.
+struct Run {
+    start: Instant,
+    wall: std::time::Duration,
+    maxrss_kib: i64,
+}
+
+/// Runs the release dispatcher with `flags` to its end (exit 0 required).
+async fn run_dispatcher(env: &DispatcherEnv, flags: &[&str]) -> Result<Run> {
+    let mut cmd = env.command(flags)?;
     cmd.env("RUST_LOG", "warn");
     let start = Instant::now();
     let child = cmd
@@ -93,12 +153,63 @@ async fn main() -> Result<()> {
     let wall = start.elapsed();
     drop(child);
     if status != 0 {
-        bail!("dispatcher exited {status}");
+        bail!("dispatcher {flags:?} exited {status}");
     }
-    let first = first_job
-        .lock()
-        .expect("lock")
-        .map(|t| t.duration_since(start));
+    Ok(Run {
+        start,
+        wall,
+        maxrss_kib,
+    })
+}
+
+/// A later run's figures, its requests counted from the audit log (the difference).
+struct Measured {
+    wall: f64,
+    job_creates: usize,
+    requests: usize,
+    verbs: String,
+    rss_mib: f64,
+}
+
+async fn measure(cluster: &TestCluster, env: &DispatcherEnv, flags: &[&str]) -> Result<Measured> {
+    let job_creates = || -> Result<usize> {
+        Ok(
+            kata_testbed::rollout::audit_by_resource(cluster, &env.user)?
+                .get(&("create".into(), "jobs".into()))
+                .copied()
+                .unwrap_or(0),
+        )
+    };
+    let before_jobs = job_creates()?;
+    let before = cluster.audit_requests(&env.user)?;
+    let run = run_dispatcher(env, flags).await?;
+    // Audit entries land asynchronously: give the log a moment.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let after = cluster.audit_requests(&env.user)?;
+    let verbs: Vec<String> = after
+        .iter()
+        .map(|(v, n)| (v, n - before.get(v).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .map(|(v, n)| format!("{v} {n}"))
+        .collect();
+    Ok(Measured {
+        wall: run.wall.as_secs_f64(),
+        job_creates: job_creates()? - before_jobs,
+        requests: after.values().sum::<usize>() - before.values().sum::<usize>(),
+        verbs: verbs.join(", "),
+        rss_mib: run.maxrss_kib as f64 / 1024.0,
+    })
+}
+
+/// The install run's Markdown row (and the header with --header).
+fn print_install_row(
+    args: &Args,
+    cluster: &TestCluster,
+    env: &DispatcherEnv,
+    observer: &ActiveObserver,
+    run: &Run,
+    first: Option<std::time::Duration>,
+) -> Result<()> {
     let requests = cluster.audit_requests(&env.user)?;
     let total: usize = requests.values().sum();
     let waves = args.nodes.div_ceil(args.parallelism.min(args.nodes).max(1));
@@ -107,7 +218,7 @@ async fn main() -> Result<()> {
         .mean_job_duration()
         .context("no finished Job observed")?
         .as_secs_f64();
-    let ideal_measured = waves as f64 * per_node;
+    let wall = run.wall.as_secs_f64();
     if args.header {
         println!("| N | P | D | wall | ideal ceil(N/P)×D | ratio | measured per-node time | ratio vs measured | max active | requests/node | requests by verb | peak RSS | first Job |");
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -118,15 +229,15 @@ async fn main() -> Result<()> {
         args.nodes,
         args.parallelism,
         args.duration,
-        wall.as_secs_f64(),
+        wall,
         ideal,
-        wall.as_secs_f64() / ideal,
+        wall / ideal,
         per_node,
-        wall.as_secs_f64() / ideal_measured,
+        wall / (waves as f64 * per_node),
         observer.max_active(),
         total as f64 / args.nodes as f64,
         verbs.join(", "),
-        maxrss_kib as f64 / 1024.0,
+        run.maxrss_kib as f64 / 1024.0,
         first.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64())),
     );
     if observer.max_active() > args.parallelism {
@@ -134,48 +245,6 @@ async fn main() -> Result<()> {
             "parallelism violated: {} active > {}",
             observer.max_active(),
             args.parallelism
-        );
-    }
-    if args.upgrade {
-        let job_creates = || -> Result<usize> {
-            Ok(
-                kata_testbed::rollout::audit_by_resource(&cluster, &env.user)?
-                    .get(&("create".into(), "jobs".into()))
-                    .copied()
-                    .unwrap_or(0),
-            )
-        };
-        let before_jobs = job_creates()?;
-        let before_total: usize = cluster.audit_requests(&env.user)?.values().sum();
-        let run_id = flags.len() - 2;
-        flags[run_id] = "bench-2";
-        let mut cmd = env.command(&flags)?;
-        cmd.env("RUST_LOG", "warn");
-        let start = Instant::now();
-        let child = cmd
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .context("spawning the dispatcher")?;
-        let pid = child.id() as i32;
-        let (status, maxrss_kib) =
-            tokio::task::spawn_blocking(move || wait_with_rusage(pid)).await??;
-        let wall = start.elapsed();
-        drop(child);
-        if status != 0 {
-            bail!("upgrade run exited {status}");
-        }
-        // Audit entries land asynchronously: give the log a moment.
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        let created = job_creates()? - before_jobs;
-        let requests: usize =
-            cluster.audit_requests(&env.user)?.values().sum::<usize>() - before_total;
-        println!(
-            "upgrade with nothing changed: N={} wall {:.1}s, Jobs created {created}, requests {requests} ({:.3} per node), peak RSS {:.1} MiB",
-            args.nodes,
-            wall.as_secs_f64(),
-            requests as f64 / args.nodes as f64,
-            maxrss_kib as f64 / 1024.0
         );
     }
     Ok(())
