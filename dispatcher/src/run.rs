@@ -707,6 +707,10 @@ struct Prepared {
     node_timeout: Duration,
 }
 
+/// How long a stopped run (SIGTERM, deadline) keeps finishing its in-flight writes: inside the
+/// 30 s a pod gets between SIGTERM and SIGKILL by default, with room for the final summary.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
 /// Runs the dispatcher to the end.
 pub async fn run(args: Args, client: Client) -> Result<Summary, StartError> {
     let started = Instant::now();
@@ -1120,7 +1124,8 @@ impl Driver {
                 Turn::Input(Some(input)) => self.feed(input),
                 Turn::Input(None) => {}
                 Turn::Stop(reason) => {
-                    self.lc.handle(Instant::now(), Input::Stop(reason));
+                    self.feed(Input::Stop(reason));
+                    self.finish_pending(STOP_GRACE).await;
                     break;
                 }
             }
@@ -1139,6 +1144,24 @@ impl Driver {
             "{}",
             report::progress_line(&self.lc.progress(), started.elapsed())
         );
+    }
+
+    /// Finishes what is already in flight (install record writes and removals, state labels,
+    /// Events, Job creations) within `grace`: a run stopped by SIGTERM or its deadline must not
+    /// drop a record change it already decided. Nothing new is dispatched once stopped.
+    async fn finish_pending(&mut self, grace: Duration) {
+        let until = tokio::time::Instant::now() + grace;
+        while !self.shell.ops.is_empty() {
+            match tokio::time::timeout_at(until, self.shell.ops.next()).await {
+                Ok(Some(Some(input))) => self.feed(input),
+                Ok(Some(None)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(pending = self.shell.ops.len(), grace = ?grace, "stopping: requests still in flight after the grace period are dropped");
+                    break;
+                }
+            }
+        }
     }
 
     /// Waits for the next thing that happens during the rollout.

@@ -24,6 +24,8 @@ pub struct FaultRates {
     pub cut_watch: f64,
     /// Delay of a slow response.
     pub slow_by: Duration,
+    /// Only requests of this HTTP method get faults (e.g. `PATCH`); `None`: every request.
+    pub only_method: Option<&'static str>,
 }
 
 /// A running proxy.
@@ -82,6 +84,7 @@ impl FaultProxy {
                 "-rate-cut-watch",
                 &rates.cut_watch.to_string(),
             ])
+            .args(["-only-method", rates.only_method.unwrap_or("")])
             .stderr(std::fs::File::create(dir.path().join("proxy.log"))?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;

@@ -4,9 +4,11 @@
 //! covered by exactly one Job, never more than `parallelism` active, and exit 0.
 
 use anyhow::Result;
+use k8s_openapi::api::core::v1::Node;
 use kata_testbed::cluster::{wait_until, TestCluster};
 use kata_testbed::faults::{FaultProxy, FaultRates};
 use kata_testbed::rollout::{jobs_by_node, output_text, ActiveObserver, EnvOptions, SimCase};
+use kube::api::Api;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -72,6 +74,7 @@ async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -
         slow: 0.05,
         cut_watch: 0.5,
         slow_by: Duration::from_millis(1500),
+        only_method: None,
     };
     let proxy = FaultProxy::start(&c.cluster, &rates, 7)?;
     let via = proxy.kubeconfig_via(&c.env.kubeconfig, &c.cluster.server)?;
@@ -106,6 +109,66 @@ async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -
     assert!(
         retries >= failing,
         "the report must count every retry: {retries} reported, {stats:?} injected: {t}"
+    );
+    Ok(())
+}
+
+/// SIGTERM while the install records are being written (the proxy holds every PATCH for 4 s):
+/// the stopped run finishes those writes within its grace period, so every node it reported
+/// succeeded keeps its record. Before, the writes were dropped with the process, and the next
+/// upgrade re-ran those nodes (a dropped removal would leave a record that is no longer true).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_install_records_already_being_written() -> Result<()> {
+    let c = SimCase::new(
+        TestCluster::get().await?,
+        "sigrecord",
+        3,
+        &EnvOptions {
+            duration: "1s".into(),
+        },
+    )
+    .await?;
+    let rates = FaultRates {
+        slow: 1.0,
+        slow_by: Duration::from_secs(4),
+        only_method: Some("PATCH"),
+        ..FaultRates::default()
+    };
+    let proxy = FaultProxy::start(&c.cluster, &rates, 1)?;
+    let via = proxy.kubeconfig_via(&c.env.kubeconfig, &c.cluster.server)?;
+    let mut cmd = c.env.command(&[
+        "--selector",
+        &c.selector,
+        "--parallelism",
+        "3",
+        "--skip-installed",
+    ])?;
+    cmd.env("KUBECONFIG", &via);
+    let child = tokio::process::Command::from(cmd).spawn()?;
+    let held = || proxy.stats().get("slow").copied().unwrap_or(0);
+    wait_until(
+        Duration::from_secs(60),
+        "the proxy holding the three record writes",
+        || async { Ok(held() >= 3) },
+    )
+    .await?;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id().expect("running") as i32, libc::SIGTERM) };
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await??;
+    let t = output_text(&out);
+    let nodes: Api<Node> = Api::all(c.cluster.client.clone());
+    for n in &c.nodes {
+        let a = nodes.get(n).await?.metadata.annotations.unwrap_or_default();
+        assert!(
+            a.contains_key("katacontainers.io/installed-by-kata-deploy"),
+            "{n}: the record being written at SIGTERM was dropped: {a:?}\n{t}"
+        );
+    }
+    assert_eq!(
+        held(),
+        3,
+        "one write per node, no retry: {:?}",
+        proxy.stats()
     );
     Ok(())
 }

@@ -42,6 +42,7 @@ type proxy struct {
 	upstream   *httputil.ReverseProxy
 	rates      rates
 	slow       time.Duration
+	onlyMethod string
 	retryAfter int
 	statsFile  string
 
@@ -140,6 +141,10 @@ func (c *cutAfter) Flush() {
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.count("requests", r)
+	if p.onlyMethod != "" && r.Method != p.onlyMethod {
+		p.upstream.ServeHTTP(w, r)
+		return
+	}
 	x := p.roll()
 	rt := p.rates
 	switch {
@@ -198,6 +203,7 @@ func main() {
 	flag.Float64Var(&rt.cutWatch, "rate-cut-watch", 0, "fraction of watch streams cut after 0.5-3 s")
 	slow := flag.Duration("slow", 2*time.Second, "delay of a slow response")
 	retryAfter := flag.Int("retry-after", 1, "Retry-After seconds of injected 429s")
+	onlyMethod := flag.String("only-method", "", "inject faults only into requests of this HTTP method (e.g. PATCH); others pass untouched")
 	flag.Parse()
 	log.SetPrefix("[faultproxy] ")
 	if *upstreamURL == "" || *caFile == "" || *certFile == "" || *keyFile == "" {
@@ -219,7 +225,7 @@ func main() {
 	rp.FlushInterval = -1 // stream watches as they come
 	rp.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: false, MaxIdleConnsPerHost: 100}
 	rp.ErrorLog = log.New(io.Discard, "", 0)
-	p := &proxy{upstream: rp, rates: rt, slow: *slow, retryAfter: *retryAfter, statsFile: *statsFile, rnd: rand.New(rand.NewSource(*seed)), stats: map[string]int{}}
+	p := &proxy{upstream: rp, rates: rt, slow: *slow, onlyMethod: *onlyMethod, retryAfter: *retryAfter, statsFile: *statsFile, rnd: rand.New(rand.NewSource(*seed)), stats: map[string]int{}}
 
 	cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
 	if err != nil {
