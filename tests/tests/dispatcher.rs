@@ -626,10 +626,19 @@ async fn sigterm_stops_dispatching_and_a_rerun_completes() -> Result<()> {
     .await?;
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id().expect("running") as i32, libc::SIGTERM) };
+    let at_signal = jobs_by_node(&c.cluster, &c.env.namespace).await?.len();
     let out = child.wait_with_output().await?;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("interrupted"), "{t}");
+    // The first two Jobs run 3 s: no slot freed before the signal, so a run that stops
+    // dispatching on SIGTERM created exactly those two.
+    assert_eq!(at_signal, 2, "{t}");
+    assert_eq!(
+        jobs_by_node(&c.cluster, &c.env.namespace).await?.len(),
+        2,
+        "no Job created after SIGTERM: {t}"
+    );
     let out = c
         .env
         .run(&["--selector", &c.selector, "--parallelism", "2"])
