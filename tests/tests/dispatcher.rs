@@ -13,6 +13,7 @@ use kata_testbed::rollout::{
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
 
 async fn case(name: &str, nodes: usize, opts: EnvOptions) -> Result<Case> {
     Case::new(TestCluster::get().await?, name, nodes, &opts).await
@@ -800,10 +801,24 @@ async fn settle_picks_up_a_node_labelled_late() -> Result<()> {
             &Patch::Merge(serde_json::json!({"metadata": {"labels": {"feature": "yes"}}})),
         )
         .await?;
-    let child =
+    let mut child =
         tokio::process::Command::from(c.env.command(&["--selector", &sel, "--settle", "3s"])?)
             .spawn()?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Labelled only once the dispatcher saw the first selection and waits for it to settle (a
+    // label set before discovery would prove nothing about settling).
+    let mut log = tokio::io::BufReader::new(child.stderr.take().expect("piped")).lines();
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = log.next_line().await? {
+            let settling = line.contains("waiting for the selection to settle");
+            seen.push(line);
+            if settling {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the dispatcher ended before settling: {seen:?}")
+    })
+    .await??;
     nodes
         .patch(
             &c.nodes[1],
@@ -811,13 +826,20 @@ async fn settle_picks_up_a_node_labelled_late() -> Result<()> {
             &Patch::Merge(serde_json::json!({"metadata": {"labels": {"feature": "yes"}}})),
         )
         .await?;
+    let rest = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        while let Ok(Some(l)) = log.next_line().await {
+            lines.push(l);
+        }
+        lines
+    });
     let out = child.wait_with_output().await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let t = format!("{}{}", text(&out), rest.await?.join("\n"));
+    assert_eq!(out.status.code(), Some(0), "{t}");
     assert_eq!(
         jobs_by_node(&c.cluster, &c.env.namespace).await?.len(),
         2,
-        "the late node got its Job: {}",
-        text(&out)
+        "the late node got its Job: {t}"
     );
     Ok(())
 }
