@@ -1,7 +1,7 @@
 //! The real dispatcher binary against the real control plane (simulated kwok nodes), running as a
 //! ServiceAccount with exactly the rights the chart grants.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kata_testbed::cluster::{wait_until, TestCluster};
@@ -12,7 +12,7 @@ use kata_testbed::rollout::{
 };
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 
 async fn case(name: &str, nodes: usize, opts: EnvOptions) -> Result<Case> {
@@ -1472,6 +1472,7 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
         Ok(!jobs_by_node(&c.cluster, &c.env.namespace).await?.is_empty())
     })
     .await?;
+    let timeline = InstallCleanupTimeline::start(&c.cluster, &c.env.namespace);
     let killer = {
         let api = api.clone();
         tokio::spawn(async move {
@@ -1502,13 +1503,17 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
     let t = text(&out);
     killer.await?;
     assert_eq!(out.status.code(), Some(0), "{t}");
-    let gone = t
-        .find("no Job or pod of the superseded dispatcher is left")
-        .unwrap_or(usize::MAX);
-    let first_create = t.find("creating per-node Job").unwrap_or(0);
+    // Seen by the test's own watches, not the dispatcher's log: the last install Job or pod
+    // deleted before the first cleanup Job appeared.
+    let (last_install_gone, first_cleanup) = timeline.get();
+    let (gone, first) = (
+        last_install_gone.context("no install Job or pod deletion seen")?,
+        first_cleanup.context("no cleanup Job seen")?,
+    );
     assert!(
-        gone < first_create,
-        "cleanup Jobs only after every install Job and pod is gone: {t}"
+        gone <= first,
+        "a cleanup Job appeared {:?} before the last install Job or pod was gone: {t}",
+        gone - first
     );
     let left = api
         .list(&ListParams::default().labels("katacontainers.io/dispatcher=kd-install"))
@@ -1516,6 +1521,57 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
         .items;
     assert!(left.is_empty(), "{left:?}");
     Ok(())
+}
+
+/// When, seen by independent watches, the last Job or pod of `kd-install` was deleted and the
+/// first Job of `kd-cleanup` appeared.
+struct InstallCleanupTimeline(std::sync::Arc<std::sync::Mutex<(Option<Instant>, Option<Instant>)>>);
+
+impl InstallCleanupTimeline {
+    fn start(cluster: &TestCluster, ns: &str) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::watcher::{self, Event};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new((None, None)));
+        let label = |m: &kube::api::ObjectMeta| {
+            m.labels
+                .as_ref()
+                .and_then(|l| l.get("katacontainers.io/dispatcher").cloned())
+                .unwrap_or_default()
+        };
+        let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
+        let s = seen.clone();
+        tokio::spawn(async move {
+            let mut w = Box::pin(watcher::watcher(jobs, watcher::Config::default()));
+            while let Some(Ok(ev)) = w.next().await {
+                let now = Instant::now();
+                let mut g = s.lock().expect("lock");
+                match ev {
+                    Event::Delete(j) if label(&j.metadata) == "kd-install" => g.0 = Some(now),
+                    Event::Apply(j) | Event::InitApply(j) if label(&j.metadata) == "kd-cleanup" => {
+                        g.1.get_or_insert(now);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+        let s = seen.clone();
+        tokio::spawn(async move {
+            let mut w = Box::pin(watcher::watcher(pods, watcher::Config::default()));
+            while let Some(Ok(ev)) = w.next().await {
+                if let Event::Delete(p) = ev {
+                    if label(&p.metadata) == "kd-install" {
+                        s.lock().expect("lock").0 = Some(Instant::now());
+                    }
+                }
+            }
+        });
+        Self(seen)
+    }
+
+    fn get(&self) -> (Option<Instant>, Option<Instant>) {
+        *self.0.lock().expect("lock")
+    }
 }
 
 /// Lets the case's dispatcher patch ConfigMap `name` (what the chart grants for the rollout
