@@ -519,6 +519,22 @@ def t_retire():
           flag_values(a, "--remove-on-success") == ["kata-deploy-dispatch-install,kata-deploy-dispatch-retire"], a)
 guarded("retire", t_retire)
 
+
+# ------------------------------------------------------------------------------ NotReady nodes
+def t_not_ready():
+    for role in ("install", "retire", "cleanup"):
+        a = args_of(dispatcher(render(), role))
+        check(f"job.notReadyNodes default skip: the {role} dispatcher skips a node that stays NotReady (no failed uninstall on a down node)",
+              flag_values(a, "--unready") == ["skip"] and not flag_values(a, "--unready-grace"), a)
+    a = args_of(dispatcher(render({"job": {"notReadyNodes": "fail"}}), "cleanup"))
+    check("job.notReadyNodes=fail: the node is not-started, the hook fails", flag_values(a, "--unready") == ["fail"], a)
+    a = args_of(dispatcher(render({"job": {"notReadyNodes": "wait", "deadlineSeconds": 900}}), "install"))
+    check("job.notReadyNodes=wait: waits until the deadline, then fails",
+          flag_values(a, "--unready") == ["fail"] and flag_values(a, "--unready-grace") == ["900s"], a)
+    err = render_err({"job": {"notReadyNodes": "maybe"}})
+    check("job.notReadyNodes: anything else refused naming the key", "notReadyNodes" in err, err)
+guarded("notReadyNodes", t_not_ready)
+
 # ------------------------------------------- what an upgrade re-runs (--skip-installed and its checks)
 def t_skip_installed():
     objs = render()

@@ -2,6 +2,7 @@
 
 use crate::canary::CanarySize;
 use crate::lifecycle::Budget;
+use crate::lifecycle::UnreadyPolicy;
 use crate::recorded_selection::RecordedSelection;
 use clap::{ArgAction, Parser, ValueEnum};
 use std::path::PathBuf;
@@ -112,6 +113,12 @@ pub struct Args {
     /// reported (not started / skipped).
     #[arg(long, env = "DISPATCHER_UNREADY_GRACE", default_value = "2m", value_parser = parse_duration)]
     pub unready_grace: Duration,
+
+    /// What a node that needs a Job but stayed NotReady past --unready-grace counts as: `fail`
+    /// (not-started, exit 1) or `skip` (skipped, not a failure; the report names the node and
+    /// what stays on it).
+    #[arg(long, env = "DISPATCHER_UNREADY", value_enum, default_value_t = UnreadyPolicy::Fail)]
+    pub unready: UnreadyPolicy,
 
     /// Dispatch to tainted nodes whatever the template tolerates (the cleanup dispatcher: a node
     /// tainted after install must still be cleaned). Without it, DaemonSet rules apply.

@@ -459,6 +459,19 @@ pub struct Config {
     pub held: BTreeMap<String, String>,
     /// The canary wave: how many dispatched nodes must succeed before any other starts.
     pub canary: CanarySize,
+    /// What a node that needs work and stayed NotReady past the grace counts as.
+    pub unready: UnreadyPolicy,
+}
+
+/// What a node that needs a Job but stayed NotReady past `--unready-grace` counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UnreadyPolicy {
+    /// `not-started`: a failure (exit 1), the operator decides.
+    #[default]
+    Fail,
+    /// `skipped`: not a failure; the report names the node and says that nothing was changed on
+    /// it (an uninstall leaves Kata and the claim label there, to clean once it is Ready).
+    Skip,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1882,8 +1895,12 @@ impl Lifecycle {
                         Some(o) => o.untolerated.as_ref().map(|t| format!("{t}; not dispatched (as a DaemonSet would not place a pod there)")),
                         None => None,
                     };
+                    let unready = rec.obs.as_ref().is_some_and(|o| !o.ready);
                     match (parked, &why) {
                         (_, Some(w)) => Outcome::NotStarted(w.clone()),
+                        (Some(p), None) if unready && self.cfg.unready == UnreadyPolicy::Skip => {
+                            Outcome::Skipped(format!("{p}; skipped (unready policy skip): nothing was changed on it, and whatever it carries of this release stays (after an uninstall: Kata and the claim label; clean it once it is Ready)"))
+                        }
                         (Some(p), None) if rec.obs.as_ref().is_some_and(|o| o.untolerated.is_some() && o.ready) => Outcome::Skipped(p),
                         (Some(p), None) => Outcome::NotStarted(p),
                         (None, None) => Outcome::NotStarted("not dispatched".into()),

@@ -948,6 +948,7 @@ impl Driver {
             node_timeout: Some(p.node_timeout),
             skip_installed: skip_rule(args, p.template.hash()),
             unready_grace: args.unready_grace,
+            unready: args.unready,
             named,
             held,
             canary: args.canary,

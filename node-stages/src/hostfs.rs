@@ -189,6 +189,12 @@ impl HostFs {
         }
     }
 
+    /// Whether a host path, following links inside the host root, is a regular file.
+    pub fn resolves_to_file(&self, p: &Path) -> Result<bool> {
+        let p = self.resolve(p)?;
+        Ok(fs::metadata(self.host(&p)).is_ok_and(|m| m.is_file()))
+    }
+
     /// Whether a host path exists (any file type).
     pub fn exists(&self, p: &Path) -> bool {
         fs::symlink_metadata(self.host(p)).is_ok()

@@ -10,6 +10,7 @@ pub mod cri;
 pub mod cri_client;
 pub mod crio;
 pub mod error;
+pub mod guestassets;
 pub mod hostcheck;
 pub mod hostfs;
 pub mod inuse;

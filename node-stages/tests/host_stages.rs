@@ -845,3 +845,69 @@ fn a_node_whose_cri_directory_the_dispatcher_cannot_tell_fails_before_any_change
     assert_eq!(snapshot(host.path()), before);
     assert_eq!(rt.restarts.lock().unwrap().len(), 0);
 }
+
+/// containerd is never pointed at a handler whose configuration names a guest asset missing on
+/// the host (the node would be labelled for Kata and every pod of that handler would fail at
+/// sandbox start): the cri stage refuses before it writes anything, naming the key, the path and
+/// the file that named it. Both ways it happens: a drop-in naming a kernel not on the node, and
+/// a payload that did not install the image.
+#[test]
+fn cri_refuses_a_handler_whose_kernel_or_image_is_missing_and_changes_nothing() {
+    let f = flavour("containerd-2.0");
+    let facts = facts(&f);
+    let rt = FakeRuntime::default();
+    let cases = [
+        (
+            "a drop-in names a kernel that is not on the node",
+            "runtimeReadyTimeoutSeconds: 2\nshims:\n  - name: qemu\n    dropIn: |\n      [hypervisor.qemu]\n      kernel = \"/srv/kernels/vmlinux-custom\"\n",
+            "kernel = \"/srv/kernels/vmlinux-custom\"",
+            "50-user-overrides.toml",
+        ),
+        (
+            "the payload did not install the image",
+            ONE_SHIM,
+            "image = \"/opt/kata/share/kata-containers/kata-containers.img\"",
+            "configuration-qemu.toml",
+        ),
+    ];
+    for (what, yaml, names, file) in cases {
+        let host = make_host(&f);
+        let fs = HostFs::new(host.path(), false);
+        let cfg = config(yaml);
+        let payload = payload_dir();
+        let env = kata_deploy_stage::stages::StageEnv {
+            cfg: &cfg,
+            facts: &facts,
+            fs: &fs,
+            payload_dir: &payload,
+            restarter: &rt,
+            claims: &kata_deploy_stage::stages::NoClaims,
+            lock_wait: std::time::Duration::from_secs(5),
+        };
+        kata_deploy_stage::stages::run_artifacts(&env).unwrap();
+        if names.starts_with("image") {
+            // What a release image without the rootfs component leaves: no image at all.
+            let img = host.path().join("opt/kata/share/kata-containers");
+            for e in std::fs::read_dir(&img).unwrap() {
+                let p = e.unwrap().path();
+                if p.file_name().unwrap().to_string_lossy().starts_with("kata-containers") {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        }
+        let before = snapshot(host.path());
+        let e = kata_deploy_stage::stages::run_cri(&env).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, StageError::BadInput { .. }) && msg.contains(names) && msg.contains(file),
+            "{what}: {msg}"
+        );
+        assert!(msg.contains("Nothing was changed"), "{what}: {msg}");
+        assert_eq!(
+            snapshot_diff(&before, &snapshot(host.path())),
+            "",
+            "{what}: the host is exactly as before the cri stage"
+        );
+        assert!(rt.restarts.lock().unwrap().is_empty(), "{what}: no restart");
+    }
+}

@@ -176,6 +176,14 @@ impl TestCluster {
             }
         }
         await_sim_nodes_initialised(&api, &names, spec, &batch).await?;
+        if !spec.taints.iter().any(|(k, _, _)| k == NOT_READY_TAINT) {
+            for chunk in names.chunks(50) {
+                let futs = chunk.iter().map(|n| lift_not_ready_taint(&api, n));
+                for r in futures::future::join_all(futs).await {
+                    r?;
+                }
+            }
+        }
         Ok(names)
     }
 
@@ -365,6 +373,26 @@ impl Default for SimNode {
             container_runtime_version: "containerd://2.0.5".into(),
         }
     }
+}
+
+/// The taint the API server puts on every new Node; the node-lifecycle controller lifts it once
+/// the node is Ready. The test bed runs no such controller.
+const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+
+/// Removes the not-ready taint from a Ready node, as the node-lifecycle controller would.
+async fn lift_not_ready_taint(api: &Api<Node>, name: &str) -> Result<()> {
+    let node = api.get(name).await?;
+    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+    let kept: Vec<_> = taints.iter().filter(|t| t.key != NOT_READY_TAINT).collect();
+    if kept.len() != taints.len() {
+        // The whole list, merge-patched without a resourceVersion: kwok's heartbeats write the
+        // status, not the spec, so nothing else changes the list meanwhile.
+        let patch = json!({"spec": {"taints": kept}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("lifting the not-ready taint of {name}"))?;
+    }
+    Ok(())
 }
 
 /// Label grouping the simulated nodes of one `sim_nodes` call (waited on as a batch).

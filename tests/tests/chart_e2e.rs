@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::{labels_of, lift_not_ready_taint, mtimes, nodes_as, Bed, KATA_LABEL};
+use common::{labels_of, mtimes, nodes_as, Bed, KATA_LABEL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result<()> {
@@ -35,11 +35,8 @@ async fn helm_install_upgrade_uninstall_on_local_and_simulated_nodes() -> Result
         ..Default::default()
     };
     let sim = cluster.sim_nodes(&format!("{ns}-s"), 2, &sim_spec).await?;
-    // Install Jobs follow DaemonSet taint rules, and the test bed runs no node-lifecycle
-    // controller: the not-ready taint the API server puts on every new Node is never lifted from
-    // a simulated node (the local kubelet stand-in lifts it from its own nodes). Lift it as that
-    // controller would once the node is Ready, or the dispatcher (rightly) never dispatches there.
-    lift_not_ready_taint(nodes, &sim).await?;
+    // Install Jobs follow DaemonSet taint rules: sim_nodes lifts the not-ready taint once a node
+    // is Ready, as the node-lifecycle controller (not run by the test bed) would.
     let original: Vec<_> = local
         .iter()
         .map(|n| snapshot(&hosts.join(n)))

@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{bail, Context, Result};
-use common::{labels_of, lift_not_ready_taint, mtimes, nodes_as, Bed, KATA_LABEL};
+use common::{labels_of, mtimes, nodes_as, Bed, KATA_LABEL};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kata_testbed::cluster::{repo_root, wait_until, SimNode, TestCluster};
@@ -80,8 +80,6 @@ async fn an_evicted_per_node_pod_is_replaced_without_spending_a_retry() -> Resul
     let sim = cluster
         .sim_nodes(&format!("{ns}-s"), 1, &SimNode::default())
         .await?;
-    let nodes: Api<Node> = Api::all(cluster.client.clone());
-    lift_not_ready_taint(&nodes, &sim).await?;
     let mut job = rendered_install_template(&cluster, &["job.backoffLimit=0"]).await?;
     job["metadata"]["name"] = "evict".into();
     let pod = &mut job["spec"]["template"];

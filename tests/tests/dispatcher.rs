@@ -788,6 +788,71 @@ async fn a_job_owned_by_someone_else_is_never_touched() -> Result<()> {
     Ok(())
 }
 
+/// A selected Node that never becomes Ready (no kubelet, no kwok): Ready=False and the API
+/// server's not-ready taint, as a node that went down.
+async fn create_not_ready_node(c: &Case, name: &str) -> Result<()> {
+    let nodes: Api<Node> = Api::all(c.cluster.client.clone());
+    let (k, v) = c.selector.split_once('=').expect("group selector");
+    let node: Node =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": {k: v}}}))?;
+    nodes.create(&Default::default(), &node).await?;
+    let status = serde_json::json!({"status": {
+        "conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "down"}],
+        "nodeInfo": {"machineID": "down", "systemUUID": "down", "bootID": "", "kernelVersion": "", "osImage": "",
+            "containerRuntimeVersion": "containerd://2.0.5", "kubeletVersion": "", "kubeProxyVersion": "",
+            "operatingSystem": "linux", "architecture": "amd64"}}});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+/// A NotReady node that needs a Job: with `--unready skip` (the chart's default) the run
+/// succeeds and the report names the node and what stays on it (an uninstall does not fail on
+/// the one down node a fleet nearly always has); with `--unready fail` it is not-started and the
+/// run fails. Either way it gets no Job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_ready_node_is_skipped_or_fails_the_run_as_the_unready_policy_says() -> Result<()> {
+    let c = case("unready", 1, EnvOptions::default()).await?;
+    let down = format!("{}-down", c.env.namespace);
+    create_not_ready_node(&c, &down).await?;
+    let run = |policy: &'static str, prefix: &'static str| {
+        let sel = c.selector.clone();
+        let env = &c.env;
+        async move {
+            env.run(&[
+                "--selector",
+                &sel,
+                "--unready",
+                policy,
+                "--unready-grace",
+                "3s",
+                "--name-prefix",
+                prefix,
+            ])
+            .await
+        }
+    };
+    let out = run("skip", "kd-skip").await?;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let line = result_line(&out, &down);
+    assert!(
+        line.contains("skipped") && t.contains("Kata and the claim label"),
+        "the report names the node and what stays on it: {t}"
+    );
+    let out = run("fail", "kd-fail").await?;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(result_line(&out, &down).contains("not-started"), "{t}");
+    let jobs = jobs_by_node(&c.cluster, &c.env.namespace).await?;
+    assert!(
+        jobs.iter().all(|(_, n)| *n != down),
+        "no Job on the NotReady node: {jobs:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_picks_up_a_node_labelled_late() -> Result<()> {
     let c = case("settle", 2, EnvOptions::default()).await?;
@@ -1049,8 +1114,8 @@ async fn taints_follow_daemonset_rules_unless_ignored() -> Result<()> {
         .join(format!("template-taints-{}.yaml", c.env.namespace));
     std::fs::write(&template, only_kwok)?;
     let template = template.display().to_string();
-    // The test bed runs no node-lifecycle controller: the not-ready taint the API server puts on
-    // every new Node is never lifted. Lift it as that controller would once the node is Ready.
+    // sim_nodes lifted the API server's not-ready taint (as the node-lifecycle controller would);
+    // node 1 gets a taint the template does not tolerate.
     let nodes: Api<Node> = Api::all(c.cluster.client.clone());
     for (i, name) in c.nodes.iter().enumerate() {
         let mut node = nodes.get(name).await?;

@@ -965,6 +965,14 @@ spec:
             - --settle
             - {{ $settle | quote }}
             {{- end }}
+            # job.notReadyNodes: a node that needs a Job and stays NotReady past the grace.
+            {{- $nr := $v.job.notReadyNodes | default "skip" }}
+            - --unready
+            - {{ ternary "skip" "fail" (eq $nr "skip") }}
+            {{- if eq $nr "wait" }}
+            - --unready-grace
+            - {{ printf "%ds" ($v.job.deadlineSeconds | int) }}
+            {{- end }}
             {{- if and (eq .role "install") (eq (include "kata-deploy.requireNodes" $r) "true") }}
             - --require-nodes
             {{- end }}

@@ -43,6 +43,7 @@ fn cfg(parallelism: usize) -> Config {
         named: None,
         held: BTreeMap::new(),
         canary: CanarySize::Nodes(0),
+        unready: UnreadyPolicy::Fail,
     }
 }
 
@@ -330,6 +331,35 @@ fn node_keeping_the_not_ready_taint_is_not_started_not_skipped() {
         "{r:?}"
     );
     assert!(!r["b"].0.is_ok());
+}
+
+#[test]
+fn with_the_skip_policy_a_node_that_stayed_not_ready_is_skipped_naming_what_stays() {
+    // A fleet nearly always has a NotReady node: with `skip`, helm uninstall does not fail on it,
+    // and the report says the node still carries what the run did not remove.
+    let mut t = T::with_nodes(
+        Config {
+            unready: UnreadyPolicy::Skip,
+            ..cfg(2)
+        },
+        &["a", "b"],
+    );
+    let mut b = node("b");
+    b.ready = false;
+    t.feed(Input::NodeSeen(b));
+    assert_eq!(creates(&t.start()), ["a"]);
+    t.created("a");
+    assert!(creates(&t.finish_ok("a")).is_empty());
+    assert!(!t.lc.is_done(), "waits the grace first");
+    t.advance(Duration::from_secs(61));
+    assert!(t.lc.is_done());
+    let r = t.lc.into_results();
+    assert!(
+        matches!(&r["b"].0, Outcome::Skipped(m)
+            if m.contains("NotReady") && m.contains("Kata and the claim label")),
+        "{r:?}"
+    );
+    assert!(r["b"].0.is_ok(), "not a failure");
 }
 
 #[test]
@@ -1286,6 +1316,11 @@ fn random_run(seed: u64) {
             held: BTreeMap::new(),
             // A third of the seeds each: no canary, a canary of 1, of 2.
             canary: CanarySize::Nodes((seed % 3) as usize),
+            unready: if seed % 2 == 0 {
+                UnreadyPolicy::Fail
+            } else {
+                UnreadyPolicy::Skip
+            },
         },
         "kd",
     );

@@ -107,6 +107,11 @@ pub fn apply_cri(ctx: &CriContext) -> Result<CriOutcome> {
     let changes = plan_changes(ctx, &state, &target)?;
     // Never under running pods: the handlers this run drops must run none (nothing written yet).
     if !fs.dry_run() {
+        // Never route a handler to a configuration whose kernel, image or hypervisor is missing
+        // (a dry run wrote no artifacts to check).
+        let shims: Vec<&str> = ctx.cfg.cfg.shims.iter().map(|s| s.name.as_str()).collect();
+        let node = ctx.facts.display_name();
+        crate::guestassets::check_guest_assets(fs, &install, &shims, &node)?;
         let dropped: Vec<String> = state
             .handlers
             .iter()

@@ -2,7 +2,7 @@
 //! real stage binary on fake host roots, the local kubelet) and Node helpers.
 #![allow(dead_code)] // each test target uses a part
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kata_testbed::cluster::{
     client_from_kubeconfig, repo_root, wait_until, workspace_bin, TestCluster,
@@ -10,7 +10,7 @@ use kata_testbed::cluster::{
 use kata_testbed::local_kubelet::{
     parse_bind, request_pod_token, Config, ImageMap, LocalKubelet, LocalKubeletHandle, LOCAL_LABEL,
 };
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -130,29 +130,6 @@ impl Bed {
         .map(|s| s.to_string())
         .collect()
     }
-}
-
-/// Removes `node.kubernetes.io/not-ready` from the taints of Ready nodes, as the node-lifecycle
-/// controller (not run by the test bed) would.
-pub async fn lift_not_ready_taint(nodes: &Api<Node>, names: &[String]) -> Result<()> {
-    for name in names {
-        let node = nodes.get(name).await?;
-        let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
-        let kept: Vec<_> = taints
-            .iter()
-            .filter(|t| t.key != "node.kubernetes.io/not-ready")
-            .collect();
-        if kept.len() != taints.len() {
-            // A merge patch of the whole list (no resourceVersion: kwok's heartbeats do not
-            // make it conflict).
-            let patch = serde_json::json!({"spec": {"taints": kept}});
-            nodes
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .with_context(|| format!("lifting the not-ready taint of {name}"))?;
-        }
-    }
-    Ok(())
 }
 
 /// The Node API as ServiceAccount `sa`: through a pod-bound token of a probe pod pinned to `node`
