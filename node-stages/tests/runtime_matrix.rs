@@ -531,6 +531,17 @@ fn run_case(bin: &CtdBin, shape: Shape, v2: &str) -> Outcome {
         "dump: proxy_plugins.nydus = {}",
         after_dump["proxy_plugins"][NYDUS]
     );
+    // The two global flags guest pull needs are left out of the comparison below, so they are
+    // checked here: each is present in the effective configuration and false (the image layers
+    // must stay for the guest; the snapshotter must see the pull annotations).
+    for flag in ["disable_snapshot_annotations", "discard_unpacked_layers"] {
+        let mut found = Vec::new();
+        find_key(&after_dump, flag, &mut found);
+        check!(
+            !found.is_empty() && found.iter().all(|v| v.as_bool() == Some(false)),
+            "dump: global {flag} after an install with a guest-pull handler = {found:?} (want false)"
+        );
+    }
     let mut a = after_dump.clone();
     let mut b = before_dump.clone();
     strip_ours(&mut a);
