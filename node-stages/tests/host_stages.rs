@@ -890,7 +890,11 @@ fn cri_refuses_a_handler_whose_kernel_or_image_is_missing_and_changes_nothing() 
             let img = host.path().join("opt/kata/share/kata-containers");
             for e in std::fs::read_dir(&img).unwrap() {
                 let p = e.unwrap().path();
-                if p.file_name().unwrap().to_string_lossy().starts_with("kata-containers") {
+                if p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("kata-containers")
+                {
                     std::fs::remove_file(p).unwrap();
                 }
             }

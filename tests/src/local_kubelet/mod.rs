@@ -132,6 +132,7 @@ impl LocalKubelet {
             std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
         }
         let procs = Procs::default();
+        volumes::kubelet_started();
         let shared = Arc::new(Shared {
             client,
             config,
@@ -187,5 +188,6 @@ impl Drop for LocalKubeletHandle {
             t.abort();
         }
         self.kill_all();
+        volumes::kubelet_stopped();
     }
 }

@@ -450,12 +450,82 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     Ok(())
 }
 
-/// Creates a mount target on the real filesystem if missing: a file when the source is a file,
-/// a directory otherwise. (Accepted side effect of running without a container root.)
-pub fn ensure_target(source: &Path, target: &Path) -> std::io::Result<()> {
-    if target.symlink_metadata().is_ok() {
-        return Ok(());
+/// Live local kubelets of this process, and the mount targets they created on the real
+/// filesystem (the binds themselves live in the containers' private mount namespaces, so the
+/// targets stay empty): removed when the last kubelet stops.
+static CREATED_TARGETS: std::sync::Mutex<CreatedTargets> = std::sync::Mutex::new(CreatedTargets {
+    live: 0,
+    paths: Vec::new(),
+});
+
+/// Mount targets created on the real filesystem, and how many kubelets may still use them.
+#[derive(Debug, Default)]
+pub struct CreatedTargets {
+    live: usize,
+    paths: Vec<PathBuf>,
+}
+
+impl CreatedTargets {
+    /// Creates `target` if missing (see [`ensure_target`]), recording the topmost path created.
+    fn ensure(&mut self, source: &Path, target: &Path) -> std::io::Result<()> {
+        if target.symlink_metadata().is_ok() {
+            return Ok(());
+        }
+        let mut topmost = target.to_path_buf();
+        while let Some(parent) = topmost.parent() {
+            if parent.symlink_metadata().is_ok() {
+                break;
+            }
+            topmost = parent.to_path_buf();
+        }
+        self.paths.push(topmost);
+        create_target(source, target)
     }
+
+    /// One user fewer; the last removes what was created (only empty files and directories:
+    /// anything else there is not ours).
+    fn release(&mut self) {
+        self.live = self.live.saturating_sub(1);
+        if self.live == 0 {
+            for p in std::mem::take(&mut self.paths).iter().rev() {
+                remove_empty_tree(p);
+            }
+        }
+    }
+}
+
+/// A local kubelet of this process started.
+pub fn kubelet_started() {
+    CREATED_TARGETS.lock().expect("targets lock").live += 1;
+}
+
+/// A local kubelet of this process stopped: the last one removes the mount targets created.
+pub fn kubelet_stopped() {
+    CREATED_TARGETS.lock().expect("targets lock").release();
+}
+
+fn remove_empty_tree(p: &Path) {
+    let Ok(md) = p.symlink_metadata() else { return };
+    if md.is_dir() {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            remove_empty_tree(&e.path());
+        }
+        let _ = std::fs::remove_dir(p);
+    } else if md.is_file() && md.len() == 0 {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Creates a mount target on the real filesystem if missing: a file when the source is a file,
+/// a directory otherwise; recorded so the last local kubelet removes it.
+pub fn ensure_target(source: &Path, target: &Path) -> std::io::Result<()> {
+    CREATED_TARGETS
+        .lock()
+        .expect("targets lock")
+        .ensure(source, target)
+}
+
+fn create_target(source: &Path, target: &Path) -> std::io::Result<()> {
     if std::fs::metadata(source)?.is_dir() {
         std::fs::create_dir_all(target)
     } else {
@@ -473,6 +543,29 @@ pub fn ensure_target(source: &Path, target: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_targets_created_are_removed_by_the_last_kubelet_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir_src, file_src) = (d.path().join("srcdir"), d.path().join("srcfile"));
+        std::fs::create_dir(&dir_src).unwrap();
+        std::fs::write(&file_src, "x").unwrap();
+        let mut reg = CreatedTargets::default();
+        reg.live = 2;
+        let nested = d.path().join("a/b/c");
+        reg.ensure(&dir_src, &nested).unwrap();
+        reg.ensure(&file_src, &d.path().join("f/token")).unwrap();
+        std::fs::create_dir(d.path().join("kept")).unwrap();
+        reg.ensure(&dir_src, &d.path().join("kept/x")).unwrap();
+        std::fs::write(d.path().join("kept/not-ours"), "data").unwrap();
+        assert!(nested.is_dir() && d.path().join("f/token").is_file());
+        reg.release();
+        assert!(nested.is_dir(), "another kubelet still runs");
+        reg.release();
+        assert!(!d.path().join("a").exists() && !d.path().join("f").exists());
+        assert!(!d.path().join("kept/x").exists());
+        assert!(d.path().join("kept/not-ours").is_file(), "not ours: kept");
+    }
     use k8s_openapi::api::core::v1::{
         ConfigMapVolumeSource, HostPathVolumeSource, PodSpec, ProjectedVolumeSource,
         ServiceAccountTokenProjection, VolumeMount, VolumeProjection,
