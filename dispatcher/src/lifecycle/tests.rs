@@ -1316,7 +1316,7 @@ fn random_run(seed: u64) {
             held: BTreeMap::new(),
             // A third of the seeds each: no canary, a canary of 1, of 2.
             canary: CanarySize::Nodes((seed % 3) as usize),
-            unready: if seed % 2 == 0 {
+            unready: if seed.is_multiple_of(2) {
                 UnreadyPolicy::Fail
             } else {
                 UnreadyPolicy::Skip
