@@ -550,8 +550,10 @@ mod tests {
         let (dir_src, file_src) = (d.path().join("srcdir"), d.path().join("srcfile"));
         std::fs::create_dir(&dir_src).unwrap();
         std::fs::write(&file_src, "x").unwrap();
-        let mut reg = CreatedTargets::default();
-        reg.live = 2;
+        let mut reg = CreatedTargets {
+            live: 2,
+            ..CreatedTargets::default()
+        };
         let nested = d.path().join("a/b/c");
         reg.ensure(&dir_src, &nested).unwrap();
         reg.ensure(&file_src, &d.path().join("f/token")).unwrap();
