@@ -65,6 +65,8 @@ pub struct HostFacts {
     pub free_bytes: Option<u64>,
     /// Bytes the payload needs.
     pub payload_bytes: Option<u64>,
+    /// `payload_bytes` is the release tarballs' compressed size: the install needs more.
+    pub payload_is_compressed: bool,
     /// /etc/machine-id of the host.
     pub host_machine_id: Option<String>,
     /// Machine ID the dispatcher saw on the Node object.
@@ -453,10 +455,20 @@ fn check_disk_space(cfg: &ValidConfig, h: &HostFacts, out: &mut Vec<Finding>) {
             Severity::Error,
             "disk-space",
             format!(
-                "{} MiB free under {}, the payload needs about {} MiB",
+                "{} MiB free under {}, the payload needs {} {} MiB{}",
                 free >> 20,
                 cfg.install().prefix.display(),
-                need >> 20
+                if h.payload_is_compressed {
+                    "more than"
+                } else {
+                    "about"
+                },
+                need >> 20,
+                if h.payload_is_compressed {
+                    " (the compressed size of the release components the enabled shims need)"
+                } else {
+                    ""
+                }
             ),
             "Free space on that filesystem and re-run",
         ));

@@ -214,23 +214,36 @@ pub fn open_payload(env: &StageEnv) -> Result<Payload> {
 /// host-check: read-only, lists every problem.
 pub fn host_check(env: &StageEnv) -> HostCheckReport {
     // A release is only checked for its manifest and the tarballs the shims need (reading them
-    // is the artifacts stage's first, still read-only, step): no size is known before that.
+    // is the artifacts stage's first, still read-only, step): its unpacked size is not known
+    // before that, so the space check uses the selected tarballs' size, a lower bound.
+    let mut release_bytes = None;
     let payload = if is_release_payload(env.payload_dir) {
         crate::release_io::select_release(
             env.payload_dir,
             &base_shims(env.cfg),
             &node_arch(env.facts),
         )
-        .map(|_| None)
+        .map(|comps| {
+            let size = |c: &String| {
+                let p = crate::release_io::tarball_path(env.payload_dir, c);
+                std::fs::metadata(p).map_or(0, |m| m.len())
+            };
+            release_bytes = Some(comps.iter().map(size).sum::<u64>());
+            None
+        })
     } else {
         Payload::open(env.payload_dir).map(Some)
     };
-    let facts = hostcheck::collect_facts(
+    let mut facts = hostcheck::collect_facts(
         env.fs,
         env.cfg,
         env.facts,
         payload.as_ref().ok().and_then(Option::as_ref),
     );
+    if release_bytes.is_some() {
+        facts.payload_bytes = release_bytes;
+        facts.payload_is_compressed = true;
+    }
     let mut findings = hostcheck::evaluate(env.cfg, &facts);
     if let Err(e) = &payload {
         findings.insert(

@@ -306,3 +306,57 @@ fn precise_mounts_suffice_for_day_two_transitions() {
         }
     }
 }
+
+/// host-check counts a release payload against the free space too (before, its size was unknown
+/// until the artifacts stage read the tarballs, so a full disk was only found mid-install): the
+/// selected tarballs' compressed size, a lower bound, said as such.
+#[test]
+fn host_check_counts_a_release_payload_against_free_space() {
+    let f = flavour("containerd-2.0");
+    let host = make_host(&f);
+    let release = tempfile::tempdir().unwrap();
+    let dir = release.path().join("release");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-release-payload.sh");
+    let out = Command::new("timeout")
+        .args(["120", "bash"])
+        .arg(script)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (cfg, facts, rt) = (config(ONE_SHIM), facts(&f), FakeRuntime::default());
+    let fs = HostFs::new(host.path(), false);
+    let env = StageEnv {
+        cfg: &cfg,
+        facts: &facts,
+        fs: &fs,
+        payload_dir: &dir,
+        restarter: &rt,
+        claims: &NoClaims,
+        lock_wait: std::time::Duration::from_secs(1),
+    };
+    let disk = |env: &StageEnv| {
+        kata_deploy_stage::stages::host_check(env)
+            .findings
+            .into_iter()
+            .find(|f| f.check == "disk-space")
+    };
+    assert!(disk(&env).is_none(), "plenty of space: no finding");
+    let opt = host.path().join("opt");
+    let Some(_tmpfs) = Mount::new(&["-t", "tmpfs", "-o", "size=64k", "tmpfs"], &opt) else {
+        return skip_or_fail("cannot mount a tmpfs (needs root and mount permission)");
+    };
+    // The test tarballs are a few hundred bytes each: fill the filesystem.
+    let mut filler = std::fs::File::create(opt.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut filler, &[0u8; 4096]).is_ok() {}
+    let found = disk(&env).expect("a disk-space finding on a full filesystem");
+    assert!(
+        found.message.contains("more than") && found.message.contains("compressed size"),
+        "{}",
+        found.message
+    );
+}
