@@ -27,6 +27,14 @@ fi
 # A run killed before this one (SIGKILL, a machine restart) may have left real nodes, bridges and
 # rules behind: reap what belongs to no live test bed, so that neither blocks this run.
 bash hack/testenv/reap.sh
+# The run's own record: every suite's output (KATA_SUITE_LOG) and what tests measured
+# (KATA_FIGURES_FILE), from which hack/gen-reliability.py writes RELIABILITY.md's results.
+run_dir="$PWD/target/test-run"
+mkdir -p "$run_dir"
+export KATA_SUITE_LOG="$run_dir/output.log" KATA_FIGURES_FILE="$run_dir/figures.tsv"
+: >"$KATA_SUITE_LOG"
+: >"$KATA_FIGURES_FILE"
+echo "hack/test.sh $only at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)" | tee -a "$KATA_SUITE_LOG" >&2
 # What the host looks like before the run: the end of the run checks that nothing was left behind.
 before=$(mktemp /tmp/kata-leftovers.XXXXXX)
 bash hack/testenv/leftovers.sh snapshot "$before"
@@ -91,6 +99,8 @@ bash hack/testenv/stop.sh "$state" >&2 || log "stopping the test cluster failed"
 if [ "$only" = all ]; then
   # Only a whole run is compared: a single suite run may follow another one's leftovers.
   suite leftovers 60 bash hack/testenv/leftovers.sh check "$before"
+  # Every test RELIABILITY.md's tables name ran and passed in this very run.
+  suite reliability-doc 60 python3 hack/gen-reliability.py --check "$KATA_SUITE_LOG" "$KATA_FIGURES_FILE"
 fi
 suite_report
 if [ ${#failed[@]} -gt 0 ]; then

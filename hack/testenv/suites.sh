@@ -50,8 +50,13 @@ suite() { # name limit command...
   [ "$limit" -le "$left" ] || limit=$left
   log "=== suite: $name (limit ${limit}s)"
   local t0=$SECONDS rc
-  # Its own session: a time-out kills the suite's whole tree, and nothing else.
-  setsid "$@" &
+  # Its own session: a time-out kills the suite's whole tree, and nothing else. With
+  # KATA_SUITE_LOG, the output is also kept there (hack/gen-reliability.py reads it).
+  if [ -n "${KATA_SUITE_LOG:-}" ]; then
+    setsid bash -c '"$@" 2>&1 | tee -a "$KATA_SUITE_LOG"; exit "${PIPESTATUS[0]}"' suite "$@" &
+  else
+    setsid "$@" &
+  fi
   suite_wait $! "$limit"
   rc=$?
   local took=$((SECONDS - t0))

@@ -336,7 +336,10 @@ fn crash_install_flavour(name: &'static str) {
             crash_points > 20,
             "{name}: only {crash_points} crash points enumerated"
         );
-        eprintln!("{name}: {crash_points} crash points verified");
+        figure(
+            "crash_at_every_step_then_rerun_converges_and_revert_restores",
+            &format!("{name}: {crash_points} crash points"),
+        );
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod figures;
 pub mod helmsteps;
 pub mod hostroot;
 pub mod local_kubelet;

@@ -106,6 +106,19 @@ async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -
         "the proxy injected too little to prove anything: {stats:?}"
     );
     let retries = reported_retries(&out);
+    kata_testbed::figures::record(
+        "rollout_completes_through_throttling_errors_resets_and_lost_answers",
+        format!(
+            "{} requests, {failing} failing faults injected ({}), report \"API retries: {retries}\"",
+            stats.get("requests").copied().unwrap_or(0),
+            stats
+                .iter()
+                .filter(|(k, _)| k.as_str() != "requests")
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
     assert!(
         retries >= failing,
         "the report must count every retry: {retries} reported, {stats:?} injected: {t}"
@@ -200,12 +213,20 @@ async fn rollout_resumes_after_the_api_server_restarts() -> Result<()> {
     .await?;
     let down_at = Instant::now();
     c.cluster.restart_apiserver(Duration::from_secs(3)).await?;
-    eprintln!("API server was away for {:?}", down_at.elapsed());
+    let away = down_at.elapsed();
     let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output()).await??;
     let t = output_text(&out);
     eprintln!("{t}");
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("16 nodes: 16 succeeded"), "{t}");
+    kata_testbed::figures::record(
+        "rollout_resumes_after_the_api_server_restarts",
+        format!(
+            "API away {:.1} s, report \"API retries: {}\"",
+            away.as_secs_f64(),
+            reported_retries(&out)
+        ),
+    );
     assert!(
         reported_retries(&out) >= 1,
         "a restart must show as resumed watches or retried calls: {t}"
@@ -276,7 +297,17 @@ async fn dispatcher_killed_at_seeded_moments_then_rerun_covers_every_node_once()
             r.map_err(|e| anyhow::anyhow!("trial {i}: {e:#}"))?,
         ));
     }
-    eprintln!("kill moments and Jobs existing at the kill: {at_kill:?}");
+    kata_testbed::figures::record(
+        "dispatcher_killed_at_seeded_moments_then_rerun_covers_every_node_once",
+        format!(
+            "Jobs existing at the 10 kills: {}",
+            at_kill
+                .iter()
+                .map(|(_, n)| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
     // The trials must actually interrupt rollouts, not only kill before or after them.
     let mid = at_kill.iter().filter(|(_, n)| *n > 0 && *n < 12).count();
     assert!(

@@ -813,9 +813,12 @@ async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
             w.step(n, &Step::Uninstall(Fault::None), &mut t)?;
         }
     }
-    eprintln!(
-        "walk seed {seed}: {tally:?} in {:.0}s",
-        t0.elapsed().as_secs_f64()
+    kata_testbed::figures::record(
+        "seeded_walk_of_day_two_transitions_on_real_nodes",
+        format!(
+            "seed {seed}, {steps} steps: {tally:?} in {:.0} s",
+            t0.elapsed().as_secs_f64()
+        ),
     );
     // Every kind of fault happened several times (a walk too short for that fails, loudly).
     ensure!(

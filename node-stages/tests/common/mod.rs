@@ -477,3 +477,18 @@ pub fn skip_or_fail(what: &str) {
     }
     eprintln!("SKIPPED: {what} (set CI=true to make this a failure)");
 }
+
+/// Records what a test measured for RELIABILITY.md's generated results (hack/gen-reliability.py;
+/// the same format as kata_testbed::figures::record): `test<TAB>figure` appended to
+/// `KATA_FIGURES_FILE`, also printed.
+pub fn figure(test: &str, text: &str) {
+    use std::io::Write;
+    eprintln!("figure: {test}\t{text}");
+    if let Some(path) = std::env::var_os("KATA_FIGURES_FILE") {
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(format!("{test}\t{text}\n").as_bytes()));
+    }
+}
