@@ -15,6 +15,9 @@ runs=("$@")
 bash hack/testenv/build.sh
 cargo build --release --locked -p kata-deploy-job-dispatcher -p kata-testbed --bins
 export KATA_TEST_PROFILE=release
+# Every table names the command and the commit that produced it (BENCHMARKS.md has no other figures).
+echo "Measured with \`hack/bench.sh ${runs[*]}\` at commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' (with local changes)'), $(date -u +%F), release build, a fresh cluster per size:"
+echo
 header=--header
 for run in "${runs[@]}"; do
   IFS=: read -r n p d mode <<<"$run"
