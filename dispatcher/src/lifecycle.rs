@@ -1262,8 +1262,13 @@ impl Lifecycle {
             self.deadlines.pop_first();
             if self.nodes[&node].park_until == Some(t) {
                 // The grace is over: the node no longer holds the run (it is still dispatched
-                // if it becomes ready while the run goes on).
+                // if it becomes ready while the run goes on). A canary node back in the queue
+                // (its machine re-created) that stays NotReady proves nothing: it frees its
+                // place in the wave, or the whole rollout would wait for it until the deadline.
                 self.parked_waiting -= 1;
+                if self.phase(&node) == Some(&Phase::Queued) {
+                    self.canary.finished(&node, CanaryEnd::Void);
+                }
                 continue;
             }
             if self.nodes[&node].busy_until == Some(t) {
@@ -1342,19 +1347,28 @@ impl Lifecycle {
     /// Starts or stops the per-node timeout of a queued node's wait for an earlier Job or pod.
     fn time_busy_wait(&mut self, now: Instant, node: &str, busy: bool) {
         let timeout = self.cfg.node_timeout.filter(|_| busy && self.started);
-        let rec = self.nodes.get_mut(node).expect("present");
-        match (timeout, rec.busy_until) {
+        match (timeout, self.nodes[node].busy_until) {
             (Some(limit), None) => {
-                let t = now + limit;
-                rec.busy_until = Some(t);
-                self.deadlines.insert((t, node.to_owned()));
+                let t = self.add_deadline(now + limit, node);
+                self.rec(node).busy_until = Some(t);
             }
             (None, Some(t)) => {
-                rec.busy_until = None;
+                self.rec(node).busy_until = None;
                 self.deadlines.remove(&(t, node.to_owned()));
             }
             _ => {}
         }
+    }
+
+    /// Schedules a timer for `node` at `t`, or a nanosecond later for each timer of that node
+    /// already there: a node's timers (its Job's, its busy wait's, its park grace's) never share
+    /// an entry, so ending one never cancels another. Returns the instant used.
+    fn add_deadline(&mut self, t: Instant, node: &str) -> Instant {
+        let mut t = t;
+        while !self.deadlines.insert((t, node.to_owned())) {
+            t += Duration::from_nanos(1);
+        }
+        t
     }
 
     /// Whether the Node's own view says this template is installed there (`--skip-installed`).
@@ -1546,14 +1560,12 @@ impl Lifecycle {
         } else {
             None
         };
-        if new_deadline.is_some() {
-            rec.deadline = new_deadline;
-        }
         if let Some(t) = old_deadline {
             self.deadlines.remove(&(t, node.to_owned()));
         }
         if let Some(t) = new_deadline {
-            self.deadlines.insert((t, node.to_owned()));
+            let t = self.add_deadline(t, node);
+            self.rec(node).deadline = Some(t);
         }
     }
 
@@ -1702,8 +1714,7 @@ impl Lifecycle {
         let park_until = self.nodes[node].park_until;
         match (parked, park_until) {
             (true, None) if self.started => {
-                let t = now + self.cfg.unready_grace;
-                self.deadlines.insert((t, node.to_owned()));
+                let t = self.add_deadline(now + self.cfg.unready_grace, node);
                 self.parked_waiting += 1;
                 self.nodes.get_mut(node).expect("present").park_until = Some(t);
             }

@@ -233,7 +233,10 @@ async fn day_two_through_helm(
     times.push(format!("rollback {:.0} s", t.elapsed().as_secs_f64()));
     kata_testbed::figures::record(
         "helm_install_upgrade_uninstall_on_real_nodes",
-        format!("helm steps, each checked on both nodes: {}", times.join(", ")),
+        format!(
+            "helm steps, each checked on both nodes: {}",
+            times.join(", ")
+        ),
     );
     Ok(())
 }

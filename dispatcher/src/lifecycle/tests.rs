@@ -945,6 +945,10 @@ struct MJob {
 struct MNode {
     uid: String,
     selected: bool,
+    /// Ready condition true.
+    ready: bool,
+    /// Carries a taint the template does not tolerate.
+    tainted: bool,
 }
 
 /// The model cluster: what exists, and the events each watch has yet to deliver (in order).
@@ -989,8 +993,8 @@ impl Model {
         NodeObs {
             facts: facts(name, &n.uid),
             selected: n.selected,
-            ready: true,
-            untolerated: None,
+            ready: n.ready,
+            untolerated: n.tainted.then(|| "node has taint x:NoSchedule".to_owned()),
             record: None,
             marked: true,
             runtime_handlers: Vec::new(),
@@ -1186,7 +1190,7 @@ impl Model {
                 match if names.is_empty() {
                     1
                 } else {
-                    self.rng.below(4)
+                    self.rng.below(6)
                 } {
                     0 => {
                         self.nodes.remove(&name);
@@ -1205,6 +1209,8 @@ impl Model {
                         let n = self.nodes.entry(name.clone()).or_insert(MNode {
                             uid: String::new(),
                             selected: true,
+                            ready: true,
+                            tainted: false,
                         });
                         n.uid = uid;
                         let n = n.clone();
@@ -1218,11 +1224,25 @@ impl Model {
                         self.node_q
                             .push_back(Input::NodeSeen(Self::node_obs(&name, &n)));
                     }
+                    4 | 5 => {
+                        // NotReady or tainted for a while (or no longer).
+                        let n = self.nodes.get_mut(&name).expect("listed");
+                        if self.rng.chance(50) {
+                            n.ready = !n.ready;
+                        } else {
+                            n.tainted = !n.tainted;
+                        }
+                        let n = n.clone();
+                        self.node_q
+                            .push_back(Input::NodeSeen(Self::node_obs(&name, &n)));
+                    }
                     _ => {
                         let late = format!("late-{}", self.seq);
                         let n = MNode {
                             uid: self.uid("node"),
                             selected: true,
+                            ready: true,
+                            tainted: false,
                         };
                         self.node_q
                             .push_back(Input::NodeSeen(Self::node_obs(&late, &n)));
@@ -1308,7 +1328,12 @@ fn random_run(seed: u64) {
     let mut lc = Lifecycle::new(
         Config {
             parallelism,
-            budget: Budget::Unlimited,
+            // Most seeds never stop early; some stop after 1 to 3 dispatched failures.
+            budget: if seed % 5 == 4 {
+                Budget::Count(1 + (seed / 5 % 3) as usize)
+            } else {
+                Budget::Unlimited
+            },
             node_timeout: Some(Duration::from_secs(120)),
             skip_installed: None,
             unready_grace: Duration::from_secs(60),
@@ -1333,6 +1358,8 @@ fn random_run(seed: u64) {
         let n = MNode {
             uid: format!("node-uid-{i}"),
             selected: rng.chance(85),
+            ready: rng.chance(90),
+            tainted: rng.chance(5),
         };
         m.nodes.insert(name.clone(), n);
         let job = format!("kd-{name}");
@@ -1381,6 +1408,12 @@ fn random_run(seed: u64) {
     let feed = |lc: &mut Lifecycle, m: &mut Model, now: Instant, input: Input| {
         m.trace.push(format!("> {input:?}"));
         let out = lc.handle(now, input);
+        let off = recount_mismatches(lc);
+        assert!(
+            off.is_empty(),
+            "seed {seed}: counters out of step with the per-node records: {off:?}\n{}",
+            m.trace.join("\n")
+        );
         // The canary: before it passed, only its own nodes are ever dispatched.
         if let Some(v) = lc.canary() {
             for a in &out {
@@ -1481,6 +1514,7 @@ fn random_run(seed: u64) {
     // Every node that exists and is selected at the end has a final result; and every result
     // that is a success really had a Job that succeeded, or was adopted.
     let canary_failed = matches!(lc.stopped(), Some(StopReason::CanaryFailed(_)));
+    let budget_spent = matches!(lc.stopped(), Some(StopReason::FailureBudget(_)));
     let results = lc.into_results();
     for (name, n) in &m.nodes {
         if !n.selected {
@@ -1489,6 +1523,10 @@ fn random_run(seed: u64) {
         match results.get(name) {
             // A failed canary stops the run: the others are not started, by design.
             Some((Outcome::NotStarted(r), _)) if canary_failed && r.contains("canary node") => {}
+            // So does a spent failure budget.
+            Some((Outcome::NotStarted(_) | Outcome::StillRunning(_), _)) if budget_spent => {}
+            // A node that stayed NotReady is not started (policy fail) or skipped (skip).
+            Some((Outcome::NotStarted(r), _)) if !n.ready && r.contains("NotReady") => {}
             Some((Outcome::NotStarted(r), _)) | Some((Outcome::StillRunning(r), _)) => {
                 panic!("seed {seed}: {name} ended {r}")
             }
@@ -1496,6 +1534,59 @@ fn random_run(seed: u64) {
             None => panic!("seed {seed}: selected node {name} has no result: {results:?}"),
         }
     }
+}
+
+/// Every counter the lifecycle keeps by hand, recounted from the per-node records: what differs
+/// (empty when all agree). The failure budget is history (only dispatched failures count), so
+/// it is bounded instead: never more than the failed nodes.
+fn recount_mismatches(lc: &Lifecycle) -> Vec<String> {
+    let nodes = || lc.nodes.values();
+    let count = |f: &dyn Fn(&NodeRec) -> bool| nodes().filter(|r| f(r)).count();
+    let ready: BTreeSet<(u64, String)> = lc
+        .nodes
+        .iter()
+        .filter(|(_, r)| r.class == Some(Class::Ready))
+        .map(|(n, r)| (r.seq, n.clone()))
+        .collect();
+    let parked_waiting = lc
+        .nodes
+        .iter()
+        .filter(|(n, r)| {
+            r.park_until
+                .is_some_and(|t| lc.deadlines.contains(&(t, (*n).clone())))
+        })
+        .count();
+    let done = |ok: bool| count(&|r| matches!(&r.phase, Phase::Done(o) if o.is_ok() == ok));
+    let checks = [
+        ("in_flight", lc.in_flight, count(&|r| r.phase.in_flight())),
+        ("total", lc.total, count(&|r| r.phase != Phase::Untargeted)),
+        ("queued", lc.queued, count(&|r| r.phase == Phase::Queued)),
+        ("ok", lc.ok, done(true)),
+        ("failed", lc.failed, done(false)),
+        ("foreign_busy", lc.foreign_busy, count(&|r| r.busy_counted)),
+        (
+            "queued_busy",
+            lc.queued_busy,
+            count(&|r| r.class == Some(Class::Busy)),
+        ),
+        ("parked_waiting", lc.parked_waiting, parked_waiting),
+        ("ready", lc.ready.len(), ready.len()),
+    ];
+    let mut off: Vec<String> = checks
+        .iter()
+        .filter(|(_, kept, counted)| kept != counted)
+        .map(|(what, kept, counted)| format!("{what}: kept {kept}, recounted {counted}"))
+        .collect();
+    if lc.ready != ready {
+        off.push(format!("ready set {:?} != {ready:?}", lc.ready));
+    }
+    if lc.failed_budget > lc.failed {
+        off.push(format!(
+            "failed_budget {} > failed {}",
+            lc.failed_budget, lc.failed
+        ));
+    }
+    off
 }
 
 #[test]
