@@ -408,6 +408,41 @@ fn node_recreated_under_the_same_name_while_running_gets_a_fresh_job() {
 }
 
 #[test]
+fn a_canary_node_re_created_and_left_not_ready_frees_its_place_after_the_grace() {
+    // Found by the random test (seed 337 once it flipped readiness): the canary node's machine
+    // was re-created while its Job ran and came back NotReady; nothing else could start, so the
+    // rollout waited for it until the run deadline.
+    let mut t = T::with_nodes(
+        Config {
+            canary: CanarySize::Nodes(1),
+            ..cfg(2)
+        },
+        &["a", "b"],
+    );
+    assert_eq!(creates(&t.start()), ["a"], "the canary alone");
+    t.created("a");
+    t.feed(Input::JobSeen(t.job("a", JobPhase::Running)));
+    let mut again = node("a");
+    again.facts.uid = "uid-a-2".into();
+    again.ready = false;
+    t.feed(Input::NodeSeen(again));
+    t.feed(Input::JobSeen(JobObs {
+        deleting: true,
+        ..t.job("a", JobPhase::Running)
+    }));
+    let out = t.feed(Input::JobGone("kd-a".into()));
+    assert!(
+        creates(&out).is_empty(),
+        "a is NotReady, b waits for the canary"
+    );
+    let out = t.advance(Duration::from_secs(61));
+    assert_eq!(creates(&out), ["b"], "b takes a's place in the wave");
+    t.created("b");
+    t.finish_ok("b");
+    assert!(t.lc.is_done(), "the run ends instead of waiting for a");
+}
+
+#[test]
 fn replacement_waits_until_the_old_jobs_pods_are_gone() {
     // helm upgrade: the old dispatcher Job was deleted, its per-node Jobs were garbage-collected
     // in the background; the Job object is gone but its pod still runs on the node.
