@@ -332,6 +332,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn architecture_md_lists_every_flag() {
+        use clap::CommandFactory;
+        let doc = include_str!("../../ARCHITECTURE.md");
+        let missing: Vec<String> = Args::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !["help", "version"].contains(l))
+            .map(|l| format!("--{l}"))
+            .filter(|f| !doc.contains(&format!("`{f} ")) && !doc.contains(&format!("`{f}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "ARCHITECTURE.md's flag list misses {missing:?}"
+        );
+    }
+
+    #[test]
     fn durations_follow_humantime() {
         for (text, secs) in [
             ("500ms", 0.5),
