@@ -115,19 +115,29 @@ where
         max_elapsed_time: Some(budget),
         ..Default::default()
     };
+    // The backoff crate never consults its elapsed-time limit when an error names its own delay
+    // (429 with Retry-After): the budget is enforced here for those.
+    let started = std::time::Instant::now();
     backoff::future::retry(policy, || {
         let fut = op();
-        async {
+        async move {
             fut.await.map_err(|e| {
-                if is_transient(&e) {
-                    stats.record();
-                    tracing::warn!(call = what, error = %e, "transient API error, retrying");
-                    match retry_after(&e) {
-                        Some(after) => backoff::Error::retry_after(e, after),
-                        None => backoff::Error::transient(e),
+                if !is_transient(&e) {
+                    return backoff::Error::permanent(e);
+                }
+                match retry_after(&e) {
+                    Some(after) if started.elapsed() + after > budget => {
+                        tracing::warn!(call = what, error = %e, budget = ?budget, "still throttled at the end of the call's retry budget; giving up");
+                        backoff::Error::permanent(e)
                     }
-                } else {
-                    backoff::Error::permanent(e)
+                    after => {
+                        stats.record();
+                        tracing::warn!(call = what, error = %e, "transient API error, retrying");
+                        match after {
+                            Some(after) => backoff::Error::retry_after(e, after),
+                            None => backoff::Error::transient(e),
+                        }
+                    }
                 }
             })
         }
@@ -467,21 +477,27 @@ impl ClusterApi {
         let live = jobs
             .clone()
             .fields("status.phase!=Succeeded,status.phase!=Failed");
-        let jobs = self.list_meta_pages(&self.jobs, jobs, "list jobs").await?;
-        let pods = self.list_meta_pages(&self.pods, live, "list pods").await?;
-        let jobs = jobs.into_iter().map(|m| leftover(Kind::Job, m));
-        Ok(jobs
-            .chain(pods.into_iter().map(|m| leftover(Kind::Pod, m)))
-            .collect())
+        let mut out = self
+            .list_meta_pages(&self.jobs, jobs, "list jobs", |m| leftover(Kind::Job, m))
+            .await?;
+        out.extend(
+            self.list_meta_pages(&self.pods, live, "list pods", |m| leftover(Kind::Pod, m))
+                .await?,
+        );
+        Ok(out)
     }
 
-    /// Every object of a (label- or field-selected) list, metadata only, `LIST_PAGE` at a time.
-    async fn list_meta_pages<K>(
+    /// Every object of a (label- or field-selected) list, metadata only, `LIST_PAGE` at a time,
+    /// each reduced by `keep` as its page arrives: a page's metadata (managedFields included,
+    /// several KB an object) is dropped before the next is read, so a listing of 5,000 Jobs
+    /// costs what is kept of them, not their metadata.
+    async fn list_meta_pages<K, T>(
         &self,
         api: &Api<K>,
         lp: ListParams,
         what: &str,
-    ) -> Result<Vec<ObjectMeta>, kube::Error>
+        keep: impl Fn(ObjectMeta) -> T,
+    ) -> Result<Vec<T>, kube::Error>
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
@@ -490,7 +506,7 @@ impl ClusterApi {
         loop {
             let page =
                 with_retry(what, &self.stats, CALL_BUDGET, || api.list_metadata(&lp)).await?;
-            out.extend(page.items.into_iter().map(|o| o.metadata));
+            out.extend(page.items.into_iter().map(|o| keep(o.metadata)));
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => lp = lp.continue_token(&token),
                 None => return Ok(out),

@@ -26,6 +26,10 @@ pub struct FaultRates {
     pub slow_by: Duration,
     /// Only requests of this HTTP method get faults (e.g. `PATCH`); `None`: every request.
     pub only_method: Option<&'static str>,
+    /// Only requests whose path contains this get faults (e.g. `/jobs`); `None`: every path.
+    pub only_path: Option<&'static str>,
+    /// The Retry-After seconds of injected 429s (`None`: the proxy's default, 1).
+    pub retry_after_secs: Option<u32>,
 }
 
 /// A running proxy.
@@ -85,6 +89,11 @@ impl FaultProxy {
                 &rates.cut_watch.to_string(),
             ])
             .args(["-only-method", rates.only_method.unwrap_or("")])
+            .args(["-only-path", rates.only_path.unwrap_or("")])
+            .args([
+                "-retry-after",
+                &rates.retry_after_secs.unwrap_or(1).to_string(),
+            ])
             .stderr(std::fs::File::create(dir.path().join("proxy.log"))?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;

@@ -151,7 +151,18 @@ impl DispatcherEnv {
 
     /// A dispatcher command with this env's identity, namespace, template and owner.
     pub fn command(&self, extra: &[&str]) -> Result<Command> {
-        let mut cmd = Command::new(workspace_bin("kata-deploy-job-dispatcher")?);
+        let bin = workspace_bin("kata-deploy-job-dispatcher")?;
+        // KATA_DISPATCHER_WRAPPER="heaptrack -o /tmp/ht" profiles the dispatcher (benchmarks).
+        let wrapper = std::env::var("KATA_DISPATCHER_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.args(words).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.env_clear()
             .env("KUBECONFIG", &self.kubeconfig)
             .env("POD_NAMESPACE", &self.namespace)

@@ -75,6 +75,8 @@ async fn rollout_completes_through_throttling_errors_resets_and_lost_answers() -
         cut_watch: 0.5,
         slow_by: Duration::from_millis(1500),
         only_method: None,
+        only_path: None,
+        retry_after_secs: None,
     };
     let proxy = FaultProxy::start(&c.cluster, &rates, 7)?;
     let via = proxy.kubeconfig_via(&c.env.kubeconfig, &c.cluster.server)?;
@@ -182,6 +184,81 @@ async fn sigterm_finishes_the_install_records_already_being_written() -> Result<
         3,
         "one write per node, no retry: {:?}",
         proxy.stats()
+    );
+    Ok(())
+}
+
+/// Times (seconds since the proxy's first line) of the requests the proxy answered with a 429.
+fn throttled_times(log: &str) -> Vec<f64> {
+    let secs = |l: &str| -> Option<f64> {
+        // "2026/12/06 06:55:01.123456 inject throttle-429: ..."
+        let t = l.split_whitespace().nth(1)?;
+        let mut p = t.split(':');
+        let (h, m, s): (f64, f64, f64) = (
+            p.next()?.parse().ok()?,
+            p.next()?.parse().ok()?,
+            p.next()?.parse().ok()?,
+        );
+        Some(h * 3600.0 + m * 60.0 + s)
+    };
+    log.lines()
+        .filter(|l| l.contains("inject throttle-429: POST"))
+        .filter_map(secs)
+        .collect()
+}
+
+/// The API server throttles every Job create with `Retry-After: 4`: the dispatcher waits what
+/// it is told between attempts (its own backoff would start at 0.2 s), and gives up on the call
+/// after its 60 s bound, failing that node with the reason, instead of retrying forever (a 429
+/// with Retry-After used to bypass the bound: the backoff crate never consults its elapsed-time
+/// limit when the error names its own delay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_creates_wait_retry_after_and_give_up_after_the_bound() -> Result<()> {
+    let c = SimCase::new(
+        TestCluster::get().await?,
+        "retryafter",
+        1,
+        &EnvOptions::default(),
+    )
+    .await?;
+    let rates = FaultRates {
+        throttle: 1.0,
+        only_method: Some("POST"),
+        only_path: Some("/jobs"),
+        retry_after_secs: Some(4),
+        ..FaultRates::default()
+    };
+    let proxy = FaultProxy::start(&c.cluster, &rates, 1)?;
+    let via = proxy.kubeconfig_via(&c.env.kubeconfig, &c.cluster.server)?;
+    let mut cmd = c.env.command(&["--selector", &c.selector])?;
+    cmd.env("KUBECONFIG", &via);
+    let out = tokio::time::timeout(
+        Duration::from_secs(150),
+        tokio::process::Command::from(cmd).output(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the dispatcher still retried after 150 s: {}", proxy.log()))??;
+    let t = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let times = throttled_times(&proxy.log());
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        times.len() >= 3 && gaps.iter().all(|g| *g >= 3.9),
+        "every retry waited the 4 s Retry-After: gaps {gaps:?}"
+    );
+    let span = times.last().unwrap_or(&0.0) - times.first().unwrap_or(&0.0);
+    assert!(
+        (50.0..=66.0).contains(&span),
+        "the create was retried for {span:.1} s, not within the 60 s bound: {gaps:?}"
+    );
+    kata_testbed::figures::record(
+        "throttled_creates_wait_retry_after_and_give_up_after_the_bound",
+        format!(
+            "{} attempts over {span:.1} s, gaps {:.1}–{:.1} s",
+            times.len(),
+            gaps.iter().cloned().fold(f64::MAX, f64::min),
+            gaps.iter().cloned().fold(0.0, f64::max)
+        ),
     );
     Ok(())
 }

@@ -29,6 +29,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -43,6 +44,7 @@ type proxy struct {
 	rates      rates
 	slow       time.Duration
 	onlyMethod string
+	onlyPath   string
 	retryAfter int
 	statsFile  string
 
@@ -141,7 +143,7 @@ func (c *cutAfter) Flush() {
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.count("requests", r)
-	if p.onlyMethod != "" && r.Method != p.onlyMethod {
+	if (p.onlyMethod != "" && r.Method != p.onlyMethod) || (p.onlyPath != "" && !strings.Contains(r.URL.Path, p.onlyPath)) {
 		p.upstream.ServeHTTP(w, r)
 		return
 	}
@@ -204,7 +206,9 @@ func main() {
 	slow := flag.Duration("slow", 2*time.Second, "delay of a slow response")
 	retryAfter := flag.Int("retry-after", 1, "Retry-After seconds of injected 429s")
 	onlyMethod := flag.String("only-method", "", "inject faults only into requests of this HTTP method (e.g. PATCH); others pass untouched")
+	onlyPath := flag.String("only-path", "", "inject faults only into requests whose path contains this (e.g. /jobs); others pass untouched")
 	flag.Parse()
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.SetPrefix("[faultproxy] ")
 	if *upstreamURL == "" || *caFile == "" || *certFile == "" || *keyFile == "" {
 		log.Fatal("-upstream, -ca, -cert and -key are required (see -help)")
@@ -225,7 +229,7 @@ func main() {
 	rp.FlushInterval = -1 // stream watches as they come
 	rp.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: false, MaxIdleConnsPerHost: 100}
 	rp.ErrorLog = log.New(io.Discard, "", 0)
-	p := &proxy{upstream: rp, rates: rt, slow: *slow, onlyMethod: *onlyMethod, retryAfter: *retryAfter, statsFile: *statsFile, rnd: rand.New(rand.NewSource(*seed)), stats: map[string]int{}}
+	p := &proxy{upstream: rp, rates: rt, slow: *slow, onlyMethod: *onlyMethod, onlyPath: *onlyPath, retryAfter: *retryAfter, statsFile: *statsFile, rnd: rand.New(rand.NewSource(*seed)), stats: map[string]int{}}
 
 	cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
 	if err != nil {
