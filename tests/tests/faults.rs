@@ -191,8 +191,10 @@ async fn sigterm_finishes_the_install_records_already_being_written() -> Result<
 /// Times (seconds since the proxy's first line) of the requests the proxy answered with a 429.
 fn throttled_times(log: &str) -> Vec<f64> {
     let secs = |l: &str| -> Option<f64> {
-        // "2026/12/06 06:55:01.123456 inject throttle-429: ..."
-        let t = l.split_whitespace().nth(1)?;
+        // "[faultproxy] 2026/12/06 06:55:01.123456 inject throttle-429: ..."
+        let t = l
+            .split_whitespace()
+            .find(|t| t.contains(':') && t.contains('.'))?;
         let mut p = t.split(':');
         let (h, m, s): (f64, f64, f64) = (
             p.next()?.parse().ok()?,
@@ -244,7 +246,14 @@ async fn throttled_creates_wait_retry_after_and_give_up_after_the_bound() -> Res
     let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(
         times.len() >= 3 && gaps.iter().all(|g| *g >= 3.9),
-        "every retry waited the 4 s Retry-After: gaps {gaps:?}"
+        "every retry waited the 4 s Retry-After: gaps {gaps:?}\n{}\n{t}",
+        proxy
+            .log()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let span = times.last().unwrap_or(&0.0) - times.first().unwrap_or(&0.0);
     assert!(
