@@ -1533,11 +1533,14 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
         "install-owner",
     ])?)
     .spawn()?;
-    wait_until(Duration::from_secs(30), "an install Job", || async {
-        Ok(!jobs_by_node(&c.cluster, &c.env.namespace).await?.is_empty())
+    // A per-node Job of the install (not install-owner, which exists from the start: waiting
+    // for "any Job" let the cleanup run before the install had created anything).
+    let install_jobs = ListParams::default().labels("katacontainers.io/dispatcher=kd-install");
+    wait_until(Duration::from_secs(30), "an install per-node Job", || async {
+        Ok(!api.list(&install_jobs).await?.items.is_empty())
     })
     .await?;
-    let timeline = InstallCleanupTimeline::start(&c.cluster, &c.env.namespace);
+    let timeline = InstallCleanupTimeline::start(&c.cluster, &c.env.namespace).await?;
     let killer = {
         let api = api.clone();
         tokio::spawn(async move {
@@ -1593,7 +1596,9 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
 struct InstallCleanupTimeline(std::sync::Arc<std::sync::Mutex<(Option<Instant>, Option<Instant>)>>);
 
 impl InstallCleanupTimeline {
-    fn start(cluster: &TestCluster, ns: &str) -> Self {
+    /// Returns once both watches have listed what exists (a deletion before that would be
+    /// missed: CI once deleted the install's Jobs before the first list answered).
+    async fn start(cluster: &TestCluster, ns: &str) -> Result<Self> {
         use futures::StreamExt;
         use kube::runtime::watcher::{self, Event};
         let seen = std::sync::Arc::new(std::sync::Mutex::new((None, None)));
@@ -1605,12 +1610,19 @@ impl InstallCleanupTimeline {
         };
         let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
         let s = seen.clone();
+        let (jobs_listed, jobs_ready) = tokio::sync::oneshot::channel::<()>();
+        let mut jobs_listed = Some(jobs_listed);
         tokio::spawn(async move {
             let mut w = Box::pin(watcher::watcher(jobs, watcher::Config::default()));
             while let Some(Ok(ev)) = w.next().await {
                 let now = Instant::now();
                 let mut g = s.lock().expect("lock");
                 match ev {
+                    Event::InitDone => {
+                        if let Some(tx) = jobs_listed.take() {
+                            let _ = tx.send(());
+                        }
+                    }
                     Event::Delete(j) if label(&j.metadata) == "kd-install" => g.0 = Some(now),
                     Event::Apply(j) | Event::InitApply(j) if label(&j.metadata) == "kd-cleanup" => {
                         g.1.get_or_insert(now);
@@ -1621,17 +1633,31 @@ impl InstallCleanupTimeline {
         });
         let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
         let s = seen.clone();
+        let (pods_listed, pods_ready) = tokio::sync::oneshot::channel::<()>();
+        let mut pods_listed = Some(pods_listed);
         tokio::spawn(async move {
             let mut w = Box::pin(watcher::watcher(pods, watcher::Config::default()));
             while let Some(Ok(ev)) = w.next().await {
-                if let Event::Delete(p) = ev {
-                    if label(&p.metadata) == "kd-install" {
+                match ev {
+                    Event::InitDone => {
+                        if let Some(tx) = pods_listed.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Event::Delete(p) if label(&p.metadata) == "kd-install" => {
                         s.lock().expect("lock").0 = Some(Instant::now());
                     }
+                    _ => {}
                 }
             }
         });
-        Self(seen)
+        tokio::time::timeout(Duration::from_secs(30), async {
+            jobs_ready.await?;
+            pods_ready.await
+        })
+        .await
+        .context("the test's Job and Pod watches did not list within 30 s")??;
+        Ok(Self(seen))
     }
 
     fn get(&self) -> (Option<Instant>, Option<Instant>) {
