@@ -1536,9 +1536,11 @@ async fn cleanup_first_stops_the_install_dispatcher_and_waits_for_its_jobs() -> 
     // A per-node Job of the install (not install-owner, which exists from the start: waiting
     // for "any Job" let the cleanup run before the install had created anything).
     let install_jobs = ListParams::default().labels("katacontainers.io/dispatcher=kd-install");
-    wait_until(Duration::from_secs(30), "an install per-node Job", || async {
-        Ok(!api.list(&install_jobs).await?.items.is_empty())
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "an install per-node Job",
+        || async { Ok(!api.list(&install_jobs).await?.items.is_empty()) },
+    )
     .await?;
     let timeline = InstallCleanupTimeline::start(&c.cluster, &c.env.namespace).await?;
     let killer = {
