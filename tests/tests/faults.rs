@@ -329,9 +329,11 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// One trial: SIGKILL the dispatcher `kill_after` into its run, then re-run it. Returns how many
-/// Jobs existed when it was killed.
-async fn kill_then_rerun(trial: usize, kill_after: Duration) -> Result<usize> {
+/// One trial: SIGKILL the dispatcher once `kill_at_jobs` of its Jobs exist (then at once: the
+/// next wave may be half created), then re-run it. Returns how many Jobs existed when it was
+/// killed. Waiting for a Job count, not a time, makes every kill land mid-rollout however loaded
+/// the machine is (fixed moments landed before the first Job or after the last under CI load).
+async fn kill_then_rerun(trial: usize, kill_at_jobs: usize) -> Result<usize> {
     let c = SimCase::new(
         TestCluster::get().await?,
         &format!("kill{trial}"),
@@ -344,12 +346,24 @@ async fn kill_then_rerun(trial: usize, kill_after: Duration) -> Result<usize> {
     let mut child = tokio::process::Command::from(c.env.command(&args)?)
         .kill_on_drop(true)
         .spawn()?;
-    tokio::time::sleep(kill_after).await;
+    wait_until(
+        Duration::from_secs(120),
+        &format!("{kill_at_jobs} Jobs of trial {trial}"),
+        // A failed poll (a loaded API server drops a connection) is just not there yet.
+        || async {
+            let n = jobs_by_node(&c.cluster, &c.env.namespace)
+                .await
+                .map_or(0, |j| j.len());
+            Ok(n >= kill_at_jobs)
+        },
+    )
+    .await?;
     child.start_kill()?; // SIGKILL
     let _ = child.wait().await?;
     let at_kill = jobs_by_node(&c.cluster, &c.env.namespace).await?.len();
     let out = tokio::time::timeout(Duration::from_secs(180), c.env.run(&args)).await??;
-    let context = format!("trial {trial} (killed after {kill_after:?}, {at_kill} Jobs existed)");
+    let context =
+        format!("trial {trial} (killed once {kill_at_jobs} Jobs existed: {at_kill} at the kill)");
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -367,9 +381,11 @@ async fn kill_then_rerun(trial: usize, kill_after: Duration) -> Result<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_killed_at_seeded_moments_then_rerun_covers_every_node_once() -> Result<()> {
-    let mut seed = 0x6b61_7461_u64; // fixed: a failing trial is reproducible
-    let moments: Vec<Duration> = (0..10)
-        .map(|_| Duration::from_millis(200 + splitmix64(&mut seed) % 11_800))
+    // Fixed seed: a failing trial is reproducible. The Job count at which each trial is killed:
+    // 1 to 11 of 12 (waves of 4).
+    let mut seed = 0x6b61_7461_u64;
+    let moments: Vec<usize> = (0..10)
+        .map(|_| 1 + (splitmix64(&mut seed) % 11) as usize)
         .collect();
     let trials = moments
         .iter()
