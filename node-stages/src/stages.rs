@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::artifacts;
-use crate::config::{NodeFacts, ValidConfig};
+use crate::config::{Install, NodeFacts, ValidConfig};
 use crate::cri::{self, CriContext};
 use crate::error::{Result, StageError};
 use crate::hostcheck::{self, Finding, Severity};
@@ -383,101 +383,9 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
     let install = env.cfg.install();
     let dir = install.state_dir();
     let mut lines = Vec::new();
-    let manifest: Option<ArtifactsManifest> = read_json(env.fs, &dir.join(ARTIFACTS_MANIFEST))?;
-    let artifacts = match &manifest {
-        None => {
-            lines.push(format!(
-                "artifacts: not installed ({} absent)",
-                dir.join(ARTIFACTS_MANIFEST).display()
-            ));
-            json!({"installed": false})
-        }
-        Some(m) => {
-            let (mut missing, mut modified) = (Vec::new(), Vec::new());
-            for (p, f) in &m.files {
-                match env.fs.sha256_file(p)? {
-                    None => missing.push(p.clone()),
-                    Some(h) if Some(&h) != f.sha256.as_ref() => modified.push(p.clone()),
-                    _ => {}
-                }
-            }
-            lines.push(format!(
-                "artifacts: {} files in {}{}; {} missing, {} modified",
-                m.files.len(),
-                install.prefix.display(),
-                if m.pending {
-                    " (install interrupted: re-run artifacts)"
-                } else {
-                    ""
-                },
-                missing.len(),
-                modified.len()
-            ));
-            for p in missing.iter().chain(&modified).take(10) {
-                lines.push(format!("  ! {}", p.display()));
-            }
-            json!({"installed": true, "files": m.files.len(), "pending": m.pending, "missing": missing, "modified": modified, "units": m.units})
-        }
-    };
-    let cri_state: Option<CriState> = read_json(env.fs, &dir.join(CRI_STATE))?;
-    let cri = match &cri_state {
-        None => {
-            lines.push("cri: not configured".into());
-            json!({"configured": false})
-        }
-        Some(s) => {
-            lines.push(format!(
-                "cri: {} via {}; handlers {}; runtime {}",
-                s.cri,
-                s.files
-                    .iter()
-                    .map(|f| f.path.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                s.handlers.join(", "),
-                match (&s.loaded, &s.pending) {
-                    (_, Some(_)) => "restart requested, not yet verified (re-run cri)",
-                    (Some(_), None) => "loaded the current configuration",
-                    (None, None) => "not yet restarted",
-                }
-            ));
-            serde_json::to_value(s).unwrap_or(Value::Null)
-        }
-    };
-    // Ask the running runtime itself which handlers it serves (the proof the config is loaded).
-    let served = cri::resolve_cri(env.fs, env.cfg, env.facts)
-        .ok()
-        .map(|k| env.fs.host(Path::new(cri::cri_socket(k))))
-        .filter(|s| s.exists())
-        .map(|sock| {
-            crate::cri_client::query_status(&sock, Duration::from_secs(3)).map(|r| r.handlers())
-        });
-    let runtime = match &served {
-        None => {
-            lines.push("runtime: CRI socket not found; cannot ask which handlers it serves".into());
-            Value::Null
-        }
-        Some(Err(e)) => {
-            lines.push(format!("runtime: {e}"));
-            json!({"error": e})
-        }
-        Some(Ok(h)) => {
-            let expected: Vec<String> = env
-                .cfg
-                .cfg
-                .shims
-                .iter()
-                .map(|s| install.handler_of(s))
-                .collect();
-            let missing: Vec<&String> = expected.iter().filter(|x| !h.contains(x)).collect();
-            lines.push(format!(
-                "runtime: serves {}; configured handlers missing: {:?}",
-                h.join(", "),
-                missing
-            ));
-            json!({"handlers": h, "missing": missing})
-        }
-    };
+    let artifacts = artifacts_status(env, &install, &mut lines)?;
+    let cri = cri_record_status(env, &dir, &mut lines)?;
+    let runtime = runtime_status(env, &install, &mut lines);
     lines.push(format!(
         "label: marker {} (query the node: kubectl get node {} --show-labels)",
         install.marker_label(),
@@ -489,6 +397,106 @@ pub fn status(env: &StageEnv) -> Result<StageReport> {
         details: json!({"artifacts": artifacts, "cri": cri, "runtime": runtime, "stateDir": dir}),
         planned: vec![],
     })
+}
+
+/// status, artifacts: the manifest's files against the host (missing, modified).
+fn artifacts_status(env: &StageEnv, install: &Install, lines: &mut Vec<String>) -> Result<Value> {
+    let path = install.state_dir().join(ARTIFACTS_MANIFEST);
+    let Some(m) = read_json::<ArtifactsManifest>(env.fs, &path)? else {
+        lines.push(format!(
+            "artifacts: not installed ({} absent)",
+            path.display()
+        ));
+        return Ok(json!({"installed": false}));
+    };
+    let (mut missing, mut modified) = (Vec::new(), Vec::new());
+    for (p, f) in &m.files {
+        match env.fs.sha256_file(p)? {
+            None => missing.push(p.clone()),
+            Some(h) if Some(&h) != f.sha256.as_ref() => modified.push(p.clone()),
+            _ => {}
+        }
+    }
+    let interrupted = if m.pending {
+        " (install interrupted: re-run artifacts)"
+    } else {
+        ""
+    };
+    lines.push(format!(
+        "artifacts: {} files in {}{interrupted}; {} missing, {} modified",
+        m.files.len(),
+        install.prefix.display(),
+        missing.len(),
+        modified.len()
+    ));
+    for p in missing.iter().chain(&modified).take(10) {
+        lines.push(format!("  ! {}", p.display()));
+    }
+    Ok(
+        json!({"installed": true, "files": m.files.len(), "pending": m.pending, "missing": missing, "modified": modified, "units": m.units}),
+    )
+}
+
+/// status, cri: what the cri stage's record says it wrote and whether the runtime loaded it.
+fn cri_record_status(env: &StageEnv, dir: &Path, lines: &mut Vec<String>) -> Result<Value> {
+    let Some(s) = read_json::<CriState>(env.fs, &dir.join(CRI_STATE))? else {
+        lines.push("cri: not configured".into());
+        return Ok(json!({"configured": false}));
+    };
+    let files: Vec<String> = s
+        .files
+        .iter()
+        .map(|f| f.path.display().to_string())
+        .collect();
+    let runtime = match (&s.loaded, &s.pending) {
+        (_, Some(_)) => "restart requested, not yet verified (re-run cri)",
+        (Some(_), None) => "loaded the current configuration",
+        (None, None) => "not yet restarted",
+    };
+    lines.push(format!(
+        "cri: {} via {}; handlers {}; runtime {runtime}",
+        s.cri,
+        files.join(", "),
+        s.handlers.join(", ")
+    ));
+    Ok(serde_json::to_value(&s).unwrap_or(Value::Null))
+}
+
+/// status, runtime: the handlers the running runtime serves, asked over the CRI (the proof the
+/// configuration is loaded), against the configured ones.
+fn runtime_status(env: &StageEnv, install: &Install, lines: &mut Vec<String>) -> Value {
+    let served = cri::resolve_cri(env.fs, env.cfg, env.facts)
+        .ok()
+        .map(|k| env.fs.host(Path::new(cri::cri_socket(k))))
+        .filter(|s| s.exists())
+        .map(|sock| {
+            crate::cri_client::query_status(&sock, Duration::from_secs(3)).map(|r| r.handlers())
+        });
+    match served {
+        None => {
+            lines.push("runtime: CRI socket not found; cannot ask which handlers it serves".into());
+            Value::Null
+        }
+        Some(Err(e)) => {
+            lines.push(format!("runtime: {e}"));
+            json!({"error": e})
+        }
+        Some(Ok(h)) => {
+            let missing: Vec<String> = env
+                .cfg
+                .cfg
+                .shims
+                .iter()
+                .map(|s| install.handler_of(s))
+                .filter(|x| !h.contains(x))
+                .collect();
+            lines.push(format!(
+                "runtime: serves {}; configured handlers missing: {missing:?}",
+                h.join(", ")
+            ));
+            json!({"handlers": h, "missing": missing})
+        }
+    }
 }
 
 /// Default payload location in the stage image.

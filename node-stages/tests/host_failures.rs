@@ -54,15 +54,7 @@ fn run(host: &Path, payload: &Path) -> kata_deploy_stage::error::Result<()> {
     let facts = facts(&f);
     let fs = HostFs::new(host, false);
     let rt = FakeRuntime::default();
-    let env = StageEnv {
-        cfg: &cfg,
-        facts: &facts,
-        fs: &fs,
-        payload_dir: payload,
-        restarter: &rt,
-        claims: &NoClaims,
-        lock_wait: std::time::Duration::from_secs(1),
-    };
+    let env = stage_env(&cfg, &facts, &fs, payload, &rt);
     run_artifacts(&env).map(drop)
 }
 
@@ -314,31 +306,10 @@ fn precise_mounts_suffice_for_day_two_transitions() {
 fn host_check_counts_a_release_payload_against_free_space() {
     let f = flavour("containerd-2.0");
     let host = make_host(&f);
-    let release = tempfile::tempdir().unwrap();
-    let dir = release.path().join("release");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-release-payload.sh");
-    let out = Command::new("timeout")
-        .args(["120", "bash"])
-        .arg(script)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = release_payload("4.x", "");
     let (cfg, facts, rt) = (config(ONE_SHIM), facts(&f), FakeRuntime::default());
     let fs = HostFs::new(host.path(), false);
-    let env = StageEnv {
-        cfg: &cfg,
-        facts: &facts,
-        fs: &fs,
-        payload_dir: &dir,
-        restarter: &rt,
-        claims: &NoClaims,
-        lock_wait: std::time::Duration::from_secs(1),
-    };
+    let env = stage_env(&cfg, &facts, &fs, &dir, &rt);
     let disk = |env: &StageEnv| {
         kata_deploy_stage::stages::host_check(env)
             .findings

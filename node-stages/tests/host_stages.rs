@@ -462,15 +462,7 @@ fn malformed_runtime_config_is_bad_input_and_changes_nothing() {
         let cfg = config(ONE_SHIM);
         let facts = facts(&f);
         let before = snapshot(host.path());
-        let env = kata_deploy_stage::stages::StageEnv {
-            cfg: &cfg,
-            facts: &facts,
-            fs: &fs,
-            payload_dir: &payload,
-            restarter: &rt,
-            claims: &kata_deploy_stage::stages::NoClaims,
-            lock_wait: std::time::Duration::from_secs(1),
-        };
+        let env = stage_env(&cfg, &facts, &fs, &payload, &rt);
         let e = kata_deploy_stage::stages::run_cri(&env).unwrap_err();
         assert_eq!(e.exit_code(), 2, "{name}: {e}");
         assert!(
@@ -502,15 +494,7 @@ fn corrupt_payload_is_bad_input_and_changes_nothing() {
     let cfg = config(ONE_SHIM);
     let facts = facts(&f);
     let rt = FakeRuntime::default();
-    let env = kata_deploy_stage::stages::StageEnv {
-        cfg: &cfg,
-        facts: &facts,
-        fs: &fs,
-        payload_dir: payload.path(),
-        restarter: &rt,
-        claims: &kata_deploy_stage::stages::NoClaims,
-        lock_wait: std::time::Duration::from_secs(1),
-    };
+    let env = stage_env(&cfg, &facts, &fs, payload.path(), &rt);
     let e = kata_deploy_stage::stages::run_artifacts(&env).unwrap_err();
     assert_eq!(e.exit_code(), 2);
     assert!(
@@ -825,15 +809,7 @@ fn a_node_whose_cri_directory_the_dispatcher_cannot_tell_fails_before_any_change
     let cfg = config(ONE_SHIM);
     let payload = payload_dir();
     let rt = FakeRuntime::default();
-    let env = kata_deploy_stage::stages::StageEnv {
-        cfg: &cfg,
-        facts: &facts,
-        fs: &fs,
-        payload_dir: &payload,
-        restarter: &rt,
-        claims: &kata_deploy_stage::stages::NoClaims,
-        lock_wait: std::time::Duration::from_secs(5),
-    };
+    let env = stage_env(&cfg, &facts, &fs, &payload, &rt);
     let report = kata_deploy_stage::stages::host_check(&env);
     let errors: Vec<String> = report.errors().iter().map(|f| format!("{f:?}")).collect();
     assert!(
@@ -878,15 +854,7 @@ fn cri_refuses_a_handler_whose_kernel_or_image_is_missing_and_changes_nothing() 
         let fs = HostFs::new(host.path(), false);
         let cfg = config(yaml);
         let payload = payload_dir();
-        let env = kata_deploy_stage::stages::StageEnv {
-            cfg: &cfg,
-            facts: &facts,
-            fs: &fs,
-            payload_dir: &payload,
-            restarter: &rt,
-            claims: &kata_deploy_stage::stages::NoClaims,
-            lock_wait: std::time::Duration::from_secs(5),
-        };
+        let env = stage_env(&cfg, &facts, &fs, &payload, &rt);
         kata_deploy_stage::stages::run_artifacts(&env).unwrap();
         if names.starts_with("image") {
             // What a release image without the rootfs component leaves: no image at all.

@@ -15,37 +15,6 @@ use common::*;
 use kata_deploy_stage::hostfs::HostFs;
 use kata_deploy_stage::stages::{self, NoClaims, StageEnv, StageReport};
 
-/// A release payload built once per (layout, variant) for this test binary.
-fn release(layout: &str, variant: &str) -> PathBuf {
-    static DIRS: std::sync::Mutex<BTreeMap<String, PathBuf>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    let key = format!("{layout}-{variant}");
-    let mut dirs = DIRS.lock().unwrap();
-    dirs.entry(key.clone())
-        .or_insert_with(|| {
-            // Under target/tmp (cargo's scratch for integration tests), not /tmp: nothing is
-            // left on the host (hack/test.sh checks /tmp for leftovers).
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("kata-release-{}-{key}", std::process::id()));
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-release-payload.sh");
-            let out = Command::new("timeout")
-                .args(["120", "bash"])
-                .arg(&script)
-                .arg(&dir)
-                .args(["--layout", layout, "--variant", variant])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "make-release-payload.sh failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            dir
-        })
-        .clone()
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     let st = Command::new("cp")
         .arg("-a")
@@ -102,7 +71,13 @@ fn release_4x_installs_only_what_the_shims_need_reruns_as_no_op_and_upgrades_exa
     let host = make_host(&flavour("containerd-2.0"));
     let before = snapshot(host.path());
     let h = |p: &str| host.path().join(p.trim_start_matches('/'));
-    let r = artifacts("artifacts", host.path(), QEMU_BOTH, &release("4.x", "")).unwrap();
+    let r = artifacts(
+        "artifacts",
+        host.path(),
+        QEMU_BOTH,
+        &release_payload("4.x", ""),
+    )
+    .unwrap();
     let files = written(&r);
     for want in [
         "/opt/kata/bin/containerd-shim-kata-v2",
@@ -143,12 +118,24 @@ fn release_4x_installs_only_what_the_shims_need_reruns_as_no_op_and_upgrades_exa
     assert!(h("/var/lib/kata-deploy/release-index.json").is_file());
 
     // Unchanged: nothing written, nothing removed.
-    let again = artifacts("artifacts", host.path(), QEMU_BOTH, &release("4.x", "")).unwrap();
+    let again = artifacts(
+        "artifacts",
+        host.path(),
+        QEMU_BOTH,
+        &release_payload("4.x", ""),
+    )
+    .unwrap();
     assert_eq!(written(&again), Vec::<String>::new(), "{}", again.summary);
     assert_eq!(again.details["removed"].as_array().unwrap().len(), 0);
 
     // A second release that changes the Go shim (and versions.yaml): exactly those files.
-    let up = artifacts("artifacts", host.path(), QEMU_BOTH, &release("4.x", "two")).unwrap();
+    let up = artifacts(
+        "artifacts",
+        host.path(),
+        QEMU_BOTH,
+        &release_payload("4.x", "two"),
+    )
+    .unwrap();
     assert_eq!(
         written(&up),
         [
@@ -167,7 +154,7 @@ fn release_4x_installs_only_what_the_shims_need_reruns_as_no_op_and_upgrades_exa
         "artifacts",
         host.path(),
         "shims:\n  - name: qemu\n",
-        &release("4.x", "two"),
+        &release_payload("4.x", "two"),
     )
     .unwrap();
     let removed: Vec<&str> = one.details["removed"]
@@ -186,7 +173,7 @@ fn release_4x_installs_only_what_the_shims_need_reruns_as_no_op_and_upgrades_exa
         "remove-artifacts",
         host.path(),
         "shims:\n  - name: qemu\n",
-        &release("4.x", "two"),
+        &release_payload("4.x", "two"),
     )
     .unwrap();
     let after = snapshot(host.path());
@@ -206,7 +193,7 @@ fn the_remote_shim_needs_only_its_shim_component() {
         "artifacts",
         host.path(),
         "shims:\n  - name: remote\n",
-        &release("4.x", ""),
+        &release_payload("4.x", ""),
     )
     .unwrap();
     let files = written(&r);
@@ -226,7 +213,7 @@ fn the_remote_shim_needs_only_its_shim_component() {
 fn release_3_32_under_a_custom_prefix_and_suffix() {
     let host = make_host(&flavour("containerd-2.0"));
     let yaml = "installPrefix: /opt/kata-rel\nmultiInstallSuffix: t\nshims:\n  - name: qemu\n  - name: clh\n";
-    let r = artifacts("artifacts", host.path(), yaml, &release("3.32", "")).unwrap();
+    let r = artifacts("artifacts", host.path(), yaml, &release_payload("3.32", "")).unwrap();
     let files = written(&r);
     assert!(
         files.iter().all(|f| f.starts_with("/opt/kata-rel-t/")),
@@ -331,7 +318,7 @@ fn evil_tarball(path: &Path, name: &str, kind: tar::EntryType, link: &str) {
 #[test]
 fn bad_release_tarballs_fail_before_any_host_change() {
     let work = tempfile::tempdir().unwrap();
-    let good = release("4.x", "");
+    let good = release_payload("4.x", "");
     let variant = |name: &str| {
         let d = work.path().join(name);
         copy_dir(&good, &d);
@@ -389,7 +376,7 @@ fn bad_release_tarballs_fail_before_any_host_change() {
     // A shim the release does not ship (3.32 has no openvmm).
     assert_refused(
         "shim not in release",
-        &release("3.32", ""),
+        &release_payload("3.32", ""),
         "shims:\n  - name: openvmm-azure-runtime-rs\n",
         &["openvmm-azure-runtime-rs", "shim-components.json"],
     );
@@ -461,7 +448,7 @@ fn tarball_of(path: &Path, entries: &[(&str, tar::EntryType, &str, &[u8])]) {
 fn hard_links_and_duplicate_entries_install_as_tar_would() {
     let work = tempfile::tempdir().unwrap();
     let d = work.path().join("rel");
-    copy_dir(&release("4.x", ""), &d);
+    copy_dir(&release_payload("4.x", ""), &d);
     tarball_of(
         &d.join("tarballs/kata-static-virtiofsd.tar.zst"),
         &[
@@ -502,7 +489,7 @@ fn hard_links_and_duplicate_entries_install_as_tar_would() {
 #[test]
 fn an_unchanged_tarball_is_compared_from_the_cached_index_without_decompressing_it() {
     use kata_deploy_stage::release_io::{open_release, sha256_path, tarball_path};
-    let dir = release("4.x", "");
+    let dir = release_payload("4.x", "");
     let open = |cache: &BTreeMap<String, kata_deploy_stage::release::ComponentIndex>| {
         open_release(&dir, &["qemu"], "amd64", cache, false).unwrap()
     };

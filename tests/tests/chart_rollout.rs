@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{bail, Context, Result};
-use common::{labels_of, mtimes, nodes_as, Bed, KATA_LABEL};
+use common::{helm_uninstall, labels_of, mtimes, nodes_as, Bed, KATA_LABEL};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kata_testbed::cluster::{repo_root, wait_until, SimNode, TestCluster};
@@ -289,18 +289,7 @@ async fn node_state_and_rollout_summary_follow_install_failure_and_uninstall() -
     );
     assert!(s["failedNodes"].get(local[0].as_str()).is_none(), "{s:?}");
 
-    let (ok, out) = cluster
-        .run_helm(&[
-            "uninstall",
-            "kata-deploy",
-            "--namespace",
-            ns,
-            "--wait",
-            "--timeout",
-            "3m",
-        ])
-        .await?;
-    assert!(ok, "helm uninstall failed: {out}");
+    helm_uninstall(cluster, ns).await?;
     assert_eq!(
         recorder.of(&local[0]),
         [
@@ -468,18 +457,7 @@ async fn startup_taints_are_lifted_and_the_node_token_can_remove_nothing_else() 
     assert!(r.is_ok(), "its own node's startup taint: {r:?}");
     assert_eq!(taints_of(nodes, &sim[0]).await?, lifted);
 
-    let (ok, out) = cluster
-        .run_helm(&[
-            "uninstall",
-            "kata-deploy",
-            "--namespace",
-            ns,
-            "--wait",
-            "--timeout",
-            "3m",
-        ])
-        .await?;
-    assert!(ok, "helm uninstall failed: {out}");
+    helm_uninstall(cluster, ns).await?;
     bed.kubelet.shutdown().await;
     Ok(())
 }
@@ -680,18 +658,7 @@ async fn a_node_added_after_install_is_installed_by_the_reconcile_cronjob() -> R
     jobs.delete("hook-standin", &kube::api::DeleteParams::background())
         .await?;
 
-    let (ok, out) = cluster
-        .run_helm(&[
-            "uninstall",
-            "kata-deploy",
-            "--namespace",
-            ns,
-            "--wait",
-            "--timeout",
-            "3m",
-        ])
-        .await?;
-    assert!(ok, "helm uninstall failed: {out}");
+    helm_uninstall(cluster, ns).await?;
     assert!(
         cjs.get_opt(&cronjob).await?.is_none(),
         "the CronJob is gone"
@@ -853,18 +820,7 @@ async fn a_flapping_selection_label_retires_nothing_and_narrowing_retires_only_w
     );
     set_label(nodes, &local[1], "kata-test/group", Some(ns)).await?;
 
-    let (ok, out) = cluster
-        .run_helm(&[
-            "uninstall",
-            "kata-deploy",
-            "--namespace",
-            ns,
-            "--wait",
-            "--timeout",
-            "3m",
-        ])
-        .await?;
-    assert!(ok, "helm uninstall failed: {out}");
+    helm_uninstall(cluster, ns).await?;
     for n in local {
         assert_eq!(
             kata_marks(nodes, n, &suffix).await?,

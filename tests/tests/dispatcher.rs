@@ -1218,7 +1218,29 @@ async fn a_node_waits_until_the_pod_of_an_earlier_job_is_gone() -> Result<()> {
             .any(|(_, n)| *n == c.nodes[1]))
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The other node's Job (2 s) completes and frees a slot: a dispatcher that ignored the
+    // leftover pod would have started node 0 long before (5 slots, 2 nodes).
+    let jobs: Api<Job> = Api::namespaced(c.cluster.client.clone(), &c.env.namespace);
+    wait_until(
+        Duration::from_secs(60),
+        "the other node's Job Complete",
+        || async {
+            Ok(jobs
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .any(|j| {
+                    j.spec
+                        .as_ref()
+                        .and_then(|s| s.template.spec.as_ref())
+                        .and_then(|p| p.node_name.as_deref())
+                        == Some(c.nodes[1].as_str())
+                        && j.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
+                }))
+        },
+    )
+    .await?;
     assert!(
         !jobs_by_node(&c.cluster, &c.env.namespace)
             .await?

@@ -67,6 +67,37 @@ fn remove_payloads_of_dead_processes(root: &Path) {
     }
 }
 
+/// A release payload built once per (layout, variant) for this test binary.
+pub fn release_payload(layout: &str, variant: &str) -> PathBuf {
+    static DIRS: std::sync::Mutex<BTreeMap<String, PathBuf>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let key = format!("{layout}-{variant}");
+    let mut dirs = DIRS.lock().unwrap();
+    dirs.entry(key.clone())
+        .or_insert_with(|| {
+            // Under target/tmp (cargo's scratch for integration tests), not /tmp: nothing is
+            // left on the host (hack/test.sh checks /tmp for leftovers).
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("kata-release-{}-{key}", std::process::id()));
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/make-release-payload.sh");
+            let out = std::process::Command::new("timeout")
+                .args(["120", "bash"])
+                .arg(&script)
+                .arg(&dir)
+                .args(["--layout", layout, "--variant", variant])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "make-release-payload.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            dir
+        })
+        .clone()
+}
+
 /// A node flavour: which files exist before the install and what the kubelet reports.
 #[derive(Clone, Debug)]
 pub struct Flavour {
@@ -390,6 +421,25 @@ pub fn facts(f: &Flavour) -> NodeFacts {
     }
 }
 
+/// The environment the tests run stages in: no claim label, a short host-lock wait.
+pub fn stage_env<'a>(
+    cfg: &'a ValidConfig,
+    facts: &'a NodeFacts,
+    fs: &'a HostFs,
+    payload_dir: &'a Path,
+    restarter: &'a dyn Restarter,
+) -> StageEnv<'a> {
+    StageEnv {
+        cfg,
+        facts,
+        fs,
+        payload_dir,
+        restarter,
+        claims: &NoClaims,
+        lock_wait: Duration::from_secs(5),
+    }
+}
+
 /// Runs the install host stages (artifacts, cri, prune-artifacts) against a host root.
 pub fn install(
     fs: &HostFs,
@@ -398,15 +448,7 @@ pub fn install(
     rt: &dyn Restarter,
 ) -> Result<Vec<StageReport>> {
     let payload = payload_dir();
-    let env = StageEnv {
-        cfg,
-        facts,
-        fs,
-        payload_dir: &payload,
-        restarter: rt,
-        claims: &NoClaims,
-        lock_wait: Duration::from_secs(5),
-    };
+    let env = stage_env(cfg, facts, fs, &payload, rt);
     Ok(vec![
         stages::run_artifacts(&env)?,
         stages::run_cri(&env)?,
@@ -422,15 +464,7 @@ pub fn uninstall(
     rt: &dyn Restarter,
 ) -> Result<Vec<StageReport>> {
     let payload = payload_dir();
-    let env = StageEnv {
-        cfg,
-        facts,
-        fs,
-        payload_dir: &payload,
-        restarter: rt,
-        claims: &NoClaims,
-        lock_wait: Duration::from_secs(5),
-    };
+    let env = stage_env(cfg, facts, fs, &payload, rt);
     Ok(vec![
         stages::run_revert_cri(&env)?,
         stages::run_remove_artifacts(&env)?,

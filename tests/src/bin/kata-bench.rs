@@ -150,7 +150,7 @@ async fn run_dispatcher(env: &DispatcherEnv, flags: &[&str]) -> Result<Run> {
         .context("spawning the dispatcher")?;
     let pid = child.id() as i32;
     let hwm = watch_vm_hwm(pid);
-    let (status, _) = tokio::task::spawn_blocking(move || wait_with_rusage(pid)).await??;
+    let status = tokio::task::spawn_blocking(move || wait_exit(pid)).await??;
     // Not rusage's ru_maxrss: after exec it also counts the forking process's resident set
     // (this benchmark's own watches of thousands of objects), whatever the dispatcher used.
     let maxrss_kib = hwm.load(std::sync::atomic::Ordering::Relaxed) as i64;
@@ -275,21 +275,19 @@ fn watch_vm_hwm(pid: i32) -> Arc<std::sync::atomic::AtomicU64> {
     hwm
 }
 
-/// Waits for `pid` and returns (exit code, peak resident set in KiB) from the kernel's rusage.
-fn wait_with_rusage(pid: i32) -> Result<(i32, i64)> {
+/// Waits for `pid` and returns its exit code (128 + signal when killed).
+fn wait_exit(pid: i32) -> Result<i32> {
     let mut status = 0;
-    // SAFETY: plain wait4 on our own child; rusage is a plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    // SAFETY: plain waitpid on our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
     if r < 0 {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+        bail!("waitpid failed: {}", std::io::Error::last_os_error());
     }
-    let code = if libc::WIFEXITED(status) {
+    Ok(if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {
         128 + libc::WTERMSIG(status)
-    };
-    Ok((code, usage.ru_maxrss))
+    })
 }
 
 fn first_job_watch(cluster: &TestCluster, ns: &str) -> Arc<Mutex<Option<Instant>>> {

@@ -177,3 +177,20 @@ pub fn mtimes(root: &std::path::Path) -> Result<BTreeMap<String, (String, std::t
         })
         .collect()
 }
+
+/// `helm uninstall kata-deploy --wait` in `ns` (3 minutes at most); fails with helm's output.
+pub async fn helm_uninstall(cluster: &TestCluster, ns: &str) -> Result<()> {
+    let (ok, out) = cluster
+        .run_helm(&[
+            "uninstall",
+            "kata-deploy",
+            "--namespace",
+            ns,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .await?;
+    anyhow::ensure!(ok, "helm uninstall failed: {out}");
+    Ok(())
+}
