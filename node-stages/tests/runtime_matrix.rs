@@ -874,3 +874,36 @@ fn k3s_template_of_two_installs_renders_and_loads_in_containerd_1_7() {
         "/opt/kata-a/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml"
     );
 }
+
+/// Every socket a matrix containerd listens on stays in its work dir. containerd 2.4's
+/// `config default` names its ttrpc socket (`/run/containerd/containerd.sock.ttrpc`) instead of
+/// deriving it from `--address`: two cases of the matrix running at once then shared one host
+/// path, and a start could lose the unlink/bind race (CI run 12: "containerd 2.4.2 did not
+/// become ready").
+#[test]
+fn a_matrix_containerd_on_its_default_config_listens_only_in_its_work_dir() {
+    for bin in matrix_bins() {
+        let work = tempfile::Builder::new()
+            .prefix("kata-matrix-sock")
+            .tempdir()
+            .unwrap();
+        let host = bare_host(work.path());
+        std::fs::write(
+            host.join("etc/containerd/config.toml"),
+            bin.config_default(),
+        )
+        .unwrap();
+        let ctd = RealContainerd::new(bin.clone(), &host, work.path());
+        ctd.start();
+        ctd.wait_ready();
+        let ttrpc = ctd.sock.with_extension("sock.ttrpc");
+        let exists = ttrpc.exists();
+        ctd.stop();
+        assert!(
+            exists,
+            "containerd {} did not listen on {} (its config's own ttrpc address won)",
+            bin.label,
+            ttrpc.display()
+        );
+    }
+}

@@ -213,12 +213,38 @@ impl RealContainerd {
                         arr.push(x);
                     }
                 }
+                self.confine_listeners(&mut doc);
                 doc.to_string()
             }
             Err(_) => text,
         };
         std::fs::write(&out, mapped).unwrap();
         out
+    }
+
+    /// Points the sockets a config names (containerd 2.4's `config default` names its ttrpc
+    /// socket) at this instance's work dir, as `--address` does for the gRPC one: cases running
+    /// at once must not share a host path.
+    fn confine_listeners(&self, doc: &mut toml_edit::DocumentMut) {
+        let sock = self.sock.display().to_string();
+        let plugins = doc.get_mut("plugins").and_then(|p| p.as_table_like_mut());
+        let Some(plugins) = plugins else { return };
+        for (plugin, suffix) in [
+            ("io.containerd.server.v1.grpc", ""),
+            ("io.containerd.server.v1.ttrpc", ".ttrpc"),
+            ("io.containerd.server.v1.debug", ".debug"),
+        ] {
+            let Some(addr) = plugins
+                .get_mut(plugin)
+                .and_then(|t| t.as_table_like_mut())
+                .and_then(|t| t.get_mut("address"))
+            else {
+                continue;
+            };
+            if addr.as_str().is_some_and(|a| !a.is_empty()) {
+                *addr = toml_edit::value(format!("{sock}{suffix}"));
+            }
+        }
     }
 
     /// `config dump` of what the host's config makes containerd load now.
