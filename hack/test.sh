@@ -70,6 +70,8 @@ for p in json.load(sys.stdin)["packages"]:
 
 if [ "$only" = all ] || [ "$only" = lint ]; then
   suite lint 600 bash -c 'cargo fmt --all -- --check && cargo clippy --workspace --all-targets --locked -- -D warnings'
+  # Advisories (vendored RustSec snapshot), licences, duplicate versions, sources: deny.toml.
+  suite deny 300 bash hack/deny.sh
 fi
 if [ "$only" = all ] || [ "$only" = rust ]; then
   # Unit tests and doc tests, then each integration-test target as its own bounded suite.

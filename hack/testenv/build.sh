@@ -114,4 +114,5 @@ build_kubernetes
 build_kube_command kubelet
 build_kube_command kubectl
 for v in $CONTAINERD_VERSIONS; do build_containerd "$v"; done
+bash "$REPO_ROOT/hack/deny.sh" install
 log "test bed ready in $TESTENV_BIN ($(( $(date +%s) - start ))s)"
