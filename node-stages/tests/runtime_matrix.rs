@@ -689,6 +689,8 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
                 .map(move |s| (b, *s))
         })
         .collect();
+    let host_nri = Path::new("/run/nri/nri.sock");
+    let host_nri_before = host_nri.exists();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut results: Vec<(usize, String, Shape, Outcome)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
@@ -734,6 +736,10 @@ fn cri_stage_on_every_containerd_and_root_config_shape() {
     ));
     eprintln!("{table}");
     assert!(failed.is_empty(), "{table}\n{}", failed.join("\n"));
+    assert!(
+        host_nri_before || !host_nri.exists(),
+        "a matrix containerd put its NRI socket on the host's /run/nri (cases at once would share it)"
+    );
 }
 
 /// containerd's own merge semantics, which the drop-in schema choice relies on: under a
@@ -898,12 +904,22 @@ fn a_matrix_containerd_on_its_default_config_listens_only_in_its_work_dir() {
         ctd.wait_ready();
         let ttrpc = ctd.sock.with_extension("sock.ttrpc");
         let exists = ttrpc.exists();
+        // NRI is on by default since 2.0 (1.7 ships it disabled, 1.6 has none).
+        let nri_enabled = bin.major_minor().0 >= 2;
+        let nri = ctd.sock.with_extension("sock.nri");
+        let nri_exists = nri.exists();
         ctd.stop();
         assert!(
             exists,
             "containerd {} did not listen on {} (its config's own ttrpc address won)",
             bin.label,
             ttrpc.display()
+        );
+        assert!(
+            !nri_enabled || nri_exists,
+            "containerd {} did not put its NRI socket at {} (its config's own path won)",
+            bin.label,
+            nri.display()
         );
     }
 }

@@ -191,7 +191,9 @@ impl RealContainerd {
         let out = self.work.join("effective-config.toml");
         let fs = HostFs::new(&self.host, false);
         let Some(bytes) = fs.read(Path::new(MAIN_CONFIG)).unwrap() else {
-            std::fs::write(&out, "").unwrap();
+            let mut doc = toml_edit::DocumentMut::new();
+            self.confine_listeners(&mut doc);
+            std::fs::write(&out, doc.to_string()).unwrap();
             return out;
         };
         let text = String::from_utf8(bytes).unwrap();
@@ -223,21 +225,43 @@ impl RealContainerd {
     }
 
     /// Points the sockets a config names (containerd 2.4's `config default` names its ttrpc
-    /// socket) at this instance's work dir, as `--address` does for the gRPC one: cases running
-    /// at once must not share a host path.
+    /// socket; 1.7+ name NRI's) at this instance's work dir, as `--address` does for the gRPC
+    /// one: cases running at once must not share a host path.
     fn confine_listeners(&self, doc: &mut toml_edit::DocumentMut) {
         let sock = self.sock.display().to_string();
+        if self.bin.major_minor().0 >= 2 {
+            // NRI is on by default since 2.0, at /var/run/nri/nri.sock when no config names it
+            // (the full plugin ID is honoured in every config version).
+            let implicit = || {
+                let mut t = toml_edit::Table::new();
+                t.set_implicit(true);
+                toml_edit::Item::Table(t)
+            };
+            let nri = doc
+                .entry("plugins")
+                .or_insert_with(implicit)
+                .as_table_like_mut()
+                .and_then(|p| {
+                    p.entry("io.containerd.nri.v1.nri")
+                        .or_insert(toml_edit::table())
+                        .as_table_like_mut()
+                });
+            if let Some(nri) = nri.filter(|n| n.get("socket_path").is_none()) {
+                nri.insert("socket_path", toml_edit::value(format!("{sock}.nri")));
+            }
+        }
         let plugins = doc.get_mut("plugins").and_then(|p| p.as_table_like_mut());
         let Some(plugins) = plugins else { return };
-        for (plugin, suffix) in [
-            ("io.containerd.server.v1.grpc", ""),
-            ("io.containerd.server.v1.ttrpc", ".ttrpc"),
-            ("io.containerd.server.v1.debug", ".debug"),
+        for (plugin, key, suffix) in [
+            ("io.containerd.server.v1.grpc", "address", ""),
+            ("io.containerd.server.v1.ttrpc", "address", ".ttrpc"),
+            ("io.containerd.server.v1.debug", "address", ".debug"),
+            ("io.containerd.nri.v1.nri", "socket_path", ".nri"),
         ] {
             let Some(addr) = plugins
                 .get_mut(plugin)
                 .and_then(|t| t.as_table_like_mut())
-                .and_then(|t| t.get_mut("address"))
+                .and_then(|t| t.get_mut(key))
             else {
                 continue;
             };
