@@ -4,7 +4,7 @@
 # integration), the chart tests and the image tests. Exits non-zero if any suite failed.
 #
 #   hack/test.sh            all suites
-#   hack/test.sh rust       only the Rust tests (also: lint, bench, chart, images)
+#   hack/test.sh rust       only the Rust tests (also: lint, deny, bench, chart, images, demo)
 # Every suite (each Rust integration-test target is one) runs under its own time limit inside a
 # whole-run budget (hack/testenv/suites.sh); the end prints each suite's wall time.
 #   hack/test.sh reliability  the fault-tolerance and bad-input suite (RELIABILITY.md)
@@ -70,6 +70,8 @@ for p in json.load(sys.stdin)["packages"]:
 
 if [ "$only" = all ] || [ "$only" = lint ]; then
   suite lint 600 bash -c 'cargo fmt --all -- --check && cargo clippy --workspace --all-targets --locked -- -D warnings'
+fi
+if [ "$only" = all ] || [ "$only" = lint ] || [ "$only" = deny ]; then
   # Advisories (vendored RustSec snapshot), licences, duplicate versions, sources: deny.toml.
   suite deny 300 bash hack/deny.sh
 fi
@@ -96,6 +98,10 @@ if [ "$only" = all ] || [ "$only" = chart ]; then
 fi
 if [ "$only" = all ] || [ "$only" = images ]; then
   suite images 300 bash hack/test-images.sh --no-build
+fi
+if [ "$only" = all ] || [ "$only" = demo ]; then
+  # The README's first command: its own control plane, real and simulated nodes, the real chart.
+  suite demo 1200 bash hack/test-demo.sh
 fi
 bash hack/testenv/stop.sh "$state" >&2 || log "stopping the test cluster failed"
 if [ "$only" = all ]; then

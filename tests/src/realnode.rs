@@ -311,6 +311,48 @@ pub fn stopped_stage_pid() -> Result<Option<u32>> {
     Ok(None)
 }
 
+/// The test bed's iptables rules (comment kata-testbed) that could touch the host's own traffic:
+/// each must match only the test bed's bridges or addresses ([`rule_is_confined`]).
+pub fn unconfined_rules() -> Vec<String> {
+    let mut out = Vec::new();
+    for table in ["filter", "nat"] {
+        let listing = Command::new("iptables")
+            .args(["-w", "-t", table, "-S"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.extend(
+            listing
+                .lines()
+                .filter(|l| l.contains("kata-testbed") && !rule_is_confined(l))
+                .map(|l| format!("{table}: {l}")),
+        );
+    }
+    out
+}
+
+/// Whether an `iptables -S` rule matches only packets from the test bed's bridges (`-i kbr…`)
+/// or to its own addresses (a `-d` inside 198.18.0.0/15, hack/testenv/lib.sh).
+pub fn rule_is_confined(rule: &str) -> bool {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    // A flag's value, unless the match is negated (`! -o kbr+`).
+    let arg = |flag: &str| {
+        (0..words.len().saturating_sub(1))
+            .find(|&i| words[i] == flag && (i == 0 || words[i - 1] != "!"))
+            .map(|i| words[i + 1])
+    };
+    if arg("-i").is_some_and(|i| i.starts_with("kbr")) {
+        return true;
+    }
+    let Some((ip, len)) = arg("-d").and_then(|d| d.split_once('/')) else {
+        return false;
+    };
+    let (Ok(ip), Ok(len)) = (ip.parse::<std::net::Ipv4Addr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    len >= 15 && u32::from(ip) >> 17 == u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) >> 17
+}
+
 /// Whether the machine has no leftovers of real nodes: no node mounts, cgroups, bridges or
 /// test-bed firewall rules (checked after teardown).
 pub fn leftovers() -> Vec<String> {
@@ -363,4 +405,30 @@ pub fn file_identity(path: &Path) -> Result<(Vec<u8>, u32, u32, u32)> {
     let meta =
         std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
     Ok((std::fs::read(path)?, meta.mode(), meta.uid(), meta.gid()))
+}
+
+#[cfg(test)]
+mod confinement_tests {
+    use super::rule_is_confined;
+
+    #[test]
+    fn only_rules_on_the_test_beds_bridges_or_addresses_are_confined() {
+        for r in [
+            "-A OUTPUT -d 198.18.0.0/24 -m comment --comment kata-testbed -j REJECT",
+            "-A FORWARD -i kbr+ ! -o kbr+ -m comment --comment kata-testbed -j DROP",
+            "-A OUTPUT -d 198.18.0.1/32 -p tcp -m tcp --dport 443 -j DNAT --to-destination 127.0.0.1:1",
+            "-A FORWARD -d 198.19.3.0/24 -j DROP",
+        ] {
+            assert!(rule_is_confined(r), "{r}");
+        }
+        for r in [
+            "-A OUTPUT -d 10.0.0.0/24 -m comment --comment kata-testbed -j REJECT",
+            "-A FORWARD -s 10.244.0.0/16 ! -o kbr+ -m comment --comment kata-testbed -j DROP",
+            "-A FORWARD ! -i kbr+ -j DROP",
+            "-A OUTPUT -d 198.0.0.0/8 -j REJECT",
+            "-A OUTPUT -j REJECT",
+        ] {
+            assert!(!rule_is_confined(r), "{r}");
+        }
+    }
 }

@@ -321,7 +321,8 @@ fn kill_test_bed(cluster: &TestCluster, node: &RealNode) -> Result<()> {
 
 /// A run killed mid-test leaves its real node's overlay root, bridge and Service mapping on the
 /// machine (CI once inherited them and every real-node suite refused to start). The next real node
-/// started on the machine reaps what dead test beds left, and nothing of a live one.
+/// started on the machine reaps what dead test beds left, and nothing of a live one. While the live
+/// node runs, the containment rules match only the test bed's own bridges and addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_runs_real_node_is_reaped_when_the_next_one_starts() -> Result<()> {
     if !require_real_nodes(&["debian"]) {
@@ -350,6 +351,12 @@ async fn a_killed_runs_real_node_is_reaped_when_the_next_one_starts() -> Result<
     assert!(
         std::path::Path::new("/sys/class/net/kbr23").exists(),
         "the live node keeps its bridge"
+    );
+    let unconfined = kata_testbed::realnode::unconfined_rules();
+    assert!(
+        unconfined.is_empty(),
+        "while real nodes run, every test-bed rule matches only the test bed's bridges or \
+         addresses (the host's own traffic is never touched): {unconfined:?}"
     );
     drop(next);
     drop(node);

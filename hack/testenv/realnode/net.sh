@@ -2,13 +2,15 @@
 # The network of the real nodes (no kube-proxy in the test bed):
 #
 #   net.sh up STATE INDEX     bridge kbrINDEX for that node's pods, and the `kubernetes` Service
-#                             IP (10.0.0.1:443) mapped to the loopback API server of STATE, for
+#                             IP ($TESTBED_SERVICE_IP:443) mapped to the loopback API server of STATE, for
 #                             pods (PREROUTING on the bridges) and the nodes themselves (OUTPUT)
 #   net.sh down STATE INDEX   removes the bridge, and the rules of STATE when no node is left
 #
 # Containment: nothing addressed to the Service range or sent by a pod leaves the machine —
-# traffic from pod subnets may only go to another test-bed bridge or be delivered locally, and the
-# Service range is rejected unless mapped. Every rule carries the comment kata-testbed.
+# traffic from the test-bed bridges may only go to another test-bed bridge or be delivered
+# locally, and the Service range is rejected unless mapped. Every rule matches only the test
+# bed's own addresses (lib.sh: a reserved benchmarking range) or its kbr* bridges, so the host's
+# own traffic is never touched; each carries the comment kata-testbed.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/../lib.sh"
@@ -33,11 +35,11 @@ unrule() { # TABLE CHAIN ARGS...: delete if present
 service_rules() { # add|del
   local f=rule; [ "$1" = del ] && f=unrule
   # Order matters for `-I 1`: the REJECT/DROP guards are added first so the DNATs sit above them.
-  $f filter OUTPUT -d 10.0.0.0/24 -j REJECT
-  $f filter FORWARD -s 10.244.0.0/16 ! -o kbr+ -j DROP
-  $f filter FORWARD -d 10.0.0.0/24 -j DROP
-  $f nat OUTPUT -d 10.0.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "127.0.0.1:$api_port"
-  $f nat PREROUTING -i kbr+ -d 10.0.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "127.0.0.1:$api_port"
+  $f filter OUTPUT -d "$TESTBED_SERVICE_CIDR" -j REJECT
+  $f filter FORWARD -i kbr+ ! -o kbr+ -j DROP
+  $f filter FORWARD -d "$TESTBED_SERVICE_CIDR" -j DROP
+  $f nat OUTPUT -d "$TESTBED_SERVICE_IP/32" -p tcp --dport 443 -j DNAT --to-destination "127.0.0.1:$api_port"
+  $f nat PREROUTING -i kbr+ -d "$TESTBED_SERVICE_IP/32" -p tcp --dport 443 -j DNAT --to-destination "127.0.0.1:$api_port"
 }
 
 case "$cmd" in

@@ -16,7 +16,7 @@
 #                                            (namespace k8s.io) under each image NAME
 #
 # Each node has its own hostname, machine-id, /etc/containerd/config.toml, kubelet port, pod
-# subnet (10.244.INDEX.0/24 on bridge kbrINDEX) and cgroup subtree (/kata-node-NAME in every v1
+# subnet (TESTBED_POD_NET.INDEX.0/24 of lib.sh, on bridge kbrINDEX) and cgroup subtree (/kata-node-NAME in every v1
 # hierarchy). The network is the machine's (the loopback API server must be reachable); pods reach
 # the API server through the `kubernetes` Service IP, which net.sh maps to it (no kube-proxy).
 # Everything lives under STATE/nodes/NAME; `stop` leaves no mount, cgroup, bridge or process.
@@ -201,7 +201,7 @@ current-context: testbed"
   # Pod network: a bridge per node; pods reach the API server through the Service IP (net.sh).
   write /etc/cni/net.d/10-testbed.conflist "{\"cniVersion\": \"1.0.0\", \"name\": \"testbed\", \"plugins\": [
   {\"type\": \"bridge\", \"bridge\": \"kbr$index\", \"isGateway\": true, \"ipMasq\": false,
-   \"ipam\": {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"10.244.$index.0/24\"}]], \"routes\": [{\"dst\": \"0.0.0.0/0\"}]}},
+   \"ipam\": {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"$TESTBED_POD_NET.$index.0/24\"}]], \"routes\": [{\"dst\": \"0.0.0.0/0\"}]}},
   {\"type\": \"loopback\"}]}"
   mkdir -p "$dir/upper/opt/cni" && ln -sfn /usr/lib/cni "$dir/upper/opt/cni/bin"
   bash "$HERE/net.sh" up "$state" "$index"
