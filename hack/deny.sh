@@ -52,7 +52,7 @@ stage_db() {
   local config=$1 path snap_date
   read -r _ _ snap_date <"$ADVISORIES/SNAPSHOT"
   # Where cargo-deny looks for db-urls' database under db-path (a hash of the URL): ask it.
-  path=$("$DENY" -L debug --offline --locked --config "$config" check advisories 2>&1 |
+  path=$(timeout 120 "$DENY" -L debug --offline --locked --config "$config" check advisories 2>&1 |
     sed -n "s/.*Opening advisory database at '\([^']*\)'.*/\1/p" | head -1) || true
   [ -n "$path" ] || die "cargo-deny $DENY_VERSION did not say where it opens the advisory database"
   mkdir -p "$path"
