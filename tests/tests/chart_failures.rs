@@ -21,6 +21,14 @@ use std::time::Duration;
 /// it, after the artifacts stage and the claim).
 const CUSTOM_KERNEL: &str = "opt/custom-kernel/vmlinux";
 
+/// Puts [`CUSTOM_KERNEL`] on a node's host root; returns its path.
+fn put_custom_kernel(host: &Path) -> Result<PathBuf> {
+    let kernel = host.join(CUSTOM_KERNEL);
+    std::fs::create_dir_all(kernel.parent().expect("has a parent"))?;
+    std::fs::write(&kernel, b"a guest kernel")?;
+    Ok(kernel)
+}
+
 /// The chart's arguments for this test's release: its own suffix (RuntimeClasses are
 /// cluster-scoped), qemu only, with the drop-in naming [`CUSTOM_KERNEL`].
 fn release_args(bed: &Bed, suffix: &str) -> Vec<String> {
@@ -64,6 +72,29 @@ async fn helm(
 /// The install's file manifest on a node's host root.
 fn manifest(host: &Path, suffix: &str) -> PathBuf {
     host.join(format!("var/lib/kata-deploy-{suffix}/installed-files.json"))
+}
+
+/// Corrupts the install manifest under `host`; returns its path and bytes (putting them back is
+/// the fix). Every cleanup of that node then fails: the stage refuses a corrupt state file.
+fn corrupt_manifest(host: &Path, suffix: &str) -> Result<(PathBuf, Vec<u8>)> {
+    let path = manifest(host, suffix);
+    let bytes = std::fs::read(&path)?;
+    std::fs::write(&path, b"{ not json")?;
+    Ok((path, bytes))
+}
+
+/// Asserts that the failed dispatcher Job and the failed cleanup Job of `node` both stay.
+async fn assert_kept_for_inspection(jobs: &Api<Job>, dispatcher: &str, node: &str) -> Result<()> {
+    assert!(
+        job_failed(jobs, dispatcher).await?,
+        "the failed dispatcher Job {dispatcher} stays for inspection"
+    );
+    let node_job = format!("kata-deploy-cleanup-{node}");
+    assert!(
+        job_failed(jobs, &node_job).await?,
+        "{node_job} stays, failed, with its pod's log"
+    );
+    Ok(())
 }
 
 /// Whether Job `name` exists with a `Failed=True` condition.
@@ -110,9 +141,7 @@ async fn a_half_installed_node_is_cleaned_on_uninstall_and_a_failed_cleanup_stay
     let (cluster, ns, local) = (&bed.cluster, bed.ns.as_str(), &bed.local);
     let suffix = ns.replacen("halfinst-", "hi", 1);
     let (good, half) = (&local[0], &local[1]);
-    let kernel = bed.hosts.join(good).join(CUSTOM_KERNEL);
-    std::fs::create_dir_all(kernel.parent().expect("has a parent"))?;
-    std::fs::write(&kernel, b"a guest kernel")?;
+    let kernel = put_custom_kernel(&bed.hosts.join(good))?;
     let originals = [
         snapshot(&bed.hosts.join(good))?,
         snapshot(&bed.hosts.join(half))?,
@@ -137,9 +166,7 @@ async fn a_half_installed_node_is_cleaned_on_uninstall_and_a_failed_cleanup_stay
     assert!(marks(&bed, good, &suffix).await?.0, "{good}");
 
     // --- a cleanup that fails on `good` (its manifest corrupt): helm fails, the Jobs stay ---
-    let good_manifest = manifest(&bed.hosts.join(good), &suffix);
-    let manifest_bytes = std::fs::read(&good_manifest)?;
-    std::fs::write(&good_manifest, b"{ not json")?;
+    let (good_manifest, manifest_bytes) = corrupt_manifest(&bed.hosts.join(good), &suffix)?;
     let uninstall_args: Vec<String> = ["--namespace", ns, "--wait", "--timeout", "3m"]
         .map(String::from)
         .to_vec();
@@ -149,15 +176,7 @@ async fn a_half_installed_node_is_cleaned_on_uninstall_and_a_failed_cleanup_stay
         "helm uninstall must fail while a node's cleanup fails: {out}"
     );
     let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
-    assert!(
-        job_failed(&jobs, "kata-deploy-dispatch-cleanup").await?,
-        "the failed cleanup dispatcher Job stays for inspection"
-    );
-    let good_job = format!("kata-deploy-cleanup-{good}");
-    assert!(
-        job_failed(&jobs, &good_job).await?,
-        "{good_job} stays, failed, with its pod's log"
-    );
+    assert_kept_for_inspection(&jobs, "kata-deploy-dispatch-cleanup", good).await?;
     // The half-installed node was cleaned in the same run: its host back to its bytes.
     assert_eq!(
         marks(&bed, half, &suffix).await?,
@@ -179,7 +198,7 @@ async fn a_half_installed_node_is_cleaned_on_uninstall_and_a_failed_cleanup_stay
     let (ok, out) = helm(cluster, "uninstall", false, &uninstall_args).await?;
     assert!(ok, "helm uninstall after the fix: {out}");
     wait_job_gone(&jobs, "kata-deploy-dispatch-cleanup").await?;
-    wait_job_gone(&jobs, &good_job).await?;
+    wait_job_gone(&jobs, &format!("kata-deploy-cleanup-{good}")).await?;
     assert_eq!(
         marks(&bed, good, &suffix).await?,
         (false, false, None),
@@ -218,9 +237,7 @@ async fn a_failed_retire_fails_the_upgrade_stays_for_inspection_and_the_next_upg
     let suffix = ns.replacen("retfail-", "rf", 1);
     let (kept, dropped) = (&local[0], &local[1]);
     for n in local {
-        let kernel = bed.hosts.join(n).join(CUSTOM_KERNEL);
-        std::fs::create_dir_all(kernel.parent().expect("has a parent"))?;
-        std::fs::write(&kernel, b"a guest kernel")?;
+        put_custom_kernel(&bed.hosts.join(n))?;
     }
     let dropped_host = bed.hosts.join(dropped);
     let original = snapshot(&dropped_host)?;
@@ -234,9 +251,7 @@ async fn a_failed_retire_fails_the_upgrade_stays_for_inspection_and_the_next_upg
     bed.nodes
         .patch(kept, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    let dropped_manifest = manifest(&dropped_host, &suffix);
-    let manifest_bytes = std::fs::read(&dropped_manifest)?;
-    std::fs::write(&dropped_manifest, b"{ not json")?;
+    let (dropped_manifest, manifest_bytes) = corrupt_manifest(&dropped_host, &suffix)?;
     let mut narrowed = args.clone();
     narrowed.extend([
         "--set-string".into(),
@@ -245,15 +260,7 @@ async fn a_failed_retire_fails_the_upgrade_stays_for_inspection_and_the_next_upg
     let (ok, out) = helm(cluster, "upgrade", true, &narrowed).await?;
     assert!(!ok, "the upgrade must fail with its retire: {out}");
     let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), ns);
-    assert!(
-        job_failed(&jobs, "kata-deploy-dispatch-retire").await?,
-        "the failed retire dispatcher Job stays for inspection"
-    );
-    let dropped_job = format!("kata-deploy-cleanup-{dropped}");
-    assert!(
-        job_failed(&jobs, &dropped_job).await?,
-        "{dropped_job} stays, failed"
-    );
+    assert_kept_for_inspection(&jobs, "kata-deploy-dispatch-retire", dropped).await?;
     assert_eq!(
         recorded_selection(cluster, ns).await?,
         first,
