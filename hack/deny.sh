@@ -54,7 +54,11 @@ stage_db() {
   # Where cargo-deny looks for db-urls' database under db-path (a hash of the URL): ask it.
   path=$(timeout 120 "$DENY" -L debug --offline --locked --config "$config" check advisories 2>&1 |
     sed -n "s/.*Opening advisory database at '\([^']*\)'.*/\1/p" | head -1) || true
-  [ -n "$path" ] || die "cargo-deny $DENY_VERSION did not say where it opens the advisory database"
+  [ -n "$path" ] || die "cargo-deny $DENY_VERSION did not say where it opens the advisory database (its debug log changed?): run it with -L debug and adapt stage_db in hack/deny.sh"
+  case $path in
+    "$root"/*) ;;
+    *) die "cargo-deny would open the advisory database at $path, outside this run's $root: check that deny.toml has an [advisories] table" ;;
+  esac
   mkdir -p "$path"
   cp -r "$ADVISORIES/crates" "$path/"
   (
@@ -72,7 +76,7 @@ check() {
   [ -f "$ADVISORIES/SNAPSHOT" ] || die "hack/advisories/SNAPSHOT is missing: run hack/deny.sh update <advisory-db clone>"
   local missing
   missing=$(lock_crates | comm -23 - <(sort -u "$ADVISORIES/covered-crates.txt"))
-  [ -z "$missing" ] || die "Cargo.lock names crates the advisory snapshot was not taken for: $(echo $missing): run hack/deny.sh update <advisory-db clone> (git clone https://github.com/rustsec/advisory-db)"
+  [ -z "$missing" ] || die "Cargo.lock names crates the advisory snapshot was not taken for: $(paste -sd ' ' <<<"$missing"): run hack/deny.sh update <advisory-db clone> (git clone https://github.com/rustsec/advisory-db)"
   ensure_cargo_deny
   local config
   root=$(mktemp -d /tmp/kata-deny.XXXXXX) # global: the EXIT trap reads it
@@ -82,7 +86,7 @@ check() {
   mkdir -p "$REPO_ROOT/target"
   sed "s#^\[advisories\]\$#[advisories]\ndb-path = \"$root\"#" deny.toml >"$config"
   stage_db "$config"
-  log "cargo deny ($("$DENY" --version)), advisories from $(cat "$ADVISORIES/SNAPSHOT")"
+  log "cargo deny ($("$DENY" --version)), advisories from $(head -1 "$ADVISORIES/SNAPSHOT")"
   timeout 300 "$DENY" --offline --locked --config "$config" check advisories licenses bans sources
 }
 

@@ -314,19 +314,29 @@ pub fn stopped_stage_pid() -> Result<Option<u32>> {
 /// The test bed's iptables rules (comment kata-testbed) that could touch the host's own traffic:
 /// each must match only the test bed's bridges or addresses ([`rule_is_confined`]).
 pub fn unconfined_rules() -> Vec<String> {
+    testbed_rules()
+        .into_iter()
+        .filter(|(_, rule)| !rule_is_confined(rule))
+        .map(|(table, rule)| format!("{table}: {rule}"))
+        .collect()
+}
+
+/// The test bed's rules (comment kata-testbed) of the filter and nat tables, as `iptables -S`
+/// prints them, with their table.
+fn testbed_rules() -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     for table in ["filter", "nat"] {
-        let listing = Command::new("iptables")
+        if let Ok(o) = Command::new("iptables")
             .args(["-w", "-t", table, "-S"])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        out.extend(
-            listing
-                .lines()
-                .filter(|l| l.contains("kata-testbed") && !rule_is_confined(l))
-                .map(|l| format!("{table}: {l}")),
-        );
+        {
+            out.extend(
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.contains("kata-testbed"))
+                    .map(|l| (table, l.to_owned())),
+            );
+        }
     }
     out
 }
@@ -383,19 +393,7 @@ pub fn leftovers() -> Vec<String> {
                 .filter(|n| n.starts_with("kbr")),
         );
     }
-    for table in ["filter", "nat"] {
-        if let Ok(out) = Command::new("iptables")
-            .args(["-w", "-t", table, "-S"])
-            .output()
-        {
-            found.extend(
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter(|l| l.contains("kata-testbed"))
-                    .map(str::to_owned),
-            );
-        }
-    }
+    found.extend(testbed_rules().into_iter().map(|(_, rule)| rule));
     found
 }
 
