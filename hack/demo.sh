@@ -52,7 +52,7 @@ for i in $(seq 1 "$real_nodes"); do
   flavour=debian; [ $((i % 2)) = 0 ] && flavour=$newest
   name="demo-real-$i"
   log "starting real node $name (containerd: $flavour)"
-  bash hack/testenv/realnode/node.sh start "$demo/cluster" "$name" "$i" "$flavour"
+  bash hack/testenv/realnode/node.sh start "$demo/cluster" "$name" "$flavour"
   real_names+=("$name")
 done
 log "creating $sim_nodes simulated and $local_nodes local nodes"

@@ -3,7 +3,8 @@
 # and nothing a live test bed still uses:
 #   - real nodes (overlay roots, cgroups, bridges) of a state directory whose control plane is dead;
 #   - such state directories under /tmp (kata-testbed.*), and the test payloads of dead processes;
-#   - bridges kbrN and the kata-testbed iptables rules no live real node uses.
+#   - claims of dead test beds in the machine's registry (lib.sh: run ids, real-node slots);
+#   - bridges kbrN of no claimed slot, and the kata-testbed rules of no live run.
 # A test bed is live while any process in its STATE/pids runs; one still starting (no pids yet) is
 # left alone for 10 minutes; a state directory kept on purpose (stop.sh --keep) stays.
 #
@@ -21,10 +22,12 @@ state_is_live() { # STATE
   [ -n "$(find "$1" -maxdepth 0 -mmin -10 2>/dev/null)" ]
 }
 
-# Every state directory that has (or had) real nodes, plus the default /tmp ones.
+# Every state directory that has (or had) real nodes or a run id, plus the default /tmp ones.
 candidate_states() {
   awk '$5 ~ "/nodes/[^/]+/merged$" { print $5 }' /proc/self/mountinfo | sed 's#/nodes/[^/]*/merged$##'
   find /tmp -maxdepth 1 -name 'kata-testbed.*' -type d 2>/dev/null
+  cat "$TESTBED_REGISTRY"/runs/*/state 2>/dev/null
+  awk '{ print $1 }' "$TESTBED_REGISTRY"/nodes/*/owner 2>/dev/null
 }
 
 reap_state() { # STATE
@@ -42,31 +45,38 @@ reap_state() { # STATE
   esac
 }
 
-# Bridge indexes the real nodes of live test beds use (STATE/nodes/NAME/meta: "INDEX FLAVOUR").
-live_bridges() {
-  local s
-  for s in $(candidate_states | sort -u); do
-    state_is_live "$s" || continue
-    cat "$s"/nodes/*/meta 2>/dev/null | awk '{ print "kbr" $1 }'
+# Claims whose test bed is dead or gone (stop.sh and node.sh stop release their own; a kill does not).
+reap_registry() {
+  local d owner node
+  for d in "$TESTBED_REGISTRY"/runs/*/; do
+    [ -d "$d" ] || continue
+    owner=$(cat "$d/state" 2>/dev/null || true)
+    # A claim not yet written (start.sh between mkdir and echo) is young: left alone.
+    [ -n "$owner" ] || [ -z "$(find "$d" -maxdepth 0 -mmin +1)" ] || { rm -rf "$d"; continue; }
+    [ -z "$owner" ] || { [ -d "$owner" ] && state_is_live "$owner"; } || { log "reaping run id $(basename "$d") of $owner"; rm -rf "$d"; }
+  done
+  for d in "$TESTBED_REGISTRY"/nodes/*/; do
+    [ -d "$d" ] || continue
+    read -r owner node <"$d/owner" 2>/dev/null || { [ -z "$(find "$d" -maxdepth 0 -mmin +1)" ] || rm -rf "$d"; continue; }
+    [ -d "$owner/nodes/$node" ] && state_is_live "$owner" && continue
+    log "reaping real-node slot $(basename "$d") of $owner ($node)"
+    rm -rf "$d"
   done
 }
 
+# Live runs' tags (kata-testbed-rRUN) and claimed slots' bridges stay; the rest goes.
 reap_network() {
-  local live br table rule
-  live=$(live_bridges)
+  local br line r live_tags
   for br in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '{ print $2 }' | grep -E '^kbr[0-9]+$'); do
-    grep -qx "$br" <<<"$live" && continue
-    log "reaping bridge $br (no live real node uses it)"
+    [ -d "$TESTBED_REGISTRY/nodes/${br#kbr}" ] && continue
+    log "reaping bridge $br (no real node claims it)"
     ip link del "$br" 2>/dev/null || true
   done
-  [ -z "$live" ] || return 0
-  # No live real node: every kata-testbed rule is a leftover (net.sh removes them with the last node).
-  for table in filter nat; do
-    iptables -w -t "$table" -S 2>/dev/null | grep -- '--comment kata-testbed' | sed 's/^-A /-D /' |
-      while read -r rule; do
-        log "reaping iptables rule ($table) $rule"
-        eval "iptables -w -t $table $rule" 2>/dev/null || true
-      done
+  live_tags=$(for r in "$TESTBED_REGISTRY"/runs/*/; do [ -d "$r" ] && echo "kata-testbed-r$(basename "$r")"; done)
+  testbed_rules | while read -r line; do
+    grep -qxF -- "$(grep -o 'kata-testbed[-a-z0-9]*' <<<"$line" | head -1)" <<<"$live_tags" && continue
+    log "reaping iptables rule $line"
+    delete_rule $line || true
   done
 }
 
@@ -84,5 +94,6 @@ for s in $(candidate_states | sort -u); do
   [ -d "$s" ] || continue
   state_is_live "$s" || reap_state "$s"
 done
+reap_registry
 reap_network
 reap_payloads

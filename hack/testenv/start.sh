@@ -27,10 +27,17 @@ command -v openssl >/dev/null || die "openssl is missing: apt-get install -y ope
 command -v curl >/dev/null || die "curl is missing: apt-get install -y curl"
 [ -n "$state" ] || state=$(mktemp -d /tmp/kata-testbed.XXXXXX)
 mkdir -p "$state"/{pki,logs,etcd}
-state=$(cd "$state" && pwd)
+state=$(canonical_state "$state")
 [ ! -s "$state/pids" ] || die "$state already runs a cluster (pids file present): stop it with hack/testenv/stop.sh $state"
 t0=$(date +%s.%N)
 pki="$state/pki"
+# This test bed's run id: its Service range and Service IP (lib.sh), and the tag of its rules.
+run_id=$(claim_slot runs 254 state "$state") || { bash "$TESTENV_HERE/reap.sh"; run_id=$(claim_slot runs 254 state "$state"); } ||
+  die "all 254 test-bed run ids of this machine are claimed ($TESTBED_REGISTRY/runs): stop test beds with hack/testenv/stop.sh <state>"
+echo "$run_id" >"$state/run-id"
+# Given back if this script fails before the control plane runs (stop.sh gives it back after).
+trap '[ -s "$state/pids" ] || release_slot runs "$run_id" state "$state"' EXIT
+service_cidr=$(testbed_service_cidr "$run_id") service_ip=$(testbed_service_ip "$run_id")
 
 # --- certificates: one CA; serving cert for the apiserver; client certs per component so the
 # audit log can tell the dispatcher's requests from the controllers' ---
@@ -42,7 +49,7 @@ client_cert() { # name CN O
   openssl_quiet x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 -extfile "$pki/client.ext" -out "$pki/$1.crt"
 }
 printf 'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$pki/client.ext"
-printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' "$TESTBED_SERVICE_IP" >"$pki/san.ext"
+printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' "$service_ip" >"$pki/san.ext"
 openssl_quiet req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr"
 openssl_quiet x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 -extfile "$pki/san.ext" -out "$pki/apiserver.crt"
 client_cert admin kata-testbed-admin system:masters
@@ -116,7 +123,7 @@ api_cmd=("$TESTENV_BIN/kube-apiserver" \
   --etcd-servers="http://127.0.0.1:$etcd_port" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
   --secure-port="$api_port" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
   --client-ca-file="$pki/ca.crt" --authorization-mode=RBAC --allow-privileged=true \
-  --service-cluster-ip-range="$TESTBED_SERVICE_CIDR" \
+  --service-cluster-ip-range="$service_cidr" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
   --audit-policy-file="$state/audit-policy.yaml" --audit-log-path="$state/audit.log" \
@@ -147,6 +154,7 @@ wait_for "kube-controller-manager (default ServiceAccount)" 60 curl -sf --cacert
 
 cat >"$state/env" <<EOF
 export KATA_TESTBED_STATE="$state"
+export KATA_TESTBED_RUN_ID="$run_id"
 export KUBECONFIG="$state/kubeconfig"
 export KATA_TESTBED_SERVER="$server"
 export KATA_TESTBED_AUDIT_LOG="$state/audit.log"
@@ -157,5 +165,5 @@ if [ -n "$owner_pid" ]; then
   setsid bash -c 'while kill -0 "$1" 2>/dev/null && [ -s "$2/pids" ]; do sleep 1; done; [ -s "$2/pids" ] && "$3" "$2"' \
     watchdog "$owner_pid" "$state" "$TESTENV_HERE/stop.sh" >/dev/null 2>&1 </dev/null &
 fi
-log "cluster ready at $server in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s; state: $state"
+log "cluster (run id $run_id, Service IP $service_ip) ready at $server in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s; state: $state"
 echo "$state"

@@ -10,6 +10,7 @@ state=${1:-}
 [ -n "$state" ] || die "usage: stop.sh STATE [--keep]"
 keep=${2:-}
 [ -d "$state" ] || { log "$state does not exist: nothing to stop"; exit 0; }
+state=$(canonical_state "$state") # as start.sh recorded it in the registry
 # Real nodes first (hack/testenv/realnode/node.sh): their kubelets talk to this control plane, and
 # their mounts live under the state directory.
 if [ -s "$state/realnodes" ]; then
@@ -27,5 +28,8 @@ if [ -s "$state/pids" ]; then
   for pid in $pids; do kill -KILL -- "-$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null; done
   : >"$state/pids"
 fi
+# Its run id goes back to the machine's pool (only if the claim is still this state's).
+if run_id=$(testbed_run_id "$state"); then release_slot runs "$run_id" state "$state"; fi
+rm -f "$state/run-id"
 log "stopped the cluster of $state"
 if [ "$keep" != "--keep" ]; then rm -rf "$state"; else touch "$state/kept"; fi

@@ -57,6 +57,9 @@ pub struct TestCluster {
     pub server: String,
 }
 
+/// The machine-wide registry of test-bed run ids and real-node slots (hack/testenv/lib.sh).
+pub const TESTBED_REGISTRY: &str = "/run/kata-testbed";
+
 /// Whether missing test-bed pieces must fail the test (CI) rather than skip it.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -123,6 +126,17 @@ impl TestCluster {
     /// The state directory (kubeconfig, pki, audit.log, logs).
     pub fn state(&self) -> &Path {
         &self.state
+    }
+
+    /// The run id hack/testenv/start.sh claimed for this test bed (its Service range is
+    /// 198.18.<id>.0/24; hack/testenv/lib.sh).
+    pub fn run_id(&self) -> Result<u32> {
+        let path = self.state.join("run-id");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{} is not a run id: {text:?}", path.display()))
     }
 
     /// Path of the admin kubeconfig.

@@ -2,9 +2,13 @@
 //! registered to a [`TestCluster`] (`hack/testenv/realnode/`). The chart's images are imported
 //! into each node's containerd, so pods run our real binaries as real containers.
 //!
-//! Only one cluster at a time may have real nodes (they share the machine's network and the
-//! `kubernetes` Service IP mapping): tests take [`real_node_lock`] first.
+//! What the machine sees of a node is per run (`hack/testenv/lib.sh`): its slot (bridge, pod
+//! subnet, kubelet port) is claimed from a machine-wide registry, its cgroup subtree names its test
+//! bed's run id, and each test bed has its own Service IP and rules. Two test beds may run nodes of
+//! the same name side by side. Tests still take [`real_node_lock`] first: on two cores, real nodes
+//! of two tests at once only make both slower.
 
+pub use crate::cluster::TESTBED_REGISTRY;
 use crate::cluster::{in_ci, repo_root, testenv_bin, wait_until, TestCluster};
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Node;
@@ -19,6 +23,10 @@ pub struct RealNode {
     pub name: String,
     /// `debian` (containerd 1.6, config version 2) or a containerd version such as `v2.4.2`.
     pub flavour: String,
+    /// The machine-wide slot node.sh claimed: bridge `kbr<slot>`, pods in 198.19.<slot>.0/24.
+    pub slot: u32,
+    /// The node's cgroup subtree in every v1 hierarchy (`kata-node-r<run id>-<name>`).
+    pub cgroup: String,
     state: PathBuf,
 }
 
@@ -32,9 +40,10 @@ pub struct RealNodeLock {
     _machine: std::fs::File,
 }
 
-/// Serialises the tests that start real nodes (one Service IP mapping on the machine), within
-/// this process and across processes (two test runs on one machine wait for each other instead
-/// of failing in net.sh). The file lock dies with the process, so a killed run never blocks.
+/// Serialises the tests that start real nodes, within this process and across processes: they
+/// would not collide (their state is per run), but on this machine's two cores booting nodes of
+/// several tests at once makes each slower than running them in turn. The file lock dies with
+/// the process, so a killed run never blocks.
 pub async fn real_node_lock() -> RealNodeLock {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let in_process = LOCK.lock().await;
@@ -126,29 +135,28 @@ pub fn build_images() -> Result<()> {
 }
 
 impl RealNode {
-    /// Boots node `name` (unique `index` 1..200 per machine) into `cluster`; node.sh imports the
-    /// images and returns once the kubelet reports it Ready and it is schedulable.
-    pub async fn start(
-        cluster: &TestCluster,
-        name: &str,
-        index: u32,
-        flavour: &str,
-    ) -> Result<Self> {
+    /// Boots node `name` into `cluster` (node.sh claims its slot); node.sh imports the images
+    /// and returns once the kubelet reports it Ready and it is schedulable.
+    pub async fn start(cluster: &TestCluster, name: &str, flavour: &str) -> Result<Self> {
         let t0 = Instant::now();
         let state = cluster.state().to_path_buf();
-        let node = RealNode {
+        let mut node = RealNode {
             name: name.to_string(),
             flavour: flavour.to_string(),
+            slot: 0,
+            cgroup: String::new(),
             state,
         };
+        // From here on a failure drops `node`, which stops whatever node.sh had started.
         run(
             Command::new("bash")
                 .arg(script("node.sh"))
                 .args(["start"])
                 .arg(&node.state)
-                .args([name, &index.to_string(), flavour]),
+                .args([name, flavour]),
             &format!("starting real node {name} ({flavour})"),
         )?;
+        (node.slot, node.cgroup) = node.read_meta()?;
         let nodes: Api<Node> = Api::all(cluster.client.clone());
         wait_until(
             Duration::from_secs(120),
@@ -177,6 +185,53 @@ impl RealNode {
             t0.elapsed().as_secs_f64()
         );
         Ok(node)
+    }
+
+    /// The slot and cgroup node.sh recorded in the node's `meta` ("SLOT FLAVOUR CGROUP").
+    fn read_meta(&self) -> Result<(u32, String)> {
+        let path = self.state.join("nodes").join(&self.name).join("meta");
+        let meta = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        match meta.split_whitespace().collect::<Vec<_>>()[..] {
+            [slot, _, cgroup] => Ok((
+                slot.parse()
+                    .with_context(|| format!("slot in {}", path.display()))?,
+                cgroup.to_owned(),
+            )),
+            _ => bail!(
+                "{} is not \"SLOT FLAVOUR CGROUP\": {meta:?}",
+                path.display()
+            ),
+        }
+    }
+
+    /// The bridge of the node's pods.
+    pub fn bridge(&self) -> String {
+        format!("kbr{}", self.slot)
+    }
+
+    /// The host PID of this node's `kata-deploy-stage` stopped at its `KATA_STAGE_STOP_AT`
+    /// checkpoint (state T), if any: a fault test kills it there. Only processes in the node's
+    /// own cgroup count, so a stage stopped on another test bed's node is never taken.
+    pub fn stopped_stage_pid(&self) -> Result<Option<u32>> {
+        let own = format!("/{}/", self.cgroup);
+        for e in std::fs::read_dir("/proc")? {
+            let e = e?;
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            if !stat.contains("(kata-deploy-sta") || process_state(&stat) != Some("T") {
+                continue;
+            }
+            let cgroups = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+            if cgroups.lines().any(|l| l.contains(&own)) {
+                return Ok(Some(pid));
+            }
+        }
+        Ok(None)
     }
 
     /// A command that runs `args` inside the node (its mount, PID, UTS and IPC namespaces).
@@ -287,28 +342,38 @@ impl Drop for RealNode {
     }
 }
 
-/// The host PID of a `kata-deploy-stage` process stopped at its `KATA_STAGE_STOP_AT` checkpoint
-/// (state T), if any: a fault test kills it there.
-pub fn stopped_stage_pid() -> Result<Option<u32>> {
-    for e in std::fs::read_dir("/proc")? {
-        let e = e?;
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        if stat.contains("(kata-deploy-sta") && state == Some("T") {
-            return Ok(Some(pid));
-        }
-    }
-    Ok(None)
+/// The state letter of a `/proc/PID/stat` line (after the command's closing parenthesis).
+fn process_state(stat: &str) -> Option<&str> {
+    stat.rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .next()
+}
+
+/// A client of `cluster` that goes through its `kubernetes` Service IP (198.18.<run id>.1:443),
+/// as the real nodes' pods do: it answers only while the run's mapping (net.sh) is in place, and
+/// the TLS check against the cluster's own CA fails if the mapping leads to another API server.
+pub async fn client_via_service_ip(cluster: &TestCluster) -> Result<kube::Client> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let path = cluster.kubeconfig();
+    let kc = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    config.cluster_url = format!("https://198.18.{}.1:443", cluster.run_id()?).parse()?;
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(Duration::from_secs(10));
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The iptables rules of one run (comment `kata-testbed-r<run id>`).
+pub fn rules_of_run(run_id: u32) -> Vec<String> {
+    let tag = format!("kata-testbed-r{run_id}");
+    testbed_rules()
+        .into_iter()
+        .filter(|(_, rule)| rule.split_whitespace().any(|w| w == tag))
+        .map(|(table, rule)| format!("{table}: {rule}"))
+        .collect()
 }
 
 /// The test bed's iptables rules (comment kata-testbed) that could touch the host's own traffic:
@@ -363,8 +428,8 @@ pub fn rule_is_confined(rule: &str) -> bool {
     len >= 15 && u32::from(ip) >> 17 == u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) >> 17
 }
 
-/// Whether the machine has no leftovers of real nodes: no node mounts, cgroups, bridges or
-/// test-bed firewall rules (checked after teardown).
+/// What real nodes left on the machine: node mounts, cgroups, bridges, test-bed firewall rules
+/// and slot claims (empty after teardown).
 pub fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     if let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") {
@@ -394,6 +459,13 @@ pub fn leftovers() -> Vec<String> {
         );
     }
     found.extend(testbed_rules().into_iter().map(|(_, rule)| rule));
+    if let Ok(slots) = std::fs::read_dir(Path::new(TESTBED_REGISTRY).join("nodes")) {
+        found.extend(
+            slots
+                .flatten()
+                .map(|e| format!("real-node slot claim {}", e.path().display())),
+        );
+    }
     found
 }
 

@@ -4,10 +4,17 @@
 //! the stage itself is killed mid-restart.
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kata_testbed::cluster::wait_until;
 use kata_testbed::cluster::{repo_root, workspace_bin, TestCluster};
 use kata_testbed::realnode::{
-    file_identity, real_node_lock, require_real_nodes, stopped_stage_pid, RealNode,
+    client_via_service_ip, file_identity, real_node_lock, require_real_nodes, rules_of_run,
+    RealNode, TESTBED_REGISTRY as REGISTRY,
 };
+use kube::api::Api;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -113,7 +120,7 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
     }
     let _serial = real_node_lock().await;
     let cluster = TestCluster::private().await?;
-    let node = RealNode::start(&cluster, "rn-faults", 21, "debian").await?;
+    let node = RealNode::start(&cluster, "rn-faults", "debian").await?;
     provision(&node, 40)?;
     let version = node.exec(&["containerd", "--version"])?;
     let version = format!(
@@ -246,7 +253,7 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let pid = loop {
-        if let Some(pid) = stopped_stage_pid()? {
+        if let Some(pid) = node.stopped_stage_pid()? {
             break pid;
         }
         anyhow::ensure!(
@@ -302,11 +309,11 @@ async fn cri_stage_on_a_real_node_survives_runtime_faults() -> Result<()> {
 /// nspawn and every process in the node's cgroups. Its mounts, bridge and rules stay behind.
 fn kill_test_bed(cluster: &TestCluster, node: &RealNode) -> Result<()> {
     let script = r#"
-        state=$1 name=$2
+        state=$1 name=$2 cgroup=$3
         for p in $(awk '{print $1}' "$state/pids"); do kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
         kill -KILL "$(cat "$state/nodes/$name/nspawn.pid")" 2>/dev/null
         for _ in 1 2 3; do
-          find /sys/fs/cgroup/*/"kata-node-$name" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -KILL 2>/dev/null
+          find /sys/fs/cgroup/*/"$cgroup" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -KILL 2>/dev/null
           sleep 0.3
         done
         true"#;
@@ -314,15 +321,16 @@ fn kill_test_bed(cluster: &TestCluster, node: &RealNode) -> Result<()> {
         .args(["-c", script, "kill"])
         .arg(cluster.state())
         .arg(&node.name)
+        .arg(&node.cgroup)
         .status()?;
     anyhow::ensure!(st.success(), "killing the test bed failed");
     Ok(())
 }
 
-/// A run killed mid-test leaves its real node's overlay root, bridge and Service mapping on the
-/// machine (CI once inherited them and every real-node suite refused to start). The next real node
-/// started on the machine reaps what dead test beds left, and nothing of a live one. While the live
-/// node runs, the containment rules match only the test bed's own bridges and addresses.
+/// A run killed mid-test leaves its real node's overlay root, bridge, Service mapping and claims on
+/// the machine (CI once inherited them and every real-node suite refused to start). The next real
+/// node started on the machine reaps what dead test beds left, and nothing of a live one. While the
+/// live node runs, the containment rules match only the test bed's own bridges and addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_runs_real_node_is_reaped_when_the_next_one_starts() -> Result<()> {
     if !require_real_nodes(&["debian"]) {
@@ -330,26 +338,32 @@ async fn a_killed_runs_real_node_is_reaped_when_the_next_one_starts() -> Result<
     }
     let _serial = real_node_lock().await;
     let dead = TestCluster::private().await?;
-    let node = RealNode::start(&dead, "rn-killed", 22, "debian").await?;
+    let node = RealNode::start(&dead, "rn-killed", "debian").await?;
+    let dead_run = dead.run_id()?;
     kill_test_bed(&dead, &node)?;
     assert!(
         !kata_testbed::realnode::leftovers().is_empty(),
         "the kill leaves the node's mounts, bridge and rules behind"
     );
     let live = TestCluster::private().await?;
-    let next = RealNode::start(&live, "rn-after-kill", 23, "debian").await?;
+    let next = RealNode::start(&live, "rn-after-kill", "debian").await?;
     assert!(
         !dead.state().exists(),
         "the dead test bed's state directory is reaped"
     );
     assert!(live.state().exists(), "the live test bed is left alone");
-    let kept: Vec<String> = kata_testbed::realnode::leftovers()
+    let dead_slot = format!("{REGISTRY}/nodes/{}", node.slot);
+    let mut kept: Vec<String> = kata_testbed::realnode::leftovers()
         .into_iter()
-        .filter(|l| l.contains("rn-killed") || l == "kbr22")
+        .filter(|l| l.contains(&node.cgroup) || *l == node.bridge() || l.ends_with(&dead_slot))
         .collect();
+    kept.extend(rules_of_run(dead_run));
+    if Path::new(&format!("{REGISTRY}/runs/{dead_run}")).exists() {
+        kept.push(format!("run id {dead_run} still claimed"));
+    }
     assert!(kept.is_empty(), "left of the killed node: {kept:?}");
     assert!(
-        std::path::Path::new("/sys/class/net/kbr23").exists(),
+        Path::new("/sys/class/net").join(next.bridge()).exists(),
         "the live node keeps its bridge"
     );
     let unconfined = kata_testbed::realnode::unconfined_rules();
@@ -365,5 +379,104 @@ async fn a_killed_runs_real_node_is_reaped_when_the_next_one_starts() -> Result<
         after.is_empty(),
         "after both tests beds are gone: {after:?}"
     );
+    Ok(())
+}
+
+/// The uid of node `name` as the API server behind `client` has it.
+async fn node_uid(client: kube::Client, name: &str) -> Result<String> {
+    let node = Api::<Node>::all(client).get(name).await?;
+    node.metadata.uid.context("a node without uid")
+}
+
+/// When the kubelet of `name` last renewed its node Lease (every 10 s while it reaches its API).
+async fn lease_renewed(cluster: &TestCluster, name: &str) -> Result<Option<Timestamp>> {
+    let lease = Api::<Lease>::namespaced(cluster.client.clone(), "kube-node-lease")
+        .get_opt(name)
+        .await?;
+    Ok(lease
+        .and_then(|l| l.spec)
+        .and_then(|s| s.renew_time)
+        .map(|t| t.0))
+}
+
+/// What the machine sees of a real node is per run: two test beds run a node of the same name side
+/// by side, each with its own run id, Service IP, rules, slot (bridge, pod subnet, kubelet port)
+/// and cgroup, and each Service IP leads to its own API server. Stopping one test bed removes its
+/// rules, bridge and claims and leaves the other's node Ready, its Service IP still answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_test_beds_run_real_nodes_of_the_same_name_side_by_side() -> Result<()> {
+    if !require_real_nodes(&["debian"]) {
+        return Ok(());
+    }
+    let _serial = real_node_lock().await;
+    let a = TestCluster::private().await?;
+    let b = TestCluster::private().await?;
+    let node_a = RealNode::start(&a, "rn-twin", "debian").await?;
+    let node_b = RealNode::start(&b, "rn-twin", "debian").await?;
+    let (run_a, run_b) = (a.run_id()?, b.run_id()?);
+    assert_ne!(run_a, run_b, "each test bed has a run id of its own");
+    assert_ne!(node_a.slot, node_b.slot, "each node has a slot of its own");
+    assert_ne!(
+        node_a.cgroup, node_b.cgroup,
+        "each node has a cgroup of its own"
+    );
+    for (cluster, node, run) in [(&a, &node_a, run_a), (&b, &node_b, run_b)] {
+        assert_eq!(
+            rules_of_run(run).len(),
+            5,
+            "run {run}: {:?}",
+            rules_of_run(run)
+        );
+        let direct = node_uid(cluster.client.clone(), &node.name).await?;
+        let via_service = node_uid(client_via_service_ip(cluster).await?, &node.name)
+            .await
+            .with_context(|| format!("reaching run {run}'s API server through its Service IP"))?;
+        assert_eq!(
+            direct, via_service,
+            "run {run}'s Service IP leads to its own API server"
+        );
+    }
+    let (bridge_b, slot_b, cgroup_b) = (node_b.bridge(), node_b.slot, node_b.cgroup.clone());
+    drop(node_b);
+    drop(b);
+    let stopped = Timestamp::now();
+    let mut left = rules_of_run(run_b);
+    left.extend(kata_testbed::realnode::leftovers().into_iter().filter(|l| {
+        l.contains(&cgroup_b) || *l == bridge_b || l.ends_with(&format!("/nodes/{slot_b}"))
+    }));
+    assert!(left.is_empty(), "left of the stopped test bed: {left:?}");
+    assert!(
+        !Path::new(&format!("{REGISTRY}/runs/{run_b}")).exists(),
+        "the stopped test bed's run id is released"
+    );
+    assert_eq!(
+        rules_of_run(run_a).len(),
+        5,
+        "the other run keeps its rules"
+    );
+    assert!(
+        Path::new("/sys/class/net").join(node_a.bridge()).exists(),
+        "the other node keeps its bridge"
+    );
+    let direct = node_uid(a.client.clone(), &node_a.name).await?;
+    let via_service = node_uid(client_via_service_ip(&a).await?, &node_a.name).await?;
+    assert_eq!(
+        direct, via_service,
+        "the other run's Service IP still answers"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the other node's kubelet renewing its Lease after the stop",
+        || async {
+            Ok(lease_renewed(&a, &node_a.name)
+                .await?
+                .is_some_and(|t| t > stopped))
+        },
+    )
+    .await?;
+    drop(node_a);
+    drop(a);
+    let after = kata_testbed::realnode::leftovers();
+    assert!(after.is_empty(), "after both test beds are gone: {after:?}");
     Ok(())
 }

@@ -18,9 +18,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use kata_testbed::cluster::{repo_root, workspace_bin, TestCluster};
 use kata_testbed::probe::{probe_handlers, Reach};
-use kata_testbed::realnode::{
-    file_identity, real_node_lock, require_real_nodes, stopped_stage_pid, RealNode,
-};
+use kata_testbed::realnode::{file_identity, real_node_lock, require_real_nodes, RealNode};
 use std::collections::BTreeSet;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -266,7 +264,7 @@ impl<'a> Walker<'a> {
             .spawn()?;
         let deadline = Instant::now() + Duration::from_secs(300);
         let pid = loop {
-            if let Some(pid) = stopped_stage_pid()? {
+            if let Some(pid) = self.node.stopped_stage_pid()? {
                 break pid;
             }
             if let Some(st) = child.try_wait()? {
@@ -766,9 +764,9 @@ async fn seeded_walk_of_day_two_transitions_on_real_nodes() -> Result<()> {
     eprintln!("walk seed {seed} ({steps} steps): reproduce with KATA_WALK_SEED={seed}");
     let _serial = real_node_lock().await;
     let cluster = TestCluster::private().await?;
-    let n16 = RealNode::start(&cluster, "rn-walk16", 31, "debian").await?;
-    let n24 = RealNode::start(&cluster, "rn-walk24", 32, "v2.4.2").await?;
-    let n20 = RealNode::start(&cluster, "rn-walk20", 33, "v2.0.5").await?;
+    let n16 = RealNode::start(&cluster, "rn-walk16", "debian").await?;
+    let n24 = RealNode::start(&cluster, "rn-walk24", "v2.4.2").await?;
+    let n20 = RealNode::start(&cluster, "rn-walk20", "v2.0.5").await?;
     version_2_root(&n20)?;
     let mut walkers = [Walker::new(&n16)?, Walker::new(&n24)?, Walker::new(&n20)?];
     let mut rng = Rng(seed);

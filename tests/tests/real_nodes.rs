@@ -251,8 +251,8 @@ async fn helm_install_upgrade_uninstall_on_real_nodes() -> Result<()> {
     let cluster = TestCluster::private().await?;
     let t0 = std::time::Instant::now();
     let (n1, n2) = ("rn-ctrd16", "rn-ctrd2");
-    let node16 = RealNode::start(&cluster, n1, 11, "debian").await?;
-    let node2 = RealNode::start(&cluster, n2, 12, CONTAINERD2).await?;
+    let node16 = RealNode::start(&cluster, n1, "debian").await?;
+    let node2 = RealNode::start(&cluster, n2, CONTAINERD2).await?;
     eprintln!("two real nodes Ready in {:.1}s", t0.elapsed().as_secs_f64());
     let real = [&node16, &node2];
     let nodes: Api<Node> = Api::all(cluster.client.clone());

@@ -47,7 +47,7 @@ async fn a_real_node_added_after_install_gets_kata_from_the_reconcile_cronjob() 
     let _serial = real_node_lock().await;
     build_images()?;
     let cluster = TestCluster::private().await?;
-    let first = RealNode::start(&cluster, "rn-rec-a", 41, CONTAINERD2).await?;
+    let first = RealNode::start(&cluster, "rn-rec-a", CONTAINERD2).await?;
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let chart = repo_root().join("chart/kata-deploy");
     let (ok, out) = cluster
@@ -86,7 +86,7 @@ async fn a_real_node_added_after_install_gets_kata_from_the_reconcile_cronjob() 
 
     // A node joins; nobody runs helm. One schedule period (1 min) plus the run itself.
     let joined = std::time::Instant::now();
-    let second = RealNode::start(&cluster, "rn-rec-b", 42, CONTAINERD2).await?;
+    let second = RealNode::start(&cluster, "rn-rec-b", CONTAINERD2).await?;
     wait_until(
         Duration::from_secs(240),
         "the added real node labelled by the reconcile CronJob's run",

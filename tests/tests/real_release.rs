@@ -159,7 +159,7 @@ async fn release_image_install_upgrade_uninstall_on_a_real_node() -> Result<()> 
     build_images()?;
     let tag = default_tag()?;
     let cluster = TestCluster::private().await?;
-    let node = RealNode::start(&cluster, "rn-release", 21, CONTAINERD2).await?;
+    let node = RealNode::start(&cluster, "rn-release", CONTAINERD2).await?;
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let config_before = file_identity(&node.path("/etc/containerd/config.toml"))?;
     let prefix = node.path("/opt/kata");

@@ -3,10 +3,11 @@
 # rootfs of build-rootfs.sh under an overlay of its own) running containerd + runc and a real
 # kubelet registered to the test-bed API server of STATE.
 #
-#   node.sh start STATE NAME INDEX FLAVOUR   FLAVOUR: debian (containerd 1.6, config version 2)
+#   node.sh start STATE NAME FLAVOUR         FLAVOUR: debian (containerd 1.6, config version 2)
 #                                            or a pinned Go-proxy build such as v2.4.2 (version 3);
-#                                            imports the images of images.sh build, returns once
-#                                            the node is Ready and schedulable
+#                                            claims a free node slot of the machine, imports the
+#                                            images of images.sh build, returns once the node is
+#                                            Ready and schedulable
 #   node.sh stop STATE NAME                  stops the node and removes everything it made
 #   node.sh reboot STATE NAME                powers the node off and boots it again on the same
 #                                            root (its files kept, /run and processes fresh);
@@ -15,9 +16,11 @@
 #   node.sh import STATE NAME ARCHIVE NAME.. imports an OCI archive into the node's containerd
 #                                            (namespace k8s.io) under each image NAME
 #
-# Each node has its own hostname, machine-id, /etc/containerd/config.toml, kubelet port, pod
-# subnet (TESTBED_POD_NET.INDEX.0/24 of lib.sh, on bridge kbrINDEX) and cgroup subtree (/kata-node-NAME in every v1
-# hierarchy). The network is the machine's (the loopback API server must be reachable); pods reach
+# Each node has its own hostname, machine-id and /etc/containerd/config.toml. What the machine
+# sees of it is per run, so two test beds may run nodes of the same name side by side: a slot I
+# claimed in lib.sh's registry gives its kubelet port (10250+2I), pod subnet
+# (TESTBED_POD_NET.I.0/24 on bridge kbrI), and its cgroup subtree is /kata-node-rRUN-NAME in every
+# v1 hierarchy (RUN: the test bed's run id). The network is the machine's (the loopback API server must be reachable); pods reach
 # the API server through the `kubernetes` Service IP, which net.sh maps to it (no kube-proxy).
 # Everything lives under STATE/nodes/NAME; `stop` leaves no mount, cgroup, bridge or process.
 set -euo pipefail
@@ -26,9 +29,11 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 cmd=${1:-} state=${2:-} name=${3:-}
 [ -n "$cmd" ] && [ -n "$state" ] && [ -n "$name" ] || die "usage: node.sh start|stop|reboot|exec|import STATE NAME ... (see the header of $0)"
+state=$(canonical_state "$state") # the registry's claims name it so
 dir="$state/nodes/$name"
 rootfs="$TESTENV_CACHE/realnode/rootfs"
-cgname="kata-node-$name"
+# The cgroup subtree: recorded in meta at start, so stop finds it even once the run id is gone.
+cgname=$(awk '{print $3}' "$dir/meta" 2>/dev/null || true)
 v1_hierarchies() { find /sys/fs/cgroup -mindepth 1 -maxdepth 1 -type d ! -name unified | sort; }
 
 leader_pid() { # the node's systemd (PID 1 inside), from nspawn's child
@@ -86,9 +91,11 @@ EOF
 }
 
 start_node() {
-  local index=${4:-} flavour=${5:-}
-  [[ "$index" =~ ^[0-9]+$ ]] && [ "$index" -ge 1 ] && [ "$index" -le 200 ] || die "INDEX must be 1..200 (got '$index')"
+  local flavour=${4:-}
   [ -n "$flavour" ] || die "FLAVOUR missing: debian or a containerd version of CONTAINERD_VERSIONS ($CONTAINERD_VERSIONS)"
+  [ -z "${5:-}" ] || die "node.sh start takes STATE NAME FLAVOUR: the node's slot is claimed, not given (got a 4th argument '$4')"
+  [[ "$name" =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] || die "NAME '$name' is not a valid node name (lowercase letters, digits, '-')"
+  local run_id; run_id=$(testbed_run_id "$state") || die "$state has no run id: start the test bed with hack/testenv/start.sh"
   [ -x "$rootfs/lib/systemd/systemd" ] || die "the real-node rootfs is missing: run hack/testenv/realnode/build-rootfs.sh"
   [ -x "$TESTENV_BIN/kubelet" ] || die "$TESTENV_BIN/kubelet is missing: run hack/testenv/build.sh"
   [ -s "$state/pki/ca.key" ] || die "$state is not a running test bed (no pki/ca.key): start one with hack/testenv/start.sh"
@@ -100,7 +107,12 @@ start_node() {
   leader_pid >/dev/null 2>&1 && die "node $name already runs (stop it first: node.sh stop $state $name)"
   local t0; t0=$(date +%s.%N)
   rm -rf "$dir" && mkdir -p "$dir"/{upper,work,merged,containerd,kubelet,pods-log,run-containerd}
-  echo "$index $flavour" >"$dir/meta"
+  # What dead test beds left (their slots, bridges, rules) goes before a slot is claimed.
+  bash "$TESTENV_HERE/reap.sh"
+  local index; index=$(claim_node_slot) || die "no free real-node slot on this machine (1..200 in $TESTBED_REGISTRY/nodes, kubelet ports free): stop other test beds' nodes"
+  cgname="kata-node-r$run_id-$name"
+  echo "$index $flavour $cgname" >"$dir/meta"
+  echo "$name" >>"$state/realnodes" # from here on, stop.sh stops it whatever happens next
 
   # --- identity and the node's own configuration, written into its overlay upper layer ---
   local machine_id; machine_id=$(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -207,7 +219,7 @@ current-context: testbed"
   bash "$HERE/net.sh" up "$state" "$index"
 
   # --- the root: the shared base rootfs, read-only, under this node's overlay ---
-  mount -t overlay "kata-node-$name" -o "lowerdir=$rootfs,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged" ||
+  mount -t overlay "$cgname" -o "lowerdir=$rootfs,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged" ||
     die "mounting the overlay root of $name failed"
   # --- a cgroup subtree of its own in every v1 hierarchy (else kubepods land in the host's) ---
   # /dev/kvm, where the machine has one: host-check asks for it, as on a real Kata node.
@@ -225,7 +237,6 @@ EOF
   chmod +x "$launcher"
   setsid "$launcher" >"$dir/console.log" 2>&1 </dev/null &
   echo $! >"$dir/nspawn.pid"
-  echo "$name" >>"$state/realnodes"
   # --- ready: containerd answers on its socket and the kubelet registered a Ready node ---
   local deadline=$(( $(date +%s) + 90 ))
   until [ -S "$dir/run-containerd/containerd.sock" ]; do
@@ -264,6 +275,7 @@ print(json.dumps({"spec": {"taints": keep or None}}))')
 
 kill_node_processes() { # whatever is left in the node's cgroups (shims, containers); the cgroups go
   local h
+  [ -n "$cgname" ] || return 0 # never started (no meta): no cgroup of its own, and "$h/" is the host's
   for h in $(v1_hierarchies); do
     [ -d "$h/$cgname" ] || continue
     for _ in 1 2 3 4 5; do
@@ -285,13 +297,27 @@ power_off() { # SIGTERM asks nspawn to power the node off (systemd stops kubelet
   kill_node_processes
 }
 
+claim_node_slot() { # the lowest free slot whose kubelet port nothing listens on; prints it
+  local slot busy=() b
+  while slot=$(claim_slot nodes 200 owner "$state $name"); do
+    if [ -z "$(ss -Hltn "sport = :$((10250 + slot * 2))" 2>/dev/null)" ]; then
+      for b in "${busy[@]}"; do release_slot nodes "$b" owner "$state $name"; done
+      echo "$slot"
+      return 0
+    fi
+    busy+=("$slot") # its port is taken: kept claimed while looking further, then given back
+  done
+  for b in "${busy[@]}"; do release_slot nodes "$b" owner "$state $name"; done
+  return 1
+}
+
 reboot_node() {
   [ -x "$dir/launch.sh" ] || die "node $name was never started (no $dir/launch.sh)"
   local t0; t0=$(date +%s.%N)
   power_off
   awk -v d="$dir/merged" '$5 == d || $5 ~ "^"d"/" {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   rm -f "$dir/run-containerd/containerd.sock"
-  mount -t overlay "kata-node-$name" -o "lowerdir=$rootfs,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged" ||
+  mount -t overlay "$cgname" -o "lowerdir=$rootfs,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged" ||
     die "mounting the overlay root of $name again failed"
   setsid "$dir/launch.sh" >>"$dir/console.log" 2>&1 </dev/null &
   echo $! >"$dir/nspawn.pid"
@@ -309,7 +335,11 @@ stop_node() {
   # Mounts under the node's directory (the overlay root; anything propagated), deepest first.
   awk -v d="$dir/" '$5 ~ "^"d {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   local index; index=$(awk '{print $1}' "$dir/meta" 2>/dev/null || true)
-  [ -z "$index" ] || bash "$HERE/net.sh" down "$state" "$index"
+  if [ -n "$index" ]; then
+    bash "$HERE/net.sh" down "$state" "$index"
+    # The slot goes back only if this node still holds it (a reaper may have freed it already).
+    release_slot nodes "$index" owner "$state $name"
+  fi
   rm -rf "$dir"
   sed -i "/^$name\$/d" "$state/realnodes" 2>/dev/null || true
   log "node $name stopped and removed"
