@@ -54,5 +54,8 @@ delete_rule() { # TABLE -A CHAIN ARGS...: one line of testbed_rules, deleted
 release_slot() { # KIND SLOT FILE CONTENT: given back, if it is still CONTENT's claim
   if [ "$(cat "$TESTBED_REGISTRY/$1/$2/$3" 2>/dev/null)" = "$4" ]; then rm -rf "${TESTBED_REGISTRY:?}/$1/$2"; fi
 }
+# Whether PID runs: a zombie (killed, not yet reaped by its new parent, which takes a while where
+# PID 1 is not an init) counts as exited, where `kill -0` would call it alive.
+pid_alive() { local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1); [ -n "$st" ] && [ "$st" != Z ]; }
 log() { printf '[testenv %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

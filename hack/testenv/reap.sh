@@ -15,7 +15,7 @@ set -uo pipefail
 state_is_live() { # STATE
   local pid
   if [ -s "$1/pids" ]; then
-    for pid in $(awk '{print $1}' "$1/pids"); do kill -0 "$pid" 2>/dev/null && return 0; done
+    for pid in $(awk '{print $1}' "$1/pids"); do pid_alive "$pid" && return 0; done
     return 1
   fi
   # No control plane recorded: starting now, or stopped with --keep. Young means starting.
@@ -85,7 +85,7 @@ reap_payloads() { # the node-stages tests' payloads are named after their (dead)
   for d in /tmp/kata-test-payload-*; do
     [ -d "$d" ] || continue
     pid=${d##*-}
-    [[ "$pid" =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null || continue
+    [[ "$pid" =~ ^[0-9]+$ ]] && ! pid_alive "$pid" || continue
     rm -rf "$d"
   done
 }

@@ -12,7 +12,7 @@ down=${2:-3}
 pid=$(awk '$2 == "kube-apiserver" {print $1}' "$state/pids" | tail -1)
 [ -n "$pid" ] || die "no kube-apiserver recorded in $state/pids"
 kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+while pid_alive "$pid"; do sleep 0.1; done
 log "kube-apiserver (pid $pid) killed; down for ${down}s"
 sleep "$down"
 eval "api_cmd=($(cat "$state/apiserver.cmd"))"

@@ -21,7 +21,7 @@ if [ -s "$state/pids" ]; then
   for pid in $pids; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
   for _ in $(seq 50); do
     alive=0
-    for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in $pids; do pid_alive "$pid" && alive=1; done
     [ $alive = 0 ] && break
     sleep 0.2
   done

@@ -38,7 +38,7 @@ v1_hierarchies() { find /sys/fs/cgroup -mindepth 1 -maxdepth 1 -type d ! -name u
 
 leader_pid() { # the node's systemd (PID 1 inside), from nspawn's child
   local npid; npid=$(cat "$dir/nspawn.pid" 2>/dev/null) || return 1
-  kill -0 "$npid" 2>/dev/null || return 1
+  pid_alive "$npid" || return 1
   local child; child=$(pgrep -P "$npid" | head -1) || return 1
   [ -n "$child" ] && echo "$child"
 }
@@ -241,7 +241,7 @@ EOF
   local deadline=$(( $(date +%s) + 90 ))
   until [ -S "$dir/run-containerd/containerd.sock" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$dir/console.log" >&2; die "node $name: containerd did not start within 90s (console: $dir/console.log)"; }
-    kill -0 "$(cat "$dir/nspawn.pid")" 2>/dev/null || { tail -30 "$dir/console.log" >&2; die "node $name: systemd-nspawn exited (console: $dir/console.log)"; }
+    pid_alive "$(cat "$dir/nspawn.pid")" || { tail -30 "$dir/console.log" >&2; die "node $name: systemd-nspawn exited (console: $dir/console.log)"; }
     sleep 0.2
   done
   log "node $name ($flavour) booted, containerd up in $(python3 -c "import time; print(round(time.time()-$t0, 1))")s"
@@ -289,9 +289,9 @@ kill_node_processes() { # whatever is left in the node's cgroups (shims, contain
 
 power_off() { # SIGTERM asks nspawn to power the node off (systemd stops kubelet, containerd, pods)
   local npid; npid=$(cat "$dir/nspawn.pid" 2>/dev/null || true)
-  if [ -n "$npid" ] && kill -0 "$npid" 2>/dev/null; then
+  if [ -n "$npid" ] && pid_alive "$npid"; then
     kill -TERM "$npid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$npid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 100); do pid_alive "$npid" || break; sleep 0.1; done
     kill -KILL "$npid" 2>/dev/null || true
   fi
   kill_node_processes
