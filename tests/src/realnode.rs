@@ -212,9 +212,10 @@ impl RealNode {
 
     /// The host PID of this node's `kata-deploy-stage` stopped at its `KATA_STAGE_STOP_AT`
     /// checkpoint (state T), if any: a fault test kills it there. Only processes in the node's
-    /// own cgroup count, so a stage stopped on another test bed's node is never taken.
+    /// own mount namespace count (`exec` enters it), so a stage stopped on another test bed's
+    /// node is never taken.
     pub fn stopped_stage_pid(&self) -> Result<Option<u32>> {
-        let own = format!("/{}/", self.cgroup);
+        let own = std::fs::read_link(format!("/proc/{}/ns/mnt", self.leader_pid()?))?;
         for e in std::fs::read_dir("/proc")? {
             let e = e?;
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -226,12 +227,26 @@ impl RealNode {
             if !stat.contains("(kata-deploy-sta") || process_state(&stat) != Some("T") {
                 continue;
             }
-            let cgroups = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
-            if cgroups.lines().any(|l| l.contains(&own)) {
+            if std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|ns| ns == own) {
                 return Ok(Some(pid));
             }
         }
         Ok(None)
+    }
+
+    /// The host PID of the node's systemd (PID 1 inside): the child of its systemd-nspawn.
+    fn leader_pid(&self) -> Result<u32> {
+        let dir = self.state.join("nodes").join(&self.name);
+        let nspawn = std::fs::read_to_string(dir.join("nspawn.pid"))
+            .with_context(|| format!("node {} is not running (no nspawn.pid)", self.name))?;
+        let nspawn = nspawn.trim();
+        let children = std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children"))
+            .with_context(|| format!("node {}: its systemd-nspawn is gone", self.name))?;
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("node {}: systemd-nspawn has no child", self.name))
     }
 
     /// A command that runs `args` inside the node (its mount, PID, UTS and IPC namespaces).
@@ -364,6 +379,24 @@ pub async fn client_via_service_ip(cluster: &TestCluster) -> Result<kube::Client
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(Duration::from_secs(10));
     Ok(kube::Client::try_from(config)?)
+}
+
+/// The claims of the machine's registry (run ids, node slots) that name the test bed `state`.
+pub fn claims_of(state: &Path) -> Vec<String> {
+    let state = state.display().to_string();
+    let mut found = Vec::new();
+    for (kind, file) in [("runs", "state"), ("nodes", "owner")] {
+        let Ok(slots) = std::fs::read_dir(Path::new(TESTBED_REGISTRY).join(kind)) else {
+            continue;
+        };
+        for slot in slots.flatten() {
+            let owner = std::fs::read_to_string(slot.path().join(file)).unwrap_or_default();
+            if owner.split_whitespace().next() == Some(state.as_str()) {
+                found.push(format!("{} ({})", slot.path().display(), owner.trim()));
+            }
+        }
+    }
+    found
 }
 
 /// The iptables rules of one run (comment `kata-testbed-r<run id>`).

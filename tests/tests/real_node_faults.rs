@@ -10,8 +10,8 @@ use k8s_openapi::jiff::Timestamp;
 use kata_testbed::cluster::wait_until;
 use kata_testbed::cluster::{repo_root, workspace_bin, TestCluster};
 use kata_testbed::realnode::{
-    client_via_service_ip, file_identity, real_node_lock, require_real_nodes, rules_of_run,
-    RealNode, TESTBED_REGISTRY as REGISTRY,
+    claims_of, client_via_service_ip, file_identity, real_node_lock, require_real_nodes,
+    rules_of_run, RealNode,
 };
 use kube::api::Api;
 use std::path::Path;
@@ -352,15 +352,13 @@ async fn a_killed_runs_real_node_is_reaped_when_the_next_one_starts() -> Result<
         "the dead test bed's state directory is reaped"
     );
     assert!(live.state().exists(), "the live test bed is left alone");
-    let dead_slot = format!("{REGISTRY}/nodes/{}", node.slot);
+    // Its slot may already serve the live node: what is left is what still names the dead one.
     let mut kept: Vec<String> = kata_testbed::realnode::leftovers()
         .into_iter()
-        .filter(|l| l.contains(&node.cgroup) || *l == node.bridge() || l.ends_with(&dead_slot))
+        .filter(|l| l.contains(&node.cgroup) || (node.slot != next.slot && *l == node.bridge()))
         .collect();
     kept.extend(rules_of_run(dead_run));
-    if Path::new(&format!("{REGISTRY}/runs/{dead_run}")).exists() {
-        kept.push(format!("run id {dead_run} still claimed"));
-    }
+    kept.extend(claims_of(dead.state()));
     assert!(kept.is_empty(), "left of the killed node: {kept:?}");
     assert!(
         Path::new("/sys/class/net").join(next.bridge()).exists(),
@@ -436,18 +434,21 @@ async fn two_test_beds_run_real_nodes_of_the_same_name_side_by_side() -> Result<
             "run {run}'s Service IP leads to its own API server"
         );
     }
-    let (bridge_b, slot_b, cgroup_b) = (node_b.bridge(), node_b.slot, node_b.cgroup.clone());
+    let (bridge_b, cgroup_b, state_b) =
+        (node_b.bridge(), node_b.cgroup.clone(), b.state().to_owned());
     drop(node_b);
     drop(b);
     let stopped = Timestamp::now();
     let mut left = rules_of_run(run_b);
-    left.extend(kata_testbed::realnode::leftovers().into_iter().filter(|l| {
-        l.contains(&cgroup_b) || *l == bridge_b || l.ends_with(&format!("/nodes/{slot_b}"))
-    }));
-    assert!(left.is_empty(), "left of the stopped test bed: {left:?}");
+    left.extend(claims_of(&state_b));
+    left.extend(
+        kata_testbed::realnode::leftovers()
+            .into_iter()
+            .filter(|l| l.contains(&cgroup_b) || *l == bridge_b),
+    );
     assert!(
-        !Path::new(&format!("{REGISTRY}/runs/{run_b}")).exists(),
-        "the stopped test bed's run id is released"
+        left.is_empty(),
+        "left of the stopped test bed (rules, claims, cgroup, bridge): {left:?}"
     );
     assert_eq!(
         rules_of_run(run_a).len(),
