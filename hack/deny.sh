@@ -78,6 +78,10 @@ check() {
   missing=$(lock_crates | comm -23 - <(sort -u "$ADVISORIES/covered-crates.txt"))
   [ -z "$missing" ] || die "Cargo.lock names crates the advisory snapshot was not taken for: $(paste -sd ' ' <<<"$missing"): run hack/deny.sh update <advisory-db clone> (git clone https://github.com/rustsec/advisory-db)"
   ensure_cargo_deny
+  # cargo-deny runs --offline (the advisory database is the vendored one) but reads every crate
+  # Cargo.lock names, for every platform (windows-only ones too), where a Linux build fetched only
+  # its own: fetch them all from crates.io first (a fresh machine's registry has none of them).
+  timeout 600 cargo fetch --locked >&2 || die "cargo fetch --locked failed: crates.io must be reachable (see above)"
   local config
   root=$(mktemp -d /tmp/kata-deny.XXXXXX) # global: the EXIT trap reads it
   trap 'rm -rf "$root"' EXIT
