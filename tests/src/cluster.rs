@@ -511,9 +511,13 @@ fn fxhash(s: &str) -> u128 {
 
 /// A client from a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    Ok(Client::try_from(config_from_kubeconfig(path).await?)?)
+}
+
+/// The client configuration a kubeconfig file describes (to adjust before making a client).
+pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
 }
 
 /// Polls `check` until it returns true, failing after `timeout` with `what` in the message.

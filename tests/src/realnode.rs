@@ -9,7 +9,9 @@
 //! of two tests at once only make both slower.
 
 pub use crate::cluster::TESTBED_REGISTRY;
-use crate::cluster::{in_ci, repo_root, testenv_bin, wait_until, TestCluster};
+use crate::cluster::{
+    config_from_kubeconfig, in_ci, repo_root, testenv_bin, wait_until, TestCluster,
+};
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
@@ -370,11 +372,7 @@ fn process_state(stat: &str) -> Option<&str> {
 /// as the real nodes' pods do: it answers only while the run's mapping (net.sh) is in place, and
 /// the TLS check against the cluster's own CA fails if the mapping leads to another API server.
 pub async fn client_via_service_ip(cluster: &TestCluster) -> Result<kube::Client> {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    let path = cluster.kubeconfig();
-    let kc = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    let mut config = config_from_kubeconfig(&cluster.kubeconfig()).await?;
     config.cluster_url = format!("https://198.18.{}.1:443", cluster.run_id()?).parse()?;
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(Duration::from_secs(10));

@@ -133,10 +133,15 @@ async fn each_test_bed_claims_its_own_run_id_and_a_killed_ones_claim_is_reaped()
     }
     // SIGKILL b's control plane, as a machine or session restart would: its claim stays.
     let killed = Command::new("bash")
-        .args(["-c", r#"for p in $(awk '{print $1}' "$1/pids"); do kill -KILL -- "-$p" "$p" 2>/dev/null; done; sleep 0.5"#, "kill"])
+        .args(["-c", r#"for p in $(awk '{print $1}' "$1/pids"); do kill -KILL -- "-$p" "$p" 2>/dev/null; done
+            . "$2"; for _ in $(seq 100); do alive=0; for p in $(awk '{print $1}' "$1/pids"); do pid_alive "$p" && alive=1; done; [ $alive = 0 ] && exit 0; sleep 0.1; done; exit 1"#, "kill"])
         .arg(b.state())
+        .arg(repo_root().join("hack/testenv/lib.sh"))
         .status()?;
-    anyhow::ensure!(killed.success(), "killing test bed b failed");
+    anyhow::ensure!(
+        killed.success(),
+        "test bed b's control plane still ran 10 s after SIGKILL"
+    );
     let b_state = b.state().display().to_string();
     assert_eq!(
         run_claim(run_b).as_ref(),
